@@ -1,0 +1,57 @@
+# imagen-pipeline: common tasks. `make help` lists them.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+export NO_ALBUMENTATIONS_UPDATE := 1
+export HF_HUB_OFFLINE := 1
+export WANDB_MODE := disabled
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+
+.PHONY: help install test test-fast smoke-test lint format bench airflow mlflow-ui clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+$(BIN)/imagen-pipeline: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch==2.13.0 is pinned: pip takes the CPU build from local disk, never a CUDA download
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(BIN)/imagen-pipeline  ## create .venv and install the project with pinned dependencies
+
+test: install  ## run the whole test suite (unit, integration, smoke)
+	$(BIN)/python -m pytest tests
+
+test-fast: install  ## unit tests only (no services)
+	$(BIN)/python -m pytest tests -m "not slow"
+
+smoke-test: install  ## the whole pipeline on tiny data through `airflow dags test imagen_full`
+	$(BIN)/python infra/smoke_test.py
+
+lint: install  ## ruff
+	$(BIN)/ruff check .
+
+format: install  ## ruff format + import sorting
+	$(BIN)/ruff check --fix --select I .
+	$(BIN)/ruff format .
+
+bench: install  ## every benchmark under bench/ (each prints a JSON line last)
+	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+MLFLOW_HOME ?= $(CURDIR)/.mlflow
+mlflow-ui: install  ## lean MLflow server on 127.0.0.1:5000 over a local SQLite store
+	mkdir -p $(MLFLOW_HOME)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --host 127.0.0.1 --port 5000 \
+	  --workers 1 --backend-store-uri sqlite:///$(MLFLOW_HOME)/mlflow.db \
+	  --artifacts-destination $(MLFLOW_HOME)/mlartifacts
+
+AIRFLOW_HOME ?= $(CURDIR)/.airflow
+airflow: install  ## Airflow 3 standalone (scheduler, dag-processor, api-server) on 127.0.0.1:8080
+	mkdir -p $(AIRFLOW_HOME)
+	PATH=$(CURDIR)/$(BIN):$$PATH AIRFLOW_HOME=$(AIRFLOW_HOME) AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
+	  AIRFLOW__API__HOST=127.0.0.1 AIRFLOW__CORE__PARALLELISM=4 $(BIN)/airflow standalone
+
+clean:  ## remove caches (not .venv)
+	rm -rf .pytest_cache .ruff_cache build *.egg-info

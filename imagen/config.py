@@ -1,0 +1,231 @@
+"""Typed configs and named presets: the single source of defaults for the model library.
+
+A cascade stage is described by one :class:`StageConfig` (U-Net, diffusion, training
+hyper-parameters, text-encoder identity). Presets are plain functions returning configs::
+
+    from imagen.config import preset
+    cfg = preset("base64")            # paper-sized base model
+    cfg = preset("tiny", "sr256")     # CPU-sized SR stage for tests and the smoke test
+
+Configs round-trip through JSON (``to_dict`` / ``from_dict``) so the resolved config is
+saved beside every checkpoint and logged to every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+STAGES = ("base64", "sr256", "sr1024")
+
+
+@dataclass
+class UNetConfig:
+    """Shape of the (Efficient) U-Net. Every level halves the resolution."""
+
+    image_size: int = 64
+    in_channels: int = 3
+    out_channels: int = 3
+    channels: int = 64  # width of level 0; level i has channels * channel_mults[i]
+    channel_mults: tuple[int, ...] = (1, 2, 3, 4)
+    num_res_blocks: tuple[int, ...] = (2, 2, 2, 2)  # per level (Efficient U-Net: more at low res)
+    self_attn_levels: tuple[bool, ...] = (False, True, True, True)
+    cross_attn_levels: tuple[bool, ...] = (False, True, True, True)
+    head_dim: int = 64
+    text_embed_dim: int = 4096  # T5-XXL
+    cond_dim: int | None = None  # time/pooled-text embedding width; default 4 * channels
+    lowres_cond: bool = False  # SR stage: upsampled low-res image concatenated to the input
+    efficient: bool = False  # Efficient U-Net (Imagen appendix B.1)
+    dropout: float = 0.0
+    num_groups: int = 32  # GroupNorm groups (capped by channel count)
+
+    def __post_init__(self) -> None:
+        n = len(self.channel_mults)
+        for name in ("num_res_blocks", "self_attn_levels", "cross_attn_levels"):
+            value = tuple(getattr(self, name))
+            if len(value) != n:
+                raise ValueError(f"UNetConfig.{name} has {len(value)} entries, channel_mults has {n}")
+            setattr(self, name, value)
+        self.channel_mults = tuple(self.channel_mults)
+        if self.image_size % 2 ** (n - 1):
+            raise ValueError(f"image_size {self.image_size} not divisible by 2**{n - 1}")
+
+    @property
+    def time_dim(self) -> int:
+        return self.cond_dim or 4 * self.channels
+
+
+@dataclass
+class DiffusionConfig:
+    """Continuous-time Gaussian diffusion (Imagen sec. 2.4, appendix A)."""
+
+    schedule: str = "cosine"  # "cosine" (64, 256) or "linear" (1024), Imagen appendix
+    prediction: str = "v"  # "eps" or "v"
+    min_snr_gamma: float | None = 5.0  # min-SNR loss weighting (Hang et al. 2023); None = off
+    cond_drop_prob: float = 0.1  # text dropped for CFG, Imagen sec. 2.2
+    # noise-conditioning augmentation for SR stages, Imagen sec. 2.5
+    lowres_aug_max: float = 0.5  # training: aug level t ~ U(0, lowres_aug_max)
+    lowres_aug_sample: float = 0.0  # sampling: fixed aug level
+    # sampling defaults
+    sample_steps: int = 64
+    sampler: str = "ddpm"  # "ddpm" (ancestral) or "ddim"
+    guidance_scale: float = 5.0
+    dynamic_threshold: float | None = 0.995  # percentile p, Imagen sec. 2.3; None = static clip
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation hyper-parameters for one stage."""
+
+    batch_size: int = 8
+    lr: float = 1e-4
+    warmup_steps: int = 10_000  # Imagen appendix: 10k linear warmup
+    max_steps: int = 2_500_000
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.9999
+    ema_start: int = 0
+    checkpoint_every: int = 5_000
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    sample_every: int = 5_000
+    seed: int = 0
+
+
+@dataclass
+class StageConfig:
+    """Everything that defines one cascade stage."""
+
+    stage: str = "base64"
+    preset: str = "base64"
+    image_size: int = 64
+    lowres_size: int | None = None  # SR stages: size of the conditioning image
+    text_encoder: str = "google/t5-v1_1-xxl"
+    max_text_len: int = 128
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
+        if self.unet.image_size != self.image_size:
+            raise ValueError(f"unet.image_size {self.unet.image_size} != image_size {self.image_size}")
+        if self.unet.lowres_cond != (self.lowres_size is not None):
+            raise ValueError("an SR stage needs lowres_size and unet.lowres_cond=True, a base stage neither")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StageConfig:
+        d = dict(d)
+        return cls(
+            unet=UNetConfig(**d.pop("unet")),
+            diffusion=DiffusionConfig(**d.pop("diffusion")),
+            train=TrainConfig(**d.pop("train")),
+            **d,
+        )
+
+    def replace(self, **kwargs: Any) -> StageConfig:
+        return dataclasses.replace(self, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# Presets. Paper sizes (Imagen appendix F): base 64x64 2B params, SR 64->256 600M,
+# SR 256->1024 400M. Efficient U-Net for the SR stages (appendix B.1, fig. A.30).
+
+
+def base64() -> StageConfig:
+    unet = UNetConfig(
+        image_size=64,
+        channels=512,
+        channel_mults=(1, 2, 3, 4),
+        num_res_blocks=(3, 3, 3, 3),
+        self_attn_levels=(False, True, True, True),
+        cross_attn_levels=(False, True, True, True),
+        head_dim=64,
+    )
+    train = TrainConfig(batch_size=2048, lr=1e-4)
+    return StageConfig("base64", "base64", 64, None, unet=unet, train=train,
+                       diffusion=DiffusionConfig(schedule="cosine"))
+
+
+def sr256() -> StageConfig:
+    unet = UNetConfig(
+        image_size=256,
+        channels=128,
+        channel_mults=(1, 2, 4, 8, 8),
+        num_res_blocks=(2, 4, 8, 8, 8),
+        self_attn_levels=(False, False, False, False, False),
+        cross_attn_levels=(False, False, False, False, True),
+        lowres_cond=True,
+        efficient=True,
+    )
+    train = TrainConfig(batch_size=4096, lr=1e-4)
+    return StageConfig("sr256", "sr256", 256, 64, unet=unet, train=train,
+                       diffusion=DiffusionConfig(schedule="cosine", guidance_scale=1.0))
+
+
+def sr1024() -> StageConfig:
+    unet = UNetConfig(
+        image_size=1024,
+        channels=128,
+        channel_mults=(1, 2, 4, 8, 8),
+        num_res_blocks=(2, 4, 8, 8, 8),
+        self_attn_levels=(False,) * 5,
+        cross_attn_levels=(False, False, False, False, True),
+        lowres_cond=True,
+        efficient=True,
+    )
+    train = TrainConfig(batch_size=4096, lr=1e-4)
+    return StageConfig("sr1024", "sr1024", 1024, 256, unet=unet, train=train,
+                       diffusion=DiffusionConfig(schedule="linear", guidance_scale=1.0))
+
+
+def tiny(stage: str = "base64") -> StageConfig:
+    """CPU-sized stage for tests and the smoke test: same code paths, a few hundred k params."""
+    sizes = {"base64": (32, None), "sr256": (64, 32), "sr1024": (64, 32)}
+    if stage not in sizes:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    image_size, lowres = sizes[stage]
+    sr = lowres is not None
+    unet = UNetConfig(
+        image_size=image_size,
+        channels=32,
+        channel_mults=(1, 2, 2),
+        num_res_blocks=(1, 1, 2) if sr else (1, 1, 1),
+        self_attn_levels=(False, False, True),
+        cross_attn_levels=(False, True, True),
+        head_dim=32,
+        text_embed_dim=32,
+        lowres_cond=sr,
+        efficient=sr,
+        num_groups=8,
+    )
+    diffusion = DiffusionConfig(
+        schedule="linear" if stage == "sr1024" else "cosine",
+        sample_steps=32,
+        guidance_scale=3.0 if not sr else 1.0,
+    )
+    train = TrainConfig(batch_size=16, lr=1e-3, warmup_steps=20, max_steps=200, ema_decay=0.99,
+                        checkpoint_every=50, log_every=5, sample_every=100)
+    return StageConfig(stage, "tiny", image_size, lowres, text_encoder="", max_text_len=32,
+                       unet=unet, diffusion=diffusion, train=train)
+
+
+PRESETS = {"tiny": tiny, "base64": base64, "sr256": sr256, "sr1024": sr1024}
+
+
+def preset(name: str, stage: str | None = None) -> StageConfig:
+    """Return the config for preset ``name``; ``tiny`` takes the stage to shrink."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    if name == "tiny":
+        return tiny(stage or "base64")
+    cfg = PRESETS[name]()
+    if stage is not None and stage != cfg.stage:
+        raise ValueError(f"preset {name!r} is for stage {cfg.stage!r}, not {stage!r}")
+    return cfg
