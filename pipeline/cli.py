@@ -85,7 +85,7 @@ def _train(a: argparse.Namespace) -> Any:
     from pipeline import launch, train
 
     if a.nproc_per_node > 1:
-        return launch.torchrun_train(sys.argv[sys.argv.index("train") + 1:], a.nproc_per_node)
+        return launch.torchrun_train(train.job_to_argv(train.job_from_args(a)), a.nproc_per_node)
     return train.run(train.job_from_args(a))
 
 

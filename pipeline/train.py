@@ -13,6 +13,7 @@ newest. ``<checkpoint-dir>/final`` holds the last weights for evaluation and reg
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -333,6 +334,16 @@ def job_from_args(a: argparse.Namespace) -> TrainJob:
                     checkpoint_dir=a.checkpoint_dir, max_steps=a.max_steps, batch_size=a.batch_size,
                     lr=a.lr, resume=a.resume, tracking_uri=a.tracking_uri, experiment=a.experiment,
                     run_name=a.run_name, num_workers=a.num_workers, device=a.device, seed=a.seed)
+
+
+def job_to_argv(job: TrainJob) -> list[str]:
+    """The command-line form of ``job``, for ``torchrun -m pipeline.train`` and launchers."""
+    argv: list[str] = []
+    for f in dataclasses.fields(job):
+        value = getattr(job, f.name)
+        if value is not None:
+            argv += [f"--{f.name.replace('_', '-')}", str(value)]
+    return argv
 
 
 def main(argv: list[str] | None = None) -> None:
