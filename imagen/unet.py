@@ -44,12 +44,12 @@ class FourierEmbedding(nn.Module):
 
     def __init__(self, dim: int, out_dim: int):
         super().__init__()
-        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(1000.0), dim // 2)),
-                             persistent=False)
+        self.half = dim // 2
         self.mlp = nn.Sequential(nn.Linear(dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
 
     def forward(self, t: Tensor) -> Tensor:
-        angles = t.float()[:, None] * self.freqs[None] * math.pi
+        freqs = torch.exp(torch.linspace(0, math.log(1000.0), self.half, device=t.device))
+        angles = t.float()[:, None] * freqs[None] * math.pi
         return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.mlp[0].weight.dtype))
 
 

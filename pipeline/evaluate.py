@@ -109,7 +109,7 @@ def evaluate(checkpoint: str, attributes: str | None = None, output: str | None 
     with mlflow.start_run(run_id=run_id, experiment_id=exp_id,
                           run_name=None if run_id else f"evaluate-{cfg.stage}") as run:
         mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
-        for label, path in paths.items():
+        for path in paths.values():
             mlflow.log_artifact(path, artifact_path="eval")
         mlflow.log_dict({"prompts": prompts, "seed": seed}, "eval/prompts.json")
     return {"metrics": metrics, "grids": paths, "run_id": run.info.run_id}

@@ -1,0 +1,236 @@
+"""Frozen T5 text encoder: captions -> per-token embeddings + mask (Imagen sec. 2.1).
+
+Imagen conditions every cascade stage on the frozen T5-XXL encoder's per-token outputs.
+This module wraps a Hugging Face T5 encoder behind a tiny interface (``encode``, ``dim``,
+``encoder_id``, ``max_length``) so the embedding step, the trainer and the sampler agree
+on one identity for "which text encoder produced these vectors"::
+
+    from imagen.text import T5TextEncoder
+    enc = T5TextEncoder("google/t5-v1_1-xxl")        # nothing loaded yet
+    emb, mask = enc.encode(["a red circle"])        # loads on first use
+    emb.shape, mask.shape, enc.dim, enc.encoder_id  # [1, L, 4096], [1, L], 4096, "google/..."
+
+A local directory (e.g. from ``pipeline.tinymodels.build_tiny_t5``) loads through the same
+``from_pretrained`` path as the hub name. Plain single-device PyTorch: no pipeline, Airflow
+or MLflow imports, and transformers is imported only when the model is first needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+# Weight files above this size are fingerprinted by sampling (see _fingerprint_dir):
+# hashing all of T5-XXL's ~19 GB on every run would cost minutes for no safety gained.
+_FULL_HASH_LIMIT = 256 << 20
+_SAMPLE_BYTES = 1 << 20
+_NUM_SAMPLES = 16
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """What the embedding step and the trainer need from a text encoder."""
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def encoder_id(self) -> str: ...
+
+    @property
+    def max_length(self) -> int: ...
+
+    def token_lengths(self, captions: list[str]) -> list[int]: ...
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        # bf16 keeps T5's activation range (fp16 overflows in T5 v1.1 feed-forward layers)
+        # and halves memory on GPU; CPUs are slow at bf16 matmuls, so fp32 there.
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
+    resolved = getattr(torch, aliases.get(dtype, dtype), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return resolved
+
+
+def _fingerprint_dir(path: Path) -> str:
+    """Content hash of a model directory that changes whenever its config or weights do.
+
+    Small files (config, tokenizer, tiny weights) are hashed in full. Large weight files
+    are hashed by size plus evenly spaced 1 MiB windows: any retrained or re-quantised
+    checkpoint differs in all of them, and reading 16 MiB instead of gigabytes keeps
+    ``encoder_id`` cheap enough to compute at every launch.
+    """
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path).as_posix()}\0{size}\0".encode())
+        with open(file, "rb") as fh:
+            if size <= _FULL_HASH_LIMIT:
+                while block := fh.read(1 << 20):
+                    digest.update(block)
+                continue
+            step = (size - _SAMPLE_BYTES) // (_NUM_SAMPLES - 1)
+            for i in range(_NUM_SAMPLES):
+                fh.seek(i * step)
+                digest.update(fh.read(_SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
+
+
+def _hub_commit(name: str, revision: str | None) -> str | None:
+    """Commit hash of a cached hub snapshot (None when it is not in the local cache)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json", revision=revision)
+    except Exception:  # an unusual cache layout must not stop encoding
+        return None
+    if isinstance(cached, str):
+        return Path(cached).parent.name  # .../snapshots/<commit>/config.json
+    return None
+
+
+class T5TextEncoder:
+    """A frozen T5 encoder. Loads lazily; every call to ``encode`` runs in inference mode.
+
+    Args:
+        name_or_path: hub id (``google/t5-v1_1-xxl``, the Imagen paper's encoder) or a
+            local directory saved with ``save_pretrained``.
+        max_length: captions are truncated to this many tokens, ``</s>`` included
+            (Imagen uses 128, appendix F).
+        dtype: compute dtype; default float32 on CPU, bfloat16 on CUDA.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available.
+        revision: hub revision (branch, tag or commit) to pin; part of ``encoder_id``.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str = "google/t5-v1_1-xxl",
+        max_length: int = 128,
+        dtype: torch.dtype | str | None = None,
+        device: str | None = None,
+        revision: str | None = None,
+    ) -> None:
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.name_or_path = str(name_or_path)
+        self.revision = revision
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = _resolve_dtype(dtype, self.device)
+        self._max_length = max_length
+        self._tokenizer = None
+        self._model = None
+        self._config = None
+        self._encoder_id: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return os.path.isdir(self.name_or_path)
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def dim(self) -> int:
+        """Width D of each token embedding (T5-XXL: 4096). Reads only the config."""
+        if self._config is None:
+            from transformers import AutoConfig
+
+            self._config = AutoConfig.from_pretrained(self.name_or_path, revision=self.revision)
+        return int(self._config.d_model)
+
+    @property
+    def encoder_id(self) -> str:
+        """Stable identity of the weights: ``NAME@sha256:HASH`` or ``HUB_ID@COMMIT``.
+
+        Stored beside every embedding and checked by the training loader, so vectors from
+        different encoders (or different weights under the same name) never get mixed.
+        """
+        if self._encoder_id is None:
+            if self.is_local:
+                path = Path(self.name_or_path).resolve()
+                self._encoder_id = f"{path.name}@sha256:{_fingerprint_dir(path)}"
+            else:
+                ref = _hub_commit(self.name_or_path, self.revision) or self.revision or "main"
+                self._encoder_id = f"{self.name_or_path}@{ref}"
+        return self._encoder_id
+
+    def load(self) -> T5TextEncoder:
+        """Load tokenizer and encoder weights (once); returns self for chaining."""
+        if self._model is not None:
+            return self
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        self._tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, revision=self.revision)
+        model = T5EncoderModel.from_pretrained(
+            self.name_or_path, revision=self.revision, dtype=self.dtype
+        )
+        model.to(self.device).eval().requires_grad_(False)
+        self._model = model
+        self._config = model.config
+        return self
+
+    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids and attention mask, padded to the longest caption (<= max_length)."""
+        self.load()
+        return self._tokenizer(
+            list(captions),
+            padding="longest",
+            truncation=True,
+            max_length=self._max_length,
+            return_tensors="pt",
+        )
+
+    def token_lengths(self, captions: list[str]) -> list[int]:
+        """Number of tokens each caption encodes to (``</s>`` included, truncated)."""
+        self.load()
+        ids = self._tokenizer(list(captions), truncation=True, max_length=self._max_length)
+        return [len(x) for x in ids["input_ids"]]
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode a batch of captions.
+
+        Returns:
+            embeddings: ``[B, L, D]`` in the compute dtype on ``device``; ``L`` is the
+                longest caption in the batch (<= max_length); padded positions are zero.
+            mask: bool ``[B, L]``, True at real tokens.
+        """
+        if not captions:
+            raise ValueError("encode() needs at least one caption")
+        batch = self.tokenize(captions)
+        ids = batch["input_ids"].to(self.device)
+        mask = batch["attention_mask"].to(self.device).bool()
+        with torch.inference_mode():
+            hidden = self._model(input_ids=ids, attention_mask=mask).last_hidden_state
+        # Outside inference mode on purpose: the result is an ordinary tensor the trainer
+        # may feed to modules that save inputs for backward (inference tensors cannot be).
+        embeddings = hidden * mask.unsqueeze(-1).to(hidden.dtype)
+        return embeddings, mask
+
+
+TEXT_ENCODERS: dict[str, Callable[..., TextEncoder]] = {"t5": T5TextEncoder}
+
+
+def make_text_encoder(spec: str, **kwargs) -> TextEncoder:
+    """Build a text encoder from ``KIND:NAME`` (``t5:google/t5-v1_1-xxl``) or a bare name.
+
+    A bare name or path means T5, the only kind Imagen uses; new kinds register in
+    ``TEXT_ENCODERS`` and share the ``TextEncoder`` protocol.
+    """
+    kind, sep, name = spec.partition(":")
+    if sep and kind in TEXT_ENCODERS:
+        return TEXT_ENCODERS[kind](name, **kwargs)
+    return TEXT_ENCODERS["t5"](spec, **kwargs)

@@ -1,0 +1,69 @@
+"""Shared pytest fixtures: the tiny dataset, served on loopback, downloaded and filtered once.
+
+The chain mirrors the pipeline (tinydata -> img2dataset download -> filter) and takes about
+15 s per session, most of it img2dataset's start-up. Regenerate the same data by hand with
+``python -m pipeline.tinydata make DIR --n 120``.
+
+    tiny_dataset      TinyDataset(root, urls, server, port, info): the generated dataset,
+                      a running loopback HTTP server for it, and its URL list
+    raw_shards        str: folder of img2dataset output (3 shards of up to 50 rows)
+    filtered_shards   str: folder of filtered shards (000000.tar.. 000002.tar, 120 samples)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from http.server import ThreadingHTTPServer
+
+import pytest
+
+TINY_N = 120  # good images; the dataset adds 11 rows that fail or get filtered
+TINY_ROWS_PER_SHARD = 50  # several shards, so multi-shard code paths run
+# How raw_shards calls download(); tests that re-run the download reuse it.
+RAW_DOWNLOAD_KWARGS = {
+    "allow_private_networks": True,
+    "number_sample_per_shard": TINY_ROWS_PER_SHARD,
+    "save_additional_columns": ["color", "shape", "background", "kind"],
+}
+
+
+@dataclasses.dataclass
+class TinyDataset:
+    root: str  # served folder: images/, urls.parquet, attributes.json
+    urls: str  # the URL list (Parquet: url, caption, color, shape, background, kind)
+    server: ThreadingHTTPServer  # server.request_log lists the requests it answered
+    port: int
+    info: dict  # what make_tiny_dataset returned (n_good, n_broken, kinds, ...)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> TinyDataset:
+    from pipeline.tinydata import make_tiny_dataset, serve
+
+    root = tmp_path_factory.mktemp("tiny")
+    # Bind first on a free port (parallel sessions on one machine must not collide),
+    # then bake that port into the URLs.
+    server = serve(str(root), 0)
+    port = server.server_address[1]
+    info = make_tiny_dataset(str(root), n=TINY_N, seed=0, port=port)
+    yield TinyDataset(root=str(root), urls=info["urls"], server=server, port=port, info=info)
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def raw_shards(tiny_dataset, tmp_path_factory) -> str:
+    from pipeline.download import download
+
+    output = str(tmp_path_factory.mktemp("raw"))
+    download(tiny_dataset.urls, output, **RAW_DOWNLOAD_KWARGS)
+    return output
+
+
+@pytest.fixture(scope="session")
+def filtered_shards(raw_shards, tmp_path_factory) -> str:
+    from pipeline.filters import filter_shards
+
+    output = str(tmp_path_factory.mktemp("filtered"))
+    filter_shards(raw_shards, output, samples_per_shard=TINY_ROWS_PER_SHARD)
+    return output

@@ -1,0 +1,170 @@
+"""Tests for pipeline.download: real img2dataset runs against the loopback test server."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import sys
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import RAW_DOWNLOAD_KWARGS
+from PIL import Image
+
+from pipeline.download import download, infer_input_format, run_streaming, screen_urls, summarize
+from pipeline.tinydata import make_tiny_dataset, serve
+
+DOWNLOAD_ERRORS = {"http_404": "HTTP Error 404: File not found",
+                   "not_an_image": "Image decoding error", "truncated": "Image decoding error"}
+
+
+def _raw_rows(raw: str) -> list[dict]:
+    rows = []
+    for name in sorted(os.listdir(raw)):
+        if name[:5].isdigit() and name.endswith(".parquet"):
+            rows += pq.read_table(os.path.join(raw, name)).to_pylist()
+    return rows
+
+
+def test_download_gets_every_good_image(tiny_dataset, raw_shards):
+    info = tiny_dataset.info
+    rows = _raw_rows(raw_shards)
+    assert len(rows) == info["n_rows"]
+    for r in rows:
+        if r["kind"] in DOWNLOAD_ERRORS:
+            assert r["status"] != "success" and r["error_message"] == DOWNLOAD_ERRORS[r["kind"]], r
+        else:  # "ok" and the rows only the filter step should reject
+            assert r["status"] == "success", r
+            assert (r["width"], r["height"]) == (64, 64)  # center_crop to 64
+    summary = summarize(raw_shards)
+    assert summary["shards"] == 3 and summary["total"] == info["n_rows"]
+    assert summary["successes"] == info["n_rows"] - info["n_broken"]
+    assert summary["failed"] == info["n_broken"]
+    assert summary["errors"] == {"HTTP Error 404: File not found": 3, "Image decoding error": 3}
+    assert summary["rejected"] == {}
+
+
+def test_raw_tars_hold_the_successes(raw_shards):
+    successes = {r["key"]: r for r in _raw_rows(raw_shards) if r["status"] == "success"}
+    members = {}
+    for name in sorted(os.listdir(raw_shards)):
+        if name.endswith(".tar"):
+            with tarfile.open(os.path.join(raw_shards, name)) as tar:
+                members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+    assert {n.split(".")[0] for n in members} == set(successes)
+    for key, row in successes.items():
+        assert members[f"{key}.txt"].decode() == row["caption"]
+        img = Image.open(io.BytesIO(members[f"{key}.png"]))
+        assert img.format == "PNG" and img.size == (64, 64)
+
+
+def test_rerun_resumes_without_refetching(tiny_dataset, raw_shards, capsys):
+    before = summarize(raw_shards)
+    requests = len(tiny_dataset.server.request_log)
+    mtimes = {n: os.stat(os.path.join(raw_shards, n)).st_mtime_ns for n in os.listdir(raw_shards)
+              if n[:5].isdigit()}
+    again = download(tiny_dataset.urls, raw_shards, **RAW_DOWNLOAD_KWARGS)
+    assert again == before
+    assert len(tiny_dataset.server.request_log) == requests
+    assert mtimes == {n: os.stat(os.path.join(raw_shards, n)).st_mtime_ns for n in mtimes}
+    assert "shard 00000: " in capsys.readouterr().out
+
+
+def test_other_settings_do_not_mix_into_finished_shards(tiny_dataset, raw_shards, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(raw_shards, raw)
+    with pytest.raises(RuntimeError, match="new output folder"):
+        download(tiny_dataset.urls, str(raw), **{**RAW_DOWNLOAD_KWARGS, "image_size": 128})
+    # Runtime knobs (threads, timeout) are not part of what a shard contains.
+    again = download(tiny_dataset.urls, str(raw), **{**RAW_DOWNLOAD_KWARGS, "threads": 2, "timeout": 3})
+    assert again["successes"] == tiny_dataset.info["n_rows"] - tiny_dataset.info["n_broken"]
+
+
+def test_private_networks_are_refused_without_a_request(tmp_path):
+    (tmp_path / "site").mkdir()
+    server = serve(str(tmp_path / "site"), 0)
+    try:
+        info = make_tiny_dataset(str(tmp_path / "site"), n=10, port=server.server_address[1])
+        result = download(info["urls"], str(tmp_path / "raw"))
+        assert server.request_log == []
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result["rejected"] == {"private_address": info["n_rows"]}
+    assert result["shards"] == 0 and result["total"] == 0 and result["successes"] == 0
+    refused = pq.read_table(tmp_path / "raw" / "refused.parquet").to_pylist()
+    assert len(refused) == info["n_rows"]
+    assert {r["reason"] for r in refused} == {"private_address"}
+    assert {r["url"] for r in refused} == set(pq.read_table(info["urls"])["url"].to_pylist())
+
+
+def test_screen_urls_reasons():
+    urls = {
+        "http://10.1.2.3/a.jpg": "private_address",
+        "http://192.168.0.1/a.jpg": "private_address",
+        "http://169.254.169.254/latest/meta-data/": "private_address",  # cloud metadata service
+        "http://127.0.0.1:8080/a.jpg": "private_address",
+        "http://localhost/a.jpg": "private_address",  # a name that resolves to loopback
+        "http://[::1]/a.jpg": "private_address",
+        "http://[::ffff:127.0.0.1]/a.jpg": "private_address",
+        "http://100.64.0.1/a.jpg": "private_address",  # carrier-grade NAT
+        "http://224.0.0.1/a.jpg": "private_address",  # multicast
+        "http://[::1/a.jpg": "invalid_url",
+        "file:///etc/passwd": "unsupported_scheme",
+        "ftp://93.184.216.34/a.jpg": "unsupported_scheme",
+        "http://93.184.216.34/a.jpg": None,  # public literal IPs: no DNS needed
+        "https://8.8.8.8/a.png": None,
+    }
+    table = pa.table({"url": list(urls), "caption": [f"c{i}" for i in range(len(urls))]})
+    allowed, refused = screen_urls(table)
+    assert allowed["url"].to_pylist() == [u for u, r in urls.items() if r is None]
+    assert dict(zip(refused["url"].to_pylist(), refused["reason"].to_pylist(), strict=True)) == \
+        {u: r for u, r in urls.items() if r is not None}
+    assert refused["caption"].to_pylist() == [f"c{i}" for i, r in enumerate(urls.values()) if r is not None]
+
+
+def test_csv_list_with_other_column_names(tmp_path):
+    csv = tmp_path / "list.csv"
+    csv.write_text("link,text\nhttp://127.0.0.1:9/a.png,a red circle\nhttp://10.0.0.1/b.png,a blue square\n")
+    result = download(str(csv), str(tmp_path / "raw"), url_col="link", caption_col="text")
+    assert result["rejected"] == {"private_address": 2}
+    refused = pq.read_table(tmp_path / "raw" / "refused.parquet")
+    assert refused.column_names == ["url", "caption", "reason"]
+    assert refused["caption"].to_pylist() == ["a red circle", "a blue square"]
+
+
+def test_missing_column_says_what_to_do(tmp_path):
+    csv = tmp_path / "list.csv"
+    csv.write_text("link,text\nhttp://127.0.0.1:9/a.png,a red circle\n")
+    with pytest.raises(ValueError, match="url_col"):
+        download(str(csv), str(tmp_path / "raw"))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"resize_mode": "border"}, "border"),
+    ({"encode_format": "png", "encode_quality": 95}, "0..9"),
+    ({"encode_format": "bmp"}, "encode_format"),
+])
+def test_bad_options_fail_before_downloading(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        download(str(tmp_path / "urls.parquet"), str(tmp_path / "raw"), **kwargs)
+
+
+def test_infer_input_format():
+    assert infer_input_format("s3://bucket/urls.parquet") == "parquet"
+    assert infer_input_format("urls.csv.gz") == "csv"
+    assert infer_input_format("/x/urls.TSV") == "tsv"
+    assert infer_input_format("urls.jsonl") == "jsonl"
+    with pytest.raises(ValueError, match="input_format"):
+        infer_input_format("urls.xlsx")
+
+
+def test_run_streaming_streams_and_reports_failures(capsys):
+    code = "import sys\nfor i in range(50): print('line', i)\nprint('boom', file=sys.stderr)\nsys.exit(3)"
+    with pytest.raises(RuntimeError, match="code 3") as err:
+        run_streaming([sys.executable, "-c", code], tail=5)
+    assert "boom" in str(err.value) and "line 49" in str(err.value) and "line 40" not in str(err.value)
+    assert "line 0\n" in capsys.readouterr().out
