@@ -15,54 +15,17 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
+
+from pipeline.services import background, free_port, mlflow_server, wait_http
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 MODEL_NAME = "imagen-base64"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
-
-
-@contextmanager
-def background(cmd: list[str], log_path: str, env: dict[str, str]):
-    """Start ``cmd`` with output to ``log_path``; terminate it (then kill) on exit."""
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def step(msg: str) -> None:
@@ -108,12 +71,7 @@ def main() -> int:
         wait_http(f"http://127.0.0.1:{img_port}/urls.parquet", timeout=120, proc=server)
 
         step(f"mlflow server on {tracking}")
-        mlflow_proc = stack.enter_context(background(
-            [os.path.join(BIN, "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{work}/mlflow.db",
-             "--artifacts-destination", os.path.join(work, "mlartifacts")],
-            os.path.join(work, "mlflow.log"), env))
-        wait_http(f"{tracking}/health", timeout=120, proc=mlflow_proc)
+        stack.enter_context(mlflow_server(work, mlflow_port))
 
         step("airflow db migrate (SQLite)")
         run([os.path.join(BIN, "airflow"), "db", "migrate"], env)

@@ -67,3 +67,12 @@ def filtered_shards(raw_shards, tmp_path_factory) -> str:
     output = str(tmp_path_factory.mktemp("filtered"))
     filter_shards(raw_shards, output, samples_per_shard=TINY_ROWS_PER_SHARD)
     return output
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory) -> str:
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend), started once per session."""
+    from pipeline.services import mlflow_server
+
+    with mlflow_server(str(tmp_path_factory.mktemp("mlflow"))) as uri:
+        yield uri

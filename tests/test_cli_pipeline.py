@@ -1,0 +1,108 @@
+"""Every `imagen-pipeline` verb run as a real subprocess on the tiny data, chained like the DAG:
+tiny-data -> download -> filter -> embed -> train -> evaluate -> register -> sample."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+BIN = os.path.join(os.path.dirname(sys.executable), "imagen-pipeline")
+
+
+def cli(*args: str, env: dict | None = None) -> dict:
+    proc = subprocess.run([BIN, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(work):
+    out = cli("tiny-data", "--output", str(work / "tiny"), "--n", "12", "--port", "8799")
+    assert os.path.exists(out["urls"])
+    assert os.path.exists(os.path.join(out["encoder"], "config.json"))
+    return out["encoder"]
+
+
+@pytest.fixture(scope="module")
+def raw(tiny_dataset, work):
+    out = cli("download", "--url-list", tiny_dataset.urls, "--output", str(work / "raw"),
+              "--allow-private-networks", "--samples-per-shard", "50")
+    assert out["shards"] == 3
+    assert out["successes"] == 125 and out["failed"] == 6
+    return out["output"]
+
+
+@pytest.fixture(scope="module")
+def filtered(raw, work):
+    out = cli("filter", "--input", raw, "--output", str(work / "filtered"), "--samples-per-shard", "64")
+    assert out["kept"] == 120 and out["kept"] + out["rejected"] == out["input_rows"]
+    return str(work / "filtered")
+
+
+@pytest.fixture(scope="module")
+def embeddings(filtered, tiny_encoder, work):
+    out = cli("embed", "--input", filtered, "--output", str(work / "embeddings"), "--encoder", tiny_encoder)
+    assert out["samples"] == 120 and out["shards"] == 2
+    return out["output"]
+
+
+@pytest.fixture(scope="module")
+def trained(filtered, embeddings, work, mlflow_uri):
+    out = cli("train", "--stage", "base64", "--preset", "tiny", "--data", filtered, "--embeddings",
+              embeddings, "--max-steps", "6", "--batch-size", "8", "--checkpoint-dir",
+              str(work / "checkpoints" / "base64" / "run1"), "--tracking-uri", mlflow_uri)
+    assert out["step"] == 6 and np.isfinite(out["loss"])
+    return out
+
+
+def test_evaluate_logs_alignment_metrics(trained, tiny_dataset, mlflow_uri):
+    out = cli("evaluate", "--checkpoint", trained["checkpoint"], "--attributes",
+              os.path.join(tiny_dataset.root, "attributes.json"), "--steps", "3", "--run-id",
+              trained["run_id"], "--tracking-uri", mlflow_uri)
+    m = out["metrics"]
+    assert 0.0 <= m["alignment_guided"] <= 1.0 and 0.0 <= m["alignment_unguided"] <= 1.0
+    assert Image.open(out["grids"]["guided"]).mode == "RGB"
+    import mlflow
+
+    run = mlflow.MlflowClient(mlflow_uri).get_run(trained["run_id"])
+    assert run.data.metrics["eval/alignment_guided"] == pytest.approx(m["alignment_guided"])
+
+
+def test_register_then_sample_matches_pyfunc(trained, work, mlflow_uri):
+    reg = cli("register", "--checkpoint", trained["checkpoint"], "--name", "imagen-cli-test",
+              "--run-id", trained["run_id"], "--tracking-uri", mlflow_uri)
+    assert reg["uri"] == "models:/imagen-cli-test@challenger"
+    png = str(work / "x.png")
+    out = cli("sample", "a red circle on a white background", "--model", reg["uri"], "--output", png,
+              "--steps", "4", "--seed", "7", env={"MLFLOW_TRACKING_URI": mlflow_uri})
+    assert out["images"] == [png]
+    via_cli = np.asarray(Image.open(png))
+    assert via_cli.shape == (32, 32, 3)
+
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    model = mlflow.pyfunc.load_model(reg["uri"])
+    pred = model.predict(pd.DataFrame({"prompt": ["a red circle on a white background"]}),
+                         params={"seed": 7, "steps": 4})
+    np.testing.assert_array_equal(pred[0], via_cli)
+
+
+def test_sample_unknown_alias_is_one_error_line(mlflow_uri, work):
+    proc = subprocess.run([BIN, "sample", "x", "--model", "models:/imagen-cli-test@nope", "--output",
+                           str(work / "y.png")], capture_output=True, text=True,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imagen-pipeline sample: error: cannot load")
