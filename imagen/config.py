@@ -157,10 +157,12 @@ def sr256() -> StageConfig:
     unet = UNetConfig(
         image_size=256,
         channels=128,
-        channel_mults=(1, 2, 4, 8, 8),
+        # the paper's block counts (2, 4, 8, 8, 8); widths capped at 6x so that this block
+        # design lands on the paper's 600M parameters (appendix F)
+        channel_mults=(1, 2, 4, 6, 6),
         num_res_blocks=(2, 4, 8, 8, 8),
         self_attn_levels=(False, False, False, False, False),
-        cross_attn_levels=(False, False, False, False, True),
+        cross_attn_levels=(False, False, False, False, True),  # text cross-attention at 16x16 only
         lowres_cond=True,
         efficient=True,
     )
@@ -173,7 +175,8 @@ def sr1024() -> StageConfig:
     unet = UNetConfig(
         image_size=1024,
         channels=128,
-        channel_mults=(1, 2, 4, 8, 8),
+        # 400M parameters (appendix F); no self-attention at these resolutions (sec. 2.6)
+        channel_mults=(1, 2, 4, 4, 4),
         num_res_blocks=(2, 4, 8, 8, 8),
         self_attn_levels=(False,) * 5,
         cross_attn_levels=(False, False, False, False, True),

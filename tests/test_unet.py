@@ -39,15 +39,16 @@ def test_tiny_presets_output_shape(stage):
     assert torch.isfinite(out).all()
 
 
-def test_base64_preset_matches_paper_size_on_meta_device():
-    cfg = preset("base64")
+@pytest.mark.parametrize("name,paper_params", [("base64", 2e9), ("sr256", 600e6), ("sr1024", 400e6)])
+def test_presets_match_paper_sizes_on_meta_device(name, paper_params):
+    cfg = preset(name)
     with torch.device("meta"):
         model = UNet(cfg.unet)
-        out = model(torch.empty(1, 3, 64, 64), torch.empty(1), torch.empty(1, 8, 4096),
-                    torch.ones(1, 8, dtype=torch.bool))
+        args, kw = _inputs(cfg, b=1)
+        out = model(*(a.to("meta") for a in args), **{k: v.to("meta") for k, v in kw.items()})
     n = sum(p.numel() for p in model.parameters())
-    assert abs(n - 2e9) / 2e9 < 0.15, n  # Imagen: 2B-parameter base model
-    assert out.shape == (1, 3, 64, 64)
+    assert abs(n - paper_params) / paper_params < 0.15, n  # Imagen appendix F: 2B / 600M / 400M
+    assert out.shape == (1, 3, cfg.image_size, cfg.image_size)
 
 
 def test_text_and_aug_level_change_the_output():
