@@ -107,3 +107,34 @@ def test_checkpoint_round_trip_uses_ema_and_no_pickle(tmp_path):
     torch.testing.assert_close(raw.state_dict()[key], model.state_dict()[key])
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model(str(tmp_path / "nope"))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    cfg = preset("tiny")
+    model = _randomize(UNet(cfg.unet)).train()
+    args, _ = _inputs(cfg)
+
+    def grads(ckpt):
+        model.zero_grad()
+        model.gradient_checkpointing = ckpt
+        model(*args).pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, checkpointed = grads(False), grads(True)
+    for n in plain:
+        torch.testing.assert_close(plain[n], checkpointed[n], atol=1e-5, rtol=1e-4)
+
+
+def test_channels_last_and_bf16_autocast_match_fp32():
+    cfg = preset("tiny")
+    model = _randomize(UNet(cfg.unet))
+    (x, t, text, mask), _ = _inputs(cfg)
+    ref = model(x, t, text, mask)
+    cl = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last),
+                                                     t, text, mask)
+    torch.testing.assert_close(cl, ref, atol=1e-5, rtol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x, t, text, mask)
+    assert low.dtype == torch.bfloat16
+    rel = (low.float() - ref).norm() / ref.norm()
+    assert rel < 0.05, rel  # bf16 keeps ~3 significant digits
