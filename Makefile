@@ -7,7 +7,8 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE := disabled
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 
-.PHONY: help install test test-fast smoke-test lint format bench airflow mlflow-ui clean
+.PHONY: help install test test-fast smoke-test lint format bench airflow mlflow-ui services-up \
+	services-down services-status trigger-tiny clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -38,20 +39,30 @@ format: install  ## ruff format + import sorting
 	$(BIN)/ruff format .
 
 bench: install  ## every benchmark under bench/ (each prints a JSON line last)
+	$(BIN)/pip install -q -c constraints.txt -e '.[bench]'
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 MLFLOW_HOME ?= $(CURDIR)/.mlflow
-mlflow-ui: install  ## lean MLflow server on 127.0.0.1:5000 over a local SQLite store
-	mkdir -p $(MLFLOW_HOME)
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --host 127.0.0.1 --port 5000 \
-	  --workers 1 --backend-store-uri sqlite:///$(MLFLOW_HOME)/mlflow.db \
-	  --artifacts-destination $(MLFLOW_HOME)/mlartifacts
-
 AIRFLOW_HOME ?= $(CURDIR)/.airflow
-airflow: install  ## Airflow 3 standalone (scheduler, dag-processor, api-server) on 127.0.0.1:8080
-	mkdir -p $(AIRFLOW_HOME)
-	PATH=$(CURDIR)/$(BIN):$$PATH AIRFLOW_HOME=$(AIRFLOW_HOME) AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
-	  AIRFLOW__API__HOST=127.0.0.1 AIRFLOW__CORE__PARALLELISM=4 $(BIN)/airflow standalone
+SERVICES := $(BIN)/python infra/services.py --airflow-home $(AIRFLOW_HOME) --mlflow-home $(MLFLOW_HOME)
+
+mlflow-ui: install  ## lean MLflow server on 127.0.0.1:5000 over .mlflow/ (foreground)
+	$(SERVICES) mlflow
+
+airflow: install  ## Airflow 3 on 127.0.0.1:8080: dag-processor, scheduler, api-server, gpu pool (foreground)
+	$(SERVICES) airflow
+
+services-up: install  ## MLflow (:5000) + Airflow (:8080) in the background, tasks logging to that MLflow
+	$(SERVICES) up
+
+services-down:  ## stop what services-up started
+	$(SERVICES) down
+
+services-status:  ## are the background services running?
+	$(SERVICES) status
+
+trigger-tiny: install  ## tiny data + `airflow dags trigger imagen_full` on the running services; waits
+	AIRFLOW_HOME=$(AIRFLOW_HOME) $(BIN)/python infra/trigger_tiny.py
 
 clean:  ## remove caches (not .venv)
 	rm -rf .pytest_cache .ruff_cache build *.egg-info

@@ -47,6 +47,10 @@ class TextEncoder(Protocol):
 
     def token_lengths(self, captions: list[str]) -> list[int]: ...
 
+    def token_ids(self, captions: list[str]) -> list[list[int]]: ...
+
+    def encode_ids(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -194,11 +198,42 @@ class T5TextEncoder:
             return_tensors="pt",
         )
 
+    def token_ids(self, captions: list[str]) -> list[list[int]]:
+        """Unpadded token ids per caption (``</s>`` included, truncated to max_length).
+
+        The embedding step tokenizes a shard once, sorts by these lengths, and hands
+        length-bucketed batches to :meth:`encode_ids`.
+        """
+        self.load()
+        return self._tokenizer(list(captions), truncation=True, max_length=self._max_length)[
+            "input_ids"
+        ]
+
     def token_lengths(self, captions: list[str]) -> list[int]:
         """Number of tokens each caption encodes to (``</s>`` included, truncated)."""
+        return [len(x) for x in self.token_ids(captions)]
+
+    def encode_ids(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward already tokenized captions, right-padded to the longest one.
+
+        Returns ``(hidden [B, L, D], mask [B, L])`` on ``device``; hidden states at padded
+        positions are whatever T5 computes there (callers keep ``hidden[mask]``). Created
+        in inference mode: use :meth:`encode` for tensors that enter autograd.
+        """
+        if not ids or not all(ids):
+            raise ValueError("encode_ids() needs at least one caption, each with >= 1 token")
         self.load()
-        ids = self._tokenizer(list(captions), truncation=True, max_length=self._max_length)
-        return [len(x) for x in ids["input_ids"]]
+        longest = max(len(x) for x in ids)
+        pad = self._tokenizer.pad_token_id or 0
+        batch = torch.full((len(ids), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), longest), dtype=torch.bool)
+        for row, seq in enumerate(ids):
+            batch[row, : len(seq)] = torch.as_tensor(seq)
+            mask[row, : len(seq)] = True
+        batch, mask = batch.to(self.device), mask.to(self.device)
+        with torch.inference_mode():
+            hidden = self._model(input_ids=batch, attention_mask=mask).last_hidden_state
+        return hidden, mask
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode a batch of captions.
@@ -210,15 +245,25 @@ class T5TextEncoder:
         """
         if not captions:
             raise ValueError("encode() needs at least one caption")
-        batch = self.tokenize(captions)
-        ids = batch["input_ids"].to(self.device)
-        mask = batch["attention_mask"].to(self.device).bool()
-        with torch.inference_mode():
-            hidden = self._model(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden, mask = self.encode_ids(self.token_ids(captions))
         # Outside inference mode on purpose: the result is an ordinary tensor the trainer
         # may feed to modules that save inputs for backward (inference tensors cannot be).
         embeddings = hidden * mask.unsqueeze(-1).to(hidden.dtype)
         return embeddings, mask
+
+
+def same_encoder(a: str | None, b: str | None) -> bool:
+    """Whether two ``encoder_id`` values name the same weights.
+
+    Local ids are ``DIRNAME@sha256:HASH``: the same files copied to a folder with another
+    name hash alike, so only the hash is compared. Hub ids compare in full (name@commit).
+    """
+    if a is None or b is None:
+        return a == b
+    tag = "@sha256:"
+    if tag in a and tag in b:
+        return a.rsplit(tag, 1)[1] == b.rsplit(tag, 1)[1]
+    return a == b
 
 
 TEXT_ENCODERS: dict[str, Callable[..., TextEncoder]] = {"t5": T5TextEncoder}

@@ -168,6 +168,21 @@ class Level(nn.Module):
             if self_attn or cross_attn
             else None
         )
+        self.checkpointing = False  # recompute activations in backward (set by UNet)
+
+    def forward(self, h: Tensor, cond: Tensor, text: Tensor, mask: Tensor) -> Tensor:
+        # a real forward (not a loop in the parent) so that per-level wrappers such as
+        # FSDP's fully_shard see the call and gather this level's parameters
+        for block in self.blocks:
+            h = self._run(block, h, cond)
+        if self.attn is not None:
+            h = self._run(self.attn, h, text, mask)
+        return h
+
+    def _run(self, fn: nn.Module, *args: Tensor) -> Tensor:
+        if self.checkpointing and self.training:
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
 
 class UNet(nn.Module):
@@ -178,7 +193,6 @@ class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
-        self.gradient_checkpointing = False
         td = cfg.time_dim
         chans = [cfg.channels * m for m in cfg.channel_mults]
         self.time_embed = FourierEmbedding(cfg.channels, td)
@@ -217,17 +231,14 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def _run_level(self, level: Level, h: Tensor, cond: Tensor, text: Tensor, mask: Tensor) -> Tensor:
-        for block in level.blocks:
-            h = self._maybe_ckpt(block, h, cond)
-        if level.attn is not None:
-            h = self._maybe_ckpt(level.attn, h, text, mask)
-        return h
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.mid.checkpointing
 
-    def _maybe_ckpt(self, fn: nn.Module, *args: Tensor) -> Tensor:
-        if self.gradient_checkpointing and self.training:
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        for level in [*self.down, self.mid, *self.up]:
+            level.checkpointing = enabled
 
     def forward(
         self,
@@ -261,13 +272,13 @@ class UNet(nn.Module):
         for i, level in enumerate(self.down):
             if cfg.efficient and i > 0:
                 h = self.downsample[i - 1](h)  # Efficient U-Net: downsample before the convs
-            h = self._run_level(level, h, cond, text, mask)
+            h = level(h, cond, text, mask)
             skips.append(h)
             if not cfg.efficient:
                 h = self.downsample[i](h)
-        h = self._run_level(self.mid, h, cond, text, mask)
+        h = self.mid(h, cond, text, mask)
         for level, upsample in zip(self.up, self.upsample, strict=True):
             h = torch.cat([h, skips.pop() * self.skip_scale], dim=1)
-            h = self._run_level(level, h, cond, text, mask)
+            h = level(h, cond, text, mask)
             h = upsample(h)
         return self.out(h)

@@ -1,52 +1,94 @@
-"""Download a URL list into webdataset shards with img2dataset, run as a subprocess.
+"""Download a URL list into webdataset shards with img2dataset, through our fetch guard.
 
-img2dataset uses spawn multiprocessing, so it runs as its own process (the same command a
-Kubernetes job would run); its output streams to our stdout and a non-zero exit becomes a
-RuntimeError carrying the last lines it printed. Re-running over the same output resumes:
-img2dataset's ``incremental_mode`` skips every shard that has its ``NNNNN_stats.json``.
+img2dataset runs as its own process (``python -m pipeline.fetch_guard``: it uses spawn
+multiprocessing, and it is the same command a Kubernetes job would run) with its downloads
+routed through :mod:`pipeline.fetch_guard`: private, loopback and link-local addresses are
+refused on every request and redirect, bodies are size- and pixel-limited. Its output streams to
+our stdout (a line per finished shard) and a non-zero exit becomes a RuntimeError with its last
+lines. A re-run resumes: img2dataset's ``incremental_mode`` skips every shard that has its
+``NNNNN_stats.json`` (written last), and redoes the others from scratch.
 
-Before img2dataset sees the list, URLs that point into private networks are refused
-(loopback, RFC 1918, link-local, ...; literal IPs and DNS answers alike) and recorded in
-``refused.parquet``. This is a pre-screen, not the full SSRF guard: a DNS answer can change
-between our check and img2dataset's fetch. Pass ``allow_private_networks=True`` for the
-local test server.
+Before img2dataset sees the list, rows that the URL alone condemns (not HTTP(S), malformed,
+a literal private IP) are refused and recorded in ``refused.parquet``, never fetched.
 
-Output folder (``output``):
+Output folder (``output``, any fsspec URI):
     _urls.parquet          the screened list img2dataset downloads (url, caption, extras)
-    refused.parquet        url, caption, reason for every refused row (may be empty)
+    refused.parquet        url, caption, reason for every row refused before fetching
     NNNNN.tar              successes: KEY.png|jpg|webp, KEY.txt (caption), KEY.json (metadata)
     NNNNN.parquet          every row of the shard with status and error_message
     NNNNN_stats.json       img2dataset's completion marker and per-shard counts
 
+Resize per cascade stage on purpose (``stage=``): 64 px center crops for ``base64``;
+``keep_ratio`` without upscaling for ``sr256``/``sr1024`` (smaller sources are then rejected by
+the filter step's ``min_side``). ``border`` (white bars) is never offered.
+
     python -c "from pipeline.download import download; print(download('urls.parquet', 'raw'))"
+    imagen-pipeline download --url-list urls.csv --url-col link --caption-col text --output raw
 """
 
 from __future__ import annotations
 
 import collections
-import ipaddress
+import contextlib
+import dataclasses
 import json
 import math
 import os
-import socket
+import re
+import signal
 import subprocess
 import sys
-import urllib.parse
-from multiprocessing.pool import ThreadPool
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.fetch_guard import BODY_REASONS, REFUSAL_REASONS, FetchPolicy, literal_reason
 
 INPUT_FORMATS = ("parquet", "csv", "tsv", "jsonl", "json", "txt")
 # "border" pads to a square with white bars, which teaches the model white bars: never used.
 RESIZE_MODES = ("center_crop", "keep_ratio", "keep_ratio_largest", "no")
+# Per cascade stage (Imagen sec. 2.4): the base model trains on 64 px crops; SR stages need
+# sources at least as large as their output, so they are never upscaled here.
+STAGES = {
+    "base64": {"image_size": 64, "resize_mode": "center_crop", "resize_only_if_bigger": False},
+    "sr256": {"image_size": 256, "resize_mode": "keep_ratio", "resize_only_if_bigger": True},
+    "sr1024": {"image_size": 1024, "resize_mode": "keep_ratio", "resize_only_if_bigger": True},
+}
 # PNG's "quality" is a zlib level 0..9 (img2dataset rejects 95); 3 is fast and still lossless.
 DEFAULT_QUALITY = {"png": 3, "jpg": 95, "webp": 95}
+# X-Robots-Tag directives that opt an image out of AI training or indexing (img2dataset's list).
+OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 SCREENED_LIST = "_urls.parquet"
 REFUSED_LIST = "refused.parquet"
+
+
+@dataclasses.dataclass
+class DownloadConfig:
+    """Every download option and its default (the single source of them)."""
+
+    stage: str = "base64"  # picks image_size / resize_mode / resize_only_if_bigger when those are None
+    image_size: int | None = None
+    resize_mode: str | None = None
+    resize_only_if_bigger: bool | None = None
+    input_format: str | None = None  # parquet, csv, tsv, jsonl, json, txt; None: from the extension
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+    save_additional_columns: list[str] | None = None  # copied into each sample's KEY.json
+    processes: int = 1
+    threads: int = 8
+    timeout: float = 10  # seconds for a whole request, body included
+    retries: int = 0
+    number_sample_per_shard: int = 10000
+    encode_format: str = "png"  # png (lossless), jpg or webp
+    encode_quality: int | None = None  # None: a valid default for the format
+    disallowed_header_directives: tuple[str, ...] = OPT_OUT_DIRECTIVES
+    user_agent_token: str | None = "img2dataset"  # so "X-Robots-Tag: img2dataset: noai" applies too
+    allow_private_networks: bool = False  # fetch loopback/private/link-local (the local tiny dataset)
+    allow_hosts: tuple[str, ...] = ()  # exact "host:port" exempt from the address check
+    max_bytes: int = 32 * 1024 * 1024
+    max_pixels: int = 64_000_000  # declared image size above this is refused before decoding
 
 
 def infer_input_format(url_list: str) -> str:
@@ -102,58 +144,17 @@ def read_url_list(url_list: str, input_format: str, url_col: str = "url", captio
     return table
 
 
-def _is_private(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
-    # is_global is False for loopback, RFC 1918, link-local, CGNAT, reserved and unspecified.
-    return not ip.is_global or ip.is_multicast
-
-
-def _host_reason(host: str | None) -> str | None:
-    """None if ``host`` may be fetched, else the refusal reason."""
-    if not host:
-        return None  # malformed URL: img2dataset reports it as a download error
-    try:
-        return "private_address" if _is_private(host) else None
-    except ValueError:
-        pass  # a name, not a literal IP
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except (socket.gaierror, UnicodeError):
-        return None  # unresolvable: img2dataset reports the DNS error
-    # Refuse when any answer is private: a name may resolve to both kinds.
-    return "private_address" if any(_is_private(i[4][0]) for i in infos) else None
-
-
-def _split_url(url: str | None) -> urllib.parse.SplitResult | None:
-    try:
-        parts = urllib.parse.urlsplit(url or "")
-        parts.hostname  # noqa: B018 - raises ValueError for a malformed IPv6 host
-        return parts
-    except ValueError:
-        return None
-
-
-def screen_urls(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+def screen_urls(table: pa.Table, policy: FetchPolicy | None = None) -> tuple[pa.Table, pa.Table]:
     """Split a URL table into (allowed, refused); refused gains a ``reason`` column.
 
-    Refuses non-HTTP(S) schemes (urllib would read ``file://`` from this machine) and hosts
-    that are, or resolve to, private/loopback/link-local addresses.
+    Decides what the URL alone decides: malformed URLs, schemes other than HTTP(S) (urllib
+    would read ``file://`` from this machine) and literal private/loopback/link-local IPs.
+    Host names are checked when they are resolved, inside the fetch (:mod:`pipeline.fetch_guard`),
+    so a DNS answer cannot change between check and use and no lookup is done twice.
     """
-    parts = [_split_url(u) for u in table["url"].to_pylist()]
-    hosts = sorted({p.hostname for p in parts if p and p.scheme in ("http", "https") and p.hostname})
-    with ThreadPool(min(32, max(1, len(hosts)))) as pool:  # DNS lookups are slow one by one
-        host_reason = dict(zip(hosts, pool.map(_host_reason, hosts), strict=True))
-    reasons = []
-    for p in parts:
-        if p is None:
-            reasons.append("invalid_url")
-        elif p.scheme not in ("http", "https"):
-            reasons.append("unsupported_scheme")
-        else:
-            reasons.append(host_reason.get(p.hostname))
-    refused_mask = pa.array([r is not None for r in reasons])
+    policy = policy or FetchPolicy()
+    reasons = [literal_reason(u, policy) for u in table["url"].to_pylist()]
+    refused_mask = pa.array([r is not None for r in reasons], pa.bool_())
     refused = table.filter(refused_mask)
     refused = refused.append_column("reason", pa.array([r for r in reasons if r is not None], pa.string()))
     return table.filter(pc.invert(refused_mask)), refused
@@ -176,27 +177,28 @@ def _prepare_list(table: pa.Table, output: str, settings: dict) -> str:
     return uri
 
 
-def _img2dataset_command() -> list[str]:
-    # The img2dataset of this very venv; the package has no __main__, so fall back to -c.
-    script = os.path.join(os.path.dirname(sys.executable), "img2dataset")
-    if os.path.exists(script):
-        return [sys.executable, script]
-    return [sys.executable, "-c", "import sys, img2dataset; sys.exit(img2dataset.main())"]
-
-
 def run_streaming(cmd: list[str], env: dict | None = None, tail: int = 30) -> None:
-    """Run ``cmd``, copying its stdout+stderr to ours line by line; RuntimeError on failure."""
+    """Run ``cmd``, copying its stdout+stderr to ours line by line; RuntimeError on failure.
+
+    The child gets its own process group, killed with us on an exception (Ctrl-C, a task timeout),
+    so no orphaned download process keeps writing into a folder that a re-run starts on.
+    """
     last = collections.deque(maxlen=tail)
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                          text=True, errors="replace", bufsize=1) as proc:
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            last.append(line.rstrip("\n"))
-        sys.stdout.flush()
-        rc = proc.wait()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                          errors="replace", bufsize=1, start_new_session=True) as proc:
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                last.append(line.rstrip("\n"))
+            sys.stdout.flush()
+            rc = proc.wait()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
     if rc != 0:
-        raise RuntimeError(f"{os.path.basename(cmd[1] if len(cmd) > 1 else cmd[0])} exited with code {rc}; "
-                           "last output:\n" + "\n".join(last))
+        name = os.path.basename(cmd[2] if cmd[1:2] == ["-m"] else cmd[1] if len(cmd) > 1 else cmd[0])
+        raise RuntimeError(f"{name} exited with code {rc}; last output:\n" + "\n".join(last))
 
 
 def _child_env() -> dict:
@@ -206,47 +208,84 @@ def _child_env() -> dict:
     return env
 
 
-def summarize(output: str) -> dict:
-    """Totals over a download folder, from img2dataset's ``*_stats.json`` and ``refused.parquet``.
+def normalize_error(message: str | None) -> str:
+    """A short, stable reason for an img2dataset error message ("HTTP Error 404: ..." -> "http_404")."""
+    text = (message or "unknown").strip()
+    lower = text.lower()
+    head = lower.split(":", 1)[0].strip()
+    if head in REFUSAL_REASONS or head in BODY_REASONS or head == "dns_error":
+        return head  # our fetch guard's messages start with their reason
+    http = re.match(r"http error (\d{3})", lower)
+    if http:
+        return f"http_{http.group(1)}"
+    for needle, reason in (("timed out", "timeout"), ("connection refused", "connection_refused"),
+                           ("name or service not known", "dns_error"), ("name resolution", "dns_error"),
+                           ("x-robots-tag", "disallowed_by_x_robots_tag")):
+        if needle in lower:
+            return reason
+    # Drop "<urlopen error [Errno 104] ...>" wrappers and numbers that vary per request.
+    lower = re.sub(r"urlopen error|\[errno -?\d+\]|\d+", " ", lower)
+    return re.sub(r"[^a-z]+", "_", lower).strip("_")[:60] or "unknown"
 
-    Prints one line per finished shard.
+
+def reason_stage(reason: str) -> str:
+    """"refused" for a URL the guard never contacted, else "download"."""
+    return "refused" if reason in REFUSAL_REASONS else "download"
+
+
+def shard_failures(parquet_uri: str) -> tuple[int, collections.Counter]:
+    """Rows of one img2dataset shard and its failures as ``{(stage, reason): n}``."""
+    with storage.open(parquet_uri, "rb") as f:
+        table = pq.read_table(f, columns=["status", "error_message"])
+    failures: collections.Counter = collections.Counter()
+    for status, error in zip(table["status"].to_pylist(), table["error_message"].to_pylist(), strict=True):
+        if status != "success":
+            reason = normalize_error(error)
+            failures[(reason_stage(reason), reason)] += 1
+    return table.num_rows, failures
+
+
+def read_refused(output: str) -> collections.Counter:
+    """Rows the pre-screen refused before img2dataset saw them, by reason."""
+    uri = storage.join(output, REFUSED_LIST)
+    if not storage.exists(uri):
+        return collections.Counter()
+    with storage.open(uri, "rb") as f:
+        return collections.Counter(pq.read_table(f, columns=["reason"])["reason"].to_pylist())
+
+
+def summarize(output: str) -> dict:
+    """Totals over a download folder: finished shards, successes, failures and refusals by reason.
+
+    ``input_rows == successes + failed + refused``; ``rejected`` holds every refusal by reason,
+    from the pre-screen (``refused.parquet``) and from inside the fetch (shard parquets).
     """
     stats_files = storage.list_files(output, r"\d+_stats\.json")
-    totals = {"output": output, "shards": len(stats_files), "total": 0, "successes": 0, "failed": 0}
-    errors: collections.Counter = collections.Counter()
+    totals = {"output": output, "shards": len(stats_files), "total": 0, "successes": 0}
+    failures: collections.Counter = collections.Counter()
     for uri in stats_files:
         stats = storage.read_json(uri)
-        failed = stats["failed_to_download"] + stats["failed_to_resize"]
         totals["total"] += stats["count"]
         totals["successes"] += stats["successes"]
-        totals["failed"] += failed
-        errors.update({k: v for k, v in stats["status_dict"].items() if k != "success"})
-        shard = storage.basename(uri).split("_")[0]
-        print(f"shard {shard}: {stats['successes']}/{stats['count']} downloaded, {failed} failed", flush=True)
-    refused_uri = storage.join(output, REFUSED_LIST)
-    rejected: collections.Counter = collections.Counter()
-    if storage.exists(refused_uri):
-        with storage.open(refused_uri) as f:
-            rejected.update(pq.read_table(f, columns=["reason"])["reason"].to_pylist())
+        failures.update(shard_failures(uri[: -len("_stats.json")] + ".parquet")[1])
+    prescreened = read_refused(output)
+    refused = collections.Counter(prescreened)
+    refused.update({reason: n for (stage, reason), n in failures.items() if stage == "refused"})
+    errors = collections.Counter({reason: n for (stage, reason), n in failures.items() if stage == "download"})
+    totals["failed"] = sum(errors.values())
+    totals["refused"] = sum(refused.values())
+    totals["input_rows"] = totals["total"] + sum(prescreened.values())
     totals["errors"] = dict(errors.most_common())
-    totals["rejected"] = dict(sorted(rejected.items()))
+    totals["rejected"] = dict(sorted(refused.items()))
     return totals
 
 
-def _img2dataset_args(list_uri: str, output: str, opts: dict) -> list[str]:
-    args = {
-        "url_list": list_uri, "output_folder": output, "input_format": "parquet", "url_col": "url",
-        "output_format": "webdataset", "incremental_mode": "incremental", "enable_wandb": False,
-        "compute_hash": "sha256", **opts,
-    }
-    # fire parses values as Python literals; repr() keeps strings strings and lists lists.
-    return [f"--{k}={v!r}" if isinstance(v, str | list) else f"--{k}={v}" for k, v in args.items()]
+def _shard_ids(output: str) -> set[int]:
+    return {int(storage.basename(u).split("_")[0]) for u in storage.list_files(output, r"\d+_stats\.json")}
 
 
 def _missing_shards(output: str, n_rows: int, per_shard: int) -> list[str]:
-    expected = {f"{i:05d}" for i in range(math.ceil(n_rows / per_shard))}
-    done = {storage.basename(u).split("_")[0] for u in storage.list_files(output, r"\d+_stats\.json")}
-    return sorted(expected - done)
+    return [f"{i:05d}" for i in sorted(set(range(math.ceil(n_rows / per_shard))) - _shard_ids(output))]
 
 
 def _check_finished(output: str, n_rows: int, per_shard: int) -> None:
@@ -256,69 +295,87 @@ def _check_finished(output: str, n_rows: int, per_shard: int) -> None:
                            "(see the errors above); run the same download again to retry only those shards")
 
 
-def download(
-    url_list: str,
-    output: str,
-    *,
-    image_size: int = 64,
-    resize_mode: str = "center_crop",
-    input_format: str | None = None,
-    url_col: str = "url",
-    caption_col: str | None = "caption",
-    processes: int = 1,
-    threads: int = 8,
-    timeout: int = 10,
-    retries: int = 0,
-    number_sample_per_shard: int = 10000,
-    allow_private_networks: bool = False,
-    encode_format: str = "png",
-    encode_quality: int | None = None,
-    save_additional_columns: list[str] | None = None,
-) -> dict:
-    """Download ``url_list`` into webdataset shards under ``output``; returns totals.
+def _resolve(config: DownloadConfig) -> DownloadConfig:
+    """Fill the stage's resize defaults and validate; every error names the option to change."""
+    if config.stage not in STAGES:
+        raise ValueError(f"stage={config.stage!r}: use one of {sorted(STAGES)}")
+    preset = STAGES[config.stage]
+    config = dataclasses.replace(config, **{k: v for k, v in preset.items() if getattr(config, k) is None})
+    if config.resize_mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode={config.resize_mode!r}: use one of {RESIZE_MODES} "
+                         "('border' pads with white bars, which the model would learn)")
+    if config.encode_format not in DEFAULT_QUALITY:
+        raise ValueError(f"encode_format={config.encode_format!r}: use one of {sorted(DEFAULT_QUALITY)}")
+    if config.encode_quality is None:
+        config = dataclasses.replace(config, encode_quality=DEFAULT_QUALITY[config.encode_format])
+    if config.encode_format == "png" and not 0 <= config.encode_quality <= 9:
+        raise ValueError(f"encode_quality={config.encode_quality} for png is a zlib level: use 0..9")
+    if config.number_sample_per_shard < 1 or config.timeout <= 0:
+        raise ValueError("number_sample_per_shard must be >= 1 and timeout > 0")
+    return config
 
-    Resize per stage on purpose: ``center_crop`` to 64 for the base model, ``keep_ratio`` or
-    ``no`` for super-resolution stages. ``encode_format`` png (lossless, default) or jpg/webp;
-    ``encode_quality`` defaults to a valid value for the format. ``save_additional_columns``
-    copies extra URL-list columns into each sample's ``KEY.json``.
 
-    Returns ``{"output", "shards", "total", "successes", "failed", "errors": {message: count},
-    "rejected": {reason: count}}``; refused rows are not part of ``total``.
+def _layout(config: DownloadConfig, policy: FetchPolicy) -> dict:
+    """What decides the shards' content: a finished shard made with other values must not be mixed in."""
+    keys = ("image_size", "resize_mode", "resize_only_if_bigger", "encode_format", "encode_quality",
+            "number_sample_per_shard", "caption_col", "save_additional_columns", "disallowed_header_directives",
+            "user_agent_token")
+    layout = {k: getattr(config, k) for k in keys}
+    layout["save_additional_columns"] = list(layout["save_additional_columns"] or [])
+    layout["disallowed_header_directives"] = list(layout["disallowed_header_directives"])
+    layout["caption_col"] = "caption" if config.caption_col else None
+    layout["policy"] = {**dataclasses.asdict(policy), "allow_hosts": list(policy.allow_hosts)}
+    return layout
+
+
+def _img2dataset_spec(list_uri: str, output: str, config: DownloadConfig, policy: FetchPolicy) -> str:
+    kwargs = {
+        "url_list": list_uri, "output_folder": output, "input_format": "parquet", "url_col": "url",
+        "caption_col": "caption" if config.caption_col else None, "output_format": "webdataset",
+        "incremental_mode": "incremental", "enable_wandb": False, "compute_hash": "sha256",
+        "image_size": config.image_size, "resize_mode": config.resize_mode,
+        "resize_only_if_bigger": config.resize_only_if_bigger, "encode_format": config.encode_format,
+        "encode_quality": config.encode_quality, "number_sample_per_shard": config.number_sample_per_shard,
+        "save_additional_columns": list(config.save_additional_columns or []) or None,
+        "processes_count": config.processes, "thread_count": config.threads, "timeout": config.timeout,
+        "retries": config.retries, "user_agent_token": config.user_agent_token,
+        # An empty list would make img2dataset fall back to its own default list.
+        "disallowed_header_directives": list(config.disallowed_header_directives) or None,
+    }
+    return json.dumps({"download": kwargs, "policy": {**dataclasses.asdict(policy),
+                                                      "allow_hosts": list(policy.allow_hosts)}})
+
+
+def download(url_list: str, output: str, config: DownloadConfig | None = None, **overrides) -> dict:
+    """Download ``url_list`` into webdataset shards under ``output``; returns :func:`summarize`.
+
+    Options are :class:`DownloadConfig` fields, as ``config`` and/or keyword overrides. A re-run
+    over the same output only downloads shards without a ``_stats.json``.
     """
-    if resize_mode not in RESIZE_MODES:
-        raise ValueError(f"resize_mode={resize_mode!r}: use one of {RESIZE_MODES} ('border' pads with white bars)")
-    if encode_format not in DEFAULT_QUALITY:
-        raise ValueError(f"encode_format={encode_format!r}: use one of {sorted(DEFAULT_QUALITY)}")
-    quality = DEFAULT_QUALITY[encode_format] if encode_quality is None else encode_quality
-    if encode_format == "png" and not 0 <= quality <= 9:
-        raise ValueError(f"encode_quality={quality} for png is a zlib level: use 0..9")
-    fmt = input_format or infer_input_format(url_list)
-    if fmt == "txt":
-        caption_col = None  # a .txt list is one URL per line, nothing else
-    extras = list(save_additional_columns or [])
-    table = read_url_list(url_list, fmt, url_col, caption_col, extras)
-    if allow_private_networks:
-        allowed, refused = table, table.slice(0, 0).append_column("reason", pa.array([], pa.string()))
-    else:
-        allowed, refused = screen_urls(table)
-    # What decides the shards' content: a finished shard made with other values must not be mixed in.
-    layout = {"image_size": image_size, "resize_mode": resize_mode, "encode_format": encode_format,
-              "encode_quality": quality, "number_sample_per_shard": number_sample_per_shard}
-    if caption_col:
-        layout["caption_col"] = "caption"
-    if extras:
-        layout["save_additional_columns"] = extras
+    config = _resolve(dataclasses.replace(config or DownloadConfig(), **overrides))
+    policy = FetchPolicy(allow_private_networks=config.allow_private_networks,
+                         allow_hosts=tuple(h.lower() for h in config.allow_hosts),
+                         max_bytes=config.max_bytes, max_pixels=config.max_pixels)
+    fmt = config.input_format or infer_input_format(url_list)
+    caption_col = None if fmt == "txt" else config.caption_col  # a .txt list is one URL per line
+    config = dataclasses.replace(config, caption_col=caption_col)
+    table = read_url_list(url_list, fmt, config.url_col, caption_col, list(config.save_additional_columns or []))
+    allowed, refused = screen_urls(table, policy)
     storage.makedirs(output)
-    list_uri = _prepare_list(allowed, output, layout)
+    list_uri = _prepare_list(allowed, output, _layout(config, policy))
     with storage.atomic_write(storage.join(output, REFUSED_LIST)) as f:
         pq.write_table(refused, f)
     if refused.num_rows:
-        print(f"refused {refused.num_rows} of {table.num_rows} URLs (private network or non-HTTP); "
-              f"see {storage.join(output, REFUSED_LIST)}", flush=True)
-    # Every shard already has its completion marker: skip img2dataset's ~5 s start-up.
-    if allowed.num_rows and _missing_shards(output, allowed.num_rows, number_sample_per_shard):
-        runtime = {"processes_count": processes, "thread_count": threads, "timeout": timeout, "retries": retries}
-        args = _img2dataset_args(list_uri, output, {**layout, **runtime})
-        run_streaming(_img2dataset_command() + args, env=_child_env())
-        _check_finished(output, allowed.num_rows, number_sample_per_shard)
+        print(f"refused {refused.num_rows} of {table.num_rows} URLs before fetching (scheme or private "
+              f"address); see {storage.join(output, REFUSED_LIST)}", flush=True)
+    missing = _missing_shards(output, allowed.num_rows, config.number_sample_per_shard)
+    n_shards = math.ceil(allowed.num_rows / config.number_sample_per_shard)
+    print(f"download: {n_shards - len(missing)} of {n_shards} shards already done, {len(missing)} to fetch",
+          flush=True)
+    # Skip img2dataset's ~10 s start-up when every shard already has its completion marker.
+    if missing:
+        cmd = [sys.executable, "-m", "pipeline.fetch_guard",
+               _img2dataset_spec(list_uri, output, config, policy)]
+        run_streaming(cmd, env=_child_env())
+        _check_finished(output, allowed.num_rows, config.number_sample_per_shard)
     return summarize(output)

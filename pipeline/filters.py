@@ -1,21 +1,30 @@
-"""Filter downloaded img2dataset shards into clean training shards, counting every reject.
+"""Filter downloaded img2dataset shards into evenly sized clean shards, counting every reject.
 
-A filter is anything with a ``name`` and ``check(sample) -> reason | None`` (None keeps the
-sample). Filters are registered by name and built from one :class:`FilterConfig`; they run
-cheapest first (caption, then size from the image header, then a full decode, then
-exact-duplicate removal by sha256 of the image bytes across the whole dataset).
+Three passes, each restartable, so a run killed at any point and started again redoes little
+and ends with the same bytes:
+
+1. per raw shard (``workers`` processes in parallel): the per-sample filters of
+   :mod:`pipeline.filter_registry` (cheapest first), configured model scorers, and each kept
+   sample's dedup signature -> ``_filter/NNNNN.parquet``, one row per sample (key, url, reject
+   reason, sha256, pHash, thumbnail, scores). Written atomically, it is the shard's completion
+   marker; it is redone only when its raw shard or the per-sample settings change.
+2. global and cheap: exact and near duplicates across the whole dataset in URL-list order
+   (:mod:`pipeline.dedup`), then the reshard plan -> ``_filter/plan.parquet``.
+3. per output shard: ``000000.tar``, ``000001.tar``, ... with ``samples_per_shard`` samples each
+   (the last one less), copied from the raw shards without re-encoding, each written atomically;
+   shards already written for the same plan are kept.
+``manifest.json`` is written last; a re-run with unchanged input and settings returns it as is.
 
     from pipeline.filters import filter_shards, format_reject_table
-    manifest = filter_shards("raw/", "filtered/")
+    manifest = filter_shards("raw/", "filtered/", workers=2)
     print(format_reject_table(manifest))
+    imagen-pipeline filter --input raw/ --output filtered/      # prints the same table
 
 Output folder:
-    000000.tar, 000001.tar, ...   KEY.png|jpg|webp (as downloaded), KEY.txt (caption),
-                                  KEY.json (img2dataset metadata: url, caption, width, ...)
-    manifest.json                 written last; see :func:`filter_shards`
-
-Dedup spans all shards, so the whole output is one unit of work: a re-run over unchanged
-input with the same config returns the existing manifest; anything else rewrites the output.
+    000000.tar, ...   KEY.png|jpg|webp (as downloaded), KEY.txt (caption, stripped),
+                      KEY.json (img2dataset metadata: url, caption, width, ...; "scores" if any)
+    _filter/          per-sample fates and the reshard plan (see above)
+    manifest.json     see :func:`filter_shards`
 """
 
 from __future__ import annotations
@@ -26,216 +35,46 @@ import dataclasses
 import hashlib
 import io
 import json
-import re
 import tarfile
-from collections.abc import Callable, Iterator
-from functools import cached_property
-from typing import Protocol
+import time
+import warnings
+from collections.abc import Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from pipeline import storage
+from pipeline.download import normalize_error, read_refused, reason_stage, shard_failures
+from pipeline.filter_registry import (
+    FILTERS,
+    CaptionLengthFilter,
+    DecodeFilter,
+    Filter,
+    FilterConfig,
+    MaxAspectFilter,
+    MaxPixelsFilter,
+    MinSideFilter,
+    Sample,
+    apply_filters,
+    build_filters,
+    build_scorers,
+)
+
+# Re-exported: callers import the whole filter step from here.
+__all__ = ["FILTERS", "CaptionLengthFilter", "DecodeFilter", "Filter", "FilterConfig", "MaxAspectFilter",
+           "MaxPixelsFilter", "MinSideFilter", "Sample", "apply_filters", "build_filters", "filter_shards",
+           "format_reject_table", "read_located", "read_shard", "sample_fates"]
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "imagen-pipeline/filtered-shards/v1"
-
-
-@dataclasses.dataclass
-class Sample:
-    """One downloaded sample; the image is only decoded when a filter asks for it."""
-
-    key: str
-    caption: str
-    image_bytes: bytes | None
-    ext: str | None = None
-    meta: dict = dataclasses.field(default_factory=dict)
-
-    @cached_property
-    def _header(self) -> Image.Image | None:
-        # Image.open reads only the header: size without decoding pixels.
-        if not self.image_bytes:
-            return None
-        try:
-            return Image.open(io.BytesIO(self.image_bytes))
-        except Exception:  # noqa: BLE001 - any unreadable header is the decode filter's job
-            return None
-
-    @property
-    def width(self) -> int | None:
-        return self._header.width if self._header else None
-
-    @property
-    def height(self) -> int | None:
-        return self._header.height if self._header else None
-
-    @property
-    def original_size(self) -> tuple[int, int] | None:
-        """Size of the image before img2dataset resized it, when the metadata records it."""
-        w, h = self.meta.get("original_width"), self.meta.get("original_height")
-        return (int(w), int(h)) if w and h else None
-
-    @cached_property
-    def image(self) -> Image.Image:
-        """The fully decoded image (raises on corrupt data)."""
-        img = Image.open(io.BytesIO(self.image_bytes or b""))
-        img.load()
-        return img
-
-    def sizes(self) -> list[tuple[int, int]]:
-        """Every known (width, height): stored, and original when recorded."""
-        stored = [(self.width, self.height)] if self._header else []
-        return stored + ([self.original_size] if self.original_size else [])
-
-
-class Filter(Protocol):
-    name: str
-
-    def check(self, sample: Sample) -> str | None:
-        """None keeps the sample; otherwise the reason it is rejected."""
-
-
-@dataclasses.dataclass
-class FilterConfig:
-    """Thresholds for every registered filter (the single source of their defaults)."""
-
-    min_caption_chars: int = 3
-    max_caption_chars: int = 512
-    min_side: int = 64
-    max_aspect: float = 2.0
-    max_pixels: int = 64_000_000
-    dedup: bool = True
-
-
-FILTERS: dict[str, Callable[[FilterConfig], Filter | None]] = {}
-
-
-def register(name: str):
-    """Class decorator: add a filter to the registry; registration order is run order."""
-
-    def wrap(cls):
-        cls.name = name
-        FILTERS[name] = cls.from_config
-        return cls
-
-    return wrap
-
-
-@register("caption_length")
-class CaptionLengthFilter:
-    def __init__(self, min_chars: int, max_chars: int):
-        self.min_chars, self.max_chars = min_chars, max_chars
-
-    @classmethod
-    def from_config(cls, config: FilterConfig) -> CaptionLengthFilter:
-        return cls(config.min_caption_chars, config.max_caption_chars)
-
-    def check(self, sample: Sample) -> str | None:
-        n = len(sample.caption.strip())
-        if n < self.min_chars:
-            return "caption_too_short"
-        return "caption_too_long" if n > self.max_chars else None
-
-
-@register("min_side")
-class MinSideFilter:
-    """Rejects small images, also small sources that img2dataset upscaled (they are blurry)."""
-
-    def __init__(self, min_side: int):
-        self.min_side = min_side
-
-    @classmethod
-    def from_config(cls, config: FilterConfig) -> MinSideFilter:
-        return cls(config.min_side)
-
-    def check(self, sample: Sample) -> str | None:
-        small = any(min(w, h) < self.min_side for w, h in sample.sizes())
-        return "image_too_small" if small else None
-
-
-@register("max_aspect")
-class MaxAspectFilter:
-    """Rejects elongated images: a center crop of a 4:1 source drops most of what the caption says."""
-
-    def __init__(self, max_aspect: float):
-        self.max_aspect = max_aspect
-
-    @classmethod
-    def from_config(cls, config: FilterConfig) -> MaxAspectFilter:
-        return cls(config.max_aspect)
-
-    def check(self, sample: Sample) -> str | None:
-        bad = any(max(w, h) > self.max_aspect * min(w, h) for w, h in sample.sizes())
-        return "aspect_ratio_too_large" if bad else None
-
-
-@register("max_pixels")
-class MaxPixelsFilter:
-    """Rejects huge stored images from their header, before a decode could exhaust memory."""
-
-    def __init__(self, max_pixels: int):
-        self.max_pixels = max_pixels
-
-    @classmethod
-    def from_config(cls, config: FilterConfig) -> MaxPixelsFilter:
-        return cls(config.max_pixels)
-
-    def check(self, sample: Sample) -> str | None:
-        if sample.width is None:
-            return None
-        return "image_too_large" if sample.width * sample.height > self.max_pixels else None
-
-
-@register("decode")
-class DecodeFilter:
-    @classmethod
-    def from_config(cls, config: FilterConfig) -> DecodeFilter:
-        return cls()
-
-    def check(self, sample: Sample) -> str | None:
-        if not sample.image_bytes:
-            return "missing_image"
-        try:
-            sample.image  # noqa: B018 - decoding is the check
-        except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
-            return "image_decode_error"
-        return None
-
-
-@register("dedup")
-class DedupFilter:
-    """Exact duplicates by sha256 of the stored bytes; the first occurrence is kept."""
-
-    def __init__(self):
-        self.seen: set[bytes] = set()
-
-    @classmethod
-    def from_config(cls, config: FilterConfig) -> DedupFilter | None:
-        return cls() if config.dedup else None
-
-    def check(self, sample: Sample) -> str | None:
-        digest = hashlib.sha256(sample.image_bytes or b"").digest()
-        if digest in self.seen:
-            return "duplicate_image"
-        # Runs last, so a sample that reaches here is kept: remember it.
-        self.seen.add(digest)
-        return None
-
-
-def build_filters(config: FilterConfig | None = None) -> list[Filter]:
-    """Instantiate every registered filter for ``config``, in run order (disabled ones skipped)."""
-    config = config or FilterConfig()
-    return [f for f in (make(config) for make in FILTERS.values()) if f is not None]
-
-
-def apply_filters(filters: list[Filter], sample: Sample) -> str | None:
-    """The first reject reason, or None when every filter keeps the sample."""
-    for f in filters:
-        reason = f.check(sample)
-        if reason is not None:
-            return reason
-    return None
+MANIFEST_FORMAT = "imagen-pipeline/filtered-shards/v2"
+WORK = "_filter"
+PLAN = "plan.parquet"
+# Config fields that only the global pass uses: changing them does not redo pass 1.
+GLOBAL_FIELDS = ("dedup", "near_dedup", "near_dup_distance", "near_dup_color_tolerance")
+WORK_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("reason", pa.string()),
+                         ("sha256", pa.binary()), ("phash", pa.uint64()), ("thumb", pa.binary()),
+                         ("scores", pa.string()), ("members", pa.string())])
 
 
 def _split_key(name: str) -> tuple[str, str]:
@@ -255,12 +94,14 @@ def _sample_from(key: str, members: dict[str, bytes]) -> Sample:
     return Sample(key=key, caption=caption, image_bytes=members.get(ext) if ext else None, ext=ext, meta=meta)
 
 
-def read_shard(uri: str) -> Iterator[Sample]:
-    """Samples of one webdataset tar, in key order.
+def read_shard(uri: str, keys: set[str] | None = None,
+               locations: dict[str, dict[str, list[int]]] | None = None) -> Iterator[Sample]:
+    """Samples of one webdataset tar in key order (only ``keys``, when given).
 
-    img2dataset writes samples in the order its download threads finish; reading them in
-    key order (= URL-list order) makes the output, and which duplicate is kept, independent
-    of download timing. Only member headers are read up front; data is read one sample at a time.
+    img2dataset writes samples in the order its download threads finish; reading them in key
+    order (= URL-list order) makes the output, and which duplicate is kept, independent of
+    download timing. Only member headers are read up front; data is read one sample at a time.
+    ``locations`` (if given) receives ``{key: {ext: [offset, size]}}`` for :func:`read_located`.
     """
     with storage.open(uri, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
         groups: dict[str, dict[str, tarfile.TarInfo]] = collections.defaultdict(dict)
@@ -273,10 +114,163 @@ def read_shard(uri: str) -> Iterator[Sample]:
             if info.isfile():
                 key, ext = _split_key(info.name)
                 groups[key][ext] = info
-        for key in sorted(groups):
+        for key in sorted(groups if keys is None else keys & groups.keys()):
+            if locations is not None:
+                locations[key] = {ext: [info.offset_data, info.size] for ext, info in groups[key].items()}
             members = {ext: tar.extractfile(info).read() for ext, info in groups[key].items()}
             yield _sample_from(key, members)
 
+
+def read_located(uri: str, located: list[tuple[str, dict[str, list[int]]]]) -> Iterator[Sample]:
+    """Samples at known tar offsets (from :func:`read_shard`'s ``locations``), in the given order.
+
+    Seeks straight to the member data: no tar header is parsed a second time, which is most of
+    the cost of reading a shard of small images.
+    """
+    with storage.open(uri, "rb") as f:
+        for key, members in located:
+            data = {}
+            for ext, (offset, size) in members.items():
+                f.seek(offset)
+                data[ext] = f.read(size)
+                if len(data[ext]) != size:
+                    raise RuntimeError(f"raw shard {uri} changed while filtering (member {key}.{ext} is cut); "
+                                       "run the filter step again")
+            yield _sample_from(key, data)
+
+
+# --- pass 1: per raw shard ------------------------------------------------------------------
+
+def _pass1_settings(config: FilterConfig) -> str:
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in GLOBAL_FIELDS}
+    return json.dumps({"format": MANIFEST_FORMAT, **fields}, sort_keys=True, default=list)
+
+
+def _score(gates, candidates: list[Sample], reasons: dict[str, str | None], scores: dict[str, dict]) -> None:
+    """Run each scorer over the samples still kept, in batches; record scores and rejects."""
+    for gate in gates:
+        batch = [s for s in candidates if reasons[s.key] is None]
+        for sample, value in zip(batch, gate.scorer.score(batch), strict=True):
+            scores[sample.key][gate.name] = round(float(value), 6)
+            reasons[sample.key] = gate.reason(value)
+
+
+def filter_raw_shard(raw_uri: str, work_uri: str, config: FilterConfig) -> dict:
+    """Pass 1 for one raw shard: write its per-sample fates to ``work_uri``; returns counts."""
+    from pipeline.dedup import image_signature
+
+    start = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # skipped filters were already reported once by filter_shards
+        filters, _ = build_filters(config)
+        gates, _ = build_scorers(config)
+    rows, kept_samples, reasons, scores, locations = [], [], {}, {}, {}
+    for sample in read_shard(raw_uri, locations=locations):
+        reasons[sample.key] = apply_filters(filters, sample)
+        scores[sample.key] = {}
+        rows.append(sample)
+        if reasons[sample.key] is None:
+            kept_samples.append(sample)
+    if gates:
+        _score(gates, kept_samples, reasons, scores)
+    columns: dict[str, list] = {name: [] for name in WORK_SCHEMA.names}
+    for sample in rows:
+        sig = (None, None, None)
+        if reasons[sample.key] is None:
+            sig = image_signature(sample.image_bytes, sample.image)
+        kept = reasons[sample.key] is None
+        values = (sample.key, sample.meta.get("url"), reasons[sample.key], *sig,
+                  json.dumps(scores[sample.key]) if scores[sample.key] else None,
+                  json.dumps(locations[sample.key], sort_keys=True) if kept else None)
+        for name, value in zip(WORK_SCHEMA.names, values, strict=True):
+            columns[name].append(value)
+        sample.__dict__.pop("image", None)  # free decoded pixels as we go
+    meta = {b"settings": _pass1_settings(config).encode(), b"raw_size": str(storage.size(raw_uri)).encode()}
+    table = pa.table(columns, schema=WORK_SCHEMA.with_metadata(meta))
+    with storage.atomic_write(work_uri) as f:
+        pq.write_table(table, f)
+    kept = sum(r is None for r in reasons.values())
+    return {"shard": storage.basename(raw_uri), "seen": len(rows), "kept": kept, "seconds": time.monotonic() - start}
+
+
+def _pass1_done(raw_uri: str, work_uri: str, settings: str) -> bool:
+    if not storage.exists(work_uri):
+        return False
+    with storage.open(work_uri, "rb") as f:
+        meta = pq.read_schema(f).metadata or {}
+    return meta.get(b"settings") == settings.encode() and meta.get(b"raw_size") == str(storage.size(raw_uri)).encode()
+
+
+def _run_pass1(raw: list[str], work: str, config: FilterConfig, workers: int) -> None:
+    settings = _pass1_settings(config)
+    wanted = {_work_uri(work, r) for r in raw}
+    for uri in storage.list_files(work, r"\d+\.parquet"):
+        if uri not in wanted:
+            storage.remove(uri)  # its raw shard is gone
+    todo = [r for r in raw if not _pass1_done(r, _work_uri(work, r), settings)]
+    print(f"filter: {len(raw) - len(todo)} of {len(raw)} raw shards already filtered, {len(todo)} to go", flush=True)
+
+    def report(result: dict) -> None:
+        print(f"filter {result['shard']}: kept {result['kept']}/{result['seen']} ({result['seconds']:.1f} s)",
+              flush=True)
+
+    if workers <= 1 or len(todo) <= 1:
+        for r in todo:
+            report(filter_raw_shard(r, _work_uri(work, r), config))
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    # spawn: no fork of a process that may hold threads (Airflow, a loaded model).
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(filter_raw_shard, r, _work_uri(work, r), config) for r in todo]
+        for future in concurrent.futures.as_completed(futures):
+            report(future.result())
+
+
+def _work_uri(work: str, raw_uri: str) -> str:
+    return storage.join(work, storage.basename(raw_uri)[: -len(".tar")] + ".parquet")
+
+
+# --- pass 2: global dedup and the reshard plan -----------------------------------------------
+
+def _plan(raw: list[str], work: str, config: FilterConfig, samples_per_shard: int) -> tuple[pa.Table, collections.Counter]:
+    """The plan: one row per sample that passed pass 1, in dataset order, with its output shard
+    (or its duplicate reason and original); also the rejects of pass 1 and 2 by reason."""
+    from pipeline.dedup import find_duplicates
+
+    rejects: collections.Counter = collections.Counter()
+    cols: dict[str, list] = {"raw": [], "key": [], "sha256": [], "phash": [], "thumb": [], "scores": [],
+                             "members": []}
+    for r in raw:
+        with storage.open(_work_uri(work, r), "rb") as f:
+            table = pq.read_table(f)
+        rejects.update(x for x in table["reason"].to_pylist() if x is not None)
+        table = table.filter(table["reason"].is_null())
+        cols["raw"] += [storage.basename(r)] * table.num_rows
+        for name in ("key", "sha256", "phash", "thumb", "scores", "members"):
+            cols[name] += table[name].to_pylist()
+    dups = {}
+    if config.dedup or config.near_dedup:
+        found = find_duplicates(zip(cols["key"], cols["sha256"], cols["phash"], cols["thumb"], strict=True),
+                                exact=config.dedup, near=config.near_dedup, max_distance=config.near_dup_distance,
+                                color_tolerance=config.near_dup_color_tolerance)
+        dups = {key: (reason, original) for key, reason, original in found}
+    rejects.update(reason for reason, _ in dups.values())
+    shard, n_kept = [], 0
+    for key in cols["key"]:
+        shard.append(None if key in dups else f"{n_kept // samples_per_shard:06d}.tar")
+        n_kept += key not in dups
+    plan = pa.table({"raw": cols["raw"], "key": cols["key"], "shard": pa.array(shard, pa.string()),
+                     "reason": pa.array([dups.get(k, (None,))[0] for k in cols["key"]], pa.string()),
+                     "duplicate_of": pa.array([dups.get(k, (None, None))[1] for k in cols["key"]], pa.string()),
+                     "scores": pa.array(cols["scores"], pa.string()),
+                     "members": pa.array(cols["members"], pa.string())})
+    digest = hashlib.sha256(json.dumps([plan[c].to_pylist() for c in ("raw", "key", "shard", "scores")]).encode())
+    return plan.replace_schema_metadata({b"plan_id": digest.hexdigest().encode()}), rejects
+
+
+# --- pass 3: write the output shards ----------------------------------------------------------
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     # Fixed mtime/owner so the same input always gives byte-identical shards.
@@ -286,34 +280,31 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 class ShardWriter:
-    """Writes samples into ``000000.tar``, ``000001.tar``, ... each atomically."""
+    """Streams samples into named output shards, each written atomically (temp name, then rename)."""
 
-    def __init__(self, output: str, samples_per_shard: int):
-        self.output, self.samples_per_shard = output, samples_per_shard
-        self.counts: dict[str, int] = {}
+    def __init__(self, output: str):
+        self.output = output
         self._name: str | None = None
         self._stack: contextlib.ExitStack | None = None
         self._tar: tarfile.TarFile | None = None
 
-    def write(self, sample: Sample) -> None:
-        if self._tar is None or self.counts[self._name] >= self.samples_per_shard:
+    def write(self, sample: Sample, name: str) -> None:
+        if name != self._name:
             self.close()
-            self._name = f"{len(self.counts):06d}.tar"
-            self.counts[self._name] = 0
-            self._stack = contextlib.ExitStack()
-            f = self._stack.enter_context(storage.atomic_write(storage.join(self.output, self._name)))
+            self._name, self._stack = name, contextlib.ExitStack()
+            f = self._stack.enter_context(storage.atomic_write(storage.join(self.output, name)))
             tar = tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 - closed by the stack
             self._tar = self._stack.enter_context(tar)
         _add_member(self._tar, f"{sample.key}.{sample.ext}", sample.image_bytes)
         _add_member(self._tar, f"{sample.key}.txt", sample.caption.strip().encode("utf-8"))
         _add_member(self._tar, f"{sample.key}.json", json.dumps(sample.meta, sort_keys=True).encode("utf-8"))
-        self.counts[self._name] += 1
 
     def close(self) -> None:
         """Finish the open shard: close the tar, then rename it into place."""
         if self._stack is not None:
             self._stack.close()
-        self._stack, self._tar = None, None
+            print(f"filter: wrote {storage.join(self.output, self._name)}", flush=True)
+        self._stack, self._tar, self._name = None, None, None
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -324,45 +315,44 @@ class ShardWriter:
         elif self._stack is not None:
             # Hand the error to atomic_write, which deletes the half-written temporary shard.
             self._stack.__exit__(*exc)
-            self._stack, self._tar = None, None
+            self._stack, self._tar, self._name = None, None, None
 
 
-def normalize_error(message: str | None) -> str:
-    """A short, stable reason for an img2dataset error message ("HTTP Error 404: ..." -> "http_404")."""
-    text = (message or "unknown").strip()
-    lower = text.lower()
-    http = re.match(r"http error (\d{3})", lower)
-    if http:
-        return f"http_{http.group(1)}"
-    for needle, reason in (("timed out", "timeout"), ("connection refused", "connection_refused"),
-                           ("name or service not known", "dns_error"), ("name resolution", "dns_error"),
-                           ("x-robots-tag", "disallowed_by_x_robots_tag")):
-        if needle in lower:
-            return reason
-    # Drop "<urlopen error [Errno 104] ...>" wrappers and numbers that vary per request.
-    lower = re.sub(r"urlopen error|\[errno -?\d+\]|\d+", " ", lower)
-    return re.sub(r"[^a-z]+", "_", lower).strip("_")[:60] or "unknown"
+def _plan_id(uri: str) -> bytes | None:
+    if not storage.exists(uri):
+        return None
+    with storage.open(uri, "rb") as f:
+        return (pq.read_schema(f).metadata or {}).get(b"plan_id")
 
 
-def _download_rejects(input: str, raw_shards: list[str]) -> tuple[int, collections.Counter, collections.Counter]:
-    """Rows img2dataset saw, its failures by reason (from each shard's parquet), and the
-    rows the download step refused before img2dataset saw them (refused.parquet)."""
-    rows, reasons = 0, collections.Counter()
-    for tar_uri in raw_shards:
-        parquet = tar_uri[: -len(".tar")] + ".parquet"
-        with storage.open(parquet, "rb") as f:
-            table = pq.read_table(f, columns=["status", "error_message"])
-        rows += table.num_rows
-        for status, error in zip(table["status"].to_pylist(), table["error_message"].to_pylist(), strict=True):
-            if status != "success":
-                reasons[normalize_error(error)] += 1
-    refused = storage.join(input, "refused.parquet")
-    if storage.exists(refused):
-        with storage.open(refused, "rb") as f:
-            refused_reasons = pq.read_table(f, columns=["reason"])["reason"].to_pylist()
-        return rows, reasons, collections.Counter(refused_reasons)
-    return rows, reasons, collections.Counter()
+def _write_outputs(input: str, output: str, plan: pa.Table) -> None:
+    """Write every output shard of ``plan`` that is not already there from this same plan."""
+    plan_uri = storage.join(output, WORK, PLAN)
+    for uri in storage.list_files(output, r"\..*\.tmp-[0-9a-f]+"):
+        storage.remove(uri)  # temporary files of a killed run
+    if _plan_id(plan_uri) != plan.schema.metadata[b"plan_id"]:
+        # Shards from another plan must go before the new plan is recorded: after a crash
+        # here the recorded plan still differs, and the next run clears again.
+        for uri in storage.list_files(output, r"\d{6}\.tar"):
+            storage.remove(uri)
+        with storage.atomic_write(plan_uri) as f:
+            pq.write_table(plan, f)
+    rows = [r for r in plan.select(["raw", "key", "shard", "scores", "members"]).to_pylist() if r["shard"]]
+    todo = {r["shard"] for r in rows} - {storage.basename(u) for u in storage.list_files(output, r"\d{6}\.tar")}
+    needed: dict[str, list[dict]] = collections.defaultdict(list)
+    for r in rows:  # plan order: raw shard, then key
+        if r["shard"] in todo:
+            needed[r["raw"]].append(r)
+    with ShardWriter(output) as writer:
+        for raw_name, raw_rows in sorted(needed.items()):
+            located = [(r["key"], json.loads(r["members"])) for r in raw_rows]
+            for sample, row in zip(read_located(storage.join(input, raw_name), located), raw_rows, strict=True):
+                if row["scores"]:
+                    sample.meta["scores"] = json.loads(row["scores"])
+                writer.write(sample, row["shard"])
 
+
+# --- the step ---------------------------------------------------------------------------------
 
 def _raw_shards(input: str) -> list[str]:
     """Finished raw shards; a shard without its _stats.json is still being (or failed being) downloaded."""
@@ -381,13 +371,6 @@ def _fingerprint(input: str) -> dict[str, int]:
     return {storage.basename(f): storage.size(f) for f in files}
 
 
-def _clear(output: str) -> None:
-    """Remove what an earlier run left: the manifest first, so a crash never looks finished."""
-    storage.remove(storage.join(output, MANIFEST))
-    for uri in storage.list_files(output, r"\d{6}\.tar|\..*\.tmp-[0-9a-f]+"):
-        storage.remove(uri)
-
-
 def _up_to_date(output: str, settings: dict) -> dict | None:
     uri = storage.join(output, MANIFEST)
     if not storage.exists(uri):
@@ -400,64 +383,73 @@ def _up_to_date(output: str, settings: dict) -> dict | None:
     return manifest
 
 
-def _filter_all(raw: list[str], writer: ShardWriter, config: FilterConfig) -> collections.Counter:
-    """Run the filters over every raw shard in order; returns reject counts by reason."""
-    filters = build_filters(config)
-    rejects: collections.Counter = collections.Counter()
-    for shard in raw:
-        kept = seen = 0
-        for sample in read_shard(shard):
-            seen += 1
-            reason = apply_filters(filters, sample)
-            if reason is None:
-                writer.write(sample)
-                kept += 1
-            else:
-                rejects[reason] += 1
-        print(f"filter {storage.basename(shard)}: kept {kept}/{seen}", flush=True)
-    return rejects
+def _download_rejects(input: str, raw: list[str]) -> tuple[int, collections.Counter, collections.Counter]:
+    """Rows of the URL list, download failures by reason, and refusals (pre-screen and in-fetch) by reason."""
+    refused = read_refused(input)
+    rows, download = sum(refused.values()), collections.Counter()
+    for tar_uri in raw:
+        n, failures = shard_failures(tar_uri[: -len(".tar")] + ".parquet")
+        rows += n
+        for (stage, reason), count in failures.items():
+            (refused if stage == "refused" else download)[reason] += count
+    return rows, download, refused
+
+
+def _skipped(config: FilterConfig) -> tuple[list[str], dict[str, str]]:
+    """Names of the filters and scorers that run, and ``{name: why}`` for those skipped (no model loads)."""
+    filters, skipped = build_filters(config)
+    without_weights = {k: v for k, v in config.scorers.items() if not v.get("weights")}
+    skipped.update(build_scorers(dataclasses.replace(config, scorers=without_weights))[1])
+    names = [f.name for f in filters] + [f"score:{k}" for k in sorted(config.scorers) if k not in without_weights]
+    return names, skipped
 
 
 def filter_shards(input: str, output: str, config: FilterConfig | None = None,
-                  samples_per_shard: int = 1000) -> dict:
+                  samples_per_shard: int = 1000, workers: int = 1) -> dict:
     """Filter the raw img2dataset shards in ``input`` into clean shards in ``output``.
 
     Returns the manifest (also written to ``output/manifest.json``, last)::
 
-        {"format": "imagen-pipeline/filtered-shards/v1", "input": ..., "output": ...,
-         "input_fingerprint": {"00000.tar": size, "00000.parquet": size, ...},
-         "config": {FilterConfig fields}, "samples_per_shard": 1000,
+        {"format": "imagen-pipeline/filtered-shards/v2", "input": ..., "output": ...,
+         "input_fingerprint": {"00000.tar": size, ...}, "config": {FilterConfig fields},
+         "samples_per_shard": 1000, "filters": [names run], "skipped_filters": {name: why},
          "shards": {"000000.tar": kept_in_shard, ...},
          "input_rows": N, "kept": k, "rejected": N - k,
-         "rejects": {"refused": {"private_address": r},          # download pre-screen
-                     "download": {"http_404": d, ...},           # img2dataset failures
-                     "filter": {"caption_too_short": f, ...}}}   # this step
+         "rejects": {"refused": {"loopback_address": r, ...},   # never contacted
+                     "download": {"http_404": d, ...},         # img2dataset and fetch failures
+                     "filter": {"caption_too_short": f, ...}}} # this step, dedup included
 
     ``input_rows`` counts every row of the URL list, so ``kept + rejected == input_rows``.
     """
     config = config or FilterConfig()
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard={samples_per_shard}: use >= 1")
     raw = _raw_shards(input)
-    settings = {"config": dataclasses.asdict(config), "samples_per_shard": samples_per_shard,
-                "input_fingerprint": _fingerprint(input)}
+    settings = json.loads(json.dumps({"config": dataclasses.asdict(config), "samples_per_shard": samples_per_shard,
+                                      "input_fingerprint": _fingerprint(input)}))
     existing = _up_to_date(output, settings)
     if existing is not None:
         print(f"filter: {output} is up to date ({existing['kept']} samples); nothing to do", flush=True)
         return existing
+    names, skipped = _skipped(config)
     storage.makedirs(output)
-    _clear(output)
+    storage.remove(storage.join(output, MANIFEST))  # first: a crash from here on never looks finished
+    work = storage.join(output, WORK)
+    _run_pass1(raw, work, config, workers)
+    plan, filter_rejects = _plan(raw, work, config, samples_per_shard)
+    _write_outputs(input, output, plan)
+    shards = dict(sorted(collections.Counter(s for s in plan["shard"].to_pylist() if s).items()))
     rows, download_rejects, refused = _download_rejects(input, raw)
-    with ShardWriter(output, samples_per_shard) as writer:
-        filter_rejects = _filter_all(raw, writer, config)
-    kept = sum(writer.counts.values())
     rejects = {"refused": dict(sorted(refused.items())), "download": dict(sorted(download_rejects.items())),
                "filter": dict(sorted(filter_rejects.items()))}
-    manifest = {"format": MANIFEST_FORMAT, "input": input, "output": output, **settings,
-                "shards": writer.counts, "input_rows": rows + sum(refused.values()), "kept": kept,
+    kept = sum(shards.values())
+    manifest = {"format": MANIFEST_FORMAT, "input": input, "output": output, **settings, "filters": names,
+                "skipped_filters": skipped, "shards": shards, "input_rows": rows, "kept": kept,
                 "rejected": sum(sum(r.values()) for r in rejects.values()), "rejects": rejects}
-    if manifest["kept"] + manifest["rejected"] != manifest["input_rows"]:
+    if kept + manifest["rejected"] != rows:
         # A raw tar and its parquet disagree (e.g. a tar rewritten by hand): say so, keep going.
-        print(f"warning: kept {kept} + rejected {manifest['rejected']} != {manifest['input_rows']} rows "
-              f"listed in the parquet files of {input}", flush=True)
+        print(f"warning: kept {kept} + rejected {manifest['rejected']} != {rows} rows listed in the "
+              f"parquet files of {input}", flush=True)
     storage.write_json(storage.join(output, MANIFEST), manifest)
     return manifest
 
@@ -472,4 +464,41 @@ def format_reject_table(manifest: dict) -> str:
     lines.append(f"{'rejected':<43} {manifest['rejected']:>8}  ({manifest['rejected'] / total:.1%})")
     lines.append(f"{'kept':<43} {manifest['kept']:>8}  ({manifest['kept'] / total:.1%})")
     lines.append(f"{'input rows':<43} {manifest['input_rows']:>8}")
+    for name, why in manifest.get("skipped_filters", {}).items():
+        lines.append(f"skipped filter {name}: {why}")
     return "\n".join(lines)
+
+
+def sample_fates(input: str, output: str) -> pa.Table:
+    """What became of every URL-list row: ``url, key, stage, reason, shard`` (one row each).
+
+    ``stage`` is "refused", "download", "filter" or "kept" (then ``shard`` names the output
+    shard and ``reason`` is null). Reads the download and filter outputs; writes nothing.
+    """
+    fates: list[dict] = []
+    refused = storage.join(input, "refused.parquet")
+    if storage.exists(refused):
+        with storage.open(refused, "rb") as f:
+            for r in pq.read_table(f, columns=["url", "reason"]).to_pylist():
+                fates.append({"url": r["url"], "key": None, "stage": "refused", "reason": r["reason"], "shard": None})
+    with storage.open(storage.join(output, WORK, PLAN), "rb") as f:
+        plan = {r["key"]: r for r in pq.read_table(f, columns=["key", "shard", "reason"]).to_pylist()}
+    for tar_uri in _raw_shards(input):
+        with storage.open(tar_uri[: -len(".tar")] + ".parquet", "rb") as f:
+            rows = pq.read_table(f, columns=["url", "key", "status", "error_message"]).to_pylist()
+        with storage.open(_work_uri(storage.join(output, WORK), tar_uri), "rb") as f:
+            filtered = {r["key"]: r["reason"] for r in pq.read_table(f, columns=["key", "reason"]).to_pylist()}
+        for r in rows:
+            fate = {"url": r["url"], "key": r["key"], "stage": "kept", "reason": None, "shard": None}
+            if r["status"] != "success":
+                reason = normalize_error(r["error_message"])
+                fate.update(stage=reason_stage(reason), reason=reason)
+            elif filtered.get(r["key"]) is not None:
+                fate.update(stage="filter", reason=filtered[r["key"]])
+            elif plan[r["key"]]["reason"] is not None:
+                fate.update(stage="filter", reason=plan[r["key"]]["reason"])
+            else:
+                fate["shard"] = plan[r["key"]]["shard"]
+            fates.append(fate)
+    return pa.Table.from_pylist(fates, schema=pa.schema([(k, pa.string()) for k in
+                                                         ("url", "key", "stage", "reason", "shard")]))

@@ -91,24 +91,35 @@ def _encode(img: Image.Image, fmt: str) -> bytes:
 
 
 def _good_specs(n: int, rng: random.Random, image_size: int) -> list[dict]:
-    """Draw n distinct (color, shape, background, box) specs, so no two good images are equal."""
-    specs, seen = [], set()
-    while len(specs) < n:
+    """Draw n specs so that no two good images are equal or near duplicates of each other.
+
+    Two images with the same colour, shape and background must differ in position or size by
+    at least ``image_size // 8`` pixels; closer ones look alike to the filter step's perceptual
+    near-duplicate check (pipeline.dedup) and one of them would be dropped.
+    """
+    specs, placed = [], {}
+    min_shift = max(1, image_size // 8)
+    for _ in range(200 * n):
+        if len(specs) == n:
+            break
         color = rng.choice(list(COLORS))
         shape = rng.choice(SHAPES)
         background = rng.choice(list(BACKGROUNDS))
         side = rng.randint(image_size * 2 // 5, image_size * 3 // 4)
         x0 = rng.randint(0, image_size - side - 1)
         y0 = rng.randint(0, image_size - side - 1)
-        key = (color, shape, background, side, x0, y0)
-        if key in seen:
+        others = placed.setdefault((color, shape, background), [])
+        if any(max(abs(side - s), abs(x0 - x), abs(y0 - y)) < min_shift for s, x, y in others):
             continue
-        seen.add(key)
+        others.append((side, x0, y0))
         caption = rng.choice(TEMPLATES).format(color=color, shape=shape, background=background)
         specs.append(
             {"color": color, "shape": shape, "background": background, "caption": caption,
              "box": (x0, y0, x0 + side, y0 + side)}
         )
+    if len(specs) < n:
+        raise ValueError(f"cannot draw {n} distinct images at image_size={image_size}; use a smaller n "
+                         "or a larger image_size")
     return specs
 
 
@@ -235,9 +246,10 @@ def serve(directory: str, port: int, host: str = "127.0.0.1") -> ThreadingHTTPSe
     """
     _check_loopback(host)
     handler = functools.partial(_QuietHandler, directory=os.path.abspath(directory))
-    server_cls = ThreadingHTTPServer
-    if ":" in host:
-        server_cls = type("ThreadingHTTPServer6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+    # A backlog of 128, not 5: img2dataset's threads connect all at once, and a dropped SYN is
+    # retried only after 1 s, which looks like a slow server.
+    attrs = {"request_queue_size": 128, **({"address_family": socket.AF_INET6} if ":" in host else {})}
+    server_cls = type("TinyDataHTTPServer", (ThreadingHTTPServer,), attrs)
     server = server_cls((host, port), handler)
     server.daemon_threads = True
     server.request_log = []

@@ -88,6 +88,7 @@ def build_tiny_t5(
     num_heads: int = 2,
     vocab_size: int = 256,
     seed: int = 0,
+    d_ff: int | None = None,
 ) -> str:
     """Save a random tiny T5 encoder + tokenizer into ``output_dir`` and return the path.
 
@@ -101,6 +102,8 @@ def build_tiny_t5(
         vocab_size: tokenizer size cap (98 character/special pieces plus the most frequent
             words); the model's embedding table is sized to the tokenizer actually built.
         seed: seeds the weights; the tokenizer is deterministic in the corpus alone.
+        d_ff: feed-forward width (default ``2 * d_model``); T5-small-sized benchmarks use
+            ``d_model=512, num_layers=6, num_heads=8, d_ff=2048``.
     """
     import torch
     from transformers import T5Config, T5EncoderModel
@@ -112,7 +115,7 @@ def build_tiny_t5(
         vocab_size=len(tokenizer),
         d_model=d_model,
         d_kv=d_model // num_heads,
-        d_ff=2 * d_model,
+        d_ff=d_ff or 2 * d_model,
         num_layers=num_layers,
         num_heads=num_heads,
         feed_forward_proj="gated-gelu",  # T5 v1.1, like google/t5-v1_1-xxl

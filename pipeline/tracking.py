@@ -17,6 +17,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+OFF = "off"  # --tracking-uri off: no tracking at all
+
+
 def resolve_tracking_uri(uri: str | None, root: str | None = None) -> str:
     if uri:
         return uri
@@ -25,6 +28,17 @@ def resolve_tracking_uri(uri: str | None, root: str | None = None) -> str:
     base = os.path.abspath(root or ".")
     os.makedirs(base, exist_ok=True)
     return f"sqlite:///{os.path.join(base, 'mlflow.db')}"
+
+
+def server_up(uri: str, timeout: float = 5.0) -> bool:
+    """True when an MLflow server answers /health (the client itself would retry for minutes)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 def ensure_experiment(name: str, artifact_root: str | None = None) -> str:
@@ -47,11 +61,18 @@ class RunLogger:
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str | None,
                  artifact_root: str | None = None, enabled: bool = True,
-                 run_id: str | None = None, tags: dict[str, str] | None = None):
+                 run_id: str | None = None, tags: dict[str, str] | None = None,
+                 system_metrics: bool = True):
         self.enabled = enabled
         self.run_id: str | None = None
-        self._warned_at = 0.0
-        if not enabled:
+        self._warned_at = float("-inf")
+        if not enabled or tracking_uri == OFF:
+            self.enabled = False
+            return
+        if tracking_uri.startswith(("http://", "https://")) and not server_up(tracking_uri):
+            self._warn(f"MLflow server {tracking_uri} is not answering; training goes on without "
+                       "tracking (checkpoints are unaffected)")
+            self.enabled = False
             return
         try:
             import mlflow
@@ -59,7 +80,7 @@ class RunLogger:
             mlflow.set_tracking_uri(tracking_uri)
             exp_id = ensure_experiment(experiment, artifact_root)
             run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
-                                   run_name=run_name, tags=tags, log_system_metrics=False)
+                                   run_name=run_name, tags=tags, log_system_metrics=system_metrics)
             self.run_id = run.info.run_id
         except Exception as e:  # noqa: BLE001 - tracking must never stop training
             self._warn(f"MLflow at {tracking_uri} unavailable ({e}); training goes on without it")
@@ -84,7 +105,8 @@ class RunLogger:
         self._call("log_params", {k: str(v)[:6000] for k, v in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._call("log_metrics", metrics, step=step)
+        # asynchronous: a slow or flaky server never stalls a training step
+        self._call("log_metrics", metrics, step=step, synchronous=False)
 
     def log_dict(self, d: dict[str, Any], name: str) -> None:
         self._call("log_dict", d, name)

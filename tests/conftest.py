@@ -76,3 +76,19 @@ def mlflow_uri(tmp_path_factory) -> str:
 
     with mlflow_server(str(tmp_path_factory.mktemp("mlflow"))) as uri:
         yield uri
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory) -> str:
+    """A tiny random T5 encoder + tokenizer saved with save_pretrained (no hub access)."""
+    from pipeline.tinymodels import build_tiny_t5
+
+    return build_tiny_t5(str(tmp_path_factory.mktemp("t5-tiny")))
+
+
+@pytest.fixture(scope="session")
+def tiny_embeddings(filtered_shards, tiny_encoder_dir, tmp_path_factory) -> str:
+    """Embeddings of the filtered tiny shards: the directory of one encoder's Parquet files."""
+    from pipeline.embed import embed_shards
+
+    return embed_shards(filtered_shards, str(tmp_path_factory.mktemp("embeddings")), tiny_encoder_dir)["output"]

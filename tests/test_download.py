@@ -1,4 +1,5 @@
-"""Tests for pipeline.download: real img2dataset runs against the loopback test server."""
+"""Tests for pipeline.download: real img2dataset runs against the loopback test server, URL-list
+reading (formats, columns, fsspec URIs), stage presets, the pre-screen and error normalization."""
 
 from __future__ import annotations
 
@@ -14,11 +15,23 @@ import pytest
 from conftest import RAW_DOWNLOAD_KWARGS
 from PIL import Image
 
-from pipeline.download import download, infer_input_format, run_streaming, screen_urls, summarize
+from pipeline.download import (
+    STAGES,
+    DownloadConfig,
+    _resolve,
+    download,
+    infer_input_format,
+    normalize_error,
+    read_url_list,
+    run_streaming,
+    screen_urls,
+    summarize,
+)
 from pipeline.tinydata import make_tiny_dataset, serve
 
 DOWNLOAD_ERRORS = {"http_404": "HTTP Error 404: File not found",
-                   "not_an_image": "Image decoding error", "truncated": "Image decoding error"}
+                   "not_an_image": "not_an_image: body is markup/JSON, not an image (Content-Type: image/jpeg)",
+                   "truncated": "Image decoding error"}
 
 
 def _raw_rows(raw: str) -> list[dict]:
@@ -40,10 +53,10 @@ def test_download_gets_every_good_image(tiny_dataset, raw_shards):
             assert r["status"] == "success", r
             assert (r["width"], r["height"]) == (64, 64)  # center_crop to 64
     summary = summarize(raw_shards)
-    assert summary["shards"] == 3 and summary["total"] == info["n_rows"]
+    assert summary["shards"] == 3 and summary["total"] == summary["input_rows"] == info["n_rows"]
     assert summary["successes"] == info["n_rows"] - info["n_broken"]
-    assert summary["failed"] == info["n_broken"]
-    assert summary["errors"] == {"HTTP Error 404: File not found": 3, "Image decoding error": 3}
+    assert summary["failed"] == info["n_broken"] and summary["refused"] == 0
+    assert summary["errors"] == {"http_404": 3, "not_an_image": 2, "image_decoding_error": 1}
     assert summary["rejected"] == {}
 
 
@@ -70,7 +83,7 @@ def test_rerun_resumes_without_refetching(tiny_dataset, raw_shards, capsys):
     assert again == before
     assert len(tiny_dataset.server.request_log) == requests
     assert mtimes == {n: os.stat(os.path.join(raw_shards, n)).st_mtime_ns for n in mtimes}
-    assert "shard 00000: " in capsys.readouterr().out
+    assert "download: 3 of 3 shards already done, 0 to fetch" in capsys.readouterr().out
 
 
 def test_other_settings_do_not_mix_into_finished_shards(tiny_dataset, raw_shards, tmp_path):
@@ -93,11 +106,12 @@ def test_private_networks_are_refused_without_a_request(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
-    assert result["rejected"] == {"private_address": info["n_rows"]}
+    assert result["rejected"] == {"loopback_address": info["n_rows"]}
     assert result["shards"] == 0 and result["total"] == 0 and result["successes"] == 0
+    assert result["refused"] == result["input_rows"] == info["n_rows"]
     refused = pq.read_table(tmp_path / "raw" / "refused.parquet").to_pylist()
     assert len(refused) == info["n_rows"]
-    assert {r["reason"] for r in refused} == {"private_address"}
+    assert {r["reason"] for r in refused} == {"loopback_address"}
     assert {r["url"] for r in refused} == set(pq.read_table(info["urls"])["url"].to_pylist())
 
 
@@ -105,18 +119,18 @@ def test_screen_urls_reasons():
     urls = {
         "http://10.1.2.3/a.jpg": "private_address",
         "http://192.168.0.1/a.jpg": "private_address",
-        "http://169.254.169.254/latest/meta-data/": "private_address",  # cloud metadata service
-        "http://127.0.0.1:8080/a.jpg": "private_address",
-        "http://localhost/a.jpg": "private_address",  # a name that resolves to loopback
-        "http://[::1]/a.jpg": "private_address",
-        "http://[::ffff:127.0.0.1]/a.jpg": "private_address",
+        "http://169.254.169.254/latest/meta-data/": "link_local_address",  # cloud metadata service
+        "http://127.0.0.1:8080/a.jpg": "loopback_address",
+        "http://[::1]/a.jpg": "loopback_address",
+        "http://[::ffff:127.0.0.1]/a.jpg": "loopback_address",
         "http://100.64.0.1/a.jpg": "private_address",  # carrier-grade NAT
-        "http://224.0.0.1/a.jpg": "private_address",  # multicast
+        "http://224.0.0.1/a.jpg": "multicast_address",
         "http://[::1/a.jpg": "invalid_url",
         "file:///etc/passwd": "unsupported_scheme",
         "ftp://93.184.216.34/a.jpg": "unsupported_scheme",
         "http://93.184.216.34/a.jpg": None,  # public literal IPs: no DNS needed
         "https://8.8.8.8/a.png": None,
+        "http://localhost/a.jpg": None,  # a name: refused inside the fetch, once resolved
     }
     table = pa.table({"url": list(urls), "caption": [f"c{i}" for i in range(len(urls))]})
     allowed, refused = screen_urls(table)
@@ -130,7 +144,7 @@ def test_csv_list_with_other_column_names(tmp_path):
     csv = tmp_path / "list.csv"
     csv.write_text("link,text\nhttp://127.0.0.1:9/a.png,a red circle\nhttp://10.0.0.1/b.png,a blue square\n")
     result = download(str(csv), str(tmp_path / "raw"), url_col="link", caption_col="text")
-    assert result["rejected"] == {"private_address": 2}
+    assert result["rejected"] == {"loopback_address": 1, "private_address": 1}
     refused = pq.read_table(tmp_path / "raw" / "refused.parquet")
     assert refused.column_names == ["url", "caption", "reason"]
     assert refused["caption"].to_pylist() == ["a red circle", "a blue square"]
@@ -160,6 +174,88 @@ def test_infer_input_format():
     assert infer_input_format("urls.jsonl") == "jsonl"
     with pytest.raises(ValueError, match="input_format"):
         infer_input_format("urls.xlsx")
+
+
+LIST_ROWS = [{"link": "http://127.0.0.1:9/a.png", "text": "a red circle", "id": 1},
+             {"link": "file:///etc/passwd", "text": "a blue square", "id": 2},
+             {"link": "http://10.0.0.1/c.png", "text": "ünïcode ✓", "id": 3}]
+
+
+def _write_list(fs, path: str, fmt: str) -> None:
+    import gzip
+
+    if fmt == "parquet":
+        with fs.open(path, "wb") as f:
+            pq.write_table(pa.Table.from_pylist(LIST_ROWS), f)
+        return
+    if fmt == "jsonl":
+        import json
+
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in LIST_ROWS)
+    else:
+        sep = "\t" if fmt == "tsv" else ","
+        text = sep.join(LIST_ROWS[0]) + "\n" + "".join(sep.join(str(v) for v in r.values()) + "\n" for r in LIST_ROWS)
+    data = text.encode()
+    with fs.open(path, "wb") as f:
+        f.write(gzip.compress(data) if path.endswith(".gz") else data)
+
+
+@pytest.mark.parametrize("name", ["urls.parquet", "urls.csv", "urls.tsv", "urls.jsonl", "urls.csv.gz"])
+def test_url_lists_in_every_format_from_any_fsspec_uri(tmp_path, name):
+    import fsspec
+
+    uri = f"memory://lists-{tmp_path.name}/{name}"
+    _write_list(fsspec.filesystem("memory"), uri, name.split(".")[1])
+    fmt = infer_input_format(uri)
+    table = read_url_list(uri, fmt, url_col="link", caption_col="text", extra_columns=["id"])
+    assert table.column_names == ["url", "caption", "id"]
+    assert table["url"].to_pylist() == [r["link"] for r in LIST_ROWS]
+    assert table["caption"].to_pylist() == [r["text"] for r in LIST_ROWS]
+    result = download(uri, str(tmp_path / "raw"), url_col="link", caption_col="text")
+    assert result["rejected"] == {"loopback_address": 1, "unsupported_scheme": 1, "private_address": 1}
+
+
+def test_url_list_folder_of_files(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("file")
+    (tmp_path / "lists").mkdir()
+    for i in range(2):
+        _write_list(fs, str(tmp_path / "lists" / f"part-{i}.jsonl"), "jsonl")
+    table = read_url_list(str(tmp_path / "lists"), "jsonl", url_col="link", caption_col="text")
+    assert table.num_rows == 2 * len(LIST_ROWS)
+    with pytest.raises(ValueError, match=r"no \*\.csv files"):
+        read_url_list(str(tmp_path / "lists"), "csv")
+
+
+def test_stage_presets_pick_the_resize():
+    assert (_resolve(DownloadConfig()).image_size, _resolve(DownloadConfig()).resize_mode) == (64, "center_crop")
+    sr = _resolve(DownloadConfig(stage="sr256"))
+    assert (sr.image_size, sr.resize_mode, sr.resize_only_if_bigger) == (256, "keep_ratio", True)
+    assert _resolve(DownloadConfig(stage="sr1024", image_size=2048)).image_size == 2048  # explicit wins
+    assert all(p["resize_mode"] != "border" for p in STAGES.values())
+    with pytest.raises(ValueError, match="stage="):
+        _resolve(DownloadConfig(stage="sr512"))
+    assert _resolve(DownloadConfig(encode_format="jpg")).encode_quality == 95
+
+
+@pytest.mark.parametrize("message, reason", [
+    ("HTTP Error 404: File not found", "http_404"),
+    ("HTTP Error 503: Service Unavailable", "http_503"),
+    ("Image decoding error", "image_decoding_error"),
+    ("<urlopen error timed out>", "timeout"),
+    ("timed out", "timeout"),
+    ("<urlopen error [Errno 111] Connection refused>", "connection_refused"),
+    ("<urlopen error [Errno -2] Name or service not known>", "dns_error"),
+    ("dns_error: cannot resolve 'x.invalid'", "dns_error"),
+    ("<urlopen error [Errno 104] Connection reset by peer>", "connection_reset_by_peer"),
+    ("Use of image disallowed by X-Robots-Tag directive", "disallowed_by_x_robots_tag"),
+    ("loopback_address: localhost:80 resolves to 127.0.0.1", "loopback_address"),
+    ("decompression_bomb: declared 100000x100000 pixels", "decompression_bomb"),
+    (None, "unknown"),
+])
+def test_normalize_error(message, reason):
+    assert normalize_error(message) == reason
 
 
 def test_run_streaming_streams_and_reports_failures(capsys):

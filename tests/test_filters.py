@@ -1,7 +1,9 @@
-"""Tests for pipeline.filters: each filter on crafted samples, then filter_shards end to end."""
+"""Tests for the filter step: each filter on crafted samples (pipeline.filter_registry), dataset-wide
+dedup (pipeline.dedup), then filter_shards end to end over the downloaded tiny dataset."""
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
@@ -14,11 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline import filter_registry
+from pipeline.dedup import NearDuplicateIndex, find_duplicates, image_signature
 from pipeline.filters import (
     FILTERS,
     CaptionLengthFilter,
     DecodeFilter,
-    DedupFilter,
     FilterConfig,
     MaxAspectFilter,
     MaxPixelsFilter,
@@ -28,7 +31,7 @@ from pipeline.filters import (
     build_filters,
     filter_shards,
     format_reject_table,
-    normalize_error,
+    sample_fates,
 )
 
 
@@ -99,36 +102,103 @@ def test_size_filters_leave_undecodable_bytes_to_decode():
     assert [f.check(garbage) for f in (MinSideFilter(64), MaxAspectFilter(2), MaxPixelsFilter(10))] == [None] * 3
 
 
-def test_dedup_keeps_the_first():
-    dedup = DedupFilter()
-    assert dedup.check(sample(data=png(color=(1, 2, 3)))) is None
-    assert dedup.check(sample(data=png(color=(1, 2, 4)))) is None
-    assert dedup.check(sample(data=png(color=(1, 2, 3)), key="000000009")) == "duplicate_image"
+def test_pil_decompression_bomb_is_too_large_not_a_decode_error():
+    from ingest_server import decompression_bomb
+
+    assert MaxPixelsFilter(64_000_000).check(sample(data=decompression_bomb())) == "image_too_large"
 
 
 def test_registry_order_and_config():
-    assert list(FILTERS) == ["caption_length", "min_side", "max_aspect", "max_pixels", "decode", "dedup"]
-    assert [f.name for f in build_filters()] == list(FILTERS)
-    assert [f.name for f in build_filters(FilterConfig(dedup=False))] == list(FILTERS)[:-1]
+    assert list(FILTERS) == ["caption_length", "caption_language", "min_side", "max_aspect", "max_pixels", "decode"]
+    names = [f.name for f in build_filters()[0]]
+    assert names == [n for n in FILTERS if n != "caption_language"]  # no languages configured: off
     # Cheap checks first: an empty caption is reported before the (costly) decode failure.
-    assert apply_filters(build_filters(), sample("", data=b"garbage")) == "caption_too_short"
-    assert apply_filters(build_filters(), sample(data=b"garbage")) == "image_decode_error"
-    assert apply_filters(build_filters(FilterConfig(min_side=128)), sample()) == "image_too_small"
+    filters = build_filters()[0]
+    assert apply_filters(filters, sample("", data=b"garbage")) == "caption_too_short"
+    assert apply_filters(filters, sample(data=b"garbage")) == "image_decode_error"
+    assert apply_filters(build_filters(FilterConfig(min_side=128))[0], sample()) == "image_too_small"
 
 
-@pytest.mark.parametrize("message, reason", [
-    ("HTTP Error 404: File not found", "http_404"),
-    ("HTTP Error 503: Service Unavailable", "http_503"),
-    ("Image decoding error", "image_decoding_error"),
-    ("<urlopen error timed out>", "timeout"),
-    ("<urlopen error [Errno 111] Connection refused>", "connection_refused"),
-    ("<urlopen error [Errno -2] Name or service not known>", "dns_error"),
-    ("<urlopen error [Errno 104] Connection reset by peer>", "connection_reset_by_peer"),
-    ("Use of image disallowed by X-Robots-Tag directive", "disallowed_by_x_robots_tag"),
-    (None, "unknown"),
-])
-def test_normalize_error(message, reason):
-    assert normalize_error(message) == reason
+def test_language_filter_with_a_detector():
+    pytest.importorskip("py3langid")
+    filters, skipped = build_filters(FilterConfig(languages=("en",)))
+    assert skipped == {} and "caption_language" in [f.name for f in filters]
+    assert apply_filters(filters, sample("a red circle on a white background")) is None
+    assert apply_filters(filters, sample("ein roter Kreis auf einem weißen Hintergrund")) == "caption_language"
+    assert apply_filters(filters, sample("un cercle rouge sur un fond blanc")) == "caption_language"
+    # Too short to tell (the detector is unsure): kept rather than dropped on a guess.
+    assert apply_filters(filters, sample("blue square on black")) is None
+    strict = build_filters(FilterConfig(languages=("en",), min_language_confidence=0.1))[0]
+    assert apply_filters(strict, sample("blue square on black")) == "caption_language"
+
+
+def test_language_filter_without_a_detector_is_skipped_with_a_warning(monkeypatch):
+    monkeypatch.setattr(filter_registry, "language_detector", lambda: None)
+    with pytest.warns(UserWarning, match="py3langid"):
+        filters, skipped = build_filters(FilterConfig(languages=("en",)))
+    assert "caption_language" not in [f.name for f in filters]
+    assert "no language detector installed" in skipped["caption_language"]
+
+
+def test_scorer_without_weights_is_skipped_and_unknown_is_an_error():
+    with pytest.warns(UserWarning, match="no model weights"):
+        gates, skipped = filter_registry.build_scorers(FilterConfig(scorers={"image_classifier": {"max": 0.5}}))
+    assert gates == [] and "score:image_classifier" in skipped
+    with pytest.raises(ValueError, match="unknown scorer 'clip'.*image_classifier"):
+        filter_registry.build_scorers(FilterConfig(scorers={"clip": {"weights": "/x"}}))
+
+
+def _signature(img: Image.Image, fmt: str = "PNG", **kw) -> tuple[bytes, int, bytes]:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    data = buf.getvalue()
+    return image_signature(data, Image.open(io.BytesIO(data)))
+
+
+def _scene(color=(220, 40, 40), shift=0, size=64) -> Image.Image:
+    from PIL import ImageDraw
+
+    img = Image.linear_gradient("L").resize((size, size)).convert("RGB")
+    s = size / 64
+    ImageDraw.Draw(img).ellipse(((10 + shift) * s, 12 * s, (40 + shift) * s, 44 * s), fill=color)
+    return img
+
+
+def test_find_duplicates_exact_near_and_recoloured():
+    original = _signature(_scene())
+    samples = [
+        ("a", *original),
+        ("b", *original),  # same bytes
+        ("c", *_signature(_scene(), "JPEG", quality=60)),  # re-encoded
+        ("d", *_signature(_scene(size=96).resize((64, 64)))),  # rescaled
+        ("e", *_signature(_scene(color=(40, 70, 220)))),  # same layout, another colour: a different image
+        ("f", *_signature(_scene(shift=20))),  # moved: a different image
+    ]
+    assert (samples[4][2] ^ original[1]).bit_count() <= 6  # pHash alone would call the blue one a duplicate
+    found = list(find_duplicates(samples))
+    assert found == [("b", "duplicate_image", "a"), ("c", "near_duplicate_image", "a"),
+                     ("d", "near_duplicate_image", "a")]
+    assert [k for k, *_ in find_duplicates(samples, near=False)] == ["b"]
+    assert [(k, r) for k, r, _ in find_duplicates(samples, exact=False)] == \
+        [("b", "near_duplicate_image"), ("c", "near_duplicate_image"), ("d", "near_duplicate_image")]
+
+
+def test_near_duplicate_index_finds_every_hash_within_the_distance():
+    import random
+
+    rng = random.Random(0)
+    thumb = bytes(192)
+    for distance in (0, 4, 6, 9):
+        index = NearDuplicateIndex(distance, color_tolerance=0)
+        base = rng.getrandbits(64)
+        index.add("base", base, thumb)
+        for flips in range(0, 12):
+            probe = base
+            for bit in rng.sample(range(64), flips):
+                probe ^= 1 << bit
+            assert (index.find(probe, thumb) == "base") == (flips <= distance), (distance, flips)
+    with pytest.raises(ValueError, match="near_dup_distance"):
+        NearDuplicateIndex(40, 1.0)
 
 
 # --- filter_shards over the downloaded tiny dataset ---------------------------------------
@@ -172,22 +242,43 @@ def test_manifest_counts_add_up(tiny_dataset, filtered_shards):
     assert manifest["kept"] == kinds["ok"]
     assert manifest["rejects"] == {
         "refused": {},
-        "download": {"http_404": kinds["http_404"], "image_decoding_error": kinds["not_an_image"] + kinds["truncated"]},
+        "download": {"http_404": kinds["http_404"], "not_an_image": kinds["not_an_image"],
+                     "image_decoding_error": kinds["truncated"]},
         "filter": {"caption_too_short": kinds["empty_caption"], "duplicate_image": kinds["duplicate"],
                    "image_too_small": kinds["too_small"], "aspect_ratio_too_large": kinds["bad_aspect"]},
     }
     assert manifest["shards"] == {"000000.tar": 50, "000001.tar": 50, "000002.tar": 20}
     assert {n: len(read_tar(os.path.join(filtered_shards, n))) // 3 for n in manifest["shards"]} == manifest["shards"]
-    assert manifest["config"] == {"min_caption_chars": 3, "max_caption_chars": 512, "min_side": 64,
-                                  "max_aspect": 2.0, "max_pixels": 64_000_000, "dedup": True}
-    assert sorted(os.listdir(filtered_shards)) == ["000000.tar", "000001.tar", "000002.tar", "manifest.json"]
+    assert manifest["config"] == {"min_caption_chars": 3, "max_caption_chars": 512, "languages": [], "min_language_confidence": 0.5,
+                                  "min_side": 64,
+                                  "max_aspect": 2.0, "max_pixels": 64_000_000, "dedup": True, "near_dedup": True,
+                                  "near_dup_distance": 6, "near_dup_color_tolerance": 32.0, "scorers": {}}
+    assert manifest["filters"] == ["caption_length", "min_side", "max_aspect", "max_pixels", "decode"]
+    assert manifest["skipped_filters"] == {}
+    assert sorted(os.listdir(filtered_shards)) == ["000000.tar", "000001.tar", "000002.tar", "_filter",
+                                                   "manifest.json"]
     table = format_reject_table(manifest)
-    assert "http_404" in table and "caption_too_short" in table and "120" in table
+    lines = [line.split() for line in table.splitlines()]
+    assert ["download", "http_404", "3"] in lines and ["filter", "caption_too_short", "2"] in lines
+    assert ["kept", "120", "(91.6%)"] in lines and ["input", "rows", "131"] in lines
+
+
+def test_sample_fates_explain_every_row(tiny_dataset, raw_shards, filtered_shards):
+    fates = sample_fates(raw_shards, filtered_shards).to_pylist()
+    kinds = {r["url"]: r["kind"] for r in pq.read_table(tiny_dataset.urls).to_pylist()}
+    expected = {"ok": ("kept", None), "http_404": ("download", "http_404"),
+                "not_an_image": ("download", "not_an_image"), "truncated": ("download", "image_decoding_error"),
+                "empty_caption": ("filter", "caption_too_short"), "duplicate": ("filter", "duplicate_image"),
+                "too_small": ("filter", "image_too_small"), "bad_aspect": ("filter", "aspect_ratio_too_large")}
+    assert len(fates) == len(kinds)
+    assert {f["url"]: (f["stage"], f["reason"]) for f in fates} == {u: expected[k] for u, k in kinds.items()}
+    shards = collections.Counter(f["shard"] for f in fates if f["stage"] == "kept")
+    assert shards == {"000000.tar": 50, "000001.tar": 50, "000002.tar": 20}
 
 
 def test_rerun_is_a_no_op(raw_shards, filtered_shards):
     def snapshot():
-        return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in Path(filtered_shards).iterdir()}
+        return {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in Path(filtered_shards).rglob("*") if p.is_file()}
 
     before = snapshot()
     manifest = filter_shards(raw_shards, filtered_shards, samples_per_shard=50)
@@ -206,11 +297,33 @@ def test_changed_config_rewrites_and_drops_stale_shards(raw_shards, filtered_sha
     shutil.copytree(filtered_shards, out)
     (out / "000009.tar").write_bytes(b"stale")
     (out / ".000003.tar.tmp-deadbeef").write_bytes(b"crashed")
-    manifest = filter_shards(raw_shards, str(out), FilterConfig(dedup=False), samples_per_shard=1000)
-    assert sorted(os.listdir(out)) == ["000000.tar", "manifest.json"]
+    work = {p.name: p.stat().st_mtime_ns for p in (out / "_filter").glob("0*.parquet")}
+    config = FilterConfig(dedup=False, near_dedup=False)
+    manifest = filter_shards(raw_shards, str(out), config, samples_per_shard=1000)
+    assert sorted(os.listdir(out)) == ["000000.tar", "_filter", "manifest.json"]
     assert manifest["shards"] == {"000000.tar": 121} and manifest["kept"] == 121
     assert "duplicate_image" not in manifest["rejects"]["filter"]
     assert json.loads((out / "manifest.json").read_text()) == manifest
+    # Only dedup settings changed: the per-shard pass was reused, not redone.
+    assert work == {p.name: p.stat().st_mtime_ns for p in (out / "_filter").glob("0*.parquet")}
+    # A per-sample setting redoes the per-shard pass.
+    manifest = filter_shards(raw_shards, str(out), FilterConfig(min_side=96), samples_per_shard=1000)
+    # 125 downloaded: 2 empty captions are rejected first (cheapest), the rest are 64 px < 96.
+    assert manifest["kept"] == 0 and manifest["rejects"]["filter"] == {"caption_too_short": 2, "image_too_small": 123}
+    assert manifest["shards"] == {} and sorted(os.listdir(out)) == ["_filter", "manifest.json"]
+
+
+def test_shards_are_evenly_sized(raw_shards, tmp_path):
+    manifest = filter_shards(raw_shards, str(tmp_path / "out"), samples_per_shard=32)
+    assert manifest["shards"] == {"000000.tar": 32, "000001.tar": 32, "000002.tar": 32, "000003.tar": 24}
+
+
+def test_parallel_workers_give_the_same_bytes(raw_shards, filtered_shards, tmp_path):
+    out = tmp_path / "parallel"
+    manifest = filter_shards(raw_shards, str(out), samples_per_shard=50, workers=2)
+    assert manifest["shards"] == {"000000.tar": 50, "000001.tar": 50, "000002.tar": 20}
+    for name in manifest["shards"]:
+        assert (out / name).read_bytes() == Path(filtered_shards, name).read_bytes()
 
 
 def test_changed_input_is_detected(raw_shards, filtered_shards, tmp_path):
@@ -226,7 +339,8 @@ def test_changed_input_is_detected(raw_shards, filtered_shards, tmp_path):
     assert manifest["input_rows"] == 131 - shard_rows
     assert manifest["kept"] + manifest["rejected"] == manifest["input_rows"]
     assert sum(manifest["shards"].values()) == manifest["kept"] < 120
-    assert sorted(os.listdir(out)) == sorted([*manifest["shards"], "manifest.json"])
+    assert sorted(os.listdir(out)) == sorted([*manifest["shards"], "_filter", "manifest.json"])
+    assert sorted(os.listdir(out / "_filter")) == ["00000.parquet", "00001.parquet", "plan.parquet"]
 
 
 def test_unfinished_download_is_an_error(raw_shards, tmp_path):
@@ -257,7 +371,48 @@ def test_everything_refused_still_adds_up(tmp_path):
     download(info["urls"], str(tmp_path / "raw"))
     manifest = filter_shards(str(tmp_path / "raw"), str(tmp_path / "out"))
     assert manifest["kept"] == 0 and manifest["shards"] == {}
-    assert manifest["rejects"]["refused"] == {"private_address": info["n_rows"]}
+    assert manifest["rejects"]["refused"] == {"loopback_address": info["n_rows"]}
     assert manifest["rejected"] == manifest["input_rows"] == info["n_rows"]
     lines = [line.split() for line in format_reject_table(manifest).splitlines()]
-    assert ["refused", "private_address", str(info["n_rows"])] in lines
+    assert ["refused", "loopback_address", str(info["n_rows"])] in lines
+
+
+def _tiny_classifier(directory: str) -> None:
+    """A random 2-label ViT ("safe", "nsfw") saved like a hub model: stands in for NSFW/watermark weights."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, id2label={0: "safe", 1: "nsfw"}, label2id={"safe": 0, "nsfw": 1})
+    ViTForImageClassification(config).save_pretrained(directory)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
+
+
+def test_image_classifier_scorer_filters_by_threshold(raw_shards, filtered_shards, tmp_path):
+    pytest.importorskip("torch")
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    weights = str(tmp_path / "nsfw")
+    _tiny_classifier(weights)
+    kept = {r["key"]: Image.open(io.BytesIO(r["png"])).convert("RGB") for r in _kept(filtered_shards)}
+    # The probabilities straight from the model, in one batch.
+    processor = AutoImageProcessor.from_pretrained(weights)
+    model = AutoModelForImageClassification.from_pretrained(weights).eval()
+    with torch.inference_mode():
+        logits = model(**processor(images=list(kept.values()), return_tensors="pt")).logits
+    probs = dict(zip(kept, logits.softmax(-1)[:, 1].tolist(), strict=True))
+    ordered = sorted(probs.values())
+    threshold = (ordered[59] + ordered[60]) / 2  # between two scores: no ties with batched float noise
+    config = FilterConfig(scorers={"image_classifier": {"weights": weights, "label": "nsfw", "max": threshold}})
+    manifest = filter_shards(raw_shards, str(tmp_path / "out"), config, samples_per_shard=50)
+    assert "score:image_classifier" in manifest["filters"]
+    out = _kept(str(tmp_path / "out"))
+    assert {r["key"] for r in out} == {k for k, p in probs.items() if p <= threshold}
+    assert manifest["kept"] == 60
+    for r in out:
+        assert r["meta"]["scores"]["image_classifier"] == pytest.approx(probs[r["key"]], abs=1e-4)
+    assert manifest["rejects"]["filter"]["image_classifier_score_too_high"] >= 60
+    with pytest.raises(ValueError, match="label 'porn' is not one of"):
+        filter_registry.build_scorers(FilterConfig(scorers={"image_classifier": {"weights": weights, "label": "porn"}}))

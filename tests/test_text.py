@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from imagen.text import T5TextEncoder, TextEncoder, make_text_encoder
+from imagen.text import T5TextEncoder, TextEncoder, make_text_encoder, same_encoder
 from pipeline.tinymodels import build_tiny_t5
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -136,3 +136,32 @@ def test_encoder_id_tracks_weights_not_location(tmp_path, t5_dir):
 def test_registry_builds_t5(t5_dir):
     assert isinstance(make_text_encoder(f"t5:{t5_dir}"), T5TextEncoder)
     assert make_text_encoder(t5_dir, max_length=8).max_length == 8
+
+
+def test_encode_ids_is_encode_without_retokenizing(encoder):
+    ids = encoder.token_ids(CAPTIONS)
+    assert [len(x) for x in ids] == encoder.token_lengths(CAPTIONS)
+    assert all(x[-1] == 1 for x in ids)  # </s>
+    hidden, mask = encoder.encode_ids(ids)
+    emb, mask_text = encoder.encode(CAPTIONS)
+    assert torch.equal(mask, mask_text) and mask.sum(1).tolist() == [len(x) for x in ids]
+    torch.testing.assert_close(hidden[mask], emb[mask_text], rtol=0, atol=0)
+    for bad in ([], [[1], []]):
+        with pytest.raises(ValueError, match="at least one caption"):
+            encoder.encode_ids(bad)
+
+
+def test_same_encoder_compares_weights_hash_or_full_hub_id():
+    assert same_encoder("tiny-t5@sha256:abc", "copied-t5@sha256:abc")
+    assert not same_encoder("tiny-t5@sha256:abc", "tiny-t5@sha256:abd")
+    assert same_encoder("google/t5-v1_1-xxl@main", "google/t5-v1_1-xxl@main")
+    assert not same_encoder("google/t5-v1_1-xxl@main", "google/t5-v1_1-xl@main")
+    assert not same_encoder("google/t5-v1_1-xxl@main", None) and same_encoder(None, None)
+
+
+def test_tiny_t5_feed_forward_width(tmp_path):
+    from transformers import T5Config
+
+    path = build_tiny_t5(str(tmp_path / "ff"), d_model=16, num_layers=1, d_ff=48)
+    config = T5Config.from_pretrained(path)
+    assert (config.d_model, config.d_ff, config.num_layers) == (16, 48, 1)

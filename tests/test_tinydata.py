@@ -118,3 +118,19 @@ def test_server_refuses_non_loopback_hosts(tmp_path, host):
 def test_make_refuses_images_below_base_resolution(tmp_path):
     with pytest.raises(ValueError, match="64"):
         make_tiny_dataset(str(tmp_path), n=2, image_size=32)
+
+
+def test_good_images_are_not_near_duplicates(tmp_path):
+    """The filter step's near-duplicate check (at the 64 px the base stage stores) keeps every good image."""
+    from pipeline.dedup import find_duplicates, image_signature
+
+    info = make_tiny_dataset(str(tmp_path), n=240, seed=0, port=8123)  # the CLI's default size
+    rows = [r for r in pq.read_table(info["urls"]).to_pylist() if r["kind"] == "ok"]
+    sigs = []
+    for r in rows:
+        img = Image.open(os.path.join(info["images"], r["url"].rsplit("/", 1)[1])).convert("RGB")
+        img = img.resize((64, 64), Image.Resampling.BOX)
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        sigs.append((r["url"], *image_signature(buf.getvalue(), img)))
+    assert len(sigs) == 240 and list(find_duplicates(sigs)) == []

@@ -117,6 +117,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     def grads(ckpt):
         model.zero_grad()
         model.gradient_checkpointing = ckpt
+        assert all(level.checkpointing == ckpt for level in [*model.down, model.mid, *model.up])
         model(*args).pow(2).mean().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 

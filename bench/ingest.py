@@ -1,0 +1,132 @@
+"""Benchmark: our download + filter versus plain img2dataset on the same loopback data, same run.
+
+Renders N_IMAGES distinct synthetic 256 px JPEGs (random gradients and shapes, like small web
+photos), serves them on 127.0.0.1 (pipeline.tinydata's server), then alternates, ROUNDS times:
+
+- plain:  the ``img2dataset`` CLI with the settings our download uses (webdataset, 64 px center
+          crop, PNG level 3, sha256, the same processes/threads/opt-out directives);
+- ours:   ``pipeline.download.download`` (fetch guard, pre-screen, summary) followed by
+          ``pipeline.filters.filter_shards`` (all filters, exact + near dedup, resharding).
+
+Each side's best round is compared (the machine is shared; the best round is the least
+disturbed). ``overhead_vs_img2dataset`` = ours / plain - 1 (target < 0.15).
+``filter_samples_per_s_per_core`` = samples read by the filter step / its seconds, with one worker.
+
+    .venv/bin/python bench/ingest.py          # about 2-3 minutes on 2 cores; last line is JSON
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+N_IMAGES = 2000
+ROUNDS = 2
+PROCESSES, THREADS, PER_SHARD = 2, 16, 500
+
+
+def _plain_img2dataset(urls: str, output: str) -> float:
+    from pipeline.download import DEFAULT_QUALITY, OPT_OUT_DIRECTIVES
+
+    args = {"url_list": urls, "output_folder": output, "input_format": "parquet", "url_col": "url",
+            "caption_col": "caption", "output_format": "webdataset", "image_size": 64,
+            "resize_mode": "center_crop", "encode_format": "png", "encode_quality": DEFAULT_QUALITY["png"],
+            "processes_count": PROCESSES, "thread_count": THREADS, "number_sample_per_shard": PER_SHARD,
+            "timeout": 10, "retries": 0, "compute_hash": "sha256", "enable_wandb": False,
+            "user_agent_token": "img2dataset", "disallowed_header_directives": list(OPT_OUT_DIRECTIVES)}
+    cmd = [os.path.join(os.path.dirname(sys.executable), "img2dataset")]
+    cmd += [f"--{k}={v!r}" if isinstance(v, str | list) else f"--{k}={v}" for k, v in args.items()]
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def _ours(urls: str, root: str) -> tuple[float, float, int]:
+    """(download + filter seconds, filter seconds, samples the filter read)."""
+    import contextlib
+    import io
+
+    from pipeline.download import download
+    from pipeline.filters import filter_shards
+
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        summary = download(urls, os.path.join(root, "raw"), allow_private_networks=True, processes=PROCESSES,
+                           threads=THREADS, number_sample_per_shard=PER_SHARD, timeout=10, retries=0)
+        middle = time.perf_counter()
+        manifest = filter_shards(os.path.join(root, "raw"), os.path.join(root, "filtered"),
+                                 samples_per_shard=1000, workers=1)
+    end = time.perf_counter()
+    if manifest["kept"] < N_IMAGES * 0.99:
+        raise RuntimeError(f"only {manifest['kept']} of {N_IMAGES} images kept: the benchmark data is broken")
+    return end - start, end - middle, summary["successes"]
+
+
+def _render(site: str, port: int) -> str:
+    """Write N_IMAGES random JPEGs under site/images and their URL list; returns its path."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(0)
+    os.makedirs(os.path.join(site, "images"))
+    urls, captions = [], []
+    for i in range(N_IMAGES):
+        a, b = (tuple(rng.randrange(256) for _ in range(3)) for _ in range(2))
+        img = Image.linear_gradient("L").resize((256, 256)).convert("RGB")
+        img = Image.composite(Image.new("RGB", img.size, a), Image.new("RGB", img.size, b), img.convert("L"))
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.randint(3, 6)):
+            x, y, w = rng.randrange(200), rng.randrange(200), rng.randint(20, 120)
+            fill = tuple(rng.randrange(256) for _ in range(3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x, y, x + w, y + w), fill=fill)
+        img.save(os.path.join(site, "images", f"{i:05d}.jpg"), "JPEG", quality=90)
+        urls.append(f"http://127.0.0.1:{port}/images/{i:05d}.jpg")
+        captions.append(f"synthetic picture number {i} with a few coloured shapes")
+    path = os.path.join(site, "urls.parquet")
+    pq.write_table(pa.table({"url": urls, "caption": captions}), path)
+    return path
+
+
+def main() -> None:
+    from pipeline.tinydata import serve
+
+    work = tempfile.mkdtemp(prefix="bench-ingest-")
+    try:
+        site = os.path.join(work, "site")
+        os.makedirs(site)
+        server = serve(site, 0)
+        t0 = time.perf_counter()
+        urls = _render(site, server.server_address[1])
+        print(f"rendered {N_IMAGES} 256 px JPEGs in {time.perf_counter() - t0:.1f} s", flush=True)
+        plain, ours, filt = [], [], []
+        for r in range(ROUNDS):
+            plain.append(_plain_img2dataset(urls, os.path.join(work, f"plain{r}")))
+            total, filter_s, read = _ours(urls, os.path.join(work, f"ours{r}"))
+            ours.append(total)
+            filt.append(read / filter_s)
+            print(f"round {r}: plain img2dataset {plain[-1]:.1f} s, ours {total:.1f} s "
+                  f"(filter {filter_s:.1f} s, {read / filter_s:.0f} samples/s)", flush=True)
+            shutil.rmtree(os.path.join(work, f"plain{r}"))
+            shutil.rmtree(os.path.join(work, f"ours{r}"))
+        server.shutdown()
+        server.server_close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rows = N_IMAGES
+    print(f"plain img2dataset: {rows / min(plain):.0f} rows/s; ours (download + filter): {rows / min(ours):.0f} rows/s")
+    print(json.dumps({"overhead_vs_img2dataset": round(min(ours) / min(plain) - 1, 4),
+                      "filter_samples_per_s_per_core": round(max(filt), 1)}))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()
