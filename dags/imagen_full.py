@@ -1,43 +1,42 @@
-"""imagen_full: URL list -> registered text-to-image model, the whole pipeline in one DAG.
+"""imagen_full: URL list -> registered text-to-image cascade, the whole pipeline in one DAG.
 
     airflow dags trigger imagen_full --conf '{"root": "/data/imagen", "url_list": "/data/urls.parquet"}'
     airflow dags test imagen_full -c '{"root": "/tmp/run", "url_list": "/tmp/tiny/urls.parquet",
-                                        "encoder": "/tmp/tiny/t5-tiny", "allow_private_networks": true}'
+        "encoder": "/tmp/tiny/t5-tiny", "allow_private_networks": true, "max_steps": 20}'
 
-Tasks are thin: each makes one call into ``pipeline/`` and passes paths (URIs) and small
-summaries through XCom. Heavy imports happen inside the tasks, so parsing stays fast.
-Training runs as a subprocess (``python -m pipeline.train`` or torchrun), like on a cluster.
+download -> filter_shards -> plan_embed -> embed (mapped over batches of shards) ->
+train_base64 | train_sr256 | train_sr1024 (in parallel, `gpu` pool) -> evaluate ->
+register_<stage> for each stage + register_cascade.
+
+Tasks are thin: one call into ``pipeline/`` each, only paths and small summaries through XCom,
+heavy imports inside the tasks. Every step is idempotent: a retry or a second run with the same
+conf skips finished shards, reuses a finished training run (same settings -> same checkpoint
+directory) and registers nothing new. The per-phase DAGs (imagen_data, imagen_embed,
+imagen_train_stage) rerun one phase.
 """
 
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
-from airflow.sdk import Param, dag, task
-
-DEFAULT_ROOT = os.environ.get("IMAGEN_DATA_ROOT", "/tmp/imagen-data")
-
-PARAMS = {
-    "root": Param(DEFAULT_ROOT, type="string", minLength=1,
-                  description="Data root URI: raw/, filtered/, embeddings/, checkpoints/ go under it"),
-    "url_list": Param("", type="string", description="Parquet/CSV/TSV/JSONL with url and caption columns"),
-    "encoder": Param("google/t5-v1_1-xxl", type="string", description="T5 hub name or local directory"),
-    "stage": Param("base64", enum=["base64", "sr256", "sr1024"], description="Cascade stage to train"),
-    "preset": Param("tiny", enum=["tiny", "base64", "sr256", "sr1024"], description="Model preset"),
-    "max_steps": Param(60, type="integer", minimum=1, description="Training steps"),
-    "nproc_per_node": Param(1, type="integer", minimum=1, description="Training processes (GPUs)"),
-    "image_size": Param(64, type="integer", minimum=8, description="Download resize (base stage: 64)"),
-    "allow_private_networks": Param(False, type="boolean",
-                                    description="Let the downloader fetch private/loopback addresses"),
-    "model_name": Param("imagen-base64", type="string", description="Registered model name"),
-}
-
-DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True}
+from airflow.sdk import dag, task
+from imagen_common import (
+    CASCADE,
+    DEFAULT_ARGS,
+    GPU_POOL,
+    MODELS,
+    STAGES,
+    cascade_chain,
+    embed_batches,
+    evaluate_once,
+    full_params,
+    one_output,
+    register_once,
+)
 
 
-@dag(dag_id="imagen_full", schedule=None, catchup=False, params=PARAMS, default_args=DEFAULT_ARGS,
-     tags=["imagen"], doc_md=__doc__)
+@dag(dag_id="imagen_full", schedule=None, catchup=False, params=full_params(),
+     default_args=DEFAULT_ARGS, tags=["imagen"], doc_md=__doc__, max_active_runs=1)
 def imagen_full():
     @task
     def download(params=None) -> str:
@@ -56,33 +55,76 @@ def imagen_full():
         from pipeline.filters import format_reject_table
 
         out = os.path.join(params["root"], "filtered")
-        print(format_reject_table(run_filter(raw, out)))
+        print(format_reject_table(run_filter(raw, out, samples_per_shard=params["filtered_shard_size"])))
         return out
 
     @task
-    def embed(filtered: str, params=None) -> str:
+    def plan_embed(filtered: str, params=None) -> list[list[str]]:
+        from airflow.configuration import conf
+
+        return embed_batches(filtered, params["embed_shards_per_task"], conf.getint("core", "max_map_length"))
+
+    @task(map_index_template="{{ shard_batch }}")
+    def embed(filtered: str, shards: list[str], params=None) -> dict:
+        from airflow.sdk import get_current_context
+
         from pipeline.embed import embed_shards
 
-        return embed_shards(filtered, os.path.join(params["root"], "embeddings"), params["encoder"])["output"]
+        get_current_context()["shard_batch"] = f"{shards[0]}..{shards[-1]}"  # the map label in the UI
+        return embed_shards(filtered, os.path.join(params["root"], "embeddings"), params["encoder"],
+                            shards=shards)
 
-    @task
-    def train(filtered: str, embeddings: str, params=None, run_id=None) -> dict:
-        from pipeline.launch import train_subprocess
+    @task(pool=GPU_POOL)
+    def train(stage: str, filtered: str, embedded: list[dict], params=None) -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
 
-        ckpt = os.path.join(params["root"], "checkpoints", params["stage"], run_id.replace(":", "_"))
-        args = ["--stage", params["stage"], "--preset", params["preset"], "--data", filtered,
-                "--embeddings", embeddings, "--max-steps", str(params["max_steps"]),
-                "--checkpoint-dir", ckpt, "--resume", "latest"]
-        return train_subprocess(args, params["nproc_per_node"])
+        from pipeline.launch import run_stage
 
-    @task
-    def register(trained: dict, params=None) -> dict:
-        from pipeline.registry import register as run_register
+        if stage not in params["stages"]:
+            raise AirflowSkipException(f"{stage} is not in the stages param {params['stages']}")
+        return run_stage(root=params["root"], stage=stage, preset=params["presets"].get(stage, "tiny"),
+                         data=filtered, embeddings=one_output(embedded), max_steps=params["max_steps"],
+                         launcher=params["launcher"], launcher_options=params["launcher_options"],
+                         nodes=params["nodes"], procs_per_node=params["gpus_per_node"],
+                         run_tag=params["run_tag"])
 
-        return run_register([trained["checkpoint"]], params["model_name"], run_id=trained["run_id"])
+    @task(trigger_rule="none_failed")
+    def evaluate(trained: list[dict | None], params=None) -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        if not params["attributes"] or not trained[0]:
+            raise AirflowSkipException("no attributes param (or no base64 stage): nothing to evaluate")
+        return evaluate_once(trained[0], params["attributes"])
+
+    @task(trigger_rule="none_failed")
+    def register(stage: str, trained: dict | None, params=None, outlet_events=None) -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        if not trained:
+            raise AirflowSkipException(f"{stage} was not trained in this run")
+        result = register_once([trained["checkpoint"]], f"{params['model_prefix']}-{stage}", trained["run_id"])
+        outlet_events[MODELS[stage]].extra = {"uri": result["uri"], "version": result["version"]}
+        return result
+
+    @task(trigger_rule="none_failed", outlets=[CASCADE])
+    def register_cascade(trained: list[dict | None], params=None, outlet_events=None) -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        # A cascade is a base stage followed by SR stages, in order; skipped stages drop out.
+        if not trained[0]:
+            raise AirflowSkipException("the cascade needs the base64 stage")
+        ckpts, left_out = cascade_chain([t["checkpoint"] for t in trained if t])
+        result = register_once(ckpts, f"{params['model_prefix']}-cascade")
+        outlet_events[CASCADE].extra = {"uri": result["uri"], "version": result["version"]}
+        return {**result, "left_out": left_out}
 
     filtered = filter_shards(download())
-    register(train(filtered, embed(filtered)))
+    embedded = embed.partial(filtered=filtered).expand(shards=plan_embed(filtered))
+    trained = [train.override(task_id=f"train_{s}")(s, filtered, embedded) for s in STAGES]
+    evaluated = evaluate(trained)
+    for stage, result in zip(STAGES, trained, strict=True):
+        evaluated >> register.override(task_id=f"register_{stage}", outlets=[MODELS[stage]])(stage, result)
+    evaluated >> register_cascade(trained)
 
 
 imagen_full()

@@ -1,12 +1,15 @@
 """End-to-end smoke test on the embedded default: tiny data -> `airflow dags test imagen_full`
--> MLflow registry -> `imagen-pipeline sample`. Everything local, loopback only.
+(every stage, the tiny presets) -> MLflow registry -> `imagen-pipeline sample`. Everything
+local, loopback only.
 
-    make smoke-test                       # or: python infra/smoke_test.py [--workdir DIR] [--keep]
+    make smoke-test                       # or: python infra/smoke_test.py [--workdir DIR] [--no-rerun]
 
 It renders the tiny dataset and serves it on 127.0.0.1, starts a real `mlflow server`
 (SQLite backend, local artifacts) on 127.0.0.1, migrates a temporary Airflow metadata DB
-(SQLite), runs the DAG in process with `airflow dags test`, checks that the registry has the
-model under its alias, samples a PNG from it, and stops every process it started.
+(SQLite) with a `gpu` pool, runs the DAG in process with `airflow dags test`, checks that the
+registry has every stage and the cascade under their alias and samples a PNG from the base
+model, then runs the DAG again with the same conf and checks that it reused everything
+(no new shard, checkpoint or model version), and stops every process it started.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +29,9 @@ from pipeline.services import background, free_port, mlflow_server, wait_http
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-MODEL_NAME = "imagen-base64"
+PREFIX = "imagen"
+MODEL_NAME = f"{PREFIX}-base64"
+STAGES = ("base64", "sr256", "sr1024")
 
 
 def step(msg: str) -> None:
@@ -37,10 +43,57 @@ def run(cmd: list[str], env: dict[str, str]) -> None:
     subprocess.run(cmd, env=env, check=True)
 
 
+def check_png(path: str) -> None:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.format != "PNG" or min(im.size) < 8:
+            raise RuntimeError(f"{path} is not a sampled PNG ({im.format}, {im.size})")
+    print(f"sampled {path} ({im.size[0]}x{im.size[1]})")
+
+
+def registered_versions(client) -> dict[str, list[str]]:
+    """{model name: [versions]} of every stage and the cascade; fails if one is missing."""
+    names = [f"{PREFIX}-{s}" for s in STAGES] + [f"{PREFIX}-cascade"]
+    found = {n: sorted(v.version for v in client.search_model_versions(f"name='{n}'")) for n in names}
+    missing = [n for n, v in found.items() if not v]
+    if missing:
+        raise RuntimeError(f"not registered: {missing}; see the register_* task logs above")
+    for n in names:
+        client.get_model_version_by_alias(n, "challenger")
+    return found
+
+
+def snapshot(root: str) -> dict[str, float]:
+    """{relative path: mtime} of the outputs: raw shards and their stats, filtered shards,
+    embeddings, checkpoints (not the download's bookkeeping of the URL list)."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            rel = os.path.relpath(os.path.join(d, f), root)
+            top = rel.split(os.sep)[0]
+            if top in ("filtered", "embeddings", "checkpoints") or (
+                    top == "raw" and re.fullmatch(r"\d+(\.tar|\.parquet|_stats\.json)", f)):
+                out[rel] = os.path.getmtime(os.path.join(root, rel))
+    return out
+
+
+def check_reused(before: dict[str, float], after: dict[str, float], versions: dict, versions_after: dict
+                 ) -> None:
+    """A rerun with the same conf rewrites no shard, embedding or checkpoint and registers nothing."""
+    new = sorted(set(after) - set(before))
+    changed = sorted(p for p in before if p in after and after[p] != before[p])
+    if new or changed or versions_after != versions:
+        raise RuntimeError(f"the second run was not a no-op: new files {new[:10]}, rewritten {changed[:10]}, "
+                           f"model versions {versions} -> {versions_after}")
+    print(f"reused: {len(before)} files untouched, model versions unchanged {versions_after}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", help="where outputs go (default: a new temp dir)")
-    p.add_argument("--max-steps", type=int, default=60, help="training steps (default 60)")
+    p.add_argument("--max-steps", type=int, default=20, help="training steps per stage (default 20)")
+    p.add_argument("--no-rerun", action="store_true", help="skip the second run that checks reuse")
     args = p.parse_args()
     work = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="imagen-smoke-"))
     os.makedirs(work, exist_ok=True)
@@ -73,12 +126,15 @@ def main() -> int:
         step(f"mlflow server on {tracking}")
         stack.enter_context(mlflow_server(work, mlflow_port))
 
-        step("airflow db migrate (SQLite)")
+        step("airflow db migrate (SQLite) + the gpu pool")
         run([os.path.join(BIN, "airflow"), "db", "migrate"], env)
+        run([os.path.join(BIN, "airflow"), "pools", "set", "gpu", "3", "training tasks"], env)
 
+        # Small shards and embed batches, so the mapped embed task runs more than once.
         conf = {"root": root, "url_list": os.path.join(tiny, "urls.parquet"),
                 "encoder": os.path.join(tiny, "t5-tiny"), "allow_private_networks": True,
-                "max_steps": args.max_steps, "model_name": MODEL_NAME}
+                "max_steps": args.max_steps, "model_prefix": PREFIX, "filtered_shard_size": 50,
+                "embed_shards_per_task": 2, "attributes": os.path.join(tiny, "attributes.json")}
         step("airflow dags test imagen_full")
         run([os.path.join(BIN, "airflow"), "dags", "test", "imagen_full", "-c", json.dumps(conf)], env)
 
@@ -86,22 +142,31 @@ def main() -> int:
         import mlflow
 
         mlflow.set_tracking_uri(tracking)
+        versions = registered_versions(mlflow.MlflowClient())
         mv = mlflow.MlflowClient().get_model_version_by_alias(MODEL_NAME, "challenger")
-        print(f"registered: {MODEL_NAME} version {mv.version} (alias challenger)")
+        print(f"registered: {versions}")
 
-        step("sample from the registry")
-        png = os.path.join(work, "sample.png")
-        run([os.path.join(BIN, "imagen-pipeline"), "sample", "a red circle on a white background",
-             "--model", f"models:/{MODEL_NAME}@challenger", "--output", png], env)
-        with open(png, "rb") as f:
-            if f.read(8) != b"\x89PNG\r\n\x1a\n":
-                raise RuntimeError(f"{png} is not a PNG")
+        if not args.no_rerun:
+            step("airflow dags test imagen_full again, same conf: everything is reused")
+            before = snapshot(root)
+            run([os.path.join(BIN, "airflow"), "dags", "test", "imagen_full", "-c", json.dumps(conf)], env)
+            check_reused(before, snapshot(root), versions, registered_versions(mlflow.MlflowClient()))
+
+        step("sample from the registry: the base model and the cascade")
+        pngs = {MODEL_NAME: os.path.join(work, "sample.png"),
+                f"{PREFIX}-cascade": os.path.join(work, "sample-cascade.png")}
+        for model in pngs:
+            run([os.path.join(BIN, "imagen-pipeline"), "sample", "a red circle on a white background",
+                 "--model", f"models:/{model}@challenger", "--output", pngs[model], "--steps", "16"], env)
+            check_png(pngs[model])
+        png = pngs[MODEL_NAME]
 
     elapsed = time.monotonic() - t_start
     print(f"""
 Smoke test passed in {elapsed:.0f}s.
-  registered model : models:/{MODEL_NAME}@challenger (version {mv.version})
-  sample image     : {png}
+  registered models: models:/{PREFIX}-<base64|sr256|sr1024|cascade>@challenger
+                     (base64 version {mv.version})
+  sample images    : {png} and {pngs[PREFIX + "-cascade"]}
   data root        : {root}   (raw/, filtered/, embeddings/, checkpoints/)
   airflow home     : {env['AIRFLOW_HOME']}
   mlflow store     : sqlite:///{work}/mlflow.db, artifacts {work}/mlartifacts

@@ -54,30 +54,48 @@ def _tiny_data(a: argparse.Namespace) -> Any:
 def _download(a: argparse.Namespace) -> Any:
     from pipeline.download import download
 
-    return download(a.url_list, a.output, image_size=a.image_size, resize_mode=a.resize_mode,
-                    url_col=a.url_col, caption_col=a.caption_col, processes=a.processes,
-                    threads=a.threads, timeout=a.timeout, retries=a.retries,
-                    number_sample_per_shard=a.samples_per_shard,
-                    allow_private_networks=a.allow_private_networks)
+    overrides = {k: getattr(a, k) for k in ("image_size", "resize_mode", "input_format", "max_pixels", "max_bytes")
+                 if getattr(a, k)}
+    return download(a.url_list, a.output, stage=a.stage, url_col=a.url_col, caption_col=a.caption_col or None,
+                    processes=a.processes, threads=a.threads, timeout=a.timeout, retries=a.retries,
+                    number_sample_per_shard=a.samples_per_shard, encode_format=a.encode_format,
+                    save_additional_columns=a.extra_columns, allow_private_networks=a.allow_private_networks,
+                    allow_hosts=tuple(a.allow_host or ()), **overrides)
 
 
 @verb("filter")
 def _filter(a: argparse.Namespace) -> Any:
     from pipeline.filters import FilterConfig, filter_shards, format_reject_table
 
+    scorers = {}
+    for spec in a.scorer or []:
+        name, _, options = spec.partition("=")
+        try:
+            scorers[name] = json.loads(options or "{}")
+        except ValueError as e:
+            raise ValueError(f"--scorer {spec!r}: expected NAME='{{\"weights\": DIR, \"min\": X}}' ({e})") from e
     cfg = FilterConfig(min_caption_chars=a.min_caption_chars, max_caption_chars=a.max_caption_chars,
-                       min_side=a.min_side, max_aspect=a.max_aspect)
-    manifest = filter_shards(a.input, a.output, cfg, samples_per_shard=a.samples_per_shard)
+                       languages=tuple(x for x in (a.languages or "").split(",") if x),
+                       min_language_confidence=a.min_language_confidence, min_side=a.min_side,
+                       max_aspect=a.max_aspect, max_pixels=a.max_pixels, dedup=not a.no_dedup,
+                       near_dedup=not a.no_near_dedup, near_dup_distance=a.near_dup_distance, scorers=scorers)
+    manifest = filter_shards(a.input, a.output, cfg, samples_per_shard=a.samples_per_shard, workers=a.workers)
     print(format_reject_table(manifest))
-    return {k: manifest[k] for k in manifest if k not in ("shards",)}
+    return {k: manifest[k] for k in manifest if k not in ("shards", "input_fingerprint")}
 
 
 @verb("embed")
 def _embed(a: argparse.Namespace) -> Any:
-    from pipeline.embed import embed_shards
+    from pipeline.embed import embed_shards, split_shards
 
+    shards = a.shards
+    if a.num_workers > 1:  # this worker's disjoint slice (one per GPU, machine or task)
+        if not 0 <= a.worker < a.num_workers:
+            raise ValueError(f"--worker {a.worker} is not in [0, --num-workers {a.num_workers})")
+        shards = split_shards(a.input, a.num_workers)[a.worker]
     return embed_shards(a.input, a.output, a.encoder, max_length=a.max_length,
-                        batch_size=a.batch_size, device=a.device, dtype=a.dtype)
+                        batch_size=a.batch_size, max_batch_tokens=a.max_batch_tokens,
+                        shards=shards, device=a.device, dtype=a.dtype)
 
 
 @verb("train")
@@ -91,26 +109,52 @@ def _train(a: argparse.Namespace) -> Any:
 
 @verb("evaluate")
 def _evaluate(a: argparse.Namespace) -> Any:
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluate import EvalOptions, evaluate
+    from pipeline.registry import mlflow_errors_in_one_line
 
-    return evaluate(a.checkpoint, attributes=a.attributes, output=a.output, seed=a.seed,
-                    tracking_uri=a.tracking_uri, run_id=a.run_id, steps=a.steps)
+    prompts = None
+    if a.prompts_file:
+        with open(a.prompts_file) as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    opts = EvalOptions(attributes=a.attributes, prompts=prompts, references=a.references,
+                       num_references=a.num_references, fid_weights=a.fid_weights,
+                       clip_model=a.clip_model, encoder=a.encoder, seed=a.seed, steps=a.steps,
+                       guidance_scale=a.guidance_scale, output=a.output,
+                       tracking_uri=a.tracking_uri, run_id=a.run_id)
+    with mlflow_errors_in_one_line():
+        return evaluate(a.checkpoint, opts)
 
 
 @verb("register")
 def _register(a: argparse.Namespace) -> Any:
-    from pipeline.registry import register
+    from pipeline.registry import mlflow_errors_in_one_line, promote, register
 
-    return register(a.checkpoint, a.name, alias=a.alias, tracking_uri=a.tracking_uri, run_id=a.run_id)
+    tags = dict(t.split("=", 1) for t in a.tag or [] if "=" in t)
+    with mlflow_errors_in_one_line():
+        if not a.checkpoint:
+            if not (a.name and a.promote):
+                raise ValueError("give --checkpoint to register, or --name NAME --promote to move "
+                                 "champion to the current challenger")
+            return promote(a.name, version=a.version, tracking_uri=a.tracking_uri)
+        return register(a.checkpoint, a.name, alias=a.alias, tracking_uri=a.tracking_uri,
+                        run_id=a.run_id, tags=tags, encoder=a.encoder, promote=a.promote,
+                        promote_on=a.promote_on)
 
 
 @verb("sample")
 def _sample(a: argparse.Namespace) -> Any:
-    from pipeline.registry import sample_images
+    from pipeline.registry import mlflow_errors_in_one_line, sample_images
 
-    paths = sample_images(a.prompts, a.model, a.output, seed=a.seed, steps=a.steps,
-                          guidance_scale=a.guidance_scale, tracking_uri=a.tracking_uri)
-    return {"images": paths}
+    params = {"stages": a.stages, "sampler": a.sampler}
+    for flag, scalar, per_stage in ((a.steps, "steps", "stage_steps"),
+                                    (a.guidance_scale, "guidance_scale", "stage_guidance")):
+        if flag and len(flag) == 1:
+            params[scalar] = flag[0]
+        elif flag:
+            params[per_stage] = flag
+    with mlflow_errors_in_one_line():
+        return sample_images(a.prompts, a.model, a.output, seeds=a.seed, tracking_uri=a.tracking_uri,
+                             images=a.image, progress=not a.no_progress, **params)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,37 +171,65 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--serve", action="store_true", help="then serve the directory on 127.0.0.1:PORT")
     s.add_argument("--no-encoder", action="store_true", help="skip building the tiny T5 encoder")
 
-    s = sub.add_parser("download", help="img2dataset: URL list -> raw WebDataset shards")
-    s.add_argument("--url-list", required=True, help="parquet/csv/tsv/jsonl with url and caption columns")
+    s = sub.add_parser("download", help="img2dataset through the fetch guard: URL list -> raw WebDataset shards")
+    s.add_argument("--url-list", required=True, help="parquet/csv/tsv/jsonl file or folder (any fsspec URI)")
     s.add_argument("--output", required=True, help="raw shards directory (ROOT/raw)")
-    s.add_argument("--image-size", type=int, default=64)
-    s.add_argument("--resize-mode", default="center_crop",
-                   help="img2dataset resize mode: center_crop (base), keep_ratio or no (SR stages)")
+    s.add_argument("--input-format", choices=["parquet", "csv", "tsv", "jsonl", "json", "txt"],
+                   help="default: from the file extension")
+    s.add_argument("--stage", default="base64", choices=["base64", "sr256", "sr1024"],
+                   help="resize preset: base64 = 64 px center crops; sr256/sr1024 = keep ratio, never upscaled")
+    s.add_argument("--image-size", type=int, help="override the stage's size")
+    s.add_argument("--resize-mode", choices=["center_crop", "keep_ratio", "keep_ratio_largest", "no"],
+                   help="override the stage's resize mode ('border' is never offered)")
     s.add_argument("--url-col", default="url")
-    s.add_argument("--caption-col", default="caption")
+    s.add_argument("--caption-col", default="caption", help="empty for a list without captions")
+    s.add_argument("--extra-columns", nargs="*", help="URL-list columns to copy into each sample's json")
     s.add_argument("--processes", type=int, default=1)
     s.add_argument("--threads", type=int, default=16)
-    s.add_argument("--timeout", type=int, default=10, help="seconds per request")
+    s.add_argument("--timeout", type=float, default=10, help="seconds per request, body included")
     s.add_argument("--retries", type=int, default=1)
     s.add_argument("--samples-per-shard", type=int, default=10000)
+    s.add_argument("--encode-format", default="png", choices=["png", "jpg", "webp"])
+    s.add_argument("--max-pixels", type=int, help="refuse images declaring more pixels (default 64e6)")
+    s.add_argument("--max-bytes", type=int, help="refuse responses larger than this (default 32 MiB)")
     s.add_argument("--allow-private-networks", action="store_true",
                    help="fetch private/loopback/link-local addresses (refused by default)")
+    s.add_argument("--allow-host", action="append", metavar="HOST:PORT",
+                   help="exempt exactly this host:port from the private-address check (repeatable)")
 
-    s = sub.add_parser("filter", help="caption/size/aspect/dedup filters -> filtered shards + report")
+    s = sub.add_parser("filter", help="caption/language/size/decode/dedup filters -> even shards + reject table")
     s.add_argument("--input", required=True, help="raw shards directory")
     s.add_argument("--output", required=True, help="filtered shards directory (ROOT/filtered)")
     s.add_argument("--min-caption-chars", type=int, default=3)
     s.add_argument("--max-caption-chars", type=int, default=512)
+    s.add_argument("--languages", help="comma-separated ISO 639-1 codes to keep, e.g. en,de "
+                                       "(needs py3langid; skipped with a warning without it)")
+    s.add_argument("--min-language-confidence", type=float, default=0.5,
+                   help="reject a caption only when another language is detected at least this surely")
     s.add_argument("--min-side", type=int, default=64, help="reject images smaller than this")
     s.add_argument("--max-aspect", type=float, default=2.0)
+    s.add_argument("--max-pixels", type=int, default=64_000_000)
+    s.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
+    s.add_argument("--no-near-dedup", action="store_true", help="keep perceptual near duplicates")
+    s.add_argument("--near-dup-distance", type=int, default=6, help="max pHash Hamming distance")
+    s.add_argument("--scorer", action="append", metavar="NAME=JSON",
+                   help='model-based score filter, e.g. image_classifier=\'{"weights": "DIR", "label": "nsfw", '
+                        '"max": 0.5}\'; runs only with weights')
     s.add_argument("--samples-per-shard", type=int, default=1000)
+    s.add_argument("--workers", type=int, default=1, help="processes for the per-shard pass")
 
     s = sub.add_parser("embed", help="frozen T5 over captions -> one Parquet per shard")
     s.add_argument("--input", required=True, help="filtered shards directory")
     s.add_argument("--output", required=True, help="embeddings root (ROOT/embeddings)")
     s.add_argument("--encoder", default="google/t5-v1_1-xxl", help="hub name or local directory")
     s.add_argument("--max-length", type=int, default=128, help="max tokens (Imagen: 128)")
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--batch-size", type=int, default=256, help="most captions per forward pass")
+    s.add_argument("--max-batch-tokens", type=int, default=16384,
+                   help="most padded tokens per forward pass; halves on out-of-memory")
+    s.add_argument("--shards", nargs="+", help="only these shards (000003 or 000003.tar)")
+    s.add_argument("--num-workers", type=int, default=1,
+                   help="split the shards this many ways (disjoint, balanced by samples)")
+    s.add_argument("--worker", type=int, default=0, help="which split this process embeds")
     s.add_argument("--device", help="cpu, cuda ... (default: GPU if any)")
     s.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
 
@@ -167,30 +239,52 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(s)
     s.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) via torchrun")
 
-    s = sub.add_parser("evaluate", help="sample grid + prompt-alignment metrics for a stage")
-    s.add_argument("--checkpoint", required=True, help="stage weights directory (.../final)")
-    s.add_argument("--attributes", help="tiny dataset attributes.json for the alignment checker")
-    s.add_argument("--output", help="where to write the grid (default: CHECKPOINT/../eval)")
+    s = sub.add_parser("evaluate", help="sample grids, speed and metrics for a stage or the cascade")
+    s.add_argument("--checkpoint", required=True, action="append",
+                   help="stage weights dir (.../final); repeat in cascade order for the cascade")
+    s.add_argument("--attributes", help="tiny dataset attributes.json: prompt-alignment checker")
+    s.add_argument("--prompts-file", help="prompt set, one per line (default: a fixed set)")
+    s.add_argument("--references", help="real images for FID and SR PSNR/SSIM: a folder of images "
+                                        "(+ NAME.txt captions) or of filtered .tar shards")
+    s.add_argument("--num-references", type=int, default=16)
+    s.add_argument("--fid-weights", help="TorchScript Inception feature extractor for FID "
+                                         "(e.g. inception-2015-12-05.pt); FID is skipped without it")
+    s.add_argument("--clip-model", help="local transformers CLIP directory; CLIP score is skipped without it")
+    s.add_argument("--encoder", help="text encoder (default: the one in the checkpoint's metadata)")
+    s.add_argument("--output", help="where to write the grids (default: CHECKPOINT/../eval)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int, help="sampling steps (default: the stage config's)")
-    s.add_argument("--run-id", help="MLflow run to log into (default: a new run)")
+    s.add_argument("--steps", type=int, help="sampling steps per stage (default: each config's)")
+    s.add_argument("--guidance-scale", type=float, help="base stage guided weight (default: config's)")
+    s.add_argument("--run-id", help="MLflow run to log into (default: the stage's training run)")
     s.add_argument("--tracking-uri")
 
-    s = sub.add_parser("register", help="register stage weights in the MLflow Model Registry")
-    s.add_argument("--checkpoint", required=True, action="append",
+    s = sub.add_parser("register", help="register a stage or the cascade in the MLflow Model Registry")
+    s.add_argument("--checkpoint", action="append",
                    help="stage weights dir; repeat in cascade order for a cascade")
-    s.add_argument("--name", required=True, help="registered model name, e.g. imagen-base64")
-    s.add_argument("--alias", default="challenger")
-    s.add_argument("--run-id", help="log the model into this (training) run")
+    s.add_argument("--name", help="registered model name (default: imagen-<stage>, imagen-cascade)")
+    s.add_argument("--alias", default="challenger", help="alias for the new version")
+    s.add_argument("--promote", action="store_true",
+                   help="also move 'champion' to it (without --checkpoint: to the current challenger)")
+    s.add_argument("--promote-on", metavar="METRIC[:max|min]",
+                   help="move 'champion' only if this eval metric beats the champion's")
+    s.add_argument("--version", help="with --promote and no --checkpoint: the version to promote")
+    s.add_argument("--encoder", help="text encoder (default: the one in the checkpoint's metadata)")
+    s.add_argument("--tag", action="append", metavar="KEY=VALUE", help="extra version tag")
+    s.add_argument("--run-id", help="log the model into this run (default: the training run)")
     s.add_argument("--tracking-uri")
 
     s = sub.add_parser("sample", help="generate images from a registered model")
     s.add_argument("prompts", nargs="+", help="one or more prompts")
-    s.add_argument("--model", required=True, help="models:/NAME@ALIAS (or any MLflow model URI)")
-    s.add_argument("--output", required=True, help="x.png for one prompt, else a directory")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int, help="sampling steps (default: the stage config's)")
-    s.add_argument("--guidance-scale", type=float, help="classifier-free guidance weight")
+    s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION")
+    s.add_argument("--output", required=True, help="x.png for one prompt and seed, else a directory")
+    s.add_argument("--seed", type=int, nargs="+", default=[0], help="one batch of images per seed")
+    s.add_argument("--steps", type=int, nargs="+", help="sampling steps: one value, or one per stage")
+    s.add_argument("--guidance-scale", type=float, nargs="+",
+                   help="classifier-free guidance weight: one value, or one per stage")
+    s.add_argument("--stages", type=int, help="run only the first N stages of a cascade")
+    s.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: each stage config's")
+    s.add_argument("--image", action="append", help="low-res input per prompt, for an SR-stage model")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.add_argument("--tracking-uri")
     return p
 

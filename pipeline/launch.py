@@ -1,22 +1,41 @@
-"""Run heavy steps as subprocesses with their output streamed live (into the Airflow task log
-when called from a task), and a failure that carries the last lines of the child's output.
+"""Launch training the same way on a laptop and on a cluster: launchers behind one tiny interface.
 
-    run_streaming([sys.executable, "-m", "pipeline.train", ...])
-    torchrun_train(["--stage", "base64", ...], nproc_per_node=2)
+    from pipeline.launch import make_launcher, train_stage
+    result = train_stage(job, make_launcher("local"), nodes=1, procs_per_node=2)
+    result = train_stage(job, make_launcher("kubernetes", image="registry/imagen:0.1"), nodes=4,
+                         procs_per_node=8)
 
-Keeping img2dataset and training out of the caller's process keeps spawn-based
-multiprocessing, DataLoader workers and torch threads out of the Airflow task process, and
-is the same command a Kubernetes job runs.
+A launcher has one method, ``launch(job, nodes, procs_per_node) -> summary``, and is chosen by
+name from ``LAUNCHERS`` (``local``, ``kubernetes``), as img2dataset picks its distributors:
+
+- ``local`` runs ``torchrun`` (or plain ``python -m pipeline.train`` for one process) as a
+  subprocess, streams its output line by line (into the Airflow task log when called from a
+  task) and fails with the trainer's last lines. Keeping training out of the caller's
+  process keeps DataLoader workers and torch threads out of the Airflow task process.
+- ``kubernetes`` renders a Kubeflow Trainer ``TrainJob`` running the same
+  ``torchrun -m pipeline.train`` command on N nodes, submits it and waits for it.
+
+``train_stage`` adds what makes a retry or a rerun cheap: the checkpoint directory is named
+after the settings that decide the result (``checkpoint_key``), the trainer resumes from its
+newest step checkpoint, and a finished run leaves ``result.json`` so the same settings later
+reuse it instead of training again.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import subprocess
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from pipeline.train import TrainJob
+
+RESULT_NAME = "result.json"  # written last, after the trainer succeeded: the completion marker
 
 
 def run_streaming(cmd: list[str], env: dict[str, str] | None = None, tail: int = 40) -> list[str]:
@@ -26,10 +45,16 @@ def run_streaming(cmd: list[str], env: dict[str, str] | None = None, tail: int =
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})}, bufsize=1)
     assert proc.stdout is not None
-    for line in proc.stdout:
-        print(line, end="", flush=True)
-        last.append(line.rstrip("\n"))
-    code = proc.wait()
+    try:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            last.append(line.rstrip("\n"))
+        code = proc.wait()
+    finally:
+        # The task was killed or timed out while streaming: do not leave the trainer running.
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     if code != 0:
         joined = "\n".join(last)
         raise RuntimeError(f"{os.path.basename(cmd[0])} {' '.join(cmd[1:3])} ... exited with {code}; "
@@ -59,3 +84,296 @@ def train_subprocess(train_args: list[str], nproc_per_node: int = 1) -> dict[str
     if nproc_per_node > 1:
         return torchrun_train(train_args, nproc_per_node)
     return last_json(run_streaming([sys.executable, "-m", "pipeline.train", *train_args]))
+
+
+class Launcher(Protocol):
+    """Runs one training job to completion and returns the trainer's summary
+    (``{"checkpoint", "step", "loss", "run_id", "stage"}``; ``run_id`` may be None)."""
+
+    def launch(self, job: TrainJob, nodes: int, procs_per_node: int) -> dict[str, Any]: ...
+
+
+LAUNCHERS: dict[str, Callable[..., Launcher]] = {}
+
+
+def register_launcher(name: str):
+    """Class decorator: make a launcher available as ``make_launcher(name, **options)``."""
+    def wrap(factory):
+        LAUNCHERS[name] = factory
+        return factory
+    return wrap
+
+
+def launcher_names() -> list[str]:
+    return sorted(LAUNCHERS)
+
+
+def make_launcher(name: str, **options: Any) -> Launcher:
+    """The launcher called ``name``, built with its ``options`` (see each launcher's doc)."""
+    if name not in LAUNCHERS:
+        raise ValueError(f"unknown launcher {name!r}; choose one of {', '.join(sorted(LAUNCHERS))}")
+    try:
+        return LAUNCHERS[name](**options)
+    except TypeError as e:
+        raise TypeError(f"launcher {name!r} does not take these options: {e}. "
+                        f"See the docstring of {LAUNCHERS[name].__name__}") from None
+
+
+@register_launcher("local")
+class LocalLauncher:
+    """``torchrun --standalone`` on this machine (no options). One node only: for more, use
+    the ``kubernetes`` launcher."""
+
+    def launch(self, job: TrainJob, nodes: int, procs_per_node: int) -> dict[str, Any]:
+        from pipeline.train import job_to_argv
+
+        if nodes != 1:
+            raise ValueError(f"the local launcher runs on this machine only, but nodes={nodes}: "
+                             "set nodes=1, or launcher=kubernetes for a multi-node job")
+        return train_subprocess(job_to_argv(job), procs_per_node)
+
+
+def checkpoint_key(settings: dict[str, Any]) -> str:
+    """A short, stable name for the settings that decide a training result: the same settings
+    give the same checkpoint directory, so a retry resumes it and a rerun reuses it."""
+    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def data_fingerprint(filtered: str) -> str:
+    """Hash of the filtered shards' manifest (it records the input shards and filter settings),
+    so new or refiltered data gets a new checkpoint directory."""
+    from pipeline import storage
+
+    uri = storage.join(filtered, "manifest.json")
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri} is missing: run the filter step on {filtered} first")
+    with storage.open(uri, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def train_stage(job: TrainJob, launcher: Launcher, nodes: int = 1, procs_per_node: int = 1
+                ) -> dict[str, Any]:
+    """Train ``job`` with ``launcher`` unless ``job.checkpoint_dir`` already holds a finished
+    result; returns the trainer's summary plus ``"reused": bool``.
+
+    ``job.resume`` should be ``"latest"`` so a retry after a crash continues from the newest
+    step checkpoint instead of starting over.
+    """
+    marker = os.path.join(job.checkpoint_dir, RESULT_NAME)
+    if os.path.exists(marker):
+        with open(marker) as f:
+            done = json.load(f)
+        if os.path.isdir(done.get("checkpoint", "")):
+            print(f"[launch] {job.stage}: reusing the finished run in {job.checkpoint_dir} "
+                  f"(step {done.get('step')}); change a training setting or run_tag to train again",
+                  flush=True)
+            return {**done, "reused": True}
+    result = launcher.launch(job, nodes, procs_per_node)
+    os.makedirs(job.checkpoint_dir, exist_ok=True)
+    tmp = marker + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2, sort_keys=True)
+    os.replace(tmp, marker)
+    return {**result, "reused": False}
+
+
+# --- Kubernetes: a Kubeflow Trainer v2 TrainJob per stage -------------------------------------
+
+TRAINJOB = {"group": "trainer.kubeflow.org", "version": "v1alpha1", "plural": "trainjobs"}
+# torchrun takes --nnodes/--node-rank/--master-addr from the PET_* variables that the
+# Trainer's torch runtime sets on every node, so the command is the local one minus --standalone.
+TRAIN_COMMAND = ["torchrun", "-m", "pipeline.train"]
+NODE = "node"  # replicated job and container name in Kubeflow's torch-distributed runtime
+
+
+def trainjob_name(job: TrainJob) -> str:
+    """Stable per checkpoint directory: a retried task finds the job its first try submitted."""
+    digest = hashlib.sha256(os.path.abspath(job.checkpoint_dir).encode()).hexdigest()[:10]
+    return f"imagen-{job.stage}-{digest}"
+
+
+def render_trainjob(job: TrainJob, nodes: int, procs_per_node: int, *, image: str,
+                    namespace: str = "default", runtime: str = "torch-distributed",
+                    gpu_resource: str = "nvidia.com/gpu", cpu: str = "8", memory: str = "64Gi",
+                    env: dict[str, str] | None = None, volume_claim: str | None = None,
+                    mount_path: str = "/data") -> dict[str, Any]:
+    """The TrainJob manifest for ``job`` (a plain dict, ready for the API or ``kubectl apply``).
+
+    ``procs_per_node`` GPUs of ``gpu_resource`` per node (``gpu_resource=""`` for CPU nodes);
+    ``volume_claim`` mounts a PersistentVolumeClaim at ``mount_path``, where the data root of
+    the job's paths must live (object-store roots need no volume).
+    """
+    from pipeline.train import job_to_argv
+
+    if not image:
+        raise ValueError("the kubernetes launcher needs an image: build infra/Dockerfile, push it, "
+                         "and pass launcher_options={'image': 'REGISTRY/imagen-pipeline:TAG'}")
+    limits = {"cpu": cpu, "memory": memory}
+    if gpu_resource:
+        limits[gpu_resource] = str(procs_per_node)
+    trainer = {"image": image, "command": TRAIN_COMMAND, "args": job_to_argv(job),
+               "numNodes": nodes, "numProcPerNode": procs_per_node,
+               "resourcesPerNode": {"limits": limits, "requests": {"cpu": cpu, "memory": memory}},
+               "env": [{"name": k, "value": v} for k, v in sorted((env or {}).items())]}
+    spec: dict[str, Any] = {"runtimeRef": {"name": runtime}, "trainer": trainer}
+    if volume_claim:
+        spec["runtimePatches"] = [_volume_patch(volume_claim, mount_path)]
+    return {"apiVersion": f"{TRAINJOB['group']}/{TRAINJOB['version']}", "kind": "TrainJob",
+            "metadata": {"name": trainjob_name(job), "namespace": namespace,
+                         "labels": {"app.kubernetes.io/part-of": "imagen-pipeline",
+                                    "imagen-pipeline/stage": job.stage}},
+            "spec": spec}
+
+
+def _volume_patch(claim: str, mount_path: str) -> dict[str, Any]:
+    pod = {"volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}],
+           "containers": [{"name": NODE, "volumeMounts": [{"name": "data", "mountPath": mount_path}]}]}
+    job_patch = {"name": NODE, "template": {"spec": {"template": {"spec": pod}}}}
+    return {"manager": "imagen-pipeline",
+            "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [job_patch]}}}}
+
+
+def trainjob_state(obj: dict[str, Any]) -> tuple[str, str]:
+    """("Complete" | "Failed" | "Running", message) from a TrainJob's status conditions."""
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") in ("Complete", "Failed") and cond.get("status") == "True":
+            return cond["type"], f"{cond.get('reason', '')}: {cond.get('message', '')}".strip(": ")
+    return "Running", ""
+
+
+@register_launcher("kubernetes")
+class KubernetesLauncher:
+    """Submit a Kubeflow Trainer ``TrainJob`` (the cluster needs Kubeflow Trainer v2 and its
+    ``torch-distributed`` ClusterTrainingRuntime) and wait for it.
+
+    Options: ``image`` (required), ``namespace``, ``runtime``, ``gpu_resource``, ``cpu``,
+    ``memory``, ``env`` (e.g. ``MLFLOW_TRACKING_URI`` as the pods see it), ``volume_claim`` +
+    ``mount_path``, ``poll_seconds``, ``timeout_seconds``. ``api`` is a
+    ``kubernetes.client.CustomObjectsApi``; by default built from the in-cluster config, else
+    ``~/.kube/config``.
+    """
+
+    def __init__(self, image: str = "", namespace: str = "default", poll_seconds: float = 30.0,
+                 timeout_seconds: float = 14 * 24 * 3600.0, api: Any = None, sleep=None,
+                 **render_options: Any):
+        import inspect
+        import time
+
+        # Fail at construction (the task's first line), not after the job was rendered.
+        inspect.signature(render_trainjob).bind_partial(None, 1, 1, **render_options)
+        self.image, self.namespace = image, namespace
+        self.poll_seconds, self.timeout_seconds = poll_seconds, timeout_seconds
+        self.render_options = render_options
+        self._api, self._sleep, self._clock = api, sleep or time.sleep, time.monotonic
+
+    def render(self, job: TrainJob, nodes: int, procs_per_node: int) -> dict[str, Any]:
+        return render_trainjob(job, nodes, procs_per_node, image=self.image, namespace=self.namespace,
+                               **self.render_options)
+
+    def launch(self, job: TrainJob, nodes: int, procs_per_node: int) -> dict[str, Any]:
+        body = self.render(job, nodes, procs_per_node)
+        name = body["metadata"]["name"]
+        try:
+            import kubernetes  # noqa: F401
+        except ImportError:
+            raise RuntimeError("the kubernetes launcher needs the Kubernetes client in the Airflow "
+                               "workers' environment: pip install kubernetes==37.0.1") from None
+        api = self._api or _custom_objects_api()
+        self._submit(api, body)
+        self._wait(api, name)
+        return {"checkpoint": os.path.join(job.checkpoint_dir, "final"), "stage": job.stage,
+                "step": job.max_steps, "loss": None, "run_id": None,
+                "job": f"{self.namespace}/{name}"}
+
+    def _submit(self, api: Any, body: dict[str, Any]) -> None:
+        """Create the TrainJob; on a retry, attach to the one already there, or replace it
+        if it failed (the new one resumes from the newest checkpoint)."""
+        from kubernetes.client.exceptions import ApiException
+
+        name = body["metadata"]["name"]
+        try:
+            api.create_namespaced_custom_object(**TRAINJOB, namespace=self.namespace, body=body)
+            print(f"[launch] submitted TrainJob {self.namespace}/{name}", flush=True)
+            return
+        except ApiException as e:
+            if e.status != 409:
+                raise RuntimeError(f"could not create TrainJob {self.namespace}/{name}: {e.status} "
+                                   f"{e.reason}; check that Kubeflow Trainer is installed and that "
+                                   "this service account may create trainjobs") from None
+        state, _ = trainjob_state(self._get(api, name))
+        if state != "Failed":
+            print(f"[launch] TrainJob {self.namespace}/{name} exists ({state}): waiting for it", flush=True)
+            return
+        print(f"[launch] TrainJob {self.namespace}/{name} failed before: replacing it", flush=True)
+        api.delete_namespaced_custom_object(**TRAINJOB, namespace=self.namespace, name=name,
+                                            propagation_policy="Foreground")
+        self._wait_deleted(api, name)
+        api.create_namespaced_custom_object(**TRAINJOB, namespace=self.namespace, body=body)
+
+    def _get(self, api: Any, name: str) -> dict[str, Any]:
+        return api.get_namespaced_custom_object(**TRAINJOB, namespace=self.namespace, name=name)
+
+    def _wait_deleted(self, api: Any, name: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        deadline = self._clock() + 600
+        while self._clock() < deadline:
+            try:
+                self._get(api, name)
+            except ApiException as e:
+                if e.status == 404:
+                    return
+                raise
+            self._sleep(self.poll_seconds)
+        raise TimeoutError(f"TrainJob {self.namespace}/{name} was not deleted within 10 minutes")
+
+    def _wait(self, api: Any, name: str) -> None:
+        deadline, last = self._clock() + self.timeout_seconds, None
+        while self._clock() < deadline:
+            state, message = trainjob_state(self._get(api, name))
+            if state != last:
+                print(f"[launch] TrainJob {self.namespace}/{name}: {state} {message}".rstrip(), flush=True)
+                last = state
+            if state == "Complete":
+                return
+            if state == "Failed":
+                raise RuntimeError(
+                    f"TrainJob {self.namespace}/{name} failed: {message}. Its logs: kubectl logs -n "
+                    f"{self.namespace} -l jobset.sigs.k8s.io/jobset-name={name} --tail 100")
+            self._sleep(self.poll_seconds)
+        raise TimeoutError(f"TrainJob {self.namespace}/{name} did not finish within "
+                           f"{self.timeout_seconds:.0f}s; it is still running on the cluster")
+
+
+def _custom_objects_api() -> Any:
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.CustomObjectsApi()
+
+
+def stage_job(root: str, stage: str, preset: str, data: str, embeddings: str, max_steps: int,
+              world_size: int = 1, run_tag: str = "") -> TrainJob:
+    """The TrainJob of one stage under ``root``, in ``ROOT/checkpoints/<stage>/<preset>-<key>``,
+    where the key hashes everything that decides the result (``checkpoint_key``)."""
+    from pipeline.train import TrainJob
+
+    key = checkpoint_key({"stage": stage, "preset": preset, "max_steps": max_steps,
+                          "data": data_fingerprint(data), "embeddings": os.path.basename(
+                              embeddings.rstrip("/")), "world_size": world_size, "run_tag": run_tag})
+    ckpt = os.path.join(root, "checkpoints", stage, f"{preset}-{key}")
+    return TrainJob(stage=stage, preset=preset, data=data, embeddings=embeddings, checkpoint_dir=ckpt,
+                    max_steps=max_steps, resume="latest", run_name=f"{stage}-{preset}-{key}")
+
+
+def run_stage(*, root: str, stage: str, preset: str, data: str, embeddings: str, max_steps: int,
+              launcher: str = "local", launcher_options: dict[str, Any] | None = None,
+              nodes: int = 1, procs_per_node: int = 1, run_tag: str = "") -> dict[str, Any]:
+    """One call for an orchestrator task: build the stage's job, pick the launcher by name,
+    train (or reuse a finished run with the same settings)."""
+    job = stage_job(root, stage, preset, data, embeddings, max_steps, nodes * procs_per_node, run_tag)
+    return train_stage(job, make_launcher(launcher, **(launcher_options or {})), nodes, procs_per_node)

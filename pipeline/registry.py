@@ -1,19 +1,39 @@
-"""MLflow Model Registry: register trained stages (and cascades) as pyfunc models; sample from them.
+"""MLflow Model Registry: register stages and cascades as pyfunc models, promote, sample.
 
-    imagen-pipeline register --checkpoint ROOT/checkpoints/base64/run/final --name imagen-base64
-    imagen-pipeline sample "a red circle" --model models:/imagen-base64@challenger --output x.png
+    imagen-pipeline register --checkpoint ROOT/checkpoints/base64/run/final          # imagen-base64
+    imagen-pipeline register --checkpoint BASE/final --checkpoint SR256/final        # imagen-cascade
+    imagen-pipeline register --name imagen-cascade --promote      # challenger -> champion
+    imagen-pipeline sample "a red circle" --model models:/imagen-cascade@champion --output out/ \\
+        --seed 0 1 2 --guidance-scale 5 1 --steps 32 16 --stages 1
 
 A registered model is an MLflow pyfunc (``ImagenPyfunc``) whose artifacts are the stage
-weights directories (safetensors + config.json, never pickled weights) and, when the text
-encoder is a local directory, the encoder itself; a hub encoder is stored by name. So
-``mlflow.pyfunc.load_model("models:/imagen-base64@challenger").predict(pd.DataFrame(
-{"prompt": [...]}), params={"seed": 0})`` returns uint8 images [B, H, W, 3].
+weight directories (safetensors + config.json, never pickled weights) and, when the text
+encoder is a local directory, the encoder itself; a hub encoder is stored by name::
+
+    model = mlflow.pyfunc.load_model("models:/imagen-cascade@champion")
+    images = model.predict(pd.DataFrame({"prompt": ["a red circle"]}), params={"seed": 0})
+
+``predict`` returns uint8 images [B, H, W, 3]; ``imagen-pipeline sample`` calls the same
+``predict``, so both give identical images for the same seed. A model that starts with an SR
+stage (``imagen-sr256``) also takes an ``image`` column: the low-res inputs as PNG/JPEG bytes.
+
+New versions get the alias ``challenger``. ``--promote`` moves ``champion`` to the new
+version; ``--promote-on METRIC[:max|min]`` does so only when its evaluation metric beats the
+current champion's. Version tags carry the lineage: dataset manifest hash, encoder id, stage
+configs, git commit, training runs and the evaluation metrics (``eval/...``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import pathlib
+import re
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import mlflow
@@ -22,7 +42,59 @@ import pandas as pd
 
 from pipeline.tracking import ensure_experiment, resolve_tracking_uri
 
-DEFAULT_PARAMS = {"seed": 0, "steps": 0, "guidance_scale": -1.0}
+# Sampling params of predict(); negative / zero / empty = the stage config's default.
+DEFAULT_PARAMS: dict[str, Any] = {
+    "seed": 0, "steps": 0, "guidance_scale": -1.0, "stages": 0, "sampler": "",
+    "stage_guidance": [-1.0], "stage_steps": [0], "progress": False,
+}
+STAGE_MODEL_NAMES = {"base64": "imagen-base64", "sr256": "imagen-sr256", "sr1024": "imagen-sr1024"}
+CASCADE_MODEL_NAME = "imagen-cascade"
+
+
+class StageBars:
+    """One tqdm progress bar per cascade stage, on stderr (a ``Cascade`` progress callback)."""
+
+    def __init__(self) -> None:
+        self.stage, self.bar = None, None
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=f"sampling {stage}", unit="step", file=sys.stderr)
+        self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.stage, self.bar = None, None
+
+
+def stage_options(params: dict[str, Any], n: int) -> list:
+    """Per-stage StageOptions from predict params: stage_guidance[i] / stage_steps[i] when set
+    (>= 0 / > 0), else the scalar guidance_scale / steps when set, else the config's default."""
+    from imagen.cascade import StageOptions
+
+    per_w = [float(x) for x in params["stage_guidance"]]
+    per_s = [int(x) for x in params["stage_steps"]]
+    out = []
+    for i in range(n):
+        w = per_w[i] if i < len(per_w) and per_w[i] >= 0 else float(params["guidance_scale"])
+        steps = per_s[i] if i < len(per_s) and per_s[i] > 0 else int(params["steps"])
+        out.append(StageOptions(steps=steps if steps > 0 else None, guidance_scale=w if w >= 0 else None,
+                                sampler=params["sampler"] or None))
+    return out
+
+
+def decode_images(column) -> Any:
+    """A column of PNG/JPEG bytes -> float [B, 3, s, s] in [-1, 1] (an SR model's input)."""
+    import torch
+    from PIL import Image
+
+    arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in column]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 class ImagenPyfunc(mlflow.pyfunc.PythonModel):
@@ -39,72 +111,38 @@ class ImagenPyfunc(mlflow.pyfunc.PythonModel):
         if not encoder:
             raise ValueError("this model records no text encoder; register it again with --encoder")
         self.cascade = Cascade.from_dirs(dirs)
-        self.cascade.encoder = T5TextEncoder(encoder, max_length=self.cascade.stages[0][1].max_text_len)
+        self.cascade.set_encoder(T5TextEncoder(encoder, max_length=self.cascade.stages[0][1].max_text_len))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
-        from imagen.cascade import StageOptions
-
         p = {**DEFAULT_PARAMS, **(params or {})}
         prompts = [str(x) for x in model_input["prompt"]]
-        opts = StageOptions(steps=int(p["steps"]) or None,
-                            guidance_scale=None if float(p["guidance_scale"]) < 0 else float(p["guidance_scale"]))
-        return self.cascade.generate(prompts, seed=int(p["seed"]),
-                                     options=[opts] * len(self.cascade.stages))
+        n = int(p["stages"]) or len(self.cascade.stages)
+        lowres = None
+        if self.cascade.stages[0][1].lowres_size is not None:
+            if "image" not in model_input:
+                raise ValueError(f"this model starts with SR stage {self.cascade.stages[0][1].stage}: "
+                                 "give an 'image' column of low-res PNG/JPEG bytes")
+            lowres = decode_images(model_input["image"])
+        bars = StageBars() if p["progress"] else None
+        try:
+            return self.cascade.generate(prompts, seed=int(p["seed"]), options=stage_options(p, n),
+                                         progress=bars, num_stages=n, lowres=lowres)
+        finally:
+            if bars is not None:
+                bars.close()
 
 
-def _signature():
+def _signature(cfgs) -> Any:
     from mlflow.models import infer_signature
 
-    example_out = np.zeros((1, 8, 8, 3), dtype=np.uint8)
-    return infer_signature(pd.DataFrame({"prompt": ["a red circle"]}), example_out, params=DEFAULT_PARAMS)
+    example = {"prompt": ["a red circle"]}
+    if cfgs[0].lowres_size is not None:
+        example["image"] = [b"\x89PNG"]
+    out = np.zeros((1, cfgs[-1].image_size, cfgs[-1].image_size, 3), dtype=np.uint8)
+    return infer_signature(pd.DataFrame(example), out, params=DEFAULT_PARAMS)
 
 
-def register(
-    checkpoints: list[str],
-    name: str,
-    alias: str = "challenger",
-    tracking_uri: str | None = None,
-    run_id: str | None = None,
-    experiment: str = "imagen",
-    tags: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Log a pyfunc over the stage weight dirs (in cascade order) and register it as ``name``,
-    pointing ``alias`` at the new version. Logged into ``run_id`` when given (lineage)."""
-    from imagen.checkpoint import load_config
-
-    if not checkpoints:
-        raise ValueError("register needs at least one stage weights directory")
-    cfgs = [load_config(c) for c in checkpoints]
-    encoder_name = cfgs[0][1].get("encoder_name") or cfgs[0][0].text_encoder
-    encoder_ids = {m.get("encoder_id") for _, m in cfgs}
-    if len(encoder_ids) > 1:
-        raise ValueError(f"stages were trained on different text encoders: {sorted(map(str, encoder_ids))}")
-    artifacts = {f"stage_{i}": os.path.abspath(c) for i, c in enumerate(checkpoints)}
-    if encoder_name and os.path.isdir(encoder_name):
-        artifacts["text_encoder"] = os.path.abspath(encoder_name)
-    model_tags = {"stages": ",".join(c.stage for c, _ in cfgs), "encoder_id": str(encoder_ids.pop()),
-                  "encoder_name": str(encoder_name), **(tags or {})}
-
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri, _root_of(checkpoints[0])))
-    exp_id = None if run_id else ensure_experiment(experiment, os.path.join(_root_of(checkpoints[0]), "mlartifacts"))
-    with mlflow.start_run(run_id=run_id, experiment_id=exp_id,
-                          run_name=None if run_id else f"register-{name}") as run:
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=ImagenPyfunc(), artifacts=artifacts,
-            model_config={"encoder_name": None if "text_encoder" in artifacts else encoder_name},
-            signature=_signature(), registered_model_name=name,
-            pip_requirements=["torch==2.13.0", "safetensors", "transformers", "sentencepiece", "pandas"],
-        )
-        version = str(info.registered_model_version)
-    client = mlflow.MlflowClient()
-    for k, v in model_tags.items():
-        client.set_model_version_tag(name, version, k, v)
-    client.set_registered_model_alias(name, alias, version)
-    return {"name": name, "version": version, "alias": alias, "uri": f"models:/{name}@{alias}",
-            "run_id": run.info.run_id}
-
-
-def _root_of(checkpoint: str) -> str:
+def root_of(checkpoint: str) -> str:
     """ROOT for ROOT/checkpoints/<stage>/<run>/final, else the checkpoint's parent."""
     parts = os.path.abspath(checkpoint).split(os.sep)
     if "checkpoints" in parts:
@@ -112,38 +150,305 @@ def _root_of(checkpoint: str) -> str:
     return os.path.dirname(os.path.abspath(checkpoint))
 
 
-def sample_images(prompts: list[str], model_uri: str, output: str, seed: int = 0,
-                  steps: int | None = None, guidance_scale: float | None = None,
-                  tracking_uri: str | None = None) -> list[str]:
-    """Load ``model_uri`` through pyfunc, generate one image per prompt and write PNGs.
-    One prompt and an ``output`` ending in .png writes that file; otherwise a directory."""
-    from PIL import Image
+_root_of = root_of  # the older private name
 
+
+def git_commit() -> str:
+    """This checkout's commit (+ "-dirty" with uncommitted changes), or "unknown"."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def manifest_sha256(checkpoint: str, meta: dict, run) -> str:
+    """Hash of the filtered dataset's manifest.json the stage trained on: from the checkpoint
+    metadata, else from the training run's ``data`` param, else ROOT/filtered/."""
+    import hashlib
+
+    if meta.get("manifest_sha256"):
+        return str(meta["manifest_sha256"])
+    candidates = []
+    if run is not None and run.data.params.get("data"):
+        candidates.append(os.path.join(run.data.params["data"], "manifest.json"))
+    candidates.append(os.path.join(root_of(checkpoint), "filtered", "manifest.json"))
+    for path in candidates:
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+    return "unknown"
+
+
+def lineage_tags(checkpoints: list[str], cfgs, metas, runs, encoder_id, encoder_name) -> dict[str, str]:
+    """Version tags: where every stage came from, and the code registering it."""
+    tags = {"stages": ",".join(c.stage for c in cfgs), "encoder_id": str(encoder_id),
+            "encoder_name": str(encoder_name), "git_commit": git_commit()}
+    for ckpt, cfg, meta, run in zip(checkpoints, cfgs, metas, runs, strict=True):
+        s = cfg.stage
+        tags[f"{s}.dataset_manifest_sha256"] = manifest_sha256(ckpt, meta, run)
+        tags[f"{s}.config"] = json.dumps(cfg.to_dict(), separators=(",", ":"), sort_keys=True)
+        tags[f"{s}.checkpoint"] = os.path.abspath(ckpt)
+        tags[f"{s}.step"] = str(meta.get("step", "unknown"))
+        tags[f"{s}.training_run"] = run.info.run_id if run is not None else "unknown"
+        if meta.get("code_version"):
+            tags[f"{s}.code_version"] = str(meta["code_version"])
+    hashes = {v for k, v in tags.items() if k.endswith(".dataset_manifest_sha256")}
+    tags["dataset_manifest_sha256"] = hashes.pop() if len(hashes) == 1 else "mixed"
+    return tags
+
+
+def _encoder_source(checkpoints, cfgs, metas, encoder: str | None) -> tuple[str, str | None]:
+    """(encoder name or local dir, common encoder id), checked across stages and ``encoder``."""
+    from imagen.cascade import check_encoders
+    from imagen.text import T5TextEncoder
+
+    name = encoder or metas[0].get("encoder_name") or cfgs[0].text_encoder
+    if not name:
+        raise ValueError(f"{checkpoints[0]}/config.json names no text encoder: pass --encoder")
+    if os.path.isabs(name) and not os.path.isdir(name):
+        raise FileNotFoundError(f"text encoder {name} (from {checkpoints[0]}/config.json) not found: "
+                                "pass --encoder with a local copy of it")
+    enc = T5TextEncoder(name)
+    common = check_encoders([c.stage for c in cfgs], [m.get("encoder_id") for m in metas],
+                            enc if enc.is_local else None)
+    return name, common or (enc.encoder_id if enc.is_local else name)
+
+
+def _eval_metrics(checkpoints: list[str]) -> tuple[dict[str, float], Any]:
+    """The latest ``eval/`` metrics logged by `evaluate` for exactly these checkpoints."""
+    from pipeline.evaluate import EVAL_KEY_TAG, eval_key
+
+    client = mlflow.MlflowClient()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    if not exps:
+        return {}, None
+    runs = client.search_runs(exps, filter_string=f"tags.{EVAL_KEY_TAG} = '{eval_key(checkpoints)}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return {}, None
+    return {k: v for k, v in runs[0].data.metrics.items() if k.startswith("eval/")}, runs[0]
+
+
+def register(
+    checkpoints: Sequence[str],
+    name: str | None = None,
+    alias: str = "challenger",
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+    experiment: str = "imagen",
+    tags: dict[str, str] | None = None,
+    encoder: str | None = None,
+    promote: bool = False,
+    promote_on: str | None = None,
+) -> dict[str, Any]:
+    """Log a pyfunc over the stage weight dirs (in cascade order) and register it.
+
+    ``name`` defaults to imagen-<stage> for one stage, imagen-cascade for several. The model is
+    logged into ``run_id``, else the run that trained the stage (one stage) or the run that
+    evaluated these checkpoints (a cascade), else a new run. ``alias`` points at the new
+    version; ``promote`` moves ``champion`` there too, ``promote_on`` ("METRIC[:max|min]")
+    only when the version's eval metric beats the champion's.
+    """
+    from imagen.checkpoint import load_config
+    from pipeline.evaluate import check_chain, find_stage_run
+
+    checkpoints = list(checkpoints)
+    if not checkpoints:
+        raise ValueError("register needs at least one --checkpoint (a stage weights directory)")
+    loaded = [load_config(c) for c in checkpoints]
+    cfgs, metas = [c for c, _ in loaded], [m for _, m in loaded]
+    check_chain(cfgs)
+    name = name or (STAGE_MODEL_NAMES[cfgs[0].stage] if len(cfgs) == 1 else CASCADE_MODEL_NAME)
+    encoder_name, encoder_id = _encoder_source(checkpoints, cfgs, metas, encoder)
+    artifacts = {f"stage_{i}": os.path.abspath(c) for i, c in enumerate(checkpoints)}
+    if os.path.isdir(encoder_name):
+        artifacts["text_encoder"] = os.path.abspath(encoder_name)
+
+    root = root_of(checkpoints[0])
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri, root))
+    client = mlflow.MlflowClient()
+    runs = [_get_run(client, find_stage_run(c, m)) for c, m in zip(checkpoints, metas, strict=True)]
+    eval_metrics, eval_run = _eval_metrics(checkpoints)
+    model_tags = {**lineage_tags(checkpoints, cfgs, metas, runs, encoder_id, encoder_name),
+                  **{k: f"{v:.6g}" for k, v in eval_metrics.items()}, **(tags or {})}
+    if eval_run is not None:
+        model_tags["eval_run"] = eval_run.info.run_id
+    target = run_id
+    if target is None and len(runs) == 1 and runs[0] is not None:
+        target = runs[0].info.run_id  # the stage's training run: its lineage in one place
+    if target is None and eval_run is not None:
+        target = eval_run.info.run_id
+    exp_id = None if target else ensure_experiment(experiment, os.path.join(root, "mlartifacts"))
+    with mlflow.start_run(run_id=target, experiment_id=exp_id,
+                          run_name=None if target else f"register-{name}") as run:
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=ImagenPyfunc(), artifacts=artifacts,
+            model_config={"encoder_name": None if "text_encoder" in artifacts else encoder_name},
+            signature=_signature(cfgs), registered_model_name=name,
+            pip_requirements=["torch==2.13.0", "safetensors", "transformers", "sentencepiece", "pandas"],
+        )
+        version = str(info.registered_model_version)
+    for k, v in model_tags.items():
+        client.set_model_version_tag(name, version, k, v)
+    client.set_registered_model_alias(name, alias, version)
+    result = {"name": name, "version": version, "alias": alias, "uri": f"models:/{name}@{alias}",
+              "run_id": run.info.run_id, "eval_metrics": eval_metrics, "promoted": False}
+    if promote or promote_on:
+        ok, why = (True, "--promote") if promote else _beats_champion(client, name, version, promote_on)
+        if ok:
+            client.set_registered_model_alias(name, "champion", version)
+        result.update(promoted=ok, promotion=why)
+    return result
+
+
+def _get_run(client, run_id: str | None):
+    return client.get_run(run_id) if run_id else None
+
+
+def _beats_champion(client, name: str, version: str, rule: str) -> tuple[bool, str]:
+    """Apply a promotion rule "METRIC[:max|min]" to version vs the current champion."""
+    metric, _, mode = rule.partition(":")
+    mode = mode or "max"
+    if mode not in ("max", "min"):
+        raise ValueError(f"--promote-on {rule}: write METRIC, METRIC:max or METRIC:min")
+    key = metric if metric.startswith("eval/") else f"eval/{metric}"
+    new = client.get_model_version(name, version).tags.get(key)
+    if new is None:
+        return False, f"version {version} has no {key}: run `imagen-pipeline evaluate` on it first"
+    try:
+        champ = client.get_model_version_by_alias(name, "champion")
+    except mlflow.exceptions.MlflowException:
+        return True, f"no champion yet; {key} = {new}"
+    old = champ.tags.get(key)
+    if old is None:
+        return True, f"champion v{champ.version} has no {key}"
+    better = float(new) > float(old) if mode == "max" else float(new) < float(old)
+    verdict = "beats" if better else "does not beat"
+    return better, f"{key} {new} {verdict} champion v{champ.version}'s {old} ({mode})"
+
+
+def promote(name: str, version: str | None = None, from_alias: str = "challenger",
+            to_alias: str = "champion", tracking_uri: str | None = None) -> dict[str, Any]:
+    """Point ``to_alias`` at ``version`` (default: the version ``from_alias`` points at)."""
     if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
-    model = load_pyfunc(model_uri)
-    params = {"seed": seed, "steps": steps or 0,
-              "guidance_scale": -1.0 if guidance_scale is None else guidance_scale}
-    images = model.predict(pd.DataFrame({"prompt": prompts}), params=params)
-    if len(prompts) == 1 and output.lower().endswith(".png"):
-        paths = [output]
+    client = mlflow.MlflowClient()
+    if version is None:
+        check_model_uri(f"models:/{name}@{from_alias}")
+        version = client.get_model_version_by_alias(name, from_alias).version
     else:
-        os.makedirs(output, exist_ok=True)
-        paths = [os.path.join(output, f"{i:03d}.png") for i in range(len(prompts))]
-    for path, img in zip(paths, images, strict=True):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        Image.fromarray(img).save(path)
-    with open(os.path.splitext(paths[0])[0] + ".json" if len(paths) == 1 else os.path.join(output, "prompts.json"), "w") as f:
-        json.dump({"model": model_uri, "prompts": prompts, "params": params}, f, indent=2)
-    return paths
+        check_model_uri(f"models:/{name}/{version}")
+    client.set_registered_model_alias(name, to_alias, str(version))
+    return {"name": name, "version": str(version), "alias": to_alias, "uri": f"models:/{name}@{to_alias}"}
+
+
+def check_model_uri(model_uri: str) -> str:
+    """Check that a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI names something in
+    the registry; LookupError in one line saying what exists instead. Returns the URI
+    (``NAME@ALIAS`` without the scheme is accepted)."""
+    from mlflow.exceptions import MlflowException
+
+    if not model_uri.startswith("models:/") and "://" not in model_uri and "@" in model_uri:
+        model_uri = "models:/" + model_uri
+    if not model_uri.startswith("models:/"):
+        return model_uri  # a run or artifact URI: load_model reports on it
+    m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", model_uri)
+    if not m:
+        raise LookupError(f"{model_uri}: write models:/NAME@ALIAS (e.g. models:/imagen-cascade@champion) "
+                          "or models:/NAME/VERSION")
+    name, alias, version = m.groups()
+    where = mlflow.get_tracking_uri()
+    client = mlflow.MlflowClient()
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise LookupError(f"cannot read the registry at {where}: {e.message.splitlines()[0]}") from None
+        names = sorted(r.name for r in client.search_registered_models(max_results=50))
+        raise LookupError(f"no registered model {name!r} at {where}; registered models: "
+                          f"{', '.join(names) or 'none'}") from None
+    aliases = dict(model.aliases or {})
+    if alias is not None and alias not in aliases:
+        have = ", ".join(f"@{a} (v{v})" for a, v in sorted(aliases.items())) or "none"
+        raise LookupError(f"model {name!r} has no alias @{alias}; its aliases: {have}")
+    if version is not None:
+        try:
+            client.get_model_version(name, version)
+        except MlflowException:
+            raise LookupError(f"model {name!r} has no version {version}") from None
+    return model_uri
 
 
 def load_pyfunc(model_uri: str):
-    """``mlflow.pyfunc.load_model`` with errors a user can act on."""
+    """``mlflow.pyfunc.load_model`` with errors a user can act on (one line each)."""
     from mlflow.exceptions import MlflowException
 
+    model_uri = check_model_uri(model_uri)
     try:
         return mlflow.pyfunc.load_model(model_uri)
     except MlflowException as e:
         raise LookupError(f"cannot load {model_uri} from the registry at {mlflow.get_tracking_uri()}: "
                           f"{e.message.splitlines()[0]}") from None
+
+
+def sample_images(prompts: Sequence[str], model_uri: str, output: str, seeds: Sequence[int] = (0,),
+                  tracking_uri: str | None = None, images: Sequence[str] | None = None,
+                  progress: bool = True, **params: Any) -> dict[str, Any]:
+    """Load ``model_uri`` through pyfunc and write one PNG per (prompt, seed), plus a grid.
+
+    ``params`` are predict() params (steps, guidance_scale, stage_guidance, stage_steps,
+    stages, sampler). One prompt, one seed and an ``output`` ending in .png writes that file;
+    otherwise ``output`` is a folder of NNN-seedS.png, grid.png (a row per seed) and
+    prompts.json. ``images``: low-res input files, one per prompt, for a model starting
+    with an SR stage.
+    """
+    from PIL import Image
+
+    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    model_uri = check_model_uri(model_uri)
+    model = load_pyfunc(model_uri)
+    frame = pd.DataFrame({"prompt": list(prompts)})
+    if images:
+        if len(images) != len(prompts):
+            raise ValueError(f"give one --image per prompt: {len(images)} images, {len(prompts)} prompts")
+        frame["image"] = [pathlib.Path(path).read_bytes() for path in images]
+    p = {k: v for k, v in params.items() if v is not None}
+    batches = {s: model.predict(frame, params={**p, "seed": int(s), "progress": progress}) for s in seeds}
+    single = len(prompts) == 1 and len(seeds) == 1 and output.lower().endswith(".png")
+    if single:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        Image.fromarray(batches[seeds[0]][0]).save(output)
+        paths, grid, meta = [output], None, os.path.splitext(output)[0] + ".json"
+    else:
+        os.makedirs(output, exist_ok=True)
+        paths = []
+        for s, batch in batches.items():
+            for i, img in enumerate(batch):
+                paths.append(os.path.join(output, f"{i:03d}-seed{s}.png"))
+                Image.fromarray(img).save(paths[-1])
+        from pipeline.metrics import make_grid
+
+        grid = os.path.join(output, "grid.png")
+        Image.fromarray(make_grid(np.concatenate(list(batches.values())), cols=len(prompts))).save(grid)
+        meta = os.path.join(output, "prompts.json")
+    with open(meta, "w") as f:
+        json.dump({"model": model_uri, "prompts": list(prompts), "seeds": list(seeds), "params": p}, f, indent=2)
+    return {"images": paths, "grid": grid, "model": model_uri}
+
+
+@contextlib.contextmanager
+def mlflow_errors_in_one_line() -> Iterator[None]:
+    """Turn MLflow's exceptions into a RuntimeError with its first line, which the CLI prints
+    as one error line (a registry that is down, a refused request ...)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as e:
+        raise RuntimeError(f"MLflow at {mlflow.get_tracking_uri()}: {e.message.splitlines()[0]}") from None

@@ -1,23 +1,38 @@
-"""Local services on loopback for the smoke test, the test suite and `make mlflow-ui`.
+"""Local services on loopback for the smoke test, the test suite, `make airflow` and
+`make mlflow-ui`.
 
     with mlflow_server(workdir) as uri:     # real `mlflow server`, SQLite backend, local artifacts
         ...                                 # uri == "http://127.0.0.1:<port>"
+    with airflow_services(home) as af:      # migrate, `gpu` pool, dag-processor, scheduler, api-server
+        af.cli("dags", "trigger", "imagen_full", "--conf", "{...}")
+        af.rest("POST", "/api/v2/dags/imagen_full/dagRuns", {...})
+        af.kill("scheduler"); af.start("scheduler")   # crash and restart one service
 
+Airflow runs as three separate processes (not `airflow standalone`) so one can be killed
+and restarted, with LocalExecutor, low parallelism, SQLite and the project's dags/ folder.
 Every process started here is stopped on exit (terminate, then kill).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import secrets
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 BIN = os.path.dirname(sys.executable)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AIRFLOW_SERVICES = ("dag-processor", "scheduler", "api-server")
 
 
 def free_port() -> int:
@@ -81,3 +96,171 @@ def mlflow_server(workdir: str, port: int | None = None, timeout: float = 120.0)
         uri = f"http://127.0.0.1:{port}"
         wait_http(f"{uri}/health", timeout=timeout, proc=proc)
         yield uri
+
+
+def airflow_env(home: str, port: int, dags_folder: str | None = None, parallelism: int = 4,
+                extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for every Airflow process (services and CLI) of one local deployment."""
+    return {
+        **os.environ,
+        "PATH": BIN + os.pathsep + os.environ.get("PATH", ""),
+        "AIRFLOW_HOME": os.path.abspath(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": dags_folder or os.path.join(REPO, "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        # One worker process per parallel task: the default of 32 would swamp a laptop.
+        "AIRFLOW__CORE__PARALLELISM": str(parallelism),
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__WORKERS": "1",
+        # Task processes report to the api-server's execution API: tell them where it is.
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        # Scheduler and api-server sign and check task tokens with this: it must be shared.
+        "AIRFLOW__API_AUTH__JWT_SECRET": _jwt_secret(home),
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **(extra or {}),
+    }
+
+
+def _jwt_secret(home: str) -> str:
+    """A random secret kept in AIRFLOW_HOME, so a restarted service still trusts old tokens."""
+    path = os.path.join(home, "jwt_secret")
+    os.makedirs(home, exist_ok=True)
+    if not os.path.exists(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+    with open(path) as f:
+        return f.read().strip()
+
+
+class AirflowServices:
+    """A running local Airflow: its processes, URL and environment, and ways to drive it."""
+
+    def __init__(self, home: str, port: int, env: dict[str, str]):
+        self.home, self.port, self.env = home, port, env
+        self.url = f"http://127.0.0.1:{port}"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._token: str | None = None
+
+    def start(self, name: str) -> subprocess.Popen:
+        """Start one service (``dag-processor``, ``scheduler`` or ``api-server``)."""
+        log = open(os.path.join(self.home, f"{name}.log"), "a")  # noqa: SIM115 (lives with the process)
+        self.procs[name] = subprocess.Popen([os.path.join(BIN, "airflow"), name], stdout=log,
+                                            stderr=subprocess.STDOUT, env=self.env,
+                                            start_new_session=True)
+        log.close()
+        return self.procs[name]
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a service and everything it started (as a crashed machine would lose them)."""
+        proc = self.procs.pop(name)
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.procs)):
+            proc = self.procs.pop(name)
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run ``airflow ARGS`` against this deployment; output captured."""
+        out = subprocess.run([os.path.join(BIN, "airflow"), *args], env=self.env, capture_output=True,
+                             text=True)
+        if check and out.returncode != 0:
+            raise RuntimeError(f"airflow {' '.join(args)} exited with {out.returncode}:\n{out.stderr[-3000:]}")
+        return out
+
+    def password(self, user: str = "admin") -> str:
+        """The simple auth manager's generated password (written when the api-server starts)."""
+        path = os.path.join(self.home, "simple_auth_manager_passwords.json.generated")
+        with open(path) as f:
+            return json.load(f)[user]
+
+    def rest(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """Call the public REST API with a token from ``POST /auth/token``."""
+        if self._token is None:
+            self._token = _http_json("POST", f"{self.url}/auth/token",
+                                     {"username": "admin", "password": self.password()})["access_token"]
+        return _http_json(method, self.url + path, body, {"Authorization": f"Bearer {self._token}"})
+
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 180.0) -> None:
+        """Wait until the dag-processor has parsed ``dag_id`` into the metadata DB."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.rest("GET", f"/api/v2/dags/{dag_id}")
+                return
+            except RuntimeError:
+                time.sleep(2)
+        raise TimeoutError(f"the dag-processor did not register {dag_id} within {timeout:.0f}s; "
+                           f"see {self.home}/dag-processor.log")
+
+    def trigger_rest(self, dag_id: str, conf: dict[str, Any], run_id: str) -> dict[str, Any]:
+        """``POST /api/v2/dags/{dag_id}/dagRuns``: queue a run now."""
+        return self.rest("POST", f"/api/v2/dags/{dag_id}/dagRuns",
+                         {"dag_run_id": run_id, "logical_date": None, "conf": conf})
+
+    def wait_run(self, dag_id: str, run_id: str, timeout: float = 600.0, poll: float = 3.0) -> str:
+        """Poll the REST API until the run succeeds or fails; returns its state."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.rest("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")["state"]
+            if state in ("success", "failed"):
+                return state
+            time.sleep(poll)
+        raise TimeoutError(f"{dag_id} run {run_id} did not finish within {timeout:.0f}s; task logs are "
+                           f"under {self.home}/logs")
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
+        """{task_id or task_id[map_index]: state} of one run."""
+        tis = self.rest("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=1000")
+        return {ti["task_id"] + (f"[{ti['map_index']}]" if ti["map_index"] >= 0 else ""): ti["state"]
+                for ti in tis["task_instances"]}
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)  # the service and its workers and task processes
+
+
+def _http_json(method: str, url: str, body: dict[str, Any] | None = None,
+               headers: dict[str, str] | None = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"{method} {url} answered {e.code}: {e.read()[:500]!r}") from None
+
+
+@contextmanager
+def airflow_services(home: str, port: int | None = None, dags_folder: str | None = None,
+                     gpu_slots: int = 1, parallelism: int = 4, env: dict[str, str] | None = None,
+                     timeout: float = 180.0) -> Iterator[AirflowServices]:
+    """Migrate the metadata DB, create the ``gpu`` pool, start dag-processor, scheduler and
+    api-server on 127.0.0.1; yield them; stop them all on exit. ``env`` adds variables
+    (``MLFLOW_TRACKING_URI``, Airflow settings) to every process."""
+    os.makedirs(home, exist_ok=True)
+    port = port or free_port()
+    af = AirflowServices(home, port, airflow_env(home, port, dags_folder, parallelism, env))
+    af.cli("db", "migrate")
+    af.cli("pools", "set", "gpu", str(gpu_slots), "GPU training tasks: slots = trainings at once")
+    try:
+        for name in AIRFLOW_SERVICES:
+            af.start(name)
+        wait_http(f"{af.url}/api/v2/monitor/health", timeout=timeout, proc=af.procs["api-server"])
+        yield af
+    finally:
+        af.stop_all()

@@ -71,6 +71,10 @@ def test_evaluate_logs_alignment_metrics(trained, tiny_dataset, mlflow_uri):
               trained["run_id"], "--tracking-uri", mlflow_uri)
     m = out["metrics"]
     assert 0.0 <= m["alignment_guided"] <= 1.0 and 0.0 <= m["alignment_unguided"] <= 1.0
+    # both right <= each right; 8 colours x 3 shapes in the tiny dataset's attributes
+    assert m["alignment_guided"] <= min(m["alignment_color_guided"], m["alignment_shape_guided"])
+    assert m["chance_alignment"] == pytest.approx(1 / 24) and m["seconds_per_image/base64"] > 0
+    assert set(out["skipped"]) == {"fid", "clip_score"}
     assert Image.open(out["grids"]["guided"]).mode == "RGB"
     import mlflow
 
@@ -80,10 +84,11 @@ def test_evaluate_logs_alignment_metrics(trained, tiny_dataset, mlflow_uri):
 
 def test_register_then_sample_matches_pyfunc(trained, work, mlflow_uri):
     reg = cli("register", "--checkpoint", trained["checkpoint"], "--name", "imagen-cli-test",
-              "--run-id", trained["run_id"], "--tracking-uri", mlflow_uri)
-    assert reg["uri"] == "models:/imagen-cli-test@challenger"
+              "--run-id", trained["run_id"], "--tracking-uri", mlflow_uri, "--promote")
+    assert reg["uri"] == "models:/imagen-cli-test@challenger" and reg["promoted"]
     png = str(work / "x.png")
-    out = cli("sample", "a red circle on a white background", "--model", reg["uri"], "--output", png,
+    out = cli("sample", "a red circle on a white background", "--model", "models:/imagen-cli-test@champion",
+              "--output", png,
               "--steps", "4", "--seed", "7", env={"MLFLOW_TRACKING_URI": mlflow_uri})
     assert out["images"] == [png]
     via_cli = np.asarray(Image.open(png))
@@ -105,4 +110,5 @@ def test_sample_unknown_alias_is_one_error_line(mlflow_uri, work):
                           env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri})
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("imagen-pipeline sample: error: cannot load")
+    assert lines == ["imagen-pipeline sample: error: model 'imagen-cli-test' has no alias @nope; "
+                     "its aliases: @challenger (v1), @champion (v1)"]

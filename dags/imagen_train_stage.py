@@ -1,0 +1,70 @@
+"""imagen_train_stage: train, evaluate and register one cascade stage. Phase 3 of imagen_full.
+
+Runs when imagen_embed updates ``imagen_embeddings`` (training the default stage on the data
+the event points at), or by hand for any stage:
+
+    airflow dags trigger imagen_train_stage --conf '{"root": "/data/imagen", "stage": "sr256",
+        "preset": "sr256", "launcher": "kubernetes", "nodes": 4, "gpus_per_node": 8,
+        "launcher_options": {"image": "REGISTRY/imagen-pipeline:TAG", "volume_claim": "imagen-data"}}'
+
+The same settings reuse a finished training run; ``run_tag`` trains again. Registers
+``<model_prefix>-<stage>`` and emits that stage's model Asset (``imagen_model_<stage>``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from airflow.sdk import dag, task
+from imagen_common import (
+    DEFAULT_ARGS,
+    EMBEDDINGS,
+    GPU_POOL,
+    MODELS,
+    STAGE_MODEL,
+    evaluate_once,
+    register_once,
+    stage_params,
+    upstream,
+)
+
+
+@dag(dag_id="imagen_train_stage", schedule=[EMBEDDINGS], catchup=False, params=stage_params(),
+     default_args=DEFAULT_ARGS, tags=["imagen"], doc_md=__doc__)
+def imagen_train_stage():
+    @task(pool=GPU_POOL)
+    def train(params=None, triggering_asset_events=None) -> dict:
+        from pipeline.embed import resolve_embeddings_dir
+        from pipeline.launch import run_stage
+
+        event = upstream(triggering_asset_events, EMBEDDINGS)
+        root = event.get("root", params["root"])
+        embeddings = event.get("path") or params["embeddings"] or resolve_embeddings_dir(
+            os.path.join(root, "embeddings"))
+        return run_stage(root=root, stage=params["stage"], preset=params["preset"],
+                         data=event.get("filtered", os.path.join(root, "filtered")), embeddings=embeddings,
+                         max_steps=params["max_steps"], launcher=params["launcher"],
+                         launcher_options=params["launcher_options"], nodes=params["nodes"],
+                         procs_per_node=params["gpus_per_node"], run_tag=params["run_tag"])
+
+    @task
+    def evaluate(trained: dict, params=None) -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        if not params["attributes"] or trained["stage"] != "base64":
+            raise AirflowSkipException("evaluation needs the attributes param and the base64 stage")
+        return evaluate_once(trained, params["attributes"])
+
+    @task(trigger_rule="none_failed", outlets=[STAGE_MODEL])
+    def register(trained: dict, params=None, outlet_events=None) -> dict:
+        result = register_once([trained["checkpoint"]], f"{params['model_prefix']}-{trained['stage']}",
+                               trained["run_id"])
+        outlet_events[STAGE_MODEL].add(MODELS[trained["stage"]],
+                                       extra={"uri": result["uri"], "version": result["version"]})
+        return result
+
+    trained = train()
+    evaluate(trained) >> register(trained)
+
+
+imagen_train_stage()

@@ -1,0 +1,207 @@
+"""pipeline/registry.py against a real `mlflow server` on 127.0.0.1: stage and cascade models,
+lineage tags, aliases and promotion, `sample` == pyfunc `predict`, and one-line errors."""
+
+import hashlib
+import json
+import os
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from imagen.checkpoint import save_weights
+from imagen.config import preset
+from imagen.text import T5TextEncoder
+from imagen.unet import UNet
+from pipeline.registry import DEFAULT_PARAMS, stage_options
+
+PROMPTS = ["a red circle on a white background", "a blue square on a white background"]
+
+
+def make_stage(root, stage, encoder_dir, seed=0) -> str:
+    """A stage weights dir like training leaves in ROOT/checkpoints/<stage>/run1/final."""
+    cfg = preset("tiny", stage)
+    torch.manual_seed(seed)
+    state = UNet(cfg.unet).state_dict()
+    path = os.path.join(root, "checkpoints", stage, "run1", "final")
+    save_weights(path, state, cfg, ema=state, metadata={
+        "encoder_id": T5TextEncoder(encoder_dir).encoder_id, "encoder_name": encoder_dir, "step": 7})
+    return path
+
+
+def test_stage_options_take_per_stage_then_scalar_then_config():
+    p = {**DEFAULT_PARAMS, "guidance_scale": 4.0, "stage_guidance": [-1.0, 1.5], "stage_steps": [3],
+         "sampler": "ddim"}
+    a, b, c = stage_options(p, 3)
+    assert (a.guidance_scale, a.steps, a.sampler) == (4.0, 3, "ddim")
+    assert (b.guidance_scale, b.steps) == (1.5, None)
+    assert (c.guidance_scale, c.steps) == (4.0, None)
+    d = stage_options(DEFAULT_PARAMS, 1)[0]
+    assert (d.guidance_scale, d.steps, d.sampler) == (None, None, None)
+
+
+@pytest.fixture(scope="module")
+def reg(tmp_path_factory, mlflow_uri):
+    """Base and SR stages, a dataset manifest, a training run for the base stage (as the
+    trainer leaves it) and an evaluation of it, all on the session's MLflow server."""
+    import mlflow
+
+    from pipeline.evaluate import evaluate
+    from pipeline.tinymodels import build_tiny_t5
+
+    root = tmp_path_factory.mktemp("regroot")
+    enc = build_tiny_t5(str(root / "t5"))
+    other = build_tiny_t5(str(root / "t5-other"), seed=1)
+    (root / "filtered").mkdir()
+    manifest = json.dumps({"kept": 120, "rejected": 5}).encode()
+    (root / "filtered" / "manifest.json").write_bytes(manifest)
+    base, sr = make_stage(str(root), "base64", enc), make_stage(str(root), "sr256", enc, seed=1)
+    attrs = root / "attributes.json"
+    attrs.write_text(json.dumps({"colors": {"red": [220, 30, 30], "blue": [40, 70, 220]},
+                                 "shapes": ["circle", "square"]}))
+    client = mlflow.MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("reg-test") or client.get_experiment(client.create_experiment("reg-test"))
+    train_run = client.create_run(exp.experiment_id, tags={"checkpoint": os.path.abspath(base)})
+    ev = evaluate(base, attributes=str(attrs), steps=1, tracking_uri=mlflow_uri, output=str(root / "eval"))
+    mlflow.set_tracking_uri(mlflow_uri)
+    return {"root": root, "encoder": enc, "other": other, "base": base, "sr": sr, "uri": mlflow_uri,
+            "client": client, "train_run": train_run.info.run_id, "eval": ev,
+            "manifest_sha": hashlib.sha256(manifest).hexdigest()}
+
+
+@pytest.mark.slow
+def test_stage_model_carries_lineage_and_eval_metrics(reg):
+    from pipeline.registry import register
+
+    out = register([reg["base"]], tracking_uri=reg["uri"])
+    assert out["name"] == "imagen-base64" and out["uri"] == "models:/imagen-base64@challenger"
+    assert out["run_id"] == reg["train_run"]  # logged into the run that trained the stage
+    client = reg["client"]
+    mv = client.get_model_version("imagen-base64", out["version"])
+    assert client.get_model_version_by_alias("imagen-base64", "challenger").version == out["version"]
+    tags = mv.tags
+    assert tags["encoder_id"] == T5TextEncoder(reg["encoder"]).encoder_id
+    assert tags["dataset_manifest_sha256"] == reg["manifest_sha"] == tags["base64.dataset_manifest_sha256"]
+    assert json.loads(tags["base64.config"]) == json.loads(json.dumps(preset("tiny", "base64").to_dict()))
+    assert tags["base64.step"] == "7" and tags["base64.training_run"] == reg["train_run"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(__file__)).stdout.strip()
+    assert tags["git_commit"].split("-")[0] == (head or "unknown")
+    m = reg["eval"]["metrics"]
+    assert float(tags["eval/alignment_guided"]) == pytest.approx(m["alignment_guided"], abs=1e-5)
+    assert float(tags["eval/seconds_per_image/base64"]) == pytest.approx(m["seconds_per_image/base64"], rel=1e-5)
+    assert tags["eval_run"] == reg["train_run"]
+
+
+@pytest.mark.slow
+def test_cascade_sample_and_predict_give_identical_images(reg, tmp_path):
+    import mlflow
+
+    from pipeline.registry import register, sample_images
+
+    out = register([reg["base"], reg["sr"]], tracking_uri=reg["uri"])
+    assert out["name"] == "imagen-cascade"
+    assert reg["client"].get_model_version("imagen-cascade", out["version"]).tags["stages"] == "base64,sr256"
+    res = sample_images(PROMPTS, "models:/imagen-cascade@challenger", str(tmp_path / "s"), seeds=[5, 6],
+                        steps=1, tracking_uri=reg["uri"], progress=False)
+    assert [os.path.basename(p) for p in res["images"]] == ["000-seed5.png", "001-seed5.png",
+                                                            "000-seed6.png", "001-seed6.png"]
+    written = np.stack([np.asarray(Image.open(p)) for p in res["images"]])
+    assert written.shape == (4, 64, 64, 3)
+    assert np.asarray(Image.open(res["grid"])).shape == (2 * 66 + 2, 2 * 66 + 2, 3)
+
+    model = mlflow.pyfunc.load_model("models:/imagen-cascade@challenger")
+    frame = pd.DataFrame({"prompt": PROMPTS})
+    np.testing.assert_array_equal(model.predict(frame, params={"seed": 5, "steps": 1}), written[:2])
+    np.testing.assert_array_equal(model.predict(frame, params={"seed": 6, "steps": 1}), written[2:])
+    assert not np.array_equal(written[:2], written[2:])
+    # stage selection: the base stage alone, also the same through both paths
+    base_only = model.predict(frame, params={"seed": 5, "steps": 1, "stages": 1})
+    assert base_only.shape == (2, 32, 32, 3)
+    res1 = sample_images(PROMPTS[:1], "imagen-cascade@challenger", str(tmp_path / "one.png"), seeds=[5],
+                         steps=1, stages=1, tracking_uri=reg["uri"], progress=False)
+    assert res1["images"] == [str(tmp_path / "one.png")] and res1["grid"] is None
+    alone = model.predict(frame[:1], params={"seed": 5, "steps": 1, "stages": 1})
+    np.testing.assert_array_equal(np.asarray(Image.open(res1["images"][0])), alone[0])
+
+
+@pytest.mark.slow
+def test_sr_stage_model_upsamples_given_images(reg):
+    import io
+
+    import mlflow
+
+    from pipeline.registry import register
+
+    out = register([reg["sr"]], tracking_uri=reg["uri"])
+    assert out["name"] == "imagen-sr256"
+    model = mlflow.pyfunc.load_model(out["uri"])
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (220, 30, 30)).save(buf, "PNG")
+    frame = pd.DataFrame({"prompt": ["a red square"], "image": [buf.getvalue()]})
+    images = model.predict(frame, params={"steps": 1, "seed": 1})
+    assert images.shape == (1, 64, 64, 3)
+    np.testing.assert_array_equal(images, model.predict(frame, params={"steps": 1, "seed": 1}))
+
+
+@pytest.mark.slow
+def test_promotion_by_flag_and_by_metric_rule(reg):
+    from pipeline.registry import promote, register
+
+    client, name = reg["client"], "reg-test-promotion"
+
+    def champion():
+        return client.get_model_version_by_alias(name, "champion").version
+
+    v1 = register([reg["base"]], name, tracking_uri=reg["uri"], tags={"eval/score": "0.5"},
+                  promote_on="score")
+    assert v1["promoted"] and "no champion yet" in v1["promotion"] and champion() == v1["version"]
+    v2 = register([reg["base"]], name, tracking_uri=reg["uri"], tags={"eval/score": "0.4"},
+                  promote_on="score:max")
+    assert not v2["promoted"] and champion() == v1["version"]
+    assert v2["promotion"] == f"eval/score 0.4 does not beat champion v{v1['version']}'s 0.5 (max)"
+    assert client.get_model_version_by_alias(name, "challenger").version == v2["version"]
+    moved = promote(name, tracking_uri=reg["uri"])  # --promote without a checkpoint: the challenger
+    assert moved["version"] == v2["version"] and champion() == v2["version"]
+    v3 = register([reg["base"]], name, tracking_uri=reg["uri"], tags={"eval/score": "0.3"},
+                  promote_on="score:min")  # lower is better: 0.3 beats the champion's 0.4
+    assert v3["promoted"] and champion() == v3["version"]
+    with pytest.raises(ValueError, match="METRIC:min"):
+        register([reg["base"]], name, tracking_uri=reg["uri"], promote_on="score:best")
+
+
+def one_error_line(capsys, argv) -> str:
+    from pipeline.cli import main
+
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_user_errors_are_one_line(reg, capsys, tmp_path):
+    from pipeline.registry import register
+
+    register([reg["base"]], "reg-test-errors", tracking_uri=reg["uri"])
+    capsys.readouterr()  # MLflow's own logging of that registration
+    uri = ["--tracking-uri", reg["uri"]]
+    out = ["--output", str(tmp_path / "x.png")]
+    line = one_error_line(capsys, ["sample", "x", "--model", "models:/reg-test-missing@champion", *out, *uri])
+    assert line.startswith("imagen-pipeline sample: error: no registered model 'reg-test-missing' at ")
+    assert "reg-test-errors" in line  # names what does exist
+    line = one_error_line(capsys, ["sample", "x", "--model", "models:/reg-test-errors@champion", *out, *uri])
+    assert line.endswith("model 'reg-test-errors' has no alias @champion; its aliases: @challenger (v1)")
+    line = one_error_line(capsys, ["sample", "x", "--model", "models:/reg-test-errors", *out, *uri])
+    assert "write models:/NAME@ALIAS" in line
+    line = one_error_line(capsys, ["register", "--name", "reg-test-missing", "--promote", *uri])
+    assert "no registered model 'reg-test-missing'" in line
+    # a checkpoint from another encoder: in a cascade, and against --encoder
+    sr_other = make_stage(str(tmp_path), "sr256", reg["other"])
+    line = one_error_line(capsys, ["register", "--checkpoint", reg["base"], "--checkpoint", sr_other, *uri])
+    assert "stage sr256 was trained on text encoder t5-other@sha256:" in line
+    line = one_error_line(capsys, ["register", "--checkpoint", reg["base"], "--encoder", reg["other"], *uri])
+    assert "but the encoder given is t5-other@sha256:" in line
