@@ -189,19 +189,25 @@ def sr1024() -> StageConfig:
 
 
 def tiny(stage: str = "base64") -> StageConfig:
-    """CPU-sized stage for tests and the smoke test: same code paths, a few hundred k params."""
-    sizes = {"base64": (32, None), "sr256": (64, 32), "sr1024": (64, 32)}
+    """CPU-sized stage for tests and the smoke test: same code paths, about a million parameters.
+
+    The tiny stages chain like the paper's (x2 per SR stage instead of x4): 32 -> 64 -> 128 px.
+    The 128 px stage is narrower at full resolution, as the paper's 1024 px Efficient U-Net is
+    (128 channels at 1024 px) and has no self-attention.
+    """
+    sizes = {"base64": (32, None), "sr256": (64, 32), "sr1024": (128, 64)}
     if stage not in sizes:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     image_size, lowres = sizes[stage]
     sr = lowres is not None
     unet = UNetConfig(
         image_size=image_size,
-        channels=32,
-        channel_mults=(1, 2, 2),
+        channels=16 if stage == "sr1024" else 32,
+        channel_mults=(1, 2, 4) if stage == "sr1024" else (1, 2, 2),
         num_res_blocks=(1, 1, 2) if sr else (1, 1, 1),
-        self_attn_levels=(False, False, True),
-        cross_attn_levels=(False, True, True),
+        # the 128 px stage, like the paper's 1024 px one: no self-attention, text at the lowest level
+        self_attn_levels=(False, False, stage != "sr1024"),
+        cross_attn_levels=(False, stage != "sr1024", True),
         head_dim=32,
         text_embed_dim=32,
         lowres_cond=sr,

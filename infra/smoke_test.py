@@ -25,6 +25,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 
+from imagen.config import preset
 from pipeline.services import background, free_port, mlflow_server, wait_http
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,12 +44,12 @@ def run(cmd: list[str], env: dict[str, str]) -> None:
     subprocess.run(cmd, env=env, check=True)
 
 
-def check_png(path: str) -> None:
+def check_png(path: str, size: int) -> None:
     from PIL import Image
 
     with Image.open(path) as im:
-        if im.format != "PNG" or min(im.size) < 8:
-            raise RuntimeError(f"{path} is not a sampled PNG ({im.format}, {im.size})")
+        if im.format != "PNG" or im.size != (size, size):
+            raise RuntimeError(f"{path} is not a sampled {size}px PNG ({im.format}, {im.size})")
     print(f"sampled {path} ({im.size[0]}x{im.size[1]})")
 
 
@@ -155,10 +156,13 @@ def main() -> int:
         step("sample from the registry: the base model and the cascade")
         pngs = {MODEL_NAME: os.path.join(work, "sample.png"),
                 f"{PREFIX}-cascade": os.path.join(work, "sample-cascade.png")}
+        # tiny presets: base 32 px -> sr256 64 px -> sr1024 128 px; the cascade holds all three
+        sizes = {MODEL_NAME: preset("tiny", "base64").image_size,
+                 f"{PREFIX}-cascade": preset("tiny", STAGES[-1]).image_size}
         for model in pngs:
             run([os.path.join(BIN, "imagen-pipeline"), "sample", "a red circle on a white background",
                  "--model", f"models:/{model}@challenger", "--output", pngs[model], "--steps", "16"], env)
-            check_png(pngs[model])
+            check_png(pngs[model], sizes[model])
         png = pngs[MODEL_NAME]
 
     elapsed = time.monotonic() - t_start

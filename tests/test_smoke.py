@@ -24,6 +24,8 @@ def test_smoke_test_end_to_end(tmp_path):
     png = work / "sample.png"
     img = Image.open(png)
     assert img.size == (32, 32) and img.mode == "RGB"
+    # the registered cascade chains all three tiny stages: 32 -> 64 -> 128 px
+    assert Image.open(work / "sample-cascade.png").size == (128, 128)
     manifest = work / "data" / "filtered" / "manifest.json"
     assert manifest.exists()
     assert any((work / "data" / "checkpoints" / "base64").rglob("model.safetensors"))
