@@ -13,7 +13,6 @@ default data root), ``IMAGEN_RETRIES`` and ``IMAGEN_RETRY_DELAY_SECONDS`` (retry
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from datetime import timedelta
@@ -187,25 +186,12 @@ def evaluate_once(trained: dict[str, Any], attributes: str) -> dict[str, Any]:
 
 
 def register_once(checkpoints: list[str], name: str, run_id: str | None = None) -> dict[str, Any]:
-    """``pipeline.registry.register`` unless ``name`` already has a version made from exactly
-    these checkpoints (then its alias is pointed at that version again): a rerun with the same
-    conf registers nothing new."""
-    import mlflow
-
+    """``pipeline.registry.register``, which gives back the version already made from these
+    checkpoints (a rerun with the same conf registers nothing new), logging into the training
+    run when this tracking store has it."""
     from pipeline.registry import register
 
-    source = hashlib.sha256("\n".join(os.path.abspath(c) for c in checkpoints).encode()).hexdigest()[:16]
-    _use_tracking_of(checkpoints[0])
-    client = mlflow.MlflowClient()
-    for v in client.search_model_versions(f"name='{name}'"):
-        if v.tags.get("imagen.source") == source:
-            client.set_registered_model_alias(name, "challenger", v.version)
-            print(f"[register] {name} version {v.version} already holds these weights; reused", flush=True)
-            return {"name": name, "version": str(v.version), "alias": "challenger",
-                    "uri": f"models:/{name}@challenger", "run_id": v.run_id, "reused": True}
-    result = register(checkpoints, name, run_id=_known_run(run_id, checkpoints[0]),
-                      tags={"imagen.source": source})
-    return {**result, "reused": False}
+    return register(checkpoints, name, run_id=_known_run(run_id, checkpoints[0]))
 
 
 def _use_tracking_of(checkpoint: str) -> None:

@@ -138,7 +138,7 @@ def _register(a: argparse.Namespace) -> Any:
             return promote(a.name, version=a.version, tracking_uri=a.tracking_uri)
         return register(a.checkpoint, a.name, alias=a.alias, tracking_uri=a.tracking_uri,
                         run_id=a.run_id, tags=tags, encoder=a.encoder, promote=a.promote,
-                        promote_on=a.promote_on)
+                        promote_on=a.promote_on, new_version=a.new_version)
 
 
 @verb("sample")
@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--promote-on", metavar="METRIC[:max|min]",
                    help="move 'champion' only if this eval metric beats the champion's")
     s.add_argument("--version", help="with --promote and no --checkpoint: the version to promote")
+    s.add_argument("--new-version", action="store_true",
+                   help="register a new version even if one was made from these same checkpoints "
+                        "(default: reuse it and set its alias)")
     s.add_argument("--encoder", help="text encoder (default: the one in the checkpoint's metadata)")
     s.add_argument("--tag", action="append", metavar="KEY=VALUE", help="extra version tag")
     s.add_argument("--run-id", help="log the model into this run (default: the training run)")

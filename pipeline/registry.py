@@ -17,6 +17,10 @@ encoder is a local directory, the encoder itself; a hub encoder is stored by nam
 ``predict``, so both give identical images for the same seed. A model that starts with an SR
 stage (``imagen-sr256``) also takes an ``image`` column: the low-res inputs as PNG/JPEG bytes.
 
+Registering is idempotent: the same checkpoints (path, config and weight files unchanged), the
+same encoder and the same extra tags give back the version made from them before (its alias is
+set again) instead of a duplicate; ``--new-version`` forces a new one.
+
 New versions get the alias ``challenger``. ``--promote`` moves ``champion`` to the new
 version; ``--promote-on METRIC[:max|min]`` does so only when its evaluation metric beats the
 current champion's. Version tags carry the lineage: dataset manifest hash, encoder id, stage
@@ -26,6 +30,7 @@ configs, git commit, training runs and the evaluation metrics (``eval/...``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -49,6 +54,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
 }
 STAGE_MODEL_NAMES = {"base64": "imagen-base64", "sr256": "imagen-sr256", "sr1024": "imagen-sr1024"}
 CASCADE_MODEL_NAME = "imagen-cascade"
+SOURCE_TAG = "imagen.source"  # version tag: registration_key() of what the version was made from
 
 
 class StageBars:
@@ -234,6 +240,32 @@ def _eval_metrics(checkpoints: list[str]) -> tuple[dict[str, float], Any]:
     return {k: v for k, v in runs[0].data.metrics.items() if k.startswith("eval/")}, runs[0]
 
 
+def registration_key(checkpoints: Sequence[str], encoder: str | None, tags: dict[str, str] | None) -> str:
+    """Identity of what a version is made from: each checkpoint's path, config.json (which holds
+    its step and training run) and weight files' size and mtime (a checkpoint rewritten in place
+    changes them; weights are not hashed, a 2B model is 8 GB), the encoder override, the tags."""
+    from imagen.checkpoint import CONFIG_NAME
+
+    h = hashlib.sha256()
+    for c in checkpoints:
+        c = os.path.abspath(c)
+        h.update(c.encode() + b"\0")
+        with open(os.path.join(c, CONFIG_NAME), "rb") as f:
+            h.update(f.read())
+        for name in sorted(os.listdir(c)):
+            if name.endswith(".safetensors"):
+                st = os.stat(os.path.join(c, name))
+                h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}\0".encode())
+    h.update(json.dumps({"encoder": encoder, "tags": tags or {}}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _version_from(client, name: str, source: str):
+    """The newest version of ``name`` registered from ``source``, or None."""
+    versions = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get(SOURCE_TAG) == source]
+    return max(versions, key=lambda v: int(v.version), default=None)
+
+
 def register(
     checkpoints: Sequence[str],
     name: str | None = None,
@@ -245,6 +277,7 @@ def register(
     encoder: str | None = None,
     promote: bool = False,
     promote_on: str | None = None,
+    new_version: bool = False,
 ) -> dict[str, Any]:
     """Log a pyfunc over the stage weight dirs (in cascade order) and register it.
 
@@ -252,7 +285,8 @@ def register(
     logged into ``run_id``, else the run that trained the stage (one stage) or the run that
     evaluated these checkpoints (a cascade), else a new run. ``alias`` points at the new
     version; ``promote`` moves ``champion`` there too, ``promote_on`` ("METRIC[:max|min]")
-    only when the version's eval metric beats the champion's.
+    only when the version's eval metric beats the champion's. A version already made from the
+    same checkpoints, encoder and tags is reused (``reused`` in the result) unless ``new_version``.
     """
     from imagen.checkpoint import load_config
     from pipeline.evaluate import check_chain, find_stage_run
@@ -274,8 +308,15 @@ def register(
     client = mlflow.MlflowClient()
     runs = [_get_run(client, find_stage_run(c, m)) for c, m in zip(checkpoints, metas, strict=True)]
     eval_metrics, eval_run = _eval_metrics(checkpoints)
+    source = registration_key(checkpoints, encoder, tags)
+    existing = None if new_version else _version_from(client, name, source)
+    if existing is not None:
+        print(f"[register] {name} version {existing.version} was made from these checkpoints; reused "
+              "(--new-version registers another)", file=sys.stderr, flush=True)
+        return _set_aliases(client, name, str(existing.version), alias, existing.run_id, eval_metrics,
+                            promote, promote_on, reused=True)
     model_tags = {**lineage_tags(checkpoints, cfgs, metas, runs, encoder_id, encoder_name),
-                  **{k: f"{v:.6g}" for k, v in eval_metrics.items()}, **(tags or {})}
+                  **{k: f"{v:.6g}" for k, v in eval_metrics.items()}, **(tags or {}), SOURCE_TAG: source}
     if eval_run is not None:
         model_tags["eval_run"] = eval_run.info.run_id
     target = run_id
@@ -289,15 +330,21 @@ def register(
         info = mlflow.pyfunc.log_model(
             name="model", python_model=ImagenPyfunc(), artifacts=artifacts,
             model_config={"encoder_name": None if "text_encoder" in artifacts else encoder_name},
-            signature=_signature(cfgs), registered_model_name=name,
+            signature=_signature(cfgs),
             pip_requirements=["torch==2.13.0", "safetensors", "transformers", "sentencepiece", "pandas"],
         )
-        version = str(info.registered_model_version)
-    for k, v in model_tags.items():
-        client.set_model_version_tag(name, version, k, v)
+    # The version is created with its tags in one call: a version without the source tag (a
+    # crash between two calls) would be registered again by the next run.
+    version = str(mlflow.register_model(info.model_uri, name, tags=model_tags).version)
+    return _set_aliases(client, name, version, alias, run.info.run_id, eval_metrics, promote, promote_on,
+                        reused=False)
+
+
+def _set_aliases(client, name: str, version: str, alias: str, run_id: str | None, eval_metrics: dict,
+                 promote: bool, promote_on: str | None, reused: bool) -> dict[str, Any]:
     client.set_registered_model_alias(name, alias, version)
     result = {"name": name, "version": version, "alias": alias, "uri": f"models:/{name}@{alias}",
-              "run_id": run.info.run_id, "eval_metrics": eval_metrics, "promoted": False}
+              "run_id": run_id, "eval_metrics": eval_metrics, "promoted": False, "reused": reused}
     if promote or promote_on:
         ok, why = (True, "--promote") if promote else _beats_champion(client, name, version, promote_on)
         if ok:

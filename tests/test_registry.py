@@ -205,3 +205,38 @@ def test_user_errors_are_one_line(reg, capsys, tmp_path):
     assert "stage sr256 was trained on text encoder t5-other@sha256:" in line
     line = one_error_line(capsys, ["register", "--checkpoint", reg["base"], "--encoder", reg["other"], *uri])
     assert "but the encoder given is t5-other@sha256:" in line
+
+
+@pytest.mark.slow
+def test_registering_the_same_checkpoints_again_reuses_the_version(reg, tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.registry import SOURCE_TAG, register
+
+    client, name = reg["client"], "reg-test-idempotent"
+    stage = make_stage(str(tmp_path), "base64", reg["encoder"], seed=3)
+    first = register([stage], name, tracking_uri=reg["uri"])
+    again = register([stage], name, tracking_uri=reg["uri"], alias="staging")
+    assert not first["reused"] and again["reused"] and again["version"] == first["version"]
+    assert client.get_model_version_by_alias(name, "staging").version == first["version"]
+    assert client.get_model_version(name, first["version"]).tags[SOURCE_TAG]
+
+    # what changes the version's content or description makes a new one
+    tagged = register([stage], name, tracking_uri=reg["uri"], tags={"note": "x"})
+    assert not tagged["reused"] and tagged["version"] != first["version"]
+    forced = register([stage], name, tracking_uri=reg["uri"], new_version=True)
+    assert not forced["reused"] and forced["version"] not in (first["version"], tagged["version"])
+    weights = os.path.join(stage, "ema.safetensors")
+    st = os.stat(weights)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # rewritten in place
+    rewritten = register([stage], name, tracking_uri=reg["uri"])
+    assert not rewritten["reused"] and rewritten["version"] not in (first["version"], forced["version"])
+
+    # the CLI: a rerun reuses, --new-version adds one
+    capsys.readouterr()
+    argv = ["register", "--checkpoint", stage, "--name", name, "--tracking-uri", reg["uri"]]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["version"] == rewritten["version"]
+    assert main([*argv, "--new-version"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert not out["reused"] and int(out["version"]) == int(rewritten["version"]) + 1
+    assert len(client.search_model_versions(f"name='{name}'")) == 5
