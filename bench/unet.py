@@ -108,10 +108,10 @@ def main() -> None:
     except ImportError:
         sys.exit("bench/unet.py needs the optional peer: pip install diffusers==0.42.1")
     results: dict = {}
-    # alternate ours/peer twice and keep each one's best run: other load on a shared machine
-    # only ever slows a run down, so the best of two is the less noisy estimate
+    # alternate ours/peer three times and keep each one's best run: other load on a shared
+    # machine only ever slows a run down, so the best of three is the less noisy estimate
     for size, steps in ((32, 8), (64, 5)):
-        for which in ("ours", "peer", "ours", "peer"):
+        for which in ("ours", "peer") * 3:
             r = run_child(which, size, steps)
             best = results.get((which, size))
             if best is None or r["images_per_s"] > best["images_per_s"]:

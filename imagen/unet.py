@@ -221,10 +221,12 @@ class UNet(nn.Module):
             ch, n = chans[i], cfg.num_res_blocks[i]
             self.up.append(Level([prev + skip_chans[i]] + [ch] * (n - 1), ch, cfg,
                                  cfg.self_attn_levels[i], cfg.cross_attn_levels[i]))
-            prev = ch
+            # the upsampling conv already maps to the next level's width (as imagen-pytorch
+            # does): the most expensive conv of each level runs at the narrower width
+            prev = ch if i == 0 else chans[i - 1]
             self.upsample.append(
                 nn.Identity() if i == 0 else nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
-                                                           nn.Conv2d(ch, ch, 3, padding=1))
+                                                           nn.Conv2d(ch, prev, 3, padding=1))
             )
         self.out = nn.Sequential(nn.GroupNorm(_groups(prev, cfg.num_groups), prev), nn.SiLU(),
                                  nn.Conv2d(prev, cfg.out_channels, 3, padding=1))
