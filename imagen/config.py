@@ -200,14 +200,14 @@ def tiny(stage: str = "base64") -> StageConfig:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     image_size, lowres = sizes[stage]
     sr = lowres is not None
+    top = stage == "sr1024"  # like the paper's 1024 px stage: narrow, no self-attention, text at the bottom
     unet = UNetConfig(
         image_size=image_size,
-        channels=16 if stage == "sr1024" else 32,
-        channel_mults=(1, 2, 4) if stage == "sr1024" else (1, 2, 2),
+        channels=16 if top else 32,
+        channel_mults=(1, 2, 4) if top else (1, 2, 2),
         num_res_blocks=(1, 1, 2) if sr else (1, 1, 1),
-        # the 128 px stage, like the paper's 1024 px one: no self-attention, text at the lowest level
-        self_attn_levels=(False, False, stage != "sr1024"),
-        cross_attn_levels=(False, stage != "sr1024", True),
+        self_attn_levels=(False, False, not top),
+        cross_attn_levels=(False, not top, True),
         head_dim=32,
         text_embed_dim=32,
         lowres_cond=sr,

@@ -139,3 +139,12 @@ def test_channels_last_and_bf16_autocast_match_fp32():
     assert low.dtype == torch.bfloat16
     rel = (low.float() - ref).norm() / ref.norm()
     assert rel < 0.05, rel  # bf16 keeps ~3 significant digits
+
+
+@pytest.mark.parametrize("name", ["tiny", "paper"])
+def test_preset_stages_chain_into_one_cascade(name):
+    cfgs = [preset("tiny", s) if name == "tiny" else preset(s) for s in ("base64", "sr256", "sr1024")]
+    assert cfgs[0].lowres_size is None
+    for prev, cur in zip(cfgs[:-1], cfgs[1:], strict=True):
+        assert cur.lowres_size == prev.image_size, (prev.stage, cur.stage)
+    assert [c.image_size for c in cfgs] == ([32, 64, 128] if name == "tiny" else [64, 256, 1024])
