@@ -50,13 +50,27 @@ def root_param() -> Param:
                  description="Path or fsspec URI: raw/, filtered/, embeddings/, checkpoints/ go under it")
 
 
+def cascade_params() -> dict[str, Param]:
+    """Which stages, at which preset's sizes: the download size, the filter's size floor and
+    each stage's data all follow from their specs (``imagen.config.StageSpec``)."""
+    return {
+        "stages": Param(list(STAGES), type="array", minItems=1, uniqueItems=True,
+                        items={"type": "string", "enum": list(STAGES)},
+                        description="Cascade stages to train (the others are skipped)"),
+        "presets": Param({s: "tiny" for s in STAGES}, type="object", additionalProperties=False,
+                         properties={s: {"type": "string", "enum": list(PRESETS)} for s in STAGES},
+                         description=('Model preset per stage, e.g. {"base64": "base64", '
+                                      '"sr256": "sr256", "sr1024": "sr1024"} on GPUs')),
+    }
+
+
 def data_params() -> dict[str, Param]:
+    """The data phase: downloaded once at the largest stage's size, ratio kept, never upscaled."""
     return {
         "root": root_param(),
         "url_list": Param("", type="string", title="URL list",
                           description="Parquet/CSV/TSV/JSONL file with url and caption columns"),
-        "image_size": Param(64, type="integer", minimum=8, maximum=4096,
-                            description="Download resize (side in pixels; 64 for the base stage)"),
+        **cascade_params(),
         "allow_private_networks": Param(False, type="boolean",
                                         description="Let the downloader fetch private/loopback addresses"),
         "filtered_shard_size": Param(1000, type="integer", minimum=1,
@@ -98,16 +112,7 @@ def train_params() -> dict[str, Param]:
 
 def full_params() -> dict[str, Param]:
     """The imagen_full trigger form: every phase's settings, stages and a preset per stage."""
-    return {
-        **data_params(), **embed_params(), **train_params(),
-        "stages": Param(list(STAGES), type="array", minItems=1, uniqueItems=True,
-                        items={"type": "string", "enum": list(STAGES)},
-                        description="Cascade stages to train (the others are skipped)"),
-        "presets": Param({s: "tiny" for s in STAGES}, type="object", additionalProperties=False,
-                         properties={s: {"type": "string", "enum": list(PRESETS)} for s in STAGES},
-                         description=('Model preset per stage, e.g. {"base64": "base64", '
-                                      '"sr256": "sr256", "sr1024": "sr1024"} on GPUs')),
-    }
+    return {**data_params(), **embed_params(), **train_params()}
 
 
 def stage_params() -> dict[str, Param]:
@@ -155,17 +160,17 @@ def cascade_chain(checkpoints: list[str]) -> tuple[list[str], dict[str, str]]:
     are registered anyway), so mismatched presets cannot produce an unloadable cascade."""
     from imagen.checkpoint import load_config
 
-    kept, left_out, prev = [checkpoints[0]], {}, load_config(checkpoints[0])[0]
+    kept, left_out, prev = [checkpoints[0]], {}, load_config(checkpoints[0])[0].spec
     for ckpt in checkpoints[1:]:
-        cfg = load_config(ckpt)[0]
-        if cfg.lowres_size == prev.image_size:
+        spec = load_config(ckpt)[0].spec
+        error = spec.chain_error(prev)
+        if error is None:
             kept.append(ckpt)
-            prev = cfg
+            prev = spec
         else:
-            left_out[cfg.stage] = (f"expects {cfg.lowres_size}px input but {prev.stage} makes "
-                                   f"{prev.image_size}px images: pick presets whose sizes chain")
+            left_out[spec.stage] = error
     for stage, why in left_out.items():
-        print(f"[register] WARNING: {stage} left out of the cascade: it {why}", flush=True)
+        print(f"[register] WARNING: {stage} left out of the cascade: {why}", flush=True)
     return kept, left_out
 
 

@@ -25,7 +25,7 @@ def imagen_data():
         if not params["url_list"]:
             raise ValueError("set the url_list param to a Parquet/CSV/TSV/JSONL file of url,caption rows")
         out = os.path.join(params["root"], "raw")
-        run_download(params["url_list"], out, image_size=params["image_size"],
+        run_download(params["url_list"], out, stages=tuple(params["stages"]), presets=params["presets"],
                      allow_private_networks=params["allow_private_networks"])
         outlet_events[RAW].extra = {"root": params["root"], "path": out}
         return out
@@ -33,10 +33,11 @@ def imagen_data():
     @task(outlets=[FILTERED])
     def filter_shards(raw: str, params=None, outlet_events=None) -> str:
         from pipeline.filters import filter_shards as run_filter
-        from pipeline.filters import format_reject_table
+        from pipeline.filters import format_reject_table, stage_config
 
         out = os.path.join(params["root"], "filtered")
-        print(format_reject_table(run_filter(raw, out, samples_per_shard=params["filtered_shard_size"])))
+        print(format_reject_table(run_filter(raw, out, stage_config(params["presets"], params["stages"]),
+                                               samples_per_shard=params["filtered_shard_size"])))
         outlet_events[FILTERED].extra = {"root": params["root"], "path": out}
         return out
 

@@ -45,17 +45,18 @@ def imagen_full():
         if not params["url_list"]:
             raise ValueError("set the url_list param to a Parquet/CSV/TSV/JSONL file of url,caption rows")
         out = os.path.join(params["root"], "raw")
-        run_download(params["url_list"], out, image_size=params["image_size"],
+        run_download(params["url_list"], out, stages=tuple(params["stages"]), presets=params["presets"],
                      allow_private_networks=params["allow_private_networks"])
         return out
 
     @task
     def filter_shards(raw: str, params=None) -> str:
         from pipeline.filters import filter_shards as run_filter
-        from pipeline.filters import format_reject_table
+        from pipeline.filters import format_reject_table, stage_config
 
         out = os.path.join(params["root"], "filtered")
-        print(format_reject_table(run_filter(raw, out, samples_per_shard=params["filtered_shard_size"])))
+        print(format_reject_table(run_filter(raw, out, stage_config(params["presets"], params["stages"]),
+                                               samples_per_shard=params["filtered_shard_size"])))
         return out
 
     @task

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from imagen.config import StageConfig
+from imagen.config import StageConfig, check_chain
 from imagen.diffusion import GaussianDiffusion
 from imagen.sampling import sample
 from imagen.unet import UNet
@@ -98,10 +98,7 @@ class Cascade:
         ``metadata`` per stage (config.json's "metadata": encoder_id, ...), when known."""
         if not stages:
             raise ValueError("a cascade needs at least one stage")
-        for (_, prev), (_, cur) in zip(stages, stages[1:], strict=False):
-            if cur.lowres_size != prev.image_size:
-                raise ValueError(f"stage {cur.stage} expects {cur.lowres_size}px input but "
-                                 f"{prev.stage} makes {prev.image_size}px images")
+        check_chain([cfg.spec for _, cfg in stages])
         self.stages = list(stages)
         self.metadata = [dict(m) for m in metadata] if metadata else [{} for _ in self.stages]
         self.encoder_id = self._common_encoder_id()

@@ -22,7 +22,8 @@ STAGES = ("base64", "sr256", "sr1024")
 
 @dataclass
 class UNetConfig:
-    """Shape of the (Efficient) U-Net. Every level halves the resolution."""
+    """Shape of the (Efficient) U-Net. Every level halves the resolution: the plain layout
+    after its blocks (the last level excepted), the efficient one before them (all levels)."""
 
     image_size: int = 64
     in_channels: int = 3
@@ -32,6 +33,7 @@ class UNetConfig:
     num_res_blocks: tuple[int, ...] = (2, 2, 2, 2)  # per level (Efficient U-Net: more at low res)
     self_attn_levels: tuple[bool, ...] = (False, True, True, True)
     cross_attn_levels: tuple[bool, ...] = (False, True, True, True)
+    mid_self_attn: bool = True  # self-attention in the middle block (off for the 1024 stage)
     head_dim: int = 64
     text_embed_dim: int = 4096  # T5-XXL
     cond_dim: int | None = None  # time/pooled-text embedding width; default 4 * channels
@@ -48,8 +50,11 @@ class UNetConfig:
                 raise ValueError(f"UNetConfig.{name} has {len(value)} entries, channel_mults has {n}")
             setattr(self, name, value)
         self.channel_mults = tuple(self.channel_mults)
-        if self.image_size % 2 ** (n - 1):
-            raise ValueError(f"image_size {self.image_size} not divisible by 2**{n - 1}")
+        # the Efficient U-Net halves once more: its first level downsamples too (appendix B.1)
+        halvings = n if self.efficient else n - 1
+        if self.image_size % 2**halvings:
+            raise ValueError(f"image_size {self.image_size} not divisible by 2**{halvings} "
+                             f"({n} levels, efficient={self.efficient}): change image_size or channel_mults")
 
     @property
     def time_dim(self) -> int:
@@ -94,6 +99,57 @@ class TrainConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class StageSpec:
+    """The sizes of one cascade stage: the one place every other module reads them from.
+
+    Imagen trains every stage on the same image-text pairs, each at its own resolution
+    (sec. 2.5, appendix F): a stage only learns from images whose native short side
+    reaches its ``image_size`` (never from upscaled pixels). The loader resizes the short
+    side to ``image_size`` (never up) and crops ``crop_size``; an SR stage's low-res input
+    is made from that crop (``lowres_crop_size``). The 1024 stage trains on 256 px crops
+    with 64 px inputs and, having no self-attention, samples the whole 1024 px image.
+    """
+
+    stage: str
+    image_size: int  # the side the stage generates
+    lowres_size: int | None  # SR: the side of its conditioning image (the previous stage's output)
+    crop_size: int  # training crop side (image_size unless the stage trains on crops)
+
+    @property
+    def min_native_side(self) -> int:
+        """Samples whose stored short side is below this are left out of this stage."""
+        return self.image_size
+
+    @property
+    def lowres_crop_size(self) -> int | None:
+        """SR: the side of the low-res input made from one training crop."""
+        if self.lowres_size is None:
+            return None
+        return self.crop_size * self.lowres_size // self.image_size
+
+    @property
+    def random_crop(self) -> bool:
+        """SR stages take random crops (a crop is a fresh sample of the image's detail);
+        the base stage centre-crops, so it learns whole compositions."""
+        return self.lowres_size is not None
+
+    def chain_error(self, prev: StageSpec) -> str | None:
+        """Why this stage cannot follow ``prev`` in a cascade (None: it can)."""
+        if self.lowres_size == prev.image_size:
+            return None
+        return (f"stage {self.stage} expects {self.lowres_size}px input but {prev.stage} makes "
+                f"{prev.image_size}px images: pick presets whose sizes chain")
+
+
+def check_chain(specs: list[StageSpec]) -> None:
+    """Raise unless ``specs`` (in cascade order) chain: each SR input is the previous output."""
+    for prev, cur in zip(specs, specs[1:], strict=False):
+        error = cur.chain_error(prev)
+        if error:
+            raise ValueError(error)
+
+
 @dataclass
 class StageConfig:
     """Everything that defines one cascade stage."""
@@ -107,6 +163,7 @@ class StageConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    crop_size: int | None = None  # training crop side; None: the whole image_size
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -115,6 +172,17 @@ class StageConfig:
             raise ValueError(f"unet.image_size {self.unet.image_size} != image_size {self.image_size}")
         if self.unet.lowres_cond != (self.lowres_size is not None):
             raise ValueError("an SR stage needs lowres_size and unet.lowres_cond=True, a base stage neither")
+        spec = self.spec
+        if not 0 < spec.crop_size <= self.image_size or spec.crop_size % 2 ** len(self.unet.channel_mults):
+            raise ValueError(f"crop_size {spec.crop_size} must be in (0, {self.image_size}] and divisible "
+                             f"by 2**{len(self.unet.channel_mults)} (the U-Net's levels)")
+        if self.lowres_size is not None and (spec.crop_size * self.lowres_size) % self.image_size:
+            raise ValueError(f"crop_size {spec.crop_size} must scale to a whole low-res crop "
+                             f"({self.lowres_size}/{self.image_size} of it)")
+
+    @property
+    def spec(self) -> StageSpec:
+        return StageSpec(self.stage, self.image_size, self.lowres_size, self.crop_size or self.image_size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -162,7 +230,13 @@ def sr256() -> StageConfig:
         channel_mults=(1, 2, 4, 6, 6),
         num_res_blocks=(2, 4, 8, 8, 8),
         self_attn_levels=(False, False, False, False, False),
-        cross_attn_levels=(False, False, False, False, True),  # text cross-attention at 16x16 only
+        # efficient layout: the levels run at 128..8 px, text cross-attention at 8x8 only
+        cross_attn_levels=(False, False, False, False, True),
+        # keep self-attention in the middle block (8x8 = 64 tokens, cheap): the paper removes
+        # self-attention only from the 1024 px model (sec. 2.5), which must run convolutionally
+        # on whole images after training on crops; this model trains and samples at 256 px.
+        # imagen-pytorch's SRUnet256 keeps it too (attend_at_middle=True by default).
+        mid_self_attn=True,
         lowres_cond=True,
         efficient=True,
     )
@@ -179,12 +253,16 @@ def sr1024() -> StageConfig:
         channel_mults=(1, 2, 4, 4, 4),
         num_res_blocks=(2, 4, 8, 8, 8),
         self_attn_levels=(False,) * 5,
+        # text cross-attention only at the lowest level (32x32 at 1024 px, 8x8 on 256 crops),
+        # which sec. 2.5 keeps as critical
         cross_attn_levels=(False, False, False, False, True),
+        mid_self_attn=False,  # no self-attention anywhere, the middle block included (sec. 2.5)
         lowres_cond=True,
         efficient=True,
     )
     train = TrainConfig(batch_size=4096, lr=1e-4)
-    return StageConfig("sr1024", "sr1024", 1024, 256, unet=unet, train=train,
+    # trained on 256 px crops with 64 px inputs, sampled fully convolutionally at 1024 (appendix F)
+    return StageConfig("sr1024", "sr1024", 1024, 256, unet=unet, train=train, crop_size=256,
                        diffusion=DiffusionConfig(schedule="linear", guidance_scale=1.0))
 
 
@@ -193,7 +271,8 @@ def tiny(stage: str = "base64") -> StageConfig:
 
     The tiny stages chain like the paper's (x2 per SR stage instead of x4): 32 -> 64 -> 128 px.
     The 128 px stage is narrower at full resolution, as the paper's 1024 px Efficient U-Net is
-    (128 channels at 1024 px) and has no self-attention.
+    (128 channels at 1024 px), has no self-attention, and trains on half-size crops (64 px
+    crops with 32 px inputs) as the paper's trains on 256 px crops of 1024 px images.
     """
     sizes = {"base64": (32, None), "sr256": (64, 32), "sr1024": (128, 64)}
     if stage not in sizes:
@@ -208,6 +287,7 @@ def tiny(stage: str = "base64") -> StageConfig:
         num_res_blocks=(1, 1, 2) if sr else (1, 1, 1),
         self_attn_levels=(False, False, not top),
         cross_attn_levels=(False, not top, True),
+        mid_self_attn=not top,
         head_dim=32,
         text_embed_dim=32,
         lowres_cond=sr,
@@ -222,10 +302,12 @@ def tiny(stage: str = "base64") -> StageConfig:
     train = TrainConfig(batch_size=16, lr=1e-3, warmup_steps=20, max_steps=200, ema_decay=0.99,
                         checkpoint_every=50, log_every=5, sample_every=100)
     return StageConfig(stage, "tiny", image_size, lowres, text_encoder="", max_text_len=32,
-                       unet=unet, diffusion=diffusion, train=train)
+                       unet=unet, diffusion=diffusion, train=train, crop_size=64 if top else None)
 
 
 PRESETS = {"tiny": tiny, "base64": base64, "sr256": sr256, "sr1024": sr1024}
+# The paper preset of each stage (its own name); "tiny" shrinks any stage.
+PAPER_PRESETS = {s: s for s in STAGES}
 
 
 def preset(name: str, stage: str | None = None) -> StageConfig:
@@ -238,3 +320,13 @@ def preset(name: str, stage: str | None = None) -> StageConfig:
     if stage is not None and stage != cfg.stage:
         raise ValueError(f"preset {name!r} is for stage {cfg.stage!r}, not {stage!r}")
     return cfg
+
+
+def stage_specs(presets: dict[str, str], stages: tuple[str, ...] | list[str] | None = None) -> dict[str, StageSpec]:
+    """The :class:`StageSpec` of each stage in ``stages`` (all by default, in cascade order),
+    each from its preset in ``presets`` (stage -> preset name; a missing stage: its paper preset)."""
+    wanted = [s for s in STAGES if s in (stages or STAGES)]
+    unknown = set(stages or ()) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    return {s: preset(presets.get(s, PAPER_PRESETS[s]), s).spec for s in wanted}

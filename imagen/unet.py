@@ -18,6 +18,12 @@ Conditioning (Imagen sec. 2 and appendix B):
 A sample whose text mask is all False is "unconditional": it attends only to a learned
 null key/value and pools to a learned null vector, which is how classifier-free guidance
 drops text.
+
+Layouts (``UNetConfig.efficient``, see :class:`UNet`): the plain U-Net of the base model,
+and the Efficient U-Net of the SR stages (appendix B.1), in which every level downsamples
+before its residual blocks, so none runs at the input resolution. With no self-attention
+in any level and ``mid_self_attn=False`` (the 1024 px stage, sec. 2.5) nothing depends on
+the number of pixels: the model trains on crops and samples the whole image.
 """
 
 from __future__ import annotations
@@ -185,10 +191,26 @@ class Level(nn.Module):
         return fn(*args)
 
 
+def _upsample(cin: int, cout: int) -> nn.Module:
+    """Nearest x2 then a 3x3 conv (no checkerboard artefacts of a transposed conv)."""
+    return nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(cin, cout, 3, padding=1))
+
+
 class UNet(nn.Module):
-    """Imagen U-Net. ``cfg.efficient`` selects the Efficient U-Net of appendix B.1:
-    downsample before the convs on the way down, upsample after them on the way up, and
-    skip connections scaled by 1/sqrt(2)."""
+    """Imagen U-Net, in one of two layouts (``cfg.efficient``).
+
+    Plain (the base 64 px model, Imagen appendix B): stem conv, then per level its res
+    blocks followed by a downsampling conv (none after the last level); on the way up,
+    per level its blocks then an upsampling conv (none after level 0), so level 0's blocks
+    run at the input resolution.
+
+    Efficient (the SR models, Imagen appendix B.1, fig. A.28-A.30; imagen-pytorch
+    ``Unet(memory_efficient=True)``): every level downsamples *before* its blocks, the
+    first level included, and upsamples *after* them on the way up, so no res block runs
+    at the input resolution; only the stem and output convs do. Activations at full
+    resolution are what dominate memory and time at 256 and 1024 px. Skip connections are
+    scaled by 1/sqrt(2). The image side must then be divisible by 2**len(channel_mults).
+    """
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -201,33 +223,46 @@ class UNet(nn.Module):
         self.aug_embed = FourierEmbedding(cfg.channels, td) if cfg.lowres_cond else None
         cin = cfg.in_channels * (2 if cfg.lowres_cond else 1)
         self.stem = nn.Conv2d(cin, cfg.channels, 3, padding=1)
-        self.skip_scale = 2**-0.5 if cfg.efficient else 1.0
+        self.skip_scale = 2**-0.5 if cfg.efficient else 1.0  # Imagen appendix B.1
 
+        # downsample[i] runs before level i (efficient) or after it (plain); an Identity
+        # where a layout does not halve (plain: after the last level)
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
-        prev, skip_chans = cfg.channels, []
+        prev = cfg.channels
         for i, ch in enumerate(chans):
             n = cfg.num_res_blocks[i]
+            if cfg.efficient:
+                # the strided conv already maps to the level's width, as the DBlock's first
+                # conv does in the paper (fig. A.28): the level's blocks all run at ch -> ch
+                self.downsample.append(nn.Conv2d(prev, ch, 4, stride=2, padding=1))
+                prev = ch
             self.down.append(Level([prev] + [ch] * (n - 1), ch, cfg, cfg.self_attn_levels[i],
                                    cfg.cross_attn_levels[i]))
-            skip_chans.append(ch)
             prev = ch
-            last = i == len(chans) - 1
-            self.downsample.append(nn.Identity() if last else nn.Conv2d(ch, ch, 4, stride=2, padding=1))
+            if not cfg.efficient:
+                last = i == len(chans) - 1
+                self.downsample.append(nn.Identity() if last else nn.Conv2d(ch, ch, 4, stride=2, padding=1))
 
-        self.mid = Level([prev, prev], prev, cfg, True, any(cfg.cross_attn_levels))
+        # mid_self_attn=False for the 1024 px stage (Imagen sec. 2.5): no self-attention
+        # anywhere, so a model trained on crops runs convolutionally on the whole image
+        self.mid = Level([prev, prev], prev, cfg, cfg.mid_self_attn, any(cfg.cross_attn_levels))
 
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i in reversed(range(len(chans))):
             ch, n = chans[i], cfg.num_res_blocks[i]
-            self.up.append(Level([prev + skip_chans[i]] + [ch] * (n - 1), ch, cfg,
+            self.up.append(Level([prev + ch] + [ch] * (n - 1), ch, cfg,
                                  cfg.self_attn_levels[i], cfg.cross_attn_levels[i]))
             # the upsampling conv already maps to the next level's width (as imagen-pytorch
-            # does): the most expensive conv of each level runs at the narrower width
-            prev = ch if i == 0 else chans[i - 1]
-            self.upsample.append(
-                nn.Identity() if i == 0 else nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
-                                                           nn.Conv2d(ch, prev, 3, padding=1))
-            )
+            # does): the most expensive conv of each level runs at the narrower width. In the
+            # efficient layout level 0 upsamples too, back to the stem's width and resolution.
+            if i > 0:
+                prev = chans[i - 1]
+                self.upsample.append(_upsample(ch, prev))
+            elif cfg.efficient:
+                prev = cfg.channels
+                self.upsample.append(_upsample(ch, prev))
+            else:
+                self.upsample.append(nn.Identity())
         self.out = nn.Sequential(nn.GroupNorm(_groups(prev, cfg.num_groups), prev), nn.SiLU(),
                                  nn.Conv2d(prev, cfg.out_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
@@ -272,8 +307,8 @@ class UNet(nn.Module):
         h = self.stem(x)
         skips = []
         for i, level in enumerate(self.down):
-            if cfg.efficient and i > 0:
-                h = self.downsample[i - 1](h)  # Efficient U-Net: downsample before the convs
+            if cfg.efficient:
+                h = self.downsample[i](h)  # Efficient U-Net: downsample before the convs
             h = level(h, cond, text, mask)
             skips.append(h)
             if not cfg.efficient:
@@ -282,5 +317,5 @@ class UNet(nn.Module):
         for level, upsample in zip(self.up, self.upsample, strict=True):
             h = torch.cat([h, skips.pop() * self.skip_scale], dim=1)
             h = level(h, cond, text, mask)
-            h = upsample(h)
+            h = upsample(h)  # Efficient U-Net: upsample after the convs, level 0 included
         return self.out(h)

@@ -7,8 +7,10 @@ local, loopback only.
 It renders the tiny dataset and serves it on 127.0.0.1, starts a real `mlflow server`
 (SQLite backend, local artifacts) on 127.0.0.1, migrates a temporary Airflow metadata DB
 (SQLite) with a `gpu` pool, runs the DAG in process with `airflow dags test`, checks that the
-registry has every stage and the cascade under their alias and samples a PNG from the base
-model, then runs the DAG again with the same conf and checks that it reused everything
+registry has every stage and the cascade under their alias, checks that each stage's loader
+yielded only images at least as large as that stage (``IMAGEN_DATA_AUDIT``) and that each
+stage's run counts the rendered images too small for it, samples a PNG from the base model
+and the cascade, then runs the DAG again with the same conf and checks that it reused everything
 (no new shard, checkpoint or model version), and stops every process it started.
 """
 
@@ -79,6 +81,52 @@ def snapshot(root: str) -> dict[str, float]:
     return out
 
 
+def check_stage_data(tiny: str, root: str, audit_dir: str, client) -> dict[str, int]:
+    """Each stage trained on real pixels at its own size: every image its loader yielded (the
+    audit lines the loader writes) comes from a rendered source at least that large, and its
+    MLflow run's ``data_excluded_too_small`` is the number of kept sources smaller than it."""
+    import glob
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    native = {r["url"]: min(r["source_width"], r["source_height"])
+              for r in pq.read_table(os.path.join(tiny, "urls.parquet")).to_pylist()}
+    key_side = {}
+    for shard in glob.glob(os.path.join(root, "filtered", "[0-9]*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar:
+                if m.name.endswith(".json"):
+                    key_side[m.name[:-5]] = native[json.loads(tar.extractfile(m).read())["url"]]
+    lines = []
+    for path in glob.glob(os.path.join(audit_dir, "*.jsonl")):
+        with open(path) as f:
+            lines += [json.loads(x) for x in f]
+    seen: dict[int, int] = {}
+    for x in lines:
+        if key_side[x["key"]] < x["image_size"] or min(x["stored"]) < x["image_size"]:
+            raise RuntimeError(f"a {x['image_size']} px stage trained on {x['key']}, a "
+                               f"{key_side[x['key']]} px source: it was upscaled")
+        seen[x["image_size"]] = seen.get(x["image_size"], 0) + 1
+    excluded = {}
+    for stage in STAGES:
+        size = preset("tiny", stage).image_size
+        want = sum(side < size for side in key_side.values())
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  filter_string=f"tags.stage = '{stage}'")
+        got = {int(r.data.params["data_excluded_too_small"]) for r in runs
+               if "data_excluded_too_small" in r.data.params}
+        if size not in seen or got != {want}:
+            raise RuntimeError(f"{stage}: the loader yielded {seen.get(size, 0)} images; its run logged "
+                               f"data_excluded_too_small={got}, but {want} kept sources are under {size} px")
+        excluded[stage] = want
+    if not excluded[STAGES[-1]]:
+        raise RuntimeError(f"no source is too small for {STAGES[-1]}: the tiny data must exercise the rule")
+    print(f"stage data: {len(lines)} yielded images, each from a source at least its stage's size; "
+          f"left out as too small: {excluded}")
+    return excluded
+
+
 def check_reused(before: dict[str, float], after: dict[str, float], versions: dict, versions_after: dict
                  ) -> None:
     """A rerun with the same conf rewrites no shard, embedding or checkpoint and registers nothing."""
@@ -117,6 +165,9 @@ def main() -> int:
     }
     tiny = os.path.join(work, "tiny")
     root = os.path.join(work, "data")
+    audit = os.path.join(work, "data-audit")  # every loader writes what it yields (pipeline.data)
+    shutil.rmtree(audit, ignore_errors=True)
+    env["IMAGEN_DATA_AUDIT"] = audit
     with ExitStack() as stack:
         step(f"tiny dataset + loopback image server on 127.0.0.1:{img_port}")
         server = stack.enter_context(background(
@@ -146,6 +197,9 @@ def main() -> int:
         versions = registered_versions(mlflow.MlflowClient())
         mv = mlflow.MlflowClient().get_model_version_by_alias(MODEL_NAME, "challenger")
         print(f"registered: {versions}")
+
+        step("each stage trained only on images at least its size")
+        check_stage_data(tiny, root, audit, mlflow.MlflowClient())
 
         if not args.no_rerun:
             step("airflow dags test imagen_full again, same conf: everything is reused")

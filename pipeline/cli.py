@@ -35,6 +35,21 @@ def verb(name: str):
     return deco
 
 
+def _stage_arguments(s: argparse.ArgumentParser, stages_help: str) -> None:
+    from imagen.config import PRESETS, STAGES
+
+    s.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES), help=stages_help)
+    s.add_argument("--preset", default=None, choices=[p for p in PRESETS if p not in STAGES],
+                   help="model preset whose sizes apply to every stage (default: each stage's paper "
+                        "preset; tiny for the tiny dataset)")
+
+
+def _presets(preset: str | None) -> dict[str, str]:
+    from imagen.config import STAGES
+
+    return {s: preset for s in STAGES} if preset else {}
+
+
 @verb("tiny-data")
 def _tiny_data(a: argparse.Namespace) -> Any:
     from pipeline.tinydata import make_tiny_dataset, serve_forever
@@ -56,7 +71,7 @@ def _download(a: argparse.Namespace) -> Any:
 
     overrides = {k: getattr(a, k) for k in ("image_size", "resize_mode", "input_format", "max_pixels", "max_bytes")
                  if getattr(a, k)}
-    return download(a.url_list, a.output, stage=a.stage, url_col=a.url_col, caption_col=a.caption_col or None,
+    return download(a.url_list, a.output, stages=tuple(a.stages), presets=_presets(a.preset), url_col=a.url_col, caption_col=a.caption_col or None,
                     processes=a.processes, threads=a.threads, timeout=a.timeout, retries=a.retries,
                     number_sample_per_shard=a.samples_per_shard, encode_format=a.encode_format,
                     save_additional_columns=a.extra_columns, allow_private_networks=a.allow_private_networks,
@@ -65,7 +80,7 @@ def _download(a: argparse.Namespace) -> Any:
 
 @verb("filter")
 def _filter(a: argparse.Namespace) -> Any:
-    from pipeline.filters import FilterConfig, filter_shards, format_reject_table
+    from pipeline.filters import filter_shards, format_reject_table, stage_config
 
     scorers = {}
     for spec in a.scorer or []:
@@ -74,9 +89,10 @@ def _filter(a: argparse.Namespace) -> Any:
             scorers[name] = json.loads(options or "{}")
         except ValueError as e:
             raise ValueError(f"--scorer {spec!r}: expected NAME='{{\"weights\": DIR, \"min\": X}}' ({e})") from e
-    cfg = FilterConfig(min_caption_chars=a.min_caption_chars, max_caption_chars=a.max_caption_chars,
-                       languages=tuple(x for x in (a.languages or "").split(",") if x),
-                       min_language_confidence=a.min_language_confidence, min_side=a.min_side,
+    sized = {"min_side": a.min_side} if a.min_side else {}
+    cfg = stage_config(_presets(a.preset), a.stages, **sized, min_caption_chars=a.min_caption_chars,
+                       max_caption_chars=a.max_caption_chars, languages=tuple(x for x in (a.languages or "").split(",") if x),
+                       min_language_confidence=a.min_language_confidence,
                        max_aspect=a.max_aspect, max_pixels=a.max_pixels, dedup=not a.no_dedup,
                        near_dedup=not a.no_near_dedup, near_dup_distance=a.near_dup_distance, scorers=scorers)
     manifest = filter_shards(a.input, a.output, cfg, samples_per_shard=a.samples_per_shard, workers=a.workers)
@@ -176,11 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, help="raw shards directory (ROOT/raw)")
     s.add_argument("--input-format", choices=["parquet", "csv", "tsv", "jsonl", "json", "txt"],
                    help="default: from the file extension")
-    s.add_argument("--stage", default="base64", choices=["base64", "sr256", "sr1024"],
-                   help="resize preset: base64 = 64 px center crops; sr256/sr1024 = keep ratio, never upscaled")
-    s.add_argument("--image-size", type=int, help="override the stage's size")
+    _stage_arguments(s, "the stages the data is for: downloaded once at the largest one's size, "
+                        "ratio kept, never upscaled")
+    s.add_argument("--image-size", type=int, help="override the size the stages' specs give")
     s.add_argument("--resize-mode", choices=["center_crop", "keep_ratio", "keep_ratio_largest", "no"],
-                   help="override the stage's resize mode ('border' is never offered)")
+                   help="override keep_ratio ('border' is never offered)")
     s.add_argument("--url-col", default="url")
     s.add_argument("--caption-col", default="caption", help="empty for a list without captions")
     s.add_argument("--extra-columns", nargs="*", help="URL-list columns to copy into each sample's json")
@@ -206,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(needs py3langid; skipped with a warning without it)")
     s.add_argument("--min-language-confidence", type=float, default=0.5,
                    help="reject a caption only when another language is detected at least this surely")
-    s.add_argument("--min-side", type=int, default=64, help="reject images smaller than this")
+    _stage_arguments(s, "the stages the data is for: the smallest sets the size floor, and each "
+                        "stage's too-small samples are counted")
+    s.add_argument("--min-side", type=int, help="reject images smaller than this (default: the smallest "
+                                                 "stage's size)")
     s.add_argument("--max-aspect", type=float, default=2.0)
     s.add_argument("--max-pixels", type=int, default=64_000_000)
     s.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")

@@ -7,8 +7,8 @@ with ``EMBEDDINGS/NNNNNN.parquet`` written by :mod:`pipeline.embed`; samples are
     from pipeline.data import TrainDataConfig, make_loader
     cfg = TrainDataConfig(data="data/filtered", embeddings="data/embeddings/t5-...")
     batch = next(iter(make_loader(cfg, rank=0, world_size=1)))
-    batch["image"]        # float32 [B, 3, H, W] in [-1, 1]
-    batch["lowres"]       # float32 [B, 3, h, w] in [-1, 1], only when cfg.lowres_size
+    batch["image"]        # float32 [B, 3, C, C] in [-1, 1], C = cfg.crop_size
+    batch["lowres"]       # float32 [B, 3, c, c] in [-1, 1], only when cfg.lowres_size
     batch["text_embeds"]  # float32 [B, L, D], L = longest caption in the batch
     batch["text_mask"]    # bool [B, L], True at real tokens
     batch["keys"]         # list[str]
@@ -29,17 +29,30 @@ How the order is made, so that it is exact and cheap to resume:
 - A worker yields whole batches and the DataLoader takes them round-robin (worker
   ``j % W`` makes batch ``j``); resuming at ``start_batch`` rotates the roles accordingly.
 
-A sample whose image is missing or undecodable is counted, logged, and its slot in the
-batch is filled with another sample of the same batch (batches keep their size and their
-place in the stream). A shard's embeddings stay in memory while its window is read.
+A stage learns only from real pixels at its own resolution (Imagen sec. 2.5): samples whose
+stored short side (``image_side``, recorded by the embed step from the image header) is below
+``image_size`` are left out of the plan before anything is read, and counted
+(:attr:`Shard.excluded`). The image is resized so its short side is ``image_size`` (never up),
+then cropped to ``crop_size`` (centred, or random for SR stages); an SR stage's low-res input
+is the same crop downsampled by area averaging.
+
+A sample whose image is missing, undecodable or (without a recorded side) smaller than the
+stage is counted, logged, and its slot in the batch is filled with another sample of the same
+batch (batches keep their size and their place in the stream); it is never upscaled.
+``IMAGEN_DATA_AUDIT=DIR`` makes every reader append one JSON line per image it yields to
+``DIR/<pid>.jsonl`` (key, stored size, crop size): a check that each stage sees only images
+at least as large as itself. A shard's embeddings stay in memory while its window is read.
 Paths are fsspec URIs; on object stores consider fsspec's ``simplecache::`` so the random
 reads hit a local copy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import logging
+import os
 import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +74,7 @@ from pipeline.embed import (
     scan_tar,
     shard_stem,
 )
+from pipeline.images import to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +87,10 @@ class TrainDataConfig:
         data: directory of filtered ``NNNNNN.tar`` shards.
         embeddings: directory of ``NNNNNN.parquet`` embeddings (``embed_shards``'s
             ``output``); its parent also works when it holds exactly one encoder folder.
-        image_size: side of the square training image.
-        lowres_size: SR stages: also return the image downsampled to this side (the
+        image_size: the stage's side: the image's short side is resized to it (never up);
+            samples whose short side is smaller are left out.
+        crop_size: side of the square training crop (None: ``image_size``).
+        lowres_size: SR stages: also return the crop downsampled to this side (the
             stage's conditioning input, Imagen sec. 2.5); None for the base stage.
         max_tokens: captions longer than this are truncated (keep <= embed max_length).
         batch_size: samples per batch (per rank).
@@ -107,11 +123,17 @@ class TrainDataConfig:
     expected_dim: int | None = None
     expected_max_length: int | None = None
     start_batch: int = 0
+    crop_size: int | None = None
+    audit_dir: str | None = dataclasses.field(default_factory=lambda: os.environ.get("IMAGEN_DATA_AUDIT"))
 
     def __post_init__(self) -> None:
-        if self.lowres_size is not None and not 0 < self.lowres_size < self.image_size:
+        if self.crop_size is None:
+            self.crop_size = self.image_size
+        if not 0 < self.crop_size <= self.image_size:
+            raise ValueError(f"crop_size {self.crop_size} must be between 1 and image_size {self.image_size}")
+        if self.lowres_size is not None and not 0 < self.lowres_size < self.crop_size:
             raise ValueError(
-                f"lowres_size {self.lowres_size} must be between 1 and image_size {self.image_size}"
+                f"lowres_size {self.lowres_size} must be between 1 and crop_size {self.crop_size}"
             )
         for name in ("image_size", "max_tokens", "batch_size", "shuffle_shards"):
             if getattr(self, name) < 1:
@@ -123,11 +145,17 @@ class TrainDataConfig:
 
 @dataclass(frozen=True)
 class Shard:
-    """One filtered tar, its embeddings parquet, and the parquet's row count."""
+    """One filtered tar, its embeddings parquet, and the rows of it this stage reads.
+
+    ``eligible`` lists those parquet rows (None: all of them); ``excluded`` counts the rows
+    left out because their image is smaller than the stage.
+    """
 
     tar: str
     parquet: str
     rows: int
+    eligible: tuple[int, ...] | None = None
+    excluded: int = 0
 
 
 _IDENTITY = ("encoder_id", "dim", "max_length")
@@ -185,11 +213,43 @@ def discover(cfg: TrainDataConfig) -> tuple[list[Shard], dict]:
         raise ValueError(f"none of the shards in {cfg.data} has embeddings in {emb_dir}")
     with ThreadPoolExecutor(max_workers=16) as pool:  # footers: latency-bound on object stores
         footers = list(pool.map(read_footer, [p for _, p in pairs]))
-    first = footers[0][1]
-    for (_, parquet), (_, meta) in zip(pairs, footers, strict=True):
-        check_embeddings(meta, parquet, cfg, first)
-    shards = [Shard(t, p, rows) for (t, p), (rows, _) in zip(pairs, footers, strict=True)]
+        first = footers[0][1]
+        for (_, parquet), (_, meta) in zip(pairs, footers, strict=True):
+            check_embeddings(meta, parquet, cfg, first)
+        sides = list(pool.map(_image_sides, [p for _, p in pairs]))
+    shards = []
+    for (tar, parquet), (rows, _), side in zip(pairs, footers, sides, strict=True):
+        if side is None:  # an older parquet: sizes are checked as images are decoded
+            shards.append(Shard(tar, parquet, rows))
+            continue
+        # -1 (unknown) stays in: the decoder checks it and counts it if it is too small
+        small = (side >= 0) & (side < cfg.image_size)
+        keep = np.flatnonzero(~small)
+        shards.append(Shard(tar, parquet, len(keep), tuple(keep.tolist()), int(small.sum())))
+    if not any(s.rows for s in shards):
+        raise ValueError(
+            f"no image in {cfg.data} is at least {cfg.image_size} px on its short side, which this "
+            f"stage needs ({sum(s.excluded for s in shards)} smaller ones left out): download sources "
+            "at this stage's resolution, or train a stage with a smaller image size"
+        )
     return shards, first
+
+
+def _image_sides(parquet: str) -> np.ndarray | None:
+    """The ``image_side`` column of one embeddings parquet (None: written before it existed)."""
+    import pyarrow.parquet as pq
+
+    with storage.open(parquet, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        if "image_side" not in pf.schema_arrow.names:
+            return None
+        return pf.read(columns=["image_side"]).column(0).to_numpy()
+
+
+def data_counts(shards: list[Shard]) -> dict[str, int]:
+    """What a stage can train on: ``data_samples`` and ``data_excluded_too_small``."""
+    return {"data_samples": sum(s.rows for s in shards),
+            "data_excluded_too_small": sum(s.excluded for s in shards)}
 
 
 class ReaderPlan:
@@ -246,6 +306,8 @@ class _ShardReader:
 
     def __init__(self, shard: Shard, cfg: TrainDataConfig, first: dict, warn: bool = True):
         self.shard, self.warn = shard, warn
+        # plan position -> parquet row (the plan counts only the rows large enough for the stage)
+        self.rows = np.asarray(shard.eligible) if shard.eligible is not None else None
         self.emb = load_embeddings(shard.parquet)
         check_embeddings(self.emb.meta, shard.parquet, cfg, first)
         meta = self.emb.meta
@@ -321,17 +383,24 @@ class _ShardReader:
 _REDUCING_GAP = 2.0
 
 
+class TooSmall(ValueError):
+    """The image is smaller than the stage: it is skipped, never upscaled."""
+
+
 def _resize_short_side(img, size: int):
     from PIL import Image
 
     w, h = img.size
+    if min(w, h) < size:
+        raise TooSmall(f"{w}x{h} image is smaller than this stage's {size} px: never upscaled")
     scale = size / min(w, h)
     new = (max(size, round(w * scale)), max(size, round(h * scale)))
     if img.format == "JPEG" and scale <= 0.5:
         # Decode at 1/2..1/8 scale in the DCT (JPEG draft mode): far faster, same geometry.
         img.draft("RGB", new)
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    img = to_rgb(img)  # 16-bit scaled, alpha on white, CMYK via its ICC profile, EXIF upright
+    if (img.width > img.height) != (w > h):
+        new = new[::-1]  # EXIF orientation swapped the axes (never in shards img2dataset wrote)
     if img.size != new:
         img = img.resize(new, Image.Resampling.BICUBIC, reducing_gap=_REDUCING_GAP)
     return img
@@ -340,16 +409,18 @@ def _resize_short_side(img, size: int):
 def decode_image(
     data: bytes, cfg: TrainDataConfig, aug: tuple[float, float, float] = (0.5, 0.5, 1.0)
 ) -> dict[str, np.ndarray]:
-    """Bytes -> {"image": uint8 [S,S,3], "lowres"?: uint8 [s,s,3]}: resize, crop, flip.
+    """Bytes -> {"image": uint8 [C,C,3], "lowres"?: uint8 [c,c,3]}: resize, crop, flip.
 
+    The short side is resized to ``cfg.image_size`` (an image smaller than that raises
+    :class:`TooSmall`: never upscaled), then a ``cfg.crop_size`` square is cut.
     ``aug`` = uniform draws (crop x, crop y, flip): the crop is centred unless
     ``cfg.random_crop``; the image is flipped when ``cfg.random_flip`` and the draw < 0.5.
     The arrays are read-only views of PIL's pixels (``collate`` copies them once).
     """
     from PIL import Image
 
-    size = cfg.image_size
-    img = _resize_short_side(Image.open(io.BytesIO(data)), size)
+    size = cfg.crop_size
+    img = _resize_short_side(Image.open(io.BytesIO(data)), cfg.image_size)
     w, h = img.size
     if cfg.random_crop:
         left = min(int(aug[0] * (w - size + 1)), w - size)
@@ -390,6 +461,7 @@ class ShardStream(IterableDataset):
         self.cfg, self.shards, self.first = cfg, shards, first
         self.rank, self.world_size = rank, world_size
         self._reported: set[int] = set()
+        self.too_small = 0  # images smaller than the stage met while decoding (skipped)
 
     def _reader(self) -> tuple[int, int, int]:
         """(reader index, readers, first batch of this reader) for this worker."""
@@ -429,19 +501,37 @@ class ShardStream(IterableDataset):
                 for reader in readers.values():
                     reader.close()
 
-    def _sample(self, reader: _ShardReader, row: int, aug: np.ndarray) -> dict | None:
+    def _sample(self, reader: _ShardReader, position: int, aug: np.ndarray) -> dict | None:
+        row = int(reader.rows[position]) if reader.rows is not None else position
         key = reader.emb.keys[row]
         data = reader.read_image(row)
         if data is None:
             return None  # counted in the shard's report
         try:
             sample = decode_image(data, self.cfg, aug)
+        except TooSmall as err:  # no recorded side (an older parquet): caught here instead
+            self.too_small += 1
+            log.warning("%s: skipping key %s: %s (%d so far)", reader.shard.tar, key, err, self.too_small)
+            return None
         except Exception as err:  # one bad image must not end a training run
             log.warning("%s: skipping key %s, undecodable image (%s)", reader.shard.tar, key, err)
             return None
         sample["text_embeds"] = reader.emb.get(row)[: self.cfg.max_tokens]
         sample["key"] = key
+        if self.cfg.audit_dir:
+            self._audit(key, data, sample)
         return sample
+
+    def _audit(self, key: str, data: bytes, sample: dict) -> None:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as img:
+            stored = list(img.size)
+        line = {"key": key, "stored": stored, "image_size": self.cfg.image_size,
+                "crop": list(sample["image"].shape[:2]), "rank": self.rank}
+        os.makedirs(self.cfg.audit_dir, exist_ok=True)
+        with open(os.path.join(self.cfg.audit_dir, f"{os.getpid()}.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 def _fill_gaps(batch: list[dict | None]) -> list[dict]:
@@ -500,11 +590,13 @@ def make_loader(cfg: TrainDataConfig, rank: int = 0, world_size: int = 1) -> Ite
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
     shards, first = discover(cfg)
     stream = ShardStream(cfg, shards, first, rank, world_size)
-    return DataLoader(
+    loader = DataLoader(
         stream,
         batch_size=None,  # the stream yields whole batches (their order must not depend on timing)
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
+    loader.data_counts = data_counts(shards)  # what this stage trains on, for the run's params
+    return loader
 

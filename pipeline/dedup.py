@@ -33,6 +33,8 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
+from pipeline.images import to_rgb
+
 THUMB = 8  # thumbnail side for the colour check
 THUMB_BYTES = THUMB * THUMB * 3
 
@@ -41,9 +43,10 @@ def image_signature(image_bytes: bytes, image: Image.Image) -> tuple[bytes, int,
     """(sha256 of the bytes, 64-bit pHash as an int, 8x8 RGB thumbnail as 192 bytes)."""
     import imagehash  # deferred: only the filter pass needs it
 
-    phash = int.from_bytes(np.packbits(imagehash.phash(image).hash.flatten()).tobytes(), "big")
-    rgb = image.convert("RGB").resize((THUMB, THUMB), Image.Resampling.BOX)
-    return hashlib.sha256(image_bytes).digest(), phash, rgb.tobytes()
+    rgb = to_rgb(image)  # both from the RGB pixels: a 16-bit or transparent image hashes as it looks
+    phash = int.from_bytes(np.packbits(imagehash.phash(rgb).hash.flatten()).tobytes(), "big")
+    thumb = rgb.resize((THUMB, THUMB), Image.Resampling.BOX)
+    return hashlib.sha256(image_bytes).digest(), phash, thumb.tobytes()
 
 
 class NearDuplicateIndex:

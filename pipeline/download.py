@@ -18,9 +18,10 @@ Output folder (``output``, any fsspec URI):
     NNNNN.parquet          every row of the shard with status and error_message
     NNNNN_stats.json       img2dataset's completion marker and per-shard counts
 
-Resize per cascade stage on purpose (``stage=``): 64 px center crops for ``base64``;
-``keep_ratio`` without upscaling for ``sr256``/``sr1024`` (smaller sources are then rejected by
-the filter step's ``min_side``). ``border`` (white bars) is never offered.
+Downloaded once for every cascade stage (``stages=``, ``presets=``; :func:`stage_policy`):
+originals at the largest stage's side, ratio kept, never upscaled, so each stage trains on
+real pixels at its own resolution. The filter step rejects sources below the smallest stage
+and counts, per stage, the samples too small for it. ``border`` (white bars) is never offered.
 
     python -c "from pipeline.download import download; print(download('urls.parquet', 'raw'))"
     imagen-pipeline download --url-list urls.csv --url-col link --caption-col text --output raw
@@ -43,19 +44,26 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from imagen.config import STAGES, StageSpec, stage_specs
 from pipeline import storage
 from pipeline.fetch_guard import BODY_REASONS, REFUSAL_REASONS, FetchPolicy, literal_reason
 
 INPUT_FORMATS = ("parquet", "csv", "tsv", "jsonl", "json", "txt")
 # "border" pads to a square with white bars, which teaches the model white bars: never used.
 RESIZE_MODES = ("center_crop", "keep_ratio", "keep_ratio_largest", "no")
-# Per cascade stage (Imagen sec. 2.4): the base model trains on 64 px crops; SR stages need
-# sources at least as large as their output, so they are never upscaled here.
-STAGES = {
-    "base64": {"image_size": 64, "resize_mode": "center_crop", "resize_only_if_bigger": False},
-    "sr256": {"image_size": 256, "resize_mode": "keep_ratio", "resize_only_if_bigger": True},
-    "sr1024": {"image_size": 1024, "resize_mode": "keep_ratio", "resize_only_if_bigger": True},
-}
+
+def stage_policy(specs: dict[str, StageSpec]) -> dict:
+    """How to download once for every stage in ``specs`` (Imagen trains all stages on the same
+    pairs, each at its own resolution): originals at the largest stage's side, ratio kept,
+    never upscaled, so each stage crops real pixels; ``min_side`` is the smallest stage's
+    minimum native side (the filter's size floor); ``stage_sides`` lets the filter count, per
+    stage, the samples too small for it."""
+    if not specs:
+        raise ValueError("no cascade stages given: the download size comes from the stages' specs")
+    return {"image_size": max(s.image_size for s in specs.values()), "resize_mode": "keep_ratio",
+            "resize_only_if_bigger": True, "min_side": min(s.min_native_side for s in specs.values()),
+            "stage_sides": {name: s.min_native_side for name, s in specs.items()}}
+
 # PNG's "quality" is a zlib level 0..9 (img2dataset rejects 95); 3 is fast and still lossless.
 DEFAULT_QUALITY = {"png": 3, "jpg": 95, "webp": 95}
 # X-Robots-Tag directives that opt an image out of AI training or indexing (img2dataset's list).
@@ -68,7 +76,10 @@ REFUSED_LIST = "refused.parquet"
 class DownloadConfig:
     """Every download option and its default (the single source of them)."""
 
-    stage: str = "base64"  # picks image_size / resize_mode / resize_only_if_bigger when those are None
+    # The stages the data serves, each at its preset's sizes (stage -> preset; a missing stage:
+    # its paper preset): image_size / resize_mode / resize_only_if_bigger default to stage_policy.
+    stages: tuple[str, ...] = STAGES
+    presets: dict[str, str] = dataclasses.field(default_factory=dict)
     image_size: int | None = None
     resize_mode: str | None = None
     resize_only_if_bigger: bool | None = None
@@ -297,10 +308,9 @@ def _check_finished(output: str, n_rows: int, per_shard: int) -> None:
 
 def _resolve(config: DownloadConfig) -> DownloadConfig:
     """Fill the stage's resize defaults and validate; every error names the option to change."""
-    if config.stage not in STAGES:
-        raise ValueError(f"stage={config.stage!r}: use one of {sorted(STAGES)}")
-    preset = STAGES[config.stage]
-    config = dataclasses.replace(config, **{k: v for k, v in preset.items() if getattr(config, k) is None})
+    policy = stage_policy(stage_specs(config.presets, config.stages))
+    config = dataclasses.replace(config, **{k: policy[k] for k in ("image_size", "resize_mode", "resize_only_if_bigger")
+                                            if getattr(config, k) is None})
     if config.resize_mode not in RESIZE_MODES:
         raise ValueError(f"resize_mode={config.resize_mode!r}: use one of {RESIZE_MODES} "
                          "('border' pads with white bars, which the model would learn)")

@@ -11,9 +11,13 @@ shard ``INPUT/NNNNNN.tar`` (members ``KEY.png``, ``KEY.txt``, ``KEY.json``) this
         image_ext     string                                  the sample's image member:
         image_offset  int64                                   extension, data offset and
         image_size    int64                                   size in the tar (-1: none)
+        image_side    int32                                   the image's short side in
+                                                              pixels (-1: unknown)
 
 The image columns make the parquet an index of its tar: the training loader seeks straight
-to an image (``pipeline.data``), and checks the member name there before trusting it.
+to an image (``pipeline.data``), and checks the member name there before trusting it; it
+leaves out of a stage, before reading any pixel, the samples whose ``image_side`` is below
+that stage's size (read from the image header here, never from metadata that could lie).
 
 The parquet file is the shard's completion marker: it is written to a temporary name and
 renamed, and its schema metadata (``encoder_id``, ``max_length``, ``dtype``, ``dim``, source
@@ -53,7 +57,7 @@ from pipeline import storage
 log = logging.getLogger(__name__)
 
 # Bump when the stored values or layout change: shards written by older code are redone.
-CODE_VERSION = "embed-v2"  # v2: image_ext/offset/size columns
+CODE_VERSION = "embed-v3"  # v2: image_ext/offset/size columns; v3: image_side
 STORAGE_DTYPE = "float16"
 _META_KEYS_INT = ("max_length", "dim", "num_samples", "source_size", "tar_samples")
 _HINT = "Delete it and re-run the embed step to regenerate it."
@@ -88,13 +92,14 @@ def shard_stem(uri: str) -> str:
 class TarIndex:
     """What one scan of a shard finds: captions, and where each sample's image lies.
 
-    ``images`` maps a key to ``(ext, data offset, size)`` of its image member, so a reader
-    can later ``seek`` straight to it (the training loader's random access).
+    ``images`` maps a key to ``(ext, data offset, size, short side)`` of its image member,
+    so a reader can later ``seek`` straight to it (the training loader's random access); the
+    short side in pixels is -1 when the scan did not read the image (``captions=False``).
     """
 
     keys: list[str]  # samples with a caption, tar order
     captions: list[str]
-    images: dict[str, tuple[str, int, int]]
+    images: dict[str, tuple[str, int, int, int]]
     all_keys: list[str]  # every sample, tar order
 
     @property
@@ -122,8 +127,22 @@ def scan_tar(uri: str, captions: bool = True) -> TarIndex:
             elif ext in IMAGE_EXTS:
                 old = index.images.get(key)
                 if old is None or IMAGE_EXTS.index(ext) < IMAGE_EXTS.index(old[0]):
-                    index.images[key] = (ext, member.offset_data, member.size)
+                    side = _short_side(tar.extractfile(member).read()) if captions else -1
+                    index.images[key] = (ext, member.offset_data, member.size, side)
     return index
+
+
+def _short_side(data: bytes) -> int:
+    """The image's short side from its header (no pixels decoded); -1 if unreadable."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return min(img.size)
+    except Exception:  # noqa: BLE001 - the loader counts an undecodable image when it meets it
+        return -1
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -242,7 +261,7 @@ def _build_table(index: TarIndex, lengths: np.ndarray, flat: np.ndarray, metadat
     import pyarrow as pa
 
     keys = index.keys
-    where = [index.images.get(k, ("", -1, -1)) for k in keys]
+    where = [index.images.get(k, ("", -1, -1, -1)) for k in keys]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     values = pa.array(flat.reshape(-1), pa.float16())
     tokens = pa.FixedSizeListArray.from_arrays(values, flat.shape[1])
@@ -256,6 +275,7 @@ def _build_table(index: TarIndex, lengths: np.ndarray, flat: np.ndarray, metadat
             "image_ext": pa.array([w[0] for w in where], pa.string()),
             "image_offset": pa.array([w[1] for w in where], pa.int64()),
             "image_size": pa.array([w[2] for w in where], pa.int64()),
+            "image_side": pa.array([w[3] for w in where], pa.int32()),
         }
     )
     return table.replace_schema_metadata({k: str(v) for k, v in metadata.items()})
@@ -534,6 +554,7 @@ class EmbeddingShard:
     image_ext: list[str] | None = None
     image_offset: np.ndarray | None = None
     image_size: np.ndarray | None = None
+    image_side: np.ndarray | None = None  # short side in pixels per row (-1: unknown)
 
     def get(self, row: int) -> np.ndarray:
         return self.values[self.offsets[row] : self.offsets[row + 1]]
@@ -568,6 +589,8 @@ def load_embeddings(path: str) -> EmbeddingShard:
         shard.image_ext = table.column("image_ext").to_pylist()
         shard.image_offset = table.column("image_offset").to_numpy()
         shard.image_size = table.column("image_size").to_numpy()
+    if "image_side" in table.column_names:
+        shard.image_side = table.column("image_side").to_numpy()
     return shard
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from imagen.config import check_chain
 from pipeline.metrics import make_grid  # noqa: F401 - re-exported: the trainer's sample grids use it
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def evaluate(checkpoints: str | list[str], options: EvalOptions | None = None, *
         images = sample_and_score(cascade, prompts, specs, palette, opts, metrics)
         quality_metrics(images["guided"], prompts, specs, opts, metrics)
     else:
-        check_chain([c for _, c, _ in loaded])
+        check_chain([c.spec for _, c, _ in loaded])  # SR stages without a base must still chain
     for model, cfg, _ in loaded:
         if cfg.lowres_size is not None:
             images[f"sr_{cfg.stage}"] = sr_metrics(model, cfg, encoder, specs, opts, metrics)
@@ -145,14 +146,6 @@ def prompt_set(opts: EvalOptions) -> tuple[list[str], list[tuple[str, str]] | No
     palette = {k: tuple(v) for k, v in attrs["colors"].items()}
     specs = [(c, s) for c in palette for s in attrs["shapes"]]
     return [f"a {c} {s} on a white background" for c, s in specs], specs, palette
-
-
-def check_chain(cfgs) -> None:
-    """SR stages evaluated without a base stage must still chain with each other."""
-    for prev, cur in zip(cfgs, cfgs[1:], strict=False):
-        if cur.lowres_size != prev.image_size:
-            raise ValueError(f"stage {cur.stage} expects {cur.lowres_size}px input but {prev.stage} "
-                             f"makes {prev.image_size}px images: give the checkpoints in cascade order")
 
 
 def sample_and_score(cascade, prompts, specs, palette, opts: EvalOptions,
@@ -207,11 +200,9 @@ def load_references(path: str, limit: int) -> tuple[np.ndarray, list[str]]:
     """Up to ``limit`` images (center-cropped squares at the smallest side found) with captions
     from a folder of images (caption from NAME.txt beside each, else "") or of WebDataset
     shards (the filter step's output)."""
-    import io
-
     import webdataset
-    from PIL import Image
 
+    from pipeline.images import open_rgb
     from pipeline.metrics import resize
 
     if not os.path.isdir(path):
@@ -240,7 +231,7 @@ def load_references(path: str, limit: int) -> tuple[np.ndarray, list[str]]:
         raise ValueError(f"--references {path} holds no images (.png/.jpg/.webp or .tar shards)")
     crops = []
     for data, _ in items[:limit]:
-        img = Image.open(io.BytesIO(data)).convert("RGB")
+        img = open_rgb(data)
         side = min(img.size)
         left, top = (img.width - side) // 2, (img.height - side) // 2
         crops.append(np.asarray(img.crop((left, top, left + side, top + side))))
@@ -260,7 +251,7 @@ def sr_metrics(model, cfg, encoder, specs, opts: EvalOptions, metrics: dict[str,
         opts.skipped[f"{cfg.stage}/psnr"] = "needs --attributes (tiny data) or --references DIR"
         return None
     target, captions = refs
-    low = resize(target, cfg.lowres_size)  # bicubic, as pipeline/data.py makes the training input
+    low = resize(target, cfg.lowres_size, "area")  # as pipeline/data.py makes the training input
     lowres = torch.from_numpy(low).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     text, mask = encoder.encode(captions)
     gen = torch.Generator().manual_seed(opts.seed)

@@ -12,7 +12,10 @@ every download process with :func:`guarded_download_image`, which
 - enforces a total time budget per request (a server that trickles bytes cannot hold a thread
   forever), a maximum body size, and a maximum declared pixel count read from the image header
   before any decoder allocates memory for it (decompression bombs);
-- turns empty bodies and HTML/JSON served as images into specific errors.
+- turns empty bodies and HTML/JSON served as images into specific errors;
+- hands img2dataset's decoder only images it decodes right: 16-bit, CMYK, float, EXIF-rotated and
+  other bodies its OpenCV decode mishandles are re-encoded first as 8-bit RGB PNG
+  (:func:`pipeline.images.normalize_for_img2dataset`); everything else passes byte for byte.
 
 Every error message starts with a stable reason (``"loopback_address: ..."``); see
 :func:`pipeline.download.normalize_error`. ``FetchPolicy.allow_private_networks`` lets private
@@ -280,7 +283,9 @@ def guarded_download_image(row, timeout, user_agent_token, disallowed_header_dir
                 return key, None, "Use of image disallowed by X-Robots-Tag directive"
             body = read_limited(r, policy.max_bytes, deadline)
             check_body(body, r.headers.get("Content-Type"), policy.max_pixels)
-        return key, io.BytesIO(body), None
+        from pipeline.images import normalize_for_img2dataset  # deferred like PIL in check_body
+
+        return key, io.BytesIO(normalize_for_img2dataset(body)), None
     except Exception as err:  # noqa: BLE001 - img2dataset records any failure as the row's error
         return key, None, str(err)
 

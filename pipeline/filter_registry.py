@@ -30,6 +30,8 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from pipeline.images import to_rgb
+
 
 @dataclasses.dataclass
 class FilterConfig:
@@ -47,6 +49,9 @@ class FilterConfig:
     near_dup_distance: int = 6  # max Hamming distance between 64-bit pHashes
     near_dup_color_tolerance: float = 32.0  # max |difference| of any 8x8 RGB thumbnail cell, 0..255
     scorers: dict[str, dict] = dataclasses.field(default_factory=dict)  # name -> {"weights": ..., "min"/"max": ...}
+    # cascade stage -> min native side (pipeline.download.stage_policy): kept samples smaller than a
+    # stage's side are counted as too_small_for_<stage> and left out of that stage alone
+    stage_sides: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class FilterUnavailable(Exception):
@@ -95,10 +100,10 @@ class Sample:
 
     @cached_property
     def image(self) -> Image.Image:
-        """The fully decoded image (raises on corrupt data)."""
+        """The fully decoded image as 8-bit RGB (:func:`pipeline.images.to_rgb`; raises on corrupt data)."""
         img = Image.open(io.BytesIO(self.image_bytes or b""))
         img.load()
-        return img
+        return to_rgb(img)
 
     def sizes(self) -> list[tuple[int, int]]:
         """Every known (width, height): stored, and original when recorded."""
@@ -358,7 +363,7 @@ class ImageClassifierScorer:
     def score(self, samples: list[Sample]) -> list[float]:
         out: list[float] = []
         for i in range(0, len(samples), self.batch_size):
-            images = [s.image.convert("RGB") for s in samples[i:i + self.batch_size]]
+            images = [s.image for s in samples[i:i + self.batch_size]]  # already 8-bit RGB
             with self.torch.inference_mode():
                 logits = self.model(**self.processor(images=images, return_tensors="pt")).logits
             out += logits.float().softmax(-1)[:, self.index].tolist()

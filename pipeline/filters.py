@@ -63,18 +63,19 @@ from pipeline.filter_registry import (
 # Re-exported: callers import the whole filter step from here.
 __all__ = ["FILTERS", "CaptionLengthFilter", "DecodeFilter", "Filter", "FilterConfig", "MaxAspectFilter",
            "MaxPixelsFilter", "MinSideFilter", "Sample", "apply_filters", "build_filters", "filter_shards",
-           "format_reject_table", "read_located", "read_shard", "sample_fates"]
+           "format_reject_table", "read_located", "read_shard", "sample_fates", "stage_config"]
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "imagen-pipeline/filtered-shards/v2"
+MANIFEST_FORMAT = "imagen-pipeline/filtered-shards/v3"  # v3: per-sample stored side, per-stage counts
 WORK = "_filter"
 PLAN = "plan.parquet"
 # Config fields that only the global pass uses: changing them does not redo pass 1.
-GLOBAL_FIELDS = ("dedup", "near_dedup", "near_dup_distance", "near_dup_color_tolerance")
+GLOBAL_FIELDS = ("dedup", "near_dedup", "near_dup_distance", "near_dup_color_tolerance", "stage_sides")
 WORK_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("reason", pa.string()),
                          ("sha256", pa.binary()), ("phash", pa.uint64()), ("thumb", pa.binary()),
-                         ("scores", pa.string()), ("members", pa.string())])
+                         ("scores", pa.string()), ("members", pa.string()),
+                         ("side", pa.int32())])  # the stored image's short side: which stages can use it
 
 
 def _split_key(name: str) -> tuple[str, str]:
@@ -181,7 +182,8 @@ def filter_raw_shard(raw_uri: str, work_uri: str, config: FilterConfig) -> dict:
         kept = reasons[sample.key] is None
         values = (sample.key, sample.meta.get("url"), reasons[sample.key], *sig,
                   json.dumps(scores[sample.key]) if scores[sample.key] else None,
-                  json.dumps(locations[sample.key], sort_keys=True) if kept else None)
+                  json.dumps(locations[sample.key], sort_keys=True) if kept else None,
+                  min(sample.width, sample.height) if kept else None)
         for name, value in zip(WORK_SCHEMA.names, values, strict=True):
             columns[name].append(value)
         sample.__dict__.pop("image", None)  # free decoded pixels as we go
@@ -241,14 +243,14 @@ def _plan(raw: list[str], work: str, config: FilterConfig, samples_per_shard: in
 
     rejects: collections.Counter = collections.Counter()
     cols: dict[str, list] = {"raw": [], "key": [], "sha256": [], "phash": [], "thumb": [], "scores": [],
-                             "members": []}
+                             "members": [], "side": []}
     for r in raw:
         with storage.open(_work_uri(work, r), "rb") as f:
             table = pq.read_table(f)
         rejects.update(x for x in table["reason"].to_pylist() if x is not None)
         table = table.filter(table["reason"].is_null())
         cols["raw"] += [storage.basename(r)] * table.num_rows
-        for name in ("key", "sha256", "phash", "thumb", "scores", "members"):
+        for name in ("key", "sha256", "phash", "thumb", "scores", "members", "side"):
             cols[name] += table[name].to_pylist()
     dups = {}
     if config.dedup or config.near_dedup:
@@ -265,7 +267,8 @@ def _plan(raw: list[str], work: str, config: FilterConfig, samples_per_shard: in
                      "reason": pa.array([dups.get(k, (None,))[0] for k in cols["key"]], pa.string()),
                      "duplicate_of": pa.array([dups.get(k, (None, None))[1] for k in cols["key"]], pa.string()),
                      "scores": pa.array(cols["scores"], pa.string()),
-                     "members": pa.array(cols["members"], pa.string())})
+                     "members": pa.array(cols["members"], pa.string()),
+                     "side": pa.array(cols["side"], pa.int32())})
     digest = hashlib.sha256(json.dumps([plan[c].to_pylist() for c in ("raw", "key", "shard", "scores")]).encode())
     return plan.replace_schema_metadata({b"plan_id": digest.hexdigest().encode()}), rejects
 
@@ -410,14 +413,16 @@ def filter_shards(input: str, output: str, config: FilterConfig | None = None,
 
     Returns the manifest (also written to ``output/manifest.json``, last)::
 
-        {"format": "imagen-pipeline/filtered-shards/v2", "input": ..., "output": ...,
+        {"format": "imagen-pipeline/filtered-shards/v3", "input": ..., "output": ...,
          "input_fingerprint": {"00000.tar": size, ...}, "config": {FilterConfig fields},
          "samples_per_shard": 1000, "filters": [names run], "skipped_filters": {name: why},
          "shards": {"000000.tar": kept_in_shard, ...},
          "input_rows": N, "kept": k, "rejected": N - k,
          "rejects": {"refused": {"loopback_address": r, ...},   # never contacted
                      "download": {"http_404": d, ...},         # img2dataset and fetch failures
-                     "filter": {"caption_too_short": f, ...}}} # this step, dedup included
+                     "filter": {"caption_too_short": f, ...}},  # this step, dedup included
+         "stages": {"sr1024": {"min_side": 1024, "samples": s,   # per config.stage_sides: what
+                               "excluded": {"too_small_for_sr1024": k - s}}, ...}}  # each stage uses
 
     ``input_rows`` counts every row of the URL list, so ``kept + rejected == input_rows``.
     """
@@ -445,13 +450,35 @@ def filter_shards(input: str, output: str, config: FilterConfig | None = None,
     kept = sum(shards.values())
     manifest = {"format": MANIFEST_FORMAT, "input": input, "output": output, **settings, "filters": names,
                 "skipped_filters": skipped, "shards": shards, "input_rows": rows, "kept": kept,
-                "rejected": sum(sum(r.values()) for r in rejects.values()), "rejects": rejects}
+                "rejected": sum(sum(r.values()) for r in rejects.values()), "rejects": rejects,
+                "stages": stage_counts(plan, config.stage_sides)}
     if kept + manifest["rejected"] != rows:
         # A raw tar and its parquet disagree (e.g. a tar rewritten by hand): say so, keep going.
         print(f"warning: kept {kept} + rejected {manifest['rejected']} != {rows} rows listed in the "
               f"parquet files of {input}", flush=True)
     storage.write_json(storage.join(output, MANIFEST), manifest)
     return manifest
+
+
+def stage_config(presets: dict[str, str], stages=None, **overrides) -> FilterConfig:
+    """The filter settings for data that serves ``stages`` (each at its preset's sizes): the
+    smallest stage's side is the size floor, and every stage's too-small samples are counted."""
+    from imagen.config import stage_specs
+    from pipeline.download import stage_policy
+
+    policy = stage_policy(stage_specs(presets, stages))
+    return FilterConfig(**{"min_side": policy["min_side"], "stage_sides": policy["stage_sides"], **overrides})
+
+
+def stage_counts(plan: pa.Table, stage_sides: dict[str, int]) -> dict[str, dict]:
+    """Per cascade stage: the kept samples it can train on (stored short side >= its side) and
+    those left out of it alone, as ``{"too_small_for_<stage>": n}``."""
+    sides = [s for s, shard in zip(plan["side"].to_pylist(), plan["shard"].to_pylist(), strict=True) if shard]
+    out = {}
+    for stage, need in stage_sides.items():
+        small = sum(s is None or s < need for s in sides)
+        out[stage] = {"min_side": need, "samples": len(sides) - small, "excluded": {f"too_small_for_{stage}": small}}
+    return out
 
 
 def format_reject_table(manifest: dict) -> str:
@@ -464,6 +491,10 @@ def format_reject_table(manifest: dict) -> str:
     lines.append(f"{'rejected':<43} {manifest['rejected']:>8}  ({manifest['rejected'] / total:.1%})")
     lines.append(f"{'kept':<43} {manifest['kept']:>8}  ({manifest['kept'] / total:.1%})")
     lines.append(f"{'input rows':<43} {manifest['input_rows']:>8}")
+    for stage, counts in manifest.get("stages", {}).items():
+        for reason, n in counts["excluded"].items():
+            lines.append(f"{stage:<10} {reason:<32} {n:>8}  (kept, used by the other stages)")
+        lines.append(f"{stage:<10} {'samples for this stage':<32} {counts['samples']:>8}")
     for name, why in manifest.get("skipped_filters", {}).items():
         lines.append(f"skipped filter {name}: {why}")
     return "\n".join(lines)

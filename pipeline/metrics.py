@@ -130,12 +130,13 @@ def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.n
     return grid
 
 
-def resize(images: np.ndarray, size: int) -> np.ndarray:
-    """Bicubic resize of uint8 [B, H, W, 3] to [B, size, size, 3] (PIL, as the data loader)."""
+def resize(images: np.ndarray, size: int, method: str = "bicubic") -> np.ndarray:
+    """Resize uint8 [B, H, W, 3] to [B, size, size, 3] with PIL: ``bicubic`` (the upsampling
+    baseline), or ``area`` (box averaging: how the loader makes an SR stage's low-res input)."""
     from PIL import Image
 
-    return np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.Resampling.BICUBIC))
-                     for x in images])
+    resample = {"bicubic": Image.Resampling.BICUBIC, "area": Image.Resampling.BOX}[method]
+    return np.stack([np.asarray(Image.fromarray(x).resize((size, size), resample)) for x in images])
 
 
 def _to_float(images: np.ndarray) -> torch.Tensor:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import pathlib
@@ -97,9 +96,10 @@ def stage_options(params: dict[str, Any], n: int) -> list:
 def decode_images(column) -> Any:
     """A column of PNG/JPEG bytes -> float [B, 3, s, s] in [-1, 1] (an SR model's input)."""
     import torch
-    from PIL import Image
 
-    arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in column]
+    from pipeline.images import open_rgb
+
+    arrays = [np.asarray(open_rgb(b)) for b in column]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
@@ -289,14 +289,15 @@ def register(
     same checkpoints, encoder and tags is reused (``reused`` in the result) unless ``new_version``.
     """
     from imagen.checkpoint import load_config
-    from pipeline.evaluate import check_chain, find_stage_run
+    from imagen.config import check_chain
+    from pipeline.evaluate import find_stage_run
 
     checkpoints = list(checkpoints)
     if not checkpoints:
         raise ValueError("register needs at least one --checkpoint (a stage weights directory)")
     loaded = [load_config(c) for c in checkpoints]
     cfgs, metas = [c for c, _ in loaded], [m for _, m in loaded]
-    check_chain(cfgs)
+    check_chain([c.spec for c in cfgs])
     name = name or (STAGE_MODEL_NAMES[cfgs[0].stage] if len(cfgs) == 1 else CASCADE_MODEL_NAME)
     encoder_name, encoder_id = _encoder_source(checkpoints, cfgs, metas, encoder)
     artifacts = {f"stage_{i}": os.path.abspath(c) for i, c in enumerate(checkpoints)}

@@ -1,9 +1,14 @@
 """A tiny, deterministic text-to-image dataset and a loopback HTTP server to download it from.
 
 Each good image is a coloured shape (circle, square, triangle) on a plain background,
-with a caption that describes it ("a red circle on a white background"). The URL list
-also carries the ground truth (`color`, `shape`, `background`) and a `kind` column saying
-what the pipeline should do with the row, plus a few rows that must fail or be filtered:
+with a caption that describes it ("a red circle on a white background"). Like images on the
+web, they come in many sizes (short side 64 to 256 px, so some are too small for the tiny
+128 px stage and still serve the smaller ones), aspect ratios up to 2:1 (the shape sits in
+the central square, which the base stage's centre crop keeps) and encodings: 8-bit RGB PNG and
+JPEG, and a few palette, RGBA, 16-bit RGB PNGs and CMYK JPEGs, which must all decode to
+the same colours. The URL list also carries the ground truth (`color`, `shape`, `background`,
+`source_width`, `source_height`, `mode`) and a `kind` column saying what the pipeline should do with the row,
+plus a few rows that must fail or be filtered:
 
     kind            rows  expected outcome
     ok              n     downloaded, kept by the filters
@@ -12,7 +17,7 @@ what the pipeline should do with the row, plus a few rows that must fail or be f
     truncated       1     download fails (JPEG cut in half: "Image decoding error")
     empty_caption   2     downloaded, filter rejects "caption_too_short"
     duplicate       1     downloaded, filter rejects "duplicate_image" (same bytes as an ok row)
-    too_small       1     downloaded, filter rejects "image_too_small" (source 40x40)
+    too_small       1     downloaded, filter rejects "image_too_small" (source 24x24)
     bad_aspect      1     downloaded, filter rejects "aspect_ratio_too_large" (4:1)
 
 This is the fixture for every data test, like img2dataset's own local HTTP test server.
@@ -24,6 +29,7 @@ This is the fixture for every data test, like img2dataset's own local HTTP test 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import io
 import ipaddress
@@ -90,37 +96,80 @@ def _encode(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _good_specs(n: int, rng: random.Random, image_size: int) -> list[dict]:
+# Short sides and aspect ratios of the good images (the shape is drawn on a virtual CANVAS
+# square and scaled into the image's central square). Sides below 128 serve the tiny 32 and
+# 64 px stages but not the 128 px one; the largest are twice that stage.
+SIDES = (64, 80, 96, 128, 144, 160, 192, 224, 256)
+ASPECTS = (1.0, 1.0, 1.0, 4 / 3, 3 / 2, 2.0)
+CANVAS = 96
+# Every MODE_EVERY-th good image is stored in one of these encodings (the rest: RGB PNG/JPEG).
+MODES = ("P", "RGBA", "RGB16", "CMYK")
+MODE_EVERY = 10
+
+
+def _good_specs(n: int, rng: random.Random) -> list[dict]:
     """Draw n specs so that no two good images are equal or near duplicates of each other.
 
     Two images with the same colour, shape and background must differ in position or size by
-    at least ``image_size // 8`` pixels; closer ones look alike to the filter step's perceptual
-    near-duplicate check (pipeline.dedup) and one of them would be dropped.
+    at least ``CANVAS // 8`` pixels of the canvas; closer ones look alike to the filter step's
+    perceptual near-duplicate check (pipeline.dedup) and one of them would be dropped.
     """
     specs, placed = [], {}
-    min_shift = max(1, image_size // 8)
+    min_shift = CANVAS // 8
     for _ in range(200 * n):
         if len(specs) == n:
             break
         color = rng.choice(list(COLORS))
         shape = rng.choice(SHAPES)
         background = rng.choice(list(BACKGROUNDS))
-        side = rng.randint(image_size * 2 // 5, image_size * 3 // 4)
-        x0 = rng.randint(0, image_size - side - 1)
-        y0 = rng.randint(0, image_size - side - 1)
+        side = rng.randint(CANVAS * 2 // 5, CANVAS * 3 // 4)
+        x0 = rng.randint(0, CANVAS - side - 1)
+        y0 = rng.randint(0, CANVAS - side - 1)
         others = placed.setdefault((color, shape, background), [])
         if any(max(abs(side - s), abs(x0 - x), abs(y0 - y)) < min_shift for s, x, y in others):
             continue
         others.append((side, x0, y0))
         caption = rng.choice(TEMPLATES).format(color=color, shape=shape, background=background)
+        short, aspect = rng.choice(SIDES), rng.choice(ASPECTS)
+        long = int(round(short * aspect / 8)) * 8
+        size = (long, short) if rng.random() < 0.5 else (short, long)
         specs.append(
             {"color": color, "shape": shape, "background": background, "caption": caption,
-             "box": (x0, y0, x0 + side, y0 + side)}
+             "box": (x0, y0, x0 + side, y0 + side), "size": size}
         )
     if len(specs) < n:
-        raise ValueError(f"cannot draw {n} distinct images at image_size={image_size}; use a smaller n "
-                         "or a larger image_size")
+        raise ValueError(f"cannot draw {n} distinct images; use a smaller n")
     return specs
+
+
+def _render(spec: dict) -> Image.Image:
+    """The spec's shape, scaled from the canvas into the central square of its image."""
+    w, h = spec["size"]
+    short = min(w, h)
+    dx, dy = (w - short) // 2, (h - short) // 2
+    x0, y0, x1, y1 = (round(v * short / CANVAS) for v in spec["box"])
+    return _draw((w, h), spec["color"], spec["shape"], spec["background"], (x0 + dx, y0 + dy, x1 + dx, y1 + dy))
+
+
+def _encode_mode(img: Image.Image, mode: str) -> tuple[bytes, str]:
+    """``img`` (8-bit RGB) stored in another encoding that must decode to the same colours."""
+    if mode == "P":  # palette PNG: a few colours, exact
+        return _encode(img.quantize(colors=16, method=Image.Quantize.MEDIANCUT), "png"), "png"
+    if mode == "RGBA":  # opaque alpha channel
+        return _encode(img.convert("RGBA"), "png"), "png"
+    if mode == "CMYK":
+        buf = io.BytesIO()
+        img.convert("CMYK").save(buf, "JPEG", quality=95)
+        return buf.getvalue(), "jpg"
+    # 16-bit RGB PNG (48 bits per pixel), as cameras and scanners save: PIL cannot write it
+    import cv2
+    import numpy as np
+
+    pixels = np.asarray(img)[:, :, ::-1].astype(np.uint16) * 257  # BGR, 0..65535
+    ok, data = cv2.imencode(".png", pixels)
+    if not ok:
+        raise RuntimeError("could not encode a 16-bit PNG")
+    return data.tobytes(), "png"
 
 
 def _write(images_dir: str, name: str, data: bytes) -> None:
@@ -128,26 +177,36 @@ def _write(images_dir: str, name: str, data: bytes) -> None:
         f.write(data)
 
 
-def _good_rows(specs: list[dict], images_dir: str, image_size: int) -> list[dict]:
+def _good_rows(specs: list[dict], images_dir: str) -> list[dict]:
     rows = []
     for i, spec in enumerate(specs):
-        # A mix of PNG and JPEG sources, as on the web.
-        fmt = "jpg" if i % 4 == 3 else "png"
+        img = _render(spec)
+        mode = MODES[(i // MODE_EVERY) % len(MODES)] if i % MODE_EVERY == MODE_EVERY - 1 else "RGB"
+        if mode == "RGB":
+            # A mix of PNG and JPEG sources, as on the web.
+            fmt = "jpg" if i % 4 == 3 else "png"
+            data = _encode(img, fmt)
+        else:
+            data, fmt = _encode_mode(img, mode)
         name = f"img_{i:05d}.{fmt}"
-        img = _draw((image_size, image_size), spec["color"], spec["shape"], spec["background"], spec["box"])
-        _write(images_dir, name, _encode(img, fmt))
+        _write(images_dir, name, data)
         rows.append({"name": name, "caption": spec["caption"], "color": spec["color"],
-                     "shape": spec["shape"], "background": spec["background"], "kind": "ok"})
+                     "shape": spec["shape"], "background": spec["background"], "kind": "ok",
+                     "source_width": img.width, "source_height": img.height, "mode": mode})
     return rows
 
 
-def _bad_rows(rows: list[dict], images_dir: str, image_size: int) -> list[dict]:
+def _bad_rows(rows: list[dict], images_dir: str) -> list[dict]:
     """Rows that must fail to download or be filtered out, built beside the good ones."""
     bad = []
+    image_size = CANVAS
 
     def add(kind, name, caption="a red circle on a white background", color="red", shape="circle"):
+        size = Image.open(os.path.join(images_dir, name)).size if os.path.exists(
+            os.path.join(images_dir, name)) and kind not in ("not_an_image", "truncated") else (0, 0)
         bad.append({"name": name, "caption": caption, "color": color, "shape": shape,
-                    "background": "white", "kind": kind})
+                    "background": "white", "kind": kind, "source_width": size[0], "source_height": size[1],
+                    "mode": "RGB"})
 
     for i in range(dict(BROKEN_KINDS)["http_404"]):
         add("http_404", f"missing_{i:03d}.jpg")  # never written: the server answers 404
@@ -169,7 +228,8 @@ def _bad_rows(rows: list[dict], images_dir: str, image_size: int) -> list[dict]:
     dup_name = "dup_000." + src["name"].rsplit(".", 1)[1]
     _write(images_dir, dup_name, dup_bytes)
     add("duplicate", dup_name, caption=src["caption"], color=src["color"], shape=src["shape"])
-    _write(images_dir, "small_000.png", _encode(_draw((40, 40), "green", "circle", "white", (5, 5, 35, 35)), "png"))
+    # below the smallest stage of any preset (the tiny base stage is 32 px)
+    _write(images_dir, "small_000.png", _encode(_draw((24, 24), "green", "circle", "white", (3, 3, 21, 21)), "png"))
     add("too_small", "small_000.png", color="green")
     # 4:1 with a 64 px short side, so only the aspect filter (not the size filter) rejects it.
     wide = _draw((256, 64), "yellow", "square", "white", (100, 8, 148, 56))
@@ -178,21 +238,19 @@ def _bad_rows(rows: list[dict], images_dir: str, image_size: int) -> list[dict]:
     return bad
 
 
-def make_tiny_dataset(output: str, n: int = 240, seed: int = 0, port: int = 8799, image_size: int = 96) -> dict:
+def make_tiny_dataset(output: str, n: int = 240, seed: int = 0, port: int = 8799) -> dict:
     """Render ``n`` good images plus the broken/filterable rows, and write the URL list.
 
     Writes ``output/images/*``, ``output/urls.parquet`` (url, caption, color, shape,
-    background, kind) and ``output/attributes.json``. URLs point at
+    background, kind, source_width, source_height, mode) and ``output/attributes.json``. URLs point at
     ``http://127.0.0.1:{port}/images/NAME``: serve ``output`` with :func:`serve` on that port.
     The same arguments always give the same bytes.
     """
-    if image_size < 64:
-        raise ValueError(f"image_size={image_size} is below the 64 px the base stage needs; use >= 64")
     images_dir = os.path.join(output, "images")
     os.makedirs(images_dir, exist_ok=True)
     rng = random.Random(seed)
-    good = _good_rows(_good_specs(n, rng, image_size), images_dir, image_size)
-    rows = good + _bad_rows(good, images_dir, image_size)
+    good = _good_rows(_good_specs(n, rng), images_dir)
+    rows = good + _bad_rows(good, images_dir)
     # Spread the bad rows over the shards instead of leaving them all at the end.
     rng.shuffle(rows)
     # Keep the duplicate after its source so dedup (first in URL-list order wins) keeps the "ok" row.
@@ -201,7 +259,7 @@ def make_tiny_dataset(output: str, n: int = 240, seed: int = 0, port: int = 8799
     if dup < src:
         rows[src], rows[dup] = rows[dup], rows[src]
     base = f"http://127.0.0.1:{port}/images/"
-    columns = ["caption", "color", "shape", "background", "kind"]
+    columns = ["caption", "color", "shape", "background", "kind", "source_width", "source_height", "mode"]
     table = pa.table({"url": [base + r["name"] for r in rows], **{c: [r[c] for r in rows] for c in columns}})
     urls = os.path.join(output, "urls.parquet")
     pq.write_table(table, urls)
@@ -210,9 +268,11 @@ def make_tiny_dataset(output: str, n: int = 240, seed: int = 0, port: int = 8799
     with open(os.path.join(output, "attributes.json"), "w") as f:
         json.dump(attributes, f, indent=2, sort_keys=True)
     kinds = {k: sum(r["kind"] == k for r in rows) for k in dict.fromkeys(r["kind"] for r in rows)}
+    sides = collections.Counter(min(r["source_width"], r["source_height"]) for r in good)
     return {"urls": urls, "images": images_dir, "n_rows": len(rows), "n_good": len(good),
             "n_broken": sum(c for _, c in BROKEN_KINDS), "n_filtered": sum(c for _, c in FILTERED_KINDS),
-            "kinds": dict(sorted(kinds.items()))}
+            "kinds": dict(sorted(kinds.items())), "short_sides": dict(sorted(sides.items())),
+            "modes": dict(sorted(collections.Counter(r["mode"] for r in good).items()))}
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
@@ -279,13 +339,12 @@ def main(argv: list[str] | None = None) -> None:
     make.add_argument("--n", type=int, default=240)
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--port", type=int, default=8799)
-    make.add_argument("--image-size", type=int, default=96)
     srv = sub.add_parser("serve", help="serve a generated dataset on loopback")
     srv.add_argument("directory")
     srv.add_argument("--port", type=int, default=8799)
     args = parser.parse_args(argv)
     if args.command == "make":
-        print(json.dumps(make_tiny_dataset(args.output, args.n, args.seed, args.port, args.image_size), indent=2))
+        print(json.dumps(make_tiny_dataset(args.output, args.n, args.seed, args.port), indent=2))
     else:
         serve_forever(args.directory, args.port)
 

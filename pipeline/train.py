@@ -28,6 +28,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from imagen.config import PRESETS, STAGES
+
 log = logging.getLogger("pipeline.train")
 
 
@@ -152,8 +154,8 @@ def run(job: TrainJob) -> dict[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stage", required=True, choices=["base64", "sr256", "sr1024"])
-    p.add_argument("--preset", default="tiny", help="tiny | base64 | sr256 | sr1024 (default: tiny)")
+    p.add_argument("--stage", required=True, choices=list(STAGES))
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model preset (default: tiny)")
     p.add_argument("--data", required=True, help="filtered shards directory (ROOT/filtered)")
     p.add_argument("--embeddings", required=True, help="embeddings directory of one encoder")
     p.add_argument("--checkpoint-dir", required=True, help="where step-N checkpoints and final/ go")

@@ -80,13 +80,21 @@ class Trainer:
                                  artifact_root=os.path.join(root, "mlartifacts"), enabled=rank == 0,
                                  run_id=self._previous_run_id(resume_dir),
                                  tags={"stage": cfg.stage, "preset": job.preset})
+        loader = self._loader(start_batch=self.step * self.tc.grad_accum)
+        # what this stage trains on: the samples at least its size, and those left out (sec. 2.5)
+        self.data_counts = dict(loader.data_counts)
+        if rank == 0:
+            print(f"[train {cfg.stage}] {self.data_counts['data_samples']} samples of at least "
+                  f"{cfg.image_size} px; {self.data_counts['data_excluded_too_small']} smaller ones "
+                  "left out of this stage", flush=True)
         if not resume_dir:
             self.tracker.log_params({**flatten(cfg.to_dict()), **metadata, "world_size": world,
                                      "data": job.data, "embeddings": job.embeddings,
-                                     "optimizer": job.optimizer, "parallel": job.parallel})
+                                     "optimizer": job.optimizer, "parallel": job.parallel,
+                                     **self.data_counts})
             self.tracker.log_dict(cfg.to_dict(), "config.json")
         self.state.metadata["mlflow_run_id"] = self.tracker.run_id
-        self.batches = iter(self._loader(start_batch=self.step * self.tc.grad_accum))
+        self.batches = iter(loader)
         self.val_batch = self._validation_batch() if rank == 0 and self.tc.sample_every else None
 
     def _previous_run_id(self, resume_dir: str | None) -> str | None:
@@ -100,10 +108,11 @@ class Trainer:
     def _loader(self, start_batch: int, **overrides):
         from pipeline.data import TrainDataConfig, make_loader
 
-        cfg = self.cfg
+        cfg, spec = self.cfg, self.cfg.spec
         data_cfg = TrainDataConfig(
-            data=self.job.data, embeddings=self.job.embeddings, image_size=cfg.image_size,
-            lowres_size=cfg.lowres_size, max_tokens=cfg.max_text_len, batch_size=self.tc.batch_size,
+            data=self.job.data, embeddings=self.job.embeddings, image_size=spec.image_size,
+            crop_size=spec.crop_size, lowres_size=spec.lowres_crop_size, random_crop=spec.random_crop,
+            max_tokens=cfg.max_text_len, batch_size=self.tc.batch_size,
             num_workers=self.job.num_workers, seed=self.tc.seed,
             expected_encoder_id=self.state.metadata["encoder_id"], expected_dim=cfg.unet.text_embed_dim,
             expected_max_length=cfg.max_text_len,
@@ -113,8 +122,11 @@ class Trainer:
 
     def _validation_batch(self) -> dict[str, Any]:
         """The first samples of the data in a fixed order: their captions are the fixed prompts
-        of the sample grid, their precomputed embeddings spare the trainer a T5 load."""
-        return next(iter(self._loader(0, batch_size=VAL_SAMPLES, random_flip=False, num_workers=0)))
+        of the sample grid, their precomputed embeddings spare the trainer a T5 load. Whole
+        images, centre-cropped: a stage that trains on crops samples at its full size."""
+        return next(iter(self._loader(0, batch_size=VAL_SAMPLES, random_flip=False, num_workers=0,
+                                      crop_size=self.cfg.image_size, lowres_size=self.cfg.lowres_size,
+                                      random_crop=False)))
 
     # ----------------------------------------------------------------------------------------
 
@@ -201,25 +213,20 @@ class Trainer:
     def _sample_grid(self) -> None:
         """Sample the validation captions with the EMA weights on rank 0 and log the grid.
         Called on every rank: gathering FSDP-sharded EMA weights is a collective."""
-        from imagen.cascade import to_uint8
-        from imagen.sampling import sample
+        from imagen.cascade import StageOptions, run_stage, to_uint8
         from pipeline.evaluate import make_grid
 
         ema = ckpt.full_tensors(self.ema.state_dict())
         if self.rank != 0:
             return
-        d, b = self.cfg.diffusion, self.val_batch
+        b = self.val_batch
         net = UNet(self.cfg.unet).to(self.device).eval()
         net.load_state_dict({k: v.to(net.state_dict()[k].dtype) for k, v in ema.items()})
-        cond = {}
-        if self.cfg.lowres_size:
-            n = b["lowres"].shape[0]
-            cond = {"lowres": b["lowres"].to(self.device),
-                    "lowres_t": torch.full((n,), d.lowres_aug_sample, device=self.device)}
-        x = sample(net, self.diffusion, b["text_embeds"].to(self.device), b["text_mask"].to(self.device),
-                   (b["image"].shape[0], 3, self.cfg.image_size, self.cfg.image_size),
-                   steps=d.sample_steps, guidance_scale=d.guidance_scale, sampler=d.sampler,
-                   threshold=d.dynamic_threshold, generator=torch.Generator().manual_seed(0), **cond)
+        # the cascade's own stage sampler: an SR stage's low-res input is noised at the level it
+        # is told (sec. 2.5), exactly as at inference
+        lowres = b["lowres"].to(self.device) if self.cfg.lowres_size else None
+        x = run_stage(net, self.cfg, StageOptions(), b["text_embeds"].to(self.device),
+                      b["text_mask"].to(self.device), lowres, torch.Generator(self.device).manual_seed(0))
         self.tracker.log_image(make_grid(to_uint8(x)), key="samples", step=self.step)
         if self.step == self.tc.sample_every:
             captions = b.get("captions") or b["keys"]
@@ -238,7 +245,7 @@ class Trainer:
         tot = self.totals
         images = tot["steps"] * self.tc.batch_size * self.tc.grad_accum * self.world
         return {"checkpoint": final, "step": self.step, "loss": loss, "run_id": self.tracker.run_id,
-                "stage": self.cfg.stage, "weights_sha256": checksum,
+                "stage": self.cfg.stage, "weights_sha256": checksum, **self.data_counts,
                 "images_per_s": images / tot["seconds"] if tot["seconds"] else None,
                 "data_wait_fraction": tot["wait"] / tot["seconds"] if tot["seconds"] else None}
 

@@ -20,10 +20,12 @@ import pytest
 TINY_N = 120  # good images; the dataset adds 11 rows that fail or get filtered
 TINY_ROWS_PER_SHARD = 50  # several shards, so multi-shard code paths run
 # How raw_shards calls download(); tests that re-run the download reuse it.
+TINY_PRESETS = {"base64": "tiny", "sr256": "tiny", "sr1024": "tiny"}  # as imagen_full's defaults
 RAW_DOWNLOAD_KWARGS = {
+    "presets": TINY_PRESETS,  # originals at the 128 px stage's size, ratio kept, never upscaled
     "allow_private_networks": True,
     "number_sample_per_shard": TINY_ROWS_PER_SHARD,
-    "save_additional_columns": ["color", "shape", "background", "kind"],
+    "save_additional_columns": ["color", "shape", "background", "kind", "source_width", "source_height"],
 }
 
 
@@ -62,10 +64,10 @@ def raw_shards(tiny_dataset, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def filtered_shards(raw_shards, tmp_path_factory) -> str:
-    from pipeline.filters import filter_shards
+    from pipeline.filters import filter_shards, stage_config
 
     output = str(tmp_path_factory.mktemp("filtered"))
-    filter_shards(raw_shards, output, samples_per_shard=TINY_ROWS_PER_SHARD)
+    filter_shards(raw_shards, output, stage_config(TINY_PRESETS), samples_per_shard=TINY_ROWS_PER_SHARD)
     return output
 
 

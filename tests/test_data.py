@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import TrainDataConfig, collate, decode_image, make_loader
+from pipeline.data import TooSmall, TrainDataConfig, collate, decode_image, make_loader
 from pipeline.embed import embed_shards, read_embeddings
 from pipeline.tinymodels import build_tiny_t5
 
@@ -141,6 +141,77 @@ def test_images_are_the_keys_own_pixels(dataset):
             pixels = np.asarray(Image.open(io.BytesIO(sample_png(s, i))))[:, 6:30]
             expected = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1
             torch.testing.assert_close(image, expected, rtol=0, atol=1e-6)
+
+
+def short_side(key: str) -> int:
+    """The fixture's image of ``key`` is (24 + 2 i) x 36 px."""
+    return min(24 + 2 * int(key[5:]), 36)
+
+
+def test_stage_leaves_out_images_smaller_than_it(dataset):
+    """A 28 px stage never sees the 24 and 26 px high images: they are out of the plan (counted),
+    not upscaled; the others are all read, each once per epoch."""
+    _, _, keys, _ = dataset
+    cfg = config(dataset, image_size=28, batch_size=4, random_flip=False)
+    loader = make_loader(cfg)
+    big = [k for k in keys if short_side(k) >= 28]
+    assert loader.data_counts == {"data_samples": len(big), "data_excluded_too_small": len(keys) - len(big)} \
+        == {"data_samples": 12, "data_excluded_too_small": 8}
+    flat = keys_of(list(islice(iter(loader), 6)))  # two epochs of 12
+    assert sorted(flat[:12]) == sorted(big) and sorted(flat[12:]) == sorted(big)
+    with pytest.raises(ValueError, match="at least 40 px"):
+        make_loader(config(dataset, image_size=40))
+
+
+def test_without_recorded_sides_small_images_are_skipped_not_upscaled(dataset, tmp_path, caplog):
+    """Embeddings written before ``image_side`` existed: the decoder catches the small images."""
+    data, emb, keys, _ = dataset
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in os.listdir(emb):
+        table = pq.read_table(os.path.join(emb, name))
+        pq.write_table(table.drop_columns(["image_side"]), old / name)
+    cfg = TrainDataConfig(data=data, embeddings=str(old), image_size=28, batch_size=5, random_flip=False)
+    loader = make_loader(cfg)
+    assert loader.data_counts == {"data_samples": 20, "data_excluded_too_small": 0}  # unknown up front
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        batches = list(islice(iter(loader), 4))
+    assert all(short_side(k) >= 28 for k in keys_of(batches))  # gaps filled from the same batch
+    assert all(b["image"].shape == (5, 3, 28, 28) for b in batches)
+    assert "smaller than this stage's 28 px: never upscaled" in caplog.text
+    with pytest.raises(TooSmall):
+        decode_image(sample_png(0, 0), cfg)
+
+
+def test_sr_stage_trains_on_random_crops_with_lowres_from_the_same_crop(dataset, tmp_path, monkeypatch):
+    """Short side to 24, a random 16 px crop, its 8 px input by area averaging (2x2 means)."""
+    monkeypatch.setenv("IMAGEN_DATA_AUDIT", str(tmp_path / "audit"))
+    cfg = config(dataset, image_size=24, crop_size=16, lowres_size=8, random_crop=True, batch_size=5)
+    batches = take(cfg, 8)  # two epochs
+    for batch in batches:
+        assert batch["image"].shape == (5, 3, 16, 16) and batch["lowres"].shape == (5, 3, 8, 8)
+        pixels = ((batch["image"] + 1) * 127.5).round()
+        means = pixels.reshape(5, 3, 8, 2, 8, 2).mean(dim=(3, 5))
+        lowres = ((batch["lowres"] + 1) * 127.5).round()
+        assert (means - lowres).abs().max() <= 1.0
+    # random crops: two epochs give the same key different crops
+    first = {}
+    differs = 0
+    for batch in batches:
+        for key, image in zip(batch["keys"], batch["image"], strict=True):
+            if key in first:
+                differs += not torch.equal(first[key], image)
+            first.setdefault(key, image)
+    assert differs > 0
+    lines = [json.loads(x) for f in (tmp_path / "audit").iterdir() for x in f.read_text().splitlines()]
+    assert len(lines) == 40 and all(min(x["stored"]) >= 24 and x["crop"] == [16, 16] for x in lines)
+
+
+def test_crop_must_fit_the_stage():
+    with pytest.raises(ValueError, match="crop_size 32"):
+        TrainDataConfig(data="d", embeddings="e", image_size=16, crop_size=32)
+    with pytest.raises(ValueError, match="lowres_size 16"):
+        TrainDataConfig(data="d", embeddings="e", image_size=32, crop_size=16, lowres_size=16)
 
 
 def test_loader_is_endless_deterministic_and_covers_every_key(dataset):
@@ -347,15 +418,20 @@ def test_real_filtered_shards_embeddings_and_manifest(filtered_shards, tiny_embe
     batches = take(cfg, 4)
     flat = keys_of(batches)
     assert len(flat) == len(set(flat)) == 4 * (total // 4)  # within one epoch: no repeats
-    # Downloaded at 64 px: the loader's pixels are the tar's PNG pixels, exactly.
-    first = batches[0]["keys"][0]
+    # A 64x64 PNG source needs no resize or crop at 64 px: the loader's pixels are its pixels.
+    stored = {}
     for name in counts:
         with tarfile.open(os.path.join(filtered_shards, name)) as tar:
-            members = {m.name.rsplit(".", 1)[0]: m for m in tar if m.name.endswith((".png", ".jpg"))}
-            if first in members:
-                pixels = np.asarray(Image.open(tar.extractfile(members[first])).convert("RGB"))
-    expected = torch.from_numpy(pixels.copy()).permute(2, 0, 1) / 127.5 - 1
-    torch.testing.assert_close(batches[0]["image"][0], expected, rtol=0, atol=1e-6)
+            for m in tar:
+                if m.name.endswith(".png"):
+                    stored[m.name.rsplit(".", 1)[0]] = Image.open(io.BytesIO(tar.extractfile(m).read()))
+    exact = [(b, i) for b, batch in enumerate(batches) for i, k in enumerate(batch["keys"])
+             if stored.get(k) is not None and stored[k].size == (64, 64) and stored[k].mode == "RGB"]
+    assert exact, "the tiny dataset has 64x64 RGB PNG sources"
+    for b, i in exact:
+        pixels = np.asarray(stored[batches[b]["keys"][i]].convert("RGB"))
+        expected = torch.from_numpy(pixels.copy()).permute(2, 0, 1) / 127.5 - 1
+        torch.testing.assert_close(batches[b]["image"][i], expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow

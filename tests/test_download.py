@@ -15,8 +15,8 @@ import pytest
 from conftest import RAW_DOWNLOAD_KWARGS
 from PIL import Image
 
+from imagen.config import stage_specs
 from pipeline.download import (
-    STAGES,
     DownloadConfig,
     _resolve,
     download,
@@ -25,6 +25,7 @@ from pipeline.download import (
     read_url_list,
     run_streaming,
     screen_urls,
+    stage_policy,
     summarize,
 )
 from pipeline.tinydata import make_tiny_dataset, serve
@@ -32,6 +33,16 @@ from pipeline.tinydata import make_tiny_dataset, serve
 DOWNLOAD_ERRORS = {"http_404": "HTTP Error 404: File not found",
                    "not_an_image": "not_an_image: body is markup/JSON, not an image (Content-Type: image/jpeg)",
                    "truncated": "Image decoding error"}
+
+
+def stored_size(row: dict, side: int = 128) -> tuple[int, int]:
+    """What img2dataset stores for the tiny presets: the source, its short side brought down
+    to the 128 px stage's side (ratio kept), never up."""
+    w, h = row["source_width"], row["source_height"]
+    if min(w, h) <= side:
+        return w, h
+    scale = side / min(w, h)
+    return (side, round(h * scale)) if w <= h else (round(w * scale), side)
 
 
 def _raw_rows(raw: str) -> list[dict]:
@@ -51,7 +62,7 @@ def test_download_gets_every_good_image(tiny_dataset, raw_shards):
             assert r["status"] != "success" and r["error_message"] == DOWNLOAD_ERRORS[r["kind"]], r
         else:  # "ok" and the rows only the filter step should reject
             assert r["status"] == "success", r
-            assert (r["width"], r["height"]) == (64, 64)  # center_crop to 64
+            assert (r["width"], r["height"]) == stored_size(r)  # ratio kept, never upscaled
     summary = summarize(raw_shards)
     assert summary["shards"] == 3 and summary["total"] == summary["input_rows"] == info["n_rows"]
     assert summary["successes"] == info["n_rows"] - info["n_broken"]
@@ -71,7 +82,7 @@ def test_raw_tars_hold_the_successes(raw_shards):
     for key, row in successes.items():
         assert members[f"{key}.txt"].decode() == row["caption"]
         img = Image.open(io.BytesIO(members[f"{key}.png"]))
-        assert img.format == "PNG" and img.size == (64, 64)
+        assert img.format == "PNG" and img.size == stored_size(row)
 
 
 def test_rerun_resumes_without_refetching(tiny_dataset, raw_shards, capsys):
@@ -90,7 +101,7 @@ def test_other_settings_do_not_mix_into_finished_shards(tiny_dataset, raw_shards
     raw = tmp_path / "raw"
     shutil.copytree(raw_shards, raw)
     with pytest.raises(RuntimeError, match="new output folder"):
-        download(tiny_dataset.urls, str(raw), **{**RAW_DOWNLOAD_KWARGS, "image_size": 128})
+        download(tiny_dataset.urls, str(raw), **{**RAW_DOWNLOAD_KWARGS, "image_size": 64})
     # Runtime knobs (threads, timeout) are not part of what a shard contains.
     again = download(tiny_dataset.urls, str(raw), **{**RAW_DOWNLOAD_KWARGS, "threads": 2, "timeout": 3})
     assert again["successes"] == tiny_dataset.info["n_rows"] - tiny_dataset.info["n_broken"]
@@ -228,14 +239,22 @@ def test_url_list_folder_of_files(tmp_path):
         read_url_list(str(tmp_path / "lists"), "csv")
 
 
-def test_stage_presets_pick_the_resize():
-    assert (_resolve(DownloadConfig()).image_size, _resolve(DownloadConfig()).resize_mode) == (64, "center_crop")
-    sr = _resolve(DownloadConfig(stage="sr256"))
-    assert (sr.image_size, sr.resize_mode, sr.resize_only_if_bigger) == (256, "keep_ratio", True)
-    assert _resolve(DownloadConfig(stage="sr1024", image_size=2048)).image_size == 2048  # explicit wins
-    assert all(p["resize_mode"] != "border" for p in STAGES.values())
-    with pytest.raises(ValueError, match="stage="):
-        _resolve(DownloadConfig(stage="sr512"))
+def test_stage_specs_pick_the_resize():
+    """Downloaded once at the largest stage's side, ratio kept, never upscaled (every stage's
+    sizes from its spec); the smallest stage's side is the filter's floor."""
+    paper = _resolve(DownloadConfig())
+    assert (paper.image_size, paper.resize_mode, paper.resize_only_if_bigger) == (1024, "keep_ratio", True)
+    assert _resolve(DownloadConfig(stages=("base64",))).image_size == 64
+    assert _resolve(DownloadConfig(stages=("base64", "sr256"))).image_size == 256
+    tiny = {s: "tiny" for s in ("base64", "sr256", "sr1024")}
+    assert _resolve(DownloadConfig(presets=tiny)).image_size == 128
+    assert _resolve(DownloadConfig(image_size=2048)).image_size == 2048  # explicit wins
+    assert stage_policy(stage_specs({})) == {
+        "image_size": 1024, "resize_mode": "keep_ratio", "resize_only_if_bigger": True, "min_side": 64,
+        "stage_sides": {"base64": 64, "sr256": 256, "sr1024": 1024}}
+    assert stage_policy(stage_specs(tiny, ["sr256", "sr1024"]))["min_side"] == 64
+    with pytest.raises(ValueError, match="unknown stage"):
+        _resolve(DownloadConfig(stages=("sr512",)))
     assert _resolve(DownloadConfig(encode_format="jpg")).encode_quality == 95
 
 

@@ -120,7 +120,7 @@ def test_embed_writes_one_parquet_per_shard(tmp_path, t5_dir, shards):
         "max_length": 16,
         "dtype": "float32",
         "storage_dtype": "float16",
-        "code_version": "embed-v2",
+        "code_version": "embed-v3",
         "source_shard": "000001.tar",
         "source_size": (data / "000001.tar").stat().st_size,
         "dim": 32,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import TINY_PRESETS
 from PIL import Image
 
 from pipeline import filter_registry
@@ -32,6 +33,7 @@ from pipeline.filters import (
     filter_shards,
     format_reject_table,
     sample_fates,
+    stage_config,
 )
 
 
@@ -229,7 +231,8 @@ def test_every_good_image_exactly_once(tiny_dataset, filtered_shards):
     assert len({hashlib.sha256(r["png"]).digest() for r in kept}) == len(kept) == tiny_dataset.info["n_good"]
     for r in kept:
         assert r["meta"]["kind"] == "ok" and r["caption"] == r["meta"]["caption"].strip()
-        assert Image.open(io.BytesIO(r["png"])).size == (64, 64)
+        short = min(r["meta"]["source_width"], r["meta"]["source_height"])
+        assert min(Image.open(io.BytesIO(r["png"])).size) == min(short, 128)  # never upscaled
     # Shards are filled in key (= URL-list) order.
     assert [r["key"] for r in kept] == sorted(r["key"] for r in kept)
 
@@ -250,9 +253,19 @@ def test_manifest_counts_add_up(tiny_dataset, filtered_shards):
     assert manifest["shards"] == {"000000.tar": 50, "000001.tar": 50, "000002.tar": 20}
     assert {n: len(read_tar(os.path.join(filtered_shards, n))) // 3 for n in manifest["shards"]} == manifest["shards"]
     assert manifest["config"] == {"min_caption_chars": 3, "max_caption_chars": 512, "languages": [], "min_language_confidence": 0.5,
-                                  "min_side": 64,
+                                  "min_side": 32,  # the tiny base stage's side
                                   "max_aspect": 2.0, "max_pixels": 64_000_000, "dedup": True, "near_dedup": True,
-                                  "near_dup_distance": 6, "near_dup_color_tolerance": 32.0, "scorers": {}}
+                                  "near_dup_distance": 6, "near_dup_color_tolerance": 32.0, "scorers": {},
+                                  "stage_sides": {"base64": 32, "sr256": 64, "sr1024": 128}}
+    # Per stage: the kept samples it can use, and the smaller ones left out of it alone.
+    kept = [r for r in pq.read_table(tiny_dataset.urls).to_pylist() if r["kind"] == "ok"]
+    small = {side: sum(min(r["source_width"], r["source_height"]) < side for r in kept) for side in (32, 64, 128)}
+    assert small[128] > 0
+    assert manifest["stages"] == {
+        "base64": {"min_side": 32, "samples": 120 - small[32], "excluded": {"too_small_for_base64": small[32]}},
+        "sr256": {"min_side": 64, "samples": 120 - small[64], "excluded": {"too_small_for_sr256": small[64]}},
+        "sr1024": {"min_side": 128, "samples": 120 - small[128], "excluded": {"too_small_for_sr1024": small[128]}},
+    }
     assert manifest["filters"] == ["caption_length", "min_side", "max_aspect", "max_pixels", "decode"]
     assert manifest["skipped_filters"] == {}
     assert sorted(os.listdir(filtered_shards)) == ["000000.tar", "000001.tar", "000002.tar", "_filter",
@@ -261,6 +274,7 @@ def test_manifest_counts_add_up(tiny_dataset, filtered_shards):
     lines = [line.split() for line in table.splitlines()]
     assert ["download", "http_404", "3"] in lines and ["filter", "caption_too_short", "2"] in lines
     assert ["kept", "120", "(91.6%)"] in lines and ["input", "rows", "131"] in lines
+    assert ["sr1024", "too_small_for_sr1024", str(small[128]), "(kept,", "used", "by", "the", "other", "stages)"] in lines
 
 
 def test_sample_fates_explain_every_row(tiny_dataset, raw_shards, filtered_shards):
@@ -281,7 +295,7 @@ def test_rerun_is_a_no_op(raw_shards, filtered_shards):
         return {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in Path(filtered_shards).rglob("*") if p.is_file()}
 
     before = snapshot()
-    manifest = filter_shards(raw_shards, filtered_shards, samples_per_shard=50)
+    manifest = filter_shards(raw_shards, filtered_shards, stage_config(TINY_PRESETS), samples_per_shard=50)
     assert snapshot() == before and manifest["kept"] == 120
 
 
@@ -298,7 +312,7 @@ def test_changed_config_rewrites_and_drops_stale_shards(raw_shards, filtered_sha
     (out / "000009.tar").write_bytes(b"stale")
     (out / ".000003.tar.tmp-deadbeef").write_bytes(b"crashed")
     work = {p.name: p.stat().st_mtime_ns for p in (out / "_filter").glob("0*.parquet")}
-    config = FilterConfig(dedup=False, near_dedup=False)
+    config = stage_config(TINY_PRESETS, dedup=False, near_dedup=False)
     manifest = filter_shards(raw_shards, str(out), config, samples_per_shard=1000)
     assert sorted(os.listdir(out)) == ["000000.tar", "_filter", "manifest.json"]
     assert manifest["shards"] == {"000000.tar": 121} and manifest["kept"] == 121
@@ -307,8 +321,8 @@ def test_changed_config_rewrites_and_drops_stale_shards(raw_shards, filtered_sha
     # Only dedup settings changed: the per-shard pass was reused, not redone.
     assert work == {p.name: p.stat().st_mtime_ns for p in (out / "_filter").glob("0*.parquet")}
     # A per-sample setting redoes the per-shard pass.
-    manifest = filter_shards(raw_shards, str(out), FilterConfig(min_side=96), samples_per_shard=1000)
-    # 125 downloaded: 2 empty captions are rejected first (cheapest), the rest are 64 px < 96.
+    manifest = filter_shards(raw_shards, str(out), FilterConfig(min_side=512), samples_per_shard=1000)
+    # 125 downloaded: 2 empty captions are rejected first (cheapest), the rest are stored < 512.
     assert manifest["kept"] == 0 and manifest["rejects"]["filter"] == {"caption_too_short": 2, "image_too_small": 123}
     assert manifest["shards"] == {} and sorted(os.listdir(out)) == ["_filter", "manifest.json"]
 
@@ -360,7 +374,7 @@ def test_readable_with_webdataset(filtered_shards):
     samples = list(wds.WebDataset(shards, shardshuffle=False).decode("pil").to_tuple("__key__", "png", "txt"))
     assert len(samples) == 120
     key, img, txt = samples[0]
-    assert img.size == (64, 64) and len(txt) >= 3
+    assert 64 <= min(img.size) <= 128 and len(txt) >= 3
 
 
 def test_everything_refused_still_adds_up(tmp_path):

@@ -72,3 +72,31 @@ def test_sampler_is_reproducible_and_validates():
     torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="sampler"):
         sample(*args, steps=5, sampler="euler")
+
+
+@pytest.mark.parametrize("level", [0.0, 0.3])
+def test_sr_stage_sees_its_lowres_noised_at_the_level_it_is_told(level):
+    """Noise-conditioning augmentation at sampling (Imagen sec. 2.5): the U-Net gets the low-res
+    image noised to ``level`` and that level as ``lowres_t`` (the trainer's grid uses this too)."""
+    from imagen.cascade import StageOptions, run_stage
+    from imagen.config import preset
+
+    cfg = preset("tiny", "sr256")
+    seen = []
+
+    def model(x, t, text, mask, lowres, lowres_t):
+        seen.append((lowres.clone(), lowres_t.clone()))
+        return torch.zeros_like(x)
+
+    clean = torch.rand(2, 3, 32, 32) * 2 - 1
+    text, mask = torch.zeros(2, 3, 32), torch.ones(2, 3, dtype=torch.bool)
+    out = run_stage(model, cfg, StageOptions(steps=2, lowres_aug=level), text, mask, clean,
+                    torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 64, 64) and seen
+    got, got_t = seen[0]
+    assert torch.equal(got_t, torch.full((2,), level))
+    d = GaussianDiffusion(cfg.diffusion)
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    want = d.q_sample(clean, torch.full((2,), level), noise) if level else clean
+    torch.testing.assert_close(got, want)
+    assert all(torch.equal(a, got) for a, _ in seen)  # the same noised input at every step

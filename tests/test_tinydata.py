@@ -48,6 +48,10 @@ def test_url_list_rows_and_kinds(tmp_path):
     assert info["n_rows"] == len(table) == 41
     assert info["kinds"] == {"ok": 30, "http_404": 3, "not_an_image": 2, "truncated": 1,
                              "empty_caption": 2, "duplicate": 1, "too_small": 1, "bad_aspect": 1}
+    for r in table:  # the recorded size is the served image's
+        name = r["url"].rsplit("/", 1)[1]
+        if r["kind"] not in ("http_404", "not_an_image", "truncated"):
+            assert Image.open(os.path.join(info["images"], name)).size == (r["source_width"], r["source_height"])
     assert all(r["url"].startswith("http://127.0.0.1:8123/images/") for r in table)
     assert len({r["url"] for r in table}) == len(table)
     names = set(os.listdir(info["images"]))
@@ -66,15 +70,42 @@ def test_url_list_rows_and_kinds(tmp_path):
 
 
 def test_good_png_images_show_their_colours(tmp_path):
-    info = make_tiny_dataset(str(tmp_path), n=24, seed=0, port=8123, image_size=96)
-    rows = [r for r in pq.read_table(info["urls"]).to_pylist() if r["kind"] == "ok" and r["url"].endswith(".png")]
+    info = make_tiny_dataset(str(tmp_path), n=24, seed=0, port=8123)
+    rows = [r for r in pq.read_table(info["urls"]).to_pylist()
+            if r["kind"] == "ok" and r["mode"] == "RGB" and r["url"].endswith(".png")]
     assert len(rows) >= 12
     for r in rows:
         img = Image.open(os.path.join(info["images"], r["url"].rsplit("/", 1)[1]))
-        assert img.size == (96, 96)
-        colours = {c for _, c in img.convert("RGB").getcolors(maxcolors=96 * 96)}
+        colours = {c for _, c in img.convert("RGB").getcolors(maxcolors=img.width * img.height)}
         assert tuple(COLORS[r["color"]]) in colours
         assert tuple(BACKGROUNDS[r["background"]]) in colours
+        # the shape lies inside the central square, which the base stage's centre crop keeps
+        w, h = img.size
+        s = min(w, h)
+        centre = img.convert("RGB").crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2))
+        assert tuple(COLORS[r["color"]]) in {c for _, c in centre.getcolors(maxcolors=s * s)}
+
+
+def test_images_come_in_many_sizes_aspects_and_modes(tmp_path):
+    """Like the web: short sides from 64 px to twice the largest tiny stage, several aspect ratios
+    (within the filter's 2:1), and palette / RGBA / 16-bit / CMYK encodings of the same colours."""
+    from imagen.config import preset
+
+    info = make_tiny_dataset(str(tmp_path), n=240, seed=0, port=8123)
+    rows = [r for r in pq.read_table(info["urls"]).to_pylist() if r["kind"] == "ok"]
+    largest = preset("tiny", "sr1024").image_size
+    shorts = [min(r["source_width"], r["source_height"]) for r in rows]
+    assert min(shorts) == 64 and max(shorts) >= 2 * largest
+    assert 0.15 < sum(s < largest for s in shorts) / len(shorts) < 0.6  # some too small for the 128 px stage
+    aspects = {round(max(r["source_width"], r["source_height"]) / min(r["source_width"], r["source_height"]), 1) for r in rows}
+    assert len(aspects) >= 3 and max(aspects) <= 2.0
+    assert set(info["modes"]) == {"RGB", "P", "RGBA", "RGB16", "CMYK"}
+    opened = {r["mode"]: Image.open(os.path.join(info["images"], r["url"].rsplit("/", 1)[1])).mode for r in rows}
+    assert opened["P"] == "P" and opened["RGBA"] == "RGBA" and opened["CMYK"] == "CMYK"
+    sixteen = next(r for r in rows if r["mode"] == "RGB16")
+    with open(os.path.join(info["images"], sixteen["url"].rsplit("/", 1)[1]), "rb") as f:
+        header = f.read(26)
+    assert header[12:16] == b"IHDR" and header[24] == 16 and header[25] == 2  # 16 bits per channel, RGB
 
 
 def test_broken_files_are_broken(tmp_path):
@@ -83,7 +114,7 @@ def test_broken_files_are_broken(tmp_path):
         assert f.read().startswith(b"<html>")
     with pytest.raises(OSError):
         Image.open(os.path.join(info["images"], "truncated_000.jpg")).load()
-    assert Image.open(os.path.join(info["images"], "small_000.png")).size == (40, 40)
+    assert Image.open(os.path.join(info["images"], "small_000.png")).size == (24, 24)
     assert Image.open(os.path.join(info["images"], "wide_000.png")).size == (256, 64)
     with open(os.path.join(info["images"], "img_00000.png"), "rb") as a, \
             open(os.path.join(info["images"], "dup_000.png"), "rb") as b:
@@ -99,7 +130,7 @@ def test_server_serves_files_and_404s(tmp_path):
             body = r.read()
         with open(os.path.join(info["images"], "img_00000.png"), "rb") as f:
             assert body == f.read()
-        assert Image.open(io.BytesIO(body)).size == (96, 96)
+        assert Image.open(io.BytesIO(body)).size == Image.open(os.path.join(info["images"], "img_00000.png")).size
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(f"{base}/images/missing_000.jpg", timeout=5)
         assert err.value.code == 404
@@ -115,11 +146,6 @@ def test_server_refuses_non_loopback_hosts(tmp_path, host):
         serve(str(tmp_path), 0, host=host)
 
 
-def test_make_refuses_images_below_base_resolution(tmp_path):
-    with pytest.raises(ValueError, match="64"):
-        make_tiny_dataset(str(tmp_path), n=2, image_size=32)
-
-
 def test_good_images_are_not_near_duplicates(tmp_path):
     """The filter step's near-duplicate check (at the 64 px the base stage stores) keeps every good image."""
     from pipeline.dedup import find_duplicates, image_signature
@@ -129,7 +155,7 @@ def test_good_images_are_not_near_duplicates(tmp_path):
     sigs = []
     for r in rows:
         img = Image.open(os.path.join(info["images"], r["url"].rsplit("/", 1)[1])).convert("RGB")
-        img = img.resize((64, 64), Image.Resampling.BOX)
+        img.thumbnail((128, 128), Image.Resampling.BOX)  # as downloaded for the tiny cascade
         buf = io.BytesIO()
         img.save(buf, "PNG")
         sigs.append((r["url"], *image_signature(buf.getvalue(), img)))

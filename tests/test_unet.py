@@ -1,5 +1,6 @@
 """imagen/unet.py + config + checkpoint: shapes, conditioning, sizes, save/load without pickle."""
 
+import dataclasses
 import json
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from imagen.checkpoint import load_model, save_weights
 from imagen.config import StageConfig, UNetConfig, preset
-from imagen.unet import UNet
+from imagen.unet import Attention, AttnBlock, ResBlock, UNet
 
 
 def _inputs(cfg, b=2, tokens=5, seed=0):
@@ -109,16 +110,17 @@ def test_checkpoint_round_trip_uses_ema_and_no_pickle(tmp_path):
         load_model(str(tmp_path / "nope"))
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    cfg = preset("tiny")
+@pytest.mark.parametrize("stage", ["base64", "sr256"])  # plain and efficient layouts
+def test_gradient_checkpointing_gives_the_same_gradients(stage):
+    cfg = preset("tiny", stage)
     model = _randomize(UNet(cfg.unet)).train()
-    args, _ = _inputs(cfg)
+    args, kw = _inputs(cfg)
 
     def grads(ckpt):
         model.zero_grad()
         model.gradient_checkpointing = ckpt
         assert all(level.checkpointing == ckpt for level in [*model.down, model.mid, *model.up])
-        model(*args).pow(2).mean().backward()
+        model(*args, **kw).pow(2).mean().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     plain, checkpointed = grads(False), grads(True)
@@ -148,3 +150,107 @@ def test_preset_stages_chain_into_one_cascade(name):
     for prev, cur in zip(cfgs[:-1], cfgs[1:], strict=True):
         assert cur.lowres_size == prev.image_size, (prev.stage, cur.stage)
     assert [c.image_size for c in cfgs] == ([32, 64, 128] if name == "tiny" else [64, 256, 1024])
+
+
+def _build(cfg: StageConfig, unet: UNetConfig | None = None, meta: bool = False, size: int | None = None):
+    """A U-Net for ``cfg`` (or ``unet``) and inputs for one forward at side ``size``: real
+    tensors for tiny configs, the meta device (shapes only, no memory) for paper sizes."""
+    size = size or cfg.image_size
+    cfg = dataclasses.replace(cfg, image_size=size, lowres_size=cfg.lowres_size and
+                              cfg.lowres_size * size // cfg.image_size, crop_size=None,
+                              unet=dataclasses.replace(unet or cfg.unet, image_size=size))
+    with torch.device("meta" if meta else "cpu"):
+        model = UNet(cfg.unet).eval()
+    args, kw = _inputs(cfg, b=1)
+    if meta:
+        args, kw = tuple(a.to("meta") for a in args), {k: v.to("meta") for k, v in kw.items()}
+    return model, args, kw
+
+
+def _record_inputs(model, kind, args, kw):
+    """Run one forward; return (module name, input shape) for every ``kind`` module called."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.append((name, inp[0].shape)))
+             for name, m in model.named_modules() if isinstance(m, kind)]
+    with torch.no_grad():
+        model(*args, **kw)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name", ["tiny", "paper"])
+def test_efficient_unet_runs_no_res_block_at_the_input_resolution(name):
+    cfg = preset("tiny", "sr256") if name == "tiny" else preset("sr256")
+    assert cfg.unet.efficient
+    n_blocks = None
+    for efficient in (True, False):
+        model, args, kw = _build(cfg, dataclasses.replace(cfg.unet, efficient=efficient), meta=name == "paper")
+        seen = _record_inputs(model, ResBlock, args, kw)
+        n_blocks = sum(isinstance(m, ResBlock) for m in model.modules())
+        assert len(seen) == n_blocks  # every res block ran once
+        sides = {shape[-1] for _, shape in seen}
+        if efficient:
+            # Imagen appendix B.1: the first level downsamples before its blocks too, so the
+            # stem and output convs are the only layers at the input resolution
+            assert max(sides) == cfg.image_size // 2, sides
+            assert min(sides) == cfg.image_size // 2 ** len(cfg.unet.channel_mults)
+        else:  # the plain layout does run level 0's blocks at full resolution
+            assert max(sides) == cfg.image_size, sides
+
+
+@pytest.mark.parametrize("name", ["tiny", "paper"])
+def test_sr1024_has_no_self_attention_and_text_only_at_the_lowest_level(name):
+    cfg = preset("tiny", "sr1024") if name == "tiny" else preset("sr1024")
+    assert not cfg.unet.mid_self_attn and not any(cfg.unet.self_attn_levels)
+    # trained on crops, sampled on the whole image: both must run (no self-attention means
+    # nothing depends on the number of pixels)
+    for size in (cfg.spec.crop_size, cfg.image_size):
+        model, args, kw = _build(cfg, meta=name == "paper", size=size)
+        attns = [m for m in model.modules() if isinstance(m, Attention)]
+        assert attns and all(a.null_kv is not None for a in attns)  # every one attends to text
+        assert all(b.self_attn is None for b in model.modules() if isinstance(b, AttnBlock))
+        lowest = size // 2 ** len(cfg.unet.channel_mults)
+        seen = _record_inputs(model, Attention, args, kw)
+        assert {n for n, _ in seen} == {n for n, m in model.named_modules() if isinstance(m, Attention)}
+        assert {shape[1] for _, shape in seen} == {lowest * lowest}, seen  # tokens = lowest level's pixels
+        out = model(*args, **kw)
+        assert out.shape == (1, 3, size, size)
+
+
+def test_paper_sr256_has_self_attention_only_in_the_middle_block():
+    with torch.device("meta"):
+        model = UNet(preset("sr256").unet)
+    self_attn = [n for n, m in model.named_modules() if isinstance(m, AttnBlock) and m.self_attn is not None]
+    assert self_attn == ["mid.attn"]
+
+
+def test_efficient_and_plain_layouts_differ():
+    cfg = preset("tiny", "sr256")
+    n = len(cfg.unet.channel_mults)
+    torch.manual_seed(0)
+    eff = _randomize(UNet(cfg.unet))
+    torch.manual_seed(0)
+    plain = _randomize(UNet(dataclasses.replace(cfg.unet, efficient=False)))
+    shapes = {k: tuple(v.shape) for k, v in eff.state_dict().items()}
+    plain_shapes = {k: tuple(v.shape) for k, v in plain.state_dict().items()}
+    c, c0 = cfg.unet.channels, cfg.unet.channels * cfg.unet.channel_mults[0]
+    # efficient: n strided convs, the first from the stem; the last up level goes back to
+    # full resolution. Plain: n - 1 of each, and the last level's slots are Identity.
+    assert shapes["downsample.0.weight"] == (c0, c, 4, 4)
+    assert shapes[f"upsample.{n - 1}.1.weight"] == (c, c0, 3, 3)
+    assert f"downsample.{n - 1}.weight" in shapes and f"downsample.{n - 1}.weight" not in plain_shapes
+    assert f"upsample.{n - 1}.1.weight" not in plain_shapes
+    assert (eff.skip_scale, plain.skip_scale) == (2**-0.5, 1.0)
+    (x, t, text, mask), kw = _inputs(cfg)
+    a, b = eff(x, t, text, mask, **kw), plain(x, t, text, mask, **kw)
+    assert a.shape == b.shape == x.shape
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_efficient_layout_needs_one_more_halving():
+    kw = {"image_size": 36, "channel_mults": (1, 2, 2), "num_res_blocks": (1, 1, 1),
+          "self_attn_levels": (False,) * 3, "cross_attn_levels": (False,) * 3}
+    UNetConfig(**kw)  # plain: 2 halvings, 36 % 4 == 0
+    with pytest.raises(ValueError, match=r"2\*\*3"):
+        UNetConfig(**kw, efficient=True)  # efficient: 3 halvings, 36 % 8 != 0
