@@ -5,9 +5,11 @@ BIN := $(VENV)/bin
 export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE := disabled
+# MLflow servers and clients started from here send no usage telemetry
+export MLFLOW_DISABLE_TELEMETRY := true
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 
-.PHONY: help install test test-fast smoke-test lint format bench airflow mlflow-ui services-up \
+.PHONY: help install test test-fast smoke-test demo lint format bench airflow mlflow-ui services-up \
 	services-down services-status trigger-tiny clean
 
 help:  ## list targets
@@ -30,6 +32,9 @@ test-fast: install  ## unit tests only (no services)
 
 smoke-test: install  ## the whole pipeline on tiny data through `airflow dags test imagen_full`
 	$(BIN)/python infra/smoke_test.py
+
+demo: install  ## train a tiny cascade that follows its prompts (~15 min on 2 cores): demo/grid.png
+	$(BIN)/python infra/demo.py
 
 lint: install  ## ruff
 	$(BIN)/ruff check .

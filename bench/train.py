@@ -10,7 +10,10 @@ its first logging interval. base64: the paper-sized 2B-parameter base U-Net, one
 step at a time on synthetic 64px batches with T5-XXL-sized (4096-d) text (Adafactor + gradient
 checkpointing, batch 1: what fits in this machine's 24 GiB on a CPU); skipped, with the reason,
 when memory is short. The baseline of data_wait_fraction is the step time itself (target < 5%).
-Last line: JSON with tiny_img_s, base64_img_s, data_wait_fraction.
+torch.compile: 200 tiny steps eager and compiled in the same run (compile_speedup: steady-state
+images/s ratio; compile_wall_ratio_200_steps: whole-run wall time ratio, compile included).
+Last line: JSON with tiny_img_s, base64_img_s, data_wait_fraction, compile_speedup,
+compile_wall_ratio_200_steps.
 """
 
 from __future__ import annotations
@@ -45,14 +48,18 @@ def tiny_data(work: str) -> tuple[str, str]:
     return os.path.join(work, "filtered"), emb
 
 
-def bench_tiny(work: str) -> dict:
-    data, emb = tiny_data(work)
+def bench_tiny(work: str, *extra: str, steps: int = 60) -> dict:
+    """The trainer's own summary of a tiny run, plus its wall time (start-up and compile included)."""
+    data, emb = os.path.join(work, "filtered"), os.path.join(work, "emb")
+    emb = os.path.join(emb, os.listdir(emb)[0])
+    ckpt = os.path.join(work, "ckpt-" + "-".join(x.strip("-") for x in extra))
     cmd = [sys.executable, "-m", "pipeline.train", "--stage", "base64", "--preset", "tiny", "--data", data,
-           "--embeddings", emb, "--checkpoint-dir", os.path.join(work, "ckpt"), "--max-steps", "60",
+           "--embeddings", emb, "--checkpoint-dir", ckpt, "--max-steps", str(steps),
            "--batch-size", "16", "--log-every", "10", "--checkpoint-every", "1000", "--sample-every", "0",
-           "--num-workers", "1", "--tracking-uri", "off"]
+           "--num-workers", "1", "--tracking-uri", "off", *extra]
+    t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "wall_s": time.perf_counter() - t0}
 
 
 def bench_base64(steps: int = 2) -> tuple[float | None, str]:
@@ -88,13 +95,22 @@ def bench_base64(steps: int = 2) -> tuple[float | None, str]:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as work:
+        tiny_data(work)
         tiny = bench_tiny(work)
+        # torch.compile (inductor, C++ on the CPU) against eager, in the same run: steady-state
+        # images/s after the first logging interval, and the wall time the compile adds
+        eager, compiled = bench_tiny(work, steps=200), bench_tiny(work, "--compile", steps=200)
     print(f"tiny: {tiny['images_per_s']:.1f} img/s, data wait {100 * tiny['data_wait_fraction']:.2f}% "
           "of step time", flush=True)
+    compile_speedup = compiled["images_per_s"] / eager["images_per_s"]
+    print(f"torch.compile: {compiled['images_per_s']:.1f} vs {eager['images_per_s']:.1f} img/s eager "
+          f"(x{compile_speedup:.2f}); 200 steps took {compiled['wall_s']:.0f} s vs {eager['wall_s']:.0f} s",
+          flush=True)
     base, how = bench_base64()
     print(f"base64 (2B): {base if base is None else round(base, 4)} img/s ({how})", flush=True)
     print(json.dumps({"tiny_img_s": tiny["images_per_s"], "base64_img_s": base,
-                      "data_wait_fraction": tiny["data_wait_fraction"]}))
+                      "data_wait_fraction": tiny["data_wait_fraction"], "compile_speedup": compile_speedup,
+                      "compile_wall_ratio_200_steps": compiled["wall_s"] / eager["wall_s"]}))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ Only light imports at module level (Airflow's SDK, ``imagen.config``, ``pipeline
 every DAG file imports this at parse time.
 
 Deployment knobs (environment of the dag-processor and workers): ``IMAGEN_DATA_ROOT`` (the
-default data root), ``IMAGEN_RETRIES`` and ``IMAGEN_RETRY_DELAY_SECONDS`` (retry policy).
+default data root), ``IMAGEN_RETRIES`` and ``IMAGEN_RETRY_DELAY_SECONDS`` (retry policy),
+``IMAGEN_ALLOW_PRIVATE_NETWORKS=1`` / ``IMAGEN_ALLOW_HOSTS=HOST:PORT,...`` (what the fetch guard
+lets through: deployment settings, never trigger-form Params; ``pipeline.fetch_guard``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 from airflow.sdk import Asset, AssetAlias, Param
 
 from imagen.config import PRESETS, STAGES
-from pipeline.launch import launcher_names
+from pipeline.launch import launcher_names, launcher_options_schema
 
 DEFAULT_ROOT = os.environ.get("IMAGEN_DATA_ROOT", "/tmp/imagen-data")
 GPU_POOL = "gpu"  # `make airflow` creates it; its slots = trainings that may run at once
@@ -71,8 +73,6 @@ def data_params() -> dict[str, Param]:
         "url_list": Param("", type="string", title="URL list",
                           description="Parquet/CSV/TSV/JSONL file with url and caption columns"),
         **cascade_params(),
-        "allow_private_networks": Param(False, type="boolean",
-                                        description="Let the downloader fetch private/loopback addresses"),
         "filtered_shard_size": Param(1000, type="integer", minimum=1,
                                      description="Samples per filtered shard (the unit of embed work)"),
     }
@@ -95,9 +95,12 @@ def train_params() -> dict[str, Param]:
         "max_steps": Param(60, type="integer", minimum=1, description="Training steps per stage"),
         "launcher": Param("local", enum=launcher_names(),
                           description="local: torchrun here; kubernetes: a Kubeflow TrainJob"),
-        "launcher_options": Param({}, type="object", description=(
-            'Launcher settings, e.g. {"image": "REGISTRY/imagen-pipeline:TAG", "namespace": "ml", '
-            '"volume_claim": "imagen-data", "mount_path": "/data"} for kubernetes')),
+        # Typed fields only; image and volume claim must be in the deployment's allowlists
+        # (IMAGEN_K8S_IMAGES, IMAGEN_K8S_VOLUME_CLAIMS), checked again where the TrainJob is rendered.
+        "launcher_options": Param({}, **launcher_options_schema(), description=(
+            'kubernetes only, e.g. {"image": "REGISTRY/imagen-pipeline:TAG", "namespace": "ml", '
+            '"volume_claim": "imagen-data", "mount_path": "/data"}; image and volume claim from the '
+            "deployment's IMAGEN_K8S_IMAGES / IMAGEN_K8S_VOLUME_CLAIMS")),
         "gpus_per_node": Param(1, type="integer", minimum=1, maximum=64,
                                description="Training processes per node (one per GPU)"),
         "nodes": Param(1, type="integer", minimum=1, maximum=1024, description="Training nodes"),
@@ -174,7 +177,7 @@ def cascade_chain(checkpoints: list[str]) -> tuple[list[str], dict[str, str]]:
     return kept, left_out
 
 
-def evaluate_once(trained: dict[str, Any], attributes: str) -> dict[str, Any]:
+def evaluate_once(trained: dict[str, Any], attributes: str, encoder: str | None = None) -> dict[str, Any]:
     """Evaluate a stage once per finished training run (``eval.json`` beside its checkpoints)."""
     from pipeline.evaluate import evaluate
 
@@ -182,7 +185,7 @@ def evaluate_once(trained: dict[str, Any], attributes: str) -> dict[str, Any]:
     if os.path.exists(marker):
         with open(marker) as f:
             return {**json.load(f), "reused": True}
-    result = evaluate(trained["checkpoint"], attributes=attributes,
+    result = evaluate(trained["checkpoint"], attributes=attributes, encoder=encoder,
                       run_id=_known_run(trained.get("run_id"), trained["checkpoint"]))
     with open(marker + ".tmp", "w") as f:
         json.dump(result, f, indent=2, sort_keys=True)

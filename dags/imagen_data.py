@@ -25,8 +25,8 @@ def imagen_data():
         if not params["url_list"]:
             raise ValueError("set the url_list param to a Parquet/CSV/TSV/JSONL file of url,caption rows")
         out = os.path.join(params["root"], "raw")
-        run_download(params["url_list"], out, stages=tuple(params["stages"]), presets=params["presets"],
-                     allow_private_networks=params["allow_private_networks"])
+        # Private networks: the workers' IMAGEN_ALLOW_PRIVATE_NETWORKS / IMAGEN_ALLOW_HOSTS, not a Param.
+        run_download(params["url_list"], out, stages=tuple(params["stages"]), presets=params["presets"])
         outlet_events[RAW].extra = {"root": params["root"], "path": out}
         return out
 

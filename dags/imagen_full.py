@@ -1,8 +1,8 @@
 """imagen_full: URL list -> registered text-to-image cascade, the whole pipeline in one DAG.
 
     airflow dags trigger imagen_full --conf '{"root": "/data/imagen", "url_list": "/data/urls.parquet"}'
-    airflow dags test imagen_full -c '{"root": "/tmp/run", "url_list": "/tmp/tiny/urls.parquet",
-        "encoder": "/tmp/tiny/t5-tiny", "allow_private_networks": true, "max_steps": 20}'
+    IMAGEN_ALLOW_PRIVATE_NETWORKS=1 airflow dags test imagen_full -c '{"root": "/tmp/run",
+        "url_list": "/tmp/tiny/urls.parquet", "encoder": "/tmp/tiny/t5-tiny", "max_steps": 20}'
 
 download -> filter_shards -> plan_embed -> embed (mapped over batches of shards) ->
 train_base64 | train_sr256 | train_sr1024 (in parallel, `gpu` pool) -> evaluate ->
@@ -45,8 +45,8 @@ def imagen_full():
         if not params["url_list"]:
             raise ValueError("set the url_list param to a Parquet/CSV/TSV/JSONL file of url,caption rows")
         out = os.path.join(params["root"], "raw")
-        run_download(params["url_list"], out, stages=tuple(params["stages"]), presets=params["presets"],
-                     allow_private_networks=params["allow_private_networks"])
+        # Private networks: the workers' IMAGEN_ALLOW_PRIVATE_NETWORKS / IMAGEN_ALLOW_HOSTS, not a Param.
+        run_download(params["url_list"], out, stages=tuple(params["stages"]), presets=params["presets"])
         return out
 
     @task
@@ -91,11 +91,13 @@ def imagen_full():
 
     @task(trigger_rule="none_failed")
     def evaluate(trained: list[dict | None], params=None) -> dict:
+        """Every trained stage, into its own training run: the base stage's samples and prompt
+        alignment, each SR stage's PSNR/SSIM against bicubic upsampling of the same input."""
         from airflow.sdk.exceptions import AirflowSkipException
 
-        if not params["attributes"] or not trained[0]:
-            raise AirflowSkipException("no attributes param (or no base64 stage): nothing to evaluate")
-        return evaluate_once(trained[0], params["attributes"])
+        if not params["attributes"]:
+            raise AirflowSkipException("no attributes param: nothing to evaluate against")
+        return {t["stage"]: evaluate_once(t, params["attributes"], params["encoder"]) for t in trained if t}
 
     @task(trigger_rule="none_failed")
     def register(stage: str, trained: dict | None, params=None, outlet_events=None) -> dict:

@@ -90,8 +90,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     grad_accum: int = 1
-    ema_decay: float = 0.9999
-    ema_start: int = 0
+    ema_decay: float = 0.9999  # the EMA's final decay, reached by a power-law warm-up (imagen.ema)
+    ema_update_after_step: int = 100
+    ema_update_every: int = 10
+    ema_power: float = 2 / 3
     checkpoint_every: int = 5_000
     keep_checkpoints: int = 3
     log_every: int = 50
@@ -196,6 +198,14 @@ class StageConfig:
             train=TrainConfig(**d.pop("train")),
             **d,
         )
+
+    def ema(self):
+        """The EMA schedule of this stage's training (imagen.ema.EMAConfig)."""
+        from imagen.ema import EMAConfig
+
+        t = self.train
+        return EMAConfig(max_decay=t.ema_decay, update_after_step=t.ema_update_after_step,
+                         update_every=t.ema_update_every, power=t.ema_power)
 
     def replace(self, **kwargs: Any) -> StageConfig:
         return dataclasses.replace(self, **kwargs)

@@ -9,7 +9,9 @@ api-server; LocalExecutor, SQLite, this repo's dags/, a `gpu` pool) and a lean M
 State lives in ``.airflow/`` (AIRFLOW_HOME: metadata DB, logs, the generated admin password in
 ``simple_auth_manager_passwords.json.generated``) and ``.mlflow/`` (tracking DB, artifacts).
 When MLflow runs, Airflow's tasks log to it (``MLFLOW_TRACKING_URI``). To use the Airflow CLI
-on the same deployment: ``export AIRFLOW_HOME=$PWD/.airflow``.
+on the same deployment: ``export AIRFLOW_HOME=$PWD/.airflow``. The tasks' fetch guard lets through
+``IMAGEN_ALLOW_HOSTS`` (default ``127.0.0.1:8799``, the tiny dataset's server) and, with
+``IMAGEN_ALLOW_PRIVATE_NETWORKS=1``, every private address: set them before starting the services.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from contextlib import ExitStack
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from pipeline.services import airflow_services, mlflow_server  # noqa: E402
+from pipeline.services import PRIVATE_UMASK, airflow_services, mlflow_server, private_file  # noqa: E402
+
+TINY_DATA_HOST = "127.0.0.1:8799"  # where infra/trigger_tiny.py serves the tiny dataset
 
 
 def _serve(args: argparse.Namespace, airflow: bool, mlflow: bool) -> None:
@@ -33,7 +37,9 @@ def _serve(args: argparse.Namespace, airflow: bool, mlflow: bool) -> None:
     # SIGTERM (from `down`) unwinds like Ctrl-C, so every context manager stops its processes.
     signal.signal(signal.SIGTERM, _interrupt)
     with ExitStack() as stack:
-        env = {}
+        # The fetch guard's exemptions are deployment settings: by default the tasks may fetch the
+        # tiny dataset's server (`make trigger-tiny`) and no other private address.
+        env = {"IMAGEN_ALLOW_HOSTS": os.environ.get("IMAGEN_ALLOW_HOSTS", TINY_DATA_HOST)}
         if mlflow:
             uri = stack.enter_context(mlflow_server(args.mlflow_home, args.mlflow_port))
             env["MLFLOW_TRACKING_URI"] = uri
@@ -66,10 +72,10 @@ def _up(args: argparse.Namespace) -> None:
         sys.exit(f"services already running (pid {_running_pid(args)}); `make services-down` first")
     os.makedirs(args.airflow_home, exist_ok=True)
     log_path = os.path.join(args.airflow_home, "services.log")
-    with open(log_path, "w") as log:
+    with private_file(log_path) as log:  # 0600, as every file the services write
         proc = subprocess.Popen([sys.executable, __file__, "both", *_forward(args)], stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    with open(_pid_file(args), "w") as f:
+                                stderr=subprocess.STDOUT, start_new_session=True, umask=PRIVATE_UMASK)
+    with private_file(_pid_file(args)) as f:
         f.write(str(proc.pid))
     print(f"started (pid {proc.pid}); log: {log_path}; waiting for the services ...", flush=True)
     deadline = time.monotonic() + 300

@@ -7,7 +7,9 @@
 It renders the tiny dataset and a tiny T5 encoder into DIR (default /tmp/imagen-tiny), serves
 the images on 127.0.0.1 while the run downloads them, unpauses imagen_full, triggers it with
 the CLI, waits for the run through the REST API and prints every task's state. Data goes to
-DIR/data. The services must have been started from this checkout (`make services-up`).
+DIR/data. The services must have been started from this checkout (`make services-up`): their
+fetch guard lets through IMAGEN_ALLOW_HOSTS, by default 127.0.0.1:8799, the port the images are
+served on here (`--tiny-port`); the trigger form has no switch for private networks.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pipeline.services import AirflowServices, airflow_env  # noqa: E402
 def tiny_conf(tiny: str, root: str, max_steps: int) -> dict:
     """The imagen_full conf for the tiny dataset in ``tiny`` (small shards, every stage)."""
     return {"root": root, "url_list": os.path.join(tiny, "urls.parquet"),
-            "encoder": os.path.join(tiny, "t5-tiny"), "allow_private_networks": True,
+            "encoder": os.path.join(tiny, "t5-tiny"),
             "max_steps": max_steps, "filtered_shard_size": 50, "embed_shards_per_task": 2,
             "attributes": os.path.join(tiny, "attributes.json")}
 
@@ -38,6 +40,8 @@ def main() -> int:
     p.add_argument("--max-steps", type=int, default=30)
     p.add_argument("--port", type=int, default=8080, help="the api-server's port")
     p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--tiny-port", type=int, default=8799,
+                   help="loopback port for the images; the services' IMAGEN_ALLOW_HOSTS must list 127.0.0.1:PORT")
     a = p.parse_args()
     home = os.environ.get("AIRFLOW_HOME", os.path.join(REPO, ".airflow"))
     af = AirflowServices(home, a.port, airflow_env(home, a.port))
@@ -46,7 +50,11 @@ def main() -> int:
     from pipeline.tinymodels import build_tiny_t5
 
     tiny = os.path.join(a.workdir, "tiny")
-    server = serve(tiny if os.path.isdir(tiny) else _mkdir(tiny), 0)  # bind first, bake the port in
+    try:  # bind first, then bake the port into the URLs
+        server = serve(tiny if os.path.isdir(tiny) else _mkdir(tiny), a.tiny_port)
+    except OSError as e:
+        sys.exit(f"cannot serve the tiny dataset on 127.0.0.1:{a.tiny_port} ({e}): free the port, or pass "
+                 "--tiny-port P after restarting the services with IMAGEN_ALLOW_HOSTS=127.0.0.1:P")
     try:
         make_tiny_dataset(tiny, n=120, seed=0, port=server.server_address[1])
         if not os.path.isdir(os.path.join(tiny, "t5-tiny")):

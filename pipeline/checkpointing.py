@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from imagen.checkpoint import CONFIG_NAME, EMA_NAME, MODEL_NAME, load_config, save_weights
@@ -160,9 +161,8 @@ def load_checkpoint(directory: str, state: TrainState, rank: int, world: int,
     """Restore model, EMA, optimizer and this rank's RNGs from ``directory``; return metadata."""
     meta = check_compatible(directory, state.cfg, state.metadata)
     saved_world = int(meta.get("world_size", world))
-    model_sd = load_file(os.path.join(directory, MODEL_NAME))
-    # weights_only=True: tensors and plain containers only, never arbitrary objects
-    optim_sd = torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True, map_location="cpu")
+    model_sd = _safetensors(os.path.join(directory, MODEL_NAME))
+    optim_sd = _tensors_only(os.path.join(directory, "optimizer.pt"))
     if state.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -171,11 +171,32 @@ def load_checkpoint(directory: str, state: TrainState, rank: int, world: int,
     else:
         state.model.load_state_dict(model_sd)
         state.optimizer.load_state_dict(optim_sd)
-    load_ema(state.ema, load_file(os.path.join(directory, EMA_NAME)))
+    load_ema(state.ema, _safetensors(os.path.join(directory, EMA_NAME)))
     rng_path = os.path.join(directory, f"rng-{rank}.pt")
     if saved_world == world and os.path.exists(rng_path):
-        _restore_rng(torch.load(rng_path, weights_only=True), state.generator)
+        _restore_rng(_tensors_only(rng_path), state.generator)
     return meta
+
+
+def _safetensors(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): resume from an earlier "
+                         "step directory (--resume DIR) or delete this one") from None
+
+
+def _tensors_only(path: str) -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers only. A pickle
+    of anything else (planted as optimizer.pt or rng-N.pt) is refused, never run."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # UnpicklingError (not tensors only), a truncated zip, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a tensors-only torch file ({first}): resume from an earlier "
+                         "step directory (--resume DIR) or delete this one") from None
 
 
 def _restore_rng(rng: dict[str, Any], generator: torch.Generator) -> None:

@@ -44,6 +44,17 @@ def _stage_arguments(s: argparse.ArgumentParser, stages_help: str) -> None:
                         "preset; tiny for the tiny dataset)")
 
 
+def _network_arguments(s: argparse.ArgumentParser) -> None:
+    # The user running the CLI is the deployer: these add to IMAGEN_ALLOW_PRIVATE_NETWORKS /
+    # IMAGEN_ALLOW_HOSTS (pipeline.fetch_guard.deployment_policy) for this command's remote reads.
+    s.add_argument("--allow-private-networks", action="store_true",
+                   help="fetch private/loopback/link-local addresses (refused by default; the services "
+                        "read IMAGEN_ALLOW_PRIVATE_NETWORKS=1 instead)")
+    s.add_argument("--allow-host", action="append", metavar="HOST:PORT",
+                   help="exempt exactly this host:port from the private-address check (repeatable; "
+                        "the services read IMAGEN_ALLOW_HOSTS instead)")
+
+
 def _presets(preset: str | None) -> dict[str, str]:
     from imagen.config import STAGES
 
@@ -126,6 +137,7 @@ def _train(a: argparse.Namespace) -> Any:
 @verb("evaluate")
 def _evaluate(a: argparse.Namespace) -> Any:
     from pipeline.evaluate import EvalOptions, evaluate
+    from pipeline.fetch_guard import allowing
     from pipeline.registry import mlflow_errors_in_one_line
 
     prompts = None
@@ -137,7 +149,7 @@ def _evaluate(a: argparse.Namespace) -> Any:
                        clip_model=a.clip_model, encoder=a.encoder, seed=a.seed, steps=a.steps,
                        guidance_scale=a.guidance_scale, output=a.output,
                        tracking_uri=a.tracking_uri, run_id=a.run_id)
-    with mlflow_errors_in_one_line():
+    with allowing(a.allow_private_networks, a.allow_host), mlflow_errors_in_one_line():
         return evaluate(a.checkpoint, opts)
 
 
@@ -170,13 +182,20 @@ def _sample(a: argparse.Namespace) -> Any:
             params[per_stage] = flag
     with mlflow_errors_in_one_line():
         return sample_images(a.prompts, a.model, a.output, seeds=a.seed, tracking_uri=a.tracking_uri,
-                             images=a.image, progress=not a.no_progress, **params)
+                             images=a.image, progress=not a.no_progress, encoder=a.encoder, **params)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A bad flag is one line too (the sub-commands' parsers are of this class as well)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imagen-pipeline", description=__doc__,
+    p = OneLineErrorParser(prog="imagen-pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks with errors")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     s = sub.add_parser("tiny-data", help="render the synthetic tiny dataset (+ tiny T5) and serve it")
@@ -208,10 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--encode-format", default="png", choices=["png", "jpg", "webp"])
     s.add_argument("--max-pixels", type=int, help="refuse images declaring more pixels (default 64e6)")
     s.add_argument("--max-bytes", type=int, help="refuse responses larger than this (default 32 MiB)")
-    s.add_argument("--allow-private-networks", action="store_true",
-                   help="fetch private/loopback/link-local addresses (refused by default)")
-    s.add_argument("--allow-host", action="append", metavar="HOST:PORT",
-                   help="exempt exactly this host:port from the private-address check (repeatable)")
+    _network_arguments(s)
 
     s = sub.add_parser("filter", help="caption/language/size/decode/dedup filters -> even shards + reject table")
     s.add_argument("--input", required=True, help="raw shards directory")
@@ -276,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance-scale", type=float, help="base stage guided weight (default: config's)")
     s.add_argument("--run-id", help="MLflow run to log into (default: the stage's training run)")
     s.add_argument("--tracking-uri")
+    _network_arguments(s)
 
     s = sub.add_parser("register", help="register a stage or the cascade in the MLflow Model Registry")
     s.add_argument("--checkpoint", action="append",
@@ -297,7 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate images from a registered model")
     s.add_argument("prompts", nargs="+", help="one or more prompts")
-    s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION")
+    s.add_argument("--model", required=True,
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION, an MLflow model folder or a stage "
+                        "weights directory: built from its safetensors, nothing in it is unpickled or run")
+    s.add_argument("--encoder", help="text encoder (default: the model's own copy, or the local directory "
+                                     "it names); a hub name is downloaded only when given here")
     s.add_argument("--output", required=True, help="x.png for one prompt and seed, else a directory")
     s.add_argument("--seed", type=int, nargs="+", default=[0], help="one batch of images per seed")
     s.add_argument("--steps", type=int, nargs="+", help="sampling steps: one value, or one per stage")
@@ -311,6 +332,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Errors that name the bad input and what to do (pipeline and imagen raise these for bad
+# files, flags and services); anything else is unexpected and also says where the traceback is.
+USER_ERRORS = (ValueError, LookupError, RuntimeError, OSError)
+
+
+def error_line(verb: str, e: BaseException) -> str:
+    """One line for ``e``: its message with newlines folded, its type when unexpected."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename and e.strerror:  # "[Errno 2] ...: 'x'" -> "x: ..."
+        text = f"{e.filename}: {e.strerror}"
+    if not isinstance(e, USER_ERRORS):
+        text = f"{type(e).__name__}: {text} (run with -v for the traceback)"
+    return f"imagen-pipeline {verb}: error: {text[:2000]}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -318,9 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
         result = VERBS[args.verb](args)
-    except (ValueError, FileNotFoundError, LookupError, RuntimeError) as e:
-        print(f"imagen-pipeline {args.verb}: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # every bad input is one line on stderr; -v adds the traceback
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(error_line(args.verb, e), file=sys.stderr)
+        return 2 if isinstance(e, USER_ERRORS) else 1
     print(json.dumps(result, default=str))
     return 0
 

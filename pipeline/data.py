@@ -49,6 +49,7 @@ reads hit a local copy.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -302,7 +303,16 @@ class ReaderPlan:
 
 
 class _ShardReader:
-    """An open shard: its embeddings in memory and random access to its images."""
+    """An open shard: its embeddings in memory and random access to its images.
+
+    Opening trusts the recorded image offsets when the tar has the size the embed step saw
+    (no hashing of the whole tar at every open: that would double the reads). Each read then
+    checks the member name in the image's own tar header (a moved member triggers a re-index)
+    and the image bytes' sha256 against the one recorded at embed time (a changed image is
+    skipped with a warning naming it; hashing one image costs microseconds beside its
+    decode), so a shard changed in place never pairs an image with another caption's
+    embedding. The embed step itself matches whole shards by the tar's sha256.
+    """
 
     def __init__(self, shard: Shard, cfg: TrainDataConfig, first: dict, warn: bool = True):
         self.shard, self.warn = shard, warn
@@ -372,7 +382,13 @@ class _ShardReader:
             self.report, self.warn = self._scan(), True
             self._log_report()
             return self.read_image(row)
-        return block[512:]
+        data = block[512:]
+        digests = self.emb.image_sha256
+        if digests is not None and digests[row] is not None and hashlib.sha256(data).digest() != digests[row]:
+            log.warning("%s: the image of key %s changed since it was embedded; skipping it (re-run the embed "
+                        "step on this shard)", self.shard.tar, self.emb.keys[row])  # fmt: skip
+            return None
+        return data
 
     def close(self) -> None:
         self.fh.close()

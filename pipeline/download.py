@@ -9,7 +9,11 @@ lines. A re-run resumes: img2dataset's ``incremental_mode`` skips every shard th
 ``NNNNN_stats.json`` (written last), and redoes the others from scratch.
 
 Before img2dataset sees the list, rows that the URL alone condemns (not HTTP(S), malformed,
-a literal private IP) are refused and recorded in ``refused.parquet``, never fetched.
+a literal private IP) are refused and recorded in ``refused.parquet``, never fetched. The list
+itself, when it is an http(s) URL, is read through the same guard (``pipeline.storage.open``).
+Which private networks may be fetched is deployment configuration: ``IMAGEN_ALLOW_PRIVATE_NETWORKS``
+and ``IMAGEN_ALLOW_HOSTS`` in the environment (:func:`pipeline.fetch_guard.deployment_policy`),
+widened by ``allow_private_networks=`` / ``allow_hosts=`` (the CLI's flags).
 
 Output folder (``output``, any fsspec URI):
     _urls.parquet          the screened list img2dataset downloads (url, caption, extras)
@@ -46,7 +50,13 @@ import pyarrow.parquet as pq
 
 from imagen.config import STAGES, StageSpec, stage_specs
 from pipeline import storage
-from pipeline.fetch_guard import BODY_REASONS, REFUSAL_REASONS, FetchPolicy, literal_reason
+from pipeline.fetch_guard import (
+    BODY_REASONS,
+    REFUSAL_REASONS,
+    FetchPolicy,
+    deployment_policy,
+    literal_reason,
+)
 
 INPUT_FORMATS = ("parquet", "csv", "tsv", "jsonl", "json", "txt")
 # "border" pads to a square with white bars, which teaches the model white bars: never used.
@@ -96,8 +106,9 @@ class DownloadConfig:
     encode_quality: int | None = None  # None: a valid default for the format
     disallowed_header_directives: tuple[str, ...] = OPT_OUT_DIRECTIVES
     user_agent_token: str | None = "img2dataset"  # so "X-Robots-Tag: img2dataset: noai" applies too
-    allow_private_networks: bool = False  # fetch loopback/private/link-local (the local tiny dataset)
-    allow_hosts: tuple[str, ...] = ()  # exact "host:port" exempt from the address check
+    # Fetch loopback/private/link-local (the local tiny dataset); adds to IMAGEN_ALLOW_PRIVATE_NETWORKS.
+    allow_private_networks: bool = False
+    allow_hosts: tuple[str, ...] = ()  # exact "host:port" exempt from the address check (+ IMAGEN_ALLOW_HOSTS)
     max_bytes: int = 32 * 1024 * 1024
     max_pixels: int = 64_000_000  # declared image size above this is refused before decoding
 
@@ -112,36 +123,42 @@ def infer_input_format(url_list: str) -> str:
     return ext
 
 
-def _read_one(uri: str, input_format: str) -> pa.Table:
+def _read_one(uri: str, input_format: str, policy: FetchPolicy | None = None) -> pa.Table:
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
 
-    with storage.open(uri, "rb", compression="infer") as f:
-        if input_format == "parquet":
-            return pq.read_table(f)
-        if input_format == "csv":
-            return pacsv.read_csv(f)
-        if input_format == "tsv":
-            return pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter="\t"))
-        if input_format == "jsonl":
-            return pajson.read_json(f)
-        if input_format == "json":
-            return pa.Table.from_pylist(json.load(f))
-        return pacsv.read_csv(f, read_options=pacsv.ReadOptions(column_names=["url"]))
+    try:
+        with storage.open(uri, "rb", compression="infer", policy=policy) as f:
+            if input_format == "parquet":
+                return pq.read_table(f)
+            if input_format == "csv":
+                return pacsv.read_csv(f)
+            if input_format == "tsv":
+                return pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter="\t"))
+            if input_format == "jsonl":
+                return pajson.read_json(f)
+            if input_format == "json":  # a bare NaN (Python's json writes them) is a missing value
+                return pa.Table.from_pylist(json.load(f, parse_constant=lambda _: None))
+            return pacsv.read_csv(f, read_options=pacsv.ReadOptions(column_names=["url"]))
+    except (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError) as e:  # names the file (one CLI line)
+        raise ValueError(f"URL list {uri} is not readable as {input_format} ({' '.join(str(e).split())}): "
+                         "fix the file or pass --input-format") from None
 
 
 def read_url_list(url_list: str, input_format: str, url_col: str = "url", caption_col: str | None = "caption",
-                  extra_columns: list[str] | None = None) -> pa.Table:
+                  extra_columns: list[str] | None = None, policy: FetchPolicy | None = None) -> pa.Table:
     """Read a URL list (a file, or a folder of files of one format) as a table with columns
-    ``url``, ``caption`` (when ``caption_col`` is set) and ``extra_columns``."""
-    fs, path = storage.url_to_fs(url_list)
-    if fs.isdir(path):
-        files = storage.list_files(url_list, rf".*\.{input_format}(\.gz)?")
-        if not files:
-            raise ValueError(f"no *.{input_format} files in URL list folder {url_list!r}")
-    else:
-        files = [url_list]
-    table = pa.concat_tables([_read_one(f, input_format) for f in files], promote_options="default")
+    ``url``, ``caption`` (when ``caption_col`` is set; a missing caption is ``""``) and
+    ``extra_columns``. An http(s) list is one file, read through the fetch guard under
+    ``policy`` (default: the deployment's)."""
+    files = [url_list]
+    if not storage.is_http(url_list):
+        fs, path = storage.url_to_fs(url_list, policy)
+        if fs.isdir(path):
+            files = storage.list_files(url_list, rf".*\.{input_format}(\.gz)?")
+            if not files:
+                raise ValueError(f"no *.{input_format} files in URL list folder {url_list!r}")
+    table = pa.concat_tables([_read_one(f, input_format, policy) for f in files], promote_options="default")
     wanted = {url_col: "url", **({caption_col: "caption"} if caption_col else {})}
     wanted.update({c: c for c in extra_columns or []})
     missing = [c for c in wanted if c not in table.column_names]
@@ -150,9 +167,16 @@ def read_url_list(url_list: str, input_format: str, url_col: str = "url", captio
                          "Set url_col= / caption_col= to the right names.")
     table = table.select(list(wanted)).rename_columns(list(wanted.values()))
     if "caption" in table.column_names:
-        table = table.set_column(table.column_names.index("caption"), "caption",
-                                 pc.cast(table["caption"], pa.string()))
+        table = table.set_column(table.column_names.index("caption"), "caption", _captions(table["caption"]))
     return table
+
+
+def _captions(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Captions as strings, a missing one (null, or the float NaN pandas writes for it) as "":
+    the filter then counts it as ``caption_too_short`` instead of training on the text "nan"."""
+    if pa.types.is_floating(column.type):
+        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
+    return pc.fill_null(pc.cast(column, pa.string()), "")
 
 
 def screen_urls(table: pa.Table, policy: FetchPolicy | None = None) -> tuple[pa.Table, pa.Table]:
@@ -363,13 +387,14 @@ def download(url_list: str, output: str, config: DownloadConfig | None = None, *
     over the same output only downloads shards without a ``_stats.json``.
     """
     config = _resolve(dataclasses.replace(config or DownloadConfig(), **overrides))
-    policy = FetchPolicy(allow_private_networks=config.allow_private_networks,
-                         allow_hosts=tuple(h.lower() for h in config.allow_hosts),
-                         max_bytes=config.max_bytes, max_pixels=config.max_pixels)
+    policy = deployment_policy(allow_private_networks=config.allow_private_networks,
+                               allow_hosts=config.allow_hosts, max_bytes=config.max_bytes,
+                               max_pixels=config.max_pixels)
     fmt = config.input_format or infer_input_format(url_list)
     caption_col = None if fmt == "txt" else config.caption_col  # a .txt list is one URL per line
     config = dataclasses.replace(config, caption_col=caption_col)
-    table = read_url_list(url_list, fmt, config.url_col, caption_col, list(config.save_additional_columns or []))
+    table = read_url_list(url_list, fmt, config.url_col, caption_col, list(config.save_additional_columns or []),
+                          policy)
     allowed, refused = screen_urls(table, policy)
     storage.makedirs(output)
     list_uri = _prepare_list(allowed, output, _layout(config, policy))

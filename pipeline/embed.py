@@ -13,15 +13,18 @@ shard ``INPUT/NNNNNN.tar`` (members ``KEY.png``, ``KEY.txt``, ``KEY.json``) this
         image_size    int64                                   size in the tar (-1: none)
         image_side    int32                                   the image's short side in
                                                               pixels (-1: unknown)
+        image_sha256  fixed_size_binary[32]                   the image bytes' sha256
 
 The image columns make the parquet an index of its tar: the training loader seeks straight
-to an image (``pipeline.data``), and checks the member name there before trusting it; it
-leaves out of a stage, before reading any pixel, the samples whose ``image_side`` is below
-that stage's size (read from the image header here, never from metadata that could lie).
+to an image (``pipeline.data``), and checks the member name there and the bytes' sha256
+before trusting it; it leaves out of a stage, before reading any pixel, the samples whose
+``image_side`` is below that stage's size (read from the image header here, never from
+metadata that could lie). A key gets one row: the first image and caption in tar order.
 
 The parquet file is the shard's completion marker: it is written to a temporary name and
 renamed, and its schema metadata (``encoder_id``, ``max_length``, ``dtype``, ``dim``, source
-shard name and size, ``code_version``...) decides whether a re-run may skip the shard. A
+shard name, size and sha256, ``code_version``...) decides whether a re-run may skip the
+shard: the tar is matched by its content hash, so a shard changed in place is redone. A
 worker killed mid-shard leaves at most a hidden ``.NNNNNN.parquet.tmp-*`` file, which the
 next run over that shard deletes.
 
@@ -40,6 +43,8 @@ Airflow task mapped over the lists, or one process per GPU). Paths are fsspec UR
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import heapq
 import json
 import logging
@@ -57,15 +62,17 @@ from pipeline import storage
 log = logging.getLogger(__name__)
 
 # Bump when the stored values or layout change: shards written by older code are redone.
-CODE_VERSION = "embed-v3"  # v2: image_ext/offset/size columns; v3: image_side
+# v2: image_ext/offset/size columns; v3: image_side; v4: source_sha256, image_sha256, one sample per key
+CODE_VERSION = "embed-v4"
 STORAGE_DTYPE = "float16"
 _META_KEYS_INT = ("max_length", "dim", "num_samples", "source_size", "tar_samples")
 _HINT = "Delete it and re-run the embed step to regenerate it."
-# Keys that must match for an existing parquet to count as done.
-_MATCH_KEYS = ("encoder_id", "max_length", "dtype", "code_version", "source_shard", "source_size")
+# Keys that must match for an existing parquet to count as done; then the source tar's
+# size and sha256 must match too (see _is_done).
+_MATCH_KEYS = ("encoder_id", "max_length", "dtype", "code_version", "source_shard")
 _SHARD = r"\d+\.tar"
 _PARQUET = r"\d+\.parquet"
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")  # preference order when a sample has several
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")  # a key's first image member in tar order is used
 # A batch takes captions down to this fraction of its longest one: <= 20% of it is padding,
 # and web captions (mostly 5-20 tokens) still fill large batches.
 BUCKET_RATIO = 0.8
@@ -101,34 +108,110 @@ class TarIndex:
     captions: list[str]
     images: dict[str, tuple[str, int, int, int]]
     all_keys: list[str]  # every sample, tar order
+    image_sha256: dict[str, bytes] = dataclasses.field(default_factory=dict)  # with captions only
+    sha256: str = ""  # of the whole tar (with captions only: the tar is streamed)
+    size: int = 0  # bytes of the tar
+    duplicates: int = 0  # second members of one kind (image, caption) for a key: ignored
 
     @property
     def no_caption(self) -> int:
         return len(self.all_keys) - len(self.keys)
 
 
+class _HashingReader:
+    """A file wrapper that hashes every byte read through it, and counts them."""
+
+    def __init__(self, fh):
+        self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def file_sha256(uri: str) -> str:
+    """Hex sha256 of a file, streamed."""
+    with storage.open(uri, "rb") as fh:
+        reader = _HashingReader(fh)
+        reader.drain()
+    return reader.sha.hexdigest()
+
+
+def tar_tail_problem(fh, end: int, size: int) -> str | None:
+    """Why a tar whose member headers stop at byte ``end`` of ``size`` lost members, or None.
+
+    Python's tarfile ends an archive, silently, at the first header it cannot parse; only the
+    archive's end (zero blocks up to the file's size) may follow the last member.
+    """
+    if end + 512 > size:
+        return f"it is cut short ({size} bytes; its last member ends at byte {end})"
+    fh.seek(end)
+    pos = end
+    while chunk := fh.read(1 << 20):
+        if chunk.count(0) != len(chunk):
+            at = pos + len(chunk) - len(chunk.lstrip(b"\0"))  # the first non-zero byte
+            return f"a corrupt tar header at byte {at} of {size} ends the archive early"
+        pos += len(chunk)
+    return None
+
+
 def scan_tar(uri: str, captions: bool = True) -> TarIndex:
-    """Index one shard. With ``captions`` the tar is streamed (every byte read once);
-    without, headers are read and data is seeked past."""
+    """Index one shard. With ``captions`` the tar is streamed (every byte read once, and
+    hashed: ``TarIndex.sha256``); without, headers are read and data is seeked past.
+
+    A key keeps the first member of each kind (image, caption) in tar order; later ones are
+    counted in ``duplicates``. Raises ``ValueError`` naming the shard if the tar ends early
+    at a corrupt header (tarfile alone would stop there in silence).
+    """
     index = TarIndex([], [], {}, [])
     seen: set[str] = set()
-    mode = "r|*" if captions else "r:*"
-    with storage.open(uri, "rb") as fh, tarfile.open(fileobj=fh, mode=mode) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = split_key(member.name)
-            if key not in seen:
-                seen.add(key)
-                index.all_keys.append(key)
-            if ext == "txt" and captions:
-                index.keys.append(key)
-                index.captions.append(tar.extractfile(member).read().decode("utf-8").strip())
-            elif ext in IMAGE_EXTS:
-                old = index.images.get(key)
-                if old is None or IMAGE_EXTS.index(ext) < IMAGE_EXTS.index(old[0]):
-                    side = _short_side(tar.extractfile(member).read()) if captions else -1
-                    index.images[key] = (ext, member.offset_data, member.size, side)
+    with_caption: set[str] = set()
+    with storage.open(uri, "rb") as fh:
+        reader = _HashingReader(fh)
+        with tarfile.open(fileobj=reader if captions else fh, mode="r|" if captions else "r:") as tar:
+            n = 0
+            for member in tar:
+                n += 1
+                if not member.isfile():
+                    continue
+                key, ext = split_key(member.name)
+                if key not in seen:
+                    seen.add(key)
+                    index.all_keys.append(key)
+                if ext == "txt" and captions:
+                    if key in with_caption:
+                        index.duplicates += 1
+                        continue
+                    with_caption.add(key)
+                    index.keys.append(key)
+                    index.captions.append(tar.extractfile(member).read().decode("utf-8").strip())
+                elif ext in IMAGE_EXTS:
+                    if key in index.images:
+                        index.duplicates += 1
+                        continue
+                    data = tar.extractfile(member).read() if captions else None
+                    if data is not None:
+                        index.image_sha256[key] = hashlib.sha256(data).digest()
+                    index.images[key] = (ext, member.offset_data, member.size, _short_side(data) if captions else -1)
+            end = tar.offset
+        if captions:
+            reader.drain()
+            index.sha256, index.size = reader.sha.hexdigest(), reader.size
+        else:
+            index.size = storage.size(uri)
+        problem = tar_tail_problem(fh, end, index.size)
+    if problem:
+        raise ValueError(f"shard {uri} is damaged: {problem}, after {n} members. Re-run the filter step "
+                         "to write it again (delete it first).")
+    if index.duplicates:
+        log.warning("%s: %d second member(s) for a key ignored (the first of each kind is used)", uri,
+                    index.duplicates)
     return index
 
 
@@ -276,6 +359,9 @@ def _build_table(index: TarIndex, lengths: np.ndarray, flat: np.ndarray, metadat
             "image_offset": pa.array([w[1] for w in where], pa.int64()),
             "image_size": pa.array([w[2] for w in where], pa.int64()),
             "image_side": pa.array([w[3] for w in where], pa.int32()),
+            # The loader checks each image it reads against this: the pixels it trains on are
+            # the ones that were here when the caption was embedded.
+            "image_sha256": pa.array([index.image_sha256.get(k) for k in keys], pa.binary(32)),
         }
     )
     return table.replace_schema_metadata({k: str(v) for k, v in metadata.items()})
@@ -338,14 +424,21 @@ def read_metadata(path: str) -> dict:
     return read_footer(path)[1]
 
 
-def _is_done(uri: str, expected: dict) -> bool:
+def _is_done(uri: str, expected: dict, tar_uri: str) -> bool:
+    """Whether ``uri`` holds this shard's embeddings for these settings. The tar is matched by
+    content: a changed shard of the same size (tars are padded to 10 KiB) is redone. It is
+    hashed only when everything cheaper matched."""
     if not storage.exists(uri):
         return False
     try:
         meta = read_metadata(uri)
     except ValueError:
         return False  # a corrupt leftover is simply redone
-    return all(str(meta.get(k)) == str(expected[k]) for k in _MATCH_KEYS)
+    if not all(str(meta.get(k)) == str(expected[k]) for k in _MATCH_KEYS):
+        return False
+    if meta.get("source_size") != storage.size(tar_uri) or not meta.get("source_sha256"):
+        return False
+    return meta["source_sha256"] == file_sha256(tar_uri)
 
 
 def _select(shard_uris: list[str], shards: list[str] | None) -> list[str]:
@@ -422,8 +515,10 @@ class EmbedOptions:
 
 def _open_encoder(encoder, max_length: int, device: str | None, dtype: str | None):
     from imagen.text import make_text_encoder
+    from pipeline.fetch_guard import refuse_model_url
 
     if isinstance(encoder, str):
+        refuse_model_url(encoder)  # a URL never reaches transformers: hub names and local dirs only
         return make_text_encoder(encoder, max_length=max_length, device=device, dtype=dtype)
     return encoder  # an already built TextEncoder (benchmarks, tests): its own settings win
 
@@ -485,8 +580,8 @@ def embed_shards(
         name = shard_stem(uri)
         out_uri = storage.join(out_dir, f"{name}.parquet")
         _clean_temps(out_dir, name)
-        meta = {**base_meta, "source_shard": f"{name}.tar", "source_size": storage.size(uri)}
-        if _is_done(out_uri, meta):
+        meta = {**base_meta, "source_shard": f"{name}.tar"}
+        if _is_done(out_uri, meta, uri):
             skipped += 1
             continue
         count, stats = _embed_one(uri, out_uri, enc, opts, meta, f"{n}/{len(shard_uris)}")
@@ -526,7 +621,9 @@ def _embed_one(uri: str, out_uri: str, enc, opts: EmbedOptions, meta: dict, prog
             f"{uri}: embedding of key {keys[err.index]!r} is not finite in float16 (overflow). "
             "Encode in float32 or bfloat16 (--dtype) and check the encoder weights."
         ) from err
-    extra = {"dim": enc.dim, "num_samples": len(keys), "tar_samples": len(index.all_keys)}
+    # The bytes that were indexed and embedded: a re-run redoes the shard if they change.
+    extra = {"dim": enc.dim, "num_samples": len(keys), "tar_samples": len(index.all_keys),
+             "source_size": index.size, "source_sha256": index.sha256}
     table = _build_table(index, lengths, flat, {**meta, **extra})
     _write_parquet(table, out_uri)
     seconds = time.perf_counter() - start
@@ -555,6 +652,7 @@ class EmbeddingShard:
     image_offset: np.ndarray | None = None
     image_size: np.ndarray | None = None
     image_side: np.ndarray | None = None  # short side in pixels per row (-1: unknown)
+    image_sha256: list[bytes | None] | None = None  # sha256 of each row's image bytes
 
     def get(self, row: int) -> np.ndarray:
         return self.values[self.offsets[row] : self.offsets[row + 1]]
@@ -591,6 +689,8 @@ def load_embeddings(path: str) -> EmbeddingShard:
         shard.image_size = table.column("image_size").to_numpy()
     if "image_side" in table.column_names:
         shard.image_side = table.column("image_side").to_numpy()
+    if "image_sha256" in table.column_names:
+        shard.image_sha256 = table.column("image_sha256").to_pylist()
     return shard
 
 

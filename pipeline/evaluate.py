@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from imagen.config import check_chain
+from pipeline import storage
 from pipeline.metrics import make_grid  # noqa: F401 - re-exported: the trainer's sample grids use it
 
 log = logging.getLogger(__name__)
@@ -117,23 +118,14 @@ def evaluate(checkpoints: str | list[str], options: EvalOptions | None = None, *
 
 
 def load_encoder(checkpoints: list[str], metas: list[dict], override: str | None):
-    """The text encoder the stages were trained on (``override`` first), checked against every
-    stage's recorded encoder id."""
-    from imagen.cascade import check_encoders
-    from imagen.checkpoint import load_config
-    from imagen.text import T5TextEncoder
+    """The text encoder the stages were trained on (``override`` first, else the local
+    directory the checkpoint names; a hub name is used only as ``override``), checked against
+    every stage's recorded encoder id."""
+    from imagen.checkpoint import CONFIG_NAME, load_config
+    from pipeline.loading import choose_encoder
 
     cfgs = [load_config(c)[0] for c in checkpoints]
-    name = override or metas[0].get("encoder_name") or cfgs[0].text_encoder
-    if not name:
-        raise ValueError(f"{checkpoints[0]}/config.json names no text encoder: pass --encoder")
-    if os.path.isabs(name) and not os.path.isdir(name):
-        raise FileNotFoundError(f"text encoder {name} (from {checkpoints[0]}/config.json) not found: "
-                                "pass --encoder with a local copy of it")
-    encoder = T5TextEncoder(name, max_length=cfgs[0].max_text_len)
-    check_encoders([c.stage for c in cfgs], [m.get("encoder_id") for m in metas],
-                   encoder if encoder.is_local else None)
-    return encoder
+    return choose_encoder(os.path.join(checkpoints[0], CONFIG_NAME), metas, cfgs, override=override)
 
 
 def prompt_set(opts: EvalOptions) -> tuple[list[str], list[tuple[str, str]] | None, dict | None]:
@@ -141,7 +133,7 @@ def prompt_set(opts: EvalOptions) -> tuple[list[str], list[tuple[str, str]] | No
     if not opts.attributes:
         opts.skipped["alignment"] = "needs --attributes (the tiny dataset's attributes.json)"
         return list(opts.prompts or DEFAULT_PROMPTS), None, None
-    with open(opts.attributes) as f:
+    with storage.open(opts.attributes, "r") as f:  # an http(s) URL goes through the fetch guard
         attrs = json.load(f)
     palette = {k: tuple(v) for k, v in attrs["colors"].items()}
     specs = [(c, s) for c in palette for s in attrs["shapes"]]

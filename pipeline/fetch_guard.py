@@ -17,10 +17,18 @@ every download process with :func:`guarded_download_image`, which
   other bodies its OpenCV decode mishandles are re-encoded first as 8-bit RGB PNG
   (:func:`pipeline.images.normalize_for_img2dataset`); everything else passes byte for byte.
 
+Every other remote read (URL lists, attribute files, http(s) locations) goes through the same
+checks: ``pipeline.storage.open`` reads http(s) URIs with :func:`build_opener` (and refuses
+unguarded network protocols), and :func:`refuse_model_url` keeps a model given as a URL
+(``--encoder http://...``) from any loader.
+
 Every error message starts with a stable reason (``"loopback_address: ..."``); see
 :func:`pipeline.download.normalize_error`. ``FetchPolicy.allow_private_networks`` lets private
 addresses through (the tiny dataset on 127.0.0.1 needs it); ``allow_hosts`` lets through only
-the listed ``host:port`` pairs (tests run a loopback server with the guard otherwise on).
+the listed ``host:port`` pairs (tests run a loopback server with the guard otherwise on). Both
+are deployment settings, read from the environment of the process by :func:`deployment_policy`:
+``IMAGEN_ALLOW_PRIVATE_NETWORKS=1`` and ``IMAGEN_ALLOW_HOSTS="127.0.0.1:8799,other:443"``
+(the CLI's ``--allow-private-networks`` / ``--allow-host`` add to them for one command).
 
 Run img2dataset under the guard (``pipeline.download`` does this in a subprocess):
 
@@ -29,6 +37,8 @@ Run img2dataset under the guard (``pipeline.download`` does this in a subprocess
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import http.client
@@ -36,12 +46,15 @@ import io
 import ipaddress
 import json
 import os
+import re
 import socket
+import ssl
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 ALLOWED_SCHEMES = ("http", "https")
 # Reasons that mean "never contacted": the manifest counts them under "refused".
@@ -49,9 +62,37 @@ REFUSAL_REASONS = ("invalid_url", "unsupported_scheme", "loopback_address", "pri
                    "link_local_address", "multicast_address", "reserved_address")
 # Reasons for a fetched body we would not hand to a decoder.
 BODY_REASONS = ("timeout", "response_too_large", "empty_body", "not_an_image", "decompression_bomb")
-# RFC 1918, carrier-grade NAT (RFC 6598) and IPv6 unique local addresses: someone's internal network.
-PRIVATE_NETWORKS = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
-                                                           "100.64.0.0/10", "fc00::/7"))
+# The entries of IANA's IPv4 and IPv6 special-purpose address registries that are not globally
+# reachable (RFC 6890 and its updates), with the reason a fetch is refused under. First match wins.
+_V4_SPECIAL = tuple((ipaddress.IPv4Network(n), r) for n, r in (
+    ("0.0.0.0/8", "reserved_address"),  # "this network"
+    ("10.0.0.0/8", "private_address"), ("172.16.0.0/12", "private_address"),
+    ("192.168.0.0/16", "private_address"),  # RFC 1918
+    ("100.64.0.0/10", "private_address"),  # carrier-grade NAT, RFC 6598: someone's internal network
+    ("127.0.0.0/8", "loopback_address"),
+    ("169.254.0.0/16", "link_local_address"),  # includes 169.254.169.254, the cloud metadata service
+    ("192.0.0.0/24", "reserved_address"),  # IETF protocol assignments (DS-Lite, NAT64 discovery ...)
+    ("192.0.2.0/24", "reserved_address"), ("198.51.100.0/24", "reserved_address"),
+    ("203.0.113.0/24", "reserved_address"),  # documentation
+    ("192.88.99.0/24", "reserved_address"),  # 6to4 relay anycast, deprecated (RFC 7526)
+    ("198.18.0.0/15", "reserved_address"),  # benchmarking
+    ("224.0.0.0/4", "multicast_address"),
+    ("240.0.0.0/4", "reserved_address"),  # future use, and 255.255.255.255 limited broadcast
+))
+_V6_SPECIAL = tuple((ipaddress.IPv6Network(n), r) for n, r in (
+    ("::/128", "reserved_address"), ("::1/128", "loopback_address"),
+    ("64:ff9b:1::/48", "reserved_address"),  # local-use NAT64 (RFC 8215): a private translator
+    ("100::/64", "reserved_address"),  # discard-only
+    ("2001::/23", "reserved_address"),  # IETF protocol assignments: Teredo, benchmarking, ORCHID ...
+    ("2001:db8::/32", "reserved_address"), ("3fff::/20", "reserved_address"),  # documentation
+    ("5f00::/16", "reserved_address"),  # SRv6 SIDs
+    ("fc00::/7", "private_address"),  # unique local addresses
+    ("fec0::/10", "private_address"),  # site-local, deprecated: still routed inside some sites
+    ("fe80::/10", "link_local_address"),
+    ("ff00::/8", "multicast_address"),
+))
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # ::a.b.c.d, deprecated (RFC 4291)
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # well-known NAT64 prefix (RFC 6052)
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 
 Resolver = Callable[..., list]
@@ -75,20 +116,58 @@ class FetchRejected(OSError):
         self.reason = reason
 
 
+def _ipv4_reason(ip: ipaddress.IPv4Address) -> str | None:
+    for net, reason in _V4_SPECIAL:
+        if ip in net:
+            return reason
+    return None if ip.is_global else "reserved_address"
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[list[ipaddress.IPv4Address], bool]:
+    """The IPv4 addresses an IPv6 address carries, and whether the IPv6 form itself is usable.
+
+    A mapped address (``::ffff:a.b.c.d``) is a.b.c.d on a dual-stack socket; the well-known
+    NAT64 prefix and 6to4 reach a.b.c.d through a translator or relay: these stand or fall with
+    a.b.c.d (public NAT64 is how IPv6-only clusters reach IPv4 sites). IPv4-compatible ``::a.b.c.d``
+    (deprecated) and Teredo (inside 2001::/23) are refused whatever they carry; the carried
+    address only names the reason.
+    """
+    if ip.ipv4_mapped is not None:
+        return [ip.ipv4_mapped], True
+    if ip in _NAT64:
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)], True
+    if ip.sixtofour is not None:
+        return [ip.sixtofour], True
+    if ip.teredo is not None:
+        return list(ip.teredo), False  # (server, client)
+    if ip in _IPV4_COMPATIBLE and int(ip) > 1:  # not :: nor ::1
+        return [ipaddress.IPv4Address(int(ip))], False
+    return [], True
+
+
 def address_reason(address: str) -> str | None:
-    """None for a globally routable unicast address, else why it is refused."""
+    """None for a globally reachable unicast address, else why it is refused.
+
+    Refuses every range of IANA's special-purpose registries that is not globally reachable;
+    IPv4 addresses embedded in IPv6 (mapped, compatible, NAT64, 6to4, Teredo) are checked as
+    IPv4 too, so ``64:ff9b::7f00:1`` is loopback like 127.0.0.1.
+    """
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
-    if ip.is_loopback:
-        return "loopback_address"
-    if ip.is_link_local:
-        return "link_local_address"  # includes 169.254.169.254, the cloud metadata service
-    if ip.is_multicast:
-        return "multicast_address"
-    if any(ip in net for net in PRIVATE_NETWORKS):
-        return "private_address"
-    return None if ip.is_global else "reserved_address"  # unspecified, documentation, benchmarking, ...
+    if ip.version == 4:
+        return _ipv4_reason(ip)
+    embedded, usable = _embedded_ipv4(ip)
+    for v4 in embedded:
+        reason = _ipv4_reason(v4)
+        if reason is not None:
+            return reason
+    if embedded and usable:
+        return None
+    for net, reason in _V6_SPECIAL:
+        if ip in net:
+            return reason
+    if embedded or not ip.is_global:
+        return "reserved_address"
+    return None
 
 
 def _allowed_host(host: str, port: int | None, policy: FetchPolicy) -> bool:
@@ -136,14 +215,62 @@ def resolve_checked(host: str, port: int, policy: FetchPolicy,
     return infos
 
 
-def _connect_pinned(infos: list[tuple], timeout: float | None, source_address=None) -> socket.socket:
+class _DeadlineMixin:
+    """A socket whose every operation is bounded by what is left of one wall-clock budget.
+
+    Socket timeouts count per call: a server sending one byte a second never trips a 3 s one.
+    Re-arming the timeout to the time left before each call makes the budget bound the whole
+    exchange (connect, TLS, headers, body), however the bytes trickle in.
+    """
+
+    deadline: float | None = None
+
+    def _arm(self) -> None:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("timed out: the request's time budget is spent")
+            self.settimeout(left)
+
+    def connect(self, address):
+        self._arm()
+        return super().connect(address)
+
+    def recv(self, *args, **kwargs):
+        self._arm()
+        return super().recv(*args, **kwargs)
+
+    def recv_into(self, *args, **kwargs):
+        self._arm()
+        return super().recv_into(*args, **kwargs)
+
+    def send(self, *args, **kwargs):
+        self._arm()
+        return super().send(*args, **kwargs)
+
+    def sendall(self, *args, **kwargs):
+        self._arm()
+        return super().sendall(*args, **kwargs)
+
+
+class _DeadlineSocket(_DeadlineMixin, socket.socket):
+    pass
+
+
+class _DeadlineSSLSocket(_DeadlineMixin, ssl.SSLSocket):
+    pass  # SSLContext.sslsocket_class; the handshake runs under the timeout left at connect
+
+
+def _connect_pinned(infos: list[tuple], timeout: float | None, source_address=None,
+                    deadline: float | None = None) -> socket.socket:
     """``socket.create_connection`` over already-checked addresses (no second DNS lookup)."""
     last: OSError | None = None
     for family, type_, proto, _, sockaddr in infos:
-        sock = socket.socket(family, type_, proto)
+        sock = _DeadlineSocket(family, type_, proto)
         try:
             if timeout is not None:
                 sock.settimeout(timeout)
+            sock.deadline = deadline
             if source_address:
                 sock.bind(source_address)
             sock.connect(sockaddr)
@@ -155,16 +282,32 @@ def _connect_pinned(infos: list[tuple], timeout: float | None, source_address=No
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, *args, infos: list[tuple], **kwargs):
+    def __init__(self, *args, infos: list[tuple], deadline: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._create_connection = lambda _addr, timeout, source: _connect_pinned(infos, timeout, source)
+        self._create_connection = functools.partial(_pinned, infos, deadline)
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     # The TLS handshake still uses self.host for SNI and certificate checks.
-    def __init__(self, *args, infos: list[tuple], **kwargs):
+    def __init__(self, *args, infos: list[tuple], deadline: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._create_connection = lambda _addr, timeout, source: _connect_pinned(infos, timeout, source)
+        self._create_connection = functools.partial(_pinned, infos, deadline)
+        self._deadline = deadline
+
+    def connect(self):
+        super().connect()
+        self.sock.deadline = self._deadline  # a _DeadlineSSLSocket: see _GuardedHTTPSHandler
+
+
+def _pinned(infos, deadline, _address, timeout, source_address):
+    return _connect_pinned(infos, timeout, source_address, deadline)
+
+
+def _deadline_of(req: urllib.request.Request) -> float | None:
+    """The request's wall-clock deadline, set on its first connection and kept across redirects."""
+    if getattr(req, "deadline", None) is None and isinstance(req.timeout, (int, float)):
+        req.deadline = time.monotonic() + req.timeout
+    return getattr(req, "deadline", None)
 
 
 def _checked_infos(req: urllib.request.Request, policy: FetchPolicy, resolver: Resolver) -> list[tuple]:
@@ -185,18 +328,23 @@ class _GuardedHTTPHandler(urllib.request.HTTPHandler):
         self.policy, self.resolver = policy, resolver
 
     def http_open(self, req):
+        deadline = _deadline_of(req)
         infos = _checked_infos(req, self.policy, self.resolver)
-        return self.do_open(functools.partial(_PinnedHTTPConnection, infos=infos), req)
+        return self.do_open(functools.partial(_PinnedHTTPConnection, infos=infos, deadline=deadline), req)
 
 
 class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
     def __init__(self, policy: FetchPolicy, resolver: Resolver):
-        super().__init__()
+        context = ssl.create_default_context()
+        context.sslsocket_class = _DeadlineSSLSocket
+        super().__init__(context=context)
         self.policy, self.resolver = policy, resolver
 
     def https_open(self, req):
+        deadline = _deadline_of(req)
         infos = _checked_infos(req, self.policy, self.resolver)
-        return self.do_open(functools.partial(_PinnedHTTPSConnection, infos=infos), req, context=self._context)
+        return self.do_open(functools.partial(_PinnedHTTPSConnection, infos=infos, deadline=deadline), req,
+                            context=self._context)
 
 
 class _GuardedRedirectHandler(urllib.request.HTTPRedirectHandler):
@@ -216,6 +364,7 @@ class _GuardedRedirectHandler(urllib.request.HTTPRedirectHandler):
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
         if new is not None:
             new.redirected_from = getattr(req, "redirected_from", None) or req.full_url
+            new.deadline = getattr(req, "deadline", None)  # one budget for the whole chain
         return new
 
 
@@ -227,6 +376,70 @@ def build_opener(policy: FetchPolicy, resolver: Resolver = socket.getaddrinfo) -
                     _GuardedRedirectHandler(), urllib.request.HTTPErrorProcessor()):
         opener.add_handler(handler)
     return opener
+
+
+ENV_ALLOW_PRIVATE = "IMAGEN_ALLOW_PRIVATE_NETWORKS"
+ENV_ALLOW_HOSTS = "IMAGEN_ALLOW_HOSTS"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+# What a CLI command's --allow-private-networks / --allow-host add for its duration (see allowing).
+_WIDENED: contextvars.ContextVar[tuple[bool, tuple[str, ...]]] = contextvars.ContextVar(
+    "imagen_fetch_widened", default=(False, ()))
+
+
+def deployment_policy(environ: dict | None = None, **fields) -> FetchPolicy:
+    """The deployment's policy: ``IMAGEN_ALLOW_PRIVATE_NETWORKS`` and ``IMAGEN_ALLOW_HOSTS`` from
+    the environment of the services (never from a trigger form), widened by :func:`allowing`
+    and by ``fields`` (``allow_private_networks=True``, ``allow_hosts=(...)``, other fields)."""
+    env = os.environ if environ is None else environ
+    flag = env.get(ENV_ALLOW_PRIVATE, "").strip().lower()
+    if flag not in _TRUE + _FALSE:
+        raise ValueError(f"{ENV_ALLOW_PRIVATE}={env[ENV_ALLOW_PRIVATE]!r}: set it to 1 (allow) or 0 (refuse)")
+    widened_private, widened_hosts = _WIDENED.get()
+    hosts = [*re.split(r"[\s,]+", env.get(ENV_ALLOW_HOSTS, "")), *widened_hosts, *fields.pop("allow_hosts", ())]
+    private = flag in _TRUE or widened_private or bool(fields.pop("allow_private_networks", False))
+    return FetchPolicy(allow_private_networks=private,
+                       allow_hosts=tuple(dict.fromkeys(h.lower() for h in hosts if h)), **fields)
+
+
+@contextlib.contextmanager
+def allowing(private_networks: bool = False, hosts: Iterable[str] | None = ()) -> Iterator[None]:
+    """Widen :func:`deployment_policy` for the reads inside the block (one CLI command's flags:
+    whoever runs the CLI deploys it)."""
+    token = _WIDENED.set((bool(private_networks), tuple(hosts or ())))
+    try:
+        yield
+    finally:
+        _WIDENED.reset(token)
+
+
+class RemoteReadRefused(FetchRejected, ValueError):
+    """A remote file (URL list, attributes, encoder) the guard refused: one line says what to do."""
+
+    def __init__(self, reason: str, what: str, detail: str, hint: bool = True):
+        if hint and reason.endswith("_address"):
+            detail += (f"; private, loopback and link-local addresses are refused unless the deployment sets "
+                       f"{ENV_ALLOW_PRIVATE}=1 or {ENV_ALLOW_HOSTS}=HOST:PORT (CLI: --allow-private-networks, "
+                       "--allow-host HOST:PORT)")
+        super().__init__(reason, f"{what}: {detail}")
+
+
+_URL_IN_SPEC = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
+
+
+def refuse_model_url(spec: str, what: str = "text encoder", policy: FetchPolicy | None = None) -> None:
+    """Refuse a model given as a URL before any loader sees it (no request is made).
+
+    transformers loads hub names and local directories; anything else would be fetched without
+    the guard. A hub name (``google/t5-v1_1-xxl``, ``t5:google/...``) or a path passes.
+    """
+    match = _URL_IN_SPEC.search(str(spec))
+    if match is None:
+        return
+    reason = literal_reason(match.group(0), policy or deployment_policy()) or "unsupported_scheme"
+    raise RemoteReadRefused(reason, f"{what} {spec}", "models load from a hub name or a local directory, "
+                            "never from a URL; download it and pass the directory", hint=False)
 
 
 def read_limited(response, max_bytes: int, deadline: float) -> bytes:
@@ -277,6 +490,7 @@ def guarded_download_image(row, timeout, user_agent_token, disallowed_header_dir
     deadline = time.monotonic() + timeout
     try:
         request = urllib.request.Request(url, headers={"User-Agent": agent})
+        request.deadline = deadline  # connect, redirects, headers and body: one wall-clock budget
         with opener.open(request, timeout=timeout) as r:
             if disallowed_header_directives and _is_disallowed(r.headers, user_agent_token,
                                                                disallowed_header_directives):

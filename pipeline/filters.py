@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import tarfile
 import time
 import warnings
@@ -45,6 +46,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.download import normalize_error, read_refused, reason_stage, shard_failures
+from pipeline.embed import tar_tail_problem
 from pipeline.filter_registry import (
     FILTERS,
     CaptionLengthFilter,
@@ -63,11 +65,13 @@ from pipeline.filter_registry import (
 # Re-exported: callers import the whole filter step from here.
 __all__ = ["FILTERS", "CaptionLengthFilter", "DecodeFilter", "Filter", "FilterConfig", "MaxAspectFilter",
            "MaxPixelsFilter", "MinSideFilter", "Sample", "apply_filters", "build_filters", "filter_shards",
-           "format_reject_table", "read_located", "read_shard", "sample_fates", "stage_config"]
+           "format_reject_table", "index_raw_shard", "read_located", "read_shard", "sample_fates",
+           "stage_config"]
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "imagen-pipeline/filtered-shards/v3"  # v3: per-sample stored side, per-stage counts
+# v3: per-sample stored side, per-stage counts; v4: raw shards verified, dropped_members, duplicate_key
+MANIFEST_FORMAT = "imagen-pipeline/filtered-shards/v4"
 WORK = "_filter"
 PLAN = "plan.parquet"
 # Config fields that only the global pass uses: changing them does not redo pass 1.
@@ -80,9 +84,24 @@ WORK_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("reason", 
 
 def _split_key(name: str) -> tuple[str, str]:
     # webdataset's rule: the key is everything before the first dot of the file name.
-    directory, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+    stem, _, ext = name.partition(".")
+    return stem, ext.lower()
+
+
+# img2dataset names members KEY.EXT with a numeric key. Anything else (a directory part, "..",
+# an absolute path, a backslash, control characters, an empty key) is no sample of this
+# download: it is dropped and counted, and can never reach a filtered shard. The 100-character
+# cap keeps the whole name in the ustar header, where read_located checks it.
+_SAFE_MEMBER = re.compile(r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,16})+")
+_KINDS = {**dict.fromkeys(IMAGE_EXTS, "image"), "txt": "txt", "json": "json"}
+
+
+def _plain_key(key) -> bool:
+    return isinstance(key, str) and _SAFE_MEMBER.fullmatch(f"{key}.x") is not None
+
+
+def _kind(ext: str) -> str:
+    return _KINDS.get(ext, ext)
 
 
 def _sample_from(key: str, members: dict[str, bytes]) -> Sample:
@@ -95,30 +114,110 @@ def _sample_from(key: str, members: dict[str, bytes]) -> Sample:
     return Sample(key=key, caption=caption, image_bytes=members.get(ext) if ext else None, ext=ext, meta=meta)
 
 
-def read_shard(uri: str, keys: set[str] | None = None,
-               locations: dict[str, dict[str, list[int]]] | None = None) -> Iterator[Sample]:
-    """Samples of one webdataset tar in key order (only ``keys``, when given).
+@dataclasses.dataclass
+class RawShard:
+    """One raw shard's members, checked against the download's record of it.
+
+    ``groups``: key -> {ext: header} of the first member of each kind (image, txt, json) in tar
+    order; ``dropped``: members that are no sample of this download, by reason;
+    ``unsafe_rows``: keys the parquet lists as successes whose names are not plain keys.
+    """
+
+    uri: str
+    groups: dict[str, dict[str, tarfile.TarInfo]]
+    dropped: collections.Counter
+    unsafe_rows: dict[str, str | None]  # key -> url
+
+
+def _damaged(uri: str, why: str) -> RuntimeError:
+    stats = uri[: -len(".tar")] + "_stats.json"
+    return RuntimeError(f"raw shard {uri} is damaged: {why}. Delete it and {storage.basename(stats)}, then "
+                        "re-run the download step to fetch it again")
+
+
+def _successes(uri: str) -> dict[str, str | None]:
+    """{key: url} of the rows img2dataset recorded as downloaded (status success) for this tar."""
+    parquet = uri[: -len(".tar")] + ".parquet"
+    try:
+        with storage.open(parquet, "rb") as f:
+            rows = pq.read_table(f, columns=["key", "url", "status"]).to_pylist()
+    except (OSError, KeyError, pa.ArrowException) as err:
+        raise _damaged(uri, f"its download record {parquet} cannot be read ({err})") from err
+    keys = [r["key"] for r in rows if r["status"] == "success"]
+    twice = sorted(str(k) for k, n in collections.Counter(keys).items() if n > 1)
+    if twice:
+        raise _damaged(uri, f"{parquet} lists keys {twice[:10]} as downloaded more than once")
+    return {r["key"]: r["url"] for r in rows if r["status"] == "success"}
+
+
+def index_raw_shard(uri: str) -> RawShard:
+    """Read a raw shard's headers and verify them against its img2dataset parquet.
+
+    Raises (naming the shard, and the keys) when the tar ends early at a corrupt header or
+    lacks samples the parquet records as successes: a good sample is never lost in silence.
+    Members that are no sample of the download are dropped and counted (``RawShard.dropped``):
+    ``unsafe_member_name``, ``not_a_regular_file``, ``duplicate_key`` (a second member of one
+    kind for a key: the first in tar order wins) and ``not_in_download_parquet``.
+    """
+    groups: dict[str, dict[str, tarfile.TarInfo]] = collections.defaultdict(dict)
+    dropped: collections.Counter = collections.Counter()
+    size = storage.size(uri)
+    with storage.open(uri, "rb") as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                infos = tar.getmembers()
+                end = tar.offset
+        except tarfile.TarError as err:
+            raise _damaged(uri, f"it is not a readable tar ({err})") from err
+        problem = tar_tail_problem(f, end, size)
+    if problem:
+        raise _damaged(uri, f"{problem}, after {len(infos)} members; the samples behind it would be lost")
+    for info in infos:
+        if not _SAFE_MEMBER.fullmatch(info.name) or len(info.name) > 100:
+            dropped["unsafe_member_name"] += 1
+            continue
+        if not info.isfile():
+            dropped["not_a_regular_file"] += 1
+            continue
+        key, ext = _split_key(info.name)
+        group = groups[key]
+        if any(_kind(e) == _kind(ext) for e in group):
+            dropped["duplicate_key"] += 1
+            continue
+        group[ext] = info
+    listed = _successes(uri)
+    missing = sorted(str(k) for k in listed if k not in groups and _plain_key(k))
+    if missing:
+        raise _damaged(uri, f"{len(missing)} sample(s) the download recorded as successes are not in the tar "
+                            f"(keys {missing[:10]}{' ...' if len(missing) > 10 else ''})")
+    for key in [k for k in groups if k not in listed]:
+        dropped["not_in_download_parquet"] += len(groups.pop(key))
+    unsafe = {k: u for k, u in listed.items() if not _plain_key(k)}
+    if dropped:
+        print(f"warning: raw shard {uri}: dropped {sum(dropped.values())} tar member(s) that are no sample "
+              f"of this download: {dict(sorted(dropped.items()))}", flush=True)
+    return RawShard(uri, dict(groups), dropped, unsafe)
+
+
+def read_shard(uri: str, keys: set[str] | None = None, locations: dict[str, dict[str, list[int]]] | None = None,
+               shard: RawShard | None = None) -> Iterator[Sample]:
+    """Samples of one raw shard in key order (only ``keys``, when given), verified by
+    :func:`index_raw_shard` (or taken from ``shard``, its result).
 
     img2dataset writes samples in the order its download threads finish; reading them in key
     order (= URL-list order) makes the output, and which duplicate is kept, independent of
     download timing. Only member headers are read up front; data is read one sample at a time.
     ``locations`` (if given) receives ``{key: {ext: [offset, size]}}`` for :func:`read_located`.
     """
-    with storage.open(uri, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        groups: dict[str, dict[str, tarfile.TarInfo]] = collections.defaultdict(dict)
-        try:
-            infos = tar.getmembers()
-        except tarfile.TarError as err:
-            raise RuntimeError(f"raw shard {uri} is not a readable tar ({err}); delete it and its "
-                               "_stats.json, then re-run the download step to fetch it again") from err
-        for info in infos:
-            if info.isfile():
-                key, ext = _split_key(info.name)
-                groups[key][ext] = info
+    groups = (shard or index_raw_shard(uri)).groups
+    with storage.open(uri, "rb") as f:
         for key in sorted(groups if keys is None else keys & groups.keys()):
             if locations is not None:
                 locations[key] = {ext: [info.offset_data, info.size] for ext, info in groups[key].items()}
-            members = {ext: tar.extractfile(info).read() for ext, info in groups[key].items()}
+            members = {}
+            for ext, info in groups[key].items():
+                f.seek(info.offset_data)
+                members[ext] = f.read(info.size)
             yield _sample_from(key, members)
 
 
@@ -126,18 +225,25 @@ def read_located(uri: str, located: list[tuple[str, dict[str, list[int]]]]) -> I
     """Samples at known tar offsets (from :func:`read_shard`'s ``locations``), in the given order.
 
     Seeks straight to the member data: no tar header is parsed a second time, which is most of
-    the cost of reading a shard of small images.
+    the cost of reading a shard of small images. The name in each member's own header is
+    checked, so a shard rewritten since it was indexed fails instead of giving other bytes.
     """
     with storage.open(uri, "rb") as f:
         for key, members in located:
             data = {}
             for ext, (offset, size) in members.items():
-                f.seek(offset)
-                data[ext] = f.read(size)
-                if len(data[ext]) != size:
-                    raise RuntimeError(f"raw shard {uri} changed while filtering (member {key}.{ext} is cut); "
-                                       "run the filter step again")
+                f.seek(offset - 512)
+                block = f.read(512 + size)
+                name = block[:100].rstrip(b"\0").decode("utf-8", "replace")
+                data[ext] = block[512:]
+                if len(data[ext]) != size or name != f"{key}.{ext}":
+                    raise RawShardChanged(f"raw shard {uri} changed since it was filtered (member {key}.{ext} "
+                                          "is not where it was); run the filter step again")
             yield _sample_from(key, data)
+
+
+class RawShardChanged(RuntimeError):
+    """A raw shard differs from its pass-1 index; the filter step redoes it on the next run."""
 
 
 # --- pass 1: per raw shard ------------------------------------------------------------------
@@ -166,7 +272,8 @@ def filter_raw_shard(raw_uri: str, work_uri: str, config: FilterConfig) -> dict:
         filters, _ = build_filters(config)
         gates, _ = build_scorers(config)
     rows, kept_samples, reasons, scores, locations = [], [], {}, {}, {}
-    for sample in read_shard(raw_uri, locations=locations):
+    shard = index_raw_shard(raw_uri)
+    for sample in read_shard(raw_uri, locations=locations, shard=shard):
         reasons[sample.key] = apply_filters(filters, sample)
         scores[sample.key] = {}
         rows.append(sample)
@@ -187,12 +294,20 @@ def filter_raw_shard(raw_uri: str, work_uri: str, config: FilterConfig) -> dict:
         for name, value in zip(WORK_SCHEMA.names, values, strict=True):
             columns[name].append(value)
         sample.__dict__.pop("image", None)  # free decoded pixels as we go
-    meta = {b"settings": _pass1_settings(config).encode(), b"raw_size": str(storage.size(raw_uri)).encode()}
+    for key, url in sorted(shard.unsafe_rows.items(), key=lambda kv: str(kv[0])):
+        # A listed row whose key is no plain name: its members were dropped, the row is counted.
+        for name, value in zip(WORK_SCHEMA.names, (str(key), url, "unsafe_member_name"), strict=False):
+            columns[name].append(value)
+        for name in WORK_SCHEMA.names[3:]:
+            columns[name].append(None)
+    meta = {b"settings": _pass1_settings(config).encode(), b"raw_size": str(storage.size(raw_uri)).encode(),
+            b"dropped_members": json.dumps(dict(sorted(shard.dropped.items()))).encode()}
     table = pa.table(columns, schema=WORK_SCHEMA.with_metadata(meta))
     with storage.atomic_write(work_uri) as f:
         pq.write_table(table, f)
     kept = sum(r is None for r in reasons.values())
-    return {"shard": storage.basename(raw_uri), "seen": len(rows), "kept": kept, "seconds": time.monotonic() - start}
+    return {"shard": storage.basename(raw_uri), "seen": len(rows) + len(shard.unsafe_rows), "kept": kept,
+            "seconds": time.monotonic() - start}
 
 
 def _pass1_done(raw_uri: str, work_uri: str, settings: str) -> bool:
@@ -236,41 +351,57 @@ def _work_uri(work: str, raw_uri: str) -> str:
 
 # --- pass 2: global dedup and the reshard plan -----------------------------------------------
 
-def _plan(raw: list[str], work: str, config: FilterConfig, samples_per_shard: int) -> tuple[pa.Table, collections.Counter]:
+def _plan(raw: list[str], work: str, config: FilterConfig,
+          samples_per_shard: int) -> tuple[pa.Table, collections.Counter, collections.Counter]:
     """The plan: one row per sample that passed pass 1, in dataset order, with its output shard
-    (or its duplicate reason and original); also the rejects of pass 1 and 2 by reason."""
+    (or its duplicate reason and original); also the rejects of pass 1 and 2 by reason, and the
+    tar members pass 1 dropped, by reason."""
     from pipeline.dedup import find_duplicates
 
     rejects: collections.Counter = collections.Counter()
+    dropped: collections.Counter = collections.Counter()
     cols: dict[str, list] = {"raw": [], "key": [], "sha256": [], "phash": [], "thumb": [], "scores": [],
                              "members": [], "side": []}
     for r in raw:
         with storage.open(_work_uri(work, r), "rb") as f:
             table = pq.read_table(f)
+        dropped.update(json.loads((table.schema.metadata or {}).get(b"dropped_members", b"{}")))
         rejects.update(x for x in table["reason"].to_pylist() if x is not None)
         table = table.filter(table["reason"].is_null())
         cols["raw"] += [storage.basename(r)] * table.num_rows
         for name in ("key", "sha256", "phash", "thumb", "scores", "members", "side"):
             cols[name] += table[name].to_pylist()
-    dups = {}
+    # One sample per key (embeddings and the loader join on it): the first copy that passed
+    # pass 1, in dataset order (raw shard, then key), keeps it; later copies are counted.
+    dups: dict[int, tuple[str, str]] = {}
+    owner: dict[str, str] = {}
+    for i, (raw_name, key) in enumerate(zip(cols["raw"], cols["key"], strict=True)):
+        if key in owner:
+            dups[i] = ("duplicate_key", f"{owner[key]}/{key}")
+        else:
+            owner[key] = raw_name
     if config.dedup or config.near_dedup:
-        found = find_duplicates(zip(cols["key"], cols["sha256"], cols["phash"], cols["thumb"], strict=True),
-                                exact=config.dedup, near=config.near_dedup, max_distance=config.near_dup_distance,
+        unique = [i for i in range(len(cols["key"])) if i not in dups]
+        by_key = {cols["key"][i]: i for i in unique}
+        found = find_duplicates(((cols["key"][i], cols["sha256"][i], cols["phash"][i], cols["thumb"][i])
+                                 for i in unique), exact=config.dedup, near=config.near_dedup,
+                                max_distance=config.near_dup_distance,
                                 color_tolerance=config.near_dup_color_tolerance)
-        dups = {key: (reason, original) for key, reason, original in found}
+        dups.update({by_key[key]: (reason, original) for key, reason, original in found})
     rejects.update(reason for reason, _ in dups.values())
     shard, n_kept = [], 0
-    for key in cols["key"]:
-        shard.append(None if key in dups else f"{n_kept // samples_per_shard:06d}.tar")
-        n_kept += key not in dups
+    for i in range(len(cols["key"])):
+        shard.append(None if i in dups else f"{n_kept // samples_per_shard:06d}.tar")
+        n_kept += i not in dups
+    fates = [dups.get(i, (None, None)) for i in range(len(cols["key"]))]
     plan = pa.table({"raw": cols["raw"], "key": cols["key"], "shard": pa.array(shard, pa.string()),
-                     "reason": pa.array([dups.get(k, (None,))[0] for k in cols["key"]], pa.string()),
-                     "duplicate_of": pa.array([dups.get(k, (None, None))[1] for k in cols["key"]], pa.string()),
+                     "reason": pa.array([f[0] for f in fates], pa.string()),
+                     "duplicate_of": pa.array([f[1] for f in fates], pa.string()),
                      "scores": pa.array(cols["scores"], pa.string()),
                      "members": pa.array(cols["members"], pa.string()),
                      "side": pa.array(cols["side"], pa.int32())})
     digest = hashlib.sha256(json.dumps([plan[c].to_pylist() for c in ("raw", "key", "shard", "scores")]).encode())
-    return plan.replace_schema_metadata({b"plan_id": digest.hexdigest().encode()}), rejects
+    return plan.replace_schema_metadata({b"plan_id": digest.hexdigest().encode()}), rejects, dropped
 
 
 # --- pass 3: write the output shards ----------------------------------------------------------
@@ -349,10 +480,15 @@ def _write_outputs(input: str, output: str, plan: pa.Table) -> None:
     with ShardWriter(output) as writer:
         for raw_name, raw_rows in sorted(needed.items()):
             located = [(r["key"], json.loads(r["members"])) for r in raw_rows]
-            for sample, row in zip(read_located(storage.join(input, raw_name), located), raw_rows, strict=True):
-                if row["scores"]:
-                    sample.meta["scores"] = json.loads(row["scores"])
-                writer.write(sample, row["shard"])
+            raw_uri = storage.join(input, raw_name)
+            try:
+                for sample, row in zip(read_located(raw_uri, located), raw_rows, strict=True):
+                    if row["scores"]:
+                        sample.meta["scores"] = json.loads(row["scores"])
+                    writer.write(sample, row["shard"])
+            except RawShardChanged:
+                storage.remove(_work_uri(storage.join(output, WORK), raw_uri))  # the next run redoes pass 1
+                raise
 
 
 # --- the step ---------------------------------------------------------------------------------
@@ -421,10 +557,16 @@ def filter_shards(input: str, output: str, config: FilterConfig | None = None,
          "rejects": {"refused": {"loopback_address": r, ...},   # never contacted
                      "download": {"http_404": d, ...},         # img2dataset and fetch failures
                      "filter": {"caption_too_short": f, ...}},  # this step, dedup included
+         "dropped_members": {"unsafe_member_name": m, ...},   # tar members that are no row
+                                                              # (see index_raw_shard)
          "stages": {"sr1024": {"min_side": 1024, "samples": s,   # per config.stage_sides: what
                                "excluded": {"too_small_for_sr1024": k - s}}, ...}}  # each stage uses
 
     ``input_rows`` counts every row of the URL list, so ``kept + rejected == input_rows``.
+    Each raw shard is verified against its img2dataset parquet first (:func:`index_raw_shard`):
+    a tar that ends early at a corrupt header, or lacks a sample recorded as downloaded, stops
+    the step with an error naming the shard and keys. Of several samples with one key, the first
+    in dataset order that passes the filters is kept (``duplicate_key`` counts the others).
     """
     config = config or FilterConfig()
     if samples_per_shard < 1:
@@ -441,7 +583,7 @@ def filter_shards(input: str, output: str, config: FilterConfig | None = None,
     storage.remove(storage.join(output, MANIFEST))  # first: a crash from here on never looks finished
     work = storage.join(output, WORK)
     _run_pass1(raw, work, config, workers)
-    plan, filter_rejects = _plan(raw, work, config, samples_per_shard)
+    plan, filter_rejects, dropped = _plan(raw, work, config, samples_per_shard)
     _write_outputs(input, output, plan)
     shards = dict(sorted(collections.Counter(s for s in plan["shard"].to_pylist() if s).items()))
     rows, download_rejects, refused = _download_rejects(input, raw)
@@ -451,6 +593,7 @@ def filter_shards(input: str, output: str, config: FilterConfig | None = None,
     manifest = {"format": MANIFEST_FORMAT, "input": input, "output": output, **settings, "filters": names,
                 "skipped_filters": skipped, "shards": shards, "input_rows": rows, "kept": kept,
                 "rejected": sum(sum(r.values()) for r in rejects.values()), "rejects": rejects,
+                "dropped_members": dict(sorted(dropped.items())),
                 "stages": stage_counts(plan, config.stage_sides)}
     if kept + manifest["rejected"] != rows:
         # A raw tar and its parquet disagree (e.g. a tar rewritten by hand): say so, keep going.
@@ -491,6 +634,8 @@ def format_reject_table(manifest: dict) -> str:
     lines.append(f"{'rejected':<43} {manifest['rejected']:>8}  ({manifest['rejected'] / total:.1%})")
     lines.append(f"{'kept':<43} {manifest['kept']:>8}  ({manifest['kept'] / total:.1%})")
     lines.append(f"{'input rows':<43} {manifest['input_rows']:>8}")
+    for reason, n in manifest.get("dropped_members", {}).items():
+        lines.append(f"{'dropped':<10} {reason:<32} {n:>8}  (tar members that are no URL-list row)")
     for stage, counts in manifest.get("stages", {}).items():
         for reason, n in counts["excluded"].items():
             lines.append(f"{stage:<10} {reason:<32} {n:>8}  (kept, used by the other stages)")
@@ -513,23 +658,26 @@ def sample_fates(input: str, output: str) -> pa.Table:
             for r in pq.read_table(f, columns=["url", "reason"]).to_pylist():
                 fates.append({"url": r["url"], "key": None, "stage": "refused", "reason": r["reason"], "shard": None})
     with storage.open(storage.join(output, WORK, PLAN), "rb") as f:
-        plan = {r["key"]: r for r in pq.read_table(f, columns=["key", "shard", "reason"]).to_pylist()}
+        plan = {(r["raw"], r["key"]): r
+                for r in pq.read_table(f, columns=["raw", "key", "shard", "reason"]).to_pylist()}
     for tar_uri in _raw_shards(input):
         with storage.open(tar_uri[: -len(".tar")] + ".parquet", "rb") as f:
             rows = pq.read_table(f, columns=["url", "key", "status", "error_message"]).to_pylist()
         with storage.open(_work_uri(storage.join(output, WORK), tar_uri), "rb") as f:
             filtered = {r["key"]: r["reason"] for r in pq.read_table(f, columns=["key", "reason"]).to_pylist()}
+        raw_name = storage.basename(tar_uri)
         for r in rows:
             fate = {"url": r["url"], "key": r["key"], "stage": "kept", "reason": None, "shard": None}
+            planned = plan.get((raw_name, r["key"]), {})
             if r["status"] != "success":
                 reason = normalize_error(r["error_message"])
                 fate.update(stage=reason_stage(reason), reason=reason)
             elif filtered.get(r["key"]) is not None:
                 fate.update(stage="filter", reason=filtered[r["key"]])
-            elif plan[r["key"]]["reason"] is not None:
-                fate.update(stage="filter", reason=plan[r["key"]]["reason"])
+            elif planned.get("reason") is not None:
+                fate.update(stage="filter", reason=planned["reason"])
             else:
-                fate["shard"] = plan[r["key"]]["shard"]
+                fate["shard"] = planned["shard"]
             fates.append(fate)
     return pa.Table.from_pylist(fates, schema=pa.schema([(k, pa.string()) for k in
                                                          ("url", "key", "stage", "reason", "shard")]))

@@ -24,9 +24,13 @@ reuse it instead of training again.
 from __future__ import annotations
 
 import collections
+import copy
+import dataclasses
 import hashlib
 import json
 import os
+import posixpath
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -187,40 +191,149 @@ TRAIN_COMMAND = ["torchrun", "-m", "pipeline.train"]
 NODE = "node"  # replicated job and container name in Kubeflow's torch-distributed runtime
 
 
+# --- launcher_options: typed fields; image and volume claims from the deployment's allowlists --
+
+IMAGES_ENV = "IMAGEN_K8S_IMAGES"  # comma-separated images (an entry ending in * is a prefix)
+VOLUME_CLAIMS_ENV = "IMAGEN_K8S_VOLUME_CLAIMS"  # comma-separated PersistentVolumeClaim names
+POD_MLFLOW_ENV = "IMAGEN_K8S_MLFLOW_TRACKING_URI"  # the pods' MLflow (default: the worker's own)
+_DNS = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+# Mounting over these would hide or replace the image's system, its Python packages
+# (/usr/local, the user site under /home), or the code itself (/opt/imagen, the workdir).
+SYSTEM_DIRS = frozenset({"bin", "boot", "dev", "etc", "home", "lib", "lib32", "lib64", "libx32", "opt", "proc",
+                         "root", "run", "sbin", "srv", "sys", "tmp", "usr", "var"})
+_NOT_SYSTEM = "|".join(sorted(SYSTEM_DIRS))
+# JSON schema of each option: the Airflow Param uses it as is, KubernetesOptions.parse checks it.
+OPTION_SCHEMA: dict[str, dict[str, Any]] = {
+    "image": {"type": "string", "maxLength": 512,
+              "pattern": r"^[a-z0-9][a-z0-9._/:-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[0-9a-f]{64})?$",
+              "description": f"container image, one of the deployment's {IMAGES_ENV}"},
+    "namespace": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"},
+    "runtime": {"type": "string", "pattern": _DNS, "description": "ClusterTrainingRuntime name"},
+    "gpu_resource": {"type": "string", "pattern": r"^$|^[a-z0-9.-]+/[a-z0-9._-]+$",
+                     "description": 'extended resource per GPU, e.g. nvidia.com/gpu; "" for CPU nodes'},
+    "cpu": {"type": "string", "pattern": r"^[0-9]{1,4}(\.[0-9]{1,3})?m?$"},
+    "memory": {"type": "string", "pattern": r"^[0-9]{1,6}(\.[0-9]{1,3})?([KMGTPE]i?|k)?$"},
+    "volume_claim": {"type": ["null", "string"], "pattern": _DNS,
+                     "description": f"PersistentVolumeClaim, one of the deployment's {VOLUME_CLAIMS_ENV}"},
+    "mount_path": {"type": "string", "pattern": rf"^(?!/({_NOT_SYSTEM})(/|$))(/[A-Za-z0-9_][A-Za-z0-9._-]*)+$",
+                   "description": "where the claim is mounted: absolute, not / or a system directory"},
+    "poll_seconds": {"type": "number", "minimum": 1, "maximum": 3600},
+    "timeout_seconds": {"type": "number", "minimum": 60, "maximum": 90 * 24 * 3600},
+}
+
+
+def launcher_options_schema() -> dict[str, Any]:
+    """The JSON schema of ``launcher_options`` (for the trigger form's Param)."""
+    return {"type": "object", "additionalProperties": False, "properties": copy.deepcopy(OPTION_SCHEMA)}
+
+
+def _allowlist(env_var: str) -> list[str]:
+    return [x.strip() for x in os.environ.get(env_var, "").split(",") if x.strip()]
+
+
+def _allowed(value: str, env_var: str, what: str) -> None:
+    allowed = _allowlist(env_var)
+    if not any(value == a or (a.endswith("*") and value.startswith(a[:-1])) for a in allowed):
+        listed = f"allowed: {', '.join(allowed)}" if allowed else "the deployment allows none"
+        raise ValueError(f"launcher_options: {what} {value!r} is not allowed ({listed}); the deployment "
+                         f"lists them in {env_var} (comma-separated) in the Airflow services' environment")
+
+
+@dataclasses.dataclass(frozen=True)
+class KubernetesOptions:
+    """What a trigger form may set for a TrainJob (``launcher_options``); nothing else gets in.
+
+    ``image`` must be listed in ``IMAGEN_K8S_IMAGES`` and ``volume_claim`` in
+    ``IMAGEN_K8S_VOLUME_CLAIMS``; ``mount_path`` is absolute and not ``/`` or a system directory.
+    """
+
+    image: str = ""
+    namespace: str = "default"
+    runtime: str = "torch-distributed"
+    gpu_resource: str = "nvidia.com/gpu"
+    cpu: str = "8"
+    memory: str = "64Gi"
+    volume_claim: str | None = None
+    mount_path: str = "/data"
+    poll_seconds: float = 30.0
+    timeout_seconds: float = 14 * 24 * 3600.0
+
+    @classmethod
+    def parse(cls, options: dict[str, Any]) -> KubernetesOptions:
+        """Check ``options`` against the schema and the allowlists; one-line ValueError if not."""
+        unknown = sorted(set(options) - set(OPTION_SCHEMA))
+        if unknown:
+            raise ValueError(f"launcher_options: unknown keys {unknown}; allowed: {', '.join(OPTION_SCHEMA)}")
+        for key, value in options.items():
+            _check_value(key, value, OPTION_SCHEMA[key])
+        opts = cls(**options)
+        if not opts.image:
+            raise ValueError("the kubernetes launcher needs an image: build infra/Dockerfile, push it, list it in "
+                             f"{IMAGES_ENV}, and pass launcher_options={{'image': 'REGISTRY/imagen-pipeline:TAG'}}")
+        _allowed(opts.image, IMAGES_ENV, "image")
+        if opts.volume_claim:
+            _allowed(opts.volume_claim, VOLUME_CLAIMS_ENV, "volume_claim")
+        parts = opts.mount_path.split("/")[1:]
+        if posixpath.normpath(opts.mount_path) != opts.mount_path or parts[0] in SYSTEM_DIRS:
+            raise ValueError(f"launcher_options: mount_path {opts.mount_path!r} is a system directory or not a "
+                             "plain absolute path; mount the data volume at e.g. /data")
+        return opts
+
+
+def _check_value(key: str, value: Any, schema: dict[str, Any]) -> None:
+    types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+    ok = ((value is None and "null" in types) or (isinstance(value, str) and "string" in types)
+          or (isinstance(value, int | float) and not isinstance(value, bool) and "number" in types))
+    if not ok:
+        raise ValueError(f"launcher_options: {key} must be {' or '.join(types)}, got {value!r}")
+    if isinstance(value, str) and (len(value) > schema.get("maxLength", 253)
+                                   or not re.search(schema["pattern"], value)):
+        why = f" ({schema['description']})" if "description" in schema else ""
+        raise ValueError(f"launcher_options: {key}={value!r} is not a valid {key}{why}")
+    if isinstance(value, int | float) and not schema["minimum"] <= value <= schema["maximum"]:
+        raise ValueError(f"launcher_options: {key}={value} is out of [{schema['minimum']}, {schema['maximum']}]")
+
+
+def pod_env() -> dict[str, str]:
+    """The training pods' environment: set by the deployment, never by a trigger form."""
+    env = {"MLFLOW_DISABLE_TELEMETRY": "true"}
+    uri = os.environ.get(POD_MLFLOW_ENV) or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        env["MLFLOW_TRACKING_URI"] = uri
+    return env
+
+
 def trainjob_name(job: TrainJob) -> str:
     """Stable per checkpoint directory: a retried task finds the job its first try submitted."""
     digest = hashlib.sha256(os.path.abspath(job.checkpoint_dir).encode()).hexdigest()[:10]
     return f"imagen-{job.stage}-{digest}"
 
 
-def render_trainjob(job: TrainJob, nodes: int, procs_per_node: int, *, image: str,
-                    namespace: str = "default", runtime: str = "torch-distributed",
-                    gpu_resource: str = "nvidia.com/gpu", cpu: str = "8", memory: str = "64Gi",
-                    env: dict[str, str] | None = None, volume_claim: str | None = None,
-                    mount_path: str = "/data") -> dict[str, Any]:
+def render_trainjob(job: TrainJob, nodes: int, procs_per_node: int, **options: Any) -> dict[str, Any]:
     """The TrainJob manifest for ``job`` (a plain dict, ready for the API or ``kubectl apply``).
 
-    ``procs_per_node`` GPUs of ``gpu_resource`` per node (``gpu_resource=""`` for CPU nodes);
-    ``volume_claim`` mounts a PersistentVolumeClaim at ``mount_path``, where the data root of
-    the job's paths must live (object-store roots need no volume).
+    ``options`` are :class:`KubernetesOptions` fields, checked here (the one place a TrainJob is
+    rendered): unknown keys, an image or volume claim outside the deployment's allowlists, and
+    a system ``mount_path`` are refused. ``procs_per_node`` GPUs of ``gpu_resource`` per node
+    (``gpu_resource=""`` for CPU nodes); ``volume_claim`` mounts a PersistentVolumeClaim at
+    ``mount_path``, where the data root of the job's paths must live (object-store roots need
+    no volume). The pods' environment comes from the deployment (:func:`pod_env`) only.
     """
     from pipeline.train import job_to_argv
 
-    if not image:
-        raise ValueError("the kubernetes launcher needs an image: build infra/Dockerfile, push it, "
-                         "and pass launcher_options={'image': 'REGISTRY/imagen-pipeline:TAG'}")
-    limits = {"cpu": cpu, "memory": memory}
-    if gpu_resource:
-        limits[gpu_resource] = str(procs_per_node)
-    trainer = {"image": image, "command": TRAIN_COMMAND, "args": job_to_argv(job),
+    opts = KubernetesOptions.parse(options)
+    limits = {"cpu": opts.cpu, "memory": opts.memory}
+    if opts.gpu_resource:
+        limits[opts.gpu_resource] = str(procs_per_node)
+    trainer = {"image": opts.image, "command": TRAIN_COMMAND, "args": job_to_argv(job),
                "numNodes": nodes, "numProcPerNode": procs_per_node,
-               "resourcesPerNode": {"limits": limits, "requests": {"cpu": cpu, "memory": memory}},
-               "env": [{"name": k, "value": v} for k, v in sorted((env or {}).items())]}
-    spec: dict[str, Any] = {"runtimeRef": {"name": runtime}, "trainer": trainer}
-    if volume_claim:
-        spec["runtimePatches"] = [_volume_patch(volume_claim, mount_path)]
+               "resourcesPerNode": {"limits": limits, "requests": {"cpu": opts.cpu, "memory": opts.memory}},
+               "env": [{"name": k, "value": v} for k, v in sorted(pod_env().items())]}
+    spec: dict[str, Any] = {"runtimeRef": {"name": opts.runtime}, "trainer": trainer}
+    if opts.volume_claim:
+        spec["runtimePatches"] = [_volume_patch(opts.volume_claim, opts.mount_path)]
     return {"apiVersion": f"{TRAINJOB['group']}/{TRAINJOB['version']}", "kind": "TrainJob",
-            "metadata": {"name": trainjob_name(job), "namespace": namespace,
+            "metadata": {"name": trainjob_name(job), "namespace": opts.namespace,
                          "labels": {"app.kubernetes.io/part-of": "imagen-pipeline",
                                     "imagen-pipeline/stage": job.stage}},
             "spec": spec}
@@ -247,29 +360,23 @@ class KubernetesLauncher:
     """Submit a Kubeflow Trainer ``TrainJob`` (the cluster needs Kubeflow Trainer v2 and its
     ``torch-distributed`` ClusterTrainingRuntime) and wait for it.
 
-    Options: ``image`` (required), ``namespace``, ``runtime``, ``gpu_resource``, ``cpu``,
-    ``memory``, ``env`` (e.g. ``MLFLOW_TRACKING_URI`` as the pods see it), ``volume_claim`` +
-    ``mount_path``, ``poll_seconds``, ``timeout_seconds``. ``api`` is a
+    Options: the fields of :class:`KubernetesOptions` (``image`` required; image and volume
+    claim from the deployment's allowlists), checked when the launcher is made. ``api`` (a
     ``kubernetes.client.CustomObjectsApi``; by default built from the in-cluster config, else
-    ``~/.kube/config``.
+    ``~/.kube/config``) and ``sleep`` are hooks for tests, not launcher options.
     """
 
-    def __init__(self, image: str = "", namespace: str = "default", poll_seconds: float = 30.0,
-                 timeout_seconds: float = 14 * 24 * 3600.0, api: Any = None, sleep=None,
-                 **render_options: Any):
-        import inspect
+    def __init__(self, *, api: Any = None, sleep=None, **options: Any):
         import time
 
         # Fail at construction (the task's first line), not after the job was rendered.
-        inspect.signature(render_trainjob).bind_partial(None, 1, 1, **render_options)
-        self.image, self.namespace = image, namespace
-        self.poll_seconds, self.timeout_seconds = poll_seconds, timeout_seconds
-        self.render_options = render_options
+        self.options = KubernetesOptions.parse(options)
+        self.namespace = self.options.namespace
+        self.poll_seconds, self.timeout_seconds = self.options.poll_seconds, self.options.timeout_seconds
         self._api, self._sleep, self._clock = api, sleep or time.sleep, time.monotonic
 
     def render(self, job: TrainJob, nodes: int, procs_per_node: int) -> dict[str, Any]:
-        return render_trainjob(job, nodes, procs_per_node, image=self.image, namespace=self.namespace,
-                               **self.render_options)
+        return render_trainjob(job, nodes, procs_per_node, **dataclasses.asdict(self.options))
 
     def launch(self, job: TrainJob, nodes: int, procs_per_node: int) -> dict[str, Any]:
         body = self.render(job, nodes, procs_per_node)
@@ -375,5 +482,13 @@ def run_stage(*, root: str, stage: str, preset: str, data: str, embeddings: str,
               nodes: int = 1, procs_per_node: int = 1, run_tag: str = "") -> dict[str, Any]:
     """One call for an orchestrator task: build the stage's job, pick the launcher by name,
     train (or reuse a finished run with the same settings)."""
+    if not isinstance(launcher_options or {}, dict):
+        raise ValueError(f"launcher_options must be an object, got {type(launcher_options).__name__}")
+    options = dict(launcher_options or {})
+    if not set(options) <= set(OPTION_SCHEMA):
+        # Only schema fields come from a trigger form: never the Python-only hooks (api, sleep).
+        raise ValueError(f"launcher_options: unknown keys {sorted(set(options) - set(OPTION_SCHEMA))}; "
+                         f"allowed: {', '.join(OPTION_SCHEMA)}")
+    runner = make_launcher(launcher, **options)  # checks the options before anything else
     job = stage_job(root, stage, preset, data, embeddings, max_steps, nodes * procs_per_node, run_tag)
-    return train_stage(job, make_launcher(launcher, **(launcher_options or {})), nodes, procs_per_node)
+    return train_stage(job, runner, nodes, procs_per_node)

@@ -6,16 +6,19 @@
     imagen-pipeline sample "a red circle" --model models:/imagen-cascade@champion --output out/ \\
         --seed 0 1 2 --guidance-scale 5 1 --steps 32 16 --stages 1
 
-A registered model is an MLflow pyfunc (``ImagenPyfunc``) whose artifacts are the stage
-weight directories (safetensors + config.json, never pickled weights) and, when the text
-encoder is a local directory, the encoder itself; a hub encoder is stored by name::
+A registered model is an MLflow pyfunc logged as "models from code": its code file is
+``pipeline/pyfunc_model.py`` (no pickled Python object is stored), its artifacts are the stage
+weights (config.json + safetensors only) and, when the text encoder is a local directory, the
+encoder itself; a hub encoder is stored by name::
 
-    model = mlflow.pyfunc.load_model("models:/imagen-cascade@champion")
+    model = mlflow.pyfunc.load_model("models:/imagen-cascade@champion")   # runs the code file
     images = model.predict(pd.DataFrame({"prompt": ["a red circle"]}), params={"seed": 0})
 
-``predict`` returns uint8 images [B, H, W, 3]; ``imagen-pipeline sample`` calls the same
-``predict``, so both give identical images for the same seed. A model that starts with an SR
-stage (``imagen-sr256``) also takes an ``image`` column: the low-res inputs as PNG/JPEG bytes.
+``predict`` returns uint8 images [B, H, W, 3]. ``imagen-pipeline sample`` never loads the model
+through pyfunc: it downloads only the weights and builds the cascade with the installed package
+(pipeline/loading.py), through the same ``predict_images``, so both give identical images for
+the same seed. A model that starts with an SR stage (``imagen-sr256``) also takes an ``image``
+column: the low-res inputs as PNG/JPEG bytes.
 
 Registering is idempotent: the same checkpoints (path, config and weight files unchanged), the
 same encoder and the same extra tags give back the version made from them before (its alias is
@@ -35,8 +38,10 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -44,6 +49,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from pipeline.loading import ENCODER_ARTIFACT, stage_artifact
 from pipeline.tracking import ensure_experiment, resolve_tracking_uri
 
 # Sampling params of predict(); negative / zero / empty = the stage config's default.
@@ -54,6 +60,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
 STAGE_MODEL_NAMES = {"base64": "imagen-base64", "sr256": "imagen-sr256", "sr1024": "imagen-sr1024"}
 CASCADE_MODEL_NAME = "imagen-cascade"
 SOURCE_TAG = "imagen.source"  # version tag: registration_key() of what the version was made from
+PYFUNC_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyfunc_model.py")
 
 
 class StageBars:
@@ -93,49 +100,24 @@ def stage_options(params: dict[str, Any], n: int) -> list:
     return out
 
 
-def decode_images(column) -> Any:
-    """A column of PNG/JPEG bytes -> float [B, 3, s, s] in [-1, 1] (an SR model's input)."""
-    import torch
-
-    from pipeline.images import open_rgb
-
-    arrays = [np.asarray(open_rgb(b)) for b in column]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 class ImagenPyfunc(mlflow.pyfunc.PythonModel):
-    """Prompts in, images out. Stage artifacts are named ``stage_0``, ``stage_1``, ..."""
+    """Prompts in, images out. Stage artifacts are named ``stage_0``, ``stage_1``, ...; the
+    instance is made by ``pipeline/pyfunc_model.py``, the model's code file."""
 
     def load_context(self, context) -> None:
-        from imagen.cascade import Cascade
-        from imagen.text import T5TextEncoder
+        from pipeline.loading import ENCODER_ARTIFACT, ModelFiles, build_cascade, stage_artifact
 
         arts = context.artifacts
-        dirs = [arts[f"stage_{i}"] for i in range(len([k for k in arts if k.startswith("stage_")]))]
-        info = context.model_config or {}
-        encoder = arts.get("text_encoder") or info.get("encoder_name")
-        if not encoder:
-            raise ValueError("this model records no text encoder; register it again with --encoder")
-        self.cascade = Cascade.from_dirs(dirs)
-        self.cascade.set_encoder(T5TextEncoder(encoder, max_length=self.cascade.stages[0][1].max_text_len))
+        n = len([k for k in arts if k.startswith("stage_")])
+        files = ModelFiles("this model", [arts[stage_artifact(i)] for i in range(n)],
+                           arts.get(ENCODER_ARTIFACT), (context.model_config or {}).get("encoder_name"))
+        # whoever loads a pyfunc trusts the model (its code file runs), so its hub name is used
+        self.cascade = build_cascade(files, allow_hub=True)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
-        p = {**DEFAULT_PARAMS, **(params or {})}
-        prompts = [str(x) for x in model_input["prompt"]]
-        n = int(p["stages"]) or len(self.cascade.stages)
-        lowres = None
-        if self.cascade.stages[0][1].lowres_size is not None:
-            if "image" not in model_input:
-                raise ValueError(f"this model starts with SR stage {self.cascade.stages[0][1].stage}: "
-                                 "give an 'image' column of low-res PNG/JPEG bytes")
-            lowres = decode_images(model_input["image"])
-        bars = StageBars() if p["progress"] else None
-        try:
-            return self.cascade.generate(prompts, seed=int(p["seed"]), options=stage_options(p, n),
-                                         progress=bars, num_stages=n, lowres=lowres)
-        finally:
-            if bars is not None:
-                bars.close()
+        from pipeline.loading import predict_images
+
+        return predict_images(self.cascade, model_input, params)
 
 
 def _signature(cfgs) -> Any:
@@ -208,21 +190,79 @@ def lineage_tags(checkpoints: list[str], cfgs, metas, runs, encoder_id, encoder_
     return tags
 
 
-def _encoder_source(checkpoints, cfgs, metas, encoder: str | None) -> tuple[str, str | None]:
-    """(encoder name or local dir, common encoder id), checked across stages and ``encoder``."""
+def check_trained_encoder(checkpoint: str, cfg, meta: dict, run) -> None:
+    """Refuse a checkpoint whose recorded encoder is not the one its embeddings came from: the
+    names in its config.json must agree, and its training run's immutable params (logged from
+    the embeddings) and, when they are on this machine, the embeddings themselves must give
+    the encoder id the checkpoint records."""
+    from imagen.cascade import encoder_ids_match
+    from imagen.checkpoint import CONFIG_NAME
+
+    where = os.path.join(checkpoint, CONFIG_NAME)
+    recorded, named = meta.get("encoder_id"), meta.get("encoder_name")
+    if named and cfg.text_encoder and named != cfg.text_encoder:
+        raise ValueError(f"{where}: metadata.encoder_name {named!r} and text_encoder {cfg.text_encoder!r} "
+                         "disagree: restore config.json from the training run")
+    if run is None:
+        return
+    sources = [(f"training run {run.info.run_id}", run.data.params.get("encoder_id"))]
+    embeddings = run.data.params.get("embeddings")
+    if embeddings and os.path.isdir(embeddings):
+        from pipeline.embed import read_metadata
+
+        with contextlib.suppress(Exception):  # unreadable embeddings: the run's params still decide
+            sources.append((f"embeddings {embeddings}", read_metadata(embeddings).get("encoder_id")))
+    for what, trained in sources:
+        if trained and (not recorded or not encoder_ids_match(trained, recorded)):
+            raise ValueError(f"{where} records text encoder {recorded}, but its {what} was made with "
+                             f"{trained}: the checkpoint does not belong to that run's embeddings; "
+                             "register the checkpoint that run wrote")
+
+
+def _encoder_source(checkpoints, cfgs, metas, runs, encoder: str | None) -> tuple[str, str | None]:
+    """(encoder name or local dir, common encoder id), checked across stages, against the
+    embeddings each stage was trained on, and against ``encoder``. A hub name is taken from a
+    checkpoint only when its training run logged the same name; else ``--encoder`` must give it."""
     from imagen.cascade import check_encoders
+    from imagen.checkpoint import CONFIG_NAME
     from imagen.text import T5TextEncoder
 
+    for ckpt, cfg, meta, run in zip(checkpoints, cfgs, metas, runs, strict=True):
+        check_trained_encoder(ckpt, cfg, meta, run)
+    where = os.path.join(checkpoints[0], CONFIG_NAME)
     name = encoder or metas[0].get("encoder_name") or cfgs[0].text_encoder
     if not name:
-        raise ValueError(f"{checkpoints[0]}/config.json names no text encoder: pass --encoder")
+        raise ValueError(f"{where} names no text encoder: pass --encoder")
     if os.path.isabs(name) and not os.path.isdir(name):
-        raise FileNotFoundError(f"text encoder {name} (from {checkpoints[0]}/config.json) not found: "
-                                "pass --encoder with a local copy of it")
+        said = f"--encoder {name}" if encoder else f"text encoder {name} (from {where})"
+        raise FileNotFoundError(f"{said} not found: pass --encoder with a local copy of it")
     enc = T5TextEncoder(name)
-    common = check_encoders([c.stage for c in cfgs], [m.get("encoder_id") for m in metas],
-                            enc if enc.is_local else None)
+    if not encoder and not enc.is_local and any(
+            run is None or run.data.params.get("encoder_name") != name for run in runs):
+        raise ValueError(f"{where} names the hub text encoder {name!r}, which no training run on this "
+                         f"tracking server confirms: pass --encoder {name} if the stages were trained on "
+                         "its embeddings, or --encoder DIR with a local copy")
+    common = check_encoders([c.stage for c in cfgs], [m.get("encoder_id") for m in metas], enc)
     return name, common or (enc.encoder_id if enc.is_local else name)
+
+
+def weight_files_only(checkpoint: str, dst: str) -> str:
+    """``checkpoint`` itself when it holds only weight files, else a folder ``dst`` with hard
+    links (copies across file systems) to just those: the model stores no optimizer state, RNG
+    or anything else left beside them. MLflow refuses symbolic links, rightly."""
+    from imagen.checkpoint import CONFIG_NAME, EMA_NAME, MODEL_NAME
+
+    checkpoint = os.path.abspath(checkpoint)
+    keep = [n for n in (CONFIG_NAME, MODEL_NAME, EMA_NAME) if os.path.isfile(os.path.join(checkpoint, n))]
+    if sorted(keep) == sorted(os.listdir(checkpoint)):
+        return checkpoint
+    os.makedirs(dst)
+    for name in keep:
+        try:
+            os.link(os.path.join(checkpoint, name), os.path.join(dst, name))
+        except OSError:
+            shutil.copy2(os.path.join(checkpoint, name), os.path.join(dst, name))
+    return dst
 
 
 def _eval_metrics(checkpoints: list[str]) -> tuple[dict[str, float], Any]:
@@ -288,26 +328,23 @@ def register(
     only when the version's eval metric beats the champion's. A version already made from the
     same checkpoints, encoder and tags is reused (``reused`` in the result) unless ``new_version``.
     """
-    from imagen.checkpoint import load_config
+    from imagen.checkpoint import check_weights
     from imagen.config import check_chain
     from pipeline.evaluate import find_stage_run
 
     checkpoints = list(checkpoints)
     if not checkpoints:
         raise ValueError("register needs at least one --checkpoint (a stage weights directory)")
-    loaded = [load_config(c) for c in checkpoints]
+    loaded = [check_weights(c) for c in checkpoints]  # config.json and weight headers, as sample reads them
     cfgs, metas = [c for c, _ in loaded], [m for _, m in loaded]
     check_chain([c.spec for c in cfgs])
     name = name or (STAGE_MODEL_NAMES[cfgs[0].stage] if len(cfgs) == 1 else CASCADE_MODEL_NAME)
-    encoder_name, encoder_id = _encoder_source(checkpoints, cfgs, metas, encoder)
-    artifacts = {f"stage_{i}": os.path.abspath(c) for i, c in enumerate(checkpoints)}
-    if os.path.isdir(encoder_name):
-        artifacts["text_encoder"] = os.path.abspath(encoder_name)
 
     root = root_of(checkpoints[0])
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri, root))
     client = mlflow.MlflowClient()
     runs = [_get_run(client, find_stage_run(c, m)) for c, m in zip(checkpoints, metas, strict=True)]
+    encoder_name, encoder_id = _encoder_source(checkpoints, cfgs, metas, runs, encoder)
     eval_metrics, eval_run = _eval_metrics(checkpoints)
     source = registration_key(checkpoints, encoder, tags)
     existing = None if new_version else _version_from(client, name, source)
@@ -327,10 +364,16 @@ def register(
         target = eval_run.info.run_id
     exp_id = None if target else ensure_experiment(experiment, os.path.join(root, "mlartifacts"))
     with mlflow.start_run(run_id=target, experiment_id=exp_id,
-                          run_name=None if target else f"register-{name}") as run:
+                          run_name=None if target else f"register-{name}") as run, \
+            tempfile.TemporaryDirectory(prefix="imagen-register-") as tmp:
+        artifacts = {stage_artifact(i): weight_files_only(c, os.path.join(tmp, f"{i}-{cfg.stage}"))
+                     for i, (c, cfg) in enumerate(zip(checkpoints, cfgs, strict=True))}
+        if os.path.isdir(encoder_name):
+            artifacts[ENCODER_ARTIFACT] = os.path.abspath(encoder_name)
+        # models from code: MLflow stores PYFUNC_CODE, not a pickled ImagenPyfunc
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=ImagenPyfunc(), artifacts=artifacts,
-            model_config={"encoder_name": None if "text_encoder" in artifacts else encoder_name},
+            name="model", python_model=PYFUNC_CODE, artifacts=artifacts,
+            model_config={"encoder_name": None if ENCODER_ARTIFACT in artifacts else encoder_name},
             signature=_signature(cfgs),
             pip_requirements=["torch==2.13.0", "safetensors", "transformers", "sentencepiece", "pandas"],
         )
@@ -432,22 +475,14 @@ def check_model_uri(model_uri: str) -> str:
     return model_uri
 
 
-def load_pyfunc(model_uri: str):
-    """``mlflow.pyfunc.load_model`` with errors a user can act on (one line each)."""
-    from mlflow.exceptions import MlflowException
-
-    model_uri = check_model_uri(model_uri)
-    try:
-        return mlflow.pyfunc.load_model(model_uri)
-    except MlflowException as e:
-        raise LookupError(f"cannot load {model_uri} from the registry at {mlflow.get_tracking_uri()}: "
-                          f"{e.message.splitlines()[0]}") from None
-
-
 def sample_images(prompts: Sequence[str], model_uri: str, output: str, seeds: Sequence[int] = (0,),
                   tracking_uri: str | None = None, images: Sequence[str] | None = None,
-                  progress: bool = True, **params: Any) -> dict[str, Any]:
-    """Load ``model_uri`` through pyfunc and write one PNG per (prompt, seed), plus a grid.
+                  progress: bool = True, encoder: str | None = None, **params: Any) -> dict[str, Any]:
+    """Build ``model_uri`` from its weights and write one PNG per (prompt, seed), plus a grid.
+
+    ``model_uri``: models:/NAME@ALIAS, models:/NAME/VERSION, an MLflow model folder or a stage
+    weights directory; nothing from it is unpickled or run (pipeline/loading.py). ``encoder``:
+    the text encoder to use (a hub name is downloaded only when given here).
 
     ``params`` are predict() params (steps, guidance_scale, stage_guidance, stage_steps,
     stages, sampler). One prompt, one seed and an ``output`` ending in .png writes that file;
@@ -457,17 +492,20 @@ def sample_images(prompts: Sequence[str], model_uri: str, output: str, seeds: Se
     """
     from PIL import Image
 
+    from pipeline.loading import build_cascade, model_files, predict_images
+
     if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
-    model_uri = check_model_uri(model_uri)
-    model = load_pyfunc(model_uri)
     frame = pd.DataFrame({"prompt": list(prompts)})
     if images:
         if len(images) != len(prompts):
             raise ValueError(f"give one --image per prompt: {len(images)} images, {len(prompts)} prompts")
         frame["image"] = [pathlib.Path(path).read_bytes() for path in images]
     p = {k: v for k, v in params.items() if v is not None}
-    batches = {s: model.predict(frame, params={**p, "seed": int(s), "progress": progress}) for s in seeds}
+    with model_files(model_uri, progress) as files:  # a downloaded model lives until its images are made
+        cascade = build_cascade(files, encoder)
+        batches = {s: predict_images(cascade, frame, {**p, "seed": int(s), "progress": progress})
+                   for s in seeds}
     single = len(prompts) == 1 and len(seeds) == 1 and output.lower().endswith(".png")
     if single:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

@@ -11,6 +11,12 @@
 Airflow runs as three separate processes (not `airflow standalone`) so one can be killed
 and restarted, with LocalExecutor, low parallelism, SQLite and the project's dags/ folder.
 Every process started here is stopped on exit (terminate, then kill).
+
+Hygiene: every listener binds 127.0.0.1 (Airflow 3.3's worker log server can only bind all
+interfaces, so the scheduler runs with ``--skip-serve-logs``: the api-server reads task logs
+from the shared local log folder instead); files and logs are created private (umask 077, the
+admin password file is written 0600 here before the api-server starts, so Airflow never prints
+it to a log); MLflow telemetry is off (``MLFLOW_DISABLE_TELEMETRY``) for servers and clients.
 """
 
 from __future__ import annotations
@@ -33,6 +39,18 @@ from typing import Any
 BIN = os.path.dirname(sys.executable)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AIRFLOW_SERVICES = ("dag-processor", "scheduler", "api-server")
+# Extra arguments per service: Airflow 3.3's log server binds every interface (no host setting).
+SERVICE_ARGS = {"scheduler": ("--skip-serve-logs",)}
+PRIVATE_UMASK = 0o077  # for every service process: its logs, databases and password files are 0600
+NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"
+
+
+def private_file(path: str, mode: str = "w"):
+    """Open ``path`` for writing, created (or reset to) 0600: only this user can read it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC), 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, mode)
 
 
 def free_port() -> int:
@@ -58,10 +76,10 @@ def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = N
 @contextmanager
 def background(cmd: list[str], log_path: str, env: dict[str, str] | None = None
                ) -> Iterator[subprocess.Popen]:
-    """Start ``cmd`` with its output in ``log_path``; stop it on exit."""
-    with open(log_path, "w") as log:
+    """Start ``cmd`` with its output in ``log_path`` (0600); stop it on exit."""
+    with private_file(log_path) as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or dict(os.environ),
-                                start_new_session=True)
+                                start_new_session=True, umask=PRIVATE_UMASK)
     try:
         yield proc
     finally:
@@ -91,7 +109,7 @@ def mlflow_server(workdir: str, port: int | None = None, timeout: float = 120.0)
     os.makedirs(workdir, exist_ok=True)
     port = port or free_port()
     # job execution off: it adds consumer processes (~2 GB) this server does not need
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **NO_TELEMETRY}
     with background(mlflow_command(workdir, port), os.path.join(workdir, "mlflow.log"), env) as proc:
         uri = f"http://127.0.0.1:{port}"
         wait_http(f"{uri}/health", timeout=timeout, proc=proc)
@@ -112,6 +130,8 @@ def airflow_env(home: str, port: int, dags_folder: str | None = None, parallelis
         "AIRFLOW__CORE__PARALLELISM": str(parallelism),
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(port),
+        # Off by default; if someone turns it on, it still listens on loopback only.
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST": "127.0.0.1",
         "AIRFLOW__API__WORKERS": "1",
         # Task processes report to the api-server's execution API: tell them where it is.
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
@@ -120,6 +140,7 @@ def airflow_env(home: str, port: int, dags_folder: str | None = None, parallelis
         "NO_ALBUMENTATIONS_UPDATE": "1",
         "HF_HUB_OFFLINE": "1",
         "WANDB_MODE": "disabled",
+        **NO_TELEMETRY,  # the tasks are MLflow clients
         "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
         **(extra or {}),
     }
@@ -127,14 +148,28 @@ def airflow_env(home: str, port: int, dags_folder: str | None = None, parallelis
 
 def _jwt_secret(home: str) -> str:
     """A random secret kept in AIRFLOW_HOME, so a restarted service still trusts old tokens."""
-    path = os.path.join(home, "jwt_secret")
-    os.makedirs(home, exist_ok=True)
+    return _secret_file(os.path.join(home, "jwt_secret"), lambda: secrets.token_urlsafe(32))
+
+
+def _secret_file(path: str, make) -> str:
+    """The contents of ``path``, written 0600 with ``make()`` if it is not there yet; an older
+    file with looser permissions is tightened."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     if not os.path.exists(path):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32))
+            f.write(make())
+    os.chmod(path, 0o600)
     with open(path) as f:
         return f.read().strip()
+
+
+def admin_password_file(home: str) -> str:
+    """Write the simple auth manager's password file (0600) before the api-server starts: the
+    api-server then finds the admin user there and never prints a generated password to its log."""
+    path = os.path.join(home, PASSWORDS_FILE)
+    _secret_file(path, lambda: json.dumps({"admin": secrets.token_urlsafe(16)}) + "\n")
+    return path
 
 
 class AirflowServices:
@@ -148,10 +183,10 @@ class AirflowServices:
 
     def start(self, name: str) -> subprocess.Popen:
         """Start one service (``dag-processor``, ``scheduler`` or ``api-server``)."""
-        log = open(os.path.join(self.home, f"{name}.log"), "a")  # noqa: SIM115 (lives with the process)
-        self.procs[name] = subprocess.Popen([os.path.join(BIN, "airflow"), name], stdout=log,
-                                            stderr=subprocess.STDOUT, env=self.env,
-                                            start_new_session=True)
+        log = private_file(os.path.join(self.home, f"{name}.log"), "a")
+        self.procs[name] = subprocess.Popen([os.path.join(BIN, "airflow"), name, *SERVICE_ARGS.get(name, ())],
+                                            stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                            start_new_session=True, umask=PRIVATE_UMASK)
         log.close()
         return self.procs[name]
 
@@ -174,14 +209,14 @@ class AirflowServices:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run ``airflow ARGS`` against this deployment; output captured."""
         out = subprocess.run([os.path.join(BIN, "airflow"), *args], env=self.env, capture_output=True,
-                             text=True)
+                             text=True, umask=PRIVATE_UMASK)
         if check and out.returncode != 0:
             raise RuntimeError(f"airflow {' '.join(args)} exited with {out.returncode}:\n{out.stderr[-3000:]}")
         return out
 
     def password(self, user: str = "admin") -> str:
-        """The simple auth manager's generated password (written when the api-server starts)."""
-        path = os.path.join(self.home, "simple_auth_manager_passwords.json.generated")
+        """The admin password (written 0600 by :func:`admin_password_file` before the services start)."""
+        path = os.path.join(self.home, PASSWORDS_FILE)
         with open(path) as f:
             return json.load(f)[user]
 
@@ -252,9 +287,10 @@ def airflow_services(home: str, port: int | None = None, dags_folder: str | None
     """Migrate the metadata DB, create the ``gpu`` pool, start dag-processor, scheduler and
     api-server on 127.0.0.1; yield them; stop them all on exit. ``env`` adds variables
     (``MLFLOW_TRACKING_URI``, Airflow settings) to every process."""
-    os.makedirs(home, exist_ok=True)
+    os.makedirs(home, mode=0o700, exist_ok=True)
     port = port or free_port()
     af = AirflowServices(home, port, airflow_env(home, port, dags_folder, parallelism, env))
+    admin_password_file(home)
     af.cli("db", "migrate")
     af.cli("pools", "set", "gpu", str(gpu_slots), "GPU training tasks: slots = trainings at once")
     try:

@@ -3,6 +3,13 @@
 Every data step reads and writes through these functions so that a local path and an
 ``s3://`` / ``gs://`` URI take the same code path (img2dataset's ``writer.py`` does the same).
 
+Remote reads are guarded like image fetches (:mod:`pipeline.fetch_guard`): an ``http(s)://``
+file is read by :func:`open` through the SSRF guard (address checks after every redirect, pinned
+connection, wall-clock budget, size limit), never by fsspec; it cannot be listed, written or
+chained. Other network protocols (ftp, sftp, smb, webdav, ...) are refused unless the deployment
+allows private networks (``IMAGEN_ALLOW_PRIVATE_NETWORKS=1``). Local paths and object stores
+(s3, gs, az, hdfs: endpoints the deployment configures) go through fsspec as before.
+
     from pipeline import storage
     with storage.atomic_write("s3://bucket/out/000000.tar") as f:
         f.write(data)
@@ -14,8 +21,14 @@ Not a script; imported by pipeline.download, pipeline.filters and friends.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import re
+import socket
+import tempfile
+import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
@@ -23,10 +36,102 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.fetch_guard import (
+    FetchPolicy,
+    FetchRejected,
+    RemoteReadRefused,
+    Resolver,
+    build_opener,
+    deployment_policy,
+    literal_reason,
+)
 
-def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Split a URI into its filesystem and the path that filesystem understands."""
+# fsspec protocols that stay on this machine or reach storage the deployment configured (object
+# stores and HDFS, with their endpoints and credentials), and wrappers around another URL (whose
+# inner URL is checked in turn). Anything else is a network protocol an attacker could point at
+# an internal host (ftp, sftp, smb, webdav, webhdfs, git, reference, ...).
+SAFE_PROTOCOLS = frozenset({
+    "file", "local", "memory", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oci", "oss",
+    "hdfs", "arrow_hdfs", "simplecache", "filecache", "blockcache", "cached", "zip", "tar", "libarchive",
+})
+REMOTE_TIMEOUT = 600.0  # seconds for a whole http(s) file read (a URL list can be large)
+REMOTE_MAX_BYTES = 16 << 30
+_SPOOL_BYTES = 64 << 20  # http(s) files larger than this are held in a temporary file on disk
+
+
+def protocols(uri: str) -> list[str]:
+    """Every protocol of an fsspec URI, chained ones included (``zip://a::s3://b`` -> zip, s3)."""
+    found = []
+    for part in str(uri).split("::"):
+        scheme, sep, _ = part.partition("://")
+        found.append(scheme.lower() if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9+._-]*", scheme) else "file")
+    return found
+
+
+def is_http(uri: str) -> bool:
+    """An http(s) URL (``[::1]`` literals included): read with :func:`open` through the fetch guard."""
+    return re.match(r"(?i)https?://", str(uri)) is not None
+
+
+def check_protocols(uri: str, policy: FetchPolicy | None = None) -> None:
+    """Refuse a URI that fsspec would read over a network the guard does not cover."""
+    for protocol in ["http"] if is_http(uri) else protocols(uri):
+        if protocol in ("http", "https"):
+            raise RemoteReadRefused("unsupported_scheme", uri, "an http(s) location is read one file at a "
+                                    "time through the fetch guard; it cannot be listed, written or chained")
+        if protocol not in SAFE_PROTOCOLS and not (policy or deployment_policy()).allow_private_networks:
+            raise RemoteReadRefused("unsupported_scheme", uri, f"the {protocol}:// protocol is not guarded")
+
+
+def url_to_fs(uri: str, policy: FetchPolicy | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Split a URI into its filesystem and the path that filesystem understands.
+
+    Refuses http(s) and unguarded network protocols (:func:`check_protocols`) before fsspec
+    makes any request; ``policy`` defaults to the deployment's (the environment).
+    """
+    check_protocols(uri, policy)
     return fsspec.core.url_to_fs(uri)
+
+
+def open_url(url: str, policy: FetchPolicy | None = None, *, timeout: float = REMOTE_TIMEOUT,
+             max_bytes: int = REMOTE_MAX_BYTES, resolver: Resolver = socket.getaddrinfo) -> IO[bytes]:
+    """GET an http(s) file through the fetch guard; returns a seekable binary file of its body.
+
+    The same checks as image fetches: scheme, every address (after every redirect), the pinned
+    connection, no proxies, a wall-clock budget for the whole exchange and a size limit. The
+    body is read in full (to memory, or to disk past 64 MiB), so Parquet readers can seek.
+    Raises :class:`RemoteReadRefused` (a ValueError) when refused, FileNotFoundError on 404/410.
+    """
+    policy = policy or deployment_policy()
+    reason = literal_reason(url, policy)
+    if reason is not None:
+        raise RemoteReadRefused(reason, url, "refused before any connection")
+    request = urllib.request.Request(url, headers={"User-Agent": "imagen-pipeline"})
+    request.deadline = time.monotonic() + timeout
+    out = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)  # noqa: SIM115 - returned open
+    try:
+        with build_opener(policy, resolver).open(request, timeout=timeout) as r:
+            length = r.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise RemoteReadRefused("response_too_large", url, f"Content-Length {length} > {max_bytes} bytes")
+            while chunk := r.read(1 << 20):
+                if out.tell() + len(chunk) > max_bytes:
+                    raise RemoteReadRefused("response_too_large", url, f"body over {max_bytes} bytes")
+                out.write(chunk)
+    except BaseException as err:
+        out.close()
+        if isinstance(err, RemoteReadRefused):
+            raise
+        if isinstance(err, FetchRejected):
+            raise RemoteReadRefused(err.reason, url, str(err).split(": ", 1)[1]) from None
+        if isinstance(err, urllib.error.HTTPError):
+            error = FileNotFoundError if err.code in (404, 410) else OSError
+            raise error(f"{url}: HTTP {err.code} {err.reason}") from None
+        if isinstance(err, OSError):  # timeouts, refused connections, DNS: name the URL
+            raise OSError(f"{url}: {getattr(err, 'reason', None) or err}") from None
+        raise
+    out.seek(0)
+    return out
 
 
 def _to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -41,13 +146,25 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
-def open(uri: str, mode: str = "rb", **kwargs: Any) -> IO:
+def open(uri: str, mode: str = "rb", *, policy: FetchPolicy | None = None, **kwargs: Any) -> IO:
     """Open a file on any fsspec filesystem; use as a context manager.
 
-    Shadows the builtin on purpose: callers write ``storage.open(uri)``.
+    Shadows the builtin on purpose: callers write ``storage.open(uri)``. An http(s) file is read
+    (``"rb"``/``"r"``, ``compression=``, ``encoding=``) through the fetch guard under ``policy``
+    (default: the deployment's, :func:`pipeline.fetch_guard.deployment_policy`).
     """
-    fs, path = url_to_fs(uri)
-    return fs.open(path, mode, **kwargs)
+    if not is_http(uri):
+        fs, path = url_to_fs(uri, policy)
+        return fs.open(path, mode, **kwargs)
+    if mode not in ("rb", "r"):
+        raise ValueError(f"{uri}: http(s) locations are read-only (mode {mode!r})")
+    f = open_url(uri, policy)
+    compression = kwargs.pop("compression", None)
+    if compression == "infer":
+        compression = fsspec.utils.infer_compression(uri)
+    if compression:
+        f = fsspec.compression.compr[compression](f, mode="rb")
+    return io.TextIOWrapper(f, encoding=kwargs.get("encoding") or "utf-8") if mode == "r" else f
 
 
 def exists(uri: str) -> bool:

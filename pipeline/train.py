@@ -51,6 +51,7 @@ class TrainJob:
     parallel: str = "ddp"  # ddp | fsdp
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the U-Net (see bench/train.py: slower on the CPU here)
     checkpoint_every: int | None = None
     keep_checkpoints: int | None = None
     log_every: int | None = None
@@ -171,6 +172,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the U-Net (pays a compile of a minute or more; on GPUs for long runs)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--keep-checkpoints", type=int, help="how many step-N dirs to keep")
     p.add_argument("--log-every", type=int, help="steps between metric logs")

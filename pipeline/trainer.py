@@ -62,7 +62,11 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.wrapped = parallelize(model, job.parallel, world)
-        self.ema = EMA(model, self.tc.ema_decay, self.tc.ema_start)  # after sharding: shards' EMA
+        if job.compile:
+            # after DDP/FSDP wrapping, as PyTorch recommends; weights and checkpoints stay those
+            # of ``model`` (no _orig_mod prefix)
+            self.wrapped = torch.compile(self.wrapped)
+        self.ema = EMA(model, cfg.ema())  # after sharding: shards' EMA
         self.optimizer = build_optimizer(job.optimizer, model.parameters(), self.tc.lr, self.tc.weight_decay)
         gen = torch.Generator().manual_seed(self.tc.seed * 1000 + rank)
         self.state = ckpt.TrainState(model, self.ema, self.optimizer, gen, cfg, metadata,
@@ -202,6 +206,7 @@ class Trainer:
     def _log(self, loss: float, grad_norm: float, steps: int, dt: float, wait: float) -> None:
         images = steps * self.tc.batch_size * self.tc.grad_accum * self.world
         metrics = {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                   "ema_decay": self.ema.decay_at(self.step),  # per-step effective decay
                    "images_per_s": images / dt, "step_time_s": dt / steps, "data_wait_fraction": wait / dt}
         self.tracker.log_metrics(metrics, self.step)
         if self.rank == 0:

@@ -31,10 +31,12 @@ FAST_RECOVERY = {
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory, mlflow_uri):
+def services(tmp_path_factory, mlflow_uri, tiny_dataset):
     home = str(tmp_path_factory.mktemp("airflow-home"))
+    # The fetch guard's exemption is the deployment's (no trigger-form Param): the tiny image server.
+    guard = {"IMAGEN_ALLOW_HOSTS": f"127.0.0.1:{tiny_dataset.port}", "IMAGEN_ALLOW_PRIVATE_NETWORKS": "0"}
     with airflow_services(home, gpu_slots=3, parallelism=3,
-                          env={"MLFLOW_TRACKING_URI": mlflow_uri, **FAST_RECOVERY}) as af:
+                          env={"MLFLOW_TRACKING_URI": mlflow_uri, **FAST_RECOVERY, **guard}) as af:
         af.wait_for_dag("imagen_full")
         af.cli("dags", "unpause", "imagen_full")
         yield af
@@ -43,7 +45,7 @@ def services(tmp_path_factory, mlflow_uri):
 @pytest.fixture(scope="module")
 def conf(tiny_dataset, tiny_encoder_dir, tmp_path_factory):
     return {"root": str(tmp_path_factory.mktemp("data")), "url_list": tiny_dataset.urls,
-            "encoder": tiny_encoder_dir, "allow_private_networks": True,
+            "encoder": tiny_encoder_dir,
             "max_steps": 10, "filtered_shard_size": 50, "embed_shards_per_task": 2,
             "model_prefix": "svc", "stages": list(STAGES)}
 

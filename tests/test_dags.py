@@ -131,6 +131,18 @@ def test_params_reject_bad_values(common):
     assert defaults["stages"] == STAGES and defaults["launcher"] == "local"
 
 
+def test_private_networks_are_not_a_trigger_form_switch(common):
+    # Which private networks the fetch guard lets through is the deployment's
+    # (IMAGEN_ALLOW_PRIVATE_NETWORKS / IMAGEN_ALLOW_HOSTS in the services' environment): anyone
+    # who may trigger a run must not be able to turn the guard off.
+    for params in (common.data_params(), common.full_params(), common.stage_params(), common.embed_params()):
+        assert not [name for name in params if "private" in name or "allow" in name]
+    for name in os.listdir(DAGS):
+        if name.endswith(".py"):
+            with open(os.path.join(DAGS, name)) as f:
+                assert "allow_private_networks" not in f.read(), name
+
+
 def test_stage_and_preset_names_come_from_the_model_library(common):
     from imagen.config import PRESETS
     from imagen.config import STAGES as LIB_STAGES

@@ -5,6 +5,7 @@ HF_HUB_OFFLINE=1 python -m pytest tests/test_embed.py -q
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -108,11 +109,12 @@ def test_embed_writes_one_parquet_per_shard(tmp_path, t5_dir, shards):
     assert table.column("__key__").to_pylist() == tar_keys
     # Each row records where its image lies in the tar: those bytes are exactly the PNG.
     with tarfile.open(data / "000001.tar") as tar, open(data / "000001.tar", "rb") as fh:
-        for key, ext, offset, size in zip(*(table.column(c).to_pylist() for c in
-                                           ("__key__", "image_ext", "image_offset", "image_size")),
-                                         strict=True):  # fmt: skip
+        for key, ext, offset, size, digest in zip(*(table.column(c).to_pylist() for c in
+                                                   ("__key__", "image_ext", "image_offset", "image_size",
+                                                    "image_sha256")), strict=True):  # fmt: skip
             fh.seek(offset)
             assert ext == "png" and fh.read(size) == tar.extractfile(f"{key}.png").read()
+            assert digest == hashlib.sha256(tar.extractfile(f"{key}.png").read()).digest()
     meta = read_metadata(str(Path(out["output"]) / "000001.parquet"))
     assert meta == {
         "encoder_id": enc.encoder_id,
@@ -120,9 +122,10 @@ def test_embed_writes_one_parquet_per_shard(tmp_path, t5_dir, shards):
         "max_length": 16,
         "dtype": "float32",
         "storage_dtype": "float16",
-        "code_version": "embed-v3",
+        "code_version": "embed-v4",
         "source_shard": "000001.tar",
         "source_size": (data / "000001.tar").stat().st_size,
+        "source_sha256": hashlib.sha256((data / "000001.tar").read_bytes()).hexdigest(),
         "dim": 32,
         "num_samples": 6,
         "tar_samples": 6,

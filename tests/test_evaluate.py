@@ -143,10 +143,11 @@ def test_evaluate_cascade_scores_super_resolution(setup, mlflow_uri, tmp_path):
     out = evaluate(ckpts, attributes=setup["attributes"], steps=2, tracking_uri=mlflow_uri,
                    fid_weights=fid_weights, output=str(tmp_path / "eval"))
     m = out["metrics"]
-    # bicubic baseline: the rendered references, down to 32 and back up to 64, by hand
+    # bicubic baseline: the rendered references, down to 32 by area averaging (as the loader makes
+    # an SR stage's input) and back up to 64 with bicubic, by hand
     refs = metrics.render_references(SPECS, 64, seed=0)
     up = np.stack([np.asarray(Image.fromarray(np.asarray(Image.fromarray(r).resize(
-        (32, 32), Image.Resampling.BICUBIC))).resize((64, 64), Image.Resampling.BICUBIC)) for r in refs])
+        (32, 32), Image.Resampling.BOX))).resize((64, 64), Image.Resampling.BICUBIC)) for r in refs])
     mse = ((up.astype(np.float64) - refs) ** 2).reshape(4, -1).mean(1) / 255.0**2
     assert m["sr256/psnr_bicubic"] == pytest.approx(float(np.mean(10 * np.log10(1 / mse))), abs=1e-3)
     assert 0 < m["sr256/ssim_bicubic"] <= 1 and np.isfinite(m["sr256/psnr"])

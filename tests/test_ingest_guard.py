@@ -7,6 +7,7 @@ refuse before any connection; every real request goes to 127.0.0.1.
 from __future__ import annotations
 
 import io
+import ipaddress
 import socket
 import time
 
@@ -15,6 +16,7 @@ from ingest_server import IngestServer, decompression_bomb
 from PIL import Image
 
 from pipeline.fetch_guard import (
+    REFUSAL_REASONS,
     FetchPolicy,
     FetchRejected,
     address_reason,
@@ -39,16 +41,69 @@ def _png(size=(80, 80)) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("address, reason", [
-    ("127.0.0.1", "loopback_address"), ("127.8.9.10", "loopback_address"), ("::1", "loopback_address"),
-    ("::ffff:127.0.0.1", "loopback_address"), ("10.1.2.3", "private_address"), ("172.16.0.1", "private_address"),
-    ("192.168.1.1", "private_address"), ("100.64.0.1", "private_address"), ("fd00::1", "private_address"),
-    ("169.254.169.254", "link_local_address"), ("fe80::1%eth0", "link_local_address"),
-    ("224.0.0.1", "multicast_address"), ("0.0.0.0", "reserved_address"), ("192.0.2.1", "reserved_address"),
-    ("93.184.216.34", None), ("8.8.8.8", None), ("2606:4700::1111", None),
-])
+# One or more addresses per range of IANA's IPv4 special-purpose registry that is not globally
+# reachable, the range's edges where a neighbour is public, and public addresses.
+IPV4_CASES = [
+    ("0.0.0.0", "reserved_address"), ("0.1.2.3", "reserved_address"),  # this network
+    ("10.0.0.1", "private_address"), ("10.255.255.254", "private_address"),
+    ("100.64.0.1", "private_address"), ("100.127.255.254", "private_address"), ("100.128.0.1", None),  # CGN
+    ("127.0.0.1", "loopback_address"), ("127.8.9.10", "loopback_address"),
+    ("169.254.169.254", "link_local_address"), ("169.254.0.1", "link_local_address"),
+    ("172.16.0.1", "private_address"), ("172.31.255.254", "private_address"), ("172.32.0.1", None),
+    ("192.0.0.1", "reserved_address"), ("192.0.0.170", "reserved_address"),  # IETF protocol assignments
+    ("192.0.2.1", "reserved_address"), ("198.51.100.7", "reserved_address"), ("203.0.113.9", "reserved_address"),
+    ("192.88.99.1", "reserved_address"),  # 6to4 relay anycast
+    ("192.168.1.1", "private_address"),
+    ("198.18.0.1", "reserved_address"), ("198.19.255.254", "reserved_address"), ("198.20.0.1", None),
+    ("224.0.0.1", "multicast_address"), ("239.255.255.250", "multicast_address"),
+    ("240.0.0.1", "reserved_address"), ("255.255.255.255", "reserved_address"),
+    ("93.184.216.34", None), ("8.8.8.8", None), ("1.1.1.1", None),
+]
+IPV6_CASES = [
+    ("::", "reserved_address"), ("::1", "loopback_address"), ("64:ff9b:1::1", "reserved_address"),
+    ("100::1", "reserved_address"), ("2001:2::1", "reserved_address"), ("2001:1ff::1", "reserved_address"),
+    ("2001:200::1", None), ("2001:db8::1", "reserved_address"), ("3fff::1", "reserved_address"),
+    ("5f00::1", "reserved_address"), ("fc00::1", "private_address"), ("fd12:3456::1", "private_address"),
+    ("fe80::1%eth0", "link_local_address"), ("febf::1", "link_local_address"),
+    ("fec0::1", "private_address"), ("feff::1", "private_address"),  # site-local
+    ("ff02::1", "multicast_address"), ("ff0e::1", "multicast_address"),
+    ("2606:4700::1111", None), ("2a00:1450:4001::1", None),
+]
+TEREDO_SERVER = ipaddress.IPv4Address("65.54.227.120")  # public
+
+
+def _embeddings(v4: str) -> dict[str, str]:
+    """The IPv6 forms that carry ``v4``: mapped, compatible, NAT64, 6to4, Teredo (as the client)."""
+    n = int(ipaddress.IPv4Address(v4))
+    teredo = (0x20010000 << 96) | (int(TEREDO_SERVER) << 64) | (0x8000 << 48) | (0x63BF << 32) | (n ^ 0xFFFFFFFF)
+    return {"mapped": f"::ffff:{v4}", "compatible": f"::{v4}", "nat64": f"64:ff9b::{v4}",
+            "6to4": str(ipaddress.IPv6Address((0x2002 << 112) | (n << 80) | 1)),
+            "teredo": str(ipaddress.IPv6Address(teredo))}
+
+
+@pytest.mark.parametrize("address, reason", IPV4_CASES + IPV6_CASES)
 def test_address_reason(address, reason):
     assert address_reason(address) == reason
+
+
+@pytest.mark.parametrize("address, reason", [c for c in IPV4_CASES if c[0] not in ("0.0.0.0", "0.0.0.1")])
+def test_ipv4_embedded_in_ipv6_is_checked_as_ipv4(address, reason):
+    forms = _embeddings(address)
+    assert ipaddress.IPv6Address(forms["teredo"]).teredo[1] == ipaddress.IPv4Address(address)
+    assert ipaddress.IPv6Address(forms["6to4"]).sixtofour == ipaddress.IPv4Address(address)
+    # Mapped, NAT64 and 6to4 reach exactly the embedded host: they stand or fall with it.
+    for form in ("mapped", "nat64", "6to4"):
+        assert address_reason(forms[form]) == reason, (form, forms[form])
+    # IPv4-compatible (deprecated) and Teredo (2001::/23) are refused whatever they carry; a
+    # refused IPv4 names the reason.
+    for form in ("compatible", "teredo"):
+        assert address_reason(forms[form]) == (reason or "reserved_address"), (form, forms[form])
+
+
+def test_every_refusal_reason_is_a_stable_one():
+    for address, _ in IPV4_CASES + IPV6_CASES:
+        for form in [address, *(_embeddings(address).values() if "." in address else ())]:
+            assert address_reason(form) in (None, *REFUSAL_REASONS)
 
 
 @pytest.mark.parametrize("url, policy, reason", [

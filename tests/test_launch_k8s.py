@@ -37,10 +37,17 @@ def sr256_job() -> TrainJob:
                     resume="latest", run_name="sr256-sr256-0123456789ab")
 
 
+@pytest.fixture(autouse=True)
+def deployment(monkeypatch):
+    """The allowlists a deployment sets in the Airflow services' environment."""
+    monkeypatch.setenv("IMAGEN_K8S_IMAGES", "registry.example.com/imagen-pipeline:*, img:1")
+    monkeypatch.setenv("IMAGEN_K8S_VOLUME_CLAIMS", "imagen-data,scratch")
+    monkeypatch.setenv("IMAGEN_K8S_MLFLOW_TRACKING_URI", "http://mlflow.ml.svc:5000")
+
+
 def render(**kw):
     opts = {"image": "registry.example.com/imagen-pipeline:0.1.0", "namespace": "ml",
-            "env": {"MLFLOW_TRACKING_URI": "http://mlflow.ml.svc:5000"}, "volume_claim": "imagen-data",
-            "mount_path": "/data", **kw}
+            "volume_claim": "imagen-data", "mount_path": "/data", **kw}
     return launch.render_trainjob(sr256_job(), 4, 8, **opts)
 
 
@@ -65,7 +72,7 @@ def test_trainjob_runs_the_local_command_on_every_node():
 
 
 def test_trainjob_is_valid_against_the_trainer_api_models():
-    for manifest in (render(), render(volume_claim=None, env=None)):
+    for manifest in (render(), render(volume_claim=None)):
         model = trainer_models.TrainerV1alpha1TrainJob.from_dict(manifest)
         # from_dict drops unknown keys and strict types reject wrong ones: a round trip that
         # gives back the same dict means every field is known and well typed.
@@ -102,13 +109,93 @@ def test_trainjob_name_is_a_dns_label_stable_per_checkpoint_dir():
 
 
 def test_kubernetes_launcher_rejects_unknown_options():
-    with pytest.raises(TypeError, match="launcher 'kubernetes' does not take these options.*gpus"):
+    with pytest.raises(ValueError, match=r"unknown keys \['gpus'\]; allowed: image, namespace"):
         launch.make_launcher("kubernetes", image="img:1", gpus=8)
 
 
 def test_kubernetes_launcher_needs_an_image():
-    with pytest.raises(ValueError, match="needs an image.*infra/Dockerfile"):
-        launch.make_launcher("kubernetes").launch(sr256_job(), 1, 1)
+    with pytest.raises(ValueError, match="needs an image.*infra/Dockerfile.*IMAGEN_K8S_IMAGES"):
+        launch.make_launcher("kubernetes")
+
+
+# --- launcher_options: a schema and the deployment's allowlists ------------------------------
+
+@pytest.mark.parametrize("options, error", [
+    ({"image": "evil.example.com/miner:latest"}, r"image 'evil.example.com/miner:latest' is not allowed "
+                                                 r"\(allowed: registry.example.com/imagen-pipeline:\*, img:1\)"),
+    ({"image": "registry.example.com/imagen-pipeline-evil:1"}, "is not allowed"),
+    ({"env": {"LD_PRELOAD": "/data/x.so"}}, r"unknown keys \['env'\]"),
+    ({"volumes": [{"hostPath": {"path": "/"}}]}, r"unknown keys \['volumes'\]"),
+    ({"volume_claim": "someone-elses-data"}, "volume_claim 'someone-elses-data' is not allowed.*IMAGEN_K8S_VOLUME"),
+    ({"mount_path": "/"}, "mount_path='/' is not a valid mount_path"),
+    ({"mount_path": "/etc"}, "mount_path='/etc' is not a valid mount_path.*not / or a system directory"),
+    ({"mount_path": "/opt/imagen"}, "mount_path='/opt/imagen' is not a valid mount_path"),
+    ({"mount_path": "/usr/local/lib"}, "is not a valid mount_path"),
+    ({"mount_path": "/data/x"}, None),  # fine
+    ({"mount_path": "/optical"}, None),
+    ({"mount_path": "/data/../etc"}, "is not a valid mount_path"),
+    ({"mount_path": "data"}, "is not a valid mount_path"),
+    ({"namespace": "kube-system; rm"}, "namespace='kube-system; rm' is not a valid namespace"),
+    ({"gpu_resource": "memory"}, "is not a valid gpu_resource"),
+    ({"cpu": 8}, "cpu must be string, got 8"),
+    ({"poll_seconds": True}, "poll_seconds must be number"),
+    ({"poll_seconds": 0}, r"poll_seconds=0 is out of \[1, 3600\]"),
+])
+def test_render_refuses_what_the_deployment_did_not_allow(options, error):
+    if error is None:
+        assert render(**options)["spec"]["runtimePatches"]
+        return
+    with pytest.raises(ValueError, match=error) as caught:
+        render(**options)
+    assert "\n" not in str(caught.value)  # one line
+    with pytest.raises(ValueError, match=error):
+        launch.make_launcher("kubernetes", **{"image": "img:1", **options})
+
+
+def test_no_image_is_allowed_without_the_deployment_allowlist(monkeypatch):
+    monkeypatch.delenv("IMAGEN_K8S_IMAGES")
+    with pytest.raises(ValueError, match=r"image 'img:1' is not allowed \(the deployment allows none\).*"
+                                         r"IMAGEN_K8S_IMAGES"):
+        render(image="img:1")
+    monkeypatch.setenv("IMAGEN_K8S_IMAGES", "img:1")
+    monkeypatch.delenv("IMAGEN_K8S_VOLUME_CLAIMS")
+    with pytest.raises(ValueError, match="volume_claim 'imagen-data' is not allowed"):
+        render(image="img:1")
+    assert "runtimePatches" not in render(image="img:1", volume_claim=None)["spec"]  # no volume: fine
+
+
+def test_pod_env_comes_from_the_deployment_only(monkeypatch):
+    env = {e["name"]: e["value"] for e in render()["spec"]["trainer"]["env"]}
+    assert env == {"MLFLOW_TRACKING_URI": "http://mlflow.ml.svc:5000", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    monkeypatch.delenv("IMAGEN_K8S_MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")  # the Airflow worker's own
+    assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow:5000"} in render()["spec"]["trainer"]["env"]
+
+
+def test_run_stage_takes_only_schema_fields(tmp_path):
+    for options in ({"api": "x"}, {"sleep": 0}, ["image"]):
+        with pytest.raises(ValueError, match="launcher_options"):
+            launch.run_stage(root=str(tmp_path), stage="base64", preset="tiny", data=str(tmp_path),
+                             embeddings=str(tmp_path), max_steps=1, launcher="kubernetes",
+                             launcher_options=options)
+    with pytest.raises(TypeError, match="launcher 'local' does not take these options"):
+        launch.run_stage(root=str(tmp_path), stage="base64", preset="tiny", data=str(tmp_path),
+                         embeddings=str(tmp_path), max_steps=1, launcher_options={"image": "img:1"})
+
+
+def test_param_schema_refuses_what_render_refuses():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = launch.launcher_options_schema()
+    jsonschema.Draft7Validator.check_schema(schema)
+    valid = jsonschema.Draft7Validator(schema)
+    good = {"image": "registry.example.com/imagen-pipeline:0.1.0", "namespace": "ml", "runtime": "torch-distributed",
+            "gpu_resource": "nvidia.com/gpu", "cpu": "8", "memory": "64Gi", "volume_claim": "imagen-data",
+            "mount_path": "/data", "poll_seconds": 30, "timeout_seconds": 3600}
+    assert valid.is_valid(good) and valid.is_valid({}) and valid.is_valid({"volume_claim": None})
+    for bad in ({"env": {"LD_PRELOAD": "x"}}, {"image": 1}, {"mount_path": "/"}, {"mount_path": "data"},
+                {"volume_claim": "a b"}, {"poll_seconds": "1"}, {"gpu_resource": "memory"}):
+        assert not valid.is_valid(bad), bad
+    assert render(**good)["spec"]["trainer"]["image"] == good["image"]
 
 
 def status(kind):
@@ -118,7 +205,7 @@ def status(kind):
 
 
 def k8s_launcher(api):
-    return launch.make_launcher("kubernetes", image="img:1", namespace="ml", api=api, poll_seconds=0,
+    return launch.make_launcher("kubernetes", image="img:1", namespace="ml", api=api, poll_seconds=1,
                                 sleep=lambda s: None)
 
 

@@ -240,3 +240,59 @@ def test_registering_the_same_checkpoints_again_reuses_the_version(reg, tmp_path
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert not out["reused"] and int(out["version"]) == int(rewritten["version"]) + 1
     assert len(client.search_model_versions(f"name='{name}'")) == 5
+
+
+@pytest.mark.slow
+def test_register_refuses_a_checkpoint_not_made_from_its_runs_embeddings(reg, tmp_path, capsys):
+    """The encoder id a checkpoint records must be the one its training run logged from the
+    embeddings (params are immutable): an edited config.json is refused."""
+    client = reg["client"]
+    stage = make_stage(str(tmp_path), "base64", reg["encoder"], seed=4)
+    exp = client.get_experiment_by_name("reg-test")
+    run = client.create_run(exp.experiment_id, tags={"checkpoint": os.path.abspath(stage)})
+    client.log_param(run.info.run_id, "encoder_id", T5TextEncoder(reg["other"]).encoder_id)
+    line = one_error_line(capsys, ["register", "--checkpoint", stage, "--name", "reg-test-mismatch",
+                                   "--tracking-uri", reg["uri"]])
+    assert f"{stage}/config.json records text encoder t5@sha256:" in line
+    assert f"its training run {run.info.run_id} was made with t5-other@sha256:" in line
+
+
+@pytest.mark.slow
+def test_hub_encoder_names_are_not_taken_from_a_checkpoint_alone(reg, tmp_path, capsys):
+    import mlflow
+
+    client, uri = reg["client"], ["--tracking-uri", reg["uri"]]
+    stage = make_stage(str(tmp_path), "base64", reg["encoder"], seed=5)
+    with open(os.path.join(stage, "config.json")) as f:
+        doc = json.load(f)
+    doc["metadata"].update(encoder_name="acme/t5-hub", encoder_id="acme/t5-hub@main")
+    with open(os.path.join(stage, "config.json"), "w") as f:
+        json.dump(doc, f)
+    argv = ["register", "--checkpoint", stage, "--name", "reg-test-hub", *uri]
+    line = one_error_line(capsys, argv)
+    assert "names the hub text encoder 'acme/t5-hub', which no training run on this tracking server " \
+           "confirms: pass --encoder acme/t5-hub" in line
+    line = one_error_line(capsys, [*argv, "--encoder", "other/t5"])  # the user's name must fit too
+    assert "trained on text encoder acme/t5-hub@main, but the encoder given is other/t5@main" in line
+
+    from pipeline.cli import main
+
+    assert main([*argv, "--encoder", "acme/t5-hub"]) == 0  # named by the user: registered by name
+    version = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["version"]
+    source = client.get_model_version("reg-test-hub", version).source
+    mlflow.set_tracking_uri(reg["uri"])
+    config = mlflow.models.get_model_info(source).flavors["python_function"]["config"]
+    assert config == {"encoder_name": "acme/t5-hub"}
+    capsys.readouterr()  # get_model_info's download bar
+    # sample downloads a hub encoder only when the user names it
+    line = one_error_line(capsys, ["sample", "x", "--model", "models:/reg-test-hub@challenger", "--output",
+                                   str(tmp_path / "x.png"), "--no-progress", *uri])
+    assert line.endswith("names the hub text encoder acme/t5-hub and holds no local copy: pass --encoder "
+                         "acme/t5-hub to download it from the hub, or --encoder DIR with a local copy")
+
+    # a training run that logged the same hub name and id confirms it
+    exp = client.get_experiment_by_name("reg-test")
+    run = client.create_run(exp.experiment_id, tags={"checkpoint": os.path.abspath(stage)})
+    client.log_param(run.info.run_id, "encoder_name", "acme/t5-hub")
+    client.log_param(run.info.run_id, "encoder_id", "acme/t5-hub@main")
+    assert main([*argv, "--new-version"]) == 0
