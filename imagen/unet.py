@@ -263,6 +263,12 @@ class UNet(nn.Module):
                 self.upsample.append(_upsample(ch, prev))
             else:
                 self.upsample.append(nn.Identity())
+        if cfg.efficient:
+            # No residual block runs at full resolution, so the stem's full-resolution features
+            # (the noisy image and the upsampled low-res input) skip to the output conv, as
+            # imagen-pytorch's init_conv_to_final_conv_residual does: without it the prediction
+            # would only carry detail the half-resolution levels kept.
+            prev += cfg.channels
         self.out = nn.Sequential(nn.GroupNorm(_groups(prev, cfg.num_groups), prev), nn.SiLU(),
                                  nn.Conv2d(prev, cfg.out_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
@@ -304,7 +310,7 @@ class UNet(nn.Module):
         if self.aug_embed is not None:
             cond = cond + self.aug_embed(lowres_t)
 
-        h = self.stem(x)
+        h = stem = self.stem(x)
         skips = []
         for i, level in enumerate(self.down):
             if cfg.efficient:
@@ -318,4 +324,6 @@ class UNet(nn.Module):
             h = torch.cat([h, skips.pop() * self.skip_scale], dim=1)
             h = level(h, cond, text, mask)
             h = upsample(h)  # Efficient U-Net: upsample after the convs, level 0 included
+        if cfg.efficient:
+            h = torch.cat([h, stem * self.skip_scale], dim=1)
         return self.out(h)

@@ -179,7 +179,8 @@ def lineage_tags(checkpoints: list[str], cfgs, metas, runs, encoder_id, encoder_
     for ckpt, cfg, meta, run in zip(checkpoints, cfgs, metas, runs, strict=True):
         s = cfg.stage
         tags[f"{s}.dataset_manifest_sha256"] = manifest_sha256(ckpt, meta, run)
-        tags[f"{s}.config"] = json.dumps(cfg.to_dict(), separators=(",", ":"), sort_keys=True)
+        # short facts only: the whole config.json of each stage is in the model's artifacts
+        tags[f"{s}.preset"] = f"{cfg.preset} ({cfg.image_size} px)"
         tags[f"{s}.checkpoint"] = os.path.abspath(ckpt)
         tags[f"{s}.step"] = str(meta.get("step", "unknown"))
         tags[f"{s}.training_run"] = run.info.run_id if run is not None else "unknown"
@@ -188,6 +189,27 @@ def lineage_tags(checkpoints: list[str], cfgs, metas, runs, encoder_id, encoder_
     hashes = {v for k, v in tags.items() if k.endswith(".dataset_manifest_sha256")}
     tags["dataset_manifest_sha256"] = hashes.pop() if len(hashes) == 1 else "mixed"
     return tags
+
+
+def describe_version(cfgs, metas, encoder_name, tags: dict[str, str], eval_metrics: dict[str, float],
+                     eval_run) -> str:
+    """The version page's description (markdown): what the stages are, what they were trained
+    on, their evaluation, and where the sample grids and full configs are."""
+    lines = ["| stage | preset | size | step | training run |", "|---|---|---|---|---|"]
+    for cfg, meta in zip(cfgs, metas, strict=True):
+        size = f"{cfg.lowres_size} -> {cfg.image_size}" if cfg.lowres_size else str(cfg.image_size)
+        lines.append(f"| {cfg.stage} | {cfg.preset} | {size} px | {meta.get('step', '?')} | "
+                     f"`{tags.get(f'{cfg.stage}.training_run', '?')}` |")
+    lines += ["", f"Text encoder: `{encoder_name}` (`{tags.get('encoder_id')}`); data manifest sha256 "
+              f"`{tags.get('dataset_manifest_sha256', '?')[:16]}`."]
+    if eval_metrics:
+        shown = sorted(eval_metrics.items())[:12]
+        lines += ["", "Evaluation: " + ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in shown) + "."]
+    if eval_run is not None:
+        lines += ["", f"Sample grids: artifacts `eval/*.png` of run `{eval_run.info.run_id}`."]
+    lines += ["", "Each stage's full `config.json` and weights are in this model's artifacts "
+              "(`stage_N/`); it loads with `imagen-pipeline sample --model models:/NAME/VERSION`."]
+    return "\n".join(lines)
 
 
 def check_trained_encoder(checkpoint: str, cfg, meta: dict, run) -> None:
@@ -380,6 +402,8 @@ def register(
     # The version is created with its tags in one call: a version without the source tag (a
     # crash between two calls) would be registered again by the next run.
     version = str(mlflow.register_model(info.model_uri, name, tags=model_tags).version)
+    client.update_model_version(name, version, description=describe_version(
+        cfgs, metas, encoder_name, model_tags, eval_metrics, eval_run))
     return _set_aliases(client, name, version, alias, run.info.run_id, eval_metrics, promote, promote_on,
                         reused=False)
 

@@ -114,6 +114,22 @@ class RunLogger:
     def log_image(self, image: Any, key: str, step: int) -> None:
         self._call("log_image", image, key=key, step=step)
 
+    def log_dataset(self, uri: str, name: str, digest: str, context: str = "training") -> None:
+        """Record ``uri`` (the filtered shards) as this run's dataset input: the runs table's
+        Datasets column shows ``name`` and ``digest`` (the manifest's sha256), so runs trained on
+        the same data line up. Metadata only; nothing is uploaded."""
+        if not self.enabled:
+            return
+        try:
+            import mlflow
+            from mlflow.data.dataset_source_registry import resolve_dataset_source
+            from mlflow.data.meta_dataset import MetaDataset
+
+            dataset = MetaDataset(resolve_dataset_source(uri), name=name, digest=digest[:16])
+            mlflow.log_input(dataset, context=context)
+        except Exception as e:  # noqa: BLE001
+            self._warn(f"MLflow log_input failed ({e}); skipped")
+
     def set_tags(self, tags: dict[str, str]) -> None:
         self._call("set_tags", tags)
 

@@ -97,6 +97,9 @@ class Trainer:
                                      "optimizer": job.optimizer, "parallel": job.parallel,
                                      **self.data_counts})
             self.tracker.log_dict(cfg.to_dict(), "config.json")
+            if metadata["manifest_sha256"]:
+                data_uri = job.data if "://" in job.data else os.path.abspath(job.data)
+                self.tracker.log_dataset(data_uri, "filtered-shards", metadata["manifest_sha256"])
         self.state.metadata["mlflow_run_id"] = self.tracker.run_id
         self.batches = iter(loader)
         self.val_batch = self._validation_batch() if rank == 0 and self.tc.sample_every else None

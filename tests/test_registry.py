@@ -85,7 +85,9 @@ def test_stage_model_carries_lineage_and_eval_metrics(reg):
     tags = mv.tags
     assert tags["encoder_id"] == T5TextEncoder(reg["encoder"]).encoder_id
     assert tags["dataset_manifest_sha256"] == reg["manifest_sha"] == tags["base64.dataset_manifest_sha256"]
-    assert json.loads(tags["base64.config"]) == json.loads(json.dumps(preset("tiny", "base64").to_dict()))
+    assert tags["base64.preset"] == f"tiny ({preset('tiny', 'base64').image_size} px)"
+    assert all(len(v) < 200 for v in tags.values())  # short facts, not a pasted config
+    assert "| base64 | tiny |" in mv.description and "Sample grids" in mv.description
     assert tags["base64.step"] == "7" and tags["base64.training_run"] == reg["train_run"]
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                           cwd=os.path.dirname(__file__)).stdout.strip()

@@ -134,6 +134,10 @@ def test_metrics_params_and_grid_logged_to_mlflow(filtered_shards, tiny_embeddin
     assert 0 <= run.data.metrics["data_wait_fraction"] < 1
     artifacts = [a.path for a in client.list_artifacts(out["run_id"])]
     assert "config.json" in artifacts and "validation_prompts.json" in artifacts
+    # the filtered shards are the run's dataset input, named by the manifest's digest
+    (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
+    assert (dataset.name, dataset.digest) == ("filtered-shards", run.data.params["manifest_sha256"][:16])
+    assert "ema_decay" in run.data.metrics  # the warmed-up EMA decay, logged per step
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(filtered_shards, tiny_embeddings,
