@@ -133,12 +133,13 @@ def check_sr_evaluated(client) -> dict[str, float]:
     gains = {}
     experiments = [e.experiment_id for e in client.search_experiments()]
     for stage in STAGES[1:]:
+        psnr, bicubic = f"eval/{stage}/psnr", f"eval/{stage}/psnr_bicubic"  # as evaluate logs them
         runs = [r for r in client.search_runs(experiments, filter_string=f"tags.stage = '{stage}'")
-                if f"{stage}/psnr" in r.data.metrics]
-        if not runs or f"{stage}/psnr_bicubic" not in runs[0].data.metrics:
+                if psnr in r.data.metrics]
+        if not runs or bicubic not in runs[0].data.metrics:
             raise RuntimeError(f"{stage}: no PSNR against bicubic in its training run: was it evaluated?")
         m = runs[0].data.metrics
-        gains[stage] = round(m[f"{stage}/psnr"] - m[f"{stage}/psnr_bicubic"], 2)
+        gains[stage] = round(m[psnr] - m[bicubic], 2)
     print(f"SR stages evaluated: PSNR gain over bicubic (dB) {gains}")
     return gains
 
