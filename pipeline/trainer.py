@@ -65,7 +65,7 @@ class Trainer:
         if job.compile:
             # after DDP/FSDP wrapping, as PyTorch recommends; weights and checkpoints stay those
             # of ``model`` (no _orig_mod prefix)
-            self.wrapped = torch.compile(self.wrapped)
+            self.wrapped = torch.compile(self.wrapped, dynamic=False)  # symbolic text lengths fail in inductor 2.13
         self.ema = EMA(model, cfg.ema())  # after sharding: shards' EMA
         self.optimizer = build_optimizer(job.optimizer, model.parameters(), self.tc.lr, self.tc.weight_decay)
         gen = torch.Generator().manual_seed(self.tc.seed * 1000 + rank)
