@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -136,7 +138,6 @@ def model_files(model: str, progress: bool = True) -> Iterator[ModelFiles]:
     if "://" not in model and ":/" not in model and "@" not in model:
         raise FileNotFoundError(f"--model {model}: no such directory; give models:/NAME@ALIAS, "
                                 "models:/NAME/VERSION, an MLflow model folder or a stage weights directory")
-    from pipeline.registry import check_model_uri
 
     uri = check_model_uri(model)
     with tempfile.TemporaryDirectory(prefix="imagen-model-") as tmp:
@@ -218,7 +219,6 @@ def decode_images(column) -> Any:
 def predict_images(cascade, model_input, params: dict[str, Any] | None = None):
     """uint8 images [B, H, W, 3] for the prompts (and, for a model starting with an SR stage,
     the ``image`` column) of ``model_input``: what the pyfunc's predict and `sample` both run."""
-    from pipeline.registry import DEFAULT_PARAMS, StageBars, stage_options
 
     p = {**DEFAULT_PARAMS, **(params or {})}
     prompts = [str(x) for x in model_input["prompt"]]
@@ -237,3 +237,85 @@ def predict_images(cascade, model_input, params: dict[str, Any] | None = None):
     finally:
         if bars is not None:
             bars.close()
+
+
+# Sampling params of predict(); negative / zero / empty = the stage config's default.
+DEFAULT_PARAMS: dict[str, Any] = {
+    "seed": 0, "steps": 0, "guidance_scale": -1.0, "stages": 0, "sampler": "",
+    "stage_guidance": [-1.0], "stage_steps": [0], "progress": False,
+}
+
+
+class StageBars:
+    """One tqdm progress bar per cascade stage, on stderr (a ``Cascade`` progress callback)."""
+
+    def __init__(self) -> None:
+        self.stage, self.bar = None, None
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=f"sampling {stage}", unit="step", file=sys.stderr)
+        self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.stage, self.bar = None, None
+
+
+def stage_options(params: dict[str, Any], n: int) -> list:
+    """Per-stage StageOptions from predict params: stage_guidance[i] / stage_steps[i] when set
+    (>= 0 / > 0), else the scalar guidance_scale / steps when set, else the config's default."""
+    from imagen.cascade import StageOptions
+
+    per_w = [float(x) for x in params["stage_guidance"]]
+    per_s = [int(x) for x in params["stage_steps"]]
+    out = []
+    for i in range(n):
+        w = per_w[i] if i < len(per_w) and per_w[i] >= 0 else float(params["guidance_scale"])
+        steps = per_s[i] if i < len(per_s) and per_s[i] > 0 else int(params["steps"])
+        out.append(StageOptions(steps=steps if steps > 0 else None, guidance_scale=w if w >= 0 else None,
+                                sampler=params["sampler"] or None))
+    return out
+
+
+def check_model_uri(model_uri: str) -> str:
+    """Check that a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI names something in
+    the registry; LookupError in one line saying what exists instead. Returns the URI
+    (``NAME@ALIAS`` without the scheme is accepted)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if not model_uri.startswith("models:/") and "://" not in model_uri and "@" in model_uri:
+        model_uri = "models:/" + model_uri
+    if not model_uri.startswith("models:/"):
+        return model_uri  # a run or artifact URI: load_model reports on it
+    m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", model_uri)
+    if not m:
+        raise LookupError(f"{model_uri}: write models:/NAME@ALIAS (e.g. models:/imagen-cascade@champion) "
+                          "or models:/NAME/VERSION")
+    name, alias, version = m.groups()
+    where = mlflow.get_tracking_uri()
+    client = mlflow.MlflowClient()
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise LookupError(f"cannot read the registry at {where}: {e.message.splitlines()[0]}") from None
+        names = sorted(r.name for r in client.search_registered_models(max_results=50))
+        raise LookupError(f"no registered model {name!r} at {where}; registered models: "
+                          f"{', '.join(names) or 'none'}") from None
+    aliases = dict(model.aliases or {})
+    if alias is not None and alias not in aliases:
+        have = ", ".join(f"@{a} (v{v})" for a, v in sorted(aliases.items())) or "none"
+        raise LookupError(f"model {name!r} has no alias @{alias}; its aliases: {have}")
+    if version is not None:
+        try:
+            client.get_model_version(name, version)
+        except MlflowException:
+            raise LookupError(f"model {name!r} has no version {version}") from None
+    return model_uri

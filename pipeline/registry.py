@@ -37,7 +37,6 @@ import hashlib
 import json
 import os
 import pathlib
-import re
 import shutil
 import subprocess
 import sys
@@ -49,55 +48,21 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from pipeline.loading import ENCODER_ARTIFACT, stage_artifact
+# re-exported: sampling params, progress bars and model-URI checks live in pipeline.loading
+from pipeline.loading import (  # noqa: F401
+    DEFAULT_PARAMS,
+    ENCODER_ARTIFACT,
+    StageBars,
+    check_model_uri,
+    stage_artifact,
+    stage_options,
+)
 from pipeline.tracking import ensure_experiment, resolve_tracking_uri
 
-# Sampling params of predict(); negative / zero / empty = the stage config's default.
-DEFAULT_PARAMS: dict[str, Any] = {
-    "seed": 0, "steps": 0, "guidance_scale": -1.0, "stages": 0, "sampler": "",
-    "stage_guidance": [-1.0], "stage_steps": [0], "progress": False,
-}
 STAGE_MODEL_NAMES = {"base64": "imagen-base64", "sr256": "imagen-sr256", "sr1024": "imagen-sr1024"}
 CASCADE_MODEL_NAME = "imagen-cascade"
 SOURCE_TAG = "imagen.source"  # version tag: registration_key() of what the version was made from
 PYFUNC_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyfunc_model.py")
-
-
-class StageBars:
-    """One tqdm progress bar per cascade stage, on stderr (a ``Cascade`` progress callback)."""
-
-    def __init__(self) -> None:
-        self.stage, self.bar = None, None
-
-    def __call__(self, stage: str, step: int, total: int) -> None:
-        from tqdm import tqdm
-
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            self.bar = tqdm(total=total, desc=f"sampling {stage}", unit="step", file=sys.stderr)
-        self.bar.update(step - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        self.stage, self.bar = None, None
-
-
-def stage_options(params: dict[str, Any], n: int) -> list:
-    """Per-stage StageOptions from predict params: stage_guidance[i] / stage_steps[i] when set
-    (>= 0 / > 0), else the scalar guidance_scale / steps when set, else the config's default."""
-    from imagen.cascade import StageOptions
-
-    per_w = [float(x) for x in params["stage_guidance"]]
-    per_s = [int(x) for x in params["stage_steps"]]
-    out = []
-    for i in range(n):
-        w = per_w[i] if i < len(per_w) and per_w[i] >= 0 else float(params["guidance_scale"])
-        steps = per_s[i] if i < len(per_s) and per_s[i] > 0 else int(params["steps"])
-        out.append(StageOptions(steps=steps if steps > 0 else None, guidance_scale=w if w >= 0 else None,
-                                sampler=params["sampler"] or None))
-    return out
 
 
 class ImagenPyfunc(mlflow.pyfunc.PythonModel):
@@ -460,43 +425,6 @@ def promote(name: str, version: str | None = None, from_alias: str = "challenger
         check_model_uri(f"models:/{name}/{version}")
     client.set_registered_model_alias(name, to_alias, str(version))
     return {"name": name, "version": str(version), "alias": to_alias, "uri": f"models:/{name}@{to_alias}"}
-
-
-def check_model_uri(model_uri: str) -> str:
-    """Check that a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI names something in
-    the registry; LookupError in one line saying what exists instead. Returns the URI
-    (``NAME@ALIAS`` without the scheme is accepted)."""
-    from mlflow.exceptions import MlflowException
-
-    if not model_uri.startswith("models:/") and "://" not in model_uri and "@" in model_uri:
-        model_uri = "models:/" + model_uri
-    if not model_uri.startswith("models:/"):
-        return model_uri  # a run or artifact URI: load_model reports on it
-    m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", model_uri)
-    if not m:
-        raise LookupError(f"{model_uri}: write models:/NAME@ALIAS (e.g. models:/imagen-cascade@champion) "
-                          "or models:/NAME/VERSION")
-    name, alias, version = m.groups()
-    where = mlflow.get_tracking_uri()
-    client = mlflow.MlflowClient()
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise LookupError(f"cannot read the registry at {where}: {e.message.splitlines()[0]}") from None
-        names = sorted(r.name for r in client.search_registered_models(max_results=50))
-        raise LookupError(f"no registered model {name!r} at {where}; registered models: "
-                          f"{', '.join(names) or 'none'}") from None
-    aliases = dict(model.aliases or {})
-    if alias is not None and alias not in aliases:
-        have = ", ".join(f"@{a} (v{v})" for a, v in sorted(aliases.items())) or "none"
-        raise LookupError(f"model {name!r} has no alias @{alias}; its aliases: {have}")
-    if version is not None:
-        try:
-            client.get_model_version(name, version)
-        except MlflowException:
-            raise LookupError(f"model {name!r} has no version {version}") from None
-    return model_uri
 
 
 def sample_images(prompts: Sequence[str], model_uri: str, output: str, seeds: Sequence[int] = (0,),
