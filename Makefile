@@ -9,7 +9,7 @@ export WANDB_MODE := disabled
 export MLFLOW_DISABLE_TELEMETRY := true
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 
-.PHONY: help install test test-fast smoke-test demo lint format bench airflow mlflow-ui services-up \
+.PHONY: help install test test-fast test-integration test-e2e smoke-test demo lint format bench airflow mlflow-ui services-up \
 	services-down services-status trigger-tiny clean
 
 help:  ## list targets
@@ -24,11 +24,17 @@ $(BIN)/imagen-pipeline: pyproject.toml constraints.txt
 
 install: $(BIN)/imagen-pipeline  ## create .venv and install the project with pinned dependencies
 
-test: install  ## run the whole test suite (unit, integration, smoke)
-	$(BIN)/python -m pytest tests
+test: install  ## every tier: unit, integration, e2e (the README says how long each takes)
+	$(BIN)/python -m pytest tests/unit tests/integration tests/e2e
 
-test-fast: install  ## unit tests only (no services)
-	$(BIN)/python -m pytest tests -m "not slow"
+test-fast: install  ## tests/unit: in-process, no subprocess, server or img2dataset run (under 3 min)
+	$(BIN)/python -m pytest tests/unit
+
+test-integration: install  ## tests/integration: real img2dataset, MLflow server, Airflow parsing, CLI subprocesses
+	$(BIN)/python -m pytest tests/integration
+
+test-e2e: install  ## tests/e2e: the DAG on running services, the smoke test, the learning test
+	$(BIN)/python -m pytest tests/e2e
 
 smoke-test: install  ## the whole pipeline on tiny data through `airflow dags test imagen_full`
 	$(BIN)/python infra/smoke_test.py

@@ -1,12 +1,12 @@
 """Benchmark: our download + filter versus plain img2dataset on the same loopback data, same run.
 
 Renders N_IMAGES distinct synthetic 256 px JPEGs (random gradients and shapes, like small web
-photos), serves them on 127.0.0.1 (pipeline.tinydata's server), then alternates, ROUNDS times:
+photos), serves them on 127.0.0.1 (pipeline.dev.tinydata's server), then alternates, ROUNDS times:
 
 - plain:  the ``img2dataset`` CLI with the settings our download uses (webdataset, 64 px center
           crop, PNG level 3, sha256, the same processes/threads/opt-out directives);
-- ours:   ``pipeline.download.download`` (fetch guard, pre-screen, summary) followed by
-          ``pipeline.filters.filter_shards`` (all filters, exact + near dedup, resharding).
+- ours:   ``pipeline.data.download.download`` (fetch guard, pre-screen, summary) followed by
+          ``pipeline.data.filters.filter_shards`` (all filters, exact + near dedup, resharding).
 
 Each side's best round is compared (the machine is shared; the best round is the least
 disturbed). ``overhead_vs_img2dataset`` = ours / plain - 1 (target < 0.15).
@@ -31,7 +31,7 @@ PROCESSES, THREADS, PER_SHARD = 2, 16, 500
 
 
 def _plain_img2dataset(urls: str, output: str) -> float:
-    from pipeline.download import DEFAULT_QUALITY, OPT_OUT_DIRECTIVES
+    from pipeline.data.download import DEFAULT_QUALITY, OPT_OUT_DIRECTIVES
 
     args = {"url_list": urls, "output_folder": output, "input_format": "parquet", "url_col": "url",
             "caption_col": "caption", "output_format": "webdataset", "image_size": 64,
@@ -52,8 +52,8 @@ def _ours(urls: str, root: str) -> tuple[float, float, int]:
     import contextlib
     import io
 
-    from pipeline.download import download
-    from pipeline.filters import filter_shards
+    from pipeline.data.download import download
+    from pipeline.data.filters import filter_shards
 
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
@@ -97,7 +97,7 @@ def _render(site: str, port: int) -> str:
 
 
 def main() -> None:
-    from pipeline.tinydata import serve
+    from pipeline.dev.tinydata import serve
 
     work = tempfile.mkdtemp(prefix="bench-ingest-")
     try:

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data import TrainDataConfig, make_loader
-from pipeline.embed import embed_shards
-from pipeline.images import open_rgb
-from pipeline.tinymodels import _ENGLISH, build_tiny_t5
+from pipeline.data.embed import embed_shards
+from pipeline.data.images import open_rgb
+from pipeline.data.loader import TrainDataConfig, make_loader
+from pipeline.dev.tinymodels import _ENGLISH, build_tiny_t5
 
 ROUNDS = 3
 # (stage side, low-res side, shards, samples per shard, batch size)

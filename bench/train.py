@@ -3,7 +3,7 @@ fraction of step time spent waiting for data.
 
     python bench/train.py
 
-tiny: the real trainer (pipeline/trainer.py) on the synthetic tiny dataset, made by the real
+tiny: the real trainer (pipeline/train/trainer.py) on the synthetic tiny dataset, made by the real
 steps (tinydata -> img2dataset over loopback -> filter -> tiny T5 embed), batch 16, one
 DataLoader worker; images/s and data-wait fraction are the trainer's own measurements after
 its first logging interval. base64: the paper-sized 2B-parameter base U-Net, one optimizer
@@ -30,11 +30,11 @@ sys.path.insert(0, REPO)
 
 
 def tiny_data(work: str) -> tuple[str, str]:
-    from pipeline.download import download
-    from pipeline.embed import embed_shards
-    from pipeline.filters import filter_shards
-    from pipeline.tinydata import make_tiny_dataset, serve
-    from pipeline.tinymodels import build_tiny_t5
+    from pipeline.data.download import download
+    from pipeline.data.embed import embed_shards
+    from pipeline.data.filters import filter_shards
+    from pipeline.dev.tinydata import make_tiny_dataset, serve
+    from pipeline.dev.tinymodels import build_tiny_t5
 
     server = serve(os.path.join(work, "tiny"), 0)
     try:

@@ -4,13 +4,13 @@ into ``pipeline/``. Not a DAG file (``.airflowignore`` lists it); the DAG files 
 
     from imagen_common import DEFAULT_ARGS, FILTERED, data_params, embed_batches
 
-Only light imports at module level (Airflow's SDK, ``imagen.config``, ``pipeline.launch``):
+Only light imports at module level (Airflow's SDK, ``imagen.config``, ``pipeline.train.launch``):
 every DAG file imports this at parse time.
 
 Deployment knobs (environment of the dag-processor and workers): ``IMAGEN_DATA_ROOT`` (the
 default data root), ``IMAGEN_RETRIES`` and ``IMAGEN_RETRY_DELAY_SECONDS`` (retry policy),
 ``IMAGEN_ALLOW_PRIVATE_NETWORKS=1`` / ``IMAGEN_ALLOW_HOSTS=HOST:PORT,...`` (what the fetch guard
-lets through: deployment settings, never trigger-form Params; ``pipeline.fetch_guard``).
+lets through: deployment settings, never trigger-form Params; ``pipeline.data.fetch_guard``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 from airflow.sdk import Asset, AssetAlias, Param
 
 from imagen.config import PRESETS, STAGES
-from pipeline.launch import launcher_names, launcher_options_schema
+from pipeline.train.launch import launcher_names, launcher_options_schema
 
 DEFAULT_ROOT = os.environ.get("IMAGEN_DATA_ROOT", "/tmp/imagen-data")
 GPU_POOL = "gpu"  # `make airflow` creates it; its slots = trainings that may run at once
@@ -179,7 +179,7 @@ def cascade_chain(checkpoints: list[str]) -> tuple[list[str], dict[str, str]]:
 
 def evaluate_once(trained: dict[str, Any], attributes: str, encoder: str | None = None) -> dict[str, Any]:
     """Evaluate a stage once per finished training run (``eval.json`` beside its checkpoints)."""
-    from pipeline.evaluate import evaluate
+    from pipeline.release.evaluate import evaluate
 
     marker = os.path.join(os.path.dirname(trained["checkpoint"]), "eval.json")
     if os.path.exists(marker):
@@ -194,10 +194,10 @@ def evaluate_once(trained: dict[str, Any], attributes: str, encoder: str | None 
 
 
 def register_once(checkpoints: list[str], name: str, run_id: str | None = None) -> dict[str, Any]:
-    """``pipeline.registry.register``, which gives back the version already made from these
+    """``pipeline.release.registry.register``, which gives back the version already made from these
     checkpoints (a rerun with the same conf registers nothing new), logging into the training
     run when this tracking store has it."""
-    from pipeline.registry import register
+    from pipeline.release.registry import register
 
     return register(checkpoints, name, run_id=_known_run(run_id, checkpoints[0]))
 
@@ -205,10 +205,9 @@ def register_once(checkpoints: list[str], name: str, run_id: str | None = None) 
 def _use_tracking_of(checkpoint: str) -> None:
     import mlflow
 
-    from pipeline.registry import _root_of
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.tracking import resolve_tracking_uri, root_of
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(None, _root_of(checkpoint)))
+    mlflow.set_tracking_uri(resolve_tracking_uri(None, root_of(checkpoint)))
 
 
 def _known_run(run_id: str | None, checkpoint: str) -> str | None:

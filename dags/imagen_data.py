@@ -20,7 +20,7 @@ from imagen_common import DEFAULT_ARGS, FILTERED, RAW, data_params
 def imagen_data():
     @task(outlets=[RAW])
     def download(params=None, outlet_events=None) -> str:
-        from pipeline.download import download as run_download
+        from pipeline.data.download import download as run_download
 
         if not params["url_list"]:
             raise ValueError("set the url_list param to a Parquet/CSV/TSV/JSONL file of url,caption rows")
@@ -32,8 +32,8 @@ def imagen_data():
 
     @task(outlets=[FILTERED])
     def filter_shards(raw: str, params=None, outlet_events=None) -> str:
-        from pipeline.filters import filter_shards as run_filter
-        from pipeline.filters import format_reject_table, stage_config
+        from pipeline.data.filters import filter_shards as run_filter
+        from pipeline.data.filters import format_reject_table, stage_config
 
         out = os.path.join(params["root"], "filtered")
         print(format_reject_table(run_filter(raw, out, stage_config(params["presets"], params["stages"]),

@@ -47,7 +47,7 @@ def imagen_embed():
     def embed(shards: list[str], params=None, triggering_asset_events=None) -> dict:
         from airflow.sdk import get_current_context
 
-        from pipeline.embed import embed_shards
+        from pipeline.data.embed import embed_shards
 
         get_current_context()["shard_batch"] = f"{shards[0]}..{shards[-1]}"  # the map label in the UI
         root, filtered = _where(params, triggering_asset_events)

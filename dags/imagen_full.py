@@ -40,7 +40,7 @@ from imagen_common import (
 def imagen_full():
     @task
     def download(params=None) -> str:
-        from pipeline.download import download as run_download
+        from pipeline.data.download import download as run_download
 
         if not params["url_list"]:
             raise ValueError("set the url_list param to a Parquet/CSV/TSV/JSONL file of url,caption rows")
@@ -51,8 +51,8 @@ def imagen_full():
 
     @task
     def filter_shards(raw: str, params=None) -> str:
-        from pipeline.filters import filter_shards as run_filter
-        from pipeline.filters import format_reject_table, stage_config
+        from pipeline.data.filters import filter_shards as run_filter
+        from pipeline.data.filters import format_reject_table, stage_config
 
         out = os.path.join(params["root"], "filtered")
         print(format_reject_table(run_filter(raw, out, stage_config(params["presets"], params["stages"]),
@@ -69,7 +69,7 @@ def imagen_full():
     def embed(filtered: str, shards: list[str], params=None) -> dict:
         from airflow.sdk import get_current_context
 
-        from pipeline.embed import embed_shards
+        from pipeline.data.embed import embed_shards
 
         get_current_context()["shard_batch"] = f"{shards[0]}..{shards[-1]}"  # the map label in the UI
         return embed_shards(filtered, os.path.join(params["root"], "embeddings"), params["encoder"],
@@ -79,7 +79,7 @@ def imagen_full():
     def train(stage: str, filtered: str, embedded: list[dict], params=None) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from pipeline.launch import run_stage
+        from pipeline.train.launch import run_stage
 
         if stage not in params["stages"]:
             raise AirflowSkipException(f"{stage} is not in the stages param {params['stages']}")

@@ -34,8 +34,8 @@ from imagen_common import (
 def imagen_train_stage():
     @task(pool=GPU_POOL)
     def train(params=None, triggering_asset_events=None) -> dict:
-        from pipeline.embed import resolve_embeddings_dir
-        from pipeline.launch import run_stage
+        from pipeline.data.embed import resolve_embeddings_dir
+        from pipeline.train.launch import run_stage
 
         event = upstream(triggering_asset_events, EMBEDDINGS)
         root = event.get("root", params["root"])

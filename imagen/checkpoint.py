@@ -15,7 +15,7 @@ input like any other: a config.json that is not JSON, holds a wrong type or an i
 size, or weights that do not fit it, is a ``ValueError`` naming the file and what to do.
 
 Training checkpoints (optimizer, RNG, data position) add files beside these; see
-``pipeline/checkpointing.py``.
+``pipeline/train/checkpointing.py``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ on one identity for "which text encoder produced these vectors"::
     emb, mask = enc.encode(["a red circle"])        # loads on first use
     emb.shape, mask.shape, enc.dim, enc.encoder_id  # [1, L, 4096], [1, L], 4096, "google/..."
 
-A local directory (e.g. from ``pipeline.tinymodels.build_tiny_t5``) loads through the same
+A local directory (e.g. from ``pipeline.dev.tinymodels.build_tiny_t5``) loads through the same
 ``from_pretrained`` path as the hub name. Plain single-device PyTorch: no pipeline, Airflow
 or MLflow imports, and transformers is imported only when the model is first needed.
 """

@@ -27,7 +27,7 @@ from contextlib import ExitStack
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from pipeline.services import PRIVATE_UMASK, airflow_services, mlflow_server, private_file  # noqa: E402
+from pipeline.dev.services import PRIVATE_UMASK, airflow_services, mlflow_server, private_file  # noqa: E402
 
 TINY_DATA_HOST = "127.0.0.1:8799"  # where infra/trigger_tiny.py serves the tiny dataset
 

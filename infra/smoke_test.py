@@ -28,7 +28,7 @@ import time
 from contextlib import ExitStack
 
 from imagen.config import preset
-from pipeline.services import background, free_port, mlflow_server, wait_http
+from pipeline.dev.services import background, free_port, mlflow_server, wait_http
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -182,7 +182,7 @@ def main() -> int:
     }
     tiny = os.path.join(work, "tiny")
     root = os.path.join(work, "data")
-    audit = os.path.join(work, "data-audit")  # every loader writes what it yields (pipeline.data)
+    audit = os.path.join(work, "data-audit")  # every loader writes what it yields (pipeline.data.loader)
     shutil.rmtree(audit, ignore_errors=True)
     env["IMAGEN_DATA_AUDIT"] = audit
     # The fetch guard's one exemption, set by the deployment (the trigger form has no such Param):

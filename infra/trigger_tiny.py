@@ -23,7 +23,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from pipeline.services import AirflowServices, airflow_env  # noqa: E402
+from pipeline.dev.services import AirflowServices, airflow_env  # noqa: E402
 
 
 def tiny_conf(tiny: str, root: str, max_steps: int) -> dict:
@@ -46,8 +46,8 @@ def main() -> int:
     home = os.environ.get("AIRFLOW_HOME", os.path.join(REPO, ".airflow"))
     af = AirflowServices(home, a.port, airflow_env(home, a.port))
 
-    from pipeline.tinydata import make_tiny_dataset, serve
-    from pipeline.tinymodels import build_tiny_t5
+    from pipeline.dev.tinydata import make_tiny_dataset, serve
+    from pipeline.dev.tinymodels import build_tiny_t5
 
     tiny = os.path.join(a.workdir, "tiny")
     try:  # bind first, then bake the port into the URLs

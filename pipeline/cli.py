@@ -46,7 +46,7 @@ def _stage_arguments(s: argparse.ArgumentParser, stages_help: str) -> None:
 
 def _network_arguments(s: argparse.ArgumentParser) -> None:
     # The user running the CLI is the deployer: these add to IMAGEN_ALLOW_PRIVATE_NETWORKS /
-    # IMAGEN_ALLOW_HOSTS (pipeline.fetch_guard.deployment_policy) for this command's remote reads.
+    # IMAGEN_ALLOW_HOSTS (pipeline.data.fetch_guard.deployment_policy) for this command's remote reads.
     s.add_argument("--allow-private-networks", action="store_true",
                    help="fetch private/loopback/link-local addresses (refused by default; the services "
                         "read IMAGEN_ALLOW_PRIVATE_NETWORKS=1 instead)")
@@ -63,8 +63,8 @@ def _presets(preset: str | None) -> dict[str, str]:
 
 @verb("tiny-data")
 def _tiny_data(a: argparse.Namespace) -> Any:
-    from pipeline.tinydata import make_tiny_dataset, serve_forever
-    from pipeline.tinymodels import build_tiny_t5
+    from pipeline.dev.tinydata import make_tiny_dataset, serve_forever
+    from pipeline.dev.tinymodels import build_tiny_t5
 
     result = make_tiny_dataset(a.output, n=a.n, seed=a.seed, port=a.port)
     if not a.no_encoder:
@@ -78,7 +78,7 @@ def _tiny_data(a: argparse.Namespace) -> Any:
 
 @verb("download")
 def _download(a: argparse.Namespace) -> Any:
-    from pipeline.download import download
+    from pipeline.data.download import download
 
     overrides = {k: getattr(a, k) for k in ("image_size", "resize_mode", "input_format", "max_pixels", "max_bytes")
                  if getattr(a, k)}
@@ -91,7 +91,7 @@ def _download(a: argparse.Namespace) -> Any:
 
 @verb("filter")
 def _filter(a: argparse.Namespace) -> Any:
-    from pipeline.filters import filter_shards, format_reject_table, stage_config
+    from pipeline.data.filters import filter_shards, format_reject_table, stage_config
 
     scorers = {}
     for spec in a.scorer or []:
@@ -113,7 +113,7 @@ def _filter(a: argparse.Namespace) -> Any:
 
 @verb("embed")
 def _embed(a: argparse.Namespace) -> Any:
-    from pipeline.embed import embed_shards, split_shards
+    from pipeline.data.embed import embed_shards, split_shards
 
     shards = a.shards
     if a.num_workers > 1:  # this worker's disjoint slice (one per GPU, machine or task)
@@ -127,18 +127,18 @@ def _embed(a: argparse.Namespace) -> Any:
 
 @verb("train")
 def _train(a: argparse.Namespace) -> Any:
-    from pipeline import launch, train
+    from pipeline.train.job import job_from_args
+    from pipeline.train.launch import make_launcher
 
-    if a.nproc_per_node > 1:
-        return launch.torchrun_train(train.job_to_argv(train.job_from_args(a)), a.nproc_per_node)
-    return train.run(train.job_from_args(a))
+    # The DAG's launcher (pipeline.train.launch); one process trains in this one, as always.
+    return make_launcher("local", in_process=True).launch(job_from_args(a), 1, a.nproc_per_node)
 
 
 @verb("evaluate")
 def _evaluate(a: argparse.Namespace) -> Any:
-    from pipeline.evaluate import EvalOptions, evaluate
-    from pipeline.fetch_guard import allowing
-    from pipeline.registry import mlflow_errors_in_one_line
+    from pipeline.data.fetch_guard import allowing
+    from pipeline.release.evaluate import EvalOptions, evaluate
+    from pipeline.release.registry import mlflow_errors_in_one_line
 
     prompts = None
     if a.prompts_file:
@@ -155,7 +155,7 @@ def _evaluate(a: argparse.Namespace) -> Any:
 
 @verb("register")
 def _register(a: argparse.Namespace) -> Any:
-    from pipeline.registry import mlflow_errors_in_one_line, promote, register
+    from pipeline.release.registry import mlflow_errors_in_one_line, promote, register
 
     tags = dict(t.split("=", 1) for t in a.tag or [] if "=" in t)
     with mlflow_errors_in_one_line():
@@ -171,7 +171,8 @@ def _register(a: argparse.Namespace) -> Any:
 
 @verb("sample")
 def _sample(a: argparse.Namespace) -> Any:
-    from pipeline.registry import mlflow_errors_in_one_line, sample_images
+    from pipeline.release.registry import mlflow_errors_in_one_line
+    from pipeline.release.sample import sample_images
 
     params = {"stages": a.stages, "sampler": a.sampler}
     for flag, scalar, per_stage in ((a.steps, "steps", "stage_steps"),
@@ -183,6 +184,23 @@ def _sample(a: argparse.Namespace) -> Any:
     with mlflow_errors_in_one_line():
         return sample_images(a.prompts, a.model, a.output, seeds=a.seed, tracking_uri=a.tracking_uri,
                              images=a.image, progress=not a.no_progress, encoder=a.encoder, **params)
+
+
+@verb("plan")
+def _plan(a: argparse.Namespace) -> Any:
+    from pipeline.calibrate import calibrate
+    from pipeline.plan import format_table, inputs_from_args, load_calibration, plan
+
+    inp = inputs_from_args(a)
+    measured = calibrate(inp, a.calibration, a.calibrate_seconds, a.calibrate_batch) if a.calibrate else None
+    if measured and a.samples is None and not a.url_list:
+        print(json.dumps(measured["measured"], indent=2))
+        return measured
+    result = plan(inp, load_calibration(a.calibration))
+    if measured:
+        result["calibration"] = measured
+    print(format_table(result), flush=True)
+    return result
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -268,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cpu, cuda ... (default: GPU if any)")
     s.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
 
-    from pipeline.train import add_arguments
+    from pipeline.train.job import add_arguments
 
     s = sub.add_parser("train", help="train one cascade stage (torchrun for several processes)")
     add_arguments(s)
@@ -329,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", action="append", help="low-res input per prompt, for an SR-stage model")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.add_argument("--tracking-uri")
+
+    from pipeline.plan import add_arguments as plan_arguments
+
+    s = sub.add_parser("plan", help="predict a run before starting it: storage per phase, shards, "
+                                    "GPU-hours, wall time and cost")
+    plan_arguments(s)
     return p
 
 

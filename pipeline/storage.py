@@ -3,7 +3,7 @@
 Every data step reads and writes through these functions so that a local path and an
 ``s3://`` / ``gs://`` URI take the same code path (img2dataset's ``writer.py`` does the same).
 
-Remote reads are guarded like image fetches (:mod:`pipeline.fetch_guard`): an ``http(s)://``
+Remote reads are guarded like image fetches (:mod:`pipeline.data.fetch_guard`): an ``http(s)://``
 file is read by :func:`open` through the SSRF guard (address checks after every redirect, pinned
 connection, wall-clock budget, size limit), never by fsspec; it cannot be listed, written or
 chained. Other network protocols (ftp, sftp, smb, webdav, ...) are refused unless the deployment
@@ -15,7 +15,7 @@ allows private networks (``IMAGEN_ALLOW_PRIVATE_NETWORKS=1``). Local paths and o
         f.write(data)
     storage.list_shards("out", r"\\d{6}\\.tar")
 
-Not a script; imported by pipeline.download, pipeline.filters and friends.
+Not a script; imported by pipeline.data.download, pipeline.data.filters and friends.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.fetch_guard import (
+from pipeline.data.fetch_guard import (
     FetchPolicy,
     FetchRejected,
     RemoteReadRefused,
@@ -151,7 +151,7 @@ def open(uri: str, mode: str = "rb", *, policy: FetchPolicy | None = None, **kwa
 
     Shadows the builtin on purpose: callers write ``storage.open(uri)``. An http(s) file is read
     (``"rb"``/``"r"``, ``compression=``, ``encoding=``) through the fetch guard under ``policy``
-    (default: the deployment's, :func:`pipeline.fetch_guard.deployment_policy`).
+    (default: the deployment's, :func:`pipeline.data.fetch_guard.deployment_policy`).
     """
     if not is_http(uri):
         fs, path = url_to_fs(uri, policy)

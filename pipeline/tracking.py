@@ -3,6 +3,7 @@
 - ``resolve_tracking_uri(uri, root)``: an explicit URI, else ``$MLFLOW_TRACKING_URI``, else a
   SQLite store under the data root (MLflow 3.7+ would otherwise create ``./mlflow.db`` in
   whatever directory the process happens to run in).
+- ``root_of(checkpoint)``: the data root a checkpoint was trained under (whose store that is).
 - ``RunLogger``: rank-0 logging that never kills training: a tracking server that is down
   gives one warning, and the metrics of that moment are skipped.
 """
@@ -28,6 +29,14 @@ def resolve_tracking_uri(uri: str | None, root: str | None = None) -> str:
     base = os.path.abspath(root or ".")
     os.makedirs(base, exist_ok=True)
     return f"sqlite:///{os.path.join(base, 'mlflow.db')}"
+
+
+def root_of(checkpoint: str) -> str:
+    """ROOT for ROOT/checkpoints/<stage>/<run>/final, else the checkpoint's parent."""
+    parts = os.path.abspath(checkpoint).split(os.sep)
+    if "checkpoints" in parts:
+        return os.sep.join(parts[: len(parts) - parts[::-1].index("checkpoints") - 1])
+    return os.path.dirname(os.path.abspath(checkpoint))
 
 
 def server_up(uri: str, timeout: float = 5.0) -> bool:

@@ -1,8 +1,11 @@
 """Shared pytest fixtures: the tiny dataset, served on loopback, downloaded and filtered once.
 
+Only the integration and e2e tiers use them (they run img2dataset and MLflow servers); the unit
+tier (tests/unit) writes the small shards it needs itself.
+
 The chain mirrors the pipeline (tinydata -> img2dataset download -> filter) and takes about
 15 s per session, most of it img2dataset's start-up. Regenerate the same data by hand with
-``python -m pipeline.tinydata make DIR --n 120``.
+``python -m pipeline.dev.tinydata make DIR --n 120``.
 
     tiny_dataset      TinyDataset(root, urls, server, port, info): the generated dataset,
                       a running loopback HTTP server for it, and its URL list
@@ -12,35 +15,20 @@ The chain mirrors the pipeline (tinydata -> img2dataset download -> filter) and 
 
 from __future__ import annotations
 
-import dataclasses
-from http.server import ThreadingHTTPServer
-
 import pytest
 
-TINY_N = 120  # good images; the dataset adds 11 rows that fail or get filtered
-TINY_ROWS_PER_SHARD = 50  # several shards, so multi-shard code paths run
-# How raw_shards calls download(); tests that re-run the download reuse it.
-TINY_PRESETS = {"base64": "tiny", "sr256": "tiny", "sr1024": "tiny"}  # as imagen_full's defaults
-RAW_DOWNLOAD_KWARGS = {
-    "presets": TINY_PRESETS,  # originals at the 128 px stage's size, ratio kept, never upscaled
-    "allow_private_networks": True,
-    "number_sample_per_shard": TINY_ROWS_PER_SHARD,
-    "save_additional_columns": ["color", "shape", "background", "kind", "source_width", "source_height"],
-}
-
-
-@dataclasses.dataclass
-class TinyDataset:
-    root: str  # served folder: images/, urls.parquet, attributes.json
-    urls: str  # the URL list (Parquet: url, caption, color, shape, background, kind)
-    server: ThreadingHTTPServer  # server.request_log lists the requests it answered
-    port: int
-    info: dict  # what make_tiny_dataset returned (n_good, n_broken, kinds, ...)
+from tests.tinychain import (
+    RAW_DOWNLOAD_KWARGS,
+    TINY_N,
+    TINY_PRESETS,
+    TINY_ROWS_PER_SHARD,
+    TinyDataset,
+)
 
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> TinyDataset:
-    from pipeline.tinydata import make_tiny_dataset, serve
+    from pipeline.dev.tinydata import make_tiny_dataset, serve
 
     root = tmp_path_factory.mktemp("tiny")
     # Bind first on a free port (parallel sessions on one machine must not collide),
@@ -55,7 +43,7 @@ def tiny_dataset(tmp_path_factory) -> TinyDataset:
 
 @pytest.fixture(scope="session")
 def raw_shards(tiny_dataset, tmp_path_factory) -> str:
-    from pipeline.download import download
+    from pipeline.data.download import download
 
     output = str(tmp_path_factory.mktemp("raw"))
     download(tiny_dataset.urls, output, **RAW_DOWNLOAD_KWARGS)
@@ -64,7 +52,7 @@ def raw_shards(tiny_dataset, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def filtered_shards(raw_shards, tmp_path_factory) -> str:
-    from pipeline.filters import filter_shards, stage_config
+    from pipeline.data.filters import filter_shards, stage_config
 
     output = str(tmp_path_factory.mktemp("filtered"))
     filter_shards(raw_shards, output, stage_config(TINY_PRESETS), samples_per_shard=TINY_ROWS_PER_SHARD)
@@ -74,7 +62,7 @@ def filtered_shards(raw_shards, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory) -> str:
     """A real `mlflow server` on 127.0.0.1 (SQLite backend), started once per session."""
-    from pipeline.services import mlflow_server
+    from pipeline.dev.services import mlflow_server
 
     with mlflow_server(str(tmp_path_factory.mktemp("mlflow"))) as uri:
         yield uri
@@ -83,7 +71,7 @@ def mlflow_uri(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_encoder_dir(tmp_path_factory) -> str:
     """A tiny random T5 encoder + tokenizer saved with save_pretrained (no hub access)."""
-    from pipeline.tinymodels import build_tiny_t5
+    from pipeline.dev.tinymodels import build_tiny_t5
 
     return build_tiny_t5(str(tmp_path_factory.mktemp("t5-tiny")))
 
@@ -91,6 +79,6 @@ def tiny_encoder_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_embeddings(filtered_shards, tiny_encoder_dir, tmp_path_factory) -> str:
     """Embeddings of the filtered tiny shards: the directory of one encoder's Parquet files."""
-    from pipeline.embed import embed_shards
+    from pipeline.data.embed import embed_shards
 
     return embed_shards(filtered_shards, str(tmp_path_factory.mktemp("embeddings")), tiny_encoder_dir)["output"]

@@ -18,7 +18,7 @@ Refused rows point at paths under ``/never/``: the test asserts no request reach
 server only binds loopback; run the download with ``allow_hosts=[f"127.0.0.1:{port}"]`` so that
 everything else stays guarded. Slow responses sleep at most ``SLOW_SECONDS``.
 
-    from ingest_server import IngestServer
+    from tests.ingest_server import IngestServer
     with IngestServer() as site:          # site.url_list(dir) writes urls.parquet
         ...
     python tests/ingest_server.py DIR     # serve until Ctrl-C and write DIR/urls.parquet

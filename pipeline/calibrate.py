@@ -1,0 +1,153 @@
+"""``imagen-pipeline plan --calibrate``: measure this machine for the capacity planner.
+
+Times a few real training steps of each requested stage's U-Net (noise, v-loss, backward,
+AdamW; bf16 autocast on CUDA, as the trainer runs them) and the forward pass of a randomly
+initialised T5 encoder of the requested shape, then merges the entries into the user
+calibration file that ``pipeline.plan`` reads over the checked-in table::
+
+    imagen-pipeline plan --calibrate --gpu cpu --presets tiny --encoder tiny   # ~40 s here
+    imagen-pipeline plan --calibrate --gpu h200 --stages base64                # on a GPU machine
+
+``bench/gpu.py`` uses the same two measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from pipeline.plan import EncoderSpec, PlanInputs, load_calibration, resolve_encoder
+
+
+def measure_train(stage: str, preset_name: str, device: str, seconds: float, batch: int | None = None) -> dict:
+    """images/s of real training steps (noise, v-loss, backward, AdamW) of a stage's U-Net,
+    at its training crop and its preset's text length; bf16 autocast on CUDA as the trainer."""
+    import torch
+
+    from imagen.config import preset
+    from imagen.diffusion import GaussianDiffusion
+    from imagen.unet import UNet
+
+    cfg = preset(preset_name, stage)
+    spec, cuda = cfg.spec, device.startswith("cuda")
+    b = batch or min(cfg.train.batch_size, 64 if cuda else 16)
+    torch.manual_seed(0)
+    model = UNet(cfg.unet).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    diffusion = GaussianDiffusion(cfg.diffusion)
+    x0 = torch.randn(b, 3, spec.crop_size, spec.crop_size, device=device)
+    text = torch.randn(b, cfg.max_text_len, cfg.unet.text_embed_dim, device=device)
+    mask = torch.ones(b, cfg.max_text_len, dtype=torch.bool, device=device)
+    extra = {}
+    if spec.lowres_crop_size:
+        extra = {"lowres": torch.randn(b, 3, spec.lowres_crop_size, spec.lowres_crop_size, device=device),
+                 "lowres_t": torch.rand(b, device=device)}
+
+    def step() -> None:
+        t, noise = torch.rand(b, device=device), torch.randn_like(x0)
+        with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
+            out = model(diffusion.q_sample(x0, t, noise), t, text, mask, **extra)
+        loss = diffusion.loss(out.float(), x0, noise, t).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):  # warm-up: allocator, kernels
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    n, t0 = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - t0 < seconds:
+        step()
+        n += 1
+        if cuda:
+            torch.cuda.synchronize()
+    return {"images_per_s": round(b * n / (time.perf_counter() - t0), 4), "batch": b, "steps": n}
+
+
+def measure_embed(spec: EncoderSpec, device: str, seconds: float, mean_tokens: float,
+                  batch: int | None = None) -> dict:
+    """Tokens/s of a randomly initialised T5 encoder of ``spec``'s shape (weights do not change
+    the speed): batches of captions of ``mean_tokens`` tokens (64 on CPU; 512 on CUDA, about
+    the embed step's 16384-token budget at web caption lengths); bf16 on CUDA, fp32 on CPU."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    cuda = device.startswith("cuda")
+    heads = max(1, spec.inner // 64) if spec.inner >= 64 else 2
+    config = T5Config(vocab_size=1024, d_model=spec.d_model, d_kv=spec.inner // heads, d_ff=spec.d_ff,
+                      num_layers=spec.num_layers, num_heads=heads, feed_forward_proj="gated-gelu",
+                      dropout_rate=0.0)
+    with torch.device(device):
+        model = T5EncoderModel(config).eval()
+    if cuda:
+        model = model.to(torch.bfloat16)
+    length = max(1, round(mean_tokens))
+    ids = torch.randint(0, 1024, (batch or (512 if cuda else 64), length), device=device)
+    with torch.inference_mode():
+        model(input_ids=ids)
+        if cuda:
+            torch.cuda.synchronize()
+        n, t0 = 0, time.perf_counter()
+        while n < 2 or time.perf_counter() - t0 < seconds:
+            model(input_ids=ids)
+            n += 1
+        if cuda:
+            torch.cuda.synchronize()
+    return {"tokens_per_s": round(ids.numel() * n / (time.perf_counter() - t0), 2), "batch": ids.shape[0],
+            "tokens_per_caption": length}
+
+
+def calibrate(inp: PlanInputs, path: str, seconds: float = 8.0, batch: int | None = None) -> dict:
+    """Measure each requested stage/preset (and the encoder, if it fits) here; merge the entries
+    into the user calibration file at ``path`` and return them."""
+    import platform
+
+    import torch
+
+    from imagen.config import PAPER_PRESETS
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpus = {k for k, d in load_calibration(None)["devices"].items() if d.get("peak_bf16_flops")}
+    if (device == "cpu" and inp.gpu in gpus) or (device == "cuda" and inp.gpu == "cpu"):
+        raise ValueError(f"--calibrate measures this machine ({device}) but --gpu is {inp.gpu!r}: pass the "
+                         "type of this machine's device (cpu here, or a name of your own)")
+    what = (torch.cuda.get_device_name(0) if device == "cuda"
+            else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads")
+    when = time.strftime("%Y-%m-%d")
+    found: dict[str, dict] = {"train": {inp.gpu: {}}, "embed": {inp.gpu: {}}}
+    for stage in inp.stages:
+        name = inp.presets.get(stage, PAPER_PRESETS[stage])
+        m = measure_train(stage, name, device, seconds, batch)
+        found["train"][inp.gpu][f"{stage}:{name}"] = {
+            "images_per_s": m["images_per_s"],
+            "source": f"measured by plan --calibrate on {what} ({device}, batch {m['batch']}, "
+                      f"{m['steps']} timed steps, {when})"}
+        print(f"calibrate: train {stage}:{name} on {device}: {m['images_per_s']:.2f} images/s", flush=True)
+    key, spec = resolve_encoder(inp.encoder)
+    if device == "cuda" or spec.flops_per_token / 2 < 1e9:  # a 4.7B T5-XXL in fp32 does not fit a CPU plan
+        m = measure_embed(spec, device, seconds / 2, inp.mean_tokens)
+        found["embed"][inp.gpu][key] = {
+            "tokens_per_s": m["tokens_per_s"],
+            "source": f"measured by plan --calibrate on {what} (random {key}-shaped T5 encoder, batch {m['batch']} x "
+                      f"{m['tokens_per_caption']} tokens, {when})"}
+        print(f"calibrate: embed {key} on {device}: {m['tokens_per_s']:.0f} tokens/s", flush=True)
+    path = os.path.expanduser(path)
+    mine = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            mine = json.load(f)
+    for section, devices in found.items():
+        for dev_name, entries in devices.items():
+            if entries:
+                mine.setdefault(section, {}).setdefault(dev_name, {}).update(entries)
+    if inp.gpu not in load_calibration(None)["devices"]:
+        mine.setdefault("devices", {})[inp.gpu] = {"description": what, "peak_bf16_flops": None, "mfu": None,
+                                                   "source": "added by plan --calibrate"}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(mine, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    return {"calibration": path, "measured": found}

@@ -1,0 +1,416 @@
+"""Download a URL list into webdataset shards with img2dataset, through our fetch guard.
+
+img2dataset runs as its own process (``python -m pipeline.data.fetch_guard``: it uses spawn
+multiprocessing, and it is the same command a Kubernetes job would run) with its downloads
+routed through :mod:`pipeline.data.fetch_guard`: private, loopback and link-local addresses are
+refused on every request and redirect, bodies are size- and pixel-limited. Its output streams to
+our stdout (a line per finished shard) and a non-zero exit becomes a RuntimeError with its last
+lines. A re-run resumes: img2dataset's ``incremental_mode`` skips every shard that has its
+``NNNNN_stats.json`` (written last), and redoes the others from scratch.
+
+Before img2dataset sees the list, rows that the URL alone condemns (not HTTP(S), malformed,
+a literal private IP) are refused and recorded in ``refused.parquet``, never fetched. The list
+itself, when it is an http(s) URL, is read through the same guard (``pipeline.storage.open``).
+Which private networks may be fetched is deployment configuration: ``IMAGEN_ALLOW_PRIVATE_NETWORKS``
+and ``IMAGEN_ALLOW_HOSTS`` in the environment (:func:`pipeline.data.fetch_guard.deployment_policy`),
+widened by ``allow_private_networks=`` / ``allow_hosts=`` (the CLI's flags).
+
+Output folder (``output``, any fsspec URI):
+    _urls.parquet          the screened list img2dataset downloads (url, caption, extras)
+    refused.parquet        url, caption, reason for every row refused before fetching
+    NNNNN.tar              successes: KEY.png|jpg|webp, KEY.txt (caption), KEY.json (metadata)
+    NNNNN.parquet          every row of the shard with status and error_message
+    NNNNN_stats.json       img2dataset's completion marker and per-shard counts
+
+Downloaded once for every cascade stage (``stages=``, ``presets=``; :func:`stage_policy`):
+originals at the largest stage's side, ratio kept, never upscaled, so each stage trains on
+real pixels at its own resolution. The filter step rejects sources below the smallest stage
+and counts, per stage, the samples too small for it. ``border`` (white bars) is never offered.
+
+    python -c "from pipeline.data.download import download; print(download('urls.parquet', 'raw'))"
+    imagen-pipeline download --url-list urls.csv --url-col link --caption-col text --output raw
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from imagen.config import STAGES, StageSpec, stage_specs
+from pipeline import storage
+from pipeline.data.fetch_guard import (
+    BODY_REASONS,
+    REFUSAL_REASONS,
+    FetchPolicy,
+    deployment_policy,
+    literal_reason,
+)
+
+INPUT_FORMATS = ("parquet", "csv", "tsv", "jsonl", "json", "txt")
+# "border" pads to a square with white bars, which teaches the model white bars: never used.
+RESIZE_MODES = ("center_crop", "keep_ratio", "keep_ratio_largest", "no")
+
+def stage_policy(specs: dict[str, StageSpec]) -> dict:
+    """How to download once for every stage in ``specs`` (Imagen trains all stages on the same
+    pairs, each at its own resolution): originals at the largest stage's side, ratio kept,
+    never upscaled, so each stage crops real pixels; ``min_side`` is the smallest stage's
+    minimum native side (the filter's size floor); ``stage_sides`` lets the filter count, per
+    stage, the samples too small for it."""
+    if not specs:
+        raise ValueError("no cascade stages given: the download size comes from the stages' specs")
+    return {"image_size": max(s.image_size for s in specs.values()), "resize_mode": "keep_ratio",
+            "resize_only_if_bigger": True, "min_side": min(s.min_native_side for s in specs.values()),
+            "stage_sides": {name: s.min_native_side for name, s in specs.items()}}
+
+# PNG's "quality" is a zlib level 0..9 (img2dataset rejects 95); 3 is fast and still lossless.
+DEFAULT_QUALITY = {"png": 3, "jpg": 95, "webp": 95}
+# X-Robots-Tag directives that opt an image out of AI training or indexing (img2dataset's list).
+OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+SCREENED_LIST = "_urls.parquet"
+REFUSED_LIST = "refused.parquet"
+
+
+@dataclasses.dataclass
+class DownloadConfig:
+    """Every download option and its default (the single source of them)."""
+
+    # The stages the data serves, each at its preset's sizes (stage -> preset; a missing stage:
+    # its paper preset): image_size / resize_mode / resize_only_if_bigger default to stage_policy.
+    stages: tuple[str, ...] = STAGES
+    presets: dict[str, str] = dataclasses.field(default_factory=dict)
+    image_size: int | None = None
+    resize_mode: str | None = None
+    resize_only_if_bigger: bool | None = None
+    input_format: str | None = None  # parquet, csv, tsv, jsonl, json, txt; None: from the extension
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+    save_additional_columns: list[str] | None = None  # copied into each sample's KEY.json
+    processes: int = 1
+    threads: int = 8
+    timeout: float = 10  # seconds for a whole request, body included
+    retries: int = 0
+    number_sample_per_shard: int = 10000
+    encode_format: str = "png"  # png (lossless), jpg or webp
+    encode_quality: int | None = None  # None: a valid default for the format
+    disallowed_header_directives: tuple[str, ...] = OPT_OUT_DIRECTIVES
+    user_agent_token: str | None = "img2dataset"  # so "X-Robots-Tag: img2dataset: noai" applies too
+    # Fetch loopback/private/link-local (the local tiny dataset); adds to IMAGEN_ALLOW_PRIVATE_NETWORKS.
+    allow_private_networks: bool = False
+    allow_hosts: tuple[str, ...] = ()  # exact "host:port" exempt from the address check (+ IMAGEN_ALLOW_HOSTS)
+    max_bytes: int = 32 * 1024 * 1024
+    max_pixels: int = 64_000_000  # declared image size above this is refused before decoding
+
+
+def infer_input_format(url_list: str) -> str:
+    """Input format from the file extension (``.gz`` ignored): parquet, csv, tsv, jsonl, json, txt."""
+    name = storage.basename(url_list).lower().removesuffix(".gz")
+    ext = name.rsplit(".", 1)[-1] if "." in name else ""
+    if ext not in INPUT_FORMATS:
+        raise ValueError(f"cannot infer the format of URL list {url_list!r} from its extension; "
+                         f"pass input_format= one of {INPUT_FORMATS}")
+    return ext
+
+
+def _read_one(uri: str, input_format: str, policy: FetchPolicy | None = None) -> pa.Table:
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+
+    try:
+        with storage.open(uri, "rb", compression="infer", policy=policy) as f:
+            if input_format == "parquet":
+                return pq.read_table(f)
+            if input_format == "csv":
+                return pacsv.read_csv(f)
+            if input_format == "tsv":
+                return pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter="\t"))
+            if input_format == "jsonl":
+                return pajson.read_json(f)
+            if input_format == "json":  # a bare NaN (Python's json writes them) is a missing value
+                return pa.Table.from_pylist(json.load(f, parse_constant=lambda _: None))
+            return pacsv.read_csv(f, read_options=pacsv.ReadOptions(column_names=["url"]))
+    except (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError) as e:  # names the file (one CLI line)
+        raise ValueError(f"URL list {uri} is not readable as {input_format} ({' '.join(str(e).split())}): "
+                         "fix the file or pass --input-format") from None
+
+
+def read_url_list(url_list: str, input_format: str, url_col: str = "url", caption_col: str | None = "caption",
+                  extra_columns: list[str] | None = None, policy: FetchPolicy | None = None) -> pa.Table:
+    """Read a URL list (a file, or a folder of files of one format) as a table with columns
+    ``url``, ``caption`` (when ``caption_col`` is set; a missing caption is ``""``) and
+    ``extra_columns``. An http(s) list is one file, read through the fetch guard under
+    ``policy`` (default: the deployment's)."""
+    files = [url_list]
+    if not storage.is_http(url_list):
+        fs, path = storage.url_to_fs(url_list, policy)
+        if fs.isdir(path):
+            files = storage.list_files(url_list, rf".*\.{input_format}(\.gz)?")
+            if not files:
+                raise ValueError(f"no *.{input_format} files in URL list folder {url_list!r}")
+    table = pa.concat_tables([_read_one(f, input_format, policy) for f in files], promote_options="default")
+    wanted = {url_col: "url", **({caption_col: "caption"} if caption_col else {})}
+    wanted.update({c: c for c in extra_columns or []})
+    missing = [c for c in wanted if c not in table.column_names]
+    if missing:
+        raise ValueError(f"URL list {url_list!r} has no column(s) {missing}; it has {table.column_names}. "
+                         "Set url_col= / caption_col= to the right names.")
+    table = table.select(list(wanted)).rename_columns(list(wanted.values()))
+    if "caption" in table.column_names:
+        table = table.set_column(table.column_names.index("caption"), "caption", _captions(table["caption"]))
+    return table
+
+
+def _captions(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Captions as strings, a missing one (null, or the float NaN pandas writes for it) as "":
+    the filter then counts it as ``caption_too_short`` instead of training on the text "nan"."""
+    if pa.types.is_floating(column.type):
+        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
+    return pc.fill_null(pc.cast(column, pa.string()), "")
+
+
+def screen_urls(table: pa.Table, policy: FetchPolicy | None = None) -> tuple[pa.Table, pa.Table]:
+    """Split a URL table into (allowed, refused); refused gains a ``reason`` column.
+
+    Decides what the URL alone decides: malformed URLs, schemes other than HTTP(S) (urllib
+    would read ``file://`` from this machine) and literal private/loopback/link-local IPs.
+    Host names are checked when they are resolved, inside the fetch (:mod:`pipeline.data.fetch_guard`),
+    so a DNS answer cannot change between check and use and no lookup is done twice.
+    """
+    policy = policy or FetchPolicy()
+    reasons = [literal_reason(u, policy) for u in table["url"].to_pylist()]
+    refused_mask = pa.array([r is not None for r in reasons], pa.bool_())
+    refused = table.filter(refused_mask)
+    refused = refused.append_column("reason", pa.array([r for r in reasons if r is not None], pa.string()))
+    return table.filter(pc.invert(refused_mask)), refused
+
+
+def _prepare_list(table: pa.Table, output: str, settings: dict) -> str:
+    """Write the list img2dataset will see; refuse to mix it into shards made from another list."""
+    uri = storage.join(output, SCREENED_LIST)
+    meta = {b"pipeline.download": json.dumps(settings, sort_keys=True).encode()}
+    table = table.replace_schema_metadata(meta)
+    done = storage.list_files(output, r"\d+_stats\.json")
+    if done and storage.exists(uri):
+        with storage.open(uri) as f:
+            old = pq.read_table(f)
+        if not (old.equals(table) and old.schema.metadata == table.schema.metadata):
+            raise RuntimeError(f"{output} already holds {len(done)} finished shards downloaded from a different "
+                               "URL list or with different settings; use a new output folder or delete it")
+    with storage.atomic_write(uri) as f:
+        pq.write_table(table, f)
+    return uri
+
+
+def run_streaming(cmd: list[str], env: dict | None = None, tail: int = 30) -> None:
+    """Run ``cmd``, copying its stdout+stderr to ours line by line; RuntimeError on failure.
+
+    The child gets its own process group, killed with us on an exception (Ctrl-C, a task timeout),
+    so no orphaned download process keeps writing into a folder that a re-run starts on.
+    """
+    last = collections.deque(maxlen=tail)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                          errors="replace", bufsize=1, start_new_session=True) as proc:
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                last.append(line.rstrip("\n"))
+            sys.stdout.flush()
+            rc = proc.wait()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    if rc != 0:
+        name = os.path.basename(cmd[2] if cmd[1:2] == ["-m"] else cmd[1] if len(cmd) > 1 else cmd[0])
+        raise RuntimeError(f"{name} exited with code {rc}; last output:\n" + "\n".join(last))
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env.update(NO_ALBUMENTATIONS_UPDATE="1",  # albumentations checks PyPI for updates at import
+               WANDB_MODE="disabled", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    return env
+
+
+def normalize_error(message: str | None) -> str:
+    """A short, stable reason for an img2dataset error message ("HTTP Error 404: ..." -> "http_404")."""
+    text = (message or "unknown").strip()
+    lower = text.lower()
+    head = lower.split(":", 1)[0].strip()
+    if head in REFUSAL_REASONS or head in BODY_REASONS or head == "dns_error":
+        return head  # our fetch guard's messages start with their reason
+    http = re.match(r"http error (\d{3})", lower)
+    if http:
+        return f"http_{http.group(1)}"
+    for needle, reason in (("timed out", "timeout"), ("connection refused", "connection_refused"),
+                           ("name or service not known", "dns_error"), ("name resolution", "dns_error"),
+                           ("x-robots-tag", "disallowed_by_x_robots_tag")):
+        if needle in lower:
+            return reason
+    # Drop "<urlopen error [Errno 104] ...>" wrappers and numbers that vary per request.
+    lower = re.sub(r"urlopen error|\[errno -?\d+\]|\d+", " ", lower)
+    return re.sub(r"[^a-z]+", "_", lower).strip("_")[:60] or "unknown"
+
+
+def reason_stage(reason: str) -> str:
+    """"refused" for a URL the guard never contacted, else "download"."""
+    return "refused" if reason in REFUSAL_REASONS else "download"
+
+
+def shard_failures(parquet_uri: str) -> tuple[int, collections.Counter]:
+    """Rows of one img2dataset shard and its failures as ``{(stage, reason): n}``."""
+    with storage.open(parquet_uri, "rb") as f:
+        table = pq.read_table(f, columns=["status", "error_message"])
+    failures: collections.Counter = collections.Counter()
+    for status, error in zip(table["status"].to_pylist(), table["error_message"].to_pylist(), strict=True):
+        if status != "success":
+            reason = normalize_error(error)
+            failures[(reason_stage(reason), reason)] += 1
+    return table.num_rows, failures
+
+
+def read_refused(output: str) -> collections.Counter:
+    """Rows the pre-screen refused before img2dataset saw them, by reason."""
+    uri = storage.join(output, REFUSED_LIST)
+    if not storage.exists(uri):
+        return collections.Counter()
+    with storage.open(uri, "rb") as f:
+        return collections.Counter(pq.read_table(f, columns=["reason"])["reason"].to_pylist())
+
+
+def summarize(output: str) -> dict:
+    """Totals over a download folder: finished shards, successes, failures and refusals by reason.
+
+    ``input_rows == successes + failed + refused``; ``rejected`` holds every refusal by reason,
+    from the pre-screen (``refused.parquet``) and from inside the fetch (shard parquets).
+    """
+    stats_files = storage.list_files(output, r"\d+_stats\.json")
+    totals = {"output": output, "shards": len(stats_files), "total": 0, "successes": 0}
+    failures: collections.Counter = collections.Counter()
+    for uri in stats_files:
+        stats = storage.read_json(uri)
+        totals["total"] += stats["count"]
+        totals["successes"] += stats["successes"]
+        failures.update(shard_failures(uri[: -len("_stats.json")] + ".parquet")[1])
+    prescreened = read_refused(output)
+    refused = collections.Counter(prescreened)
+    refused.update({reason: n for (stage, reason), n in failures.items() if stage == "refused"})
+    errors = collections.Counter({reason: n for (stage, reason), n in failures.items() if stage == "download"})
+    totals["failed"] = sum(errors.values())
+    totals["refused"] = sum(refused.values())
+    totals["input_rows"] = totals["total"] + sum(prescreened.values())
+    totals["errors"] = dict(errors.most_common())
+    totals["rejected"] = dict(sorted(refused.items()))
+    return totals
+
+
+def _shard_ids(output: str) -> set[int]:
+    return {int(storage.basename(u).split("_")[0]) for u in storage.list_files(output, r"\d+_stats\.json")}
+
+
+def _missing_shards(output: str, n_rows: int, per_shard: int) -> list[str]:
+    return [f"{i:05d}" for i in sorted(set(range(math.ceil(n_rows / per_shard))) - _shard_ids(output))]
+
+
+def _check_finished(output: str, n_rows: int, per_shard: int) -> None:
+    missing = _missing_shards(output, n_rows, per_shard)
+    if missing:
+        raise RuntimeError(f"img2dataset exited but shard(s) {missing} in {output} have no _stats.json "
+                           "(see the errors above); run the same download again to retry only those shards")
+
+
+def _resolve(config: DownloadConfig) -> DownloadConfig:
+    """Fill the stage's resize defaults and validate; every error names the option to change."""
+    policy = stage_policy(stage_specs(config.presets, config.stages))
+    config = dataclasses.replace(config, **{k: policy[k] for k in ("image_size", "resize_mode", "resize_only_if_bigger")
+                                            if getattr(config, k) is None})
+    if config.resize_mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode={config.resize_mode!r}: use one of {RESIZE_MODES} "
+                         "('border' pads with white bars, which the model would learn)")
+    if config.encode_format not in DEFAULT_QUALITY:
+        raise ValueError(f"encode_format={config.encode_format!r}: use one of {sorted(DEFAULT_QUALITY)}")
+    if config.encode_quality is None:
+        config = dataclasses.replace(config, encode_quality=DEFAULT_QUALITY[config.encode_format])
+    if config.encode_format == "png" and not 0 <= config.encode_quality <= 9:
+        raise ValueError(f"encode_quality={config.encode_quality} for png is a zlib level: use 0..9")
+    if config.number_sample_per_shard < 1 or config.timeout <= 0:
+        raise ValueError("number_sample_per_shard must be >= 1 and timeout > 0")
+    return config
+
+
+def _layout(config: DownloadConfig, policy: FetchPolicy) -> dict:
+    """What decides the shards' content: a finished shard made with other values must not be mixed in."""
+    keys = ("image_size", "resize_mode", "resize_only_if_bigger", "encode_format", "encode_quality",
+            "number_sample_per_shard", "caption_col", "save_additional_columns", "disallowed_header_directives",
+            "user_agent_token")
+    layout = {k: getattr(config, k) for k in keys}
+    layout["save_additional_columns"] = list(layout["save_additional_columns"] or [])
+    layout["disallowed_header_directives"] = list(layout["disallowed_header_directives"])
+    layout["caption_col"] = "caption" if config.caption_col else None
+    layout["policy"] = {**dataclasses.asdict(policy), "allow_hosts": list(policy.allow_hosts)}
+    return layout
+
+
+def _img2dataset_spec(list_uri: str, output: str, config: DownloadConfig, policy: FetchPolicy) -> str:
+    kwargs = {
+        "url_list": list_uri, "output_folder": output, "input_format": "parquet", "url_col": "url",
+        "caption_col": "caption" if config.caption_col else None, "output_format": "webdataset",
+        "incremental_mode": "incremental", "enable_wandb": False, "compute_hash": "sha256",
+        "image_size": config.image_size, "resize_mode": config.resize_mode,
+        "resize_only_if_bigger": config.resize_only_if_bigger, "encode_format": config.encode_format,
+        "encode_quality": config.encode_quality, "number_sample_per_shard": config.number_sample_per_shard,
+        "save_additional_columns": list(config.save_additional_columns or []) or None,
+        "processes_count": config.processes, "thread_count": config.threads, "timeout": config.timeout,
+        "retries": config.retries, "user_agent_token": config.user_agent_token,
+        # An empty list would make img2dataset fall back to its own default list.
+        "disallowed_header_directives": list(config.disallowed_header_directives) or None,
+    }
+    return json.dumps({"download": kwargs, "policy": {**dataclasses.asdict(policy),
+                                                      "allow_hosts": list(policy.allow_hosts)}})
+
+
+def download(url_list: str, output: str, config: DownloadConfig | None = None, **overrides) -> dict:
+    """Download ``url_list`` into webdataset shards under ``output``; returns :func:`summarize`.
+
+    Options are :class:`DownloadConfig` fields, as ``config`` and/or keyword overrides. A re-run
+    over the same output only downloads shards without a ``_stats.json``.
+    """
+    config = _resolve(dataclasses.replace(config or DownloadConfig(), **overrides))
+    policy = deployment_policy(allow_private_networks=config.allow_private_networks,
+                               allow_hosts=config.allow_hosts, max_bytes=config.max_bytes,
+                               max_pixels=config.max_pixels)
+    fmt = config.input_format or infer_input_format(url_list)
+    caption_col = None if fmt == "txt" else config.caption_col  # a .txt list is one URL per line
+    config = dataclasses.replace(config, caption_col=caption_col)
+    table = read_url_list(url_list, fmt, config.url_col, caption_col, list(config.save_additional_columns or []),
+                          policy)
+    allowed, refused = screen_urls(table, policy)
+    storage.makedirs(output)
+    list_uri = _prepare_list(allowed, output, _layout(config, policy))
+    with storage.atomic_write(storage.join(output, REFUSED_LIST)) as f:
+        pq.write_table(refused, f)
+    if refused.num_rows:
+        print(f"refused {refused.num_rows} of {table.num_rows} URLs before fetching (scheme or private "
+              f"address); see {storage.join(output, REFUSED_LIST)}", flush=True)
+    missing = _missing_shards(output, allowed.num_rows, config.number_sample_per_shard)
+    n_shards = math.ceil(allowed.num_rows / config.number_sample_per_shard)
+    print(f"download: {n_shards - len(missing)} of {n_shards} shards already done, {len(missing)} to fetch",
+          flush=True)
+    # Skip img2dataset's ~10 s start-up when every shard already has its completion marker.
+    if missing:
+        cmd = [sys.executable, "-m", "pipeline.data.fetch_guard",
+               _img2dataset_spec(list_uri, output, config, policy)]
+        run_streaming(cmd, env=_child_env())
+        _check_finished(output, allowed.num_rows, config.number_sample_per_shard)
+    return summarize(output)

@@ -1,0 +1,749 @@
+"""Precompute frozen T5 caption embeddings for filtered WebDataset shards.
+
+Imagen trains against a frozen text encoder (sec. 2.1), so captions are encoded once,
+ahead of training, instead of running T5-XXL in every training step. For each filtered
+shard ``INPUT/NNNNNN.tar`` (members ``KEY.png``, ``KEY.txt``, ``KEY.json``) this writes::
+
+    OUTPUT/<encoder-slug>/NNNNNN.parquet
+        __key__       string                                  sample key, shard order
+        num_tokens    int32                                   real tokens, </s> included
+        embedding     list<fixed_size_list<float16, D>>       [num_tokens, D]; no padding
+        image_ext     string                                  the sample's image member:
+        image_offset  int64                                   extension, data offset and
+        image_size    int64                                   size in the tar (-1: none)
+        image_side    int32                                   the image's short side in
+                                                              pixels (-1: unknown)
+        image_sha256  fixed_size_binary[32]                   the image bytes' sha256
+
+The image columns make the parquet an index of its tar: the training loader seeks straight
+to an image (``pipeline.data``), and checks the member name there and the bytes' sha256
+before trusting it; it leaves out of a stage, before reading any pixel, the samples whose
+``image_side`` is below that stage's size (read from the image header here, never from
+metadata that could lie). A key gets one row: the first image and caption in tar order.
+
+The parquet file is the shard's completion marker: it is written to a temporary name and
+renamed, and its schema metadata (``encoder_id``, ``max_length``, ``dtype``, ``dim``, source
+shard name, size and sha256, ``code_version``...) decides whether a re-run may skip the
+shard: the tar is matched by its content hash, so a shard changed in place is redone. A
+worker killed mid-shard leaves at most a hidden ``.NNNNNN.parquet.tmp-*`` file, which the
+next run over that shard deletes.
+
+A shard's captions are tokenized once, sorted by token count and cut into length buckets
+under a padded-token budget (``max_batch_tokens``, at most ``batch_size`` captions), so a
+batch pads only to near its own length; on out-of-memory the budget halves and the batch is
+retried. Only the real tokens of each caption are stored, as float16.
+
+Several GPUs or machines split the shards: ``split_shards(INPUT, N)`` returns N disjoint,
+sample-balanced lists, and worker ``i`` runs ``embed_shards(..., shards=lists[i])`` (an
+Airflow task mapped over the lists, or one process per GPU). Paths are fsspec URIs::
+
+    python -m pipeline.data.embed INPUT OUTPUT google/t5-v1_1-xxl [--worker 0 --num-workers 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import heapq
+import json
+import logging
+import math
+import posixpath
+import re
+import tarfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline import storage
+
+log = logging.getLogger(__name__)
+
+# Bump when the stored values or layout change: shards written by older code are redone.
+# v2: image_ext/offset/size columns; v3: image_side; v4: source_sha256, image_sha256, one sample per key
+CODE_VERSION = "embed-v4"
+STORAGE_DTYPE = "float16"
+_META_KEYS_INT = ("max_length", "dim", "num_samples", "source_size", "tar_samples")
+_HINT = "Delete it and re-run the embed step to regenerate it."
+# Keys that must match for an existing parquet to count as done; then the source tar's
+# size and sha256 must match too (see _is_done).
+_MATCH_KEYS = ("encoder_id", "max_length", "dtype", "code_version", "source_shard")
+_SHARD = r"\d+\.tar"
+_PARQUET = r"\d+\.parquet"
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")  # a key's first image member in tar order is used
+# A batch takes captions down to this fraction of its longest one: <= 20% of it is padding,
+# and web captions (mostly 5-20 tokens) still fill large batches.
+BUCKET_RATIO = 0.8
+
+
+def encoder_slug(encoder_id: str) -> str:
+    """Directory-safe name for an encoder id (``google/t5@abc`` -> ``google-t5-abc``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", encoder_id).strip("-.")
+
+
+def split_key(member_name: str) -> tuple[str, str]:
+    """WebDataset's key/extension split: ``dir/000001.png`` -> (``dir/000001``, ``png``)."""
+    directory, base = posixpath.split(member_name)
+    stem, _, ext = base.partition(".")
+    return (posixpath.join(directory, stem) if directory else stem), ext.lower()
+
+
+def shard_stem(uri: str) -> str:
+    """``.../000003.tar`` or ``000003.parquet`` -> ``000003``."""
+    return storage.basename(uri).split(".", 1)[0]
+
+
+@dataclass
+class TarIndex:
+    """What one scan of a shard finds: captions, and where each sample's image lies.
+
+    ``images`` maps a key to ``(ext, data offset, size, short side)`` of its image member,
+    so a reader can later ``seek`` straight to it (the training loader's random access); the
+    short side in pixels is -1 when the scan did not read the image (``captions=False``).
+    """
+
+    keys: list[str]  # samples with a caption, tar order
+    captions: list[str]
+    images: dict[str, tuple[str, int, int, int]]
+    all_keys: list[str]  # every sample, tar order
+    image_sha256: dict[str, bytes] = dataclasses.field(default_factory=dict)  # with captions only
+    sha256: str = ""  # of the whole tar (with captions only: the tar is streamed)
+    size: int = 0  # bytes of the tar
+    duplicates: int = 0  # second members of one kind (image, caption) for a key: ignored
+
+    @property
+    def no_caption(self) -> int:
+        return len(self.all_keys) - len(self.keys)
+
+
+class _HashingReader:
+    """A file wrapper that hashes every byte read through it, and counts them."""
+
+    def __init__(self, fh):
+        self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def file_sha256(uri: str) -> str:
+    """Hex sha256 of a file, streamed."""
+    with storage.open(uri, "rb") as fh:
+        reader = _HashingReader(fh)
+        reader.drain()
+    return reader.sha.hexdigest()
+
+
+def tar_tail_problem(fh, end: int, size: int) -> str | None:
+    """Why a tar whose member headers stop at byte ``end`` of ``size`` lost members, or None.
+
+    Python's tarfile ends an archive, silently, at the first header it cannot parse; only the
+    archive's end (zero blocks up to the file's size) may follow the last member.
+    """
+    if end + 512 > size:
+        return f"it is cut short ({size} bytes; its last member ends at byte {end})"
+    fh.seek(end)
+    pos = end
+    while chunk := fh.read(1 << 20):
+        if chunk.count(0) != len(chunk):
+            at = pos + len(chunk) - len(chunk.lstrip(b"\0"))  # the first non-zero byte
+            return f"a corrupt tar header at byte {at} of {size} ends the archive early"
+        pos += len(chunk)
+    return None
+
+
+def scan_tar(uri: str, captions: bool = True) -> TarIndex:
+    """Index one shard. With ``captions`` the tar is streamed (every byte read once, and
+    hashed: ``TarIndex.sha256``); without, headers are read and data is seeked past.
+
+    A key keeps the first member of each kind (image, caption) in tar order; later ones are
+    counted in ``duplicates``. Raises ``ValueError`` naming the shard if the tar ends early
+    at a corrupt header (tarfile alone would stop there in silence).
+    """
+    index = TarIndex([], [], {}, [])
+    seen: set[str] = set()
+    with_caption: set[str] = set()
+    with storage.open(uri, "rb") as fh:
+        reader = _HashingReader(fh)
+        with tarfile.open(fileobj=reader if captions else fh, mode="r|" if captions else "r:") as tar:
+            n = 0
+            for member in tar:
+                n += 1
+                if not member.isfile():
+                    continue
+                key, ext = split_key(member.name)
+                if key not in seen:
+                    seen.add(key)
+                    index.all_keys.append(key)
+                if ext == "txt" and captions:
+                    if key in with_caption:
+                        index.duplicates += 1
+                        continue
+                    with_caption.add(key)
+                    index.keys.append(key)
+                    index.captions.append(tar.extractfile(member).read().decode("utf-8").strip())
+                elif ext in IMAGE_EXTS:
+                    if key in index.images:
+                        index.duplicates += 1
+                        continue
+                    data = tar.extractfile(member).read() if captions else None
+                    if data is not None:
+                        index.image_sha256[key] = hashlib.sha256(data).digest()
+                    index.images[key] = (ext, member.offset_data, member.size, _short_side(data) if captions else -1)
+            end = tar.offset
+        if captions:
+            reader.drain()
+            index.sha256, index.size = reader.sha.hexdigest(), reader.size
+        else:
+            index.size = storage.size(uri)
+        problem = tar_tail_problem(fh, end, index.size)
+    if problem:
+        raise ValueError(f"shard {uri} is damaged: {problem}, after {n} members. Re-run the filter step "
+                         "to write it again (delete it first).")
+    if index.duplicates:
+        log.warning("%s: %d second member(s) for a key ignored (the first of each kind is used)", uri,
+                    index.duplicates)
+    return index
+
+
+def _short_side(data: bytes) -> int:
+    """The image's short side from its header (no pixels decoded); -1 if unreadable."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return min(img.size)
+    except Exception:  # noqa: BLE001 - the loader counts an undecodable image when it meets it
+        return -1
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA/MPS out-of-memory, or the CPU allocator failing to get memory."""
+    import torch
+
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+@dataclass
+class EncodeStats:
+    """What batching cost: real vs padded tokens, batches run, OOM retries, final budget."""
+
+    tokens: int = 0
+    padded_tokens: int = 0
+    batches: int = 0
+    oom_retries: int = 0
+    token_budget: int = 0
+
+
+def _next_batch(order: list[int], sorted_lengths: np.ndarray, pos: int, max_batch: int,
+                budget: int) -> list[int]:  # fmt: skip
+    # Captions are sorted longest first, so the first one sets the batch's padded length;
+    # the batch stops where lengths fall below BUCKET_RATIO of it (a length bucket).
+    longest = int(sorted_lengths[pos])
+    shortest = math.ceil(BUCKET_RATIO * longest)
+    in_bucket = int(np.searchsorted(-sorted_lengths, -shortest, side="right")) - pos
+    n = max(1, min(max_batch, budget // longest, in_bucket))
+    return order[pos : pos + n]
+
+
+class NonFiniteEmbedding(ValueError):
+    """Caption ``index`` encodes to inf/nan in float16 (fp16 overflow in T5 v1.1)."""
+
+    def __init__(self, index: int):
+        super().__init__(f"caption {index} has a non-finite float16 embedding")
+        self.index = index
+
+
+def _forward(encoder, ids: list[list[int]]) -> np.ndarray:
+    """float16 ``[sum T, D]``: the real tokens of each caption, row after row."""
+    import torch
+
+    hidden, mask = encoder.encode_ids(ids)
+    real = hidden[mask].to(torch.float16)  # cast on the device: half the copy to host
+    if not torch.isfinite(real).all():  # checked per batch: memory bounded by the batch
+        bad_token = int((~torch.isfinite(real).all(dim=1)).nonzero()[0])
+        ends = np.cumsum([len(x) for x in ids])
+        raise NonFiniteEmbedding(int(np.searchsorted(ends, bad_token, side="right")))
+    return real.cpu().numpy()
+
+
+def encode_captions(
+    encoder, ids: list[list[int]], batch_size: int, max_batch_tokens: int
+) -> tuple[np.ndarray, np.ndarray, EncodeStats]:
+    """Encode tokenized captions; returns ``(flat float16 [sum T, D], lengths, stats)``.
+
+    ``flat`` holds the real tokens of caption 0, then caption 1, ... in input order. Batches
+    are built from captions sorted by length, longest first (an out-of-memory shows at
+    once), each at most ``batch_size`` captions and ``max_batch_tokens`` padded tokens, and
+    none shorter than ``BUCKET_RATIO`` of the batch's longest (padding <= 20%). On
+    out-of-memory the budget halves and the same captions are retried; the smaller budget
+    then holds for the rest of the call. Raises :class:`NonFiniteEmbedding` naming the
+    caption's index when its float16 vectors overflow.
+    """
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat = np.empty((int(offsets[-1]), encoder.dim), dtype=np.float16)
+    order = sorted(range(len(ids)), key=lambda i: (-lengths[i], i))
+    sorted_lengths = lengths[order]
+    stats = EncodeStats(tokens=int(offsets[-1]), token_budget=max_batch_tokens)
+    pos = 0
+    while pos < len(order):
+        batch = _next_batch(order, sorted_lengths, pos, batch_size, stats.token_budget)
+        padded = len(batch) * int(lengths[batch[0]])
+        try:
+            real = _forward(encoder, [ids[i] for i in batch])
+        except NonFiniteEmbedding as err:
+            raise NonFiniteEmbedding(batch[err.index]) from None
+        except (RuntimeError, MemoryError) as err:
+            if not (isinstance(err, MemoryError) or is_out_of_memory(err)):
+                raise
+            if len(batch) == 1:
+                raise RuntimeError(
+                    f"out of memory encoding one caption of {padded} tokens: lower "
+                    "--max-length, use --dtype bfloat16, or run on a device with more memory"
+                ) from err
+            stats.token_budget, stats.oom_retries = padded // 2, stats.oom_retries + 1
+            log.warning("out of memory at %d captions x %d tokens; token budget now %d",
+                        len(batch), lengths[batch[0]], stats.token_budget)  # fmt: skip
+            _release_cached_memory()
+            continue
+        row = 0
+        for i in batch:
+            flat[offsets[i] : offsets[i + 1]] = real[row : row + lengths[i]]
+            row += lengths[i]
+        stats.padded_tokens += padded
+        stats.batches += 1
+        pos += len(batch)
+    return flat, lengths, stats
+
+
+def _release_cached_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _build_table(index: TarIndex, lengths: np.ndarray, flat: np.ndarray, metadata: dict):
+    import pyarrow as pa
+
+    keys = index.keys
+    where = [index.images.get(k, ("", -1, -1, -1)) for k in keys]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    values = pa.array(flat.reshape(-1), pa.float16())
+    tokens = pa.FixedSizeListArray.from_arrays(values, flat.shape[1])
+    embedding = pa.ListArray.from_arrays(pa.array(offsets), tokens)
+    table = pa.table(
+        {
+            "__key__": pa.array(keys, pa.string()),
+            "num_tokens": pa.array(lengths.astype(np.int32), pa.int32()),
+            "embedding": embedding,
+            # Where the image sits in the source tar: the loader seeks there directly.
+            "image_ext": pa.array([w[0] for w in where], pa.string()),
+            "image_offset": pa.array([w[1] for w in where], pa.int64()),
+            "image_size": pa.array([w[2] for w in where], pa.int64()),
+            "image_side": pa.array([w[3] for w in where], pa.int32()),
+            # The loader checks each image it reads against this: the pixels it trains on are
+            # the ones that were here when the caption was embedded.
+            "image_sha256": pa.array([index.image_sha256.get(k) for k in keys], pa.binary(32)),
+        }
+    )
+    return table.replace_schema_metadata({k: str(v) for k, v in metadata.items()})
+
+
+def _write_parquet(table, uri: str) -> None:
+    import pyarrow.parquet as pq
+
+    # Temp name then rename, so readers (and re-runs) never take half a file for done.
+    with storage.atomic_write(uri) as fh:
+        # Dictionary encoding buys nothing on unique keys and random float16 values.
+        # Row groups of 1024 samples keep a T5-XXL shard's groups near 100-200 MB.
+        pq.write_table(table, fh, use_dictionary=False, compression="zstd", row_group_size=1024)
+
+
+def _decode_metadata(raw: dict | None) -> dict:
+    meta = {k.decode(): v.decode() for k, v in (raw or {}).items()}
+    for key in _META_KEYS_INT:
+        if key in meta:
+            meta[key] = int(meta[key])
+    return meta
+
+
+def embedding_files(path: str) -> list[str]:
+    """Sorted ``NNNNNN.parquet`` URIs directly under ``path``."""
+    return storage.list_files(path, _PARQUET)
+
+
+def resolve_embeddings_dir(path: str) -> str:
+    """``path`` itself if it holds embeddings, else its single encoder subfolder.
+
+    Lets callers pass either ``embed_shards``'s ``output`` or the root given to it.
+    """
+    if embedding_files(path):
+        return path
+    fs, root = storage.url_to_fs(path)
+    subdirs = [p for p in fs.ls(root, detail=False) if fs.isdir(p)] if fs.isdir(root) else []
+    found = [
+        storage.basename(d)
+        for d in subdirs
+        if embedding_files(storage.join(path, storage.basename(d)))
+    ]
+    if len(found) == 1:
+        return storage.join(path, found[0])
+    raise ValueError(
+        f"no embeddings parquet in {path}"
+        + (f"; pick one encoder folder of {found}" if found else "; run the embed step first")
+    )
+
+
+def read_metadata(path: str) -> dict:
+    """Schema metadata of an embeddings parquet (reads the footer only).
+
+    ``path`` may also be an embeddings directory (or its parent with one encoder folder):
+    then the metadata of its first parquet is returned, shard-specific keys included.
+    """
+    fs, fpath = storage.url_to_fs(path)
+    if fs.isdir(fpath):
+        path = embedding_files(resolve_embeddings_dir(path))[0]
+    return read_footer(path)[1]
+
+
+def _is_done(uri: str, expected: dict, tar_uri: str) -> bool:
+    """Whether ``uri`` holds this shard's embeddings for these settings. The tar is matched by
+    content: a changed shard of the same size (tars are padded to 10 KiB) is redone. It is
+    hashed only when everything cheaper matched."""
+    if not storage.exists(uri):
+        return False
+    try:
+        meta = read_metadata(uri)
+    except ValueError:
+        return False  # a corrupt leftover is simply redone
+    if not all(str(meta.get(k)) == str(expected[k]) for k in _MATCH_KEYS):
+        return False
+    if meta.get("source_size") != storage.size(tar_uri) or not meta.get("source_sha256"):
+        return False
+    return meta["source_sha256"] == file_sha256(tar_uri)
+
+
+def _select(shard_uris: list[str], shards: list[str] | None) -> list[str]:
+    if shards is None:
+        return shard_uris
+    wanted = {shard_stem(s) for s in shards}
+    chosen = [u for u in shard_uris if shard_stem(u) in wanted]
+    missing = wanted - {shard_stem(u) for u in chosen}
+    if missing:
+        raise ValueError(f"shards not found in input: {sorted(missing)}")
+    return chosen
+
+
+def _shard_weights(input: str, shard_uris: list[str]) -> dict[str, int]:
+    """Samples per shard from the filter manifest (``{"shards": {name: count}}``), else bytes."""
+    names = [storage.basename(u) for u in shard_uris]
+    manifest_uri = storage.join(input, "manifest.json")
+    if storage.exists(manifest_uri):
+        counts = storage.read_json(manifest_uri).get("shards")
+        if isinstance(counts, dict) and all(isinstance(counts.get(n), int) for n in names):
+            return {n: counts[n] for n in names}
+        log.warning("%s does not list a sample count for every shard; balancing by bytes",
+                    manifest_uri)  # fmt: skip
+    return {storage.basename(u): storage.size(u) for u in shard_uris}
+
+
+def split_shards(input: str, num_workers: int) -> list[list[str]]:
+    """``num_workers`` disjoint lists of shard names covering every shard in ``input``.
+
+    Balanced by sample count (largest shards first, each to the least loaded worker), and
+    deterministic, so a retried Airflow map index gets the same list. A worker gets an
+    empty list when there are fewer shards than workers.
+    """
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    shard_uris = storage.list_shards(input, _SHARD)
+    if not shard_uris:
+        raise ValueError(f"no NNNNNN.tar shards in {input}; run the filter step first")
+    weights = _shard_weights(input, shard_uris)
+    names = sorted(weights)
+    return [[names[i] for i in part] for part in balanced_split([weights[n] for n in names],
+                                                                num_workers)]  # fmt: skip
+
+
+def balanced_split(weights: list[int], parts: int) -> list[list[int]]:
+    """Indices of ``weights`` in ``parts`` disjoint sorted lists of near-equal total weight.
+
+    Greedy, heaviest first, each to the lightest list (ties: lower index first), so the
+    result depends only on the weights: every process computes the same split.
+    """
+    loads = [(0, p) for p in range(parts)]
+    owned: list[list[int]] = [[] for _ in range(parts)]
+    for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+        load, p = heapq.heappop(loads)
+        owned[p].append(i)
+        heapq.heappush(loads, (load + weights[i], p))
+    return [sorted(o) for o in owned]
+
+
+def _clean_temps(out_dir: str, name: str) -> None:
+    """Delete temporaries a killed run left for this shard (only this worker's shards)."""
+    for uri in storage.list_files(out_dir, rf"\.{name}\.parquet\.tmp-[0-9a-f]+"):
+        log.warning("removing %s, left by an interrupted run", uri)
+        storage.remove(uri)
+
+
+@dataclass
+class EmbedOptions:
+    """Per-run batching knobs (see :func:`embed_shards`)."""
+
+    batch_size: int = 256
+    max_batch_tokens: int = 16384
+
+
+def _open_encoder(encoder, max_length: int, device: str | None, dtype: str | None):
+    from imagen.text import make_text_encoder
+    from pipeline.data.fetch_guard import refuse_model_url
+
+    if isinstance(encoder, str):
+        refuse_model_url(encoder)  # a URL never reaches transformers: hub names and local dirs only
+        return make_text_encoder(encoder, max_length=max_length, device=device, dtype=dtype)
+    return encoder  # an already built TextEncoder (benchmarks, tests): its own settings win
+
+
+def embed_shards(
+    input: str,
+    output: str,
+    encoder,
+    *,
+    max_length: int = 128,
+    batch_size: int = 256,
+    max_batch_tokens: int = 16384,
+    shards: list[str] | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> dict:
+    """Embed the captions of every (or the selected) filtered shard; see the module doc.
+
+    Args:
+        input: directory (fsspec URI) of filtered ``NNNNNN.tar`` shards.
+        output: root directory; results go to ``output/<encoder-slug>/``.
+        encoder: hub id or local directory of a T5 encoder (``t5:`` prefix optional), or
+            an :class:`imagen.text.TextEncoder` (then max_length, device, dtype are its own).
+        max_length: token limit per caption (``</s>`` included).
+        batch_size: most captions per forward pass.
+        max_batch_tokens: most padded tokens (captions x longest) per forward pass; halves
+            on out-of-memory.
+        shards: subset of shard names (``000003``, ``000003.tar`` or paths), e.g. one list
+            of :func:`split_shards`; default every shard in ``input``.
+        device, dtype: passed to :class:`imagen.text.T5TextEncoder`.
+
+    Returns:
+        ``{"output", "encoder_id", "shards", "samples", "skipped", "samples_per_s",
+        "padding"}``: the embeddings directory, the encoder identity, shards and samples
+        embedded now, shards skipped because an up-to-date parquet was there, throughput,
+        and the fraction of encoded positions that were padding.
+    """
+    if batch_size < 1 or max_batch_tokens < 1:
+        raise ValueError(f"batch_size ({batch_size}) and max_batch_tokens "
+                         f"({max_batch_tokens}) must be >= 1")  # fmt: skip
+    shard_uris = _select(storage.list_shards(input, _SHARD), shards)
+    if not shard_uris and shards is None:
+        raise ValueError(f"no NNNNNN.tar shards in {input}; run the filter step first")
+    enc = _open_encoder(encoder, max_length, device, dtype)
+    out_dir = storage.join(output, encoder_slug(enc.encoder_id))
+    storage.makedirs(out_dir)
+    base_meta = {
+        "encoder_id": enc.encoder_id,
+        "encoder_name": getattr(enc, "name_or_path", str(encoder)),
+        "max_length": enc.max_length,
+        "dtype": str(getattr(enc, "dtype", "float32")).removeprefix("torch."),
+        "storage_dtype": STORAGE_DTYPE,
+        "code_version": CODE_VERSION,
+    }
+    opts = EmbedOptions(batch_size, max_batch_tokens)
+    total, start = EncodeStats(), time.perf_counter()
+    done = skipped = samples = 0
+    for n, uri in enumerate(shard_uris, 1):
+        name = shard_stem(uri)
+        out_uri = storage.join(out_dir, f"{name}.parquet")
+        _clean_temps(out_dir, name)
+        meta = {**base_meta, "source_shard": f"{name}.tar"}
+        if _is_done(out_uri, meta, uri):
+            skipped += 1
+            continue
+        count, stats = _embed_one(uri, out_uri, enc, opts, meta, f"{n}/{len(shard_uris)}")
+        opts.max_batch_tokens = stats.token_budget  # an OOM-reduced budget carries over
+        total.tokens += stats.tokens
+        total.padded_tokens += stats.padded_tokens
+        samples += count
+        done += 1
+    rate = samples / max(time.perf_counter() - start, 1e-9)
+    padding = 1 - total.tokens / total.padded_tokens if total.padded_tokens else 0.0
+    print(f"[embed] {done} shard(s) embedded, {skipped} skipped, {samples} samples "
+          f"({rate:.1f} samples/s) -> {out_dir}", flush=True)  # fmt: skip
+    return {
+        "output": out_dir,
+        "encoder_id": enc.encoder_id,
+        "shards": done,
+        "samples": samples,
+        "skipped": skipped,
+        "samples_per_s": round(rate, 2),
+        "padding": round(padding, 4),
+    }
+
+
+def _embed_one(uri: str, out_uri: str, enc, opts: EmbedOptions, meta: dict, progress: str):
+    """Embed one shard and write its parquet; returns (samples, EncodeStats)."""
+    start = time.perf_counter()
+    index = scan_tar(uri)
+    keys = index.keys
+    if index.no_caption:
+        log.warning("%s: %d sample(s) have no .txt caption and get no embedding", uri,
+                    index.no_caption)  # fmt: skip
+    ids = enc.token_ids(index.captions) if keys else []
+    try:
+        flat, lengths, stats = encode_captions(enc, ids, opts.batch_size, opts.max_batch_tokens)
+    except NonFiniteEmbedding as err:
+        raise ValueError(
+            f"{uri}: embedding of key {keys[err.index]!r} is not finite in float16 (overflow). "
+            "Encode in float32 or bfloat16 (--dtype) and check the encoder weights."
+        ) from err
+    # The bytes that were indexed and embedded: a re-run redoes the shard if they change.
+    extra = {"dim": enc.dim, "num_samples": len(keys), "tar_samples": len(index.all_keys),
+             "source_size": index.size, "source_sha256": index.sha256}
+    table = _build_table(index, lengths, flat, {**meta, **extra})
+    _write_parquet(table, out_uri)
+    seconds = time.perf_counter() - start
+    padding = 1 - stats.tokens / stats.padded_tokens if stats.padded_tokens else 0.0
+    print(
+        f"[embed] shard {progress} {meta['source_shard']}: {len(keys)} samples, "
+        f"{stats.batches} batches, {padding:.0%} padding, in {seconds:.1f}s "
+        f"({len(keys) / max(seconds, 1e-9):.1f} samples/s)",
+        flush=True,
+    )
+    return len(keys), stats
+
+
+@dataclass
+class EmbeddingShard:
+    """One embeddings parquet in memory: row ``i`` is ``keys[i]`` with ``get(i)`` [T, D]."""
+
+    path: str
+    keys: list[str]
+    offsets: np.ndarray  # int64 [rows + 1] into values
+    values: np.ndarray  # float16 [sum T, D]
+    meta: dict
+    # Image member per row in the source tar (ext, data offset, size; offset -1: no image).
+    # None for files without these columns: the reader then indexes the tar itself.
+    image_ext: list[str] | None = None
+    image_offset: np.ndarray | None = None
+    image_size: np.ndarray | None = None
+    image_side: np.ndarray | None = None  # short side in pixels per row (-1: unknown)
+    image_sha256: list[bytes | None] | None = None  # sha256 of each row's image bytes
+
+    def get(self, row: int) -> np.ndarray:
+        return self.values[self.offsets[row] : self.offsets[row + 1]]
+
+
+def load_embeddings(path: str) -> EmbeddingShard:
+    """Read one embeddings parquet whole (a shard's vectors stay in memory while it is read).
+
+    Raises ``ValueError`` naming the file if it is truncated, corrupt or not in the
+    format above.
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        with storage.open(path, "rb") as fh:
+            table = pq.read_table(fh)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable embeddings parquet ({err}). {_HINT}") from err
+    meta = _decode_metadata(table.schema.metadata)
+    missing = {"__key__", "num_tokens", "embedding"} - set(table.column_names)
+    if missing or "dim" not in meta:
+        raise ValueError(f"{path}: missing columns {sorted(missing)} or metadata 'dim'. {_HINT}")
+    keys = table.column("__key__").to_pylist()
+    lengths = table.column("num_tokens").to_numpy().astype(np.int64)
+    flat = table.column("embedding").combine_chunks().flatten().flatten()
+    values = flat.to_numpy(zero_copy_only=False).reshape(-1, meta["dim"])
+    if values.shape[0] != lengths.sum():
+        raise ValueError(f"{path}: num_tokens does not match the stored embeddings. {_HINT}")
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    shard = EmbeddingShard(path, keys, offsets, values, meta)
+    if {"image_ext", "image_offset", "image_size"} <= set(table.column_names):
+        shard.image_ext = table.column("image_ext").to_pylist()
+        shard.image_offset = table.column("image_offset").to_numpy()
+        shard.image_size = table.column("image_size").to_numpy()
+    if "image_side" in table.column_names:
+        shard.image_side = table.column("image_side").to_numpy()
+    if "image_sha256" in table.column_names:
+        shard.image_sha256 = table.column("image_sha256").to_pylist()
+    return shard
+
+
+def read_embeddings(path: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Load one embeddings parquet: ``({key: float16 [T, D]}, metadata)`` (views, no copies)."""
+    shard = load_embeddings(path)
+    return {key: shard.get(i) for i, key in enumerate(shard.keys)}, shard.meta
+
+
+def read_footer(path: str) -> tuple[int, dict]:
+    """(rows, metadata) of an embeddings parquet from its footer alone."""
+    import pyarrow.parquet as pq
+
+    try:
+        with storage.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            return pf.metadata.num_rows, _decode_metadata(pf.schema_arrow.metadata)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable embeddings parquet ({err}). {_HINT}") from err
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("input")
+    parser.add_argument("output")
+    parser.add_argument("encoder")
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--max-batch-tokens", type=int, default=16384)
+    parser.add_argument("--shards", nargs="*", default=None)
+    parser.add_argument("--worker", type=int, default=0, help="this worker's index")
+    parser.add_argument("--num-workers", type=int, default=1, help="split shards this many ways")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    args = parser.parse_args(argv)
+    shards = args.shards
+    if not 0 <= args.worker < args.num_workers:
+        parser.error(f"--worker {args.worker} is not in [0, --num-workers {args.num_workers})")
+    if args.num_workers > 1:
+        shards = split_shards(args.input, args.num_workers)[args.worker]
+    result = embed_shards(
+        args.input,
+        args.output,
+        args.encoder,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        max_batch_tokens=args.max_batch_tokens,
+        shards=shards,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,683 @@
+"""Filter downloaded img2dataset shards into evenly sized clean shards, counting every reject.
+
+Three passes, each restartable, so a run killed at any point and started again redoes little
+and ends with the same bytes:
+
+1. per raw shard (``workers`` processes in parallel): the per-sample filters of
+   :mod:`pipeline.data.filter_registry` (cheapest first), configured model scorers, and each kept
+   sample's dedup signature -> ``_filter/NNNNN.parquet``, one row per sample (key, url, reject
+   reason, sha256, pHash, thumbnail, scores). Written atomically, it is the shard's completion
+   marker; it is redone only when its raw shard or the per-sample settings change.
+2. global and cheap: exact and near duplicates across the whole dataset in URL-list order
+   (:mod:`pipeline.data.dedup`), then the reshard plan -> ``_filter/plan.parquet``.
+3. per output shard: ``000000.tar``, ``000001.tar``, ... with ``samples_per_shard`` samples each
+   (the last one less), copied from the raw shards without re-encoding, each written atomically;
+   shards already written for the same plan are kept.
+``manifest.json`` is written last; a re-run with unchanged input and settings returns it as is.
+
+    from pipeline.data.filters import filter_shards, format_reject_table
+    manifest = filter_shards("raw/", "filtered/", workers=2)
+    print(format_reject_table(manifest))
+    imagen-pipeline filter --input raw/ --output filtered/      # prints the same table
+
+Output folder:
+    000000.tar, ...   KEY.png|jpg|webp (as downloaded), KEY.txt (caption, stripped),
+                      KEY.json (img2dataset metadata: url, caption, width, ...; "scores" if any)
+    _filter/          per-sample fates and the reshard plan (see above)
+    manifest.json     see :func:`filter_shards`
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import re
+import tarfile
+import time
+import warnings
+from collections.abc import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.data.download import normalize_error, read_refused, reason_stage, shard_failures
+from pipeline.data.embed import tar_tail_problem
+from pipeline.data.filter_registry import (
+    FILTERS,
+    CaptionLengthFilter,
+    DecodeFilter,
+    Filter,
+    FilterConfig,
+    MaxAspectFilter,
+    MaxPixelsFilter,
+    MinSideFilter,
+    Sample,
+    apply_filters,
+    build_filters,
+    build_scorers,
+)
+
+# Re-exported: callers import the whole filter step from here.
+__all__ = ["FILTERS", "CaptionLengthFilter", "DecodeFilter", "Filter", "FilterConfig", "MaxAspectFilter",
+           "MaxPixelsFilter", "MinSideFilter", "Sample", "apply_filters", "build_filters", "filter_shards",
+           "format_reject_table", "index_raw_shard", "read_located", "read_shard", "sample_fates",
+           "stage_config"]
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+MANIFEST = "manifest.json"
+# v3: per-sample stored side, per-stage counts; v4: raw shards verified, dropped_members, duplicate_key
+MANIFEST_FORMAT = "imagen-pipeline/filtered-shards/v4"
+WORK = "_filter"
+PLAN = "plan.parquet"
+# Config fields that only the global pass uses: changing them does not redo pass 1.
+GLOBAL_FIELDS = ("dedup", "near_dedup", "near_dup_distance", "near_dup_color_tolerance", "stage_sides")
+WORK_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("reason", pa.string()),
+                         ("sha256", pa.binary()), ("phash", pa.uint64()), ("thumb", pa.binary()),
+                         ("scores", pa.string()), ("members", pa.string()),
+                         ("side", pa.int32())])  # the stored image's short side: which stages can use it
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    # webdataset's rule: the key is everything before the first dot of the file name.
+    stem, _, ext = name.partition(".")
+    return stem, ext.lower()
+
+
+# img2dataset names members KEY.EXT with a numeric key. Anything else (a directory part, "..",
+# an absolute path, a backslash, control characters, an empty key) is no sample of this
+# download: it is dropped and counted, and can never reach a filtered shard. The 100-character
+# cap keeps the whole name in the ustar header, where read_located checks it.
+_SAFE_MEMBER = re.compile(r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,16})+")
+_KINDS = {**dict.fromkeys(IMAGE_EXTS, "image"), "txt": "txt", "json": "json"}
+
+
+def _plain_key(key) -> bool:
+    return isinstance(key, str) and _SAFE_MEMBER.fullmatch(f"{key}.x") is not None
+
+
+def _kind(ext: str) -> str:
+    return _KINDS.get(ext, ext)
+
+
+def _sample_from(key: str, members: dict[str, bytes]) -> Sample:
+    ext = next((e for e in IMAGE_EXTS if e in members), None)
+    meta = {}
+    if "json" in members:
+        with contextlib.suppress(ValueError):
+            meta = json.loads(members["json"])
+    caption = members.get("txt", b"").decode("utf-8", errors="replace")
+    return Sample(key=key, caption=caption, image_bytes=members.get(ext) if ext else None, ext=ext, meta=meta)
+
+
+@dataclasses.dataclass
+class RawShard:
+    """One raw shard's members, checked against the download's record of it.
+
+    ``groups``: key -> {ext: header} of the first member of each kind (image, txt, json) in tar
+    order; ``dropped``: members that are no sample of this download, by reason;
+    ``unsafe_rows``: keys the parquet lists as successes whose names are not plain keys.
+    """
+
+    uri: str
+    groups: dict[str, dict[str, tarfile.TarInfo]]
+    dropped: collections.Counter
+    unsafe_rows: dict[str, str | None]  # key -> url
+
+
+def _damaged(uri: str, why: str) -> RuntimeError:
+    stats = uri[: -len(".tar")] + "_stats.json"
+    return RuntimeError(f"raw shard {uri} is damaged: {why}. Delete it and {storage.basename(stats)}, then "
+                        "re-run the download step to fetch it again")
+
+
+def _successes(uri: str) -> dict[str, str | None]:
+    """{key: url} of the rows img2dataset recorded as downloaded (status success) for this tar."""
+    parquet = uri[: -len(".tar")] + ".parquet"
+    try:
+        with storage.open(parquet, "rb") as f:
+            rows = pq.read_table(f, columns=["key", "url", "status"]).to_pylist()
+    except (OSError, KeyError, pa.ArrowException) as err:
+        raise _damaged(uri, f"its download record {parquet} cannot be read ({err})") from err
+    keys = [r["key"] for r in rows if r["status"] == "success"]
+    twice = sorted(str(k) for k, n in collections.Counter(keys).items() if n > 1)
+    if twice:
+        raise _damaged(uri, f"{parquet} lists keys {twice[:10]} as downloaded more than once")
+    return {r["key"]: r["url"] for r in rows if r["status"] == "success"}
+
+
+def index_raw_shard(uri: str) -> RawShard:
+    """Read a raw shard's headers and verify them against its img2dataset parquet.
+
+    Raises (naming the shard, and the keys) when the tar ends early at a corrupt header or
+    lacks samples the parquet records as successes: a good sample is never lost in silence.
+    Members that are no sample of the download are dropped and counted (``RawShard.dropped``):
+    ``unsafe_member_name``, ``not_a_regular_file``, ``duplicate_key`` (a second member of one
+    kind for a key: the first in tar order wins) and ``not_in_download_parquet``.
+    """
+    groups: dict[str, dict[str, tarfile.TarInfo]] = collections.defaultdict(dict)
+    dropped: collections.Counter = collections.Counter()
+    size = storage.size(uri)
+    with storage.open(uri, "rb") as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                infos = tar.getmembers()
+                end = tar.offset
+        except tarfile.TarError as err:
+            raise _damaged(uri, f"it is not a readable tar ({err})") from err
+        problem = tar_tail_problem(f, end, size)
+    if problem:
+        raise _damaged(uri, f"{problem}, after {len(infos)} members; the samples behind it would be lost")
+    for info in infos:
+        if not _SAFE_MEMBER.fullmatch(info.name) or len(info.name) > 100:
+            dropped["unsafe_member_name"] += 1
+            continue
+        if not info.isfile():
+            dropped["not_a_regular_file"] += 1
+            continue
+        key, ext = _split_key(info.name)
+        group = groups[key]
+        if any(_kind(e) == _kind(ext) for e in group):
+            dropped["duplicate_key"] += 1
+            continue
+        group[ext] = info
+    listed = _successes(uri)
+    missing = sorted(str(k) for k in listed if k not in groups and _plain_key(k))
+    if missing:
+        raise _damaged(uri, f"{len(missing)} sample(s) the download recorded as successes are not in the tar "
+                            f"(keys {missing[:10]}{' ...' if len(missing) > 10 else ''})")
+    for key in [k for k in groups if k not in listed]:
+        dropped["not_in_download_parquet"] += len(groups.pop(key))
+    unsafe = {k: u for k, u in listed.items() if not _plain_key(k)}
+    if dropped:
+        print(f"warning: raw shard {uri}: dropped {sum(dropped.values())} tar member(s) that are no sample "
+              f"of this download: {dict(sorted(dropped.items()))}", flush=True)
+    return RawShard(uri, dict(groups), dropped, unsafe)
+
+
+def read_shard(uri: str, keys: set[str] | None = None, locations: dict[str, dict[str, list[int]]] | None = None,
+               shard: RawShard | None = None) -> Iterator[Sample]:
+    """Samples of one raw shard in key order (only ``keys``, when given), verified by
+    :func:`index_raw_shard` (or taken from ``shard``, its result).
+
+    img2dataset writes samples in the order its download threads finish; reading them in key
+    order (= URL-list order) makes the output, and which duplicate is kept, independent of
+    download timing. Only member headers are read up front; data is read one sample at a time.
+    ``locations`` (if given) receives ``{key: {ext: [offset, size]}}`` for :func:`read_located`.
+    """
+    groups = (shard or index_raw_shard(uri)).groups
+    with storage.open(uri, "rb") as f:
+        for key in sorted(groups if keys is None else keys & groups.keys()):
+            if locations is not None:
+                locations[key] = {ext: [info.offset_data, info.size] for ext, info in groups[key].items()}
+            members = {}
+            for ext, info in groups[key].items():
+                f.seek(info.offset_data)
+                members[ext] = f.read(info.size)
+            yield _sample_from(key, members)
+
+
+def read_located(uri: str, located: list[tuple[str, dict[str, list[int]]]]) -> Iterator[Sample]:
+    """Samples at known tar offsets (from :func:`read_shard`'s ``locations``), in the given order.
+
+    Seeks straight to the member data: no tar header is parsed a second time, which is most of
+    the cost of reading a shard of small images. The name in each member's own header is
+    checked, so a shard rewritten since it was indexed fails instead of giving other bytes.
+    """
+    with storage.open(uri, "rb") as f:
+        for key, members in located:
+            data = {}
+            for ext, (offset, size) in members.items():
+                f.seek(offset - 512)
+                block = f.read(512 + size)
+                name = block[:100].rstrip(b"\0").decode("utf-8", "replace")
+                data[ext] = block[512:]
+                if len(data[ext]) != size or name != f"{key}.{ext}":
+                    raise RawShardChanged(f"raw shard {uri} changed since it was filtered (member {key}.{ext} "
+                                          "is not where it was); run the filter step again")
+            yield _sample_from(key, data)
+
+
+class RawShardChanged(RuntimeError):
+    """A raw shard differs from its pass-1 index; the filter step redoes it on the next run."""
+
+
+# --- pass 1: per raw shard ------------------------------------------------------------------
+
+def _pass1_settings(config: FilterConfig) -> str:
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in GLOBAL_FIELDS}
+    return json.dumps({"format": MANIFEST_FORMAT, **fields}, sort_keys=True, default=list)
+
+
+def _score(gates, candidates: list[Sample], reasons: dict[str, str | None], scores: dict[str, dict]) -> None:
+    """Run each scorer over the samples still kept, in batches; record scores and rejects."""
+    for gate in gates:
+        batch = [s for s in candidates if reasons[s.key] is None]
+        for sample, value in zip(batch, gate.scorer.score(batch), strict=True):
+            scores[sample.key][gate.name] = round(float(value), 6)
+            reasons[sample.key] = gate.reason(value)
+
+
+def filter_raw_shard(raw_uri: str, work_uri: str, config: FilterConfig) -> dict:
+    """Pass 1 for one raw shard: write its per-sample fates to ``work_uri``; returns counts."""
+    from pipeline.data.dedup import image_signature
+
+    start = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # skipped filters were already reported once by filter_shards
+        filters, _ = build_filters(config)
+        gates, _ = build_scorers(config)
+    rows, kept_samples, reasons, scores, locations = [], [], {}, {}, {}
+    shard = index_raw_shard(raw_uri)
+    for sample in read_shard(raw_uri, locations=locations, shard=shard):
+        reasons[sample.key] = apply_filters(filters, sample)
+        scores[sample.key] = {}
+        rows.append(sample)
+        if reasons[sample.key] is None:
+            kept_samples.append(sample)
+    if gates:
+        _score(gates, kept_samples, reasons, scores)
+    columns: dict[str, list] = {name: [] for name in WORK_SCHEMA.names}
+    for sample in rows:
+        sig = (None, None, None)
+        if reasons[sample.key] is None:
+            sig = image_signature(sample.image_bytes, sample.image)
+        kept = reasons[sample.key] is None
+        values = (sample.key, sample.meta.get("url"), reasons[sample.key], *sig,
+                  json.dumps(scores[sample.key]) if scores[sample.key] else None,
+                  json.dumps(locations[sample.key], sort_keys=True) if kept else None,
+                  min(sample.width, sample.height) if kept else None)
+        for name, value in zip(WORK_SCHEMA.names, values, strict=True):
+            columns[name].append(value)
+        sample.__dict__.pop("image", None)  # free decoded pixels as we go
+    for key, url in sorted(shard.unsafe_rows.items(), key=lambda kv: str(kv[0])):
+        # A listed row whose key is no plain name: its members were dropped, the row is counted.
+        for name, value in zip(WORK_SCHEMA.names, (str(key), url, "unsafe_member_name"), strict=False):
+            columns[name].append(value)
+        for name in WORK_SCHEMA.names[3:]:
+            columns[name].append(None)
+    meta = {b"settings": _pass1_settings(config).encode(), b"raw_size": str(storage.size(raw_uri)).encode(),
+            b"dropped_members": json.dumps(dict(sorted(shard.dropped.items()))).encode()}
+    table = pa.table(columns, schema=WORK_SCHEMA.with_metadata(meta))
+    with storage.atomic_write(work_uri) as f:
+        pq.write_table(table, f)
+    kept = sum(r is None for r in reasons.values())
+    return {"shard": storage.basename(raw_uri), "seen": len(rows) + len(shard.unsafe_rows), "kept": kept,
+            "seconds": time.monotonic() - start}
+
+
+def _pass1_done(raw_uri: str, work_uri: str, settings: str) -> bool:
+    if not storage.exists(work_uri):
+        return False
+    with storage.open(work_uri, "rb") as f:
+        meta = pq.read_schema(f).metadata or {}
+    return meta.get(b"settings") == settings.encode() and meta.get(b"raw_size") == str(storage.size(raw_uri)).encode()
+
+
+def _run_pass1(raw: list[str], work: str, config: FilterConfig, workers: int) -> None:
+    settings = _pass1_settings(config)
+    wanted = {_work_uri(work, r) for r in raw}
+    for uri in storage.list_files(work, r"\d+\.parquet"):
+        if uri not in wanted:
+            storage.remove(uri)  # its raw shard is gone
+    todo = [r for r in raw if not _pass1_done(r, _work_uri(work, r), settings)]
+    print(f"filter: {len(raw) - len(todo)} of {len(raw)} raw shards already filtered, {len(todo)} to go", flush=True)
+
+    def report(result: dict) -> None:
+        print(f"filter {result['shard']}: kept {result['kept']}/{result['seen']} ({result['seconds']:.1f} s)",
+              flush=True)
+
+    if workers <= 1 or len(todo) <= 1:
+        for r in todo:
+            report(filter_raw_shard(r, _work_uri(work, r), config))
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    # spawn: no fork of a process that may hold threads (Airflow, a loaded model).
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(filter_raw_shard, r, _work_uri(work, r), config) for r in todo]
+        for future in concurrent.futures.as_completed(futures):
+            report(future.result())
+
+
+def _work_uri(work: str, raw_uri: str) -> str:
+    return storage.join(work, storage.basename(raw_uri)[: -len(".tar")] + ".parquet")
+
+
+# --- pass 2: global dedup and the reshard plan -----------------------------------------------
+
+def _plan(raw: list[str], work: str, config: FilterConfig,
+          samples_per_shard: int) -> tuple[pa.Table, collections.Counter, collections.Counter]:
+    """The plan: one row per sample that passed pass 1, in dataset order, with its output shard
+    (or its duplicate reason and original); also the rejects of pass 1 and 2 by reason, and the
+    tar members pass 1 dropped, by reason."""
+    from pipeline.data.dedup import find_duplicates
+
+    rejects: collections.Counter = collections.Counter()
+    dropped: collections.Counter = collections.Counter()
+    cols: dict[str, list] = {"raw": [], "key": [], "sha256": [], "phash": [], "thumb": [], "scores": [],
+                             "members": [], "side": []}
+    for r in raw:
+        with storage.open(_work_uri(work, r), "rb") as f:
+            table = pq.read_table(f)
+        dropped.update(json.loads((table.schema.metadata or {}).get(b"dropped_members", b"{}")))
+        rejects.update(x for x in table["reason"].to_pylist() if x is not None)
+        table = table.filter(table["reason"].is_null())
+        cols["raw"] += [storage.basename(r)] * table.num_rows
+        for name in ("key", "sha256", "phash", "thumb", "scores", "members", "side"):
+            cols[name] += table[name].to_pylist()
+    # One sample per key (embeddings and the loader join on it): the first copy that passed
+    # pass 1, in dataset order (raw shard, then key), keeps it; later copies are counted.
+    dups: dict[int, tuple[str, str]] = {}
+    owner: dict[str, str] = {}
+    for i, (raw_name, key) in enumerate(zip(cols["raw"], cols["key"], strict=True)):
+        if key in owner:
+            dups[i] = ("duplicate_key", f"{owner[key]}/{key}")
+        else:
+            owner[key] = raw_name
+    if config.dedup or config.near_dedup:
+        unique = [i for i in range(len(cols["key"])) if i not in dups]
+        by_key = {cols["key"][i]: i for i in unique}
+        found = find_duplicates(((cols["key"][i], cols["sha256"][i], cols["phash"][i], cols["thumb"][i])
+                                 for i in unique), exact=config.dedup, near=config.near_dedup,
+                                max_distance=config.near_dup_distance,
+                                color_tolerance=config.near_dup_color_tolerance)
+        dups.update({by_key[key]: (reason, original) for key, reason, original in found})
+    rejects.update(reason for reason, _ in dups.values())
+    shard, n_kept = [], 0
+    for i in range(len(cols["key"])):
+        shard.append(None if i in dups else f"{n_kept // samples_per_shard:06d}.tar")
+        n_kept += i not in dups
+    fates = [dups.get(i, (None, None)) for i in range(len(cols["key"]))]
+    plan = pa.table({"raw": cols["raw"], "key": cols["key"], "shard": pa.array(shard, pa.string()),
+                     "reason": pa.array([f[0] for f in fates], pa.string()),
+                     "duplicate_of": pa.array([f[1] for f in fates], pa.string()),
+                     "scores": pa.array(cols["scores"], pa.string()),
+                     "members": pa.array(cols["members"], pa.string()),
+                     "side": pa.array(cols["side"], pa.int32())})
+    digest = hashlib.sha256(json.dumps([plan[c].to_pylist() for c in ("raw", "key", "shard", "scores")]).encode())
+    return plan.replace_schema_metadata({b"plan_id": digest.hexdigest().encode()}), rejects, dropped
+
+
+# --- pass 3: write the output shards ----------------------------------------------------------
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed mtime/owner so the same input always gives byte-identical shards.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    tar.addfile(info, io.BytesIO(data))
+
+
+class ShardWriter:
+    """Streams samples into named output shards, each written atomically (temp name, then rename)."""
+
+    def __init__(self, output: str):
+        self.output = output
+        self._name: str | None = None
+        self._stack: contextlib.ExitStack | None = None
+        self._tar: tarfile.TarFile | None = None
+
+    def write(self, sample: Sample, name: str) -> None:
+        if name != self._name:
+            self.close()
+            self._name, self._stack = name, contextlib.ExitStack()
+            f = self._stack.enter_context(storage.atomic_write(storage.join(self.output, name)))
+            tar = tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 - closed by the stack
+            self._tar = self._stack.enter_context(tar)
+        _add_member(self._tar, f"{sample.key}.{sample.ext}", sample.image_bytes)
+        _add_member(self._tar, f"{sample.key}.txt", sample.caption.strip().encode("utf-8"))
+        _add_member(self._tar, f"{sample.key}.json", json.dumps(sample.meta, sort_keys=True).encode("utf-8"))
+
+    def close(self) -> None:
+        """Finish the open shard: close the tar, then rename it into place."""
+        if self._stack is not None:
+            self._stack.close()
+            print(f"filter: wrote {storage.join(self.output, self._name)}", flush=True)
+        self._stack, self._tar, self._name = None, None, None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        elif self._stack is not None:
+            # Hand the error to atomic_write, which deletes the half-written temporary shard.
+            self._stack.__exit__(*exc)
+            self._stack, self._tar, self._name = None, None, None
+
+
+def _plan_id(uri: str) -> bytes | None:
+    if not storage.exists(uri):
+        return None
+    with storage.open(uri, "rb") as f:
+        return (pq.read_schema(f).metadata or {}).get(b"plan_id")
+
+
+def _write_outputs(input: str, output: str, plan: pa.Table) -> None:
+    """Write every output shard of ``plan`` that is not already there from this same plan."""
+    plan_uri = storage.join(output, WORK, PLAN)
+    for uri in storage.list_files(output, r"\..*\.tmp-[0-9a-f]+"):
+        storage.remove(uri)  # temporary files of a killed run
+    if _plan_id(plan_uri) != plan.schema.metadata[b"plan_id"]:
+        # Shards from another plan must go before the new plan is recorded: after a crash
+        # here the recorded plan still differs, and the next run clears again.
+        for uri in storage.list_files(output, r"\d{6}\.tar"):
+            storage.remove(uri)
+        with storage.atomic_write(plan_uri) as f:
+            pq.write_table(plan, f)
+    rows = [r for r in plan.select(["raw", "key", "shard", "scores", "members"]).to_pylist() if r["shard"]]
+    todo = {r["shard"] for r in rows} - {storage.basename(u) for u in storage.list_files(output, r"\d{6}\.tar")}
+    needed: dict[str, list[dict]] = collections.defaultdict(list)
+    for r in rows:  # plan order: raw shard, then key
+        if r["shard"] in todo:
+            needed[r["raw"]].append(r)
+    with ShardWriter(output) as writer:
+        for raw_name, raw_rows in sorted(needed.items()):
+            located = [(r["key"], json.loads(r["members"])) for r in raw_rows]
+            raw_uri = storage.join(input, raw_name)
+            try:
+                for sample, row in zip(read_located(raw_uri, located), raw_rows, strict=True):
+                    if row["scores"]:
+                        sample.meta["scores"] = json.loads(row["scores"])
+                    writer.write(sample, row["shard"])
+            except RawShardChanged:
+                storage.remove(_work_uri(storage.join(output, WORK), raw_uri))  # the next run redoes pass 1
+                raise
+
+
+# --- the step ---------------------------------------------------------------------------------
+
+def _raw_shards(input: str) -> list[str]:
+    """Finished raw shards; a shard without its _stats.json is still being (or failed being) downloaded."""
+    if not storage.exists(input):
+        raise FileNotFoundError(f"no download output at {input!r}; run the download step first")
+    shards = storage.list_shards(input, r"\d+\.tar")
+    unfinished = [storage.basename(s) for s in shards if not storage.exists(s[: -len(".tar")] + "_stats.json")]
+    if unfinished:
+        raise RuntimeError(f"raw shards {unfinished} in {input} have no _stats.json: their download did not "
+                           "finish; re-run the download step (it resumes) before filtering")
+    return shards
+
+
+def _fingerprint(input: str) -> dict[str, int]:
+    files = storage.list_files(input, r"(\d+(\.tar|\.parquet|_stats\.json))|refused\.parquet")
+    return {storage.basename(f): storage.size(f) for f in files}
+
+
+def _up_to_date(output: str, settings: dict) -> dict | None:
+    uri = storage.join(output, MANIFEST)
+    if not storage.exists(uri):
+        return None
+    manifest = storage.read_json(uri)
+    if any(manifest.get(k) != v for k, v in settings.items()):
+        return None
+    if not all(storage.exists(storage.join(output, name)) for name in manifest.get("shards", {})):
+        return None
+    return manifest
+
+
+def _download_rejects(input: str, raw: list[str]) -> tuple[int, collections.Counter, collections.Counter]:
+    """Rows of the URL list, download failures by reason, and refusals (pre-screen and in-fetch) by reason."""
+    refused = read_refused(input)
+    rows, download = sum(refused.values()), collections.Counter()
+    for tar_uri in raw:
+        n, failures = shard_failures(tar_uri[: -len(".tar")] + ".parquet")
+        rows += n
+        for (stage, reason), count in failures.items():
+            (refused if stage == "refused" else download)[reason] += count
+    return rows, download, refused
+
+
+def _skipped(config: FilterConfig) -> tuple[list[str], dict[str, str]]:
+    """Names of the filters and scorers that run, and ``{name: why}`` for those skipped (no model loads)."""
+    filters, skipped = build_filters(config)
+    without_weights = {k: v for k, v in config.scorers.items() if not v.get("weights")}
+    skipped.update(build_scorers(dataclasses.replace(config, scorers=without_weights))[1])
+    names = [f.name for f in filters] + [f"score:{k}" for k in sorted(config.scorers) if k not in without_weights]
+    return names, skipped
+
+
+def filter_shards(input: str, output: str, config: FilterConfig | None = None,
+                  samples_per_shard: int = 1000, workers: int = 1) -> dict:
+    """Filter the raw img2dataset shards in ``input`` into clean shards in ``output``.
+
+    Returns the manifest (also written to ``output/manifest.json``, last)::
+
+        {"format": "imagen-pipeline/filtered-shards/v3", "input": ..., "output": ...,
+         "input_fingerprint": {"00000.tar": size, ...}, "config": {FilterConfig fields},
+         "samples_per_shard": 1000, "filters": [names run], "skipped_filters": {name: why},
+         "shards": {"000000.tar": kept_in_shard, ...},
+         "input_rows": N, "kept": k, "rejected": N - k,
+         "rejects": {"refused": {"loopback_address": r, ...},   # never contacted
+                     "download": {"http_404": d, ...},         # img2dataset and fetch failures
+                     "filter": {"caption_too_short": f, ...}},  # this step, dedup included
+         "dropped_members": {"unsafe_member_name": m, ...},   # tar members that are no row
+                                                              # (see index_raw_shard)
+         "stages": {"sr1024": {"min_side": 1024, "samples": s,   # per config.stage_sides: what
+                               "excluded": {"too_small_for_sr1024": k - s}}, ...}}  # each stage uses
+
+    ``input_rows`` counts every row of the URL list, so ``kept + rejected == input_rows``.
+    Each raw shard is verified against its img2dataset parquet first (:func:`index_raw_shard`):
+    a tar that ends early at a corrupt header, or lacks a sample recorded as downloaded, stops
+    the step with an error naming the shard and keys. Of several samples with one key, the first
+    in dataset order that passes the filters is kept (``duplicate_key`` counts the others).
+    """
+    config = config or FilterConfig()
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard={samples_per_shard}: use >= 1")
+    raw = _raw_shards(input)
+    settings = json.loads(json.dumps({"config": dataclasses.asdict(config), "samples_per_shard": samples_per_shard,
+                                      "input_fingerprint": _fingerprint(input)}))
+    existing = _up_to_date(output, settings)
+    if existing is not None:
+        print(f"filter: {output} is up to date ({existing['kept']} samples); nothing to do", flush=True)
+        return existing
+    names, skipped = _skipped(config)
+    storage.makedirs(output)
+    storage.remove(storage.join(output, MANIFEST))  # first: a crash from here on never looks finished
+    work = storage.join(output, WORK)
+    _run_pass1(raw, work, config, workers)
+    plan, filter_rejects, dropped = _plan(raw, work, config, samples_per_shard)
+    _write_outputs(input, output, plan)
+    shards = dict(sorted(collections.Counter(s for s in plan["shard"].to_pylist() if s).items()))
+    rows, download_rejects, refused = _download_rejects(input, raw)
+    rejects = {"refused": dict(sorted(refused.items())), "download": dict(sorted(download_rejects.items())),
+               "filter": dict(sorted(filter_rejects.items()))}
+    kept = sum(shards.values())
+    manifest = {"format": MANIFEST_FORMAT, "input": input, "output": output, **settings, "filters": names,
+                "skipped_filters": skipped, "shards": shards, "input_rows": rows, "kept": kept,
+                "rejected": sum(sum(r.values()) for r in rejects.values()), "rejects": rejects,
+                "dropped_members": dict(sorted(dropped.items())),
+                "stages": stage_counts(plan, config.stage_sides)}
+    if kept + manifest["rejected"] != rows:
+        # A raw tar and its parquet disagree (e.g. a tar rewritten by hand): say so, keep going.
+        print(f"warning: kept {kept} + rejected {manifest['rejected']} != {rows} rows listed in the "
+              f"parquet files of {input}", flush=True)
+    storage.write_json(storage.join(output, MANIFEST), manifest)
+    return manifest
+
+
+def stage_config(presets: dict[str, str], stages=None, **overrides) -> FilterConfig:
+    """The filter settings for data that serves ``stages`` (each at its preset's sizes): the
+    smallest stage's side is the size floor, and every stage's too-small samples are counted."""
+    from imagen.config import stage_specs
+    from pipeline.data.download import stage_policy
+
+    policy = stage_policy(stage_specs(presets, stages))
+    return FilterConfig(**{"min_side": policy["min_side"], "stage_sides": policy["stage_sides"], **overrides})
+
+
+def stage_counts(plan: pa.Table, stage_sides: dict[str, int]) -> dict[str, dict]:
+    """Per cascade stage: the kept samples it can train on (stored short side >= its side) and
+    those left out of it alone, as ``{"too_small_for_<stage>": n}``."""
+    sides = [s for s, shard in zip(plan["side"].to_pylist(), plan["shard"].to_pylist(), strict=True) if shard]
+    out = {}
+    for stage, need in stage_sides.items():
+        small = sum(s is None or s < need for s in sides)
+        out[stage] = {"min_side": need, "samples": len(sides) - small, "excluded": {f"too_small_for_{stage}": small}}
+    return out
+
+
+def format_reject_table(manifest: dict) -> str:
+    """A plain-text table of rejects by stage and reason, then kept and total rows."""
+    lines = [f"{'stage':<10} {'reason':<32} {'count':>8}"]
+    for stage, reasons in manifest["rejects"].items():
+        for reason, count in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"{stage:<10} {reason:<32} {count:>8}")
+    total = max(manifest["input_rows"], 1)
+    lines.append(f"{'rejected':<43} {manifest['rejected']:>8}  ({manifest['rejected'] / total:.1%})")
+    lines.append(f"{'kept':<43} {manifest['kept']:>8}  ({manifest['kept'] / total:.1%})")
+    lines.append(f"{'input rows':<43} {manifest['input_rows']:>8}")
+    for reason, n in manifest.get("dropped_members", {}).items():
+        lines.append(f"{'dropped':<10} {reason:<32} {n:>8}  (tar members that are no URL-list row)")
+    for stage, counts in manifest.get("stages", {}).items():
+        for reason, n in counts["excluded"].items():
+            lines.append(f"{stage:<10} {reason:<32} {n:>8}  (kept, used by the other stages)")
+        lines.append(f"{stage:<10} {'samples for this stage':<32} {counts['samples']:>8}")
+    for name, why in manifest.get("skipped_filters", {}).items():
+        lines.append(f"skipped filter {name}: {why}")
+    return "\n".join(lines)
+
+
+def sample_fates(input: str, output: str) -> pa.Table:
+    """What became of every URL-list row: ``url, key, stage, reason, shard`` (one row each).
+
+    ``stage`` is "refused", "download", "filter" or "kept" (then ``shard`` names the output
+    shard and ``reason`` is null). Reads the download and filter outputs; writes nothing.
+    """
+    fates: list[dict] = []
+    refused = storage.join(input, "refused.parquet")
+    if storage.exists(refused):
+        with storage.open(refused, "rb") as f:
+            for r in pq.read_table(f, columns=["url", "reason"]).to_pylist():
+                fates.append({"url": r["url"], "key": None, "stage": "refused", "reason": r["reason"], "shard": None})
+    with storage.open(storage.join(output, WORK, PLAN), "rb") as f:
+        plan = {(r["raw"], r["key"]): r
+                for r in pq.read_table(f, columns=["raw", "key", "shard", "reason"]).to_pylist()}
+    for tar_uri in _raw_shards(input):
+        with storage.open(tar_uri[: -len(".tar")] + ".parquet", "rb") as f:
+            rows = pq.read_table(f, columns=["url", "key", "status", "error_message"]).to_pylist()
+        with storage.open(_work_uri(storage.join(output, WORK), tar_uri), "rb") as f:
+            filtered = {r["key"]: r["reason"] for r in pq.read_table(f, columns=["key", "reason"]).to_pylist()}
+        raw_name = storage.basename(tar_uri)
+        for r in rows:
+            fate = {"url": r["url"], "key": r["key"], "stage": "kept", "reason": None, "shard": None}
+            planned = plan.get((raw_name, r["key"]), {})
+            if r["status"] != "success":
+                reason = normalize_error(r["error_message"])
+                fate.update(stage=reason_stage(reason), reason=reason)
+            elif filtered.get(r["key"]) is not None:
+                fate.update(stage="filter", reason=filtered[r["key"]])
+            elif planned.get("reason") is not None:
+                fate.update(stage="filter", reason=planned["reason"])
+            else:
+                fate["shard"] = planned["shard"]
+            fates.append(fate)
+    return pa.Table.from_pylist(fates, schema=pa.schema([(k, pa.string()) for k in
+                                                         ("url", "key", "stage", "reason", "shard")]))

@@ -1,0 +1,618 @@
+"""Training data loader: filtered WebDataset shards joined with precomputed T5 embeddings.
+
+Each filtered shard ``DATA/NNNNNN.tar`` (``KEY.png``, ``KEY.txt``, ``KEY.json``) is paired
+with ``EMBEDDINGS/NNNNNN.parquet`` written by :mod:`pipeline.data.embed`; samples are joined on
+``__key__`` when the shard is opened. The loader is an endless stream of batches::
+
+    from pipeline.data.loader import TrainDataConfig, make_loader
+    cfg = TrainDataConfig(data="data/filtered", embeddings="data/embeddings/t5-...")
+    batch = next(iter(make_loader(cfg, rank=0, world_size=1)))
+    batch["image"]        # float32 [B, 3, C, C] in [-1, 1], C = cfg.crop_size
+    batch["lowres"]       # float32 [B, 3, c, c] in [-1, 1], only when cfg.lowres_size
+    batch["text_embeds"]  # float32 [B, L, D], L = longest caption in the batch
+    batch["text_mask"]    # bool [B, L], True at real tokens
+    batch["keys"]         # list[str]
+
+How the order is made, so that it is exact and cheap to resume:
+
+- A *reader* is one (rank, DataLoader worker) pair; there are ``world_size * num_workers``.
+  With at least as many shards as readers each reader owns a disjoint set of shards,
+  balanced by rows (readers still differ by up to one shard: use many shards per reader);
+  with fewer, every reader takes a disjoint stride of every shard's rows.
+- The parquet rows are the index: their count fixes each reader's epoch length and the
+  embed step recorded where every image lies in its tar, so an image is one seek + read.
+- Per epoch a reader shuffles its shards, cuts them into windows of ``shuffle_shards``
+  shards and visits each window's samples in a random permutation. Orders and crop/flip
+  draws come from ``numpy`` generators seeded with (seed, epoch, reader, window), so batch
+  ``m`` of a reader is a pure function of ``m``: ``start_batch`` jumps there by
+  arithmetic, without decoding anything it skips.
+- A worker yields whole batches and the DataLoader takes them round-robin (worker
+  ``j % W`` makes batch ``j``); resuming at ``start_batch`` rotates the roles accordingly.
+
+A stage learns only from real pixels at its own resolution (Imagen sec. 2.5): samples whose
+stored short side (``image_side``, recorded by the embed step from the image header) is below
+``image_size`` are left out of the plan before anything is read, and counted
+(:attr:`Shard.excluded`). The image is resized so its short side is ``image_size`` (never up),
+then cropped to ``crop_size`` (centred, or random for SR stages); an SR stage's low-res input
+is the same crop downsampled by area averaging.
+
+A sample whose image is missing, undecodable or (without a recorded side) smaller than the
+stage is counted, logged, and its slot in the batch is filled with another sample of the same
+batch (batches keep their size and their place in the stream); it is never upscaled.
+``IMAGEN_DATA_AUDIT=DIR`` makes every reader append one JSON line per image it yields to
+``DIR/<pid>.jsonl`` (key, stored size, crop size): a check that each stage sees only images
+at least as large as itself. A shard's embeddings stay in memory while its window is read.
+Paths are fsspec URIs; on object stores consider fsspec's ``simplecache::`` so the random
+reads hit a local copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from imagen.text import same_encoder
+from pipeline import storage
+from pipeline.data.embed import (
+    balanced_split,
+    embedding_files,
+    load_embeddings,
+    read_footer,
+    read_metadata,  # noqa: F401 - importable from here too, as before
+    resolve_embeddings_dir,
+    scan_tar,
+    shard_stem,
+)
+from pipeline.data.images import to_rgb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainDataConfig:
+    """Where the training data lives and how samples become tensors.
+
+    Attributes:
+        data: directory of filtered ``NNNNNN.tar`` shards.
+        embeddings: directory of ``NNNNNN.parquet`` embeddings (``embed_shards``'s
+            ``output``); its parent also works when it holds exactly one encoder folder.
+        image_size: the stage's side: the image's short side is resized to it (never up);
+            samples whose short side is smaller are left out.
+        crop_size: side of the square training crop (None: ``image_size``).
+        lowres_size: SR stages: also return the crop downsampled to this side (the
+            stage's conditioning input, Imagen sec. 2.5); None for the base stage.
+        max_tokens: captions longer than this are truncated (keep <= embed max_length).
+        batch_size: samples per batch (per rank).
+        num_workers: DataLoader worker processes per rank.
+        seed: seeds shard order, shuffling, crops and flips (>= 0).
+        random_flip: horizontal flip with probability 1/2.
+        expected_encoder_id: refuse embeddings from any other encoder (``encoder_id``).
+        random_crop: random instead of center crop after the short-side resize.
+        shuffle_shards: shards whose samples are shuffled together (memory: their
+            embeddings are held at once).
+        expected_dim: refuse embeddings of another width (the U-Net's text_embed_dim).
+        expected_max_length: refuse embeddings made with another token limit (the limit
+            the sampler encodes prompts with).
+        start_batch: resume: the first batch is batch ``start_batch`` of the stream that
+            ``start_batch=0`` gives (same seed, rank, world size and num_workers).
+    """
+
+    data: str
+    embeddings: str
+    image_size: int = 64
+    lowres_size: int | None = None
+    max_tokens: int = 128
+    batch_size: int = 8
+    num_workers: int = 0
+    seed: int = 0
+    random_flip: bool = True
+    expected_encoder_id: str | None = None
+    random_crop: bool = False
+    shuffle_shards: int = 4
+    expected_dim: int | None = None
+    expected_max_length: int | None = None
+    start_batch: int = 0
+    crop_size: int | None = None
+    audit_dir: str | None = dataclasses.field(default_factory=lambda: os.environ.get("IMAGEN_DATA_AUDIT"))
+
+    def __post_init__(self) -> None:
+        if self.crop_size is None:
+            self.crop_size = self.image_size
+        if not 0 < self.crop_size <= self.image_size:
+            raise ValueError(f"crop_size {self.crop_size} must be between 1 and image_size {self.image_size}")
+        if self.lowres_size is not None and not 0 < self.lowres_size < self.crop_size:
+            raise ValueError(
+                f"lowres_size {self.lowres_size} must be between 1 and crop_size {self.crop_size}"
+            )
+        for name in ("image_size", "max_tokens", "batch_size", "shuffle_shards"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainDataConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_workers", "seed", "start_batch"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainDataConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One filtered tar, its embeddings parquet, and the rows of it this stage reads.
+
+    ``eligible`` lists those parquet rows (None: all of them); ``excluded`` counts the rows
+    left out because their image is smaller than the stage.
+    """
+
+    tar: str
+    parquet: str
+    rows: int
+    eligible: tuple[int, ...] | None = None
+    excluded: int = 0
+
+
+_IDENTITY = ("encoder_id", "dim", "max_length")
+
+
+def check_embeddings(meta: dict, path: str, cfg: TrainDataConfig, first: dict | None = None):
+    """Raise if the embeddings in ``path`` do not fit the run (or differ from ``first``)."""
+    got = {k: meta.get(k) for k in _IDENTITY}
+    if cfg.expected_encoder_id is not None and not same_encoder(
+        got["encoder_id"], cfg.expected_encoder_id
+    ):
+        raise ValueError(
+            f"{path}: embeddings were made by encoder {got['encoder_id']!r}, but this run "
+            f"expects {cfg.expected_encoder_id!r}. Re-run the embed step with the training "
+            "text encoder, or point TrainDataConfig.embeddings at that encoder's folder."
+        )
+    for field, want in (("dim", cfg.expected_dim), ("max_length", cfg.expected_max_length)):
+        if want is not None and got[field] != want:
+            raise ValueError(
+                f"{path}: embeddings have {field}={got[field]}, but this run expects {want}. "
+                f"Re-run the embed step with the run's encoder and --max-length, or change "
+                f"the run's config to match."
+            )
+    if first is not None and any(not _same(k, got[k], first.get(k)) for k in _IDENTITY):
+        raise ValueError(
+            f"{path}: embeddings {got} differ from the other shards' "
+            f"{ {k: first.get(k) for k in _IDENTITY} }: shards of one run must come from one "
+            "encoder. Re-run the embed step over all shards into a fresh folder."
+        )
+
+
+def _same(field: str, a, b) -> bool:
+    return same_encoder(a, b) if field == "encoder_id" else a == b
+
+
+def discover(cfg: TrainDataConfig) -> tuple[list[Shard], dict]:
+    """Shards with embeddings (sorted) and the metadata every parquet must agree with.
+
+    Every parquet footer is read (in parallel) here, in the launching process, so a wrong
+    or mixed encoder fails at start, not inside a DataLoader worker mid-epoch.
+    """
+    tars = storage.list_shards(cfg.data, r"\d+\.tar")
+    if not tars:
+        raise ValueError(f"no NNNNNN.tar shards in {cfg.data}; run the filter step first")
+    emb_dir = resolve_embeddings_dir(cfg.embeddings)
+    parquets = {shard_stem(p): p for p in embedding_files(emb_dir)}
+    pairs = [(t, parquets[shard_stem(t)]) for t in tars if shard_stem(t) in parquets]
+    unembedded = [shard_stem(t) for t in tars if shard_stem(t) not in parquets]
+    if unembedded:
+        log.warning(
+            "%d of %d shards have no embeddings in %s and are skipped (%s...); run embed on them",
+            len(unembedded), len(tars), emb_dir, ", ".join(unembedded[:5]),
+        )  # fmt: skip
+    if not pairs:
+        raise ValueError(f"none of the shards in {cfg.data} has embeddings in {emb_dir}")
+    with ThreadPoolExecutor(max_workers=16) as pool:  # footers: latency-bound on object stores
+        footers = list(pool.map(read_footer, [p for _, p in pairs]))
+        first = footers[0][1]
+        for (_, parquet), (_, meta) in zip(pairs, footers, strict=True):
+            check_embeddings(meta, parquet, cfg, first)
+        sides = list(pool.map(_image_sides, [p for _, p in pairs]))
+    shards = []
+    for (tar, parquet), (rows, _), side in zip(pairs, footers, sides, strict=True):
+        if side is None:  # an older parquet: sizes are checked as images are decoded
+            shards.append(Shard(tar, parquet, rows))
+            continue
+        # -1 (unknown) stays in: the decoder checks it and counts it if it is too small
+        small = (side >= 0) & (side < cfg.image_size)
+        keep = np.flatnonzero(~small)
+        shards.append(Shard(tar, parquet, len(keep), tuple(keep.tolist()), int(small.sum())))
+    if not any(s.rows for s in shards):
+        raise ValueError(
+            f"no image in {cfg.data} is at least {cfg.image_size} px on its short side, which this "
+            f"stage needs ({sum(s.excluded for s in shards)} smaller ones left out): download sources "
+            "at this stage's resolution, or train a stage with a smaller image size"
+        )
+    return shards, first
+
+
+def _image_sides(parquet: str) -> np.ndarray | None:
+    """The ``image_side`` column of one embeddings parquet (None: written before it existed)."""
+    import pyarrow.parquet as pq
+
+    with storage.open(parquet, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        if "image_side" not in pf.schema_arrow.names:
+            return None
+        return pf.read(columns=["image_side"]).column(0).to_numpy()
+
+
+def data_counts(shards: list[Shard]) -> dict[str, int]:
+    """What a stage can train on: ``data_samples`` and ``data_excluded_too_small``."""
+    return {"data_samples": sum(s.rows for s in shards),
+            "data_excluded_too_small": sum(s.excluded for s in shards)}
+
+
+class ReaderPlan:
+    """The endless, deterministic sample order of one reader, addressable by position.
+
+    A *part* is (shard index, first row, row step): the rows of a shard this reader reads.
+    """
+
+    def __init__(self, rows: list[int], split: int, nsplit: int, seed: int, window: int):
+        if len(rows) >= nsplit:
+            # Balanced by rows: a short last shard must not give one reader a shorter
+            # (so more often repeated) epoch.
+            self.parts = [(s, 0, 1) for s in balanced_split(rows, nsplit)[split]]
+        else:  # fewer shards than readers: a disjoint stride of every shard
+            # Offset by the shard index so small shards don't all favour reader 0.
+            self.parts = [(s, (split - s) % nsplit, nsplit) for s in range(len(rows))]
+        self.counts = np.array([len(range(f, rows[s], st)) for s, f, st in self.parts])
+        self.epoch_len = int(self.counts.sum())
+        self.split, self.seed, self.window = split, seed, window
+
+    def _windows(self, epoch: int) -> list[np.ndarray]:
+        order = np.random.default_rng([self.seed, epoch, self.split, 1, 0])
+        perm = order.permutation(len(self.parts))
+        return [perm[i : i + self.window] for i in range(0, len(perm), self.window)]
+
+    def _rows(self, p: int) -> np.ndarray:
+        _, first, step = self.parts[p]
+        return np.arange(first, first + step * self.counts[p], step)
+
+    def window_items(self, epoch: int, w: int, parts: np.ndarray):
+        """(shard index, row, augmentation draws [n, 3]) of window ``w``, in visit order."""
+        shard = np.concatenate([np.full(self.counts[p], self.parts[p][0]) for p in parts])
+        row = np.concatenate([self._rows(p) for p in parts])
+        gen = np.random.default_rng([self.seed, epoch, self.split, 2, w])
+        perm = gen.permutation(len(shard))
+        return shard[perm], row[perm], gen.random((len(shard), 3))
+
+    def from_position(self, position: int) -> Iterator[tuple[int, tuple, int]]:
+        """Yield (epoch, window items, first index) from the sample at ``position`` on."""
+        epoch, offset = divmod(position, self.epoch_len)
+        while True:
+            windows = self._windows(epoch)
+            ends = np.cumsum([self.counts[parts].sum() for parts in windows])
+            first_w = int(np.searchsorted(ends, offset, side="right"))
+            start = offset - (int(ends[first_w - 1]) if first_w else 0)
+            for w in range(first_w, len(windows)):
+                yield epoch, self.window_items(epoch, w, windows[w]), start
+                start = 0
+            epoch, offset = epoch + 1, 0
+
+
+class _ShardReader:
+    """An open shard: its embeddings in memory and random access to its images.
+
+    Opening trusts the recorded image offsets when the tar has the size the embed step saw
+    (no hashing of the whole tar at every open: that would double the reads). Each read then
+    checks the member name in the image's own tar header (a moved member triggers a re-index)
+    and the image bytes' sha256 against the one recorded at embed time (a changed image is
+    skipped with a warning naming it; hashing one image costs microseconds beside its
+    decode), so a shard changed in place never pairs an image with another caption's
+    embedding. The embed step itself matches whole shards by the tar's sha256.
+    """
+
+    def __init__(self, shard: Shard, cfg: TrainDataConfig, first: dict, warn: bool = True):
+        self.shard, self.warn = shard, warn
+        # plan position -> parquet row (the plan counts only the rows large enough for the stage)
+        self.rows = np.asarray(shard.eligible) if shard.eligible is not None else None
+        self.emb = load_embeddings(shard.parquet)
+        check_embeddings(self.emb.meta, shard.parquet, cfg, first)
+        meta = self.emb.meta
+        fast = (
+            self.emb.image_offset is not None
+            and meta.get("num_samples") == len(self.emb.keys)
+            and meta.get("source_size") == storage.size(shard.tar)
+        )
+        self.scanned = False
+        self.report = self._use_recorded() if fast else self._scan()
+        self._log_report()
+        self.fh = storage.open(shard.tar, "rb")
+
+    def _log_report(self) -> None:
+        parts = [f"{n} {what}" for what, n in self.report.items() if n]
+        if parts and self.warn:
+            log.warning("%s: skipped keys: %s (embeddings %s)", self.shard.tar,
+                        ", ".join(parts), self.shard.parquet)  # fmt: skip
+
+    def _use_recorded(self) -> dict[str, int]:
+        emb = self.emb
+        self.ext, self.offset, self.size = emb.image_ext, emb.image_offset, emb.image_size
+        in_tar = emb.meta.get("tar_samples", len(emb.keys))
+        return {
+            "in the tar without embedding": in_tar - len(emb.keys),
+            "embedded but not in the tar": 0,
+            "without image": int((self.offset < 0).sum()),
+        }
+
+    def _scan(self) -> dict[str, int]:
+        """The tar changed since embedding (or an old parquet): index it by its headers."""
+        index = scan_tar(self.shard.tar, captions=False)
+        self.scanned = True
+        where = [index.images.get(k, ("", -1, -1)) for k in self.emb.keys]
+        self.ext = [w[0] for w in where]
+        self.offset = np.array([w[1] for w in where], dtype=np.int64)
+        self.size = np.array([w[2] for w in where], dtype=np.int64)
+        in_tar, in_parquet = set(index.all_keys), set(self.emb.keys)
+        return {
+            "in the tar without embedding": len(in_tar - in_parquet),
+            "embedded but not in the tar": len(in_parquet - in_tar),
+            "without image": len((in_parquet & in_tar) - set(index.images)),
+        }
+
+    def read_image(self, row: int) -> bytes | None:
+        offset, size = int(self.offset[row]), int(self.size[row])
+        if offset < 0:
+            return None
+        # Read the member's 512-byte header too and check its name: a shard rewritten
+        # to the same size must not hand out another sample's image.
+        self.fh.seek(offset - 512)
+        block = self.fh.read(512 + size)
+        name = block[:100].rstrip(b"\0").decode("utf-8", "replace")
+        expected = f"{self.emb.keys[row]}.{self.ext[row]}"
+        if not name or not (expected.startswith(name) or expected.endswith(name)):
+            if self.scanned:  # its own index disagrees: the file changed while we read it
+                log.warning("%s: member at offset %d is %r, not %r; skipping it",
+                            self.shard.tar, offset, name, expected)  # fmt: skip
+                return None
+            log.warning("%s: member at offset %d is %r, not %r; re-indexing the tar",
+                        self.shard.tar, offset, name, expected)  # fmt: skip
+            self.report, self.warn = self._scan(), True
+            self._log_report()
+            return self.read_image(row)
+        data = block[512:]
+        digests = self.emb.image_sha256
+        if digests is not None and digests[row] is not None and hashlib.sha256(data).digest() != digests[row]:
+            log.warning("%s: the image of key %s changed since it was embedded; skipping it (re-run the embed "
+                        "step on this shard)", self.shard.tar, self.emb.keys[row])  # fmt: skip
+            return None
+        return data
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+# Downscale by an integer box reduction first, then bicubic over the last factor <= 2
+# (PIL's reducing_gap): 2x faster than plain bicubic at 256 -> 64, within a few grey levels.
+_REDUCING_GAP = 2.0
+
+
+class TooSmall(ValueError):
+    """The image is smaller than the stage: it is skipped, never upscaled."""
+
+
+def _resize_short_side(img, size: int):
+    from PIL import Image
+
+    w, h = img.size
+    if min(w, h) < size:
+        raise TooSmall(f"{w}x{h} image is smaller than this stage's {size} px: never upscaled")
+    scale = size / min(w, h)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    if img.format == "JPEG" and scale <= 0.5:
+        # Decode at 1/2..1/8 scale in the DCT (JPEG draft mode): far faster, same geometry.
+        img.draft("RGB", new)
+    img = to_rgb(img)  # 16-bit scaled, alpha on white, CMYK via its ICC profile, EXIF upright
+    if (img.width > img.height) != (w > h):
+        new = new[::-1]  # EXIF orientation swapped the axes (never in shards img2dataset wrote)
+    if img.size != new:
+        img = img.resize(new, Image.Resampling.BICUBIC, reducing_gap=_REDUCING_GAP)
+    return img
+
+
+def decode_image(
+    data: bytes, cfg: TrainDataConfig, aug: tuple[float, float, float] = (0.5, 0.5, 1.0)
+) -> dict[str, np.ndarray]:
+    """Bytes -> {"image": uint8 [C,C,3], "lowres"?: uint8 [c,c,3]}: resize, crop, flip.
+
+    The short side is resized to ``cfg.image_size`` (an image smaller than that raises
+    :class:`TooSmall`: never upscaled), then a ``cfg.crop_size`` square is cut.
+    ``aug`` = uniform draws (crop x, crop y, flip): the crop is centred unless
+    ``cfg.random_crop``; the image is flipped when ``cfg.random_flip`` and the draw < 0.5.
+    The arrays are read-only views of PIL's pixels (``collate`` copies them once).
+    """
+    from PIL import Image
+
+    size = cfg.crop_size
+    img = _resize_short_side(Image.open(io.BytesIO(data)), cfg.image_size)
+    w, h = img.size
+    if cfg.random_crop:
+        left = min(int(aug[0] * (w - size + 1)), w - size)
+        top = min(int(aug[1] * (h - size + 1)), h - size)
+    else:
+        left, top = (w - size) // 2, (h - size) // 2
+    if (w, h) != (size, size):
+        img = img.crop((left, top, left + size, top + size))
+    if cfg.random_flip and aug[2] < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    out = {"image": np.asarray(img)}
+    if cfg.lowres_size is not None:
+        out["lowres"] = np.asarray(_lowres(img, cfg.lowres_size))
+    return out
+
+
+def _lowres(img, side: int):
+    """The SR stage's conditioning input (Imagen sec. 2.5), from the same crop and flip.
+
+    Area averaging (box filter), as img2dataset downsamples by default: the SR stage is
+    conditioned on images made like the base stage's training images (and so like its
+    samples). An integer factor is a plain block mean, the fastest path.
+    """
+    from PIL import Image
+
+    factor = img.size[0] / side
+    if factor == int(factor):
+        return img.reduce(int(factor))
+    return img.resize((side, side), Image.Resampling.BOX)
+
+
+class ShardStream(IterableDataset):
+    """Endless stream of batches for one rank; each DataLoader worker is one reader."""
+
+    def __init__(self, cfg: TrainDataConfig, shards: list[Shard], first: dict, rank: int,
+                 world_size: int):  # fmt: skip
+        super().__init__()
+        self.cfg, self.shards, self.first = cfg, shards, first
+        self.rank, self.world_size = rank, world_size
+        self._reported: set[int] = set()
+        self.too_small = 0  # images smaller than the stage met while decoding (skipped)
+
+    def _reader(self) -> tuple[int, int, int]:
+        """(reader index, readers, first batch of this reader) for this worker."""
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        # The DataLoader takes batch j from worker j % W. Resuming at batch k, worker i
+        # plays the role worker (k + i) % W had, from that worker's batch (k + i) // W on.
+        first, role = divmod(self.cfg.start_batch + worker, workers)
+        return self.rank * workers + role, self.world_size * workers, first
+
+    def __iter__(self) -> Iterator[dict]:
+        split, nsplit, first_batch = self._reader()
+        plan = ReaderPlan([s.rows for s in self.shards], split, nsplit, self.cfg.seed,
+                          self.cfg.shuffle_shards)  # fmt: skip
+        if plan.epoch_len == 0:
+            raise ValueError(
+                f"rank {self.rank} reader {split} of {nsplit} got no samples from "
+                f"{len(self.shards)} shard(s); use fewer ranks/num_workers or more data"
+            )
+        samples = self._samples(plan, first_batch * self.cfg.batch_size)
+        while True:
+            batch = [next(samples) for _ in range(self.cfg.batch_size)]
+            yield collate(_fill_gaps(batch))
+
+    def _samples(self, plan: ReaderPlan, position: int) -> Iterator[dict | None]:
+        for _epoch, (shard_ids, rows, augs), start in plan.from_position(position):
+            readers = {}
+            try:
+                for s in np.unique(shard_ids[start:]).tolist():
+                    # Each shard's skipped keys are logged once per worker, not every epoch.
+                    warn = s not in self._reported
+                    readers[s] = _ShardReader(self.shards[s], self.cfg, self.first, warn)
+                    self._reported.add(s)
+                for j in range(start, len(rows)):
+                    yield self._sample(readers[int(shard_ids[j])], int(rows[j]), augs[j])
+            finally:
+                for reader in readers.values():
+                    reader.close()
+
+    def _sample(self, reader: _ShardReader, position: int, aug: np.ndarray) -> dict | None:
+        row = int(reader.rows[position]) if reader.rows is not None else position
+        key = reader.emb.keys[row]
+        data = reader.read_image(row)
+        if data is None:
+            return None  # counted in the shard's report
+        try:
+            sample = decode_image(data, self.cfg, aug)
+        except TooSmall as err:  # no recorded side (an older parquet): caught here instead
+            self.too_small += 1
+            log.warning("%s: skipping key %s: %s (%d so far)", reader.shard.tar, key, err, self.too_small)
+            return None
+        except Exception as err:  # one bad image must not end a training run
+            log.warning("%s: skipping key %s, undecodable image (%s)", reader.shard.tar, key, err)
+            return None
+        sample["text_embeds"] = reader.emb.get(row)[: self.cfg.max_tokens]
+        sample["key"] = key
+        if self.cfg.audit_dir:
+            self._audit(key, data, sample)
+        return sample
+
+    def _audit(self, key: str, data: bytes, sample: dict) -> None:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as img:
+            stored = list(img.size)
+        line = {"key": key, "stored": stored, "image_size": self.cfg.image_size,
+                "crop": list(sample["image"].shape[:2]), "rank": self.rank}
+        os.makedirs(self.cfg.audit_dir, exist_ok=True)
+        with open(os.path.join(self.cfg.audit_dir, f"{os.getpid()}.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def _fill_gaps(batch: list[dict | None]) -> list[dict]:
+    """Fill skipped slots with other samples of the batch, so batches keep their size."""
+    good = [s for s in batch if s is not None]
+    if not good:
+        raise RuntimeError(
+            f"all {len(batch)} samples of a batch were missing or undecodable (see the "
+            "warnings above for shards and keys); re-run the filter and embed steps"
+        )
+    return [s if s is not None else good[i % len(good)] for i, s in enumerate(batch)]
+
+
+def _images_to_float(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 [H,W,3] arrays -> float32 [B,3,H,W] in [-1, 1]."""
+    h, w, _ = images[0].shape
+    out = torch.empty((len(images), 3, h, w), dtype=torch.float32)
+    with warnings.catch_warnings():
+        # PIL's arrays are read-only; they are only read here.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for i, image in enumerate(images):
+            pixels = torch.from_numpy(image).permute(2, 0, 1)
+            # (p - 127.5) / 127.5 maps 0 and 255 to exactly -1 and 1 (p * (1/127.5) - 1
+            # overshoots 1 by an ulp).
+            torch.sub(pixels, 127.5, out=out[i]).div_(127.5)
+    return out
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack images; pad text embeddings to the batch's longest caption, with a mask."""
+    lengths = [s["text_embeds"].shape[0] for s in samples]
+    dim = samples[0]["text_embeds"].shape[1]
+    embeds = np.zeros((len(samples), max(lengths), dim), dtype=np.float32)
+    mask = np.zeros((len(samples), max(lengths)), dtype=bool)
+    for i, (s, n) in enumerate(zip(samples, lengths, strict=True)):
+        embeds[i, :n] = s["text_embeds"]
+        mask[i, :n] = True
+    batch = {
+        "image": _images_to_float([s["image"] for s in samples]),
+        "text_embeds": torch.from_numpy(embeds),
+        "text_mask": torch.from_numpy(mask),
+        "keys": [s["key"] for s in samples],
+    }
+    if "lowres" in samples[0]:
+        batch["lowres"] = _images_to_float([s["lowres"] for s in samples])
+    return batch
+
+
+def make_loader(cfg: TrainDataConfig, rank: int = 0, world_size: int = 1) -> Iterable[dict]:
+    """Endless iterable of batches for ``rank`` of ``world_size`` (see the module doc).
+
+    Raises ``ValueError`` when there are no shards, no embeddings, or the embeddings do
+    not fit the run (encoder, dim, max length; see :func:`check_embeddings`).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    shards, first = discover(cfg)
+    stream = ShardStream(cfg, shards, first, rank, world_size)
+    loader = DataLoader(
+        stream,
+        batch_size=None,  # the stream yields whole batches (their order must not depend on timing)
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+    loader.data_counts = data_counts(shards)  # what this stage trains on, for the run's params
+    return loader
+

@@ -1,0 +1,427 @@
+"""MLflow Model Registry: register stages and cascades as pyfunc models, promote them.
+
+    imagen-pipeline register --checkpoint ROOT/checkpoints/base64/run/final          # imagen-base64
+    imagen-pipeline register --checkpoint BASE/final --checkpoint SR256/final        # imagen-cascade
+    imagen-pipeline register --name imagen-cascade --promote      # challenger -> champion
+
+A registered model is an MLflow pyfunc logged as "models from code": its code file is
+``pipeline/release/pyfunc_model.py`` (no pickled Python object is stored), its artifacts are the stage
+weights (config.json + safetensors only) and, when the text encoder is a local directory, the
+encoder itself; a hub encoder is stored by name::
+
+    model = mlflow.pyfunc.load_model("models:/imagen-cascade@champion")   # runs the code file
+    images = model.predict(pd.DataFrame({"prompt": ["a red circle"]}), params={"seed": 0})
+
+``predict`` returns uint8 images [B, H, W, 3]. ``imagen-pipeline sample`` (pipeline/release/sample.py)
+never loads the model through pyfunc: it downloads only the weights and builds the cascade with the
+installed package (pipeline/release/loading.py), through the same ``predict_images``, so both give
+identical images for the same seed. A model that starts with an SR stage (``imagen-sr256``) also takes an ``image``
+column: the low-res inputs as PNG/JPEG bytes.
+
+Registering is idempotent: the same checkpoints (path, config and weight files unchanged), the
+same encoder and the same extra tags give back the version made from them before (its alias is
+set again) instead of a duplicate; ``--new-version`` forces a new one.
+
+New versions get the alias ``challenger``. ``--promote`` moves ``champion`` to the new
+version; ``--promote-on METRIC[:max|min]`` does so only when its evaluation metric beats the
+current champion's. Version tags carry the lineage: dataset manifest hash, encoder id, stage
+configs, git commit, training runs and the evaluation metrics (``eval/...``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from pipeline.release.loading import (
+    DEFAULT_PARAMS,
+    ENCODER_ARTIFACT,
+    check_model_uri,
+    stage_artifact,
+)
+from pipeline.tracking import ensure_experiment, resolve_tracking_uri, root_of
+
+STAGE_MODEL_NAMES = {"base64": "imagen-base64", "sr256": "imagen-sr256", "sr1024": "imagen-sr1024"}
+CASCADE_MODEL_NAME = "imagen-cascade"
+SOURCE_TAG = "imagen.source"  # version tag: registration_key() of what the version was made from
+PYFUNC_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyfunc_model.py")
+
+
+class ImagenPyfunc(mlflow.pyfunc.PythonModel):
+    """Prompts in, images out. Stage artifacts are named ``stage_0``, ``stage_1``, ...; the
+    instance is made by ``pipeline/release/pyfunc_model.py``, the model's code file."""
+
+    def load_context(self, context) -> None:
+        from pipeline.release.loading import (
+            ENCODER_ARTIFACT,
+            ModelFiles,
+            build_cascade,
+            stage_artifact,
+        )
+
+        arts = context.artifacts
+        n = len([k for k in arts if k.startswith("stage_")])
+        files = ModelFiles("this model", [arts[stage_artifact(i)] for i in range(n)],
+                           arts.get(ENCODER_ARTIFACT), (context.model_config or {}).get("encoder_name"))
+        # whoever loads a pyfunc trusts the model (its code file runs), so its hub name is used
+        self.cascade = build_cascade(files, allow_hub=True)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
+        from pipeline.release.loading import predict_images
+
+        return predict_images(self.cascade, model_input, params)
+
+
+def _signature(cfgs) -> Any:
+    from mlflow.models import infer_signature
+
+    example = {"prompt": ["a red circle"]}
+    if cfgs[0].lowres_size is not None:
+        example["image"] = [b"\x89PNG"]
+    out = np.zeros((1, cfgs[-1].image_size, cfgs[-1].image_size, 3), dtype=np.uint8)
+    return infer_signature(pd.DataFrame(example), out, params=DEFAULT_PARAMS)
+
+
+def git_commit() -> str:
+    """This checkout's commit (+ "-dirty" with uncommitted changes), or "unknown"."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def manifest_sha256(checkpoint: str, meta: dict, run) -> str:
+    """Hash of the filtered dataset's manifest.json the stage trained on: from the checkpoint
+    metadata, else from the training run's ``data`` param, else ROOT/filtered/."""
+    import hashlib
+
+    if meta.get("manifest_sha256"):
+        return str(meta["manifest_sha256"])
+    candidates = []
+    if run is not None and run.data.params.get("data"):
+        candidates.append(os.path.join(run.data.params["data"], "manifest.json"))
+    candidates.append(os.path.join(root_of(checkpoint), "filtered", "manifest.json"))
+    for path in candidates:
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+    return "unknown"
+
+
+def lineage_tags(checkpoints: list[str], cfgs, metas, runs, encoder_id, encoder_name) -> dict[str, str]:
+    """Version tags: where every stage came from, and the code registering it."""
+    tags = {"stages": ",".join(c.stage for c in cfgs), "encoder_id": str(encoder_id),
+            "encoder_name": str(encoder_name), "git_commit": git_commit()}
+    for ckpt, cfg, meta, run in zip(checkpoints, cfgs, metas, runs, strict=True):
+        s = cfg.stage
+        tags[f"{s}.dataset_manifest_sha256"] = manifest_sha256(ckpt, meta, run)
+        # short facts only: the whole config.json of each stage is in the model's artifacts
+        tags[f"{s}.preset"] = f"{cfg.preset} ({cfg.image_size} px)"
+        tags[f"{s}.checkpoint"] = os.path.abspath(ckpt)
+        tags[f"{s}.step"] = str(meta.get("step", "unknown"))
+        tags[f"{s}.training_run"] = run.info.run_id if run is not None else "unknown"
+        if meta.get("code_version"):
+            tags[f"{s}.code_version"] = str(meta["code_version"])
+    hashes = {v for k, v in tags.items() if k.endswith(".dataset_manifest_sha256")}
+    tags["dataset_manifest_sha256"] = hashes.pop() if len(hashes) == 1 else "mixed"
+    return tags
+
+
+def describe_version(cfgs, metas, encoder_name, tags: dict[str, str], eval_metrics: dict[str, float],
+                     eval_run) -> str:
+    """The version page's description (markdown): what the stages are, what they were trained
+    on, their evaluation, and where the sample grids and full configs are."""
+    lines = ["| stage | preset | size | step | training run |", "|---|---|---|---|---|"]
+    for cfg, meta in zip(cfgs, metas, strict=True):
+        size = f"{cfg.lowres_size} -> {cfg.image_size}" if cfg.lowres_size else str(cfg.image_size)
+        lines.append(f"| {cfg.stage} | {cfg.preset} | {size} px | {meta.get('step', '?')} | "
+                     f"`{tags.get(f'{cfg.stage}.training_run', '?')}` |")
+    lines += ["", f"Text encoder: `{encoder_name}` (`{tags.get('encoder_id')}`); data manifest sha256 "
+              f"`{tags.get('dataset_manifest_sha256', '?')[:16]}`."]
+    if eval_metrics:
+        shown = sorted(eval_metrics.items())[:12]
+        lines += ["", "Evaluation: " + ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in shown) + "."]
+    if eval_run is not None:
+        lines += ["", f"Sample grids: artifacts `eval/*.png` of run `{eval_run.info.run_id}`."]
+    lines += ["", "Each stage's full `config.json` and weights are in this model's artifacts "
+              "(`stage_N/`); it loads with `imagen-pipeline sample --model models:/NAME/VERSION`."]
+    return "\n".join(lines)
+
+
+def check_trained_encoder(checkpoint: str, cfg, meta: dict, run) -> None:
+    """Refuse a checkpoint whose recorded encoder is not the one its embeddings came from: the
+    names in its config.json must agree, and its training run's immutable params (logged from
+    the embeddings) and, when they are on this machine, the embeddings themselves must give
+    the encoder id the checkpoint records."""
+    from imagen.cascade import encoder_ids_match
+    from imagen.checkpoint import CONFIG_NAME
+
+    where = os.path.join(checkpoint, CONFIG_NAME)
+    recorded, named = meta.get("encoder_id"), meta.get("encoder_name")
+    if named and cfg.text_encoder and named != cfg.text_encoder:
+        raise ValueError(f"{where}: metadata.encoder_name {named!r} and text_encoder {cfg.text_encoder!r} "
+                         "disagree: restore config.json from the training run")
+    if run is None:
+        return
+    sources = [(f"training run {run.info.run_id}", run.data.params.get("encoder_id"))]
+    embeddings = run.data.params.get("embeddings")
+    if embeddings and os.path.isdir(embeddings):
+        from pipeline.data.embed import read_metadata
+
+        with contextlib.suppress(Exception):  # unreadable embeddings: the run's params still decide
+            sources.append((f"embeddings {embeddings}", read_metadata(embeddings).get("encoder_id")))
+    for what, trained in sources:
+        if trained and (not recorded or not encoder_ids_match(trained, recorded)):
+            raise ValueError(f"{where} records text encoder {recorded}, but its {what} was made with "
+                             f"{trained}: the checkpoint does not belong to that run's embeddings; "
+                             "register the checkpoint that run wrote")
+
+
+def _encoder_source(checkpoints, cfgs, metas, runs, encoder: str | None) -> tuple[str, str | None]:
+    """(encoder name or local dir, common encoder id), checked across stages, against the
+    embeddings each stage was trained on, and against ``encoder``. A hub name is taken from a
+    checkpoint only when its training run logged the same name; else ``--encoder`` must give it."""
+    from imagen.cascade import check_encoders
+    from imagen.checkpoint import CONFIG_NAME
+    from imagen.text import T5TextEncoder
+
+    for ckpt, cfg, meta, run in zip(checkpoints, cfgs, metas, runs, strict=True):
+        check_trained_encoder(ckpt, cfg, meta, run)
+    where = os.path.join(checkpoints[0], CONFIG_NAME)
+    name = encoder or metas[0].get("encoder_name") or cfgs[0].text_encoder
+    if not name:
+        raise ValueError(f"{where} names no text encoder: pass --encoder")
+    if os.path.isabs(name) and not os.path.isdir(name):
+        said = f"--encoder {name}" if encoder else f"text encoder {name} (from {where})"
+        raise FileNotFoundError(f"{said} not found: pass --encoder with a local copy of it")
+    enc = T5TextEncoder(name)
+    if not encoder and not enc.is_local and any(
+            run is None or run.data.params.get("encoder_name") != name for run in runs):
+        raise ValueError(f"{where} names the hub text encoder {name!r}, which no training run on this "
+                         f"tracking server confirms: pass --encoder {name} if the stages were trained on "
+                         "its embeddings, or --encoder DIR with a local copy")
+    common = check_encoders([c.stage for c in cfgs], [m.get("encoder_id") for m in metas], enc)
+    return name, common or (enc.encoder_id if enc.is_local else name)
+
+
+def weight_files_only(checkpoint: str, dst: str) -> str:
+    """``checkpoint`` itself when it holds only weight files, else a folder ``dst`` with hard
+    links (copies across file systems) to just those: the model stores no optimizer state, RNG
+    or anything else left beside them. MLflow refuses symbolic links, rightly."""
+    from imagen.checkpoint import CONFIG_NAME, EMA_NAME, MODEL_NAME
+
+    checkpoint = os.path.abspath(checkpoint)
+    keep = [n for n in (CONFIG_NAME, MODEL_NAME, EMA_NAME) if os.path.isfile(os.path.join(checkpoint, n))]
+    if sorted(keep) == sorted(os.listdir(checkpoint)):
+        return checkpoint
+    os.makedirs(dst)
+    for name in keep:
+        try:
+            os.link(os.path.join(checkpoint, name), os.path.join(dst, name))
+        except OSError:
+            shutil.copy2(os.path.join(checkpoint, name), os.path.join(dst, name))
+    return dst
+
+
+def _eval_metrics(checkpoints: list[str]) -> tuple[dict[str, float], Any]:
+    """The latest ``eval/`` metrics logged by `evaluate` for exactly these checkpoints."""
+    from pipeline.release.evaluate import EVAL_KEY_TAG, eval_key
+
+    client = mlflow.MlflowClient()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    if not exps:
+        return {}, None
+    runs = client.search_runs(exps, filter_string=f"tags.{EVAL_KEY_TAG} = '{eval_key(checkpoints)}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return {}, None
+    return {k: v for k, v in runs[0].data.metrics.items() if k.startswith("eval/")}, runs[0]
+
+
+def registration_key(checkpoints: Sequence[str], encoder: str | None, tags: dict[str, str] | None) -> str:
+    """Identity of what a version is made from: each checkpoint's path, config.json (which holds
+    its step and training run) and weight files' size and mtime (a checkpoint rewritten in place
+    changes them; weights are not hashed, a 2B model is 8 GB), the encoder override, the tags."""
+    from imagen.checkpoint import CONFIG_NAME
+
+    h = hashlib.sha256()
+    for c in checkpoints:
+        c = os.path.abspath(c)
+        h.update(c.encode() + b"\0")
+        with open(os.path.join(c, CONFIG_NAME), "rb") as f:
+            h.update(f.read())
+        for name in sorted(os.listdir(c)):
+            if name.endswith(".safetensors"):
+                st = os.stat(os.path.join(c, name))
+                h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}\0".encode())
+    h.update(json.dumps({"encoder": encoder, "tags": tags or {}}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _version_from(client, name: str, source: str):
+    """The newest version of ``name`` registered from ``source``, or None."""
+    versions = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get(SOURCE_TAG) == source]
+    return max(versions, key=lambda v: int(v.version), default=None)
+
+
+def register(
+    checkpoints: Sequence[str],
+    name: str | None = None,
+    alias: str = "challenger",
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+    experiment: str = "imagen",
+    tags: dict[str, str] | None = None,
+    encoder: str | None = None,
+    promote: bool = False,
+    promote_on: str | None = None,
+    new_version: bool = False,
+) -> dict[str, Any]:
+    """Log a pyfunc over the stage weight dirs (in cascade order) and register it.
+
+    ``name`` defaults to imagen-<stage> for one stage, imagen-cascade for several. The model is
+    logged into ``run_id``, else the run that trained the stage (one stage) or the run that
+    evaluated these checkpoints (a cascade), else a new run. ``alias`` points at the new
+    version; ``promote`` moves ``champion`` there too, ``promote_on`` ("METRIC[:max|min]")
+    only when the version's eval metric beats the champion's. A version already made from the
+    same checkpoints, encoder and tags is reused (``reused`` in the result) unless ``new_version``.
+    """
+    from imagen.checkpoint import check_weights
+    from imagen.config import check_chain
+    from pipeline.release.evaluate import find_stage_run
+
+    checkpoints = list(checkpoints)
+    if not checkpoints:
+        raise ValueError("register needs at least one --checkpoint (a stage weights directory)")
+    loaded = [check_weights(c) for c in checkpoints]  # config.json and weight headers, as sample reads them
+    cfgs, metas = [c for c, _ in loaded], [m for _, m in loaded]
+    check_chain([c.spec for c in cfgs])
+    name = name or (STAGE_MODEL_NAMES[cfgs[0].stage] if len(cfgs) == 1 else CASCADE_MODEL_NAME)
+
+    root = root_of(checkpoints[0])
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri, root))
+    client = mlflow.MlflowClient()
+    runs = [_get_run(client, find_stage_run(c, m)) for c, m in zip(checkpoints, metas, strict=True)]
+    encoder_name, encoder_id = _encoder_source(checkpoints, cfgs, metas, runs, encoder)
+    eval_metrics, eval_run = _eval_metrics(checkpoints)
+    source = registration_key(checkpoints, encoder, tags)
+    existing = None if new_version else _version_from(client, name, source)
+    if existing is not None:
+        print(f"[register] {name} version {existing.version} was made from these checkpoints; reused "
+              "(--new-version registers another)", file=sys.stderr, flush=True)
+        return _set_aliases(client, name, str(existing.version), alias, existing.run_id, eval_metrics,
+                            promote, promote_on, reused=True)
+    model_tags = {**lineage_tags(checkpoints, cfgs, metas, runs, encoder_id, encoder_name),
+                  **{k: f"{v:.6g}" for k, v in eval_metrics.items()}, **(tags or {}), SOURCE_TAG: source}
+    if eval_run is not None:
+        model_tags["eval_run"] = eval_run.info.run_id
+    target = run_id
+    if target is None and len(runs) == 1 and runs[0] is not None:
+        target = runs[0].info.run_id  # the stage's training run: its lineage in one place
+    if target is None and eval_run is not None:
+        target = eval_run.info.run_id
+    exp_id = None if target else ensure_experiment(experiment, os.path.join(root, "mlartifacts"))
+    with mlflow.start_run(run_id=target, experiment_id=exp_id,
+                          run_name=None if target else f"register-{name}") as run, \
+            tempfile.TemporaryDirectory(prefix="imagen-register-") as tmp:
+        artifacts = {stage_artifact(i): weight_files_only(c, os.path.join(tmp, f"{i}-{cfg.stage}"))
+                     for i, (c, cfg) in enumerate(zip(checkpoints, cfgs, strict=True))}
+        if os.path.isdir(encoder_name):
+            artifacts[ENCODER_ARTIFACT] = os.path.abspath(encoder_name)
+        # models from code: MLflow stores PYFUNC_CODE, not a pickled ImagenPyfunc
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=PYFUNC_CODE, artifacts=artifacts,
+            model_config={"encoder_name": None if ENCODER_ARTIFACT in artifacts else encoder_name},
+            signature=_signature(cfgs),
+            pip_requirements=["torch==2.13.0", "safetensors", "transformers", "sentencepiece", "pandas"],
+        )
+    # The version is created with its tags in one call: a version without the source tag (a
+    # crash between two calls) would be registered again by the next run.
+    version = str(mlflow.register_model(info.model_uri, name, tags=model_tags).version)
+    client.update_model_version(name, version, description=describe_version(
+        cfgs, metas, encoder_name, model_tags, eval_metrics, eval_run))
+    return _set_aliases(client, name, version, alias, run.info.run_id, eval_metrics, promote, promote_on,
+                        reused=False)
+
+
+def _set_aliases(client, name: str, version: str, alias: str, run_id: str | None, eval_metrics: dict,
+                 promote: bool, promote_on: str | None, reused: bool) -> dict[str, Any]:
+    client.set_registered_model_alias(name, alias, version)
+    result = {"name": name, "version": version, "alias": alias, "uri": f"models:/{name}@{alias}",
+              "run_id": run_id, "eval_metrics": eval_metrics, "promoted": False, "reused": reused}
+    if promote or promote_on:
+        ok, why = (True, "--promote") if promote else _beats_champion(client, name, version, promote_on)
+        if ok:
+            client.set_registered_model_alias(name, "champion", version)
+        result.update(promoted=ok, promotion=why)
+    return result
+
+
+def _get_run(client, run_id: str | None):
+    return client.get_run(run_id) if run_id else None
+
+
+def _beats_champion(client, name: str, version: str, rule: str) -> tuple[bool, str]:
+    """Apply a promotion rule "METRIC[:max|min]" to version vs the current champion."""
+    metric, _, mode = rule.partition(":")
+    mode = mode or "max"
+    if mode not in ("max", "min"):
+        raise ValueError(f"--promote-on {rule}: write METRIC, METRIC:max or METRIC:min")
+    key = metric if metric.startswith("eval/") else f"eval/{metric}"
+    new = client.get_model_version(name, version).tags.get(key)
+    if new is None:
+        return False, f"version {version} has no {key}: run `imagen-pipeline evaluate` on it first"
+    try:
+        champ = client.get_model_version_by_alias(name, "champion")
+    except mlflow.exceptions.MlflowException:
+        return True, f"no champion yet; {key} = {new}"
+    old = champ.tags.get(key)
+    if old is None:
+        return True, f"champion v{champ.version} has no {key}"
+    better = float(new) > float(old) if mode == "max" else float(new) < float(old)
+    verdict = "beats" if better else "does not beat"
+    return better, f"{key} {new} {verdict} champion v{champ.version}'s {old} ({mode})"
+
+
+def promote(name: str, version: str | None = None, from_alias: str = "challenger",
+            to_alias: str = "champion", tracking_uri: str | None = None) -> dict[str, Any]:
+    """Point ``to_alias`` at ``version`` (default: the version ``from_alias`` points at)."""
+    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    client = mlflow.MlflowClient()
+    if version is None:
+        check_model_uri(f"models:/{name}@{from_alias}")
+        version = client.get_model_version_by_alias(name, from_alias).version
+    else:
+        check_model_uri(f"models:/{name}/{version}")
+    client.set_registered_model_alias(name, to_alias, str(version))
+    return {"name": name, "version": str(version), "alias": to_alias, "uri": f"models:/{name}@{to_alias}"}
+
+
+@contextlib.contextmanager
+def mlflow_errors_in_one_line() -> Iterator[None]:
+    """Turn MLflow's exceptions into a RuntimeError with its first line, which the CLI prints
+    as one error line (a registry that is down, a refused request ...)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as e:
+        raise RuntimeError(f"MLflow at {mlflow.get_tracking_uri()}: {e.message.splitlines()[0]}") from None

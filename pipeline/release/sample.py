@@ -1,0 +1,77 @@
+"""Sampling: prompts -> PNG files from a registered model or a stage's weights (``imagen-pipeline sample``).
+
+    imagen-pipeline sample "a red circle" --model models:/imagen-cascade@champion --output out/ \\
+        --seed 0 1 2 --guidance-scale 5 1 --steps 32 16 --stages 1
+
+The model is built from its safetensors and config.json with the installed package
+(pipeline/release/loading.py), never through ``mlflow.pyfunc.load_model``: nothing from it is
+unpickled or run, and the images equal what the registered pyfunc's ``predict`` gives for the
+same seed (both go through ``loading.predict_images``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from pipeline.tracking import resolve_tracking_uri
+
+
+def sample_images(prompts: Sequence[str], model_uri: str, output: str, seeds: Sequence[int] = (0,),
+                  tracking_uri: str | None = None, images: Sequence[str] | None = None,
+                  progress: bool = True, encoder: str | None = None, **params: Any) -> dict[str, Any]:
+    """Build ``model_uri`` from its weights and write one PNG per (prompt, seed), plus a grid.
+
+    ``model_uri``: models:/NAME@ALIAS, models:/NAME/VERSION, an MLflow model folder or a stage
+    weights directory; nothing from it is unpickled or run (pipeline/release/loading.py). ``encoder``:
+    the text encoder to use (a hub name is downloaded only when given here).
+
+    ``params`` are predict() params (steps, guidance_scale, stage_guidance, stage_steps,
+    stages, sampler). One prompt, one seed and an ``output`` ending in .png writes that file;
+    otherwise ``output`` is a folder of NNN-seedS.png, grid.png (a row per seed) and
+    prompts.json. ``images``: low-res input files, one per prompt, for a model starting
+    with an SR stage.
+    """
+    from PIL import Image
+
+    from pipeline.release.loading import build_cascade, model_files, predict_images
+
+    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    frame = pd.DataFrame({"prompt": list(prompts)})
+    if images:
+        if len(images) != len(prompts):
+            raise ValueError(f"give one --image per prompt: {len(images)} images, {len(prompts)} prompts")
+        frame["image"] = [pathlib.Path(path).read_bytes() for path in images]
+    p = {k: v for k, v in params.items() if v is not None}
+    with model_files(model_uri, progress) as files:  # a downloaded model lives until its images are made
+        cascade = build_cascade(files, encoder)
+        batches = {s: predict_images(cascade, frame, {**p, "seed": int(s), "progress": progress})
+                   for s in seeds}
+    single = len(prompts) == 1 and len(seeds) == 1 and output.lower().endswith(".png")
+    if single:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        Image.fromarray(batches[seeds[0]][0]).save(output)
+        paths, grid, meta = [output], None, os.path.splitext(output)[0] + ".json"
+    else:
+        os.makedirs(output, exist_ok=True)
+        paths = []
+        for s, batch in batches.items():
+            for i, img in enumerate(batch):
+                paths.append(os.path.join(output, f"{i:03d}-seed{s}.png"))
+                Image.fromarray(img).save(paths[-1])
+        from pipeline.release.metrics import make_grid
+
+        grid = os.path.join(output, "grid.png")
+        Image.fromarray(make_grid(np.concatenate(list(batches.values())), cols=len(prompts))).save(grid)
+        meta = os.path.join(output, "prompts.json")
+    with open(meta, "w") as f:
+        json.dump({"model": model_uri, "prompts": list(prompts), "seeds": list(seeds), "params": p}, f, indent=2)
+    return {"images": paths, "grid": grid, "model": model_uri}

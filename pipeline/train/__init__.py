@@ -1,0 +1,8 @@
+"""The training wing: one cascade stage, in one process or many, on this machine or a cluster.
+
+``job`` says what a training job is (its options and resolved config), ``trainer`` is the loop,
+``checkpointing`` saves and resumes it exactly, ``parallel`` wraps the model for DDP/FSDP,
+``worker`` is one training process (``python -m pipeline.train``), and ``launch`` starts the
+workers through a launcher (local torchrun or a Kubernetes TrainJob); the CLI's ``train`` verb
+and the DAGs both go through it.
+"""

@@ -1,0 +1,302 @@
+"""The training loop of one cascade stage (run by pipeline/train/worker.py; the job: job.py).
+
+    Trainer(job, rank, world, device).fit()  ->  {"checkpoint", "step", "loss", "run_id", ...}
+
+One optimizer step = ``grad_accum`` micro-batches. Per micro-batch (Imagen sec. 2):
+noise level t ~ U(0, 1); text dropped for ``cond_drop_prob`` of samples (classifier-free
+guidance, sec. 2.2); for SR stages the low-res input is noised at a random augmentation
+level that is also a model input (noise-conditioning augmentation, sec. 2.5). Every random
+draw comes from this rank's generator, checkpointed with the step and the data position,
+which is what makes resume exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import torch
+
+from imagen.diffusion import GaussianDiffusion
+from imagen.ema import EMA
+from imagen.unet import UNet
+from pipeline.train import checkpointing as ckpt
+from pipeline.train.job import TrainJob, resolve_config
+from pipeline.train.parallel import all_equal, all_mean, parallelize
+
+log = logging.getLogger("pipeline.train")
+VAL_SAMPLES = 8  # fixed validation captions in the sample grid
+
+
+def lr_at(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warmup (Imagen: 10k steps) then cosine decay to 10% of the base rate."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def build_optimizer(name: str, params, lr: float, weight_decay: float):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adafactor":
+        return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose adamw or adafactor")
+
+
+def file_sha256(path: str) -> str | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def code_version() -> str:
+    """The git commit of this checkout when there is one, else the package version."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except OSError:
+        pass
+    from importlib.metadata import version
+
+    return f"imagen-pipeline=={version('imagen-pipeline')}"
+
+
+class Trainer:
+    def __init__(self, job: TrainJob, rank: int, world: int, device: torch.device):
+        from pipeline.data.embed import read_metadata
+        from pipeline.tracking import RunLogger, flatten, resolve_tracking_uri
+
+        self.job, self.rank, self.world, self.device = job, rank, world, device
+        emb_meta = read_metadata(job.embeddings)
+        self.cfg = cfg = resolve_config(job, emb_meta)
+        self.tc = cfg.train
+        self.autocast = job.precision == "bf16" or (job.precision == "auto" and device.type == "cuda")
+        root = os.path.dirname(os.path.abspath(job.data.rstrip("/")))
+        metadata = {"encoder_id": emb_meta.get("encoder_id"), "encoder_name": emb_meta.get("encoder_name"),
+                    "manifest_sha256": file_sha256(os.path.join(job.data, "manifest.json")),
+                    "code_version": code_version()}
+
+        torch.manual_seed(self.tc.seed)  # same initial weights on every rank
+        model = UNet(cfg.unet).to(device)
+        model.gradient_checkpointing = job.gradient_checkpointing
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.wrapped = parallelize(model, job.parallel, world)
+        if job.compile:
+            # after DDP/FSDP wrapping, as PyTorch recommends; weights and checkpoints stay those
+            # of ``model`` (no _orig_mod prefix)
+            self.wrapped = torch.compile(self.wrapped, dynamic=False)  # symbolic text lengths fail in inductor 2.13
+        self.ema = EMA(model, cfg.ema())  # after sharding: shards' EMA
+        self.optimizer = build_optimizer(job.optimizer, model.parameters(), self.tc.lr, self.tc.weight_decay)
+        gen = torch.Generator().manual_seed(self.tc.seed * 1000 + rank)
+        self.state = ckpt.TrainState(model, self.ema, self.optimizer, gen, cfg, metadata,
+                                     fsdp=job.parallel == "fsdp" and world > 1)
+        self.diffusion = GaussianDiffusion(cfg.diffusion)
+        self.step = 0
+        resume_dir = ckpt.find_resume(job.checkpoint_dir, job.resume)
+        if resume_dir:
+            self.step = int(ckpt.load_checkpoint(resume_dir, self.state, rank, world, device)["step"])
+            if rank == 0:
+                print(f"[train {cfg.stage}] resumed from {resume_dir} at step {self.step}", flush=True)
+
+        self.tracker = RunLogger(resolve_tracking_uri(job.tracking_uri, root), job.experiment,
+                                 job.run_name or f"{cfg.stage}-{job.preset}",
+                                 artifact_root=os.path.join(root, "mlartifacts"), enabled=rank == 0,
+                                 run_id=self._previous_run_id(resume_dir),
+                                 tags={"stage": cfg.stage, "preset": job.preset})
+        loader = self._loader(start_batch=self.step * self.tc.grad_accum)
+        # what this stage trains on: the samples at least its size, and those left out (sec. 2.5)
+        self.data_counts = dict(loader.data_counts)
+        if rank == 0:
+            print(f"[train {cfg.stage}] {self.data_counts['data_samples']} samples of at least "
+                  f"{cfg.image_size} px; {self.data_counts['data_excluded_too_small']} smaller ones "
+                  "left out of this stage", flush=True)
+        if not resume_dir:
+            self.tracker.log_params({**flatten(cfg.to_dict()), **metadata, "world_size": world,
+                                     "data": job.data, "embeddings": job.embeddings,
+                                     "optimizer": job.optimizer, "parallel": job.parallel,
+                                     **self.data_counts})
+            self.tracker.log_dict(cfg.to_dict(), "config.json")
+            if metadata["manifest_sha256"]:
+                data_uri = job.data if "://" in job.data else os.path.abspath(job.data)
+                self.tracker.log_dataset(data_uri, "filtered-shards", metadata["manifest_sha256"])
+        self.state.metadata["mlflow_run_id"] = self.tracker.run_id
+        self.batches = iter(loader)
+        self.val_batch = self._validation_batch() if rank == 0 and self.tc.sample_every else None
+
+    def _previous_run_id(self, resume_dir: str | None) -> str | None:
+        """A resumed job continues the MLflow run of the checkpoint it resumes."""
+        if not resume_dir:
+            return None
+        from imagen.checkpoint import load_config
+
+        return load_config(resume_dir)[1].get("mlflow_run_id")
+
+    def _loader(self, start_batch: int, **overrides):
+        from pipeline.data.loader import TrainDataConfig, make_loader
+
+        cfg, spec = self.cfg, self.cfg.spec
+        data_cfg = TrainDataConfig(
+            data=self.job.data, embeddings=self.job.embeddings, image_size=spec.image_size,
+            crop_size=spec.crop_size, lowres_size=spec.lowres_crop_size, random_crop=spec.random_crop,
+            max_tokens=cfg.max_text_len, batch_size=self.tc.batch_size,
+            num_workers=self.job.num_workers, seed=self.tc.seed,
+            expected_encoder_id=self.state.metadata["encoder_id"], expected_dim=cfg.unet.text_embed_dim,
+            expected_max_length=cfg.max_text_len,
+            start_batch=start_batch)
+        return make_loader(dataclasses.replace(data_cfg, **overrides), rank=self.rank,
+                           world_size=self.world if not overrides else 1)
+
+    def _validation_batch(self) -> dict[str, Any]:
+        """The first samples of the data in a fixed order: their captions are the fixed prompts
+        of the sample grid, their precomputed embeddings spare the trainer a T5 load. Whole
+        images, centre-cropped: a stage that trains on crops samples at its full size."""
+        return next(iter(self._loader(0, batch_size=VAL_SAMPLES, random_flip=False, num_workers=0,
+                                      crop_size=self.cfg.image_size, lowres_size=self.cfg.lowres_size,
+                                      random_crop=False)))
+
+    # ----------------------------------------------------------------------------------------
+
+    def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        gen, dev, d = self.state.generator, self.device, self.cfg.diffusion
+        x0 = batch["image"].to(dev)
+        if dev.type == "cuda":
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        b = x0.shape[0]
+        drop = torch.rand(b, generator=gen) < d.cond_drop_prob  # CFG text dropout, sec. 2.2
+        mask = batch["text_mask"].to(dev) & ~drop.to(dev)[:, None]
+        t = self.diffusion.sample_t(b, gen).to(dev)
+        noise = torch.randn(x0.shape, generator=gen).to(dev)
+        extra = {}
+        if self.cfg.lowres_size:  # noise-conditioning augmentation, sec. 2.5
+            lowres = batch["lowres"].to(dev)
+            aug_t = (torch.rand(b, generator=gen) * d.lowres_aug_max).to(dev)
+            aug_noise = torch.randn(lowres.shape, generator=gen).to(dev)
+            extra = {"lowres": self.diffusion.q_sample(lowres, aug_t, aug_noise), "lowres_t": aug_t}
+        x_t = self.diffusion.q_sample(x0, t, noise)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.wrapped(x_t, t, batch["text_embeds"].to(dev), mask, **extra)
+        return self.diffusion.loss(out.float(), x0, noise, t).mean()
+
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step; returns (mean loss over ranks, grad norm, seconds waiting for data)."""
+        accum, wait, total = self.tc.grad_accum, 0.0, 0.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.tc.lr, self.tc.warmup_steps, self.tc.max_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        for micro in range(accum):
+            t0 = time.perf_counter()
+            batch = next(self.batches)
+            wait += time.perf_counter() - t0
+            sync = micro == accum - 1 or not hasattr(self.wrapped, "no_sync")
+            with contextlib.nullcontext() if sync else self.wrapped.no_sync():
+                loss = self._loss(batch) / accum
+                loss.backward()
+            total += loss.detach()
+        mean = all_mean(total, self.world).item()
+        if not torch.isfinite(torch.tensor(mean)):  # same value on every rank: all stop together
+            raise FloatingPointError(
+                f"loss is {mean} at step {self.step}; the last good checkpoint is kept in "
+                f"{self.job.checkpoint_dir}. Lower --lr or check the data, then --resume latest")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        self.ema.update(self.model, self.step)
+        return mean, float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), wait
+
+    def fit(self) -> dict[str, Any]:
+        tc, loss = self.tc, float("nan")
+        t_last, wait, steps_since = time.perf_counter(), 0.0, 0
+        self.totals = {"steps": 0, "seconds": 0.0, "wait": 0.0}  # after the first log interval
+        self.wrapped.train()
+        while self.step < tc.max_steps:
+            loss, grad_norm, w = self.train_step()
+            wait, steps_since = wait + w, steps_since + 1
+            if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                dt = time.perf_counter() - t_last
+                self._log(loss, grad_norm, steps_since, dt, wait)
+                if self.step > tc.log_every:  # the first interval holds start-up costs
+                    self.totals = {"steps": self.totals["steps"] + steps_since,
+                                   "seconds": self.totals["seconds"] + dt, "wait": self.totals["wait"] + wait}
+                t_last, wait, steps_since = time.perf_counter(), 0.0, 0
+            if self.step % tc.checkpoint_every == 0 or self.step == tc.max_steps:
+                ckpt.save_checkpoint(self.job.checkpoint_dir, self.step, self.state, self.rank,
+                                     self.world, tc.keep_checkpoints)
+            if tc.sample_every and (self.step % tc.sample_every == 0 or self.step == tc.max_steps):
+                self._sample_grid()
+        return self._finish(loss)
+
+    def _log(self, loss: float, grad_norm: float, steps: int, dt: float, wait: float) -> None:
+        images = steps * self.tc.batch_size * self.tc.grad_accum * self.world
+        metrics = {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                   "ema_decay": self.ema.decay_at(self.step),  # per-step effective decay
+                   "images_per_s": images / dt, "step_time_s": dt / steps, "data_wait_fraction": wait / dt}
+        self.tracker.log_metrics(metrics, self.step)
+        if self.rank == 0:
+            print(f"[train {self.cfg.stage}] step {self.step}/{self.tc.max_steps} loss {loss:.4f} "
+                  f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s "
+                  f"data wait {100 * metrics['data_wait_fraction']:.1f}%", flush=True)
+
+    @torch.no_grad()
+    def _sample_grid(self) -> None:
+        """Sample the validation captions with the EMA weights on rank 0 and log the grid.
+        Called on every rank: gathering FSDP-sharded EMA weights is a collective."""
+        from imagen.cascade import StageOptions, run_stage, to_uint8
+        from pipeline.release.metrics import make_grid
+
+        ema = ckpt.full_tensors(self.ema.state_dict())
+        if self.rank != 0:
+            return
+        b = self.val_batch
+        net = UNet(self.cfg.unet).to(self.device).eval()
+        net.load_state_dict({k: v.to(net.state_dict()[k].dtype) for k, v in ema.items()})
+        # the cascade's own stage sampler: an SR stage's low-res input is noised at the level it
+        # is told (sec. 2.5), exactly as at inference
+        lowres = b["lowres"].to(self.device) if self.cfg.lowres_size else None
+        x = run_stage(net, self.cfg, StageOptions(), b["text_embeds"].to(self.device),
+                      b["text_mask"].to(self.device), lowres, torch.Generator(self.device).manual_seed(0))
+        self.tracker.log_image(make_grid(to_uint8(x)), key="samples", step=self.step)
+        if self.step == self.tc.sample_every:
+            captions = b.get("captions") or b["keys"]
+            self.tracker.log_dict({"keys": b["keys"], "captions": captions}, "validation_prompts.json")
+
+    def _finish(self, loss: float) -> dict[str, Any]:
+        final = os.path.join(self.job.checkpoint_dir, "final")
+        checksum = weights_sha256(self.model)
+        if not all_equal(checksum, self.world):
+            raise RuntimeError("ranks ended with different weights: the data-parallel run diverged")
+        if self.rank == 0:
+            ckpt.publish_final(final, ckpt.list_checkpoints(self.job.checkpoint_dir)[-1])
+            self.tracker.log_metrics({"final_loss": loss}, self.step)
+            self.tracker.set_tags({"checkpoint": os.path.abspath(final)})
+            self.tracker.end()
+        tot = self.totals
+        images = tot["steps"] * self.tc.batch_size * self.tc.grad_accum * self.world
+        return {"checkpoint": final, "step": self.step, "loss": loss, "run_id": self.tracker.run_id,
+                "stage": self.cfg.stage, "weights_sha256": checksum, **self.data_counts,
+                "images_per_s": images / tot["seconds"] if tot["seconds"] else None,
+                "data_wait_fraction": tot["wait"] / tot["seconds"] if tot["seconds"] else None}
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """Checksum of the full weights (gathers shards under FSDP: call on every rank)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        v = v.full_tensor() if hasattr(v, "full_tensor") else v
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

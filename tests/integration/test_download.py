@@ -1,0 +1,105 @@
+"""pipeline.data.download for real: img2dataset runs against the loopback tiny-data server
+(conftest's raw_shards), resumes without refetching, keeps settings apart; and run_streaming's child process."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import sys
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.data.download import (
+    download,
+    run_streaming,
+    summarize,
+)
+from tests.tinychain import RAW_DOWNLOAD_KWARGS
+
+DOWNLOAD_ERRORS = {"http_404": "HTTP Error 404: File not found",
+                   "not_an_image": "not_an_image: body is markup/JSON, not an image (Content-Type: image/jpeg)",
+                   "truncated": "Image decoding error"}
+
+
+def stored_size(row: dict, side: int = 128) -> tuple[int, int]:
+    """What img2dataset stores for the tiny presets: the source, its short side brought down
+    to the 128 px stage's side (ratio kept), never up."""
+    w, h = row["source_width"], row["source_height"]
+    if min(w, h) <= side:
+        return w, h
+    scale = side / min(w, h)
+    return (side, round(h * scale)) if w <= h else (round(w * scale), side)
+
+
+def _raw_rows(raw: str) -> list[dict]:
+    rows = []
+    for name in sorted(os.listdir(raw)):
+        if name[:5].isdigit() and name.endswith(".parquet"):
+            rows += pq.read_table(os.path.join(raw, name)).to_pylist()
+    return rows
+
+
+def test_download_gets_every_good_image(tiny_dataset, raw_shards):
+    info = tiny_dataset.info
+    rows = _raw_rows(raw_shards)
+    assert len(rows) == info["n_rows"]
+    for r in rows:
+        if r["kind"] in DOWNLOAD_ERRORS:
+            assert r["status"] != "success" and r["error_message"] == DOWNLOAD_ERRORS[r["kind"]], r
+        else:  # "ok" and the rows only the filter step should reject
+            assert r["status"] == "success", r
+            assert (r["width"], r["height"]) == stored_size(r)  # ratio kept, never upscaled
+    summary = summarize(raw_shards)
+    assert summary["shards"] == 3 and summary["total"] == summary["input_rows"] == info["n_rows"]
+    assert summary["successes"] == info["n_rows"] - info["n_broken"]
+    assert summary["failed"] == info["n_broken"] and summary["refused"] == 0
+    assert summary["errors"] == {"http_404": 3, "not_an_image": 2, "image_decoding_error": 1}
+    assert summary["rejected"] == {}
+
+
+def test_raw_tars_hold_the_successes(raw_shards):
+    successes = {r["key"]: r for r in _raw_rows(raw_shards) if r["status"] == "success"}
+    members = {}
+    for name in sorted(os.listdir(raw_shards)):
+        if name.endswith(".tar"):
+            with tarfile.open(os.path.join(raw_shards, name)) as tar:
+                members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+    assert {n.split(".")[0] for n in members} == set(successes)
+    for key, row in successes.items():
+        assert members[f"{key}.txt"].decode() == row["caption"]
+        img = Image.open(io.BytesIO(members[f"{key}.png"]))
+        assert img.format == "PNG" and img.size == stored_size(row)
+
+
+def test_rerun_resumes_without_refetching(tiny_dataset, raw_shards, capsys):
+    before = summarize(raw_shards)
+    requests = len(tiny_dataset.server.request_log)
+    mtimes = {n: os.stat(os.path.join(raw_shards, n)).st_mtime_ns for n in os.listdir(raw_shards)
+              if n[:5].isdigit()}
+    again = download(tiny_dataset.urls, raw_shards, **RAW_DOWNLOAD_KWARGS)
+    assert again == before
+    assert len(tiny_dataset.server.request_log) == requests
+    assert mtimes == {n: os.stat(os.path.join(raw_shards, n)).st_mtime_ns for n in mtimes}
+    assert "download: 3 of 3 shards already done, 0 to fetch" in capsys.readouterr().out
+
+
+def test_other_settings_do_not_mix_into_finished_shards(tiny_dataset, raw_shards, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(raw_shards, raw)
+    with pytest.raises(RuntimeError, match="new output folder"):
+        download(tiny_dataset.urls, str(raw), **{**RAW_DOWNLOAD_KWARGS, "image_size": 64})
+    # Runtime knobs (threads, timeout) are not part of what a shard contains.
+    again = download(tiny_dataset.urls, str(raw), **{**RAW_DOWNLOAD_KWARGS, "threads": 2, "timeout": 3})
+    assert again["successes"] == tiny_dataset.info["n_rows"] - tiny_dataset.info["n_broken"]
+
+
+def test_run_streaming_streams_and_reports_failures(capsys):
+    code = "import sys\nfor i in range(50): print('line', i)\nprint('boom', file=sys.stderr)\nsys.exit(3)"
+    with pytest.raises(RuntimeError, match="code 3") as err:
+        run_streaming([sys.executable, "-c", code], tail=5)
+    assert "boom" in str(err.value) and "line 49" in str(err.value) and "line 40" not in str(err.value)
+    assert "line 0\n" in capsys.readouterr().out

@@ -1,0 +1,118 @@
+"""pipeline/release/evaluate.py logging into a real `mlflow server` on untrained tiny stages: a
+stage's metrics land in its training run, a cascade's SR scores against bicubic (random weights:
+what gets logged where, bicubic PSNR against its closed form, alignment recomputed from the grid)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagen.checkpoint import save_weights
+from imagen.config import preset
+from imagen.text import T5TextEncoder
+from imagen.unet import UNet
+from pipeline.release import metrics
+
+SPECS = [("red", "circle"), ("red", "square"), ("blue", "circle"), ("blue", "square")]
+
+
+def test_evaluate_stage_logs_to_its_training_run(setup, mlflow_uri, tmp_path):
+    import mlflow
+
+    from pipeline.release.evaluate import evaluate
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("eval-test") or client.get_experiment(client.create_experiment("eval-test"))
+    train_run = client.create_run(exp.experiment_id, tags={"checkpoint": os.path.abspath(setup["base"])})
+    out = evaluate(setup["base"], attributes=setup["attributes"], steps=2, tracking_uri=mlflow_uri,
+                   output=str(tmp_path / "eval"))
+    assert out["run_id"] == train_run.info.run_id
+    m = out["metrics"]
+    assert m["chance_alignment"] == 0.25 and m["chance_alignment_color"] == 0.5
+    assert m["seconds_per_image/base64"] == pytest.approx(m["seconds_per_image_guided"])
+    assert m["images_per_s_guided"] == pytest.approx(1 / m["seconds_per_image_guided"])
+    assert set(out["skipped"]) == {"fid", "clip_score"}
+    # the logged alignment is the checker's verdict on the images in the logged grid
+    palette = {"red": (220, 30, 30), "blue": (40, 70, 220)}
+    for label in ("guided", "unguided"):
+        tiles = grid_tiles(out["grids"][label], 4, 32, cols=2)
+        score = metrics.alignment(tiles, SPECS, palette)
+        assert m[f"alignment_{label}"] == score["both"] and m[f"alignment_color_{label}"] == score["color"]
+    run = client.get_run(train_run.info.run_id)
+    assert run.data.metrics["eval/alignment_guided"] == m["alignment_guided"]
+    assert run.data.metrics["eval/guidance_scale"] == 3.0  # the tiny base preset's weight
+    logged = {f.path for f in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/grid_guided.png", "eval/grid_unguided.png", "eval/summary.json"} <= logged
+
+
+def test_evaluate_cascade_scores_super_resolution(setup, mlflow_uri, tmp_path):
+    import mlflow
+
+    from pipeline.release.evaluate import EVAL_KEY_TAG, eval_key, evaluate
+
+    fid_weights = str(tmp_path / "features.pt")
+
+    class MeanColour(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+    torch.jit.script(MeanColour()).save(fid_weights)
+    ckpts = [setup["base"], setup["sr"]]
+    out = evaluate(ckpts, attributes=setup["attributes"], steps=2, tracking_uri=mlflow_uri,
+                   fid_weights=fid_weights, output=str(tmp_path / "eval"))
+    m = out["metrics"]
+    # bicubic baseline: the rendered references, down to 32 by area averaging (as the loader makes
+    # an SR stage's input) and back up to 64 with bicubic, by hand
+    refs = metrics.render_references(SPECS, 64, seed=0)
+    up = np.stack([np.asarray(Image.fromarray(np.asarray(Image.fromarray(r).resize(
+        (32, 32), Image.Resampling.BOX))).resize((64, 64), Image.Resampling.BICUBIC)) for r in refs])
+    mse = ((up.astype(np.float64) - refs) ** 2).reshape(4, -1).mean(1) / 255.0**2
+    assert m["sr256/psnr_bicubic"] == pytest.approx(float(np.mean(10 * np.log10(1 / mse))), abs=1e-3)
+    assert 0 < m["sr256/ssim_bicubic"] <= 1 and np.isfinite(m["sr256/psnr"])
+    assert m["fid"] >= 0 and "fid" not in out["skipped"]
+    assert set(m) >= {"seconds_per_image/base64", "seconds_per_image/sr256", "alignment_guided"}
+    sr_grid = np.asarray(Image.open(out["grids"]["sr_sr256"]))
+    assert sr_grid.shape == (4 * 66 + 2, 3 * 66 + 2, 3)  # rows of bicubic | SR | reference
+    np.testing.assert_array_equal(grid_tiles(out["grids"]["sr_sr256"], 12, 64, cols=3)[2::3], refs)
+    run = mlflow.MlflowClient(mlflow_uri).get_run(out["run_id"])
+    assert run.info.run_name == "evaluate-cascade"
+    assert run.data.tags[EVAL_KEY_TAG] == eval_key(ckpts)
+    assert run.data.metrics["eval/sr256/psnr_bicubic"] == pytest.approx(m["sr256/psnr_bicubic"])
+
+
+def make_stage(root, stage, encoder_dir, encoder_id=None, seed=0) -> str:
+    """A stage weights dir like training leaves in ROOT/checkpoints/<stage>/run1/final."""
+    cfg = preset("tiny", stage)
+    torch.manual_seed(seed)
+    state = UNet(cfg.unet).state_dict()
+    path = os.path.join(root, "checkpoints", stage, "run1", "final")
+    save_weights(path, state, cfg, ema=state, metadata={
+        "encoder_id": encoder_id or T5TextEncoder(encoder_dir).encoder_id,
+        "encoder_name": encoder_dir, "step": 0})
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from pipeline.dev.tinymodels import build_tiny_t5
+
+    root = tmp_path_factory.mktemp("evalroot")
+    enc = build_tiny_t5(str(root / "t5"))
+    attrs = root / "attributes.json"
+    attrs.write_text(json.dumps({"colors": {"red": [220, 30, 30], "blue": [40, 70, 220]},
+                                 "shapes": ["circle", "square"]}))
+    return {"root": str(root), "encoder": enc, "attributes": str(attrs),
+            "base": make_stage(str(root), "base64", enc), "sr": make_stage(str(root), "sr256", enc, seed=1)}
+
+
+def grid_tiles(path: str, n: int, size: int, cols: int, pad: int = 2) -> np.ndarray:
+    grid = np.asarray(Image.open(path))
+    tiles = []
+    for i in range(n):
+        r, c = divmod(i, cols)
+        top, left = pad + r * (size + pad), pad + c * (size + pad)
+        tiles.append(grid[top: top + size, left: left + size])
+    return np.stack(tiles)

@@ -1,0 +1,259 @@
+"""filter_shards end to end over the downloaded tiny dataset (conftest: tiny data -> img2dataset
+-> filter): every good image kept once, counts that add up, reruns, parallel workers, scorers."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.data import filter_registry
+from pipeline.data.filters import (
+    FilterConfig,
+    filter_shards,
+    format_reject_table,
+    sample_fates,
+    stage_config,
+)
+from tests.tinychain import TINY_PRESETS
+
+
+def read_tar(path: str) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def _urls_by_kind(tiny_dataset) -> dict[str, set[str]]:
+    by_kind: dict[str, set[str]] = {}
+    for r in pq.read_table(tiny_dataset.urls).to_pylist():
+        by_kind.setdefault(r["kind"], set()).add(r["url"])
+    return by_kind
+
+
+def _kept(filtered: str) -> list[dict]:
+    rows = []
+    for name in sorted(os.listdir(filtered)):
+        if name.endswith(".tar"):
+            members = read_tar(os.path.join(filtered, name))
+            keys = sorted({n.split(".")[0] for n in members})
+            assert set(members) == {f"{k}.{e}" for k in keys for e in ("png", "txt", "json")}
+            rows += [{"shard": name, "key": k, "meta": json.loads(members[f"{k}.json"]),
+                      "caption": members[f"{k}.txt"].decode(), "png": members[f"{k}.png"]} for k in keys]
+    return rows
+
+
+def test_every_good_image_exactly_once(tiny_dataset, filtered_shards):
+    kept = _kept(filtered_shards)
+    urls = [r["meta"]["url"] for r in kept]
+    assert sorted(urls) == sorted(_urls_by_kind(tiny_dataset)["ok"])
+    assert len({hashlib.sha256(r["png"]).digest() for r in kept}) == len(kept) == tiny_dataset.info["n_good"]
+    for r in kept:
+        assert r["meta"]["kind"] == "ok" and r["caption"] == r["meta"]["caption"].strip()
+        short = min(r["meta"]["source_width"], r["meta"]["source_height"])
+        assert min(Image.open(io.BytesIO(r["png"])).size) == min(short, 128)  # never upscaled
+    # Shards are filled in key (= URL-list) order.
+    assert [r["key"] for r in kept] == sorted(r["key"] for r in kept)
+
+
+def test_manifest_counts_add_up(tiny_dataset, filtered_shards):
+    manifest = json.loads(Path(filtered_shards, "manifest.json").read_text())
+    kinds = tiny_dataset.info["kinds"]
+    assert manifest["input_rows"] == tiny_dataset.info["n_rows"]
+    assert manifest["kept"] + manifest["rejected"] == manifest["input_rows"]
+    assert manifest["kept"] == kinds["ok"]
+    assert manifest["rejects"] == {
+        "refused": {},
+        "download": {"http_404": kinds["http_404"], "not_an_image": kinds["not_an_image"],
+                     "image_decoding_error": kinds["truncated"]},
+        "filter": {"caption_too_short": kinds["empty_caption"], "duplicate_image": kinds["duplicate"],
+                   "image_too_small": kinds["too_small"], "aspect_ratio_too_large": kinds["bad_aspect"]},
+    }
+    assert manifest["shards"] == {"000000.tar": 50, "000001.tar": 50, "000002.tar": 20}
+    assert {n: len(read_tar(os.path.join(filtered_shards, n))) // 3 for n in manifest["shards"]} == manifest["shards"]
+    assert manifest["config"] == {"min_caption_chars": 3, "max_caption_chars": 512, "languages": [], "min_language_confidence": 0.5,
+                                  "min_side": 32,  # the tiny base stage's side
+                                  "max_aspect": 2.0, "max_pixels": 64_000_000, "dedup": True, "near_dedup": True,
+                                  "near_dup_distance": 6, "near_dup_color_tolerance": 32.0, "scorers": {},
+                                  "stage_sides": {"base64": 32, "sr256": 64, "sr1024": 128}}
+    # Per stage: the kept samples it can use, and the smaller ones left out of it alone.
+    kept = [r for r in pq.read_table(tiny_dataset.urls).to_pylist() if r["kind"] == "ok"]
+    small = {side: sum(min(r["source_width"], r["source_height"]) < side for r in kept) for side in (32, 64, 128)}
+    assert small[128] > 0
+    assert manifest["stages"] == {
+        "base64": {"min_side": 32, "samples": 120 - small[32], "excluded": {"too_small_for_base64": small[32]}},
+        "sr256": {"min_side": 64, "samples": 120 - small[64], "excluded": {"too_small_for_sr256": small[64]}},
+        "sr1024": {"min_side": 128, "samples": 120 - small[128], "excluded": {"too_small_for_sr1024": small[128]}},
+    }
+    assert manifest["filters"] == ["caption_length", "min_side", "max_aspect", "max_pixels", "decode"]
+    assert manifest["skipped_filters"] == {}
+    assert sorted(os.listdir(filtered_shards)) == ["000000.tar", "000001.tar", "000002.tar", "_filter",
+                                                   "manifest.json"]
+    table = format_reject_table(manifest)
+    lines = [line.split() for line in table.splitlines()]
+    assert ["download", "http_404", "3"] in lines and ["filter", "caption_too_short", "2"] in lines
+    assert ["kept", "120", "(91.6%)"] in lines and ["input", "rows", "131"] in lines
+    assert ["sr1024", "too_small_for_sr1024", str(small[128]), "(kept,", "used", "by", "the", "other", "stages)"] in lines
+
+
+def test_sample_fates_explain_every_row(tiny_dataset, raw_shards, filtered_shards):
+    fates = sample_fates(raw_shards, filtered_shards).to_pylist()
+    kinds = {r["url"]: r["kind"] for r in pq.read_table(tiny_dataset.urls).to_pylist()}
+    expected = {"ok": ("kept", None), "http_404": ("download", "http_404"),
+                "not_an_image": ("download", "not_an_image"), "truncated": ("download", "image_decoding_error"),
+                "empty_caption": ("filter", "caption_too_short"), "duplicate": ("filter", "duplicate_image"),
+                "too_small": ("filter", "image_too_small"), "bad_aspect": ("filter", "aspect_ratio_too_large")}
+    assert len(fates) == len(kinds)
+    assert {f["url"]: (f["stage"], f["reason"]) for f in fates} == {u: expected[k] for u, k in kinds.items()}
+    shards = collections.Counter(f["shard"] for f in fates if f["stage"] == "kept")
+    assert shards == {"000000.tar": 50, "000001.tar": 50, "000002.tar": 20}
+
+
+def test_rerun_is_a_no_op(raw_shards, filtered_shards):
+    def snapshot():
+        return {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in Path(filtered_shards).rglob("*") if p.is_file()}
+
+    before = snapshot()
+    manifest = filter_shards(raw_shards, filtered_shards, stage_config(TINY_PRESETS), samples_per_shard=50)
+    assert snapshot() == before and manifest["kept"] == 120
+
+
+def test_rewrite_gives_identical_shards(raw_shards, filtered_shards, tmp_path):
+    out = str(tmp_path / "again")
+    manifest = filter_shards(raw_shards, out, samples_per_shard=50)
+    for name in manifest["shards"]:
+        assert Path(out, name).read_bytes() == Path(filtered_shards, name).read_bytes()
+
+
+def test_changed_config_rewrites_and_drops_stale_shards(raw_shards, filtered_shards, tmp_path):
+    out = tmp_path / "filtered"
+    shutil.copytree(filtered_shards, out)
+    (out / "000009.tar").write_bytes(b"stale")
+    (out / ".000003.tar.tmp-deadbeef").write_bytes(b"crashed")
+    work = {p.name: p.stat().st_mtime_ns for p in (out / "_filter").glob("0*.parquet")}
+    config = stage_config(TINY_PRESETS, dedup=False, near_dedup=False)
+    manifest = filter_shards(raw_shards, str(out), config, samples_per_shard=1000)
+    assert sorted(os.listdir(out)) == ["000000.tar", "_filter", "manifest.json"]
+    assert manifest["shards"] == {"000000.tar": 121} and manifest["kept"] == 121
+    assert "duplicate_image" not in manifest["rejects"]["filter"]
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    # Only dedup settings changed: the per-shard pass was reused, not redone.
+    assert work == {p.name: p.stat().st_mtime_ns for p in (out / "_filter").glob("0*.parquet")}
+    # A per-sample setting redoes the per-shard pass.
+    manifest = filter_shards(raw_shards, str(out), FilterConfig(min_side=512), samples_per_shard=1000)
+    # 125 downloaded: 2 empty captions are rejected first (cheapest), the rest are stored < 512.
+    assert manifest["kept"] == 0 and manifest["rejects"]["filter"] == {"caption_too_short": 2, "image_too_small": 123}
+    assert manifest["shards"] == {} and sorted(os.listdir(out)) == ["_filter", "manifest.json"]
+
+
+def test_shards_are_evenly_sized(raw_shards, tmp_path):
+    manifest = filter_shards(raw_shards, str(tmp_path / "out"), samples_per_shard=32)
+    assert manifest["shards"] == {"000000.tar": 32, "000001.tar": 32, "000002.tar": 32, "000003.tar": 24}
+
+
+def test_parallel_workers_give_the_same_bytes(raw_shards, filtered_shards, tmp_path):
+    out = tmp_path / "parallel"
+    manifest = filter_shards(raw_shards, str(out), samples_per_shard=50, workers=2)
+    assert manifest["shards"] == {"000000.tar": 50, "000001.tar": 50, "000002.tar": 20}
+    for name in manifest["shards"]:
+        assert (out / name).read_bytes() == Path(filtered_shards, name).read_bytes()
+
+
+def test_changed_input_is_detected(raw_shards, filtered_shards, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(raw_shards, raw)
+    out = tmp_path / "filtered"
+    shutil.copytree(filtered_shards, out)
+    assert filter_shards(str(raw), str(out), samples_per_shard=50)["kept"] == 120  # same names and sizes
+    shard_rows = pq.read_table(raw / "00002.parquet").num_rows
+    for name in ("00002.tar", "00002.parquet", "00002_stats.json"):
+        (raw / name).unlink()
+    manifest = filter_shards(str(raw), str(out), samples_per_shard=50)
+    assert manifest["input_rows"] == 131 - shard_rows
+    assert manifest["kept"] + manifest["rejected"] == manifest["input_rows"]
+    assert sum(manifest["shards"].values()) == manifest["kept"] < 120
+    assert sorted(os.listdir(out)) == sorted([*manifest["shards"], "_filter", "manifest.json"])
+    assert sorted(os.listdir(out / "_filter")) == ["00000.parquet", "00001.parquet", "plan.parquet"]
+
+
+def test_unfinished_download_is_an_error(raw_shards, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(raw_shards, raw)
+    (raw / "00001_stats.json").unlink()
+    with pytest.raises(RuntimeError, match=r"00001\.tar.*re-run the download"):
+        filter_shards(str(raw), str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match="download step"):
+        filter_shards(str(tmp_path / "nothing"), str(tmp_path / "out"))
+
+
+def test_readable_with_webdataset(filtered_shards):
+    import webdataset as wds
+
+    shards = [os.path.join(filtered_shards, f"{i:06d}.tar") for i in range(3)]
+    samples = list(wds.WebDataset(shards, shardshuffle=False).decode("pil").to_tuple("__key__", "png", "txt"))
+    assert len(samples) == 120
+    key, img, txt = samples[0]
+    assert 64 <= min(img.size) <= 128 and len(txt) >= 3
+
+
+def test_everything_refused_still_adds_up(tmp_path):
+    from pipeline.data.download import download
+    from pipeline.dev.tinydata import make_tiny_dataset
+
+    info = make_tiny_dataset(str(tmp_path / "site"), n=5, port=9)  # nothing listens: nothing is fetched
+    download(info["urls"], str(tmp_path / "raw"))
+    manifest = filter_shards(str(tmp_path / "raw"), str(tmp_path / "out"))
+    assert manifest["kept"] == 0 and manifest["shards"] == {}
+    assert manifest["rejects"]["refused"] == {"loopback_address": info["n_rows"]}
+    assert manifest["rejected"] == manifest["input_rows"] == info["n_rows"]
+    lines = [line.split() for line in format_reject_table(manifest).splitlines()]
+    assert ["refused", "loopback_address", str(info["n_rows"])] in lines
+
+
+def _tiny_classifier(directory: str) -> None:
+    """A random 2-label ViT ("safe", "nsfw") saved like a hub model: stands in for NSFW/watermark weights."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, id2label={0: "safe", 1: "nsfw"}, label2id={"safe": 0, "nsfw": 1})
+    ViTForImageClassification(config).save_pretrained(directory)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
+
+
+def test_image_classifier_scorer_filters_by_threshold(raw_shards, filtered_shards, tmp_path):
+    pytest.importorskip("torch")
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    weights = str(tmp_path / "nsfw")
+    _tiny_classifier(weights)
+    kept = {r["key"]: Image.open(io.BytesIO(r["png"])).convert("RGB") for r in _kept(filtered_shards)}
+    # The probabilities straight from the model, in one batch.
+    processor = AutoImageProcessor.from_pretrained(weights)
+    model = AutoModelForImageClassification.from_pretrained(weights).eval()
+    with torch.inference_mode():
+        logits = model(**processor(images=list(kept.values()), return_tensors="pt")).logits
+    probs = dict(zip(kept, logits.softmax(-1)[:, 1].tolist(), strict=True))
+    ordered = sorted(probs.values())
+    threshold = (ordered[59] + ordered[60]) / 2  # between two scores: no ties with batched float noise
+    config = FilterConfig(scorers={"image_classifier": {"weights": weights, "label": "nsfw", "max": threshold}})
+    manifest = filter_shards(raw_shards, str(tmp_path / "out"), config, samples_per_shard=50)
+    assert "score:image_classifier" in manifest["filters"]
+    out = _kept(str(tmp_path / "out"))
+    assert {r["key"] for r in out} == {k for k, p in probs.items() if p <= threshold}
+    assert manifest["kept"] == 60
+    for r in out:
+        assert r["meta"]["scores"]["image_classifier"] == pytest.approx(probs[r["key"]], abs=1e-4)
+    assert manifest["rejects"]["filter"]["image_classifier_score_too_high"] >= 60
+    with pytest.raises(ValueError, match="label 'porn' is not one of"):
+        filter_registry.build_scorers(FilterConfig(scorers={"image_classifier": {"weights": weights, "label": "porn"}}))

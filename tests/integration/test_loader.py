@@ -1,0 +1,150 @@
+"""Training loader (pipeline.data.loader) on the real filter output and under torchrun.
+
+Run as a script under torchrun it is the per-rank worker of ``test_ddp_ranks_see_disjoint_samples``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data.embed import embed_shards, read_embeddings
+from pipeline.data.loader import TrainDataConfig, make_loader
+from pipeline.dev.tinymodels import build_tiny_t5
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def sample_png(s: int, i: int) -> bytes:
+    """Non-square, larger than image_size (exercises resize + crop), unique per key."""
+    rng = np.random.default_rng([s, i])
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, size=(24 + 2 * i, 36, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def sample_members(s: int, i: int, image: bytes | None = None) -> list[tuple[str, bytes]]:
+    key = f"{s:05d}{i:04d}"
+    caption = f"a shape number {i}" + " on a gray background" * (i % 3)
+    meta = json.dumps({"key": key, "caption": caption}).encode()
+    return [(f"{key}.png", image or sample_png(s, i)), (f"{key}.txt", caption.encode()),
+            (f"{key}.json", meta)]  # fmt: skip
+
+
+def write_filtered_shards(root: Path, num_shards: int, per_shard: int) -> list[str]:
+    """The filter step's layout: NNNNNN.tar (KEY.png/.txt/.json) and its manifest.json."""
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(num_shards):
+        write_tar(root / f"{s:06d}.tar", [m for i in range(per_shard) for m in sample_members(s, i)])
+    counts = {f"{s:06d}.tar": per_shard for s in range(num_shards)}
+    total = num_shards * per_shard
+    manifest = {"format": "imagen-pipeline/filtered-shards/v1", "shards": counts,
+                "input_rows": total, "kept": total, "rejected": 0, "rejects": {}}  # fmt: skip
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return [f"{s:05d}{i:04d}" for s in range(num_shards) for i in range(per_shard)]
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory) -> str:
+    return build_tiny_t5(str(tmp_path_factory.mktemp("t5") / "tiny-t5"))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, t5_dir):
+    """4 shards x 5 samples, embedded with a tiny T5: (data dir, embeddings dir, keys, id)."""
+    root = tmp_path_factory.mktemp("data")
+    keys = write_filtered_shards(root / "filtered", num_shards=4, per_shard=5)
+    out = embed_shards(str(root / "filtered"), str(root / "emb"), t5_dir, max_length=32)
+    return str(root / "filtered"), out["output"], keys, out["encoder_id"]
+
+
+def take(cfg: TrainDataConfig, n: int, rank: int = 0, world_size: int = 1) -> list[dict]:
+    return list(islice(iter(make_loader(cfg, rank, world_size)), n))
+
+
+def keys_of(batches: list[dict]) -> list[str]:
+    return [k for b in batches for k in b["keys"]]
+
+
+def test_real_filtered_shards_embeddings_and_manifest(filtered_shards, tiny_embeddings):
+    """The filter step's real output (conftest: tiny data -> img2dataset -> filter)."""
+    manifest = json.loads(Path(filtered_shards, "manifest.json").read_text())
+    counts = manifest["shards"]  # {"000000.tar": kept, ...}
+    assert sum(counts.values()) == manifest["kept"] > 0
+    for name, kept in counts.items():
+        vectors, meta = read_embeddings(os.path.join(tiny_embeddings, name[:-4] + ".parquet"))
+        assert len(vectors) == kept == meta["tar_samples"]  # every kept sample has a caption
+    total = manifest["kept"]
+    cfg = TrainDataConfig(data=filtered_shards, embeddings=tiny_embeddings, image_size=64,
+                          batch_size=total // 4, random_flip=False)  # fmt: skip
+    batches = take(cfg, 4)
+    flat = keys_of(batches)
+    assert len(flat) == len(set(flat)) == 4 * (total // 4)  # within one epoch: no repeats
+    # A 64x64 PNG source needs no resize or crop at 64 px: the loader's pixels are its pixels.
+    stored = {}
+    for name in counts:
+        with tarfile.open(os.path.join(filtered_shards, name)) as tar:
+            for m in tar:
+                if m.name.endswith(".png"):
+                    stored[m.name.rsplit(".", 1)[0]] = Image.open(io.BytesIO(tar.extractfile(m).read()))
+    exact = [(b, i) for b, batch in enumerate(batches) for i, k in enumerate(batch["keys"])
+             if stored.get(k) is not None and stored[k].size == (64, 64) and stored[k].mode == "RGB"]
+    assert exact, "the tiny dataset has 64x64 RGB PNG sources"
+    for b, i in exact:
+        pixels = np.asarray(stored[batches[b]["keys"][i]].convert("RGB"))
+        expected = torch.from_numpy(pixels.copy()).permute(2, 0, 1) / 127.5 - 1
+        torch.testing.assert_close(batches[b]["image"][i], expected, rtol=0, atol=1e-6)
+
+
+def test_ddp_ranks_see_disjoint_samples(tmp_path, dataset):
+    """Two torchrun ranks (gloo, CPU), 2 DataLoader workers each, all-gather their keys."""
+    data, emb, keys, _ = dataset
+    out = tmp_path / "keys.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           __file__, data, emb, str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    per_rank = json.loads(out.read_text())
+    assert len(per_rank) == 2 and all(len(k) == 10 for k in per_rank)
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert set(per_rank[0]) | set(per_rank[1]) == set(keys)
+
+
+def _ddp_worker(data: str, emb: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = TrainDataConfig(data=data, embeddings=emb, image_size=16, batch_size=5, num_workers=2)
+    # 4 readers (2 ranks x 2 workers), one 5-sample shard each: a batch from each worker
+    # is one epoch of this rank's data.
+    mine = keys_of(take(cfg, 2, rank, world))
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _ddp_worker(*sys.argv[1:4])

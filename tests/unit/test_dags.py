@@ -1,0 +1,118 @@
+"""dags/imagen_common.py imported in this process: the Params (the trigger form) validate with
+JSON schema, stage and preset names come from the model library, embed batches stay under the
+map limit. Parsing the DAG files as Airflow does is tests/integration/test_dags.py."""
+
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DAGS = os.path.join(REPO, "dags")
+STAGES = ["base64", "sr256", "sr1024"]
+
+# BundleDagBag, as the dag-processor, `airflow dags test` and task runners use it: it puts the
+# DAGs folder on sys.path, so DAG files can import dags/imagen_common.py.
+PARSE = r"""
+import json, sys, time
+from airflow.dag_processing.dagbag import BundleDagBag
+t1 = time.perf_counter()
+bag = BundleDagBag(dag_folder=sys.argv[1], bundle_path=sys.argv[1])
+t2 = time.perf_counter()
+heavy = sorted(m for m in ("torch", "transformers", "mlflow", "img2dataset", "pyarrow", "webdataset",
+                           "kubernetes") if m in sys.modules)
+def sched(dag):
+    cond = getattr(dag.timetable, "asset_condition", None)
+    return None if cond is None else sorted(a.name for a in cond.objects)
+def outlets(task):
+    return sorted(getattr(o, "name", "") for o in task.outlets)
+dags = {d: {"tasks": sorted(t.task_id for t in dag.tasks),
+            "retries": {t.task_id: t.retries for t in dag.tasks},
+            "backoff": {t.task_id: t.retry_exponential_backoff for t in dag.tasks},
+            "pools": {t.task_id: t.pool for t in dag.tasks},
+            "deps": {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks},
+            "outlets": {t.task_id: outlets(t) for t in dag.tasks if t.outlets},
+            "schedule": sched(dag)}
+        for d, dag in bag.dags.items()}
+print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "parse_s": t2 - t1,
+                  "per_file_s": {s.file: s.duration.total_seconds() for s in bag.dagbag_stats},
+                  "heavy": heavy, "dags": dags}))
+"""
+
+
+@pytest.fixture(scope="module")
+def common():
+    sys.path.insert(0, DAGS)
+    try:
+        import imagen_common
+    finally:
+        sys.path.remove(DAGS)
+    return imagen_common
+
+
+def test_params_reject_bad_values(common):
+    from airflow.sdk.definitions.param import ParamsDict
+    from airflow.sdk.exceptions import ParamValidationError
+
+    full = common.full_params()
+    with pytest.raises(ParamValidationError, match="sr512"):
+        full["stages"].resolve(["base64", "sr512"])
+    with pytest.raises(ParamValidationError):
+        full["stages"].resolve([])
+    with pytest.raises(ParamValidationError, match="minimum|less"):
+        full["max_steps"].resolve(-5)
+    with pytest.raises(ParamValidationError, match="huge"):
+        full["presets"].resolve({"base64": "huge"})
+    with pytest.raises(ParamValidationError, match="slurm"):
+        full["launcher"].resolve("slurm")
+    with pytest.raises(ParamValidationError):
+        full["nodes"].resolve(0)
+    with pytest.raises(ParamValidationError, match="sr512"):
+        common.stage_params()["stage"].resolve("sr512")
+    assert full["max_steps"].resolve(10) == 10
+    defaults = ParamsDict(full).validate()  # every default is valid: the trigger form opens filled
+    assert defaults["stages"] == STAGES and defaults["launcher"] == "local"
+
+
+def test_private_networks_are_not_a_trigger_form_switch(common):
+    # Which private networks the fetch guard lets through is the deployment's
+    # (IMAGEN_ALLOW_PRIVATE_NETWORKS / IMAGEN_ALLOW_HOSTS in the services' environment): anyone
+    # who may trigger a run must not be able to turn the guard off.
+    for params in (common.data_params(), common.full_params(), common.stage_params(), common.embed_params()):
+        assert not [name for name in params if "private" in name or "allow" in name]
+    for name in os.listdir(DAGS):
+        if name.endswith(".py"):
+            with open(os.path.join(DAGS, name)) as f:
+                assert "allow_private_networks" not in f.read(), name
+
+
+def test_stage_and_preset_names_come_from_the_model_library(common):
+    from imagen.config import PRESETS
+    from imagen.config import STAGES as LIB_STAGES
+
+    assert list(LIB_STAGES) == STAGES == list(common.MODELS)
+    assert common.full_params()["presets"].schema["properties"]["sr256"]["enum"] == list(PRESETS)
+
+
+def test_embed_batches_stay_under_the_map_limit(common, tmp_path):
+    for i in range(10):
+        (tmp_path / f"{i:06d}.tar").write_bytes(b"")
+    (tmp_path / "manifest.json").write_text("{}")
+    assert common.embed_batches(str(tmp_path), 4, 1024) == [
+        [f"{i:06d}.tar" for i in range(0, 4)], [f"{i:06d}.tar" for i in range(4, 8)],
+        ["000008.tar", "000009.tar"]]
+    batches = common.embed_batches(str(tmp_path), 1, 3)  # a limit of 3 mapped tasks wins
+    assert len(batches) == 3 and sum(batches, []) == [f"{i:06d}.tar" for i in range(10)]
+    with pytest.raises(ValueError, match="no filtered shards.*run the filter step"):
+        common.embed_batches(str(tmp_path / "empty"), 4, 1024)
+
+
+def test_asset_event_extra_overrides_params_root(common):
+    class Event:
+        def __init__(self, extra):
+            self.extra = extra
+
+    events = {common.FILTERED: [Event({"root": "/old"}), Event({"root": "/new", "path": "/new/filtered"})]}
+    assert common.upstream(events, common.FILTERED) == {"root": "/new", "path": "/new/filtered"}
+    assert common.upstream(events, common.EMBEDDINGS) == {}
+    assert common.upstream(None, common.FILTERED) == {}

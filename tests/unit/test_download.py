@@ -1,0 +1,198 @@
+"""Tests for pipeline.data.download without img2dataset: URL-list reading (formats, columns, fsspec
+URIs), stage presets, the pre-screen and error normalization. Real downloads are
+tests/integration/test_download.py."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from imagen.config import stage_specs
+from pipeline.data.download import (
+    DownloadConfig,
+    _resolve,
+    download,
+    infer_input_format,
+    normalize_error,
+    read_url_list,
+    screen_urls,
+    stage_policy,
+)
+from pipeline.dev.tinydata import make_tiny_dataset, serve
+
+DOWNLOAD_ERRORS = {"http_404": "HTTP Error 404: File not found",
+                   "not_an_image": "not_an_image: body is markup/JSON, not an image (Content-Type: image/jpeg)",
+                   "truncated": "Image decoding error"}
+
+
+def test_private_networks_are_refused_without_a_request(tmp_path):
+    (tmp_path / "site").mkdir()
+    server = serve(str(tmp_path / "site"), 0)
+    try:
+        info = make_tiny_dataset(str(tmp_path / "site"), n=10, port=server.server_address[1])
+        result = download(info["urls"], str(tmp_path / "raw"))
+        assert server.request_log == []
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result["rejected"] == {"loopback_address": info["n_rows"]}
+    assert result["shards"] == 0 and result["total"] == 0 and result["successes"] == 0
+    assert result["refused"] == result["input_rows"] == info["n_rows"]
+    refused = pq.read_table(tmp_path / "raw" / "refused.parquet").to_pylist()
+    assert len(refused) == info["n_rows"]
+    assert {r["reason"] for r in refused} == {"loopback_address"}
+    assert {r["url"] for r in refused} == set(pq.read_table(info["urls"])["url"].to_pylist())
+
+
+def test_screen_urls_reasons():
+    urls = {
+        "http://10.1.2.3/a.jpg": "private_address",
+        "http://192.168.0.1/a.jpg": "private_address",
+        "http://169.254.169.254/latest/meta-data/": "link_local_address",  # cloud metadata service
+        "http://127.0.0.1:8080/a.jpg": "loopback_address",
+        "http://[::1]/a.jpg": "loopback_address",
+        "http://[::ffff:127.0.0.1]/a.jpg": "loopback_address",
+        "http://100.64.0.1/a.jpg": "private_address",  # carrier-grade NAT
+        "http://224.0.0.1/a.jpg": "multicast_address",
+        "http://[::1/a.jpg": "invalid_url",
+        "file:///etc/passwd": "unsupported_scheme",
+        "ftp://93.184.216.34/a.jpg": "unsupported_scheme",
+        "http://93.184.216.34/a.jpg": None,  # public literal IPs: no DNS needed
+        "https://8.8.8.8/a.png": None,
+        "http://localhost/a.jpg": None,  # a name: refused inside the fetch, once resolved
+    }
+    table = pa.table({"url": list(urls), "caption": [f"c{i}" for i in range(len(urls))]})
+    allowed, refused = screen_urls(table)
+    assert allowed["url"].to_pylist() == [u for u, r in urls.items() if r is None]
+    assert dict(zip(refused["url"].to_pylist(), refused["reason"].to_pylist(), strict=True)) == \
+        {u: r for u, r in urls.items() if r is not None}
+    assert refused["caption"].to_pylist() == [f"c{i}" for i, r in enumerate(urls.values()) if r is not None]
+
+
+def test_csv_list_with_other_column_names(tmp_path):
+    csv = tmp_path / "list.csv"
+    csv.write_text("link,text\nhttp://127.0.0.1:9/a.png,a red circle\nhttp://10.0.0.1/b.png,a blue square\n")
+    result = download(str(csv), str(tmp_path / "raw"), url_col="link", caption_col="text")
+    assert result["rejected"] == {"loopback_address": 1, "private_address": 1}
+    refused = pq.read_table(tmp_path / "raw" / "refused.parquet")
+    assert refused.column_names == ["url", "caption", "reason"]
+    assert refused["caption"].to_pylist() == ["a red circle", "a blue square"]
+
+
+def test_missing_column_says_what_to_do(tmp_path):
+    csv = tmp_path / "list.csv"
+    csv.write_text("link,text\nhttp://127.0.0.1:9/a.png,a red circle\n")
+    with pytest.raises(ValueError, match="url_col"):
+        download(str(csv), str(tmp_path / "raw"))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"resize_mode": "border"}, "border"),
+    ({"encode_format": "png", "encode_quality": 95}, "0..9"),
+    ({"encode_format": "bmp"}, "encode_format"),
+])
+def test_bad_options_fail_before_downloading(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        download(str(tmp_path / "urls.parquet"), str(tmp_path / "raw"), **kwargs)
+
+
+def test_infer_input_format():
+    assert infer_input_format("s3://bucket/urls.parquet") == "parquet"
+    assert infer_input_format("urls.csv.gz") == "csv"
+    assert infer_input_format("/x/urls.TSV") == "tsv"
+    assert infer_input_format("urls.jsonl") == "jsonl"
+    with pytest.raises(ValueError, match="input_format"):
+        infer_input_format("urls.xlsx")
+
+
+LIST_ROWS = [{"link": "http://127.0.0.1:9/a.png", "text": "a red circle", "id": 1},
+             {"link": "file:///etc/passwd", "text": "a blue square", "id": 2},
+             {"link": "http://10.0.0.1/c.png", "text": "ünïcode ✓", "id": 3}]
+
+
+def _write_list(fs, path: str, fmt: str) -> None:
+    import gzip
+
+    if fmt == "parquet":
+        with fs.open(path, "wb") as f:
+            pq.write_table(pa.Table.from_pylist(LIST_ROWS), f)
+        return
+    if fmt == "jsonl":
+        import json
+
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in LIST_ROWS)
+    else:
+        sep = "\t" if fmt == "tsv" else ","
+        text = sep.join(LIST_ROWS[0]) + "\n" + "".join(sep.join(str(v) for v in r.values()) + "\n" for r in LIST_ROWS)
+    data = text.encode()
+    with fs.open(path, "wb") as f:
+        f.write(gzip.compress(data) if path.endswith(".gz") else data)
+
+
+@pytest.mark.parametrize("name", ["urls.parquet", "urls.csv", "urls.tsv", "urls.jsonl", "urls.csv.gz"])
+def test_url_lists_in_every_format_from_any_fsspec_uri(tmp_path, name):
+    import fsspec
+
+    uri = f"memory://lists-{tmp_path.name}/{name}"
+    _write_list(fsspec.filesystem("memory"), uri, name.split(".")[1])
+    fmt = infer_input_format(uri)
+    table = read_url_list(uri, fmt, url_col="link", caption_col="text", extra_columns=["id"])
+    assert table.column_names == ["url", "caption", "id"]
+    assert table["url"].to_pylist() == [r["link"] for r in LIST_ROWS]
+    assert table["caption"].to_pylist() == [r["text"] for r in LIST_ROWS]
+    result = download(uri, str(tmp_path / "raw"), url_col="link", caption_col="text")
+    assert result["rejected"] == {"loopback_address": 1, "unsupported_scheme": 1, "private_address": 1}
+
+
+def test_url_list_folder_of_files(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("file")
+    (tmp_path / "lists").mkdir()
+    for i in range(2):
+        _write_list(fs, str(tmp_path / "lists" / f"part-{i}.jsonl"), "jsonl")
+    table = read_url_list(str(tmp_path / "lists"), "jsonl", url_col="link", caption_col="text")
+    assert table.num_rows == 2 * len(LIST_ROWS)
+    with pytest.raises(ValueError, match=r"no \*\.csv files"):
+        read_url_list(str(tmp_path / "lists"), "csv")
+
+
+def test_stage_specs_pick_the_resize():
+    """Downloaded once at the largest stage's side, ratio kept, never upscaled (every stage's
+    sizes from its spec); the smallest stage's side is the filter's floor."""
+    paper = _resolve(DownloadConfig())
+    assert (paper.image_size, paper.resize_mode, paper.resize_only_if_bigger) == (1024, "keep_ratio", True)
+    assert _resolve(DownloadConfig(stages=("base64",))).image_size == 64
+    assert _resolve(DownloadConfig(stages=("base64", "sr256"))).image_size == 256
+    tiny = {s: "tiny" for s in ("base64", "sr256", "sr1024")}
+    assert _resolve(DownloadConfig(presets=tiny)).image_size == 128
+    assert _resolve(DownloadConfig(image_size=2048)).image_size == 2048  # explicit wins
+    assert stage_policy(stage_specs({})) == {
+        "image_size": 1024, "resize_mode": "keep_ratio", "resize_only_if_bigger": True, "min_side": 64,
+        "stage_sides": {"base64": 64, "sr256": 256, "sr1024": 1024}}
+    assert stage_policy(stage_specs(tiny, ["sr256", "sr1024"]))["min_side"] == 64
+    with pytest.raises(ValueError, match="unknown stage"):
+        _resolve(DownloadConfig(stages=("sr512",)))
+    assert _resolve(DownloadConfig(encode_format="jpg")).encode_quality == 95
+
+
+@pytest.mark.parametrize("message, reason", [
+    ("HTTP Error 404: File not found", "http_404"),
+    ("HTTP Error 503: Service Unavailable", "http_503"),
+    ("Image decoding error", "image_decoding_error"),
+    ("<urlopen error timed out>", "timeout"),
+    ("timed out", "timeout"),
+    ("<urlopen error [Errno 111] Connection refused>", "connection_refused"),
+    ("<urlopen error [Errno -2] Name or service not known>", "dns_error"),
+    ("dns_error: cannot resolve 'x.invalid'", "dns_error"),
+    ("<urlopen error [Errno 104] Connection reset by peer>", "connection_reset_by_peer"),
+    ("Use of image disallowed by X-Robots-Tag directive", "disallowed_by_x_robots_tag"),
+    ("loopback_address: localhost:80 resolves to 127.0.0.1", "loopback_address"),
+    ("decompression_bomb: declared 100000x100000 pixels", "decompression_bomb"),
+    (None, "unknown"),
+])
+def test_normalize_error(message, reason):
+    assert normalize_error(message) == reason
+
+

@@ -1,0 +1,95 @@
+"""pipeline/train/parallel.py in one process: torchrun's environment read with defaults, no process
+group without torchrun, the identity in a world of one, and DDP/FSDP wrapping in a real one-rank
+gloo group (the same code paths torchrun's ranks take, without a second process)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from imagen.config import preset
+from imagen.unet import UNet
+from pipeline.train import checkpointing as ckpt
+from pipeline.train import parallel
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo process group of one rank on an in-memory store (no port, no subprocess)."""
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        parallel.shutdown()
+    assert not dist.is_initialized()
+
+
+def test_dist_env_reads_torchrun_variables_with_single_process_defaults(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert parallel.dist_env() == (0, 1, 0)
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert parallel.dist_env() == (5, 8, 1)
+
+
+def test_one_process_makes_no_group_and_shutdown_is_safe(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert parallel.init_distributed("cpu") == (0, 1, 0)
+    assert not dist.is_initialized()
+    parallel.shutdown()  # nothing to destroy: no error
+
+
+def test_world_of_one_is_the_identity():
+    model = torch.nn.Linear(3, 2)
+    assert parallel.parallelize(model, "ddp", world=1) is model
+    assert parallel.parallelize(model, "fsdp", world=1) is model
+    value = torch.tensor(2.5, requires_grad=True)
+    mean = parallel.all_mean(value, world=1)
+    assert mean.item() == 2.5 and not mean.requires_grad
+    assert parallel.all_equal("abc", world=1)
+
+
+def test_unknown_parallelism_is_refused():
+    with pytest.raises(ValueError, match="unknown parallelism 'tp'; choose 'ddp' or 'fsdp'"):
+        parallel.parallelize(torch.nn.Linear(3, 2), "tp", world=2)
+
+
+def test_collectives_in_a_one_rank_group(one_rank_group):
+    assert parallel.all_mean(torch.tensor(3.0), world=1).item() == 3.0
+    # the collective path itself: a sum over the (one) rank divided by the world it is told
+    assert parallel.all_mean(torch.tensor(3.0), world=dist.get_world_size() * 2).item() == 1.5
+    assert parallel.all_equal("same", world=1)
+    assert parallel.all_equal("same", world=dist.get_world_size())
+
+
+def test_ddp_wrap_gives_the_plain_gradients(one_rank_group):
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    twin = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    twin.load_state_dict(plain.state_dict())
+    wrapped = parallel.parallelize(twin, "ddp", world=2)  # any world > 1 wraps
+    assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) and wrapped.module is twin
+    x = torch.randn(5, 4)
+    plain(x).sum().backward()
+    wrapped(x).sum().backward()
+    for a, b in zip(plain.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_fsdp_shards_every_level_and_gathers_whole_weights(one_rank_group):
+    cfg = preset("tiny", "base64")
+    torch.manual_seed(0)
+    model = UNet(cfg.unet)
+    whole = {k: v.clone() for k, v in model.state_dict().items()}
+    out = parallel.parallelize(model, "fsdp", world=2)
+    assert out is model  # FSDP2 shards in place
+    assert all(hasattr(p, "full_tensor") for p in model.parameters())  # DTensors
+    gathered = ckpt.full_tensors(model.state_dict())
+    assert gathered.keys() == whole.keys()
+    for k, v in whole.items():
+        torch.testing.assert_close(gathered[k], v, rtol=0, atol=0, msg=k)

@@ -1,0 +1,132 @@
+"""pipeline/train/trainer.py in one process: the schedule, the optimizers, the checksums, and the
+loop itself (Trainer.fit on a few hand-written shards and a tiny T5, no subprocess, tracking off):
+its summary, its checkpoints, and a resume that ends bitwise where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data.embed import embed_shards
+from pipeline.dev.tinymodels import build_tiny_t5
+from pipeline.train.job import TrainJob
+from pipeline.train.trainer import Trainer, build_optimizer, file_sha256, lr_at, weights_sha256
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def test_lr_schedule_warmup_and_cosine():
+    assert lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)
+    assert lr_at(10, 1.0, 10, 100) == pytest.approx(1.0)
+    assert lr_at(55, 1.0, 10, 100) == pytest.approx(0.55)  # halfway down the cosine to 10%
+    assert lr_at(100, 1.0, 10, 100) == pytest.approx(0.1)
+
+
+def test_optimizers_by_name():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert isinstance(build_optimizer("adamw", params, 1e-3, 0.0), torch.optim.AdamW)
+    assert isinstance(build_optimizer("adafactor", params, 1e-3, 0.0), torch.optim.Adafactor)
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'; choose adamw or adafactor"):
+        build_optimizer("sgd", params, 1e-3, 0.0)
+
+
+def test_checksums(tmp_path):
+    assert file_sha256(str(tmp_path / "missing.json")) is None
+    (tmp_path / "m.json").write_bytes(b"{}")
+    assert file_sha256(str(tmp_path / "m.json")) == \
+        "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    b.load_state_dict(a.state_dict())
+    assert weights_sha256(a) == weights_sha256(b)
+    with torch.no_grad():
+        b.bias[0] += 1e-6
+    assert weights_sha256(a) != weights_sha256(b)
+
+
+def write_shards(root: Path, num_shards: int = 2, per_shard: int = 4) -> None:
+    """The filter step's layout: NNNNNN.tar of KEY.png/.txt/.json (40 px: above the 32 px stage)."""
+    root.mkdir(parents=True)
+    for s in range(num_shards):
+        with tarfile.open(root / f"{s:06d}.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+            for i in range(per_shard):
+                key, caption = f"{s:05d}{i:04d}", f"shape {i} of shard {s}"
+                buf = io.BytesIO()
+                pixels = np.random.default_rng([s, i]).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(buf, "PNG")
+                meta = json.dumps({"key": key, "caption": caption}).encode()
+                for name, data in ((f"{key}.png", buf.getvalue()), (f"{key}.txt", caption.encode()),
+                                   (f"{key}.json", meta)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    (root / "manifest.json").write_text(json.dumps({"shards": {f"{s:06d}.tar": per_shard
+                                                               for s in range(num_shards)}}))
+
+
+@pytest.fixture(autouse=True)
+def no_git(monkeypatch):
+    """The trainer records the code version with `git rev-parse`: no subprocess in this tier."""
+    monkeypatch.setattr("pipeline.train.trainer.code_version", lambda: "test")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("run")
+    write_shards(root / "filtered")
+    t5 = build_tiny_t5(str(root / "t5"))
+    out = embed_shards(str(root / "filtered"), str(root / "embeddings"), t5, max_length=16)
+    return str(root / "filtered"), out["output"]
+
+
+def job(data, checkpoint_dir, **kw) -> TrainJob:
+    filtered, embeddings = data
+    return dataclasses.replace(
+        TrainJob(stage="base64", preset="tiny", data=filtered, embeddings=embeddings,
+                 checkpoint_dir=str(checkpoint_dir), batch_size=2, tracking_uri="off", sample_every=0,
+                 log_every=2, checkpoint_every=2, keep_checkpoints=1, device="cpu"), **kw)
+
+
+def fit(j: TrainJob) -> dict:
+    return Trainer(j, rank=0, world=1, device=torch.device("cpu")).fit()
+
+
+def test_fit_trains_checkpoints_and_publishes_final(data, tmp_path):
+    out = fit(job(data, tmp_path / "a", max_steps=3))
+    assert out["step"] == 3 and out["stage"] == "base64" and np.isfinite(out["loss"])
+    assert out["checkpoint"] == str(tmp_path / "a" / "final") and out["run_id"] is None  # tracking off
+    assert out["data_samples"] == 8 and out["data_excluded_too_small"] == 0
+    assert sorted(os.listdir(tmp_path / "a")) == ["final", "step-00000003"]  # keep_checkpoints=1
+    assert sorted(os.listdir(tmp_path / "a" / "final")) == ["config.json", "ema.safetensors",
+                                                            "model.safetensors"]
+    meta = json.loads((tmp_path / "a" / "final" / "config.json").read_text())["metadata"]
+    assert meta["step"] == 3 and meta["encoder_id"] and meta["manifest_sha256"] == \
+        file_sha256(os.path.join(data[0], "manifest.json"))
+
+
+def test_resume_ends_bitwise_where_an_uninterrupted_run_ends(data, tmp_path):
+    straight = fit(job(data, tmp_path / "straight", max_steps=3))
+    first = fit(job(data, tmp_path / "resumed", max_steps=2))  # checkpoint_every=2: step 2 saved
+    assert first["step"] == 2
+    resumed = fit(job(data, tmp_path / "resumed", max_steps=3, resume="latest"))
+    assert resumed["step"] == 3
+    assert resumed["weights_sha256"] == straight["weights_sha256"]
+    assert resumed["loss"] == straight["loss"]
+
+
+def test_nan_loss_stops_with_the_step_and_what_to_do(data, tmp_path):
+    with pytest.raises(FloatingPointError, match="loss is nan at step 0.*Lower --lr"):
+        trainer = Trainer(job(data, tmp_path / "n", max_steps=2), 0, 1, torch.device("cpu"))
+        trainer.diffusion.loss = lambda out, *a, **k: out * float("nan")
+        trainer.fit()
+    assert not os.path.exists(tmp_path / "n" / "final")
