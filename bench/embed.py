@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imagen.text import T5TextEncoder
+from imagen.text import T5TextEncoder, open_encoder
 from pipeline.data.embed import embed_shards
 from pipeline.dev.tinymodels import _ENGLISH, build_tiny_t5
 
@@ -155,7 +155,7 @@ def main() -> None:
         model_dir = build_tiny_t5(str(root / "t5-small-random"), d_model=D_MODEL, num_layers=6,
                                   num_heads=8, d_ff=2048)  # fmt: skip
         write_shards(root / "filtered", captions)
-        encoder = T5TextEncoder(model_dir, max_length=MAX_LEN, device="cpu").load()
+        encoder = open_encoder(model_dir, max_length=MAX_LEN, device="cpu").load()
         lengths = np.array(encoder.token_lengths(captions))
         print(f"captions: {len(captions)}, tokens: median {np.median(lengths):.0f}, "
               f"<20: {np.mean(lengths < 20):.0%}, max {lengths.max()}", flush=True)  # fmt: skip

@@ -1,28 +1,36 @@
 """Shared parts of the imagen DAGs: the Params behind the trigger forms, the retry policy, the
-Assets that chain the per-phase DAGs, and the few lines of glue a task needs around one call
-into ``pipeline/``. Not a DAG file (``.airflowignore`` lists it); the DAG files import it.
+Assets that chain the per-phase DAGs, and the tasks more than one DAG runs (download, filter,
+plan and embed; training's Params -> ``run_stage`` glue). Not a DAG file (``.airflowignore``
+lists it); the DAG files import it.
 
-    from imagen_common import DEFAULT_ARGS, FILTERED, data_params, embed_batches
+    from imagen_common import DEFAULT_ARGS, FILTERED, data_params, download_task
+    raw = download_task(outlet=RAW)()            # inside a @dag function: task "download"
 
-Only light imports at module level (Airflow's SDK, ``imagen.config``, ``pipeline.train.launch``):
-every DAG file imports this at parse time.
+The run's folders come from ``pipeline.layout.RunLayout(root)``, built inside each task from
+the ``root`` Param (or the upstream Asset event's root); no folder name is joined here. Step
+logic (evaluate once, register, the cascade chain) lives in ``pipeline/release``.
+
+Only light imports at module level (Airflow's SDK, ``imagen.config``, ``pipeline.train.launch``,
+``pipeline.data.embed_config``): every DAG file imports this at parse time.
 
 Deployment knobs (environment of the dag-processor and workers): ``IMAGEN_DATA_ROOT`` (the
 default data root), ``IMAGEN_RETRIES`` and ``IMAGEN_RETRY_DELAY_SECONDS`` (retry policy),
 ``IMAGEN_ALLOW_PRIVATE_NETWORKS=1`` / ``IMAGEN_ALLOW_HOSTS=HOST:PORT,...`` (what the fetch guard
-lets through: deployment settings, never trigger-form Params; ``pipeline.data.fetch_guard``).
+lets through: deployment settings, never trigger-form Params; ``pipeline.data.fetch_guard``),
+``IMAGEN_DOWNLOAD_DISTRIBUTOR`` (the ``distributor`` Param's default) and ``IMAGEN_SPARK_MASTER`` /
+``IMAGEN_SPARK_MASTERS`` (the Spark clusters a download may run on; ``pipeline.data.spark``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import Asset, AssetAlias, Param
+from airflow.sdk import Asset, AssetAlias, Param, task
 
 from imagen.config import PRESETS, STAGES
+from pipeline.data.embed_config import EmbedConfig
 from pipeline.train.launch import launcher_names, launcher_options_schema
 
 DEFAULT_ROOT = os.environ.get("IMAGEN_DATA_ROOT", "/tmp/imagen-data")
@@ -75,13 +83,29 @@ def data_params() -> dict[str, Param]:
         **cascade_params(),
         "filtered_shard_size": Param(1000, type="integer", minimum=1,
                                      description="Samples per filtered shard (the unit of embed work)"),
+        "distributor": Param(os.environ.get("IMAGEN_DOWNLOAD_DISTRIBUTOR", "multiprocessing"),
+                             enum=["multiprocessing", "pyspark"], description=(
+                                 "multiprocessing: img2dataset on the worker; pyspark: on Spark, one task per shard")),
+        "spark_master": Param("", type="string", description=(
+            "pyspark only. Empty: the deployment's IMAGEN_SPARK_MASTER (else local[1]); local[N], "
+            "local-cluster[W,C,MB], or a cluster listed in IMAGEN_SPARK_MASTERS (infra/README.md)")),
     }
+
+
+def download_engine(params: dict[str, Any]) -> dict[str, Any]:
+    """The download's distributor options from the Params (``pipeline.data.spark.master_for_run``)."""
+    distributor = params.get("distributor") or "multiprocessing"
+    if distributor != "pyspark":
+        return {"distributor": distributor}
+    from pipeline.data.spark import master_for_run
+
+    return {"distributor": distributor, "spark_master": master_for_run(params.get("spark_master"))}
 
 
 def embed_params() -> dict[str, Param]:
     return {
         "root": root_param(),
-        "encoder": Param("google/t5-v1_1-xxl", type="string", minLength=1,
+        "encoder": Param(EmbedConfig().encoder, type="string", minLength=1,
                          description="T5 hub name or a local directory saved with save_pretrained"),
         "embed_shards_per_task": Param(16, type="integer", minimum=1,
                                        description="Shards per mapped embed task"),
@@ -103,7 +127,8 @@ def train_params() -> dict[str, Param]:
             "deployment's IMAGEN_K8S_IMAGES / IMAGEN_K8S_VOLUME_CLAIMS")),
         "gpus_per_node": Param(1, type="integer", minimum=1, maximum=64,
                                description="Training processes per node (one per GPU)"),
-        "nodes": Param(1, type="integer", minimum=1, maximum=1024, description="Training nodes"),
+        "nodes": Param(1, type="integer", minimum=1, maximum=1024, description=(
+            "Training nodes (torchrun --nnodes); local launcher: that many torchrun agents on this machine")),
         "run_tag": Param("", type="string", pattern=r"^[A-Za-z0-9_.-]*$", description=(
             "Change it to train again from scratch; the same settings and tag reuse a finished run")),
         "model_prefix": Param("imagen", type="string", pattern=_NAME,
@@ -157,70 +182,93 @@ def one_output(embedded: list[dict[str, Any]]) -> str:
     return outputs.pop()
 
 
-def cascade_chain(checkpoints: list[str]) -> tuple[list[str], dict[str, str]]:
-    """The base checkpoint followed by each SR checkpoint whose input size is the previous
-    stage's output size; the others are left out with the reason (their own per-stage models
-    are registered anyway), so mismatched presets cannot produce an unloadable cascade."""
-    from imagen.checkpoint import load_config
+def where(params: dict[str, Any], events: Any, filtered: str | None = None) -> tuple[Any, str]:
+    """(the run's layout, its filtered shards): the root of the imagen_data event that triggered
+    this run, else the ``root`` Param; ``filtered`` (an upstream task's output) wins over both."""
+    from pipeline.layout import RunLayout
 
-    kept, left_out, prev = [checkpoints[0]], {}, load_config(checkpoints[0])[0].spec
-    for ckpt in checkpoints[1:]:
-        spec = load_config(ckpt)[0].spec
-        error = spec.chain_error(prev)
-        if error is None:
-            kept.append(ckpt)
-            prev = spec
-        else:
-            left_out[spec.stage] = error
-    for stage, why in left_out.items():
-        print(f"[register] WARNING: {stage} left out of the cascade: {why}", flush=True)
-    return kept, left_out
+    event = upstream(events, FILTERED)
+    layout = RunLayout(event.get("root", params["root"]))
+    return layout, filtered or event.get("path") or layout.filtered
 
 
-def evaluate_once(trained: dict[str, Any], attributes: str, encoder: str | None = None) -> dict[str, Any]:
-    """Evaluate a stage once per finished training run (``eval.json`` beside its checkpoints)."""
-    from pipeline.release.evaluate import evaluate
+def download_task(outlet: Asset | None = None):
+    """Task ``download``: the URL list -> ``layout.raw`` (img2dataset behind the fetch guard);
+    with ``outlet``, its event's ``extra`` says where."""
 
-    marker = os.path.join(os.path.dirname(trained["checkpoint"]), "eval.json")
-    if os.path.exists(marker):
-        with open(marker) as f:
-            return {**json.load(f), "reused": True}
-    result = evaluate(trained["checkpoint"], attributes=attributes, encoder=encoder,
-                      run_id=_known_run(trained.get("run_id"), trained["checkpoint"]))
-    with open(marker + ".tmp", "w") as f:
-        json.dump(result, f, indent=2, sort_keys=True)
-    os.replace(marker + ".tmp", marker)
-    return {**result, "reused": False}
+    @task(task_id="download", outlets=[outlet] if outlet else [])
+    def download(params=None, outlet_events=None) -> str:
+        from pipeline.data.download import download as run_download
+        from pipeline.layout import RunLayout
 
+        if not params["url_list"]:
+            raise ValueError("set the url_list param to a Parquet/CSV/TSV/JSONL file of url,caption rows")
+        layout = RunLayout(params["root"])
+        # Private networks: the workers' IMAGEN_ALLOW_PRIVATE_NETWORKS / IMAGEN_ALLOW_HOSTS, not a Param.
+        run_download(params["url_list"], layout.raw, stages=tuple(params["stages"]), presets=params["presets"],
+                     **download_engine(params))
+        if outlet:
+            outlet_events[outlet].extra = {"root": layout.root, "path": layout.raw}
+        return layout.raw
 
-def register_once(checkpoints: list[str], name: str, run_id: str | None = None) -> dict[str, Any]:
-    """``pipeline.release.registry.register``, which gives back the version already made from these
-    checkpoints (a rerun with the same conf registers nothing new), logging into the training
-    run when this tracking store has it."""
-    from pipeline.release.registry import register
-
-    return register(checkpoints, name, run_id=_known_run(run_id, checkpoints[0]))
+    return download
 
 
-def _use_tracking_of(checkpoint: str) -> None:
-    import mlflow
+def filter_task(outlet: Asset | None = None):
+    """Task ``filter_shards``: raw shards -> ``layout.filtered`` + the reject table in the log."""
 
-    from pipeline.tracking import resolve_tracking_uri, root_of
+    @task(task_id="filter_shards", outlets=[outlet] if outlet else [])
+    def filter_shards(raw: str, params=None, outlet_events=None) -> str:
+        from pipeline.data.filters import filter_shards as run_filter
+        from pipeline.data.filters import format_reject_table, stage_config
+        from pipeline.layout import RunLayout
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(None, root_of(checkpoint)))
+        layout = RunLayout(params["root"])
+        print(format_reject_table(run_filter(raw, layout.filtered, stage_config(params["presets"], params["stages"]),
+                                               samples_per_shard=params["filtered_shard_size"])))
+        if outlet:
+            outlet_events[outlet].extra = {"root": layout.root, "path": layout.filtered}
+        return layout.filtered
+
+    return filter_shards
 
 
-def _known_run(run_id: str | None, checkpoint: str) -> str | None:
-    """``run_id`` if the current tracking store has it (a reused checkpoint may have been
-    trained against another store), else None: log into a new run instead of failing."""
-    if not run_id:
-        return None
-    import mlflow
-    from mlflow.exceptions import MlflowException
+def plan_embed_task():
+    """Task ``plan_embed``: the filtered shards in batches, one per mapped embed task."""
 
-    _use_tracking_of(checkpoint)
-    try:
-        mlflow.MlflowClient().get_run(run_id)
-        return run_id
-    except MlflowException:
-        return None
+    @task(task_id="plan_embed")
+    def plan_embed(filtered: str | None = None, params=None, triggering_asset_events=None) -> list[list[str]]:
+        from airflow.configuration import conf
+
+        _, filtered = where(params, triggering_asset_events, filtered)
+        return embed_batches(filtered, params["embed_shards_per_task"], conf.getint("core", "max_map_length"))
+
+    return plan_embed
+
+
+def embed_task():
+    """Task ``embed`` (mapped over shard batches): captions -> ``layout.embeddings_root``/<encoder>."""
+
+    @task(task_id="embed", map_index_template="{{ shard_batch }}")
+    def embed(shards: list[str], filtered: str | None = None, params=None, triggering_asset_events=None) -> dict:
+        from airflow.sdk import get_current_context
+
+        from pipeline.data.embed import embed_shards
+
+        get_current_context()["shard_batch"] = f"{shards[0]}..{shards[-1]}"  # the map label in the UI
+        layout, filtered = where(params, triggering_asset_events, filtered)
+        return embed_shards(filtered, layout.embeddings_root, params["encoder"], shards=shards)
+
+    return embed
+
+
+def train_stage(params: dict[str, Any], root: str, stage: str, preset: str, data: str | None,
+                embeddings: str) -> dict[str, Any]:
+    """``pipeline.train.launch.run_stage`` with the training Params (``train_params``)."""
+    from pipeline.layout import RunLayout
+    from pipeline.train.launch import run_stage
+
+    return run_stage(layout=RunLayout(root), stage=stage, preset=preset, data=data, embeddings=embeddings,
+                     max_steps=params["max_steps"], launcher=params["launcher"],
+                     launcher_options=params["launcher_options"], nodes=params["nodes"],
+                     procs_per_node=params["gpus_per_node"], run_tag=params["run_tag"])

@@ -17,8 +17,6 @@ imagen_train_stage) rerun one phase.
 
 from __future__ import annotations
 
-import os
-
 from airflow.sdk import dag, task
 from imagen_common import (
     CASCADE,
@@ -26,68 +24,27 @@ from imagen_common import (
     GPU_POOL,
     MODELS,
     STAGES,
-    cascade_chain,
-    embed_batches,
-    evaluate_once,
+    download_task,
+    embed_task,
+    filter_task,
     full_params,
     one_output,
-    register_once,
+    plan_embed_task,
+    train_stage,
 )
 
 
 @dag(dag_id="imagen_full", schedule=None, catchup=False, params=full_params(),
      default_args=DEFAULT_ARGS, tags=["imagen"], doc_md=__doc__, max_active_runs=1)
 def imagen_full():
-    @task
-    def download(params=None) -> str:
-        from pipeline.data.download import download as run_download
-
-        if not params["url_list"]:
-            raise ValueError("set the url_list param to a Parquet/CSV/TSV/JSONL file of url,caption rows")
-        out = os.path.join(params["root"], "raw")
-        # Private networks: the workers' IMAGEN_ALLOW_PRIVATE_NETWORKS / IMAGEN_ALLOW_HOSTS, not a Param.
-        run_download(params["url_list"], out, stages=tuple(params["stages"]), presets=params["presets"])
-        return out
-
-    @task
-    def filter_shards(raw: str, params=None) -> str:
-        from pipeline.data.filters import filter_shards as run_filter
-        from pipeline.data.filters import format_reject_table, stage_config
-
-        out = os.path.join(params["root"], "filtered")
-        print(format_reject_table(run_filter(raw, out, stage_config(params["presets"], params["stages"]),
-                                               samples_per_shard=params["filtered_shard_size"])))
-        return out
-
-    @task
-    def plan_embed(filtered: str, params=None) -> list[list[str]]:
-        from airflow.configuration import conf
-
-        return embed_batches(filtered, params["embed_shards_per_task"], conf.getint("core", "max_map_length"))
-
-    @task(map_index_template="{{ shard_batch }}")
-    def embed(filtered: str, shards: list[str], params=None) -> dict:
-        from airflow.sdk import get_current_context
-
-        from pipeline.data.embed import embed_shards
-
-        get_current_context()["shard_batch"] = f"{shards[0]}..{shards[-1]}"  # the map label in the UI
-        return embed_shards(filtered, os.path.join(params["root"], "embeddings"), params["encoder"],
-                            shards=shards)
-
     @task(pool=GPU_POOL)
     def train(stage: str, filtered: str, embedded: list[dict], params=None) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from pipeline.train.launch import run_stage
-
         if stage not in params["stages"]:
             raise AirflowSkipException(f"{stage} is not in the stages param {params['stages']}")
-        return run_stage(root=params["root"], stage=stage, preset=params["presets"].get(stage, "tiny"),
-                         data=filtered, embeddings=one_output(embedded), max_steps=params["max_steps"],
-                         launcher=params["launcher"], launcher_options=params["launcher_options"],
-                         nodes=params["nodes"], procs_per_node=params["gpus_per_node"],
-                         run_tag=params["run_tag"])
+        return train_stage(params, params["root"], stage, params["presets"].get(stage, "tiny"), filtered,
+                           one_output(embedded))
 
     @task(trigger_rule="none_failed")
     def evaluate(trained: list[dict | None], params=None) -> dict:
@@ -95,17 +52,21 @@ def imagen_full():
         alignment, each SR stage's PSNR/SSIM against bicubic upsampling of the same input."""
         from airflow.sdk.exceptions import AirflowSkipException
 
+        from pipeline.release.evaluate import evaluate_run
+
         if not params["attributes"]:
             raise AirflowSkipException("no attributes param: nothing to evaluate against")
-        return {t["stage"]: evaluate_once(t, params["attributes"], params["encoder"]) for t in trained if t}
+        return {t["stage"]: evaluate_run(t, params["attributes"], params["encoder"]) for t in trained if t}
 
     @task(trigger_rule="none_failed")
     def register(stage: str, trained: dict | None, params=None, outlet_events=None) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
+        from pipeline.release.registry import register_trained
+
         if not trained:
             raise AirflowSkipException(f"{stage} was not trained in this run")
-        result = register_once([trained["checkpoint"]], f"{params['model_prefix']}-{stage}", trained["run_id"])
+        result = register_trained(trained, params["model_prefix"])
         outlet_events[MODELS[stage]].extra = {"uri": result["uri"], "version": result["version"]}
         return result
 
@@ -113,16 +74,17 @@ def imagen_full():
     def register_cascade(trained: list[dict | None], params=None, outlet_events=None) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
+        from pipeline.release.registry import register_cascade as register_chain
+
         # A cascade is a base stage followed by SR stages, in order; skipped stages drop out.
         if not trained[0]:
             raise AirflowSkipException("the cascade needs the base64 stage")
-        ckpts, left_out = cascade_chain([t["checkpoint"] for t in trained if t])
-        result = register_once(ckpts, f"{params['model_prefix']}-cascade")
+        result = register_chain([t["checkpoint"] for t in trained if t], f"{params['model_prefix']}-cascade")
         outlet_events[CASCADE].extra = {"uri": result["uri"], "version": result["version"]}
-        return {**result, "left_out": left_out}
+        return result
 
-    filtered = filter_shards(download())
-    embedded = embed.partial(filtered=filtered).expand(shards=plan_embed(filtered))
+    filtered = filter_task()(download_task()())
+    embedded = embed_task().partial(filtered=filtered).expand(shards=plan_embed_task()(filtered))
     trained = [train.override(task_id=f"train_{s}")(s, filtered, embedded) for s in STAGES]
     evaluated = evaluate(trained)
     for stage, result in zip(STAGES, trained, strict=True):

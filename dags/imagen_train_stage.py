@@ -13,8 +13,6 @@ The same settings reuse a finished training run; ``run_tag`` trains again. Regis
 
 from __future__ import annotations
 
-import os
-
 from airflow.sdk import dag, task
 from imagen_common import (
     DEFAULT_ARGS,
@@ -22,9 +20,8 @@ from imagen_common import (
     GPU_POOL,
     MODELS,
     STAGE_MODEL,
-    evaluate_once,
-    register_once,
     stage_params,
+    train_stage,
     upstream,
 )
 
@@ -35,30 +32,29 @@ def imagen_train_stage():
     @task(pool=GPU_POOL)
     def train(params=None, triggering_asset_events=None) -> dict:
         from pipeline.data.embed import resolve_embeddings_dir
-        from pipeline.train.launch import run_stage
+        from pipeline.layout import RunLayout
 
         event = upstream(triggering_asset_events, EMBEDDINGS)
-        root = event.get("root", params["root"])
-        embeddings = event.get("path") or params["embeddings"] or resolve_embeddings_dir(
-            os.path.join(root, "embeddings"))
-        return run_stage(root=root, stage=params["stage"], preset=params["preset"],
-                         data=event.get("filtered", os.path.join(root, "filtered")), embeddings=embeddings,
-                         max_steps=params["max_steps"], launcher=params["launcher"],
-                         launcher_options=params["launcher_options"], nodes=params["nodes"],
-                         procs_per_node=params["gpus_per_node"], run_tag=params["run_tag"])
+        layout = RunLayout(event.get("root", params["root"]))
+        embeddings = event.get("path") or params["embeddings"] or resolve_embeddings_dir(layout.embeddings_root)
+        return train_stage(params, layout.root, params["stage"], params["preset"], event.get("filtered"),
+                           embeddings)
 
     @task
     def evaluate(trained: dict, params=None) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
+        from pipeline.release.evaluate import evaluate_run
+
         if not params["attributes"] or trained["stage"] != "base64":
             raise AirflowSkipException("evaluation needs the attributes param and the base64 stage")
-        return evaluate_once(trained, params["attributes"])
+        return evaluate_run(trained, params["attributes"])
 
     @task(trigger_rule="none_failed", outlets=[STAGE_MODEL])
     def register(trained: dict, params=None, outlet_events=None) -> dict:
-        result = register_once([trained["checkpoint"]], f"{params['model_prefix']}-{trained['stage']}",
-                               trained["run_id"])
+        from pipeline.release.registry import register_trained
+
+        result = register_trained(trained, params["model_prefix"])
         outlet_events[STAGE_MODEL].add(MODELS[trained["stage"]],
                                        extra={"uri": result["uri"], "version": result["version"]})
         return result

@@ -1,6 +1,6 @@
 """Run cascade stages in order, from text to the final image (Imagen fig. A.4).
 
-    cascade = Cascade.from_dirs(["ckpt/base64/final", "ckpt/sr256/final"], encoder=T5TextEncoder(...))
+    cascade = Cascade.from_dirs(["ckpt/base64/final", "ckpt/sr256/final"], encoder=open_encoder(...))
     images = cascade.generate(["a red circle"], seed=0)      # uint8 [B, H, W, 3]
     out = cascade.run(["a red circle"], seed=0, num_stages=1) # + per-stage images and seconds
 
@@ -18,7 +18,6 @@ against the encoder given, so a mismatch is an error at load time, not a silent 
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from torch import Tensor
 from imagen.config import StageConfig, check_chain
 from imagen.diffusion import GaussianDiffusion
 from imagen.sampling import sample
+from imagen.text import same_encoder, same_recorded_encoder
 from imagen.unet import UNet
 
 Progress = Callable[[str, int, int], None]
@@ -55,37 +55,18 @@ class CascadeOutput:
     seconds: list[float] = field(default_factory=list)  # wall-clock seconds per stage
 
 
-def encoder_ids_match(a: str | None, b: str | None) -> bool:
-    """Do two ``encoder_id`` strings (imagen.text) name the same weights?
-
-    Local encoders are ``NAME@sha256:HASH``: the content hash decides, whatever the folder is
-    called (a registered model holds a copy of the folder). Hub encoders are ``NAME@REF``:
-    the names must agree, and the refs too when both are commit hashes (a ref of ``main``
-    only means the hub cache was empty where the id was computed). Unknown ids match.
-    """
-    if not a or not b:
-        return True
-    name_a, _, ref_a = a.partition("@")
-    name_b, _, ref_b = b.partition("@")
-    if ref_a.startswith("sha256:") or ref_b.startswith("sha256:"):
-        return ref_a == ref_b
-    commit = re.compile(r"^[0-9a-f]{40}$")
-    if commit.match(ref_a) and commit.match(ref_b):
-        return (name_a, ref_a) == (name_b, ref_b)
-    return name_a == name_b
-
-
 def check_encoders(stages: Sequence[str], encoder_ids: Sequence[str | None], encoder=None) -> str | None:
     """The one encoder id the stages were trained on (None if none is recorded); ValueError when
-    two stages disagree, or when ``encoder`` (anything with ``encoder_id``) is another one."""
+    two stages disagree, or when ``encoder`` (anything with ``encoder_id``) is another one, by
+    the identity rule of :func:`imagen.text.same_encoder`. Unknown ids are not checked."""
     known = [(s, i) for s, i in zip(stages, encoder_ids, strict=True) if i]
     for stage, enc in known[1:]:
-        if not encoder_ids_match(known[0][1], enc):
+        if not same_recorded_encoder(known[0][1], enc):
             raise ValueError(f"stage {stage} was trained on text encoder {enc} but stage "
                              f"{known[0][0]} on {known[0][1]}: train every stage on the same encoder")
     common = known[0][1] if known else None
     given = getattr(encoder, "encoder_id", None) if encoder is not None else None
-    if not encoder_ids_match(common, given):
+    if common and given and not same_encoder(common, given):
         raise ValueError(f"stage {known[0][0]} was trained on text encoder {common}, but the encoder "
                          f"given is {given}: use the encoder named in the stage's config.json metadata")
     return common
@@ -193,10 +174,6 @@ class Cascade:
             text_embeds, text_mask = self.encoder.encode(list(prompts))
         device = next(self.stages[0][0].parameters()).device
         return text_embeds.to(device).float(), text_mask.to(device).bool()
-
-    def _run_stage(self, model, cfg: StageConfig, opt: StageOptions, text, mask, lowres, gen,
-                   progress) -> Tensor:
-        return run_stage(model, cfg, opt, text, mask, lowres, gen, progress)
 
 
 def run_stage(model: UNet, cfg: StageConfig, opt: StageOptions, text: Tensor, mask: Tensor,

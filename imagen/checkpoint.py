@@ -10,7 +10,9 @@ Layout of a weights directory::
     model.safetensors   raw weights
     ema.safetensors     EMA weights (optional)
 
-Only these three files are read, whatever else lies in the folder. A weights directory is
+A directory is a local path or an fsspec URI (``s3://bucket/run/checkpoints/base64/x/final``):
+remote files are read and written as whole byte strings (``safetensors.torch.load`` /
+``save``), local ones as before. Only these three files are read, whatever else lies in the folder. A weights directory is
 input like any other: a config.json that is not JSON, holds a wrong type or an impossible
 size, or weights that do not fit it, is a ``ValueError`` naming the file and what to do.
 
@@ -28,9 +30,10 @@ import types
 import typing
 from typing import Any
 
+import fsspec
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 from torch import Tensor
 
 from imagen.config import StageConfig
@@ -49,14 +52,46 @@ def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
+def is_remote(path: str) -> bool:
+    """An fsspec URI other than a local file (``s3://...``): read and written as bytes."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def join(directory: str, name: str) -> str:
+    return f"{directory.rstrip('/')}/{name}" if is_remote(directory) else os.path.join(directory, name)
+
+
+def _exists(path: str) -> bool:
+    if not is_remote(path):
+        return os.path.exists(path)
+    fs, p = fsspec.core.url_to_fs(path)
+    return fs.exists(p)
+
+
+def _read(path: str) -> bytes:
+    with fsspec.open(path, "rb") as f:
+        return f.read()
+
+
+def _write(path: str, data: bytes) -> None:
+    with fsspec.open(path, "wb") as f:
+        f.write(data)
+
+
 def save_weights(directory: str, state: dict[str, Tensor], cfg: StageConfig,
                  ema: dict[str, Tensor] | None = None, metadata: dict[str, Any] | None = None) -> None:
-    """Write config.json, model.safetensors and (optionally) ema.safetensors to a local dir."""
-    os.makedirs(directory, exist_ok=True)
-    save_file(_contiguous(state), os.path.join(directory, MODEL_NAME), metadata={"stage": cfg.stage})
-    if ema is not None:
-        save_file(_contiguous(ema), os.path.join(directory, EMA_NAME), metadata={"stage": cfg.stage})
+    """Write model.safetensors, (optionally) ema.safetensors and, last, config.json to a local
+    dir or an fsspec URI."""
     doc = {**cfg.to_dict(), "metadata": metadata or {}}
+    weights = {MODEL_NAME: state} if ema is None else {MODEL_NAME: state, EMA_NAME: ema}
+    if is_remote(directory):
+        for name, tensors in weights.items():
+            _write(join(directory, name), save(_contiguous(tensors), metadata={"stage": cfg.stage}))
+        _write(join(directory, CONFIG_NAME), json.dumps(doc, indent=2, sort_keys=True).encode())
+        return
+    os.makedirs(directory, exist_ok=True)
+    for name, tensors in weights.items():
+        save_file(_contiguous(tensors), os.path.join(directory, name), metadata={"stage": cfg.stage})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(doc, f, indent=2, sort_keys=True)
 
@@ -120,12 +155,11 @@ def _check_section(cls: type, doc: Any, prefix: str, path: str) -> dict[str, Any
 
 def load_config(directory: str) -> tuple[StageConfig, dict[str, Any]]:
     """The stage config and metadata in ``directory``/config.json, checked field by field."""
-    path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.exists(path):
+    path = join(directory, CONFIG_NAME)
+    if not _exists(path):
         raise FileNotFoundError(f"{path} not found: is {directory} a stage weights directory?")
     try:
-        with open(path, "rb") as f:
-            doc = json.loads(f.read())
+        doc = json.loads(_read(path))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"{path} is not readable JSON ({e}): restore it from the training run "
                          "(MLflow artifact config.json) or the step checkpoint it was copied from") from None
@@ -145,10 +179,10 @@ def load_config(directory: str) -> tuple[StageConfig, dict[str, Any]]:
 
 
 def _weights_path(directory: str, use_ema: bool) -> str:
-    path = os.path.join(directory, EMA_NAME)
-    if not (use_ema and os.path.exists(path)):
-        path = os.path.join(directory, MODEL_NAME)
-    if not os.path.exists(path):
+    path = join(directory, EMA_NAME)
+    if not (use_ema and _exists(path)):
+        path = join(directory, MODEL_NAME)
+    if not _exists(path):
         raise FileNotFoundError(f"{path} not found: {directory} has a config.json but no weights")
     return path
 
@@ -158,7 +192,7 @@ def _build(cfg: StageConfig, directory: str, device: str | torch.device = "cpu")
         with torch.device(device):
             return UNet(cfg.unet)
     except Exception as e:  # a config that passed the type checks but still builds nothing
-        raise ValueError(f"{os.path.join(directory, CONFIG_NAME)}: its unet section builds no U-Net "
+        raise ValueError(f"{join(directory, CONFIG_NAME)}: its unet section builds no U-Net "
                          f"({type(e).__name__}: {e}): restore config.json from the training run") from None
 
 
@@ -180,17 +214,39 @@ def check_weights(directory: str) -> tuple[StageConfig, dict[str, Any]]:
     cfg, metadata = load_config(directory)
     expected = {k: tuple(v.shape) for k, v in _build(cfg, directory, "meta").state_dict().items()}
     paths = [_weights_path(directory, use_ema=False)]
-    if os.path.exists(os.path.join(directory, EMA_NAME)):
-        paths.append(os.path.join(directory, EMA_NAME))
+    if _exists(join(directory, EMA_NAME)):
+        paths.append(join(directory, EMA_NAME))
     for path in paths:
         try:
-            with safe_open(path, framework="pt") as f:
-                found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-        except (SafetensorError, OSError) as e:
+            found = _remote_shapes(path) if is_remote(path) else _local_shapes(path)
+        except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{path} is not a readable safetensors file ({e}): copy it again from "
                              "the training run's checkpoint, or retrain") from None
         _check_fit(path, expected, found)
     return cfg, metadata
+
+
+def _local_shapes(path: str) -> dict[str, tuple]:
+    with safe_open(path, framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+
+
+def _remote_shapes(path: str) -> dict[str, tuple]:
+    """Tensor shapes from a remote file's safetensors header (8-byte length, then JSON), its
+    data length checked against the header, without reading the tensors."""
+    fs, p = fsspec.core.url_to_fs(path)
+    total = int(fs.size(p))
+    with fs.open(p, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= total - 8:
+            raise ValueError("header length out of range")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if end != total - 8 - n:
+        raise ValueError(f"{total - 8 - n} data bytes, the header describes {end}")
+    return {k: tuple(v["shape"]) for k, v in header.items()}
 
 
 def load_model(directory: str, use_ema: bool = True, device: str | torch.device = "cpu"
@@ -200,7 +256,8 @@ def load_model(directory: str, use_ema: bool = True, device: str | torch.device 
     path = _weights_path(directory, use_ema)
     model = _build(cfg, directory)
     try:
-        state = load_file(path, device=str(device))
+        state = ({k: v.to(device) for k, v in load(_read(path)).items()} if is_remote(path)
+                 else load_file(path, device=str(device)))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e}): copy it again from "
                          "the training run's checkpoint, or retrain") from None

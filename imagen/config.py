@@ -306,11 +306,24 @@ def tiny(stage: str = "base64") -> StageConfig:
     )
     diffusion = DiffusionConfig(
         schedule="linear" if stage == "sr1024" else "cosine",
-        sample_steps=32,
+        # SR stages sample with 8 deterministic DDIM steps: closer to the posterior mean than
+        # 32 ancestral steps, so sharp edges without the sampler's grain (tiny sr256 after 600
+        # steps, in the recipe search: 30.7 dB PSNR against 28.1 dB; 4 steps 31.2, 16 steps 29.1)
+        sampler="ddim" if sr else "ddpm",
+        sample_steps=8 if sr else 32,
         guidance_scale=3.0 if not sr else 1.0,
+        # The tiny base drops its text 30% of the time (the paper: 10%): a better unconditional
+        # model makes guidance pull harder. Measured on the tiny data after 2000 steps, 192
+        # samples: guided/unguided colour-and-shape 0.81/0.54 (0.2: 0.88/0.76; 0.1: 0.87/0.76).
+        cond_drop_prob=0.1 if sr else 0.3,
         # SR stages clip statically: dynamic thresholding greys the flat backgrounds of a young
         # SR model (measured on the tiny data after 600 steps: 14.9 dB PSNR against 23.1 dB)
         dynamic_threshold=None if sr else 0.995,
+        # The tiny cascade samples its SR stages at augmentation level 0, so it trains near
+        # there: noise levels up to 0.5 spent half of a short run on inputs it never sees
+        # (tiny sr256, 600 steps, in the recipe search: 30.7 dB PSNR with levels up to 0.1,
+        # 28.8 dB up to 0.2, 26.4 dB up to 0.5; see the README's demo section)
+        lowres_aug_max=0.1,
     )
     train = TrainConfig(batch_size=16, lr=1e-3, warmup_steps=20, max_steps=200, ema_decay=0.99,
                         checkpoint_every=50, log_every=5, sample_every=100)

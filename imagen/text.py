@@ -5,13 +5,15 @@ This module wraps a Hugging Face T5 encoder behind a tiny interface (``encode``,
 ``encoder_id``, ``max_length``) so the embedding step, the trainer and the sampler agree
 on one identity for "which text encoder produced these vectors"::
 
-    from imagen.text import T5TextEncoder
-    enc = T5TextEncoder("google/t5-v1_1-xxl")        # nothing loaded yet
+    from imagen.text import open_encoder
+    enc = open_encoder("google/t5-v1_1-xxl")         # a T5TextEncoder; nothing loaded yet
     emb, mask = enc.encode(["a red circle"])        # loads on first use
     emb.shape, mask.shape, enc.dim, enc.encoder_id  # [1, L, 4096], [1, L], 4096, "google/..."
 
 A local directory (e.g. from ``pipeline.dev.tinymodels.build_tiny_t5``) loads through the same
-``from_pretrained`` path as the hub name. Plain single-device PyTorch: no pipeline, Airflow
+``from_pretrained`` path as the hub name. :func:`open_encoder` is the one way to open an
+encoder from a string (through the ``TEXT_ENCODERS`` registry), and :func:`same_encoder` the
+one rule for whether two ``encoder_id`` values name the same weights. Plain single-device PyTorch: no pipeline, Airflow
 or MLflow imports, and transformers is imported only when the model is first needed.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -160,8 +163,9 @@ class T5TextEncoder:
     def encoder_id(self) -> str:
         """Stable identity of the weights: ``NAME@sha256:HASH`` or ``HUB_ID@COMMIT``.
 
-        Stored beside every embedding and checked by the training loader, so vectors from
-        different encoders (or different weights under the same name) never get mixed.
+        Stored beside every embedding and in every checkpoint, and compared by
+        :func:`same_encoder`, so vectors from different encoders (or different weights under
+        the same name) never get mixed.
         """
         if self._encoder_id is None:
             if self.is_local:
@@ -252,30 +256,86 @@ class T5TextEncoder:
         return embeddings, mask
 
 
-def same_encoder(a: str | None, b: str | None) -> bool:
-    """Whether two ``encoder_id`` values name the same weights.
+_COMMIT = re.compile(r"[0-9a-f]{7,40}")
 
-    Local ids are ``DIRNAME@sha256:HASH``: the same files copied to a folder with another
-    name hash alike, so only the hash is compared. Hub ids compare in full (name@commit).
+
+def _pins_commit(ref: str) -> bool:
+    """A hub ref that names one commit (full, or abbreviated to >= 7 hex digits); a branch or
+    tag such as ``main`` does not (it is what ``encoder_id`` says when the hub cache was empty)."""
+    return bool(_COMMIT.fullmatch(ref))
+
+
+def same_encoder(recorded: str | None, used: str | None) -> bool:
+    """The one identity rule: may embeddings recorded as made by ``recorded`` meet the encoder
+    ``used`` (both ``encoder_id`` values)? Embeddings were made by one exact encoder, so:
+
+    - Local ids (``DIRNAME@sha256:HASH``) match when the content hashes do: the same files in
+      a folder with another name (a registered model's copy) are the same encoder.
+    - Hub ids (``NAME@REF``) need the same NAME. When ``recorded`` pins a commit, ``used``
+      must pin that same commit (an abbreviation of >= 7 hex digits counts): an unpinned
+      ``t5@main`` does not match ``t5@<commit>``, since ``main`` may load other weights
+      (:func:`open_encoder` with ``trained_on=`` opens a hub name at the recorded commit).
+      When ``recorded`` pins none (``t5@main``: the hub cache was empty where it was
+      computed), the name is all that was recorded, and any ``used`` of that name matches.
+    - A local id never matches a hub id: their weights cannot be compared.
+    - ``None`` (unknown) matches only ``None``; callers decide whether an unknown id is checked.
+
+    Two recorded ids (two stages, a checkpoint and new embeddings) are compared with
+    :func:`same_recorded_encoder`: this rule both ways, no unpinned ref trusted. Every check
+    goes through these two functions: the embed step's resume, the training loader, resume of
+    a training run, registration, evaluation and sampling.
     """
-    if a is None or b is None:
-        return a == b
-    tag = "@sha256:"
-    if tag in a and tag in b:
-        return a.rsplit(tag, 1)[1] == b.rsplit(tag, 1)[1]
-    return a == b
+    if recorded is None or used is None or "@" not in recorded or "@" not in used:
+        return recorded == used  # unknown, or not an encoder_id: only the identical string
+    name_r, _, ref_r = recorded.rpartition("@")
+    name_u, _, ref_u = used.rpartition("@")
+    local_r, local_u = ref_r.startswith("sha256:"), ref_u.startswith("sha256:")
+    if local_r or local_u:
+        return local_r and local_u and ref_r == ref_u
+    if name_r != name_u:
+        return False
+    if not _pins_commit(ref_r):
+        return True
+    return _pins_commit(ref_u) and (ref_r.startswith(ref_u) or ref_u.startswith(ref_r))
+
+
+def same_recorded_encoder(a: str | None, b: str | None) -> bool:
+    """Two recorded ids (two stages, a checkpoint and the embeddings it resumes on, the shards
+    of one run): :func:`same_encoder` both ways, and two unpinned refs must be the same ref.
+    So ``t5@main`` and ``t5@<commit>`` are not the same encoder here, in either order."""
+    if not (same_encoder(a, b) and same_encoder(b, a)):
+        return False
+    if a is None or b is None or "@" not in a:
+        return True  # equal by the rule's own terms
+    ref_a, ref_b = a.rpartition("@")[2], b.rpartition("@")[2]
+    return ref_a == ref_b or (_pins_commit(ref_a) and _pins_commit(ref_b))
 
 
 TEXT_ENCODERS: dict[str, Callable[..., TextEncoder]] = {"t5": T5TextEncoder}
 
 
-def make_text_encoder(spec: str, **kwargs) -> TextEncoder:
-    """Build a text encoder from ``KIND:NAME`` (``t5:google/t5-v1_1-xxl``) or a bare name.
+def pinned_revision(name: str, trained_on: str | None) -> str | None:
+    """The commit ``trained_on`` (an ``encoder_id``) pins for the hub encoder ``name``, if any."""
+    rec_name, _, ref = (trained_on or "").rpartition("@")
+    return ref if rec_name == name and _pins_commit(ref) else None
+
+
+def open_encoder(spec: str, *, trained_on: str | None = None, revision: str | None = None,
+                 **kwargs) -> TextEncoder:
+    """The one way to open a text encoder from a string: ``KIND:NAME`` (``t5:google/t5-v1_1-xxl``),
+    a bare hub name or a local directory. Nothing is loaded until the encoder is used.
 
     A bare name or path means T5, the only kind Imagen uses; new kinds register in
-    ``TEXT_ENCODERS`` and share the ``TextEncoder`` protocol.
+    ``TEXT_ENCODERS`` and share the ``TextEncoder`` protocol. ``trained_on``: the
+    ``encoder_id`` the embeddings or stages record; a hub name given without ``revision`` is
+    opened at the commit that id pins, so it loads those exact weights (see
+    :func:`same_encoder`). ``kwargs`` (``max_length``, ``dtype``, ``device``) go to the encoder.
     """
     kind, sep, name = spec.partition(":")
-    if sep and kind in TEXT_ENCODERS:
-        return TEXT_ENCODERS[kind](name, **kwargs)
-    return TEXT_ENCODERS["t5"](spec, **kwargs)
+    if not (sep and kind in TEXT_ENCODERS):
+        kind, name = "t5", spec
+    if revision is None and not os.path.isdir(name):
+        revision = pinned_revision(name, trained_on)
+    if revision is not None:
+        kwargs["revision"] = revision
+    return TEXT_ENCODERS[kind](name, **kwargs)

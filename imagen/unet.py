@@ -273,6 +273,15 @@ class UNet(nn.Module):
                                  nn.Conv2d(prev, cfg.out_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
+        # Efficient layout: the full-resolution path (stem -> output conv) has no res block,
+        # so nothing there knows the noise level, yet the v (or eps) target mixes the noisy
+        # image and the upsampled low-res one with weights that depend on it (1/sigma at low
+        # noise). A scale/shift of the output norm from the conditioning, as the res blocks'
+        # FiLM, gives that path the noise level (tiny SR: see imagen/config.py).
+        self.out_cond = nn.Linear(td, 2 * prev) if cfg.efficient else None
+        if self.out_cond is not None:
+            nn.init.zeros_(self.out_cond.weight)  # starts as the plain output head
+            nn.init.zeros_(self.out_cond.bias)
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -326,4 +335,8 @@ class UNet(nn.Module):
             h = upsample(h)  # Efficient U-Net: upsample after the convs, level 0 included
         if cfg.efficient:
             h = torch.cat([h, stem * self.skip_scale], dim=1)
-        return self.out(h)
+        if self.out_cond is None:
+            return self.out(h)
+        norm, act, conv = self.out
+        scale, shift = self.out_cond(F.silu(cond))[:, :, None, None].chunk(2, dim=1)
+        return conv(act(norm(h) * (1 + scale) + shift))

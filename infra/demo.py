@@ -32,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("base64", "sr256")  # the tiny base stage (32 px) and the tiny 32 -> 64 px SR stage
 PRESETS = {stage: "tiny" for stage in STAGES}
 # Optimizer steps per stage (the tiny recipe in imagen/config.py; --quick: a smoke run).
-STEPS = {"base64": 2000, "sr256": 1500}
+STEPS = {"base64": 2000, "sr256": 1200}
 QUICK_STEPS = {"base64": 30, "sr256": 20}
 SEEDS = 8
 GRID_SEEDS = 4  # samples per prompt and guidance weight shown in the grid
@@ -49,8 +49,9 @@ def prepare_data(work: str) -> dict:
     from pipeline.data.filters import filter_shards, format_reject_table, stage_config
     from pipeline.dev.tinydata import make_tiny_dataset, serve
     from pipeline.dev.tinymodels import build_tiny_t5
+    from pipeline.layout import RunLayout
 
-    tiny, root = os.path.join(work, "tiny"), os.path.join(work, "data")
+    tiny, layout = os.path.join(work, "tiny"), RunLayout(os.path.join(work, "data"))
     os.makedirs(tiny, exist_ok=True)
     server = serve(tiny, 0)  # bound first: the URL list names its port
     port = server.server_address[1]
@@ -59,18 +60,18 @@ def prepare_data(work: str) -> dict:
         info = make_tiny_dataset(tiny, port=port)
         encoder = build_tiny_t5(os.path.join(tiny, "t5-tiny"))
         log("download (img2dataset through the fetch guard)")
-        download(info["urls"], os.path.join(root, "raw"), stages=STAGES, presets=PRESETS,
+        download(info["urls"], layout.raw, stages=STAGES, presets=PRESETS,
                  allow_hosts=(f"127.0.0.1:{port}",), processes=1, threads=8, number_sample_per_shard=100)
     finally:
         server.shutdown()
         server.server_close()
     log("filter")
-    manifest = filter_shards(os.path.join(root, "raw"), os.path.join(root, "filtered"),
+    manifest = filter_shards(layout.raw, layout.filtered,
                              stage_config(PRESETS, STAGES), samples_per_shard=100)
     print(format_reject_table(manifest))
     log("T5 embeddings")
-    embedded = embed_shards(os.path.join(root, "filtered"), os.path.join(root, "embeddings"), encoder)
-    return {"root": root, "tiny": tiny, "encoder": encoder, "embeddings": embedded["output"],
+    embedded = embed_shards(layout.filtered, layout.embeddings_root, encoder)
+    return {"root": layout.root, "tiny": tiny, "encoder": encoder, "embeddings": embedded["output"],
             "attributes": os.path.join(tiny, "attributes.json")}
 
 
@@ -82,6 +83,7 @@ def train(data: dict, steps: dict[str, int]) -> dict[str, dict]:
 
     import mlflow
 
+    from pipeline.layout import RunLayout
     from pipeline.train.launch import run_stage
 
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(STAGES)))
@@ -91,9 +93,8 @@ def train(data: dict, steps: dict[str, int]) -> dict[str, dict]:
 
     def one(stage: str) -> dict:
         log(f"train {stage} ({steps[stage]} steps, tiny preset)")
-        return run_stage(root=data["root"], stage=stage, preset=PRESETS[stage],
-                         data=os.path.join(data["root"], "filtered"), embeddings=data["embeddings"],
-                         max_steps=steps[stage])
+        return run_stage(layout=RunLayout(data["root"]), stage=stage, preset=PRESETS[stage],
+                         embeddings=data["embeddings"], max_steps=steps[stage])
 
     with ThreadPoolExecutor(len(STAGES)) as pool:
         futures = {stage: pool.submit(one, stage) for stage in STAGES}
@@ -108,7 +109,7 @@ def score(data: dict, checkpoints: list[str], out: str) -> tuple[dict, list[dict
     from PIL import Image
 
     from imagen.cascade import Cascade, StageOptions, run_stage, to_uint8
-    from imagen.text import T5TextEncoder
+    from imagen.text import open_encoder
     from pipeline.release.evaluate import EvalOptions, prompt_set
     from pipeline.release.metrics import (
         alignment_flags,
@@ -119,7 +120,7 @@ def score(data: dict, checkpoints: list[str], out: str) -> tuple[dict, list[dict
     )
 
     prompts, specs, palette = prompt_set(EvalOptions(attributes=data["attributes"]))
-    encoder = T5TextEncoder(data["encoder"])
+    encoder = open_encoder(data["encoder"])
     cascade = Cascade.from_dirs(checkpoints, encoder=encoder)
     base_cfg = cascade.stages[0][1]
     os.makedirs(os.path.join(out, "samples"), exist_ok=True)

@@ -29,6 +29,7 @@ from contextlib import ExitStack
 
 from imagen.config import preset
 from pipeline.dev.services import background, free_port, mlflow_server, wait_http
+from pipeline.layout import RunLayout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -93,7 +94,7 @@ def check_stage_data(tiny: str, root: str, audit_dir: str, client) -> dict[str, 
     native = {r["url"]: min(r["source_width"], r["source_height"])
               for r in pq.read_table(os.path.join(tiny, "urls.parquet")).to_pylist()}
     key_side = {}
-    for shard in glob.glob(os.path.join(root, "filtered", "[0-9]*.tar")):
+    for shard in glob.glob(os.path.join(RunLayout(root).filtered, "[0-9]*.tar")):
         with tarfile.open(shard) as tar:
             for m in tar:
                 if m.name.endswith(".json"):

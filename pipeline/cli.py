@@ -5,7 +5,8 @@
     imagen-pipeline filter --input ROOT/raw --output ROOT/filtered
     imagen-pipeline embed --input ROOT/filtered --output ROOT/embeddings --encoder google/t5-v1_1-xxl
     imagen-pipeline train --stage base64 --preset tiny --data ROOT/filtered --embeddings DIR \\
-        --max-steps 60 --checkpoint-dir ROOT/checkpoints/base64/run1 [--resume latest]
+        --max-steps 60 --checkpoint-dir ROOT/checkpoints/base64/run1 [--resume latest] \\
+        [--nproc-per-node 8 --nnodes 2 --node-rank 0 --master-addr HOST0 --master-port 29500]
     imagen-pipeline evaluate --checkpoint ROOT/checkpoints/base64/run1/final
     imagen-pipeline register --checkpoint ROOT/checkpoints/base64/run1/final --name imagen-base64
     imagen-pipeline sample "a red circle" --model models:/imagen-base64@challenger --output x.png
@@ -86,7 +87,15 @@ def _download(a: argparse.Namespace) -> Any:
                     processes=a.processes, threads=a.threads, timeout=a.timeout, retries=a.retries,
                     number_sample_per_shard=a.samples_per_shard, encode_format=a.encode_format,
                     save_additional_columns=a.extra_columns, allow_private_networks=a.allow_private_networks,
-                    allow_hosts=tuple(a.allow_host or ()), **overrides)
+                    allow_hosts=tuple(a.allow_host or ()), distributor=a.distributor,
+                    spark_master=a.spark_master, spark_conf=_spark_conf(a.spark_conf), **overrides)
+
+
+def _spark_conf(pairs: list[str] | None) -> dict[str, str]:
+    bad = [p for p in pairs or [] if "=" not in p]
+    if bad:
+        raise ValueError(f"--spark-conf {bad[0]!r}: expected KEY=VALUE, e.g. spark.executor.memory=4g")
+    return dict(p.split("=", 1) for p in pairs or [])
 
 
 @verb("filter")
@@ -114,15 +123,15 @@ def _filter(a: argparse.Namespace) -> Any:
 @verb("embed")
 def _embed(a: argparse.Namespace) -> Any:
     from pipeline.data.embed import embed_shards, split_shards
+    from pipeline.data.embed_config import EmbedConfig
+    from pipeline.options import options_from_args
 
     shards = a.shards
     if a.num_workers > 1:  # this worker's disjoint slice (one per GPU, machine or task)
         if not 0 <= a.worker < a.num_workers:
             raise ValueError(f"--worker {a.worker} is not in [0, --num-workers {a.num_workers})")
         shards = split_shards(a.input, a.num_workers)[a.worker]
-    return embed_shards(a.input, a.output, a.encoder, max_length=a.max_length,
-                        batch_size=a.batch_size, max_batch_tokens=a.max_batch_tokens,
-                        shards=shards, device=a.device, dtype=a.dtype)
+    return embed_shards(a.input, a.output, shards=shards, config=EmbedConfig(**options_from_args(EmbedConfig, a)))
 
 
 @verb("train")
@@ -130,8 +139,23 @@ def _train(a: argparse.Namespace) -> Any:
     from pipeline.train.job import job_from_args
     from pipeline.train.launch import make_launcher
 
+    job = job_from_args(a)
+    if a.nnodes > 1:  # this machine is node --node-rank of --nnodes (pipeline/train/torchrun.py)
+        from pipeline.train.job import job_to_argv
+        from pipeline.train.launch import train_node
+        from pipeline.train.torchrun import Torchrun
+
+        if a.node_rank is None or not a.master_addr:
+            raise ValueError(f"--nnodes {a.nnodes} needs --node-rank (0..{a.nnodes - 1}, one per node) and "
+                             "--master-addr (the address of node 0 that every node can reach)")
+        spec = Torchrun(a.nnodes, a.nproc_per_node, node_rank=a.node_rank, master_addr=a.master_addr,
+                        master_port=a.master_port or 29500)
+        return train_node(job_to_argv(job), spec)
+    if a.node_rank or a.master_addr or a.master_port:
+        raise ValueError("--node-rank, --master-addr and --master-port are for a job of several nodes: "
+                         "add --nnodes N (the same on every node)")
     # The DAG's launcher (pipeline.train.launch); one process trains in this one, as always.
-    return make_launcher("local", in_process=True).launch(job_from_args(a), 1, a.nproc_per_node)
+    return make_launcher("local", in_process=True).launch(job, 1, a.nproc_per_node)
 
 
 @verb("evaluate")
@@ -245,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--encode-format", default="png", choices=["png", "jpg", "webp"])
     s.add_argument("--max-pixels", type=int, help="refuse images declaring more pixels (default 64e6)")
     s.add_argument("--max-bytes", type=int, help="refuse responses larger than this (default 32 MiB)")
+    s.add_argument("--distributor", default="multiprocessing", choices=["multiprocessing", "pyspark"],
+                   help="pyspark: img2dataset's Spark distributor, one task per shard (needs "
+                        "imagen-pipeline[spark] and Java 17)")
+    s.add_argument("--spark-master", metavar="URL", help="pyspark: local[N] (default local[PROCESSES]), "
+                   "local-cluster[W,C,MB], spark://HOST:PORT, k8s://https://HOST:PORT or yarn")
+    s.add_argument("--spark-conf", action="append", metavar="KEY=VALUE",
+                   help="pyspark: a Spark setting, e.g. spark.kubernetes.container.image=IMAGE (repeatable)")
     _network_arguments(s)
 
     s = sub.add_parser("filter", help="caption/language/size/decode/dedup filters -> even shards + reject table")
@@ -271,26 +302,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples-per-shard", type=int, default=1000)
     s.add_argument("--workers", type=int, default=1, help="processes for the per-shard pass")
 
+    from pipeline.data.embed_config import EmbedConfig
+    from pipeline.options import add_options
+
     s = sub.add_parser("embed", help="frozen T5 over captions -> one Parquet per shard")
     s.add_argument("--input", required=True, help="filtered shards directory")
     s.add_argument("--output", required=True, help="embeddings root (ROOT/embeddings)")
-    s.add_argument("--encoder", default="google/t5-v1_1-xxl", help="hub name or local directory")
-    s.add_argument("--max-length", type=int, default=128, help="max tokens (Imagen: 128)")
-    s.add_argument("--batch-size", type=int, default=256, help="most captions per forward pass")
-    s.add_argument("--max-batch-tokens", type=int, default=16384,
-                   help="most padded tokens per forward pass; halves on out-of-memory")
+    add_options(s, EmbedConfig)  # --encoder, --max-length, --batch-size, --max-batch-tokens, --device, --dtype
     s.add_argument("--shards", nargs="+", help="only these shards (000003 or 000003.tar)")
     s.add_argument("--num-workers", type=int, default=1,
                    help="split the shards this many ways (disjoint, balanced by samples)")
     s.add_argument("--worker", type=int, default=0, help="which split this process embeds")
-    s.add_argument("--device", help="cpu, cuda ... (default: GPU if any)")
-    s.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
 
     from pipeline.train.job import add_arguments
 
     s = sub.add_parser("train", help="train one cascade stage (torchrun for several processes)")
     add_arguments(s)
     s.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) via torchrun")
+    s.add_argument("--nnodes", type=int, default=1, help="nodes (machines) of the job; run the same "
+                   "command on each with its own --node-rank (torchrun's static rendezvous)")
+    s.add_argument("--node-rank", type=int, help="this node's rank, 0..NNODES-1 (node 0 hosts the rendezvous)")
+    s.add_argument("--master-addr", help="address of node 0, reachable from every node")
+    s.add_argument("--master-port", type=int, help="free TCP port on node 0 (default: 29500)")
 
     s = sub.add_parser("evaluate", help="sample grids, speed and metrics for a stage or the cascade")
     s.add_argument("--checkpoint", required=True, action="append",

@@ -35,18 +35,20 @@ from pathlib import Path
 from typing import Any
 
 from imagen.config import STAGES
+from pipeline.data.embed_config import EmbedConfig
 
 TABLE = Path(__file__).with_name("calibration.json")
 USER_TABLE = os.path.join("~", ".cache", "imagen-pipeline", "calibration.json")
 
-# Defaults of the steps this plans, read from them (not imported: planning must not pull in
-# img2dataset or Airflow): pipeline/data/download.py DownloadConfig.number_sample_per_shard,
-# pipeline/data/filters.py filter_shards(samples_per_shard=1000), dags/imagen_common.py
-# embed_params "embed_shards_per_task" and Airflow's [core] max_map_length default.
+# Defaults of the steps this plans, copied (planning must not import img2dataset or Airflow);
+# tests/unit/test_defaults.py checks each against its owner: pipeline/data/download.py
+# DownloadConfig.number_sample_per_shard and .encode_format, pipeline/data/filters.py
+# filter_shards(samples_per_shard=), dags/imagen_common.py embed_params "embed_shards_per_task",
+# and Airflow's [core] max_map_length default.
 RAW_PER_SHARD, FILTERED_PER_SHARD = 10_000, 1000
 EMBED_SHARDS_PER_TASK, MAX_MAP_LENGTH = 16, 1024
-DOWNLOAD_FORMAT = "png"  # DownloadConfig.encode_format: lossless by default
-MAX_TOKENS = 128  # embed --max-length default (Imagen appendix F)
+DOWNLOAD_FORMAT = "png"  # lossless by default
+MAX_TOKENS = EmbedConfig().max_length  # the embed step's token limit (Imagen appendix F: 128)
 # One embeddings parquet row besides its vectors (pipeline/data/embed.py schema): __key__
 # (~9 chars + 4-byte offset), num_tokens int32 4, the list offset 4, image_ext (~3 + 4),
 # image_offset 8, image_size 8, image_side 4, image_sha256 32 bytes.

@@ -20,10 +20,13 @@ Not a script; imported by pipeline.data.download, pipeline.data.filters and frie
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import json
+import os
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -167,6 +170,28 @@ def open(uri: str, mode: str = "rb", *, policy: FetchPolicy | None = None, **kwa
     return io.TextIOWrapper(f, encoding=kwargs.get("encoding") or "utf-8") if mode == "r" else f
 
 
+def is_local(uri: str) -> bool:
+    """A path on this machine (plain or ``file://``), not an object-store or other remote URI."""
+    return not is_http(uri) and protocols(uri) == ["file"]
+
+
+def normalize(uri: str) -> str:
+    """An absolute local path (``file://`` stripped), or the remote URI without a trailing "/":
+    the spelling recorded in checkpoints and markers (never ``abspath`` on a URI)."""
+    uri = str(uri)
+    if is_local(uri):
+        return os.path.abspath(uri.removeprefix("file://"))
+    return uri.rstrip("/")
+
+
+def parent(uri: str) -> str:
+    """The folder holding ``uri`` (``s3://b/run/filtered`` -> ``s3://b/run``)."""
+    if is_local(uri):
+        return os.path.dirname(os.path.abspath(str(uri).removeprefix("file://").rstrip(os.sep)))
+    head, _, _ = str(uri).rstrip("/").rpartition("/")
+    return head
+
+
 def exists(uri: str) -> bool:
     fs, path = url_to_fs(uri)
     return fs.exists(path)
@@ -182,6 +207,89 @@ def remove(uri: str) -> None:
     fs, path = url_to_fs(uri)
     if fs.exists(path):
         fs.rm(path)
+
+
+def isdir(uri: str) -> bool:
+    fs, path = url_to_fs(uri)
+    return fs.isdir(path)
+
+
+def rmtree(uri: str) -> None:
+    """Delete a folder and everything under it, if it is there."""
+    fs, path = url_to_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def read_bytes(uri: str) -> bytes:
+    with open(uri, "rb") as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write one whole file atomically (:func:`atomic_write`)."""
+    with atomic_write(uri) as f:
+        f.write(data)
+
+
+def copy(src: str, dst: str) -> None:
+    """Copy one file, within or across filesystems (remote ones through memory: weights-sized
+    files); a local copy keeps its modification time."""
+    if is_local(src) and is_local(dst):
+        shutil.copy2(normalize(src), normalize(dst))
+        return
+    write_bytes(dst, read_bytes(src))
+
+
+def move_dir(src: str, dst: str) -> None:
+    """Rename a folder onto ``dst`` (replacing it): atomic on local disk; on object stores a
+    copy of each object, which is why checkpoints also write their own completion markers."""
+    rmtree(dst)
+    fs, path = url_to_fs(src)
+    if isinstance(fs, LocalFileSystem):
+        os.replace(path, url_to_fs(dst)[1])
+        return
+    # Object by object (fs.mv would also try to copy the "directory" placeholder keys, which
+    # do not exist on S3), then the source's objects are deleted.
+    target = url_to_fs(dst)[1].rstrip("/")
+    files = fs.find(path)
+    for f in files:
+        fs.copy(f, target + f[len(path.rstrip("/")):])
+    fs.rm(files)
+    fs.invalidate_cache()
+
+
+@contextlib.contextmanager
+def local_dir(uri: str) -> Iterator[str]:
+    """A local folder with the files directly under ``uri``: the folder itself when local, else
+    a temporary download (for libraries that take only local paths: mlflow.log_model, ...)."""
+    if is_local(uri):
+        yield normalize(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="imagen-fetch-") as tmp:
+        for src in list_files(uri):
+            with open(src, "rb") as f_in, builtins.open(os.path.join(tmp, basename(src)), "wb") as f_out:
+                f_out.write(f_in.read())
+        yield tmp
+
+
+@contextlib.contextmanager
+def local_file(uri: str) -> Iterator[str]:
+    """A local path with the contents of ``uri``: the file itself when local, else a temporary copy."""
+    if is_local(uri):
+        yield normalize(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="imagen-fetch-") as tmp:
+        path = os.path.join(tmp, basename(uri))
+        with builtins.open(path, "wb") as f:
+            f.write(read_bytes(uri))
+        yield path
+
+
+def info(uri: str) -> dict[str, Any]:
+    """The filesystem's facts about one file (size, and ETag or mtime where it has them)."""
+    fs, path = url_to_fs(uri)
+    return dict(fs.info(path))
 
 
 def size(uri: str) -> int:

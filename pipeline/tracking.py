@@ -3,9 +3,10 @@
 - ``resolve_tracking_uri(uri, root)``: an explicit URI, else ``$MLFLOW_TRACKING_URI``, else a
   SQLite store under the data root (MLflow 3.7+ would otherwise create ``./mlflow.db`` in
   whatever directory the process happens to run in).
-- ``root_of(checkpoint)``: the data root a checkpoint was trained under (whose store that is).
 - ``RunLogger``: rank-0 logging that never kills training: a tracking server that is down
   gives one warning, and the metrics of that moment are skipped.
+- ``code_version()`` and ``manifest_sha256(filtered)``: the lineage that training records in
+  every checkpoint and registration tags on every model version (which code, which data).
 """
 
 from __future__ import annotations
@@ -29,14 +30,6 @@ def resolve_tracking_uri(uri: str | None, root: str | None = None) -> str:
     base = os.path.abspath(root or ".")
     os.makedirs(base, exist_ok=True)
     return f"sqlite:///{os.path.join(base, 'mlflow.db')}"
-
-
-def root_of(checkpoint: str) -> str:
-    """ROOT for ROOT/checkpoints/<stage>/<run>/final, else the checkpoint's parent."""
-    parts = os.path.abspath(checkpoint).split(os.sep)
-    if "checkpoints" in parts:
-        return os.sep.join(parts[: len(parts) - parts[::-1].index("checkpoints") - 1])
-    return os.path.dirname(os.path.abspath(checkpoint))
 
 
 def server_up(uri: str, timeout: float = 5.0) -> bool:
@@ -156,3 +149,39 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def code_version() -> str:
+    """This checkout's git commit (``-dirty`` appended when tracked files are modified), else,
+    outside a checkout, the installed package's version (``imagen-pipeline==X``)."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"imagen-pipeline=={version('imagen-pipeline')}"
+        except PackageNotFoundError:
+            return "unknown"
+
+
+def manifest_sha256(filtered: str) -> str | None:
+    """sha256 (hex) of the filtered shards' ``manifest.json`` (any fsspec URI), None if it is
+    missing. The manifest records the input shards and the filter settings, so this one hash
+    names the dataset: training records it, launch keys checkpoint folders by it, and the
+    registry tags model versions with it."""
+    import hashlib
+
+    from pipeline import storage
+
+    uri = storage.join(filtered, "manifest.json")
+    if not storage.exists(uri):
+        return None
+    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()

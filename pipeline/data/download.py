@@ -8,6 +8,11 @@ our stdout (a line per finished shard) and a non-zero exit becomes a RuntimeErro
 lines. A re-run resumes: img2dataset's ``incremental_mode`` skips every shard that has its
 ``NNNNN_stats.json`` (written last), and redoes the others from scratch.
 
+``distributor="pyspark"`` (CLI ``--distributor pyspark --spark-master URL``) runs the same download
+with img2dataset's Spark distributor, one task per shard, the guard installed in every executor's
+Python worker (:mod:`pipeline.data.spark`); the list screening, resume, stats and reject
+accounting below are the same for both.
+
 Before img2dataset sees the list, rows that the URL alone condemns (not HTTP(S), malformed,
 a literal private IP) are refused and recorded in ``refused.parquet``, never fetched. The list
 itself, when it is an http(s) URL, is read through the same guard (``pipeline.storage.open``).
@@ -34,14 +39,11 @@ and counts, per stage, the samples too small for it. ``border`` (white bars) is 
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
-import signal
-import subprocess
 import sys
 
 import pyarrow as pa
@@ -50,6 +52,7 @@ import pyarrow.parquet as pq
 
 from imagen.config import STAGES, StageSpec, stage_specs
 from pipeline import storage
+from pipeline.data import spark
 from pipeline.data.fetch_guard import (
     BODY_REASONS,
     REFUSAL_REASONS,
@@ -57,6 +60,7 @@ from pipeline.data.fetch_guard import (
     deployment_policy,
     literal_reason,
 )
+from pipeline.proc import run_streaming
 
 INPUT_FORMATS = ("parquet", "csv", "tsv", "jsonl", "json", "txt")
 # "border" pads to a square with white bars, which teaches the model white bars: never used.
@@ -111,6 +115,11 @@ class DownloadConfig:
     allow_hosts: tuple[str, ...] = ()  # exact "host:port" exempt from the address check (+ IMAGEN_ALLOW_HOSTS)
     max_bytes: int = 32 * 1024 * 1024
     max_pixels: int = 64_000_000  # declared image size above this is refused before decoding
+    # "pyspark": img2dataset's Spark distributor, one task per shard (pipeline.data.spark); its
+    # master: local[N] (default local[processes]), local-cluster[W,C,MB], spark://, k8s://https://
+    distributor: str = "multiprocessing"
+    spark_master: str | None = None
+    spark_conf: dict[str, str] = dataclasses.field(default_factory=dict)  # on top of pipeline.data.spark's
 
 
 def infer_input_format(url_list: str) -> str:
@@ -210,30 +219,6 @@ def _prepare_list(table: pa.Table, output: str, settings: dict) -> str:
     with storage.atomic_write(uri) as f:
         pq.write_table(table, f)
     return uri
-
-
-def run_streaming(cmd: list[str], env: dict | None = None, tail: int = 30) -> None:
-    """Run ``cmd``, copying its stdout+stderr to ours line by line; RuntimeError on failure.
-
-    The child gets its own process group, killed with us on an exception (Ctrl-C, a task timeout),
-    so no orphaned download process keeps writing into a folder that a re-run starts on.
-    """
-    last = collections.deque(maxlen=tail)
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                          errors="replace", bufsize=1, start_new_session=True) as proc:
-        try:
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                last.append(line.rstrip("\n"))
-            sys.stdout.flush()
-            rc = proc.wait()
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            raise
-    if rc != 0:
-        name = os.path.basename(cmd[2] if cmd[1:2] == ["-m"] else cmd[1] if len(cmd) > 1 else cmd[0])
-        raise RuntimeError(f"{name} exited with code {rc}; last output:\n" + "\n".join(last))
 
 
 def _child_env() -> dict:
@@ -344,6 +329,13 @@ def _resolve(config: DownloadConfig) -> DownloadConfig:
         config = dataclasses.replace(config, encode_quality=DEFAULT_QUALITY[config.encode_format])
     if config.encode_format == "png" and not 0 <= config.encode_quality <= 9:
         raise ValueError(f"encode_quality={config.encode_quality} for png is a zlib level: use 0..9")
+    if config.distributor not in spark.DISTRIBUTORS:
+        raise ValueError(f"distributor={config.distributor!r}: use one of {spark.DISTRIBUTORS}")
+    if config.distributor != "pyspark" and (config.spark_master or config.spark_conf):
+        raise ValueError("spark_master / spark_conf apply to distributor='pyspark' (--distributor pyspark) only")
+    if config.distributor == "pyspark":
+        config = dataclasses.replace(config, spark_master=spark.check_master(
+            config.spark_master or f"local[{max(config.processes, 1)}]"))
     if config.number_sample_per_shard < 1 or config.timeout <= 0:
         raise ValueError("number_sample_per_shard must be >= 1 and timeout > 0")
     return config
@@ -372,12 +364,16 @@ def _img2dataset_spec(list_uri: str, output: str, config: DownloadConfig, policy
         "encode_quality": config.encode_quality, "number_sample_per_shard": config.number_sample_per_shard,
         "save_additional_columns": list(config.save_additional_columns or []) or None,
         "processes_count": config.processes, "thread_count": config.threads, "timeout": config.timeout,
+        "distributor": config.distributor,
         "retries": config.retries, "user_agent_token": config.user_agent_token,
         # An empty list would make img2dataset fall back to its own default list.
         "disallowed_header_directives": list(config.disallowed_header_directives) or None,
     }
-    return json.dumps({"download": kwargs, "policy": {**dataclasses.asdict(policy),
-                                                      "allow_hosts": list(policy.allow_hosts)}})
+    spec = {"download": kwargs, "policy": {**dataclasses.asdict(policy), "allow_hosts": list(policy.allow_hosts)}}
+    if config.distributor == "pyspark":
+        spec["spark"] = {"master": config.spark_master,
+                         "conf": spark.session_conf(config.spark_master, policy, config.spark_conf)}
+    return json.dumps(spec)
 
 
 def download(url_list: str, output: str, config: DownloadConfig | None = None, **overrides) -> dict:
@@ -409,8 +405,10 @@ def download(url_list: str, output: str, config: DownloadConfig | None = None, *
           flush=True)
     # Skip img2dataset's ~10 s start-up when every shard already has its completion marker.
     if missing:
-        cmd = [sys.executable, "-m", "pipeline.data.fetch_guard",
-               _img2dataset_spec(list_uri, output, config, policy)]
-        run_streaming(cmd, env=_child_env())
+        if config.distributor == "pyspark":
+            spark.require_spark()
+        module = "pipeline.data.spark" if config.distributor == "pyspark" else "pipeline.data.fetch_guard"
+        cmd = [sys.executable, "-m", module, _img2dataset_spec(list_uri, output, config, policy)]
+        run_streaming(cmd, env=_child_env(), tail=30)
         _check_finished(output, allowed.num_rows, config.number_sample_per_shard)
     return summarize(output)

@@ -33,20 +33,22 @@ under a padded-token budget (``max_batch_tokens``, at most ``batch_size`` captio
 batch pads only to near its own length; on out-of-memory the budget halves and the batch is
 retried. Only the real tokens of each caption are stored, as float16.
 
+The options and their defaults (encoder, max_length, batch_size, max_batch_tokens, device,
+dtype) are the fields of :class:`~pipeline.data.embed_config.EmbedConfig`.
+
 Several GPUs or machines split the shards: ``split_shards(INPUT, N)`` returns N disjoint,
 sample-balanced lists, and worker ``i`` runs ``embed_shards(..., shards=lists[i])`` (an
 Airflow task mapped over the lists, or one process per GPU). Paths are fsspec URIs::
 
-    python -m pipeline.data.embed INPUT OUTPUT google/t5-v1_1-xxl [--worker 0 --num-workers 8]
+    imagen-pipeline embed --input INPUT --output OUTPUT --encoder google/t5-v1_1-xxl \\
+        [--worker 0 --num-workers 8]
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import heapq
-import json
 import logging
 import math
 import posixpath
@@ -58,6 +60,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline import storage
+from pipeline.data.embed_config import EmbedConfig
+from pipeline.data.images import IMAGE_EXTS  # a key's first image member in tar order is used
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +76,6 @@ _HINT = "Delete it and re-run the embed step to regenerate it."
 _MATCH_KEYS = ("encoder_id", "max_length", "dtype", "code_version", "source_shard")
 _SHARD = r"\d+\.tar"
 _PARQUET = r"\d+\.parquet"
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")  # a key's first image member in tar order is used
 # A batch takes captions down to this fraction of its longest one: <= 20% of it is padding,
 # and web captions (mostly 5-20 tokens) still fill large batches.
 BUCKET_RATIO = 0.8
@@ -428,13 +431,16 @@ def _is_done(uri: str, expected: dict, tar_uri: str) -> bool:
     """Whether ``uri`` holds this shard's embeddings for these settings. The tar is matched by
     content: a changed shard of the same size (tars are padded to 10 KiB) is redone. It is
     hashed only when everything cheaper matched."""
+    from imagen.text import same_encoder
+
     if not storage.exists(uri):
         return False
     try:
         meta = read_metadata(uri)
     except ValueError:
         return False  # a corrupt leftover is simply redone
-    if not all(str(meta.get(k)) == str(expected[k]) for k in _MATCH_KEYS):
+    if not same_encoder(meta.get("encoder_id"), expected["encoder_id"]) or not all(
+            str(meta.get(k)) == str(expected[k]) for k in _MATCH_KEYS if k != "encoder_id"):
         return False
     if meta.get("source_size") != storage.size(tar_uri) or not meta.get("source_sha256"):
         return False
@@ -505,35 +511,24 @@ def _clean_temps(out_dir: str, name: str) -> None:
         storage.remove(uri)
 
 
-@dataclass
-class EmbedOptions:
-    """Per-run batching knobs (see :func:`embed_shards`)."""
-
-    batch_size: int = 256
-    max_batch_tokens: int = 16384
-
-
-def _open_encoder(encoder, max_length: int, device: str | None, dtype: str | None):
-    from imagen.text import make_text_encoder
+def _open_encoder(encoder, cfg: EmbedConfig):
+    from imagen.text import open_encoder
     from pipeline.data.fetch_guard import refuse_model_url
 
     if isinstance(encoder, str):
         refuse_model_url(encoder)  # a URL never reaches transformers: hub names and local dirs only
-        return make_text_encoder(encoder, max_length=max_length, device=device, dtype=dtype)
+        return open_encoder(encoder, max_length=cfg.max_length, device=cfg.device, dtype=cfg.dtype)
     return encoder  # an already built TextEncoder (benchmarks, tests): its own settings win
 
 
 def embed_shards(
     input: str,
     output: str,
-    encoder,
+    encoder=None,
     *,
-    max_length: int = 128,
-    batch_size: int = 256,
-    max_batch_tokens: int = 16384,
     shards: list[str] | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
+    config: EmbedConfig | None = None,
+    **options,
 ) -> dict:
     """Embed the captions of every (or the selected) filtered shard; see the module doc.
 
@@ -541,14 +536,12 @@ def embed_shards(
         input: directory (fsspec URI) of filtered ``NNNNNN.tar`` shards.
         output: root directory; results go to ``output/<encoder-slug>/``.
         encoder: hub id or local directory of a T5 encoder (``t5:`` prefix optional), or
-            an :class:`imagen.text.TextEncoder` (then max_length, device, dtype are its own).
-        max_length: token limit per caption (``</s>`` included).
-        batch_size: most captions per forward pass.
-        max_batch_tokens: most padded tokens (captions x longest) per forward pass; halves
-            on out-of-memory.
+            an :class:`imagen.text.TextEncoder` (then max_length, device, dtype are its own);
+            default ``config.encoder``.
         shards: subset of shard names (``000003``, ``000003.tar`` or paths), e.g. one list
             of :func:`split_shards`; default every shard in ``input``.
-        device, dtype: passed to :class:`imagen.text.T5TextEncoder`.
+        config: the options (:class:`EmbedConfig`: max_length, batch_size, max_batch_tokens
+            (halves on out-of-memory), device, dtype); ``options`` override its fields.
 
     Returns:
         ``{"output", "encoder_id", "shards", "samples", "skipped", "samples_per_s",
@@ -556,24 +549,25 @@ def embed_shards(
         embedded now, shards skipped because an up-to-date parquet was there, throughput,
         and the fraction of encoded positions that were padding.
     """
-    if batch_size < 1 or max_batch_tokens < 1:
-        raise ValueError(f"batch_size ({batch_size}) and max_batch_tokens "
-                         f"({max_batch_tokens}) must be >= 1")  # fmt: skip
+    cfg = dataclasses.replace(config or EmbedConfig(), **options)
+    if cfg.batch_size < 1 or cfg.max_batch_tokens < 1:
+        raise ValueError(f"batch_size ({cfg.batch_size}) and max_batch_tokens "
+                         f"({cfg.max_batch_tokens}) must be >= 1")  # fmt: skip
     shard_uris = _select(storage.list_shards(input, _SHARD), shards)
     if not shard_uris and shards is None:
         raise ValueError(f"no NNNNNN.tar shards in {input}; run the filter step first")
-    enc = _open_encoder(encoder, max_length, device, dtype)
+    enc = _open_encoder(cfg.encoder if encoder is None else encoder, cfg)
     out_dir = storage.join(output, encoder_slug(enc.encoder_id))
     storage.makedirs(out_dir)
     base_meta = {
         "encoder_id": enc.encoder_id,
-        "encoder_name": getattr(enc, "name_or_path", str(encoder)),
+        "encoder_name": getattr(enc, "name_or_path", str(encoder or cfg.encoder)),
         "max_length": enc.max_length,
         "dtype": str(getattr(enc, "dtype", "float32")).removeprefix("torch."),
         "storage_dtype": STORAGE_DTYPE,
         "code_version": CODE_VERSION,
     }
-    opts = EmbedOptions(batch_size, max_batch_tokens)
+    opts = dataclasses.replace(cfg)  # a copy: its token budget shrinks on out-of-memory
     total, start = EncodeStats(), time.perf_counter()
     done = skipped = samples = 0
     for n, uri in enumerate(shard_uris, 1):
@@ -605,7 +599,7 @@ def embed_shards(
     }
 
 
-def _embed_one(uri: str, out_uri: str, enc, opts: EmbedOptions, meta: dict, progress: str):
+def _embed_one(uri: str, out_uri: str, enc, opts: EmbedConfig, meta: dict, progress: str):
     """Embed one shard and write its parquet; returns (samples, EncodeStats)."""
     start = time.perf_counter()
     index = scan_tar(uri)
@@ -710,40 +704,3 @@ def read_footer(path: str) -> tuple[int, dict]:
             return pf.metadata.num_rows, _decode_metadata(pf.schema_arrow.metadata)
     except Exception as err:
         raise ValueError(f"{path}: not a readable embeddings parquet ({err}). {_HINT}") from err
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("input")
-    parser.add_argument("output")
-    parser.add_argument("encoder")
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--max-batch-tokens", type=int, default=16384)
-    parser.add_argument("--shards", nargs="*", default=None)
-    parser.add_argument("--worker", type=int, default=0, help="this worker's index")
-    parser.add_argument("--num-workers", type=int, default=1, help="split shards this many ways")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None)
-    args = parser.parse_args(argv)
-    shards = args.shards
-    if not 0 <= args.worker < args.num_workers:
-        parser.error(f"--worker {args.worker} is not in [0, --num-workers {args.num_workers})")
-    if args.num_workers > 1:
-        shards = split_shards(args.input, args.num_workers)[args.worker]
-    result = embed_shards(
-        args.input,
-        args.output,
-        args.encoder,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        max_batch_tokens=args.max_batch_tokens,
-        shards=shards,
-        device=args.device,
-        dtype=args.dtype,
-    )
-    print(json.dumps(result))
-
-
-if __name__ == "__main__":
-    main()

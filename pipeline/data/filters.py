@@ -61,6 +61,7 @@ from pipeline.data.filter_registry import (
     build_filters,
     build_scorers,
 )
+from pipeline.data.images import IMAGE_EXTS
 
 # Re-exported: callers import the whole filter step from here.
 __all__ = ["FILTERS", "CaptionLengthFilter", "DecodeFilter", "Filter", "FilterConfig", "MaxAspectFilter",
@@ -68,7 +69,6 @@ __all__ = ["FILTERS", "CaptionLengthFilter", "DecodeFilter", "Filter", "FilterCo
            "format_reject_table", "index_raw_shard", "read_located", "read_shard", "sample_fates",
            "stage_config"]
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 MANIFEST = "manifest.json"
 # v3: per-sample stored side, per-stage counts; v4: raw shards verified, dropped_members, duplicate_key
 MANIFEST_FORMAT = "imagen-pipeline/filtered-shards/v4"

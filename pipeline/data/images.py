@@ -35,6 +35,9 @@ import io
 import numpy as np
 from PIL import Image
 
+# Image members a WebDataset sample may carry (img2dataset's encode formats, plus .jpeg); every
+# reader of shards and reference folders picks images by these.
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 WHITE = (255, 255, 255)
 EXIF_ORIENTATION = 0x0112
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from imagen.text import same_encoder
+from imagen.text import same_recorded_encoder
 from pipeline import storage
 from pipeline.data.embed import (
     balanced_split,
@@ -165,8 +165,8 @@ _IDENTITY = ("encoder_id", "dim", "max_length")
 def check_embeddings(meta: dict, path: str, cfg: TrainDataConfig, first: dict | None = None):
     """Raise if the embeddings in ``path`` do not fit the run (or differ from ``first``)."""
     got = {k: meta.get(k) for k in _IDENTITY}
-    if cfg.expected_encoder_id is not None and not same_encoder(
-        got["encoder_id"], cfg.expected_encoder_id
+    if cfg.expected_encoder_id is not None and not same_recorded_encoder(
+        cfg.expected_encoder_id, got["encoder_id"]
     ):
         raise ValueError(
             f"{path}: embeddings were made by encoder {got['encoder_id']!r}, but this run "
@@ -189,7 +189,7 @@ def check_embeddings(meta: dict, path: str, cfg: TrainDataConfig, first: dict | 
 
 
 def _same(field: str, a, b) -> bool:
-    return same_encoder(a, b) if field == "encoder_id" else a == b
+    return same_recorded_encoder(a, b) if field == "encoder_id" else a == b
 
 
 def discover(cfg: TrainDataConfig) -> tuple[list[Shard], dict]:

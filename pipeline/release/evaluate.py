@@ -22,7 +22,12 @@ What is measured (metric keys are logged under ``eval/``):
   with a message otherwise.
 
 A single stage logs into the MLflow run that trained it (found from the checkpoint), a
-cascade into a new ``evaluate-cascade`` run; ``--run-id`` chooses one.
+cascade into a new ``evaluate-cascade`` run; ``--run-id`` chooses one. The tracking store is
+the one the checkpoint's training used (the root its metadata records, pipeline/layout.py).
+Checkpoints and the grids' folder may be local paths or fsspec URIs (``s3://...``).
+
+``evaluate_run(trained, attributes)`` is the orchestrators' one call: a finished training
+run (launch.py's summary) evaluated once, its result kept in ``eval.json`` beside its checkpoints.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import numpy as np
 
 from imagen.config import check_chain
 from pipeline import storage
+from pipeline.data.images import IMAGE_EXTS
 from pipeline.release.metrics import make_grid
 
 log = logging.getLogger(__name__)
@@ -50,7 +56,6 @@ DEFAULT_PROMPTS = (
     "a painting of a house near a tree", "a close up of a yellow flower",
     "a dog running on the beach", "a plate of food with a fork",
 )
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 EVAL_KEY_TAG = "imagen_eval_key"  # on the run holding a checkpoint set's eval metrics (registry reads it)
 
 
@@ -68,15 +73,15 @@ class EvalOptions:
     seed: int = 0
     steps: int | None = None  # sampling steps for every stage (default: each config's)
     guidance_scale: float | None = None  # the base stage's guided weight (default: its config's)
-    output: str | None = None  # local folder for grids (default: beside the first checkpoint)
+    output: str | None = None  # folder or URI for grids (default: beside the last checkpoint)
     tracking_uri: str | None = None
     run_id: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)  # filled in: metric -> why not measured
 
 
 def eval_key(checkpoints: list[str]) -> str:
-    """Identity of an evaluated checkpoint set (ordered absolute paths), for run lookup."""
-    joined = "\n".join(os.path.abspath(c).rstrip(os.sep) for c in checkpoints)
+    """Identity of an evaluated checkpoint set (ordered absolute paths or URIs), for run lookup."""
+    joined = "\n".join(storage.normalize(c) for c in checkpoints)
     return hashlib.sha256(joined.encode()).hexdigest()[:16]
 
 
@@ -111,8 +116,8 @@ def evaluate(checkpoints: str | list[str], options: EvalOptions | None = None, *
             images[f"sr_{cfg.stage}"] = sr_metrics(model, cfg, encoder, specs, opts, metrics)
     for name, reason in opts.skipped.items():
         log.info("evaluate: %s skipped: %s", name, reason)
-    grids = write_grids(images, opts.output or os.path.join(os.path.dirname(
-        os.path.abspath(checkpoints[-1])), "eval"))
+    grids = write_grids(images, opts.output or storage.join(storage.parent(storage.normalize(checkpoints[-1])),
+                                                            "eval"))
     run_id = log_to_mlflow(checkpoints, [m for _, _, m in loaded], opts, metrics, grids, prompts)
     return {"metrics": metrics, "grids": grids, "run_id": run_id, "skipped": dict(opts.skipped)}
 
@@ -125,7 +130,7 @@ def load_encoder(checkpoints: list[str], metas: list[dict], override: str | None
     from pipeline.release.loading import choose_encoder
 
     cfgs = [load_config(c)[0] for c in checkpoints]
-    return choose_encoder(os.path.join(checkpoints[0], CONFIG_NAME), metas, cfgs, override=override)
+    return choose_encoder(storage.join(checkpoints[0], CONFIG_NAME), metas, cfgs, override=override)
 
 
 def prompt_set(opts: EvalOptions) -> tuple[list[str], list[tuple[str, str]] | None, dict | None]:
@@ -204,12 +209,12 @@ def load_references(path: str, limit: int) -> tuple[np.ndarray, list[str]]:
         full = os.path.join(path, name)
         if name.endswith(".tar"):
             for parts in webdataset.WebDataset(full, shardshuffle=False, empty_check=False):
-                img = next((parts[e] for e in ("png", "jpg", "jpeg", "webp") if e in parts), None)
+                img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
                 if img is not None:
                     items.append((img, parts.get("txt", b"").decode()))
                 if len(items) >= limit:
                     break
-        elif name.lower().endswith(IMAGE_EXTS):
+        elif name.lower().endswith(tuple(f".{e}" for e in IMAGE_EXTS)):
             txt = os.path.splitext(full)[0] + ".txt"
             caption = ""
             if os.path.exists(txt):
@@ -282,16 +287,20 @@ def quality_metrics(images: np.ndarray, prompts: list[str], specs, opts: EvalOpt
 
 
 def write_grids(images: dict[str, np.ndarray | None], out_dir: str) -> dict[str, str]:
+    """One PNG per image set in ``out_dir`` (a folder or URI); returns {name: its URI}."""
+    import io
+
     from PIL import Image
 
-    os.makedirs(out_dir, exist_ok=True)
     paths = {}
     for name, imgs in images.items():
         if imgs is None:
             continue
-        paths[name] = os.path.join(out_dir, f"grid_{name}.png")
+        paths[name] = storage.join(out_dir, f"grid_{name}.png")
         cols = 3 if name.startswith("sr_") else None  # SR grids: rows of input | output | reference
-        Image.fromarray(make_grid(imgs, cols=cols)).save(paths[name])
+        png = io.BytesIO()
+        Image.fromarray(make_grid(imgs, cols=cols)).save(png, format="PNG")
+        storage.write_bytes(paths[name], png.getvalue())
     return paths
 
 
@@ -307,7 +316,7 @@ def find_stage_run(checkpoint: str, meta: dict) -> str | None:
             return client.get_run(meta["mlflow_run_id"]).info.run_id
         except MlflowException:
             pass  # trained against another tracking server: fall back to the tag
-    path = os.path.abspath(checkpoint).rstrip(os.sep).replace("'", "\\'")
+    path = storage.normalize(checkpoint).replace("'", "\\'")
     exps = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(exps, filter_string=f"tags.checkpoint = '{path}'", max_results=1) if exps else []
     return runs[0].info.run_id if runs else None
@@ -316,20 +325,36 @@ def find_stage_run(checkpoint: str, meta: dict) -> str | None:
 def log_to_mlflow(checkpoints, metas, opts: EvalOptions, metrics, grids, prompts) -> str:
     import mlflow
 
-    from pipeline.tracking import ensure_experiment, resolve_tracking_uri, root_of
+    from pipeline.layout import checkpoint_tracking
+    from pipeline.tracking import ensure_experiment
 
-    root = root_of(checkpoints[0])
-    mlflow.set_tracking_uri(resolve_tracking_uri(opts.tracking_uri, root))
+    tracking_uri, artifacts = checkpoint_tracking(metas[0], opts.tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
     run_id = opts.run_id or (find_stage_run(checkpoints[0], metas[0]) if len(checkpoints) == 1 else None)
-    exp_id = None if run_id else ensure_experiment("imagen", os.path.join(root, "mlartifacts"))
-    name = "evaluate-" + ("cascade" if len(checkpoints) > 1 else os.path.basename(
-        os.path.dirname(os.path.abspath(checkpoints[0]))))
+    exp_id = None if run_id else ensure_experiment("imagen", artifacts)
+    name = "evaluate-" + ("cascade" if len(checkpoints) > 1 else storage.basename(
+        storage.parent(storage.normalize(checkpoints[0]))))
     with mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=None if run_id else name) as run:
         mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
-        for path in grids.values():
-            mlflow.log_artifact(path, artifact_path="eval")
-        mlflow.log_dict({"checkpoints": [os.path.abspath(c) for c in checkpoints], "prompts": prompts,
+        for uri in grids.values():
+            with storage.local_file(uri) as path:
+                mlflow.log_artifact(path, artifact_path="eval")
+        mlflow.log_dict({"checkpoints": [storage.normalize(c) for c in checkpoints], "prompts": prompts,
                          "seed": opts.seed, "steps": opts.steps, "metrics": metrics,
                          "skipped": opts.skipped}, "eval/summary.json")
         mlflow.set_tag(EVAL_KEY_TAG, eval_key(checkpoints))
     return run.info.run_id
+
+
+def evaluate_run(trained: dict[str, Any], attributes: str, encoder: str | None = None) -> dict[str, Any]:
+    """Evaluate a finished training run (launch.py's summary: ``checkpoint``, ``stage``) once,
+    into the run that trained it: the result is kept in ``eval.json`` beside its checkpoints,
+    and a rerun gives it back with ``"reused": True``."""
+    from pipeline.layout import RunLayout
+
+    marker = RunLayout.eval_marker(storage.parent(trained["checkpoint"]))
+    if storage.exists(marker):
+        return {**storage.read_json(marker), "reused": True}
+    result = evaluate(trained["checkpoint"], attributes=attributes, encoder=encoder)
+    storage.write_json(marker, result)
+    return {**result, "reused": False}

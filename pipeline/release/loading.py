@@ -172,7 +172,7 @@ def choose_encoder(where: str, metas: Sequence[dict], cfgs: Sequence, override: 
     path, which trusts the model anyway): ``flag`` is what the message tells the user to pass.
     """
     from imagen.cascade import check_encoders
-    from imagen.text import T5TextEncoder
+    from imagen.text import open_encoder
     from pipeline.data.fetch_guard import refuse_model_url
 
     name = override or bundled or named or metas[0].get("encoder_name") or cfgs[0].text_encoder
@@ -187,7 +187,8 @@ def choose_encoder(where: str, metas: Sequence[dict], cfgs: Sequence, override: 
         if not override and not allow_hub:
             raise ValueError(f"{where} names the hub text encoder {name} and holds no local copy: pass "
                              f"{flag} {name} to download it from the hub, or {flag} DIR with a local copy")
-    encoder = T5TextEncoder(name, max_length=cfgs[0].max_text_len)
+    recorded = next((m["encoder_id"] for m in metas if m.get("encoder_id")), None)
+    encoder = open_encoder(name, trained_on=recorded, max_length=cfgs[0].max_text_len)
     check_encoders([c.stage for c in cfgs], [m.get("encoder_id") for m in metas], encoder)
     return encoder
 

@@ -22,6 +22,12 @@ Registering is idempotent: the same checkpoints (path, config and weight files u
 same encoder and the same extra tags give back the version made from them before (its alias is
 set again) instead of a duplicate; ``--new-version`` forces a new one.
 
+Checkpoints may be local paths or fsspec URIs (``s3://...``): remote weights are downloaded to
+a temporary folder for ``mlflow.pyfunc.log_model``. The tracking store is the one the stages'
+training used (the root their metadata records, pipeline/layout.py), unless ``--tracking-uri``
+or ``$MLFLOW_TRACKING_URI`` says otherwise. ``register_trained`` and ``register_cascade`` are
+the orchestrators' one call per task (a stage's model; the cascade of the stages that chain).
+
 New versions get the alias ``challenger``. ``--promote`` moves ``champion`` to the new
 version; ``--promote-on METRIC[:max|min]`` does so only when its evaluation metric beats the
 current champion's. Version tags carry the lineage: dataset manifest hash, encoder id, stage
@@ -35,7 +41,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -45,13 +50,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from pipeline import storage
 from pipeline.release.loading import (
     DEFAULT_PARAMS,
     ENCODER_ARTIFACT,
     check_model_uri,
     stage_artifact,
 )
-from pipeline.tracking import ensure_experiment, resolve_tracking_uri, root_of
+from pipeline.tracking import code_version, ensure_experiment, resolve_tracking_uri
 
 STAGE_MODEL_NAMES = {"base64": "imagen-base64", "sr256": "imagen-sr256", "sr1024": "imagen-sr1024"}
 CASCADE_MODEL_NAME = "imagen-cascade"
@@ -94,47 +100,37 @@ def _signature(cfgs) -> Any:
     return infer_signature(pd.DataFrame(example), out, params=DEFAULT_PARAMS)
 
 
-def git_commit() -> str:
-    """This checkout's commit (+ "-dirty" with uncommitted changes), or "unknown"."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return sha + ("-dirty" if dirty else "")
-
-
 def manifest_sha256(checkpoint: str, meta: dict, run) -> str:
     """Hash of the filtered dataset's manifest.json the stage trained on: from the checkpoint
-    metadata, else from the training run's ``data`` param, else ROOT/filtered/."""
-    import hashlib
+    metadata, else from the training run's ``data`` param, else the manifest of the root the
+    checkpoint records."""
+    from pipeline.layout import RunLayout
+    from pipeline.tracking import manifest_sha256 as sha256_of
 
     if meta.get("manifest_sha256"):
         return str(meta["manifest_sha256"])
     candidates = []
     if run is not None and run.data.params.get("data"):
-        candidates.append(os.path.join(run.data.params["data"], "manifest.json"))
-    candidates.append(os.path.join(root_of(checkpoint), "filtered", "manifest.json"))
-    for path in candidates:
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                return hashlib.sha256(f.read()).hexdigest()
+        candidates.append(run.data.params["data"])
+    if meta.get("root"):
+        candidates.append(RunLayout(str(meta["root"])).filtered)
+    for filtered in candidates:
+        with contextlib.suppress(OSError, ValueError):
+            if digest := sha256_of(filtered):
+                return digest
     return "unknown"
 
 
 def lineage_tags(checkpoints: list[str], cfgs, metas, runs, encoder_id, encoder_name) -> dict[str, str]:
     """Version tags: where every stage came from, and the code registering it."""
     tags = {"stages": ",".join(c.stage for c in cfgs), "encoder_id": str(encoder_id),
-            "encoder_name": str(encoder_name), "git_commit": git_commit()}
+            "encoder_name": str(encoder_name), "git_commit": code_version()}
     for ckpt, cfg, meta, run in zip(checkpoints, cfgs, metas, runs, strict=True):
         s = cfg.stage
         tags[f"{s}.dataset_manifest_sha256"] = manifest_sha256(ckpt, meta, run)
         # short facts only: the whole config.json of each stage is in the model's artifacts
         tags[f"{s}.preset"] = f"{cfg.preset} ({cfg.image_size} px)"
-        tags[f"{s}.checkpoint"] = os.path.abspath(ckpt)
+        tags[f"{s}.checkpoint"] = storage.normalize(ckpt)
         tags[f"{s}.step"] = str(meta.get("step", "unknown"))
         tags[f"{s}.training_run"] = run.info.run_id if run is not None else "unknown"
         if meta.get("code_version"):
@@ -170,10 +166,10 @@ def check_trained_encoder(checkpoint: str, cfg, meta: dict, run) -> None:
     names in its config.json must agree, and its training run's immutable params (logged from
     the embeddings) and, when they are on this machine, the embeddings themselves must give
     the encoder id the checkpoint records."""
-    from imagen.cascade import encoder_ids_match
     from imagen.checkpoint import CONFIG_NAME
+    from imagen.text import same_recorded_encoder
 
-    where = os.path.join(checkpoint, CONFIG_NAME)
+    where = storage.join(checkpoint, CONFIG_NAME)
     recorded, named = meta.get("encoder_id"), meta.get("encoder_name")
     if named and cfg.text_encoder and named != cfg.text_encoder:
         raise ValueError(f"{where}: metadata.encoder_name {named!r} and text_encoder {cfg.text_encoder!r} "
@@ -182,13 +178,13 @@ def check_trained_encoder(checkpoint: str, cfg, meta: dict, run) -> None:
         return
     sources = [(f"training run {run.info.run_id}", run.data.params.get("encoder_id"))]
     embeddings = run.data.params.get("embeddings")
-    if embeddings and os.path.isdir(embeddings):
+    if embeddings and storage.isdir(embeddings):
         from pipeline.data.embed import read_metadata
 
         with contextlib.suppress(Exception):  # unreadable embeddings: the run's params still decide
             sources.append((f"embeddings {embeddings}", read_metadata(embeddings).get("encoder_id")))
     for what, trained in sources:
-        if trained and (not recorded or not encoder_ids_match(trained, recorded)):
+        if trained and (not recorded or not same_recorded_encoder(trained, recorded)):
             raise ValueError(f"{where} records text encoder {recorded}, but its {what} was made with "
                              f"{trained}: the checkpoint does not belong to that run's embeddings; "
                              "register the checkpoint that run wrote")
@@ -200,18 +196,18 @@ def _encoder_source(checkpoints, cfgs, metas, runs, encoder: str | None) -> tupl
     checkpoint only when its training run logged the same name; else ``--encoder`` must give it."""
     from imagen.cascade import check_encoders
     from imagen.checkpoint import CONFIG_NAME
-    from imagen.text import T5TextEncoder
+    from imagen.text import open_encoder
 
     for ckpt, cfg, meta, run in zip(checkpoints, cfgs, metas, runs, strict=True):
         check_trained_encoder(ckpt, cfg, meta, run)
-    where = os.path.join(checkpoints[0], CONFIG_NAME)
+    where = storage.join(checkpoints[0], CONFIG_NAME)
     name = encoder or metas[0].get("encoder_name") or cfgs[0].text_encoder
     if not name:
         raise ValueError(f"{where} names no text encoder: pass --encoder")
     if os.path.isabs(name) and not os.path.isdir(name):
         said = f"--encoder {name}" if encoder else f"text encoder {name} (from {where})"
         raise FileNotFoundError(f"{said} not found: pass --encoder with a local copy of it")
-    enc = T5TextEncoder(name)
+    enc = open_encoder(name, trained_on=next((m["encoder_id"] for m in metas if m.get("encoder_id")), None))
     if not encoder and not enc.is_local and any(
             run is None or run.data.params.get("encoder_name") != name for run in runs):
         raise ValueError(f"{where} names the hub text encoder {name!r}, which no training run on this "
@@ -224,9 +220,16 @@ def _encoder_source(checkpoints, cfgs, metas, runs, encoder: str | None) -> tupl
 def weight_files_only(checkpoint: str, dst: str) -> str:
     """``checkpoint`` itself when it holds only weight files, else a folder ``dst`` with hard
     links (copies across file systems) to just those: the model stores no optimizer state, RNG
-    or anything else left beside them. MLflow refuses symbolic links, rightly."""
+    or anything else left beside them. MLflow refuses symbolic links, rightly. A remote
+    checkpoint's weight files are downloaded into ``dst``."""
     from imagen.checkpoint import CONFIG_NAME, EMA_NAME, MODEL_NAME
 
+    if not storage.is_local(checkpoint):
+        os.makedirs(dst)
+        for name in (CONFIG_NAME, MODEL_NAME, EMA_NAME):
+            if storage.exists(storage.join(checkpoint, name)):
+                storage.copy(storage.join(checkpoint, name), os.path.join(dst, name))
+        return dst
     checkpoint = os.path.abspath(checkpoint)
     keep = [n for n in (CONFIG_NAME, MODEL_NAME, EMA_NAME) if os.path.isfile(os.path.join(checkpoint, n))]
     if sorted(keep) == sorted(os.listdir(checkpoint)):
@@ -263,10 +266,14 @@ def registration_key(checkpoints: Sequence[str], encoder: str | None, tags: dict
 
     h = hashlib.sha256()
     for c in checkpoints:
-        c = os.path.abspath(c)
+        c = storage.normalize(c)
         h.update(c.encode() + b"\0")
-        with open(os.path.join(c, CONFIG_NAME), "rb") as f:
-            h.update(f.read())
+        h.update(storage.read_bytes(storage.join(c, CONFIG_NAME)))
+        if not storage.is_local(c):  # an object's size and ETag (changes when rewritten)
+            for uri in storage.list_files(c, r".*\.safetensors"):
+                info = storage.info(uri)
+                h.update(f"{storage.basename(uri)}:{info.get('size')}:{info.get('ETag')}\0".encode())
+            continue
         for name in sorted(os.listdir(c)):
             if name.endswith(".safetensors"):
                 st = os.stat(os.path.join(c, name))
@@ -315,8 +322,10 @@ def register(
     check_chain([c.spec for c in cfgs])
     name = name or (STAGE_MODEL_NAMES[cfgs[0].stage] if len(cfgs) == 1 else CASCADE_MODEL_NAME)
 
-    root = root_of(checkpoints[0])
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri, root))
+    from pipeline.layout import checkpoint_tracking
+
+    store, artifact_root = checkpoint_tracking(metas[0], tracking_uri)
+    mlflow.set_tracking_uri(store)
     client = mlflow.MlflowClient()
     runs = [_get_run(client, find_stage_run(c, m)) for c, m in zip(checkpoints, metas, strict=True)]
     encoder_name, encoder_id = _encoder_source(checkpoints, cfgs, metas, runs, encoder)
@@ -337,7 +346,7 @@ def register(
         target = runs[0].info.run_id  # the stage's training run: its lineage in one place
     if target is None and eval_run is not None:
         target = eval_run.info.run_id
-    exp_id = None if target else ensure_experiment(experiment, os.path.join(root, "mlartifacts"))
+    exp_id = None if target else ensure_experiment(experiment, artifact_root)
     with mlflow.start_run(run_id=target, experiment_id=exp_id,
                           run_name=None if target else f"register-{name}") as run, \
             tempfile.TemporaryDirectory(prefix="imagen-register-") as tmp:
@@ -359,6 +368,39 @@ def register(
         cfgs, metas, encoder_name, model_tags, eval_metrics, eval_run))
     return _set_aliases(client, name, version, alias, run.info.run_id, eval_metrics, promote, promote_on,
                         reused=False)
+
+
+def register_trained(trained: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Register a finished training run (launch.py's summary: ``checkpoint``, ``stage``) as
+    ``<prefix>-<stage>``, into its training run; a rerun gives back the same version."""
+    return register([trained["checkpoint"]], f"{prefix}-{trained['stage']}")
+
+
+def chain_checkpoints(checkpoints: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The base checkpoint followed by each SR checkpoint whose input size is the previous
+    stage's output size; the others are left out with the reason (their own per-stage models
+    are registered anyway), so mismatched presets cannot produce an unloadable cascade."""
+    from imagen.checkpoint import load_config
+
+    kept, left_out, prev = [checkpoints[0]], {}, load_config(checkpoints[0])[0].spec
+    for ckpt in checkpoints[1:]:
+        spec = load_config(ckpt)[0].spec
+        error = spec.chain_error(prev)
+        if error is None:
+            kept.append(ckpt)
+            prev = spec
+        else:
+            left_out[spec.stage] = error
+    for stage, why in left_out.items():
+        print(f"[register] WARNING: {stage} left out of the cascade: {why}", flush=True)
+    return kept, left_out
+
+
+def register_cascade(checkpoints: list[str], name: str) -> dict[str, Any]:
+    """Register the cascade of ``checkpoints`` (base first) that chain (:func:`chain_checkpoints`)
+    as ``name``; the result names the stages ``left_out`` and why."""
+    kept, left_out = chain_checkpoints(checkpoints)
+    return {**register(kept, name), "left_out": left_out}
 
 
 def _set_aliases(client, name: str, version: str, alias: str, run_id: str | None, eval_metrics: dict,

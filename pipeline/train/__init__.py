@@ -4,5 +4,6 @@
 ``checkpointing`` saves and resumes it exactly, ``parallel`` wraps the model for DDP/FSDP,
 ``worker`` is one training process (``python -m pipeline.train``), and ``launch`` starts the
 workers through a launcher (local torchrun or a Kubernetes TrainJob); the CLI's ``train`` verb
-and the DAGs both go through it.
+and the DAGs both go through it. ``torchrun`` builds the torchrun command every launcher runs
+(one node or several) and runs several local node agents together.
 """

@@ -14,27 +14,41 @@ A step directory is written under ``step-N.tmp`` and renamed when complete, so a
 named ``step-N`` is always whole; a kill leaves at most a ``.tmp`` that the next save removes.
 Every rank reaches the same barriers, and state-dict gathering (FSDP) is called on every
 rank, so no rank waits on a collective another rank never calls.
+
+Several nodes: ``rank`` is the global rank (``RANK``, not ``LOCAL_RANK``), so global rank 0
+alone writes the full state and every rank its own ``rng-<rank>.pt`` into one directory that
+every node must see (a shared filesystem or an object store). Each barrier is an agreement
+(``parallel.agreed``): an I/O error on one rank, e.g. on a node without the shared directory,
+raises on every rank at once.
+
+``ckpt_dir`` is a local path or an fsspec URI (``s3://bucket/run/checkpoints/base64/x``), through
+``pipeline.storage``. An object store has no atomic folder rename, so there a step directory
+also gets a ``_COMPLETE`` marker after its last file, and only marked ones count.
 """
 
 from __future__ import annotations
 
-import os
+import io
 import random
 import re
-import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 from imagen.checkpoint import CONFIG_NAME, EMA_NAME, MODEL_NAME, load_config, save_weights
 from imagen.config import StageConfig
+from imagen.text import same_recorded_encoder
+from pipeline import storage
+from pipeline.train.parallel import agreed
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+SHARED_HINT = (". With several nodes, every node must see the same --checkpoint-dir: a shared filesystem "
+               "or an object store")
+COMPLETE = "_COMPLETE"  # object stores only: written after a step directory's last file
 
 
 @dataclass
@@ -51,10 +65,14 @@ class TrainState:
 
 
 def list_checkpoints(checkpoint_dir: str) -> list[str]:
-    if not os.path.isdir(checkpoint_dir):
+    """Complete ``step-N`` directories under ``checkpoint_dir``, oldest first."""
+    if not storage.isdir(checkpoint_dir):
         return []
-    names = sorted(n for n in os.listdir(checkpoint_dir) if STEP_DIR.match(n))
-    return [os.path.join(checkpoint_dir, n) for n in names]
+    found = [storage.join(checkpoint_dir, storage.basename(u)) for u in storage.list_files(checkpoint_dir)
+             if STEP_DIR.match(storage.basename(u))]
+    if not storage.is_local(checkpoint_dir):
+        found = [u for u in found if storage.exists(storage.join(u, COMPLETE))]
+    return sorted(found)
 
 
 def find_resume(checkpoint_dir: str, resume: str | None) -> str | None:
@@ -64,14 +82,9 @@ def find_resume(checkpoint_dir: str, resume: str | None) -> str | None:
     if resume == "latest":
         found = list_checkpoints(checkpoint_dir)
         return found[-1] if found else None
-    if not os.path.exists(os.path.join(resume, CONFIG_NAME)):
+    if not storage.exists(storage.join(resume, CONFIG_NAME)):
         raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no {CONFIG_NAME})")
     return resume
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
 
 
 def _full_state(state: TrainState) -> tuple[dict, dict]:
@@ -114,30 +127,51 @@ def rng_state(generator: torch.Generator) -> dict[str, Any]:
 def save_checkpoint(checkpoint_dir: str, step: int, state: TrainState, rank: int, world: int,
                     keep: int) -> str:
     """Write ``step-N`` atomically and prune to the newest ``keep``. Call on every rank."""
-    final = os.path.join(checkpoint_dir, f"step-{step:08d}")
+    final = storage.join(checkpoint_dir, f"step-{step:08d}")
     tmp = final + ".tmp"
     model_sd, optim_sd = _full_state(state)  # every rank: may be a collective
     ema_sd = full_tensors(state.ema.state_dict())
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier(world)
-    # numpy/python RNG states hold tuples and ndarrays: torch.save them as plain containers
-    rng = rng_state(state.generator)
-    rng["numpy"] = list(rng["numpy"][:1]) + [torch.from_numpy(rng["numpy"][1].copy())] + list(rng["numpy"][2:])
-    torch.save(rng, os.path.join(tmp, f"rng-{rank}.pt"))
-    if rank == 0:
-        save_weights(tmp, model_sd, state.cfg, ema=ema_sd,
-                     metadata={**state.metadata, "step": step, "world_size": world})
-        torch.save(optim_sd, os.path.join(tmp, "optimizer.pt"))
-    _barrier(world)
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in list_checkpoints(checkpoint_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier(world)
+
+    def make_tmp() -> None:
+        if rank == 0:
+            storage.rmtree(tmp)
+            storage.makedirs(tmp)
+
+    def write() -> None:
+        # numpy/python RNG states hold tuples and ndarrays: torch.save them as plain containers
+        rng = rng_state(state.generator)
+        rng["numpy"] = list(rng["numpy"][:1]) + [torch.from_numpy(rng["numpy"][1].copy())] + list(rng["numpy"][2:])
+        _torch_save(rng, storage.join(tmp, f"rng-{rank}.pt"))  # one per global rank, on every node
+        if rank == 0:  # global rank 0 alone writes the full state, whatever the node count
+            save_weights(tmp, model_sd, state.cfg, ema=ema_sd,
+                         metadata={**state.metadata, "step": step, "world_size": world})
+            _torch_save(optim_sd, storage.join(tmp, "optimizer.pt"))
+
+    def publish() -> None:
+        if rank == 0:
+            storage.move_dir(tmp, final)
+            if not storage.is_local(final):
+                storage.write_bytes(storage.join(final, COMPLETE), b"")
+            for old in list_checkpoints(checkpoint_dir)[:-keep]:
+                storage.rmtree(old)
+
+    # Each phase is per-rank I/O, then one collective in place of a barrier: the next phase
+    # starts once every rank finished this one, and an error on any rank (a full disk, a node
+    # that does not see the shared directory) raises on every rank instead of leaving the
+    # others waiting in the next barrier until the process-group timeout.
+    agreed(make_tmp, world, f"creating {tmp}", SHARED_HINT)
+    agreed(write, world, f"writing {tmp}", SHARED_HINT)
+    agreed(publish, world, f"publishing {final}", SHARED_HINT)
     return final
+
+
+def _torch_save(obj: Any, uri: str) -> None:
+    if storage.is_local(uri):
+        torch.save(obj, uri)
+        return
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    storage.write_bytes(uri, buf.getvalue())
 
 
 def check_compatible(directory: str, cfg: StageConfig, metadata: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +184,7 @@ def check_compatible(directory: str, cfg: StageConfig, metadata: dict[str, Any])
         raise ValueError(f"checkpoint {directory} was trained with another model config (preset "
                          f"{saved.preset!r}); resume with the same preset, or use a new --checkpoint-dir")
     want = metadata.get("encoder_id")
-    if want and meta.get("encoder_id") and meta["encoder_id"] != want:
+    if want and meta.get("encoder_id") and not same_recorded_encoder(meta["encoder_id"], want):
         raise ValueError(f"checkpoint {directory} was trained on embeddings of encoder "
                          f"{meta['encoder_id']}, these are from {want}: use matching embeddings")
     return meta
@@ -158,11 +192,21 @@ def check_compatible(directory: str, cfg: StageConfig, metadata: dict[str, Any])
 
 def load_checkpoint(directory: str, state: TrainState, rank: int, world: int,
                     device: torch.device) -> dict[str, Any]:
-    """Restore model, EMA, optimizer and this rank's RNGs from ``directory``; return metadata."""
-    meta = check_compatible(directory, state.cfg, state.metadata)
-    saved_world = int(meta.get("world_size", world))
-    model_sd = _safetensors(os.path.join(directory, MODEL_NAME))
-    optim_sd = _tensors_only(os.path.join(directory, "optimizer.pt"))
+    """Restore model, EMA, optimizer and this rank's RNGs from ``directory``; return metadata.
+    Call on every rank: the files are read first, and a rank that cannot read them (another
+    node that does not see ``directory``) stops every rank (``agreed``)."""
+
+    def read() -> tuple[dict[str, Any], dict, Any, dict, Any]:
+        meta = check_compatible(directory, state.cfg, state.metadata)
+        # A run of the same size wrote one rng-<global rank>.pt per rank: without this rank's,
+        # the resume would not be exact, so a missing one is an error, not a skip.
+        same_world = int(meta.get("world_size", world)) == world
+        rng = _tensors_only(storage.join(directory, f"rng-{rank}.pt")) if same_world else None
+        return (meta, _safetensors(storage.join(directory, MODEL_NAME)),
+                _tensors_only(storage.join(directory, "optimizer.pt")),
+                _safetensors(storage.join(directory, EMA_NAME)), rng)
+
+    meta, model_sd, optim_sd, ema_sd, rng = agreed(read, world, f"reading {directory}", SHARED_HINT)
     if state.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -171,16 +215,15 @@ def load_checkpoint(directory: str, state: TrainState, rank: int, world: int,
     else:
         state.model.load_state_dict(model_sd)
         state.optimizer.load_state_dict(optim_sd)
-    load_ema(state.ema, _safetensors(os.path.join(directory, EMA_NAME)))
-    rng_path = os.path.join(directory, f"rng-{rank}.pt")
-    if saved_world == world and os.path.exists(rng_path):
-        _restore_rng(_tensors_only(rng_path), state.generator)
+    load_ema(state.ema, ema_sd)
+    if rng is not None:
+        _restore_rng(rng, state.generator)
     return meta
 
 
 def _safetensors(path: str) -> dict[str, torch.Tensor]:
     try:
-        return load_file(path)
+        return load(storage.read_bytes(path))
     except SafetensorError as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e}): resume from an earlier "
                          "step directory (--resume DIR) or delete this one") from None
@@ -190,7 +233,7 @@ def _tensors_only(path: str) -> Any:
     """``torch.load`` with ``weights_only=True``: tensors and plain containers only. A pickle
     of anything else (planted as optimizer.pt or rng-N.pt) is refused, never run."""
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        return torch.load(io.BytesIO(storage.read_bytes(path)), weights_only=True, map_location="cpu")
     except FileNotFoundError:
         raise
     except Exception as e:  # UnpicklingError (not tensors only), a truncated zip, ...
@@ -210,11 +253,12 @@ def _restore_rng(rng: dict[str, Any], generator: torch.Generator) -> None:
 
 
 def publish_final(final: str, source: str) -> None:
-    """Copy the weights (not optimizer/RNG) of ``source`` to ``final`` atomically."""
+    """Copy the weights (not optimizer/RNG) of ``source`` to ``final``: atomically on local
+    disk; on an object store config.json is written last (launch.py's result.json, written
+    after this, is the run's completion marker)."""
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name in (CONFIG_NAME, MODEL_NAME, EMA_NAME):
-        shutil.copy2(os.path.join(source, name), os.path.join(tmp, name))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    storage.rmtree(tmp)
+    storage.makedirs(tmp)
+    for name in (MODEL_NAME, EMA_NAME, CONFIG_NAME):
+        storage.copy(storage.join(source, name), storage.join(tmp, name))
+    storage.move_dir(tmp, final)

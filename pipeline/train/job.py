@@ -5,8 +5,9 @@
         --checkpoint-dir ROOT/checkpoints/base64/run1 [--resume latest]
     torchrun --standalone --nproc_per_node=2 -m pipeline.train --stage base64 ...   # same flags
 
-This module is the job: ``TrainJob``, its command-line flags (``add_arguments``, ``job_to_argv``)
-and the config it resolves to (``resolve_config``). One training process is worker.py, the loop
+This module is the job: ``TrainJob``, the single source of the train options and their
+defaults (its fields generate the command-line flags: ``add_arguments``; ``job_to_argv`` is the
+reverse), and the config it resolves to (``resolve_config``). One training process is worker.py, the loop
 trainer.py, and launch.py starts processes for the CLI and the DAGs.
 
 The model code in ``imagen/`` is single-device; DDP/FSDP wrapping, autocast and gradient
@@ -28,38 +29,60 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagen.config import PRESETS, STAGES
+from pipeline.options import add_options, flag, option, options_from_args
 
 
-@dataclass
+def preset_override(help: str) -> Any:
+    """A TrainJob option that overrides the preset's ``TrainConfig`` field of the same name:
+    its default is None, "the preset's", so the value itself is declared once, in the preset."""
+    return dataclasses.field(default=None, metadata={"help": help, "_preset": True})
+
+
+@dataclass(kw_only=True)
 class TrainJob:
-    """What one training job needs; the CLI and ``torchrun -m pipeline.train`` fill it."""
+    """What one training job needs: the single source of the ``train`` options and their
+    defaults. The CLI's ``train`` flags and ``torchrun -m pipeline.train``'s are generated from
+    these fields (:func:`add_arguments`); a None training hyper-parameter means the preset's."""
 
-    stage: str
-    preset: str
-    data: str
-    embeddings: str
-    checkpoint_dir: str
-    max_steps: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    warmup_steps: int | None = None
-    grad_accum: int | None = None
-    optimizer: str = "adamw"  # adamw | adafactor (Imagen trains the base model with Adafactor)
-    parallel: str = "ddp"  # ddp | fsdp
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
-    gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the U-Net (see bench/train.py: slower on the CPU here)
-    checkpoint_every: int | None = None
-    keep_checkpoints: int | None = None
-    log_every: int | None = None
-    sample_every: int | None = None
-    resume: str | None = None  # None, "latest" or a step directory
-    tracking_uri: str | None = None
-    experiment: str = "imagen"
-    run_name: str | None = None
-    num_workers: int = 0
-    device: str | None = None
-    seed: int | None = None
+    stage: str = option(help="cascade stage to train", choices=list(STAGES))
+    preset: str = option("tiny", "model preset (default: tiny)", choices=list(PRESETS))
+    data: str = option(help="filtered shards directory (ROOT/filtered)")
+    embeddings: str = option(help="embeddings directory of one encoder")
+    checkpoint_dir: str = option(help="where step-N checkpoints and final/ go")
+    root: str | None = option(None, "the run's data root, a path or fsspec URI: its tracking store, recorded "
+                                    "in every checkpoint (default: the folder holding --data)")
+    max_steps: int | None = preset_override("override the preset's step count")
+    batch_size: int | None = preset_override("per-process micro-batch size (default: preset's)")
+    lr: float | None = preset_override("peak learning rate (default: preset's)")
+    warmup_steps: int | None = preset_override("linear warmup steps (default: preset's, capped at 10%% of "
+                                               "--max-steps)")
+    grad_accum: int | None = preset_override("micro-batches per optimizer step")
+    # Imagen trains the base model with Adafactor
+    optimizer: str = option("adamw", "optimizer (default: adamw)", choices=["adamw", "adafactor"])
+    parallel: str = option("ddp", "data parallelism across processes (fsdp shards params for large presets)",
+                           choices=["ddp", "fsdp"])
+    precision: str = option("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=["auto", "fp32", "bf16"])
+    gradient_checkpointing: bool = option(False, "recompute activations")
+    # see bench/train.py: slower on the CPU here
+    compile: bool = option(False, "torch.compile the U-Net (pays a compile of a minute or more; on GPUs for "
+                                  "long runs)")
+    checkpoint_every: int | None = preset_override("steps between checkpoints")
+    keep_checkpoints: int | None = preset_override("how many step-N dirs to keep")
+    log_every: int | None = preset_override("steps between metric logs")
+    sample_every: int | None = preset_override("steps between validation sample grids (0: off)")
+    resume: str | None = option(None, "'latest' or a step-N directory")
+    tracking_uri: str | None = option(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite "
+                                            "under the data root)")
+    experiment: str = option("imagen", "MLflow experiment name")
+    run_name: str | None = option(None, "MLflow run name (default: STAGE-PRESET)")
+    num_workers: int = option(0, "DataLoader workers per process")
+    device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: the local GPU if any)")
+    seed: int | None = preset_override("override the preset's seed")
+
+
+def preset_overrides() -> list[str]:
+    """The TrainJob options that override the preset's ``TrainConfig`` field of the same name."""
+    return [f.name for f in dataclasses.fields(TrainJob) if f.metadata.get("_preset")]
 
 
 def resolve_config(job: TrainJob, emb_meta: dict[str, Any]):
@@ -80,9 +103,8 @@ def resolve_config(job: TrainJob, emb_meta: dict[str, Any]):
     # with: the stage samples with the same limit the embeddings were made with
     cfg.max_text_len = int(emb_meta.get("max_length", cfg.max_text_len))
     t = cfg.train
-    for name in ("max_steps", "batch_size", "lr", "grad_accum", "checkpoint_every", "keep_checkpoints",
-                 "log_every", "sample_every", "seed"):
-        if getattr(job, name) is not None:
+    for name in preset_overrides():
+        if name != "warmup_steps" and getattr(job, name) is not None:
             setattr(t, name, getattr(job, name))
     t.warmup_steps = job.warmup_steps if job.warmup_steps is not None else min(
         t.warmup_steps, max(1, t.max_steps // 10))
@@ -90,42 +112,12 @@ def resolve_config(job: TrainJob, emb_meta: dict[str, Any]):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stage", required=True, choices=list(STAGES))
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model preset (default: tiny)")
-    p.add_argument("--data", required=True, help="filtered shards directory (ROOT/filtered)")
-    p.add_argument("--embeddings", required=True, help="embeddings directory of one encoder")
-    p.add_argument("--checkpoint-dir", required=True, help="where step-N checkpoints and final/ go")
-    p.add_argument("--max-steps", type=int, help="override the preset's step count")
-    p.add_argument("--batch-size", type=int, help="per-process micro-batch size (default: preset's)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: preset's)")
-    p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: preset's, "
-                                                    "capped at 10%% of --max-steps)")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"])
-    p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
-                   help="data parallelism across processes (fsdp shards params for large presets)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 autocast on GPU, fp32 on CPU")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the U-Net (pays a compile of a minute or more; on GPUs for long runs)")
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
-    p.add_argument("--keep-checkpoints", type=int, help="how many step-N dirs to keep")
-    p.add_argument("--log-every", type=int, help="steps between metric logs")
-    p.add_argument("--sample-every", type=int, help="steps between validation sample grids (0: off)")
-    p.add_argument("--resume", help="'latest' or a step-N directory")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
-                                          "else sqlite under the data root)")
-    p.add_argument("--experiment", default="imagen", help="MLflow experiment name")
-    p.add_argument("--run-name", help="MLflow run name (default: STAGE-PRESET)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the local GPU if any)")
-    p.add_argument("--seed", type=int, help="override the preset's seed")
+    """The ``train`` flags, one per :class:`TrainJob` field (``--checkpoint-dir`` ...)."""
+    add_options(p, TrainJob)
 
 
 def job_from_args(a: argparse.Namespace) -> TrainJob:
-    names = {f.name for f in dataclasses.fields(TrainJob)}
-    return TrainJob(**{k: v for k, v in vars(a).items() if k in names})
+    return TrainJob(**options_from_args(TrainJob, a))
 
 
 def job_to_argv(job: TrainJob) -> list[str]:
@@ -133,9 +125,8 @@ def job_to_argv(job: TrainJob) -> list[str]:
     argv: list[str] = []
     for f in dataclasses.fields(job):
         value = getattr(job, f.name)
-        flag = f"--{f.name.replace('_', '-')}"
         if isinstance(value, bool):
-            argv += [flag] if value else []
+            argv += [flag(f.name)] if value else []
         elif value is not None:
-            argv += [flag, str(value)]
+            argv += [flag(f.name), str(value)]
     return argv

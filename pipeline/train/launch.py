@@ -10,7 +10,8 @@ name from ``LAUNCHERS`` (``local``, ``kubernetes``), as img2dataset picks its di
 
 - ``local`` runs ``torchrun`` (or plain ``python -m pipeline.train`` for one process) as a
   subprocess, streams its output line by line (into the Airflow task log when called from a
-  task) and fails with the trainer's last lines. Keeping training out of the caller's
+  task) and fails with the trainer's last lines. ``nodes > 1`` starts that many torchrun
+  agents on this machine, as the nodes of one job (pipeline/train/torchrun.py). Keeping training out of the caller's
   process keeps DataLoader workers and torch threads out of the Airflow task process.
 - ``kubernetes`` renders a Kubeflow Trainer ``TrainJob`` running the same
   ``torchrun -m pipeline.train`` command on N nodes, submits it and waits for it.
@@ -23,7 +24,6 @@ reuse it instead of training again.
 
 from __future__ import annotations
 
-import collections
 import copy
 import dataclasses
 import hashlib
@@ -31,39 +31,18 @@ import json
 import os
 import posixpath
 import re
-import subprocess
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pipeline.proc import run_streaming
+
 if TYPE_CHECKING:
+    from pipeline.layout import RunLayout
     from pipeline.train.job import TrainJob
+    from pipeline.train.torchrun import Torchrun
 
 RESULT_NAME = "result.json"  # written last, after the trainer succeeded: the completion marker
-
-
-def run_streaming(cmd: list[str], env: dict[str, str] | None = None, tail: int = 40) -> list[str]:
-    """Run ``cmd``, echo its output line by line, return the last ``tail`` lines; raise
-    RuntimeError with those lines if it exits non-zero."""
-    last: collections.deque[str] = collections.deque(maxlen=tail)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})}, bufsize=1)
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            print(line, end="", flush=True)
-            last.append(line.rstrip("\n"))
-        code = proc.wait()
-    finally:
-        # The task was killed or timed out while streaming: do not leave the trainer running.
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    if code != 0:
-        joined = "\n".join(last)
-        raise RuntimeError(f"{os.path.basename(cmd[0])} {' '.join(cmd[1:3])} ... exited with {code}; "
-                           f"last output:\n{joined}")
-    return list(last)
 
 
 def last_json(lines: list[str]) -> dict[str, Any]:
@@ -77,8 +56,9 @@ def last_json(lines: list[str]) -> dict[str, Any]:
 
 def torchrun_train(train_args: list[str], nproc_per_node: int = 1) -> dict[str, Any]:
     """``torchrun --standalone`` over ``python -m pipeline.train``; returns rank 0's summary."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc_per_node}", "-m", "pipeline.train", *train_args]
+    from pipeline.train.torchrun import Torchrun, torchrun_command
+
+    cmd = torchrun_command(Torchrun(1, nproc_per_node, standalone=True), train_args)
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if nproc_per_node > 1 else {}
     return last_json(run_streaming(cmd, env=env))
 
@@ -123,25 +103,52 @@ def make_launcher(name: str, **options: Any) -> Launcher:
                         f"See the docstring of {LAUNCHERS[name].__name__}") from None
 
 
+def train_node(train_args: list[str], spec: Torchrun) -> dict[str, Any]:
+    """This machine's node of a multi-node job (``imagen-pipeline train --nnodes N --node-rank R
+    --master-addr HOST``): one torchrun agent, killed with its workers if this call is stopped;
+    returns the summary this node's first process prints."""
+    from pipeline.train.torchrun import run_agents, torchrun_command
+
+    (lines,) = run_agents([torchrun_command(spec, train_args)])
+    return last_json(lines)
+
+
+def train_local_nodes(train_args: list[str], nodes: int, procs_per_node: int,
+                      runner: Callable[..., list[list[str]]] | None = None) -> dict[str, Any]:
+    """``nodes`` torchrun agents on this machine as the nodes of one job (127.0.0.1, a free
+    port, node ranks 0..nodes-1, each with its own GPUs); waits for all, kills every agent's
+    process group when one fails, and returns node 0's summary (global rank 0's)."""
+    from pipeline.train.torchrun import local_node_commands, local_node_envs, run_agents
+
+    cmds = local_node_commands(train_args, nodes, procs_per_node)
+    lines = (runner or run_agents)(cmds, local_node_envs(nodes, procs_per_node, os.environ))
+    return last_json(lines[0])
+
+
 @register_launcher("local")
 class LocalLauncher:
-    """``torchrun --standalone`` on this machine. One node only: for more, use the
-    ``kubernetes`` launcher.
+    """``torchrun`` on this machine: ``--standalone`` for one node, and for ``nodes > 1`` that
+    many agents, one per node, meeting on 127.0.0.1 (tests, a workstation with several GPUs:
+    agent ``i`` gets GPUs ``i*procs_per_node ..``). For nodes on several machines, use the
+    ``kubernetes`` launcher, or ``imagen-pipeline train --nnodes`` on each machine.
 
     ``in_process=True`` (the CLI's ``train`` verb; never a trigger-form option) trains a
     one-process job in the caller's process instead of a child ``python -m pipeline.train``;
-    several processes always run under torchrun.
+    several processes always run under torchrun. ``runner`` (tests) replaces
+    :func:`pipeline.train.torchrun.run_agents` for several nodes.
     """
 
-    def __init__(self, *, in_process: bool = False):
+    def __init__(self, *, in_process: bool = False, runner: Callable[..., list[list[str]]] | None = None):
         self.in_process = in_process
+        self.runner = runner
 
     def launch(self, job: TrainJob, nodes: int, procs_per_node: int) -> dict[str, Any]:
         from pipeline.train.job import job_to_argv
 
-        if nodes != 1:
-            raise ValueError(f"the local launcher runs on this machine only, but nodes={nodes}: "
-                             "set nodes=1, or launcher=kubernetes for a multi-node job")
+        if nodes < 1 or procs_per_node < 1:
+            raise ValueError(f"nodes and procs_per_node must be at least 1, got {nodes} and {procs_per_node}")
+        if nodes > 1:
+            return train_local_nodes(job_to_argv(job), nodes, procs_per_node, self.runner)
         if self.in_process and procs_per_node == 1:
             from pipeline.train.worker import run
 
@@ -160,12 +167,13 @@ def data_fingerprint(filtered: str) -> str:
     """Hash of the filtered shards' manifest (it records the input shards and filter settings),
     so new or refiltered data gets a new checkpoint directory."""
     from pipeline import storage
+    from pipeline.tracking import manifest_sha256
 
-    uri = storage.join(filtered, "manifest.json")
-    if not storage.exists(uri):
+    digest = manifest_sha256(filtered)
+    if digest is None:
+        uri = storage.join(filtered, "manifest.json")
         raise FileNotFoundError(f"{uri} is missing: run the filter step on {filtered} first")
-    with storage.open(uri, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+    return digest[:16]
 
 
 def train_stage(job: TrainJob, launcher: Launcher, nodes: int = 1, procs_per_node: int = 1
@@ -176,30 +184,28 @@ def train_stage(job: TrainJob, launcher: Launcher, nodes: int = 1, procs_per_nod
     ``job.resume`` should be ``"latest"`` so a retry after a crash continues from the newest
     step checkpoint instead of starting over.
     """
-    marker = os.path.join(job.checkpoint_dir, RESULT_NAME)
-    if os.path.exists(marker):
-        with open(marker) as f:
-            done = json.load(f)
-        if os.path.isdir(done.get("checkpoint", "")):
+    from imagen.checkpoint import CONFIG_NAME
+    from pipeline import storage
+
+    marker = storage.join(job.checkpoint_dir, RESULT_NAME)
+    if storage.exists(marker):
+        done = storage.read_json(marker)
+        if done.get("checkpoint") and storage.exists(storage.join(done["checkpoint"], CONFIG_NAME)):
             print(f"[launch] {job.stage}: reusing the finished run in {job.checkpoint_dir} "
                   f"(step {done.get('step')}); change a training setting or run_tag to train again",
                   flush=True)
             return {**done, "reused": True}
-    result = launcher.launch(job, nodes, procs_per_node)
-    os.makedirs(job.checkpoint_dir, exist_ok=True)
-    tmp = marker + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2, sort_keys=True)
-    os.replace(tmp, marker)
+    result = {"root": job.root, **launcher.launch(job, nodes, procs_per_node)}
+    storage.write_json(marker, result)  # the run's completion marker, written last
     return {**result, "reused": False}
 
 
 # --- Kubernetes: a Kubeflow Trainer v2 TrainJob per stage -------------------------------------
 
 TRAINJOB = {"group": "trainer.kubeflow.org", "version": "v1alpha1", "plural": "trainjobs"}
-# torchrun takes --nnodes/--node-rank/--master-addr from the PET_* variables that the
-# Trainer's torch runtime sets on every node, so the command is the local one minus --standalone.
-TRAIN_COMMAND = ["torchrun", "-m", "pipeline.train"]
+# The command is torchrun_command's (pipeline/train/torchrun.py), as for the local launcher, minus
+# --node-rank/--master-addr/--master-port: torchrun reads them from the PET_* variables that the
+# Trainer's torch runtime sets on every pod.
 NODE = "node"  # replicated job and container name in Kubeflow's torch-distributed runtime
 
 
@@ -317,7 +323,9 @@ def pod_env() -> dict[str, str]:
 
 def trainjob_name(job: TrainJob) -> str:
     """Stable per checkpoint directory: a retried task finds the job its first try submitted."""
-    digest = hashlib.sha256(os.path.abspath(job.checkpoint_dir).encode()).hexdigest()[:10]
+    from pipeline import storage
+
+    digest = hashlib.sha256(storage.normalize(job.checkpoint_dir).encode()).hexdigest()[:10]
     return f"imagen-{job.stage}-{digest}"
 
 
@@ -332,12 +340,15 @@ def render_trainjob(job: TrainJob, nodes: int, procs_per_node: int, **options: A
     no volume). The pods' environment comes from the deployment (:func:`pod_env`) only.
     """
     from pipeline.train.job import job_to_argv
+    from pipeline.train.torchrun import CLUSTER_PROGRAM, Torchrun, torchrun_command
 
     opts = KubernetesOptions.parse(options)
     limits = {"cpu": opts.cpu, "memory": opts.memory}
     if opts.gpu_resource:
         limits[opts.gpu_resource] = str(procs_per_node)
-    trainer = {"image": opts.image, "command": TRAIN_COMMAND, "args": job_to_argv(job),
+    args = job_to_argv(job)
+    command = torchrun_command(Torchrun(nodes, procs_per_node), args, program=CLUSTER_PROGRAM)
+    trainer = {"image": opts.image, "command": command[:len(command) - len(args)], "args": args,
                "numNodes": nodes, "numProcPerNode": procs_per_node,
                "resourcesPerNode": {"limits": limits, "requests": {"cpu": opts.cpu, "memory": opts.memory}},
                "env": [{"name": k, "value": v} for k, v in sorted(pod_env().items())]}
@@ -401,7 +412,9 @@ class KubernetesLauncher:
         api = self._api or _custom_objects_api()
         self._submit(api, body)
         self._wait(api, name)
-        return {"checkpoint": os.path.join(job.checkpoint_dir, "final"), "stage": job.stage,
+        from pipeline import storage
+
+        return {"checkpoint": storage.join(job.checkpoint_dir, "final"), "stage": job.stage, "root": job.root,
                 "step": job.max_steps, "loss": None, "run_id": None,
                 "job": f"{self.namespace}/{name}"}
 
@@ -475,25 +488,28 @@ def _custom_objects_api() -> Any:
     return client.CustomObjectsApi()
 
 
-def stage_job(root: str, stage: str, preset: str, data: str, embeddings: str, max_steps: int,
-              world_size: int = 1, run_tag: str = "") -> TrainJob:
-    """The TrainJob of one stage under ``root``, in ``ROOT/checkpoints/<stage>/<preset>-<key>``,
-    where the key hashes everything that decides the result (``checkpoint_key``)."""
+def stage_job(layout: RunLayout, stage: str, preset: str, embeddings: str, max_steps: int,
+              world_size: int = 1, run_tag: str = "", data: str | None = None) -> TrainJob:
+    """The TrainJob of one stage of the run ``layout``, in ``layout.checkpoints(stage,
+    "<preset>-<key>")``, where the key hashes everything that decides the result
+    (``checkpoint_key``). ``data``: the filtered shards (default: ``layout.filtered``)."""
+    from pipeline import storage
     from pipeline.train.job import TrainJob
 
+    data = data or layout.filtered
     key = checkpoint_key({"stage": stage, "preset": preset, "max_steps": max_steps,
-                          "data": data_fingerprint(data), "embeddings": os.path.basename(
-                              embeddings.rstrip("/")), "world_size": world_size, "run_tag": run_tag})
-    ckpt = os.path.join(root, "checkpoints", stage, f"{preset}-{key}")
-    return TrainJob(stage=stage, preset=preset, data=data, embeddings=embeddings, checkpoint_dir=ckpt,
+                          "data": data_fingerprint(data), "embeddings": storage.basename(embeddings),
+                          "world_size": world_size, "run_tag": run_tag})
+    return TrainJob(stage=stage, preset=preset, data=data, embeddings=embeddings,
+                    checkpoint_dir=layout.checkpoints(stage, f"{preset}-{key}"), root=layout.root,
                     max_steps=max_steps, resume="latest", run_name=f"{stage}-{preset}-{key}")
 
 
-def run_stage(*, root: str, stage: str, preset: str, data: str, embeddings: str, max_steps: int,
-              launcher: str = "local", launcher_options: dict[str, Any] | None = None,
+def run_stage(*, layout: RunLayout, stage: str, preset: str, embeddings: str, max_steps: int,
+              data: str | None = None, launcher: str = "local", launcher_options: dict[str, Any] | None = None,
               nodes: int = 1, procs_per_node: int = 1, run_tag: str = "") -> dict[str, Any]:
-    """One call for an orchestrator task: build the stage's job, pick the launcher by name,
-    train (or reuse a finished run with the same settings)."""
+    """One call for an orchestrator task: build the stage's job under ``layout``, pick the
+    launcher by name, train (or reuse a finished run with the same settings)."""
     if not isinstance(launcher_options or {}, dict):
         raise ValueError(f"launcher_options must be an object, got {type(launcher_options).__name__}")
     options = dict(launcher_options or {})
@@ -502,5 +518,5 @@ def run_stage(*, root: str, stage: str, preset: str, data: str, embeddings: str,
         raise ValueError(f"launcher_options: unknown keys {sorted(set(options) - set(OPTION_SCHEMA))}; "
                          f"allowed: {', '.join(OPTION_SCHEMA)}")
     runner = make_launcher(launcher, **options)  # checks the options before anything else
-    job = stage_job(root, stage, preset, data, embeddings, max_steps, nodes * procs_per_node, run_tag)
+    job = stage_job(layout, stage, preset, embeddings, max_steps, nodes * procs_per_node, run_tag, data)
     return train_stage(job, runner, nodes, procs_per_node)

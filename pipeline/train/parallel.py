@@ -2,6 +2,8 @@
 
     rank, world, local_rank = init_distributed()   # reads torchrun's env; gloo on CPU, nccl on GPU
     wrapped = parallelize(model, mode="ddp")        # or "fsdp" (FSDP2 fully_shard per U-Net level)
+    value = agreed(fn, world, "what")               # per-rank I/O: an error on one rank raises on all
+    value = on_rank0(fn, rank, world, "what")        # rank 0 decides, every rank gets its answer
 
 Under ``torchrun`` the usual variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...) are
 set; without them everything runs as one process and no process group is created.
@@ -10,10 +12,14 @@ set; without them everything runs as one process and no process group is created
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+T = TypeVar("T")
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -63,6 +69,53 @@ def all_mean(value: torch.Tensor, world: int) -> torch.Tensor:
     v = value.detach().clone().float()
     dist.all_reduce(v)
     return v / world
+
+
+def _error_text(error: BaseException | None) -> str | None:
+    return None if error is None else f"{type(error).__name__}: {error}"
+
+
+def agreed(fn: Callable[[], T], world: int, what: str, hint: str = "") -> T:
+    """``fn()`` on every rank, then one collective: when it raised on any rank it raises on
+    every rank (its own error where it failed, RuntimeError naming the failed ranks elsewhere),
+    so no rank goes on to wait for one that left. For per-rank I/O that holds no collective."""
+    error: Exception | None = None
+    value: Any = None
+    try:
+        value = fn()
+    except Exception as e:  # re-raised below, on every rank
+        error = e
+    if world > 1 and dist.is_initialized():
+        got: list[str | None] = [None] * world
+        dist.all_gather_object(got, _error_text(error))
+        failed = {r: msg for r, msg in enumerate(got) if msg}
+        if failed and error is None:
+            listed = "; ".join(f"rank {r}: {msg}" for r, msg in failed.items())
+            raise RuntimeError(f"{what} failed on another rank ({listed}){hint}")
+    if error is not None:
+        raise error
+    return value
+
+
+def on_rank0(fn: Callable[[], T], rank: int, world: int, what: str) -> T:
+    """``fn()`` on global rank 0 only; its value, or its error, on every rank (one broadcast).
+    For decisions every rank must share, such as which checkpoint to resume."""
+    error: Exception | None = None
+    value: Any = None
+    if rank == 0:
+        try:
+            value = fn()
+        except Exception as e:
+            error = e
+    if world > 1 and dist.is_initialized():
+        box = [value, _error_text(error)]
+        dist.broadcast_object_list(box, src=0)
+        value, message = box
+        if message and error is None:
+            raise RuntimeError(f"{what} failed on rank 0: {message}")
+    if error is not None:
+        raise error
+    return value
 
 
 def all_equal(text: str, world: int) -> bool:

@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import logging
 import math
-import os
 import time
 from typing import Any
 
@@ -26,9 +25,12 @@ import torch
 from imagen.diffusion import GaussianDiffusion
 from imagen.ema import EMA
 from imagen.unet import UNet
+from pipeline import storage
+from pipeline.layout import RunLayout
+from pipeline.tracking import code_version, manifest_sha256
 from pipeline.train import checkpointing as ckpt
 from pipeline.train.job import TrainJob, resolve_config
-from pipeline.train.parallel import all_equal, all_mean, parallelize
+from pipeline.train.parallel import all_equal, all_mean, on_rank0, parallelize
 
 log = logging.getLogger("pipeline.train")
 VAL_SAMPLES = 8  # fixed validation captions in the sample grid
@@ -50,44 +52,20 @@ def build_optimizer(name: str, params, lr: float, weight_decay: float):
     raise ValueError(f"unknown optimizer {name!r}; choose adamw or adafactor")
 
 
-def file_sha256(path: str) -> str | None:
-    if not os.path.exists(path):
-        return None
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def code_version() -> str:
-    """The git commit of this checkout when there is one, else the package version."""
-    import subprocess
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5)
-        if out.returncode == 0:
-            return out.stdout.strip()
-    except OSError:
-        pass
-    from importlib.metadata import version
-
-    return f"imagen-pipeline=={version('imagen-pipeline')}"
-
-
 class Trainer:
     def __init__(self, job: TrainJob, rank: int, world: int, device: torch.device):
         from pipeline.data.embed import read_metadata
-        from pipeline.tracking import RunLogger, flatten, resolve_tracking_uri
+        from pipeline.tracking import RunLogger, flatten
 
         self.job, self.rank, self.world, self.device = job, rank, world, device
         emb_meta = read_metadata(job.embeddings)
         self.cfg = cfg = resolve_config(job, emb_meta)
         self.tc = cfg.train
         self.autocast = job.precision == "bf16" or (job.precision == "auto" and device.type == "cuda")
-        root = os.path.dirname(os.path.abspath(job.data.rstrip("/")))
+        self.layout = layout = RunLayout(job.root) if job.root else RunLayout.around(job.data)
         metadata = {"encoder_id": emb_meta.get("encoder_id"), "encoder_name": emb_meta.get("encoder_name"),
-                    "manifest_sha256": file_sha256(os.path.join(job.data, "manifest.json")),
-                    "code_version": code_version()}
+                    "manifest_sha256": manifest_sha256(job.data),
+                    "code_version": code_version(), "root": layout.root}
 
         torch.manual_seed(self.tc.seed)  # same initial weights on every rank
         model = UNet(cfg.unet).to(device)
@@ -107,15 +85,18 @@ class Trainer:
                                      fsdp=job.parallel == "fsdp" and world > 1)
         self.diffusion = GaussianDiffusion(cfg.diffusion)
         self.step = 0
-        resume_dir = ckpt.find_resume(job.checkpoint_dir, job.resume)
+        # rank 0 picks the step to resume and every rank loads that one: a node whose view of a
+        # shared directory lags (NFS listing caches) must not resume another step or none
+        resume_dir = on_rank0(lambda: ckpt.find_resume(job.checkpoint_dir, job.resume), rank, world,
+                              "finding the checkpoint to resume")
         if resume_dir:
             self.step = int(ckpt.load_checkpoint(resume_dir, self.state, rank, world, device)["step"])
             if rank == 0:
                 print(f"[train {cfg.stage}] resumed from {resume_dir} at step {self.step}", flush=True)
 
-        self.tracker = RunLogger(resolve_tracking_uri(job.tracking_uri, root), job.experiment,
+        self.tracker = RunLogger(layout.tracking_uri(job.tracking_uri), job.experiment,
                                  job.run_name or f"{cfg.stage}-{job.preset}",
-                                 artifact_root=os.path.join(root, "mlartifacts"), enabled=rank == 0,
+                                 artifact_root=layout.artifacts, enabled=rank == 0,
                                  run_id=self._previous_run_id(resume_dir),
                                  tags={"stage": cfg.stage, "preset": job.preset})
         loader = self._loader(start_batch=self.step * self.tc.grad_accum)
@@ -132,8 +113,7 @@ class Trainer:
                                      **self.data_counts})
             self.tracker.log_dict(cfg.to_dict(), "config.json")
             if metadata["manifest_sha256"]:
-                data_uri = job.data if "://" in job.data else os.path.abspath(job.data)
-                self.tracker.log_dataset(data_uri, "filtered-shards", metadata["manifest_sha256"])
+                self.tracker.log_dataset(storage.normalize(job.data), "filtered-shards", metadata["manifest_sha256"])
         self.state.metadata["mlflow_run_id"] = self.tracker.run_id
         self.batches = iter(loader)
         self.val_batch = self._validation_batch() if rank == 0 and self.tc.sample_every else None
@@ -275,27 +255,35 @@ class Trainer:
             self.tracker.log_dict({"keys": b["keys"], "captions": captions}, "validation_prompts.json")
 
     def _finish(self, loss: float) -> dict[str, Any]:
-        final = os.path.join(self.job.checkpoint_dir, "final")
+        final = storage.join(self.job.checkpoint_dir, "final")
         checksum = weights_sha256(self.model)
+        ema_checksum = tensors_sha256(self.ema.state_dict())  # this rank's own EMA
         if not all_equal(checksum, self.world):
             raise RuntimeError("ranks ended with different weights: the data-parallel run diverged")
         if self.rank == 0:
             ckpt.publish_final(final, ckpt.list_checkpoints(self.job.checkpoint_dir)[-1])
             self.tracker.log_metrics({"final_loss": loss}, self.step)
-            self.tracker.set_tags({"checkpoint": os.path.abspath(final)})
+            self.tracker.set_tags({"checkpoint": storage.normalize(final)})
             self.tracker.end()
         tot = self.totals
         images = tot["steps"] * self.tc.batch_size * self.tc.grad_accum * self.world
         return {"checkpoint": final, "step": self.step, "loss": loss, "run_id": self.tracker.run_id,
-                "stage": self.cfg.stage, "weights_sha256": checksum, **self.data_counts,
+                "stage": self.cfg.stage, "root": self.layout.root, "weights_sha256": checksum, **self.data_counts,
+                "ema_sha256": ema_checksum,
                 "images_per_s": images / tot["seconds"] if tot["seconds"] else None,
                 "data_wait_fraction": tot["wait"] / tot["seconds"] if tot["seconds"] else None}
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
     """Checksum of the full weights (gathers shards under FSDP: call on every rank)."""
+    return tensors_sha256(model.state_dict())
+
+
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Checksum of a state dict's names and bytes, in name order; the same for the tensors a
+    ``*.safetensors`` file of it holds (gathers DTensor shards: call on every rank)."""
     h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
+    for k, v in sorted(state.items()):
         v = v.full_tensor() if hasattr(v, "full_tensor") else v
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())

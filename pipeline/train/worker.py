@@ -5,8 +5,9 @@
 
 ``run`` joins the process group (when torchrun started it), picks the device and hands the
 job to the :class:`~pipeline.train.trainer.Trainer`; ``main`` parses the flags of
-:func:`pipeline.train.job.add_arguments` and prints rank 0's summary as its last line, which is
-what the launchers (pipeline/train/launch.py) read back.
+:func:`pipeline.train.job.add_arguments` and prints the summary of each node's first process
+(local rank 0) as its last line, which is what the launchers (pipeline/train/launch.py) read
+back: node 0's is global rank 0's.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     add_arguments(p)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = run(job_from_args(p.parse_args(argv)))
-    if int(os.environ.get("RANK", 0)) == 0:
+    # the first process of each node prints its own summary (the others' would interleave):
+    # node 0's is the job's (run_id), another node's reports its own weights' checksums
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         print(json.dumps(result))
 

@@ -21,11 +21,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 STEPS = 1000  # ~4-5 min at 50-63 img/s (bench/train.py, tiny preset, batch 16, 2 cores)
 SEEDS = 4  # 24 prompts x 4 seeds = 96 samples per guidance weight
 
 
+@pytest.mark.timeout(1800)  # ~6 min on 2 idle cores; more when the machine is shared
 def test_tiny_base_follows_colour_and_shape_and_guidance_helps(filtered_shards, tiny_embeddings, tiny_dataset,
                                                                tiny_encoder_dir, tmp_path):
     from imagen.cascade import Cascade, StageOptions

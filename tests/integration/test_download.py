@@ -1,12 +1,11 @@
 """pipeline.data.download for real: img2dataset runs against the loopback tiny-data server
-(conftest's raw_shards), resumes without refetching, keeps settings apart; and run_streaming's child process."""
+(conftest's raw_shards), resumes without refetching, keeps settings apart (its child process: tests/integration/test_proc.py)."""
 
 from __future__ import annotations
 
 import io
 import os
 import shutil
-import sys
 import tarfile
 
 import pyarrow.parquet as pq
@@ -15,7 +14,6 @@ from PIL import Image
 
 from pipeline.data.download import (
     download,
-    run_streaming,
     summarize,
 )
 from tests.tinychain import RAW_DOWNLOAD_KWARGS
@@ -95,11 +93,3 @@ def test_other_settings_do_not_mix_into_finished_shards(tiny_dataset, raw_shards
     # Runtime knobs (threads, timeout) are not part of what a shard contains.
     again = download(tiny_dataset.urls, str(raw), **{**RAW_DOWNLOAD_KWARGS, "threads": 2, "timeout": 3})
     assert again["successes"] == tiny_dataset.info["n_rows"] - tiny_dataset.info["n_broken"]
-
-
-def test_run_streaming_streams_and_reports_failures(capsys):
-    code = "import sys\nfor i in range(50): print('line', i)\nprint('boom', file=sys.stderr)\nsys.exit(3)"
-    with pytest.raises(RuntimeError, match="code 3") as err:
-        run_streaming([sys.executable, "-c", code], tail=5)
-    assert "boom" in str(err.value) and "line 49" in str(err.value) and "line 40" not in str(err.value)
-    assert "line 0\n" in capsys.readouterr().out

@@ -16,18 +16,21 @@ from imagen.checkpoint import save_weights
 from imagen.config import preset
 from imagen.text import T5TextEncoder
 from imagen.unet import UNet
+from pipeline.layout import RunLayout
 
 PROMPTS = ["a red circle on a white background", "a blue square on a white background"]
 
 
 def make_stage(root, stage, encoder_dir, seed=0) -> str:
-    """A stage weights dir like training leaves in ROOT/checkpoints/<stage>/run1/final."""
+    """A stage weights dir like training leaves in ROOT/checkpoints/<stage>/run1/final (its
+    metadata records the root, as training does: the registry finds the manifest through it)."""
     cfg = preset("tiny", stage)
     torch.manual_seed(seed)
     state = UNet(cfg.unet).state_dict()
-    path = os.path.join(root, "checkpoints", stage, "run1", "final")
+    path = RunLayout(root).checkpoints(stage, "run1") + "/final"
     save_weights(path, state, cfg, ema=state, metadata={
-        "encoder_id": T5TextEncoder(encoder_dir).encoder_id, "encoder_name": encoder_dir, "step": 7})
+        "encoder_id": T5TextEncoder(encoder_dir).encoder_id, "encoder_name": encoder_dir, "step": 7,
+        "root": root})
     return path
 
 

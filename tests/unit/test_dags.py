@@ -116,3 +116,30 @@ def test_asset_event_extra_overrides_params_root(common):
     assert common.upstream(events, common.FILTERED) == {"root": "/new", "path": "/new/filtered"}
     assert common.upstream(events, common.EMBEDDINGS) == {}
     assert common.upstream(None, common.FILTERED) == {}
+
+
+def test_tasks_find_the_run_through_its_layout(common):
+    """The root of an imagen_data event wins over the root Param; an upstream task's folder
+    wins over both; the folders themselves come from pipeline.layout.RunLayout."""
+
+    class Event:
+        def __init__(self, extra):
+            self.extra = extra
+
+    layout, filtered = common.where({"root": "s3://bucket/run"}, None)
+    assert (layout.root, filtered) == ("s3://bucket/run", "s3://bucket/run/filtered")
+    events = {common.FILTERED: [Event({"root": "s3://b/new", "path": "s3://b/new/shards"})]}
+    layout, filtered = common.where({"root": "/ignored"}, events)
+    assert (layout.root, filtered) == ("s3://b/new", "s3://b/new/shards")
+    assert common.where({"root": "/r"}, None, "/elsewhere/filtered")[1] == "/elsewhere/filtered"
+
+
+def test_dags_hold_no_step_logic():
+    """Task bodies call into pipeline/: no MLflow client, checkpoint loading or folder joining
+    in dags/ (the step logic that lived here is in pipeline/release and pipeline/layout.py)."""
+    for name in sorted(os.listdir(DAGS)):
+        if name.endswith(".py"):
+            with open(os.path.join(DAGS, name)) as f:
+                text = f.read()
+            for word in ("mlflow", "load_config", "os.path.join", "_known_run", "root_of"):
+                assert word not in text, (name, word)

@@ -1,9 +1,11 @@
 """Launchers in this process: the registry of launchers and its one-line mistakes, and the
-local launcher's single-process path (the CLI's) without a subprocess. The local launcher's
-real trainer subprocess and run_stage's reuse are tests/integration/test_launch.py."""
+local launcher's single-process path (the CLI's) without a subprocess (its several nodes:
+tests/unit/test_torchrun.py). The local launcher's real trainer subprocess and run_stage's
+reuse are tests/integration/test_launch.py."""
 
 import pytest
 
+from pipeline.layout import RunLayout
 from pipeline.train import launch
 from pipeline.train.job import TrainJob
 
@@ -17,20 +19,13 @@ def test_registry_lists_builtin_launchers_and_explains_mistakes():
         launch.make_launcher("local", image="x")
 
 
-def test_local_launcher_refuses_several_nodes(tmp_path):
-    job = TrainJob(stage="base64", preset="tiny", data=str(tmp_path), embeddings=str(tmp_path),
-                   checkpoint_dir=str(tmp_path / "ckpt"))
-    with pytest.raises(ValueError, match="nodes=2.*launcher=kubernetes"):
-        launch.LocalLauncher().launch(job, nodes=2, procs_per_node=1)
-
-
 def test_checkpoint_dir_names_the_settings(tmp_path):
     filtered = tmp_path / "filtered"  # the key hashes the filter step's manifest, nothing else of it
     filtered.mkdir()
     (filtered / "manifest.json").write_text('{"kept": 120, "shards": {"000000.tar": 120}}')
 
     def job(**kw):
-        args = {"root": str(tmp_path), "stage": "sr256", "preset": "tiny", "data": str(filtered),
+        args = {"layout": RunLayout(str(tmp_path)), "stage": "sr256", "preset": "tiny", "data": str(filtered),
                 "embeddings": "/e/enc-a", "max_steps": 10, **kw}
         return launch.stage_job(**args).checkpoint_dir
 
@@ -59,5 +54,5 @@ def test_local_launcher_in_process_is_the_clis_road(monkeypatch):
 
 def test_run_stage_refuses_the_in_process_hook_from_a_trigger_form(tmp_path):
     with pytest.raises(ValueError, match="unknown keys \\['in_process'\\]"):
-        launch.run_stage(root=str(tmp_path), stage="base64", preset="tiny", data=str(tmp_path),
+        launch.run_stage(layout=RunLayout(str(tmp_path)), stage="base64", preset="tiny", data=str(tmp_path),
                          embeddings=str(tmp_path), max_steps=1, launcher_options={"in_process": True})

@@ -13,6 +13,7 @@ from unittest import mock
 
 import pytest
 
+from pipeline.layout import RunLayout
 from pipeline.train import launch
 from pipeline.train.job import TrainJob, job_to_argv
 
@@ -63,9 +64,19 @@ def test_trainjob_matches_golden_file():
 
 
 def test_trainjob_runs_the_local_command_on_every_node():
+    """One builder (pipeline.train.torchrun.torchrun_command) for both: the pod runs what
+    ``imagen-pipeline train --nnodes 4 --nproc-per-node 8 --node-rank R --master-addr ..``
+    runs, minus the per-pod flags Kubeflow's runtime sets as PET_NODE_RANK/PET_MASTER_*."""
+    from pipeline.train.torchrun import LOCAL_PROGRAM, Torchrun, torchrun_command
+
     trainer = render()["spec"]["trainer"]
-    assert trainer["command"] == ["torchrun", "-m", "pipeline.train"]
+    assert trainer["command"] == ["torchrun", "--nnodes=4", "--nproc-per-node=8", "-m", "pipeline.train"]
     assert trainer["args"] == job_to_argv(sr256_job())  # the very flags the local launcher passes
+    local = torchrun_command(Torchrun(4, 8, node_rank=2, master_addr="10.0.0.5", master_port=29500),
+                             job_to_argv(sr256_job()))
+    from_pod_env = ("--node-rank=", "--master-addr=", "--master-port=")
+    assert trainer["command"][1:] + trainer["args"] == [
+        x for x in local[len(LOCAL_PROGRAM):] if not x.startswith(from_pod_env)]
     assert (trainer["numNodes"], trainer["numProcPerNode"]) == (4, 8)
     assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"
     assert "nvidia.com/gpu" not in render(gpu_resource="")["spec"]["trainer"]["resourcesPerNode"]["limits"]
@@ -175,11 +186,11 @@ def test_pod_env_comes_from_the_deployment_only(monkeypatch):
 def test_run_stage_takes_only_schema_fields(tmp_path):
     for options in ({"api": "x"}, {"sleep": 0}, ["image"]):
         with pytest.raises(ValueError, match="launcher_options"):
-            launch.run_stage(root=str(tmp_path), stage="base64", preset="tiny", data=str(tmp_path),
+            launch.run_stage(layout=RunLayout(str(tmp_path)), stage="base64", preset="tiny", data=str(tmp_path),
                              embeddings=str(tmp_path), max_steps=1, launcher="kubernetes",
                              launcher_options=options)
     with pytest.raises(TypeError, match="launcher 'local' does not take these options"):
-        launch.run_stage(root=str(tmp_path), stage="base64", preset="tiny", data=str(tmp_path),
+        launch.run_stage(layout=RunLayout(str(tmp_path)), stage="base64", preset="tiny", data=str(tmp_path),
                          embeddings=str(tmp_path), max_steps=1, launcher_options={"image": "img:1"})
 
 

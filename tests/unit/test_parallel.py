@@ -93,3 +93,40 @@ def test_fsdp_shards_every_level_and_gathers_whole_weights(one_rank_group):
     assert gathered.keys() == whole.keys()
     for k, v in whole.items():
         torch.testing.assert_close(gathered[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_agreed_raises_on_every_rank_when_one_failed(monkeypatch):
+    """What rank 0 does when rank 1's I/O failed (the collective faked: rank 1's error arrives)."""
+    assert parallel.agreed(lambda: 7, 1, "x") == 7
+    with pytest.raises(OSError, match="disk full"):  # a world of one: the error itself
+        parallel.agreed(lambda: (_ for _ in ()).throw(OSError("disk full")), 1, "x")
+    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: True)
+
+    def gather(out, mine):
+        out[:] = [mine, "FileNotFoundError: /ckpt/step-00000002.tmp/rng-1.pt"]
+
+    monkeypatch.setattr(parallel.dist, "all_gather_object", gather)
+    with pytest.raises(RuntimeError, match=r"writing /ckpt failed on another rank \(rank 1: FileNotFoundError: "
+                                           r".*rng-1.pt\); shared\?"):
+        parallel.agreed(lambda: None, 2, "writing /ckpt", "; shared?")
+    monkeypatch.setattr(parallel.dist, "all_gather_object", lambda out, mine: out.__setitem__(slice(None),
+                                                                                             [mine, None]))
+    assert parallel.agreed(lambda: "ok", 2, "writing /ckpt") == "ok"
+
+
+def test_on_rank0_gives_every_rank_rank_0s_answer(monkeypatch):
+    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: True)
+    sent = []
+
+    def broadcast(box, src):
+        sent.append((list(box), src))
+        box[:] = ["/ckpt/step-00000008", None]  # what rank 0 found
+
+    monkeypatch.setattr(parallel.dist, "broadcast_object_list", broadcast)
+    never = lambda: pytest.fail("only rank 0 looks")  # noqa: E731
+    assert parallel.on_rank0(never, 1, 2, "finding") == "/ckpt/step-00000008"
+    assert sent == [([None, None], 0)]
+    monkeypatch.setattr(parallel.dist, "broadcast_object_list",
+                        lambda box, src: box.__setitem__(slice(None), [None, "ValueError: bad --resume"]))
+    with pytest.raises(RuntimeError, match="finding failed on rank 0: ValueError: bad --resume"):
+        parallel.on_rank0(never, 1, 2, "finding")

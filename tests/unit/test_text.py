@@ -1,4 +1,5 @@
-"""Tiny T5 build/reload (pipeline.dev.tinymodels) and the frozen encoder (imagen.text).
+"""Tiny T5 build/reload (pipeline.dev.tinymodels), the frozen encoder, the one encoder identity
+rule and the one way to open an encoder (imagen.text).
 
 HF_HUB_OFFLINE=1 python -m pytest tests/unit/test_text.py -q
 """
@@ -12,7 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from imagen.text import T5TextEncoder, TextEncoder, make_text_encoder, same_encoder
+from imagen.text import (
+    T5TextEncoder,
+    TextEncoder,
+    open_encoder,
+    same_encoder,
+    same_recorded_encoder,
+)
 from pipeline.dev.tinymodels import build_tiny_t5
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -120,8 +127,8 @@ def test_encoder_id_tracks_weights_not_location(tmp_path, t5_dir):
 
 
 def test_registry_builds_t5(t5_dir):
-    assert isinstance(make_text_encoder(f"t5:{t5_dir}"), T5TextEncoder)
-    assert make_text_encoder(t5_dir, max_length=8).max_length == 8
+    assert isinstance(open_encoder(f"t5:{t5_dir}"), T5TextEncoder)
+    assert open_encoder(t5_dir, max_length=8).max_length == 8
 
 
 def test_encode_ids_is_encode_without_retokenizing(encoder):
@@ -137,12 +144,112 @@ def test_encode_ids_is_encode_without_retokenizing(encoder):
             encoder.encode_ids(bad)
 
 
-def test_same_encoder_compares_weights_hash_or_full_hub_id():
+HUB = "google/t5-v1_1-xxl"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+OTHER = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def test_local_ids_compare_by_content_hash():
     assert same_encoder("tiny-t5@sha256:abc", "copied-t5@sha256:abc")
     assert not same_encoder("tiny-t5@sha256:abc", "tiny-t5@sha256:abd")
-    assert same_encoder("google/t5-v1_1-xxl@main", "google/t5-v1_1-xxl@main")
-    assert not same_encoder("google/t5-v1_1-xxl@main", "google/t5-v1_1-xl@main")
-    assert not same_encoder("google/t5-v1_1-xxl@main", None) and same_encoder(None, None)
+    assert not same_encoder("tiny-t5@sha256:abc", f"tiny-t5@{COMMIT}")  # local vs hub: never
+    assert not same_encoder(f"tiny-t5@{COMMIT}", "tiny-t5@sha256:abc")
+
+
+def test_a_recorded_commit_needs_that_commit():
+    assert same_encoder(f"{HUB}@{COMMIT}", f"{HUB}@{COMMIT}")
+    assert same_encoder(f"{HUB}@{COMMIT}", f"{HUB}@{COMMIT[:7]}")  # an abbreviated commit is that commit
+    assert not same_encoder(f"{HUB}@{COMMIT}", f"{HUB}@{OTHER}")
+    assert not same_encoder(f"{HUB}@{COMMIT}", f"{HUB}@main")  # main may load other weights
+    assert not same_encoder(f"{HUB}@{COMMIT}", f"google/t5-v1_1-xl@{COMMIT}")
+
+
+def test_an_unpinned_record_checks_the_name_only():
+    # t5@main was recorded where the hub cache was empty: the name is all there is to check
+    assert same_encoder(f"{HUB}@main", f"{HUB}@{COMMIT}")
+    assert same_encoder(f"{HUB}@main", f"{HUB}@main")
+    assert not same_encoder(f"{HUB}@main", "google/t5-v1_1-xl@main")
+
+
+def test_unknown_ids_match_only_unknown():
+    assert same_encoder(None, None)
+    assert not same_encoder(f"{HUB}@main", None) and not same_encoder(None, f"{HUB}@main")
+    assert not same_encoder("no-at-sign", "other") and same_encoder("no-at-sign", "no-at-sign")
+
+
+def test_two_recorded_ids_trust_no_unpinned_ref_in_either_order():
+    assert not same_recorded_encoder(f"{HUB}@main", f"{HUB}@{COMMIT}")
+    assert not same_recorded_encoder(f"{HUB}@{COMMIT}", f"{HUB}@main")
+    assert not same_recorded_encoder(f"{HUB}@main", f"{HUB}@v1.0")
+    assert same_recorded_encoder(f"{HUB}@main", f"{HUB}@main")
+    assert same_recorded_encoder(f"{HUB}@{COMMIT}", f"{HUB}@{COMMIT[:10]}")
+    assert same_recorded_encoder("a@sha256:abc", "b@sha256:abc") and same_recorded_encoder(None, None)
+
+
+def test_open_encoder_pins_a_hub_name_to_the_recorded_commit(t5_dir):
+    enc = open_encoder(HUB, trained_on=f"{HUB}@{COMMIT}")  # offline: nothing is fetched or loaded
+    assert enc.revision == COMMIT and enc.encoder_id == f"{HUB}@{COMMIT}"
+    assert same_encoder(f"{HUB}@{COMMIT}", enc.encoder_id)
+    assert open_encoder(HUB, trained_on=f"{HUB}@main").revision is None  # nothing to pin to
+    assert open_encoder(HUB, trained_on=f"other/t5@{COMMIT}").revision is None
+    assert open_encoder(HUB, trained_on=f"{HUB}@{COMMIT}", revision="v1").revision == "v1"  # asked for
+    assert open_encoder(t5_dir, trained_on=f"{HUB}@{COMMIT}").revision is None  # a local directory
+
+
+def test_cascade_checks_stages_and_encoder_with_the_rule():
+    from imagen.cascade import check_encoders
+
+    class Given:
+        encoder_id = f"{HUB}@main"
+
+    with pytest.raises(ValueError, match="the encoder given is google/t5-v1_1-xxl@main"):
+        check_encoders(["base64"], [f"{HUB}@{COMMIT}"], Given())
+    Given.encoder_id = f"{HUB}@{COMMIT}"
+    assert check_encoders(["base64", "sr256"], [f"{HUB}@{COMMIT}", None], Given()) == f"{HUB}@{COMMIT}"
+    with pytest.raises(ValueError, match="train every stage on the same encoder"):
+        check_encoders(["base64", "sr256"], [f"{HUB}@{COMMIT}", f"{HUB}@main"])
+
+
+def _encoder_openings(tree) -> list[tuple[int, str]]:
+    """(line, what) for each call that builds a T5 encoder, or its tokenizer, from a string."""
+    import ast
+
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Name) and f.id == "T5TextEncoder":
+            found.append((node.lineno, "T5TextEncoder("))
+        elif isinstance(f, ast.Attribute) and f.attr == "from_pretrained" and isinstance(f.value, ast.Name) \
+                and f.value.id in ("AutoTokenizer", "T5EncoderModel", "T5TokenizerFast"):
+            found.append((node.lineno, f"{f.value.id}.from_pretrained("))
+        elif isinstance(f, ast.Subscript) and isinstance(f.value, ast.Name) and f.value.id == "TEXT_ENCODERS":
+            found.append((node.lineno, "TEXT_ENCODERS[...]("))
+    return found
+
+
+def test_every_encoder_is_opened_through_open_encoder():
+    """Only imagen/text.py builds a T5 encoder from a string; the embed step, training, register,
+    evaluate, sample, the demo and the benchmarks call open_encoder (tests may build one
+    directly). pipeline/plan.py loads a tokenizer alone, offline, to count caption tokens: it
+    never makes an embedding."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2]
+    allowed = {"imagen/text.py": None, "pipeline/plan.py": {"AutoTokenizer.from_pretrained("}}
+    found = []
+    for folder in ("imagen", "pipeline", "dags", "infra", "bench"):
+        for path in sorted((root / folder).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            for line, what in _encoder_openings(ast.parse(path.read_text(), rel)):
+                if rel in allowed and (allowed[rel] is None or what in allowed[rel]):
+                    continue
+                found.append(f"{rel}:{line}: {what}")
+    assert not found, "open text encoders with imagen.text.open_encoder:\n" + "\n".join(found)
+    # the check itself sees what it looks for
+    assert [w for _, w in _encoder_openings(ast.parse("T5TextEncoder('x')\nTEXT_ENCODERS['t5']('x')"))] == \
+        ["T5TextEncoder(", "TEXT_ENCODERS[...]("]
 
 
 def test_tiny_t5_feed_forward_width(tmp_path):

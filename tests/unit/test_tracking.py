@@ -22,13 +22,6 @@ def test_tracking_uri_explicit_then_environment_then_sqlite_under_the_root(tmp_p
     assert tracking.resolve_tracking_uri("sqlite:///x.db", str(root)) == "sqlite:///x.db"
 
 
-def test_root_of_a_checkpoint():
-    assert tracking.root_of("/data/run/checkpoints/base64/tiny-abc/final") == "/data/run"
-    assert tracking.root_of("/a/checkpoints/b/checkpoints/sr256/x/final/") == "/a/checkpoints/b"  # the last
-    assert tracking.root_of("/elsewhere/weights") == "/elsewhere"
-    assert tracking.root_of("rel/checkpoints/s/r/final") == os.path.abspath("rel")
-
-
 def test_flatten_nested_dicts():
     assert tracking.flatten({"unet": {"channels": 32, "mults": [1, 2]}, "lr": 0.1, "a": {"b": {"c": 1}}}) == {
         "unet.channels": 32, "unet.mults": [1, 2], "lr": 0.1, "a.b.c": 1}
@@ -98,3 +91,30 @@ def test_params_are_cut_to_mlflows_limit(monkeypatch):
     logger.enabled = True
     logger.log_params({"long": "x" * 10_000, "n": 3})
     assert seen == {"long": "x" * 6000, "n": "3"}
+
+
+def test_code_version_is_the_commit_marked_dirty_else_the_package(monkeypatch):
+    import subprocess
+
+    answers = {"rev-parse": "0123abc\n", "status": " M pipeline/x.py\n"}
+
+    def fake_git(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 0, stdout=answers[cmd[1]], stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_git)
+    assert tracking.code_version() == "0123abc-dirty"
+    answers["status"] = ""
+    assert tracking.code_version() == "0123abc"
+
+    def no_git(cmd, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert tracking.code_version().startswith("imagen-pipeline==")
+
+
+def test_manifest_sha256_names_the_filtered_data(tmp_path):
+    assert tracking.manifest_sha256(str(tmp_path)) is None
+    (tmp_path / "manifest.json").write_bytes(b"{}")
+    assert tracking.manifest_sha256(str(tmp_path)) == \
+        "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"

@@ -18,8 +18,9 @@ from PIL import Image
 
 from pipeline.data.embed import embed_shards
 from pipeline.dev.tinymodels import build_tiny_t5
+from pipeline.tracking import manifest_sha256
 from pipeline.train.job import TrainJob
-from pipeline.train.trainer import Trainer, build_optimizer, file_sha256, lr_at, weights_sha256
+from pipeline.train.trainer import Trainer, build_optimizer, lr_at, weights_sha256
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -40,11 +41,7 @@ def test_optimizers_by_name():
         build_optimizer("sgd", params, 1e-3, 0.0)
 
 
-def test_checksums(tmp_path):
-    assert file_sha256(str(tmp_path / "missing.json")) is None
-    (tmp_path / "m.json").write_bytes(b"{}")
-    assert file_sha256(str(tmp_path / "m.json")) == \
-        "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+def test_weights_checksum():
     torch.manual_seed(0)
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     b.load_state_dict(a.state_dict())
@@ -111,7 +108,7 @@ def test_fit_trains_checkpoints_and_publishes_final(data, tmp_path):
                                                             "model.safetensors"]
     meta = json.loads((tmp_path / "a" / "final" / "config.json").read_text())["metadata"]
     assert meta["step"] == 3 and meta["encoder_id"] and meta["manifest_sha256"] == \
-        file_sha256(os.path.join(data[0], "manifest.json"))
+        manifest_sha256(data[0])
 
 
 def test_resume_ends_bitwise_where_an_uninterrupted_run_ends(data, tmp_path):

@@ -254,3 +254,28 @@ def test_efficient_layout_needs_one_more_halving():
     UNetConfig(**kw)  # plain: 2 halvings, 36 % 4 == 0
     with pytest.raises(ValueError, match=r"2\*\*3"):
         UNetConfig(**kw, efficient=True)  # efficient: 3 halvings, 36 % 8 != 0
+
+
+
+def test_efficient_output_head_knows_the_noise_level():
+    """The efficient layout's full-resolution path (stem -> output conv) has no res block, so
+    its output norm takes a scale/shift from the conditioning (time, text, aug level). With the
+    half-resolution trunk silenced, the prediction still changes with t, through that head."""
+    cfg = preset("tiny", "sr256")
+    model, args, kw = _build(cfg)
+    plain, _, _ = _build(cfg, dataclasses.replace(cfg.unet, efficient=False))
+    assert model.out_cond is not None and plain.out_cond is None
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.out[-1].weight, std=0.1)
+    model.upsample[-1].register_forward_hook(lambda m, inp, out: torch.zeros_like(out))  # trunk off
+    x, t = args[0], args[1]
+
+    def predict() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [model(x, torch.full_like(t, v), *args[2:], **kw) for v in (0.1, 0.9)]
+
+    low, high = predict()
+    assert torch.equal(low, high)  # zero-initialised: starts as the plain, unconditioned head
+    torch.nn.init.normal_(model.out_cond.weight, std=0.1)
+    low, high = predict()
+    assert low.shape[-1] == x.shape[-1] and not torch.allclose(low, high)
