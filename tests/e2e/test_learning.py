@@ -23,7 +23,7 @@ import sys
 import numpy as np
 import pytest
 
-STEPS = 1000  # ~4-5 min at 50-63 img/s (bench/train.py, tiny preset, batch 16, 2 cores)
+STEPS = 1500  # ~4-6 min at 70-110 img/s (tiny preset, batch 16, 2 idle cores)
 SEEDS = 4  # 24 prompts x 4 seeds = 96 samples per guidance weight
 
 
@@ -60,9 +60,10 @@ def test_tiny_base_follows_colour_and_shape_and_guidance_helps(filtered_shards, 
           f"(p = {paired['p_value']:.2g})")
     assert (len(palette), len({s for _, s in specs})) == (8, 3)
     # Chance is 1/8 for colour and 1/3 for shape. Under chance, 96 samples reach 48 right
-    # colours (4x chance) with probability < 1e-15, and 64 right shapes (2x) with p < 1e-9.
-    assert rates["guided"]["color"] >= 4 / 8, rates
-    assert rates["guided"]["shape"] >= 2 / 3, rates
+    # colours (4x chance) with probability 6e-19, and 48 right shapes (1.5x) with 5e-4.
+    # (make demo, 2000 steps on twice the data: 0.98 colour, 0.86 shape.)
+    assert rates["guided"]["color"] >= 0.5, rates
+    assert rates["guided"]["shape"] >= 0.5, rates
     # Guidance helps: it fixes significantly more samples (colour and shape both right) than it
     # breaks, on the same prompts and starting noise.
     assert paired["gain"] > 0 and paired["p_value"] < 0.01, paired
