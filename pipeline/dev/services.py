@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from typing import Any
 
 BIN = os.path.dirname(sys.executable)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # pipeline/dev/ -> repo
 AIRFLOW_SERVICES = ("dag-processor", "scheduler", "api-server")
 # Extra arguments per service: Airflow 3.3's log server binds every interface (no host setting).
 SERVICE_ARGS = {"scheduler": ("--skip-serve-logs",)}

@@ -85,3 +85,13 @@ def test_background_log_is_private(tmp_path):
         proc.wait(timeout=30)
     assert mode(log) == 0o600 and "hello" in log.read_text()
     assert mode(child_file) == 0o600
+
+
+def test_services_find_the_projects_dags_folder():
+    """The local Airflow gets the repo's dags/ (the module sits two folders below the root)."""
+    import os
+
+    from pipeline.dev import services
+
+    env = services.airflow_env("/tmp/airflow-home-unused", 8080)
+    assert os.path.isfile(os.path.join(env["AIRFLOW__CORE__DAGS_FOLDER"], "imagen_full.py"))
