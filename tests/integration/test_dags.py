@@ -9,37 +9,10 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DAGS = os.path.join(REPO, "dags")
-STAGES = ["base64", "sr256", "sr1024"]
+from tests.unit.test_dags import DAGS, PARSE, STAGES  # shared with the unit tier
 
 # BundleDagBag, as the dag-processor, `airflow dags test` and task runners use it: it puts the
 # DAGs folder on sys.path, so DAG files can import dags/imagen_common.py.
-PARSE = r"""
-import json, sys, time
-from airflow.dag_processing.dagbag import BundleDagBag
-t1 = time.perf_counter()
-bag = BundleDagBag(dag_folder=sys.argv[1], bundle_path=sys.argv[1])
-t2 = time.perf_counter()
-heavy = sorted(m for m in ("torch", "transformers", "mlflow", "img2dataset", "pyarrow", "webdataset",
-                           "kubernetes") if m in sys.modules)
-def sched(dag):
-    cond = getattr(dag.timetable, "asset_condition", None)
-    return None if cond is None else sorted(a.name for a in cond.objects)
-def outlets(task):
-    return sorted(getattr(o, "name", "") for o in task.outlets)
-dags = {d: {"tasks": sorted(t.task_id for t in dag.tasks),
-            "retries": {t.task_id: t.retries for t in dag.tasks},
-            "backoff": {t.task_id: t.retry_exponential_backoff for t in dag.tasks},
-            "pools": {t.task_id: t.pool for t in dag.tasks},
-            "deps": {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks},
-            "outlets": {t.task_id: outlets(t) for t in dag.tasks if t.outlets},
-            "schedule": sched(dag)}
-        for d, dag in bag.dags.items()}
-print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "parse_s": t2 - t1,
-                  "per_file_s": {s.file: s.duration.total_seconds() for s in bag.dagbag_stats},
-                  "heavy": heavy, "dags": dags}))
-"""
 
 
 @pytest.fixture(scope="module")

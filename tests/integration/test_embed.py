@@ -5,60 +5,27 @@ HF_HUB_OFFLINE=1 python -m pytest tests/integration/test_embed.py -q
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from pipeline.data.embed import (
     embed_shards,
     read_embeddings,
 )
 from pipeline.dev.tinymodels import build_tiny_t5
+from tests.unit.test_embed import (  # shared with the unit tier
+    write_filtered_shards,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-COLOURS = ["red", "green", "blue", "yellow", "purple"]
-SHAPES = ["circle", "square", "triangle"]
 
 
-def write_filtered_shards(root: Path, num_shards: int = 2, per_shard: int = 6) -> dict[str, str]:
-    """Filtered-shard layout: NNNNNN.tar with KEY.png/.txt/.json, plus manifest.json."""
-    root.mkdir(parents=True, exist_ok=True)
-    captions = {}
-    for s in range(num_shards):
-        with tarfile.open(root / f"{s:06d}.tar", "w") as tar:
-            for i in range(per_shard):
-                # Keys deliberately not sorted within the shard: output must keep tar order.
-                key = f"{s:05d}{(per_shard - i) * 7 % 100:04d}"
-                caption = f"a {COLOURS[(s + i) % 5]} {SHAPES[i % 3]}" + " on a white background" * (
-                    i % 3
-                )
-                captions[key] = caption
-                buf = io.BytesIO()
-                Image.new("RGB", (20 + i, 16), (40 * i, 255 - 30 * s, 90)).save(buf, "PNG")
-                meta = json.dumps({"key": key, "caption": caption, "width": 20 + i}).encode()
-                for ext, data in (
-                    ("png", buf.getvalue()),
-                    ("txt", caption.encode()),
-                    ("json", meta),
-                ):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    counts = {f"{s:06d}.tar": per_shard for s in range(num_shards)}
-    manifest = {"format": "imagen-pipeline/filtered-shards/v1", "shards": counts,
-                "input_rows": len(captions), "kept": len(captions), "rejected": 0,
-                "rejects": {}}  # fmt: skip
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return captions
 
 
 KILL_SCRIPT = """

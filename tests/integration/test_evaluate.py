@@ -10,13 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from imagen.checkpoint import save_weights
-from imagen.config import preset
-from imagen.text import T5TextEncoder
-from imagen.unet import UNet
 from pipeline.release import metrics
-
-SPECS = [("red", "circle"), ("red", "square"), ("blue", "circle"), ("blue", "square")]
+from tests.unit.test_evaluate import SPECS, make_stage  # shared with the unit tier
 
 
 def test_evaluate_stage_logs_to_its_training_run(setup, mlflow_uri, tmp_path):
@@ -83,16 +78,6 @@ def test_evaluate_cascade_scores_super_resolution(setup, mlflow_uri, tmp_path):
     assert run.data.metrics["eval/sr256/psnr_bicubic"] == pytest.approx(m["sr256/psnr_bicubic"])
 
 
-def make_stage(root, stage, encoder_dir, encoder_id=None, seed=0) -> str:
-    """A stage weights dir like training leaves in ROOT/checkpoints/<stage>/run1/final."""
-    cfg = preset("tiny", stage)
-    torch.manual_seed(seed)
-    state = UNet(cfg.unet).state_dict()
-    path = os.path.join(root, "checkpoints", stage, "run1", "final")
-    save_weights(path, state, cfg, ema=state, metadata={
-        "encoder_id": encoder_id or T5TextEncoder(encoder_dir).encoder_id,
-        "encoder_name": encoder_dir, "step": 0})
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ with the passwords from the secret, and the Postgres init script takes any passw
 included (against a throwaway Postgres on a Unix socket and 127.0.0.1 when its binaries are
 installed)."""
 
-import glob
 import json
 import os
 import shutil
@@ -16,11 +15,12 @@ import time
 
 import pytest
 
-yaml = pytest.importorskip("yaml")
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-K8S = os.path.join(REPO, "infra", "k8s")
-SECRET = "imagen-secrets"
+from tests.unit.test_k8s_secrets import (  # shared with the unit tier
+    SECRET,
+    containers,
+    find,
+    pod_spec,
+)
 
 
 def test_airflow_requires_sign_in_with_passwords_from_the_secret(tmp_path):
@@ -113,25 +113,12 @@ def test_postgres_init_script_takes_passwords_with_quotes():
         shutil.rmtree(work, ignore_errors=True)
 
 
-def docs() -> list[dict]:
-    out = []
-    for path in sorted(glob.glob(os.path.join(K8S, "*.yaml"))):
-        with open(path) as f:
-            out += [d for d in yaml.safe_load_all(f) if d]
-    return out
 
 
-def find(kind: str, name: str) -> dict:
-    return next(d for d in docs() if d["kind"] == kind and d["metadata"]["name"] == name)
 
 
-def pod_spec(doc: dict) -> dict:
-    return doc["spec"]["template"]["spec"]
 
 
-def containers(doc: dict) -> list[dict]:
-    spec = pod_spec(doc)
-    return spec.get("initContainers", []) + spec["containers"]
 
 
 def auth_init_container():
