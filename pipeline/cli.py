@@ -18,6 +18,7 @@ answers at once. Each verb prints a JSON summary as its last line, for scripts.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -248,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--serve", action="store_true", help="then serve the directory on 127.0.0.1:PORT")
     s.add_argument("--no-encoder", action="store_true", help="skip building the tiny T5 encoder")
 
+    from pipeline.data.download import (
+        DownloadConfig as D,  # the download and filter defaults' owners
+    )
+    from pipeline.data.filter_registry import FilterConfig as F
+    from pipeline.data.filters import filter_shards
+
     s = sub.add_parser("download", help="img2dataset through the fetch guard: URL list -> raw WebDataset shards")
     s.add_argument("--url-list", required=True, help="parquet/csv/tsv/jsonl file or folder (any fsspec URI)")
     s.add_argument("--output", required=True, help="raw shards directory (ROOT/raw)")
@@ -258,18 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, help="override the size the stages' specs give")
     s.add_argument("--resize-mode", choices=["center_crop", "keep_ratio", "keep_ratio_largest", "no"],
                    help="override keep_ratio ('border' is never offered)")
-    s.add_argument("--url-col", default="url")
-    s.add_argument("--caption-col", default="caption", help="empty for a list without captions")
+    s.add_argument("--url-col", default=D.url_col)
+    s.add_argument("--caption-col", default=D.caption_col, help="empty for a list without captions")
     s.add_argument("--extra-columns", nargs="*", help="URL-list columns to copy into each sample's json")
-    s.add_argument("--processes", type=int, default=1)
-    s.add_argument("--threads", type=int, default=16)
-    s.add_argument("--timeout", type=float, default=10, help="seconds per request, body included")
-    s.add_argument("--retries", type=int, default=1)
-    s.add_argument("--samples-per-shard", type=int, default=10000)
-    s.add_argument("--encode-format", default="png", choices=["png", "jpg", "webp"])
-    s.add_argument("--max-pixels", type=int, help="refuse images declaring more pixels (default 64e6)")
-    s.add_argument("--max-bytes", type=int, help="refuse responses larger than this (default 32 MiB)")
-    s.add_argument("--distributor", default="multiprocessing", choices=["multiprocessing", "pyspark"],
+    s.add_argument("--processes", type=int, default=D.processes, help="(default %(default)s)")
+    s.add_argument("--threads", type=int, default=D.threads, help="download threads per process (default %(default)s)")
+    s.add_argument("--timeout", type=float, default=D.timeout,
+                   help="seconds per request, body included (default %(default)s)")
+    s.add_argument("--retries", type=int, default=D.retries, help="(default %(default)s)")
+    s.add_argument("--samples-per-shard", type=int, default=D.number_sample_per_shard, help="(default %(default)s)")
+    s.add_argument("--encode-format", default=D.encode_format, choices=["png", "jpg", "webp"])
+    s.add_argument("--max-pixels", type=int, default=D.max_pixels,
+                   help="refuse images declaring more pixels (default %(default)s)")
+    s.add_argument("--max-bytes", type=int, default=D.max_bytes,
+                   help="refuse responses larger than this (default %(default)s)")
+    s.add_argument("--distributor", default=D.distributor, choices=["multiprocessing", "pyspark"],
                    help="pyspark: img2dataset's Spark distributor, one task per shard (needs "
                         "imagen-pipeline[spark] and Java 17)")
     s.add_argument("--spark-master", metavar="URL", help="pyspark: local[N] (default local[PROCESSES]), "
@@ -281,25 +291,27 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("filter", help="caption/language/size/decode/dedup filters -> even shards + reject table")
     s.add_argument("--input", required=True, help="raw shards directory")
     s.add_argument("--output", required=True, help="filtered shards directory (ROOT/filtered)")
-    s.add_argument("--min-caption-chars", type=int, default=3)
-    s.add_argument("--max-caption-chars", type=int, default=512)
+    s.add_argument("--min-caption-chars", type=int, default=F.min_caption_chars)
+    s.add_argument("--max-caption-chars", type=int, default=F.max_caption_chars)
     s.add_argument("--languages", help="comma-separated ISO 639-1 codes to keep, e.g. en,de "
                                        "(needs py3langid; skipped with a warning without it)")
-    s.add_argument("--min-language-confidence", type=float, default=0.5,
+    s.add_argument("--min-language-confidence", type=float, default=F.min_language_confidence,
                    help="reject a caption only when another language is detected at least this surely")
     _stage_arguments(s, "the stages the data is for: the smallest sets the size floor, and each "
                         "stage's too-small samples are counted")
     s.add_argument("--min-side", type=int, help="reject images smaller than this (default: the smallest "
                                                  "stage's size)")
-    s.add_argument("--max-aspect", type=float, default=2.0)
-    s.add_argument("--max-pixels", type=int, default=64_000_000)
+    s.add_argument("--max-aspect", type=float, default=F.max_aspect)
+    s.add_argument("--max-pixels", type=int, default=F.max_pixels)
     s.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
     s.add_argument("--no-near-dedup", action="store_true", help="keep perceptual near duplicates")
-    s.add_argument("--near-dup-distance", type=int, default=6, help="max pHash Hamming distance")
+    s.add_argument("--near-dup-distance", type=int, default=F.near_dup_distance,
+                   help="max pHash Hamming distance (default %(default)s)")
     s.add_argument("--scorer", action="append", metavar="NAME=JSON",
                    help='model-based score filter, e.g. image_classifier=\'{"weights": "DIR", "label": "nsfw", '
                         '"max": 0.5}\'; runs only with weights')
-    s.add_argument("--samples-per-shard", type=int, default=1000)
+    s.add_argument("--samples-per-shard", type=int, help="(default %(default)s)",
+                   default=inspect.signature(filter_shards).parameters["samples_per_shard"].default)
     s.add_argument("--workers", type=int, default=1, help="processes for the per-shard pass")
 
     from pipeline.data.embed_config import EmbedConfig

@@ -492,28 +492,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                        "measured on --url-list, else a web-caption mix")
     src.add_argument("--caption-col", default="caption")
     src.add_argument("--caption-sample", type=int, default=10_000, help="captions to tokenize (default 10000)")
-    src.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
+    src.add_argument("--stages", nargs="+", default=list(PlanInputs.stages), choices=list(STAGES))
     src.add_argument("--presets", nargs="+", metavar="[STAGE=]PRESET",
                      help="one preset for every stage (e.g. tiny) or STAGE=PRESET items (default: paper presets)")
-    src.add_argument("--encoder", default="t5-xxl",
-                     help=f"{', '.join(ENCODERS)}, a hub id or a local encoder directory (default t5-xxl)")
+    src.add_argument("--encoder", default=PlanInputs.encoder,
+                     help=f"{', '.join(ENCODERS)}, a hub id or a local encoder directory (default %(default)s)")
     src.add_argument("--steps", nargs="+", metavar="[STAGE=]N", help="training steps (default: each preset's)")
     src.add_argument("--batch-size", nargs="+", metavar="[STAGE=]N",
                      help="global batch size (default: each preset's, Imagen appendix F)")
     src.add_argument("--image-size", type=int, help="download size (default: the largest stage's)")
-    src.add_argument("--encode-format", default=DOWNLOAD_FORMAT, choices=["png", "jpg", "webp"],
-                     help=f"image format of the download (default {DOWNLOAD_FORMAT}, the download step's)")
-    src.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZER_STATE))
+    src.add_argument("--encode-format", default=PlanInputs.encode_format, choices=["png", "jpg", "webp"],
+                     help="image format of the download (default %(default)s, the download step's)")
+    src.add_argument("--optimizer", default=PlanInputs.optimizer, choices=list(OPTIMIZER_STATE))
     src.add_argument("--keep-checkpoints", type=int, help="step-N checkpoints kept per stage (default: preset's)")
     hw = p.add_argument_group("where it runs")
-    hw.add_argument("--gpu", default="h100", help="device type in the calibration table, e.g. h100, h200, "
-                                                  "a100-80gb, l4, cpu (default h100)")
-    hw.add_argument("--nodes", type=int, default=1)
-    hw.add_argument("--gpus-per-node", type=int, default=8)
+    hw.add_argument("--gpu", default=PlanInputs.gpu, help="device type in the calibration table, e.g. h100, h200, "
+                                                        "a100-80gb, l4, cpu (default %(default)s)")
+    hw.add_argument("--nodes", type=int, default=PlanInputs.nodes)
+    hw.add_argument("--gpus-per-node", type=int, default=PlanInputs.gpus_per_node)
     hw.add_argument("--price-per-gpu-hour", type=float, help="USD; without it no cost is computed")
     hw.add_argument("--scaling-efficiency", type=float, help="throughput of N GPUs / (N x one GPU) "
                                                              "(default 0.9 on more than one GPU)")
-    hw.add_argument("--download-cores", type=int, default=16, help="CPU cores downloading (default 16)")
+    hw.add_argument("--download-cores", type=int, default=PlanInputs.download_cores,
+                    help="CPU cores downloading (default %(default)s)")
     cal = p.add_argument_group("calibration")
     cal.add_argument("--calibration", default=USER_TABLE,
                      help=f"user calibration file, read over the checked-in table (default {USER_TABLE})")

@@ -55,6 +55,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
+from typing import NoReturn
 
 ALLOWED_SCHEMES = ("http", "https")
 # Reasons that mean "never contacted": the manifest counts them under "refused".
@@ -601,22 +602,37 @@ def run_img2dataset(kwargs: dict, policy: FetchPolicy) -> None:
     i2d_main.download(**kwargs)
 
 
-def main(argv: list[str] | None = None) -> int:
+def read_spec(argv: list[str] | None, usage: str) -> dict | None:
+    """The one JSON argument of a download child process (``sys.argv[1:]`` by default), or None
+    after printing ``usage`` when it is missing."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print(__doc__, file=sys.stderr)
-        return 2
-    spec = json.loads(argv[0])
+        print(usage, file=sys.stderr)
+        return None
+    return json.loads(argv[0])
+
+
+def exit_now(code: int) -> NoReturn:
+    """Exit a download child process. Every shard is written and closed by now: skip the exit
+    handlers that img2dataset's imports register (wandb, ...); they do nothing for us and take
+    1-2 s per run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_spec(spec: dict) -> int:
+    """Run img2dataset on ``spec["download"]`` under the policy ``spec["policy"]``."""
     policy = dict(spec.get("policy", {}))
     policy["allow_hosts"] = tuple(policy.get("allow_hosts", ()))  # JSON has lists; the policy is hashable
     run_img2dataset(spec["download"], FetchPolicy(**policy))
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    spec = read_spec(argv, __doc__)
+    return 2 if spec is None else run_spec(spec)
+
+
 if __name__ == "__main__":
-    code = main()
-    # Every shard is written and closed by now. Skip the exit handlers that img2dataset's imports
-    # register (wandb, ...): they do nothing for us and take 1-2 s per run.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(main())

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -155,17 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.data.spark SPEC``: SPEC is fetch_guard's, plus ``"spark": {master, conf}``."""
     from pipeline.data import fetch_guard
 
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print(__doc__, file=sys.stderr)
+    spec = fetch_guard.read_spec(argv, __doc__)
+    if spec is None:
         return 2
-    spec = json.loads(argv[0])
     with spark_session(spec["spark"]["master"], spec["spark"]["conf"]):
-        return fetch_guard.main([argv[0]])
+        return fetch_guard.run_spec(spec)
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # the session is stopped; skip the exit handlers img2dataset's imports register
+    from pipeline.data.fetch_guard import exit_now
+
+    exit_now(main())  # the session is stopped by now

@@ -1,6 +1,7 @@
 """Training loader (pipeline.data.loader) on the real filter output and under torchrun.
 
-Run as a script under torchrun it is the per-rank worker of ``test_ddp_ranks_see_disjoint_samples``.
+Run as a module under torchrun (``-m tests.integration.test_loader``, from the repository root)
+it is the per-rank worker of ``test_ddp_ranks_see_disjoint_samples``.
 """
 
 from __future__ import annotations
@@ -11,78 +12,18 @@ import os
 import subprocess
 import sys
 import tarfile
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.embed import embed_shards, read_embeddings
-from pipeline.data.loader import TrainDataConfig, make_loader
-from pipeline.dev.tinymodels import build_tiny_t5
+from pipeline.data.embed import read_embeddings
+from pipeline.data.loader import TrainDataConfig
+from tests.unit.test_loader import dataset, keys_of, t5_dir, take  # noqa: F401 (dataset, t5_dir: fixtures)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def sample_png(s: int, i: int) -> bytes:
-    """Non-square, larger than image_size (exercises resize + crop), unique per key."""
-    rng = np.random.default_rng([s, i])
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, size=(24 + 2 * i, 36, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
-def sample_members(s: int, i: int, image: bytes | None = None) -> list[tuple[str, bytes]]:
-    key = f"{s:05d}{i:04d}"
-    caption = f"a shape number {i}" + " on a gray background" * (i % 3)
-    meta = json.dumps({"key": key, "caption": caption}).encode()
-    return [(f"{key}.png", image or sample_png(s, i)), (f"{key}.txt", caption.encode()),
-            (f"{key}.json", meta)]  # fmt: skip
-
-
-def write_filtered_shards(root: Path, num_shards: int, per_shard: int) -> list[str]:
-    """The filter step's layout: NNNNNN.tar (KEY.png/.txt/.json) and its manifest.json."""
-    root.mkdir(parents=True, exist_ok=True)
-    for s in range(num_shards):
-        write_tar(root / f"{s:06d}.tar", [m for i in range(per_shard) for m in sample_members(s, i)])
-    counts = {f"{s:06d}.tar": per_shard for s in range(num_shards)}
-    total = num_shards * per_shard
-    manifest = {"format": "imagen-pipeline/filtered-shards/v1", "shards": counts,
-                "input_rows": total, "kept": total, "rejected": 0, "rejects": {}}  # fmt: skip
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return [f"{s:05d}{i:04d}" for s in range(num_shards) for i in range(per_shard)]
-
-
-@pytest.fixture(scope="module")
-def t5_dir(tmp_path_factory) -> str:
-    return build_tiny_t5(str(tmp_path_factory.mktemp("t5") / "tiny-t5"))
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, t5_dir):
-    """4 shards x 5 samples, embedded with a tiny T5: (data dir, embeddings dir, keys, id)."""
-    root = tmp_path_factory.mktemp("data")
-    keys = write_filtered_shards(root / "filtered", num_shards=4, per_shard=5)
-    out = embed_shards(str(root / "filtered"), str(root / "emb"), t5_dir, max_length=32)
-    return str(root / "filtered"), out["output"], keys, out["encoder_id"]
-
-
-def take(cfg: TrainDataConfig, n: int, rank: int = 0, world_size: int = 1) -> list[dict]:
-    return list(islice(iter(make_loader(cfg, rank, world_size)), n))
-
-
-def keys_of(batches: list[dict]) -> list[str]:
-    return [k for b in batches for k in b["keys"]]
+REPO = str(Path(__file__).resolve().parents[2])
 
 
 def test_real_filtered_shards_embeddings_and_manifest(filtered_shards, tiny_embeddings):
@@ -115,14 +56,14 @@ def test_real_filtered_shards_embeddings_and_manifest(filtered_shards, tiny_embe
         torch.testing.assert_close(batches[b]["image"][i], expected, rtol=0, atol=1e-6)
 
 
-def test_ddp_ranks_see_disjoint_samples(tmp_path, dataset):
+def test_ddp_ranks_see_disjoint_samples(tmp_path, dataset):  # noqa: F811 (the fixture)
     """Two torchrun ranks (gloo, CPU), 2 DataLoader workers each, all-gather their keys."""
     data, emb, keys, _ = dataset
     out = tmp_path / "keys.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           __file__, data, emb, str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+           "-m", "tests.integration.test_loader", data, emb, str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     per_rank = json.loads(out.read_text())
     assert len(per_rank) == 2 and all(len(k) == 10 for k in per_rank)

@@ -93,6 +93,37 @@ def test_filtered_shard_size_has_one_value(common):
     assert verb_actions("filter")["samples_per_shard"].default == default
 
 
+# CLI flag (dest) -> the config field whose default it shows.
+DOWNLOAD_FLAGS = {"url_col": "url_col", "caption_col": "caption_col", "processes": "processes",
+                  "threads": "threads", "timeout": "timeout", "retries": "retries",
+                  "samples_per_shard": "number_sample_per_shard", "encode_format": "encode_format",
+                  "max_pixels": "max_pixels", "max_bytes": "max_bytes", "distributor": "distributor"}
+FILTER_FLAGS = {"min_caption_chars", "max_caption_chars", "min_language_confidence", "max_aspect", "max_pixels",
+                "near_dup_distance"}
+
+
+def test_download_and_filter_flags_show_their_configs_defaults():
+    from pipeline.data.download import DownloadConfig
+    from pipeline.data.filter_registry import FilterConfig
+
+    download, filter_ = verb_actions("download"), verb_actions("filter")
+    for dest, field in DOWNLOAD_FLAGS.items():
+        assert download[dest].default == getattr(DownloadConfig(), field), dest
+    for dest in FILTER_FLAGS:
+        assert filter_[dest].default == getattr(FilterConfig(), dest), dest
+    assert (DownloadConfig().threads, DownloadConfig().retries) == (8, 0)  # the CLI once said 16 and 1
+
+
+def test_plan_flags_show_planinputs_defaults():
+    parser = argparse.ArgumentParser()
+    plan.add_arguments(parser)
+    actions = {a.dest: a for a in parser._actions}
+    inputs = plan.PlanInputs(samples=1, mean_tokens=1.0)
+    for name in ("encoder", "gpu", "nodes", "gpus_per_node", "encode_format", "optimizer", "download_cores"):
+        assert actions[name].default == getattr(inputs, name), name
+    assert tuple(actions["stages"].default) == inputs.stages
+
+
 def test_the_planners_copies_equal_their_owners(common):
     from airflow.configuration import conf
 
