@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 VERBS: dict[str, Callable[[argparse.Namespace], Any]] = {}
 
@@ -434,5 +434,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> NoReturn:
+    """The ``imagen-pipeline`` command: :func:`main`, then exit without the interpreter's
+    teardown. pyarrow's Parquet thread pool can abort a finished process at teardown
+    ("terminate called without an active exception", apache/arrow#34314): seen here once, on a
+    download that had printed its result, which the caller then took for a failure. Every
+    output is written and closed by the time a verb returns; this flushes what is buffered."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
