@@ -435,16 +435,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> NoReturn:
-    """The ``imagen-pipeline`` command: :func:`main`, then exit without the interpreter's
-    teardown. pyarrow's Parquet thread pool can abort a finished process at teardown
-    ("terminate called without an active exception", apache/arrow#34314): seen here once, on a
-    download that had printed its result, which the caller then took for a failure. Every
-    output is written and closed by the time a verb returns; this flushes what is buffered."""
+    """The ``imagen-pipeline`` command: :func:`main`, then :func:`pipeline.proc.exit_now`
+    (every output is written and closed when a verb returns; teardown could still abort it)."""
+    from pipeline.proc import exit_now
+
     code = main()
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(code)
 
 
 if __name__ == "__main__":

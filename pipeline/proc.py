@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+from typing import NoReturn
 
 
 def command_name(cmd: list[str]) -> str:
@@ -91,3 +92,14 @@ def run_streaming(cmd: list[str], env: dict[str, str] | None = None, tail: int =
     if rc != 0:
         raise RuntimeError(f"{command_name(cmd)} exited with code {rc}; last output:\n" + "\n".join(last))
     return list(last)
+
+
+def exit_now(code: int) -> NoReturn:
+    """Exit this process with ``code`` once its work is written and closed, skipping the
+    interpreter's teardown: the exit handlers img2dataset's imports register (wandb, ...: 1-2 s
+    per download child), and pyarrow's Parquet thread pool, which can abort a finished process
+    there ("terminate called without an active exception", apache/arrow#34314; seen once on
+    ``imagen-pipeline download`` after it had printed its result). Flushes stdout and stderr."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -55,7 +55,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
-from typing import NoReturn
 
 ALLOWED_SCHEMES = ("http", "https")
 # Reasons that mean "never contacted": the manifest counts them under "refused".
@@ -612,15 +611,6 @@ def read_spec(argv: list[str] | None, usage: str) -> dict | None:
     return json.loads(argv[0])
 
 
-def exit_now(code: int) -> NoReturn:
-    """Exit a download child process. Every shard is written and closed by now: skip the exit
-    handlers that img2dataset's imports register (wandb, ...); they do nothing for us and take
-    1-2 s per run."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def run_spec(spec: dict) -> int:
     """Run img2dataset on ``spec["download"]`` under the policy ``spec["policy"]``."""
     policy = dict(spec.get("policy", {}))
@@ -635,4 +625,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_now(main())
+    from pipeline.proc import exit_now
+
+    exit_now(main())  # every shard is written and closed

@@ -162,6 +162,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.data.fetch_guard import exit_now
+    from pipeline.proc import exit_now
 
     exit_now(main())  # the session is stopped by now
