@@ -398,7 +398,9 @@ def deployment_policy(environ: dict | None = None, **fields) -> FetchPolicy:
         raise ValueError(f"{ENV_ALLOW_PRIVATE}={env[ENV_ALLOW_PRIVATE]!r}: set it to 1 (allow) or 0 (refuse)")
     widened_private, widened_hosts = _WIDENED.get()
     hosts = [*re.split(r"[\s,]+", env.get(ENV_ALLOW_HOSTS, "")), *widened_hosts, *fields.pop("allow_hosts", ())]
-    private = flag in _TRUE or widened_private or bool(fields.pop("allow_private_networks", False))
+    # Pop before the `or`: a short-circuit would leave the field in `fields` and pass it twice.
+    asked_private = bool(fields.pop("allow_private_networks", False))
+    private = flag in _TRUE or widened_private or asked_private
     return FetchPolicy(allow_private_networks=private,
                        allow_hosts=tuple(dict.fromkeys(h.lower() for h in hosts if h)), **fields)
 

@@ -42,6 +42,15 @@ def raw(tiny_dataset, work):
     return out["output"]
 
 
+def test_download_with_the_deployment_environment_variable(tiny_dataset, work):
+    """Issue 24 item 0: the setting infra/README documents for on-premises image hosts, set the way an
+    operator sets it (in the environment, no flag), downloads from a loopback host."""
+    env = {"IMAGEN_ALLOW_PRIVATE_NETWORKS": "1", "IMAGEN_ALLOW_HOSTS": ""}
+    out = cli("download", "--url-list", tiny_dataset.urls, "--output", str(work / "raw-env"),
+              "--samples-per-shard", "50", env=env)
+    assert out["successes"] == 125 and out["failed"] == 6 and out["refused"] == 0
+
+
 @pytest.fixture(scope="module")
 def filtered(raw, work):
     out = cli("filter", "--input", raw, "--output", str(work / "filtered"), "--samples-per-shard", "64")

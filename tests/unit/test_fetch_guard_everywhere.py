@@ -326,6 +326,15 @@ def test_deployment_policy_comes_from_the_environment():
     assert deployment_policy({}) == FetchPolicy()  # only for the block
 
 
+def test_environment_flag_beside_a_field_is_passed_once():
+    """Issue 24 item 0: with IMAGEN_ALLOW_PRIVATE_NETWORKS=1 set, the `or` short-circuited before the
+    field was popped, and FetchPolicy got allow_private_networks twice (every download died)."""
+    for flag in ("1", "0"):
+        for asked in (True, False):
+            policy = deployment_policy({ENV_ALLOW_PRIVATE: flag}, allow_private_networks=asked, max_bytes=7)
+            assert policy.allow_private_networks == (flag == "1" or asked) and policy.max_bytes == 7
+
+
 def test_environment_exemption_reaches_remote_reads(secret, monkeypatch):
     monkeypatch.setenv(ENV_ALLOW_HOSTS, secret.host)
     with storage.open(f"http://{secret.host}/attributes.json", "r") as f:
