@@ -42,7 +42,7 @@ if REPO not in sys.path:  # run as a script: import imagen/ and pipeline/ from t
     sys.path.insert(0, REPO)
 
 PRESET = "nemo500m"  # registered in the training child only (see _register_preset)
-TEXT_TOKENS = 16  # the tiny captions' padded length per batch: the text length MFU counts
+TEXT_TOKENS = 128  # the trainer pads text to the preset's max_text_len: the length MFU counts
 BUDGET = 450  # seconds for all parts: 7.5 minutes, under the 8 the check must fit
 LIMITS = {"unet": 180, "train": 210}  # seconds per subprocess part (also capped by what is left)
 
@@ -57,36 +57,25 @@ def nemo500m_config(scale: str = "full"):
     unet = UNetConfig(image_size=64, channels=256 if full else 32, channel_mults=(1, 2, 3, 4),
                       num_res_blocks=(3, 3, 3, 3) if full else (1, 1, 1, 1), head_dim=64 if full else 32,
                       text_embed_dim=4096 if full else 32, num_groups=32 if full else 8)
-    train = TrainConfig(batch_size=64 if full else 4, lr=1e-4, warmup_steps=50, max_steps=300,
+    train = TrainConfig(global_batch=64 if full else 4, micro_batch=64 if full else 4, lr=1e-4, warmup_steps=50, max_steps=300,
                         ema_update_after_step=10, checkpoint_every=10_000, keep_checkpoints=1,
                         log_every=25 if full else 1, sample_every=0)
     return StageConfig("base64", PRESET, 64, None, unet=unet, train=train, max_text_len=128)
 
 
 def device_type(device_name: str) -> str | None:
-    """The calibration table's key for a CUDA device name (torch.cuda.get_device_name)."""
-    name = device_name.lower()
-    words = name.replace("-", " ").split()
-    if "h200" in name:
-        return "h200"
-    if "h100" in name:
-        return "h100-pcie" if "pcie" in words else "h100"
-    if "a100" in name:
-        return "a100-80gb" if "80gb" in words else "a100-40gb"
-    if "l4" in words:
-        return "l4"
-    return None
+    """The calibration table's key for a CUDA device name (the trainer's own rule: pipeline/train/perf.py)."""
+    from pipeline.train.perf import device_key
+
+    return device_key(device_name)
 
 
 def peak_flops(device_name: str) -> tuple[str | None, float | None]:
     """(calibration device key, peak bf16 FLOP/s) for a CUDA device name, or (None, None)."""
-    from pipeline.plan import load_calibration
+    from pipeline.train.perf import peak_for_name
 
     key = device_type(device_name)
-    devices = load_calibration(None)["devices"]
-    if key not in devices:
-        return None, None
-    return key, devices[key]["peak_bf16_flops"]
+    return (key, peak_for_name(device_name)) if key else (None, None)
 
 
 def mfu(images_per_s: float | None, train_flops_per_image: float, peak: float | None) -> float | None:
@@ -105,7 +94,7 @@ def train_summary(child: dict, cfg, peak: float | None) -> dict:
     return {"images_per_s": ips, "mfu": mfu(ips, flops, peak), "train_flops_per_image": flops,
             "params": unet_params(cfg.unet), "peak_memory_bytes": child.get("peak_memory_bytes"),
             "steps": child.get("step"), "loss": child.get("loss"),
-            "data_wait_fraction": child.get("data_wait_fraction"), "batch_size": cfg.train.batch_size}
+            "data_wait_fraction": child.get("data_wait_fraction"), "global_batch": cfg.train.global_batch}
 
 
 def final_json(gpu: str | None, key: str | None, peak: float | None, parts: dict, seconds: float) -> dict:

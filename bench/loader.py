@@ -9,8 +9,9 @@ captions with a 1-layer, 512-wide random T5 (real ``embed_shards`` output), then
 - raw: stream each tar with ``tarfile`` and decode every image to an RGB array, nothing else
   (the floor any loader pays);
 - ours: one worker's loop of ``make_loader`` (what each DataLoader worker runs): shuffled
-  random-access reads, decode, crop/flip (and the 64 px low-res input for sr256), join with
-  the embeddings by key, padding, float32 batches.
+  random-access reads with the name and sha256 checks, decode, crop/flip (and the 64 px
+  low-res input for sr256), join with the embeddings by key, padding, uint8 / float16
+  batches (their float conversion is ``to_device``'s, on the training device).
 
 Times are CPU seconds of this process with one torch thread, so other people's load on a
 shared machine counts against neither side; each side runs ``ROUNDS`` times interleaved and

@@ -55,7 +55,7 @@ def bench_tiny(work: str, *extra: str, steps: int = 60) -> dict:
     ckpt = os.path.join(work, "ckpt-" + "-".join(x.strip("-") for x in extra))
     cmd = [sys.executable, "-m", "pipeline.train", "--stage", "base64", "--preset", "tiny", "--data", data,
            "--embeddings", emb, "--checkpoint-dir", ckpt, "--max-steps", str(steps),
-           "--batch-size", "16", "--log-every", "10", "--checkpoint-every", "1000", "--sample-every", "0",
+           "--global-batch", "16", "--log-every", "10", "--checkpoint-every", "1000", "--sample-every", "0",
            "--num-workers", "1", "--tracking-uri", "off", *extra]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)

@@ -81,15 +81,22 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation hyper-parameters for one stage."""
+    """Optimisation hyper-parameters for one stage.
 
-    batch_size: int = 8
+    ``global_batch`` is the contract of a preset: images per optimizer step over all
+    processes, as in the paper (Imagen appendix F: 2048 for the base model, 4096 for SR).
+    ``micro_batch`` is what one device holds at once; the trainer derives the gradient
+    accumulation from both and the world size (``pipeline.train.job.batch_plan``), so the
+    same preset trains the same model on 1 or 64 GPUs.
+    """
+
+    global_batch: int = 8
+    micro_batch: int = 8  # per device and forward pass: the default for a GPU of 80 GB or more
     lr: float = 1e-4
     warmup_steps: int = 10_000  # Imagen appendix: 10k linear warmup
     max_steps: int = 2_500_000
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    grad_accum: int = 1
     ema_decay: float = 0.9999  # the EMA's final decay, reached by a power-law warm-up (imagen.ema)
     ema_update_after_step: int = 100
     ema_update_every: int = 10
@@ -192,10 +199,15 @@ class StageConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StageConfig:
         d = dict(d)
+        train = dict(d.pop("train"))
+        # Written before the global batch was the contract: batch_size was per process and
+        # grad_accum a setting. Neither changes the model, so an old config still loads.
+        for legacy in ("batch_size", "grad_accum"):
+            train.pop(legacy, None)
         return cls(
             unet=UNetConfig(**d.pop("unet")),
             diffusion=DiffusionConfig(**d.pop("diffusion")),
-            train=TrainConfig(**d.pop("train")),
+            train=TrainConfig(**train),
             **d,
         )
 
@@ -226,7 +238,8 @@ def base64() -> StageConfig:
         cross_attn_levels=(False, True, True, True),
         head_dim=64,
     )
-    train = TrainConfig(batch_size=2048, lr=1e-4)
+    # micro-batch 64 x 2B parameters in bf16 fits an 80 GB GPU (bench/gpu.sh measures it)
+    train = TrainConfig(global_batch=2048, micro_batch=64, lr=1e-4)
     return StageConfig("base64", "base64", 64, None, unet=unet, train=train,
                        diffusion=DiffusionConfig(schedule="cosine"))
 
@@ -250,7 +263,7 @@ def sr256() -> StageConfig:
         lowres_cond=True,
         efficient=True,
     )
-    train = TrainConfig(batch_size=4096, lr=1e-4)
+    train = TrainConfig(global_batch=4096, micro_batch=64, lr=1e-4)
     return StageConfig("sr256", "sr256", 256, 64, unet=unet, train=train,
                        diffusion=DiffusionConfig(schedule="cosine", guidance_scale=1.0))
 
@@ -270,7 +283,7 @@ def sr1024() -> StageConfig:
         lowres_cond=True,
         efficient=True,
     )
-    train = TrainConfig(batch_size=4096, lr=1e-4)
+    train = TrainConfig(global_batch=4096, micro_batch=64, lr=1e-4)
     # trained on 256 px crops with 64 px inputs, sampled fully convolutionally at 1024 (appendix F)
     return StageConfig("sr1024", "sr1024", 1024, 256, unet=unet, train=train, crop_size=256,
                        diffusion=DiffusionConfig(schedule="linear", guidance_scale=1.0))
@@ -325,7 +338,7 @@ def tiny(stage: str = "base64") -> StageConfig:
         # 28.8 dB up to 0.2, 26.4 dB up to 0.5; see the README's demo section)
         lowres_aug_max=0.1,
     )
-    train = TrainConfig(batch_size=16, lr=1e-3, warmup_steps=20, max_steps=200, ema_decay=0.99,
+    train = TrainConfig(global_batch=16, micro_batch=16, lr=1e-3, warmup_steps=20, max_steps=200, ema_decay=0.99,
                         checkpoint_every=50, log_every=5, sample_every=100)
     return StageConfig(stage, "tiny", image_size, lowres, text_encoder="", max_text_len=32,
                        unet=unet, diffusion=diffusion, train=train, crop_size=64 if top else None)

@@ -1,7 +1,7 @@
 """``imagen-pipeline plan --calibrate``: measure this machine for the capacity planner.
 
-Times a few real training steps of each requested stage's U-Net (noise, v-loss, backward,
-AdamW; bf16 autocast on CUDA, as the trainer runs them) and the forward pass of a randomly
+Times the trainer's own optimizer step (pipeline/train/step.py) of each requested stage on
+batches shaped as the loader makes them, and the forward pass of a randomly
 initialised T5 encoder of the requested shape, then merges the entries into the user
 calibration file that ``pipeline.plan`` reads over the checked-in table::
 
@@ -20,49 +20,61 @@ import time
 from pipeline.plan import EncoderSpec, PlanInputs, load_calibration, resolve_encoder
 
 
-def measure_train(stage: str, preset_name: str, device: str, seconds: float, batch: int | None = None) -> dict:
-    """images/s of real training steps (noise, v-loss, backward, AdamW) of a stage's U-Net,
-    at its training crop and its preset's text length; bf16 autocast on CUDA as the trainer."""
+def synthetic_batch(cfg, batch: int, mean_tokens: float = 20.0, seed: int = 0) -> dict:
+    """A batch as the loader hands it to the trainer (pipeline/data/loader.py ``collate``): uint8
+    pixels at the stage's crop, fp16 text padded to ``max_text_len`` with captions of about
+    ``mean_tokens`` tokens (web captions: ~20 T5 tokens), pinned when CUDA is there."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    spec, dim, width = cfg.spec, cfg.unet.text_embed_dim, cfg.max_text_len
+    lengths = np.clip(rng.poisson(mean_tokens, batch), 1, width)
+    out = {"image": torch.from_numpy(rng.integers(0, 256, (batch, 3, spec.crop_size, spec.crop_size), np.uint8)),
+           "text_embeds": torch.from_numpy(rng.standard_normal((batch, width, dim), np.float32).astype(np.float16)),
+           "text_mask": torch.from_numpy(np.arange(width)[None, :] < lengths[:, None]),
+           "keys": [f"{i:09d}" for i in range(batch)]}
+    if spec.lowres_crop_size:
+        side = spec.lowres_crop_size
+        out["lowres"] = torch.from_numpy(rng.integers(0, 256, (batch, 3, side, side), np.uint8))
+    if torch.cuda.is_available():
+        out = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in out.items()}
+    return out
+
+
+def measure_train(stage: str, preset_name: str, device: str, seconds: float, batch: int | None = None,
+                  compile: bool = False) -> dict:
+    """images/s of the trainer's own optimizer step (pipeline/train/step.py: draws on the device,
+    loss, backward, clipping, AdamW, EMA, the loader's uint8/fp16 batches copied in and
+    normalised on the device, text padded to the preset's length; bf16 autocast on CUDA), with
+    the metrics read back once per 50 steps as the paper presets log. One micro-batch per step."""
+    import itertools
+
     import torch
 
     from imagen.config import preset
-    from imagen.diffusion import GaussianDiffusion
-    from imagen.unet import UNet
+    from pipeline.train.job import batch_plan
+    from pipeline.train.step import StepOptions, TrainStep
 
     cfg = preset(preset_name, stage)
-    spec, cuda = cfg.spec, device.startswith("cuda")
-    b = batch or min(cfg.train.batch_size, 64 if cuda else 16)
-    torch.manual_seed(0)
-    model = UNet(cfg.unet).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    diffusion = GaussianDiffusion(cfg.diffusion)
-    x0 = torch.randn(b, 3, spec.crop_size, spec.crop_size, device=device)
-    text = torch.randn(b, cfg.max_text_len, cfg.unet.text_embed_dim, device=device)
-    mask = torch.ones(b, cfg.max_text_len, dtype=torch.bool, device=device)
-    extra = {}
-    if spec.lowres_crop_size:
-        extra = {"lowres": torch.randn(b, 3, spec.lowres_crop_size, spec.lowres_crop_size, device=device),
-                 "lowres_t": torch.rand(b, device=device)}
+    cuda = device.startswith("cuda")
+    b = batch or min(cfg.train.micro_batch, 64 if cuda else 16)
+    step = TrainStep(cfg, StepOptions(compile=compile), batch_plan(b, b, 1), 0, 1, torch.device(device))
+    batches = itertools.repeat(synthetic_batch(cfg, b))
+    step.model.train()
 
-    def step() -> None:
-        t, noise = torch.rand(b, device=device), torch.randn_like(x0)
-        with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
-            out = model(diffusion.q_sample(x0, t, noise), t, text, mask, **extra)
-        loss = diffusion.loss(out.float(), x0, noise, t).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def run(n: int, first: int) -> None:
+        for i in range(first, first + n):
+            step.run(batches, i, cfg.train.lr)
+        step.read_metrics()  # waits for the device: the steps are done
 
-    for _ in range(2):  # warm-up: allocator, kernels
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    n, t0 = 0, time.perf_counter()
+    run(2, 0)  # warm-up: allocator, kernels (and the compile)
+    # chunks of steps with one read each, as the trainer reads once per logging interval
+    n, chunk, t0 = 0, 1, time.perf_counter()
     while n < 3 or time.perf_counter() - t0 < seconds:
-        step()
-        n += 1
-        if cuda:
-            torch.cuda.synchronize()
+        run(chunk, 2 + n)
+        n += chunk
+        chunk = min(2 * chunk, 10)
     return {"images_per_s": round(b * n / (time.perf_counter() - t0), 4), "batch": b, "steps": n}
 
 

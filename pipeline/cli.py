@@ -140,7 +140,13 @@ def _train(a: argparse.Namespace) -> Any:
     from pipeline.train.job import job_from_args
     from pipeline.train.launch import make_launcher
 
-    job = job_from_args(a)
+    job = job_from_args(a, dry_run=a.dry_run)
+    if a.dry_run:  # the resolved job (global batch cut over the world size), nothing trained
+        from pipeline.data.embed import read_metadata
+        from pipeline.train.job import job_plan, resolve_config
+
+        cfg = resolve_config(job, read_metadata(job.embeddings) if job.embeddings else None)
+        return job_plan(job, cfg, a.nnodes * a.nproc_per_node)
     if a.nnodes > 1:  # this machine is node --node-rank of --nnodes (pipeline/train/torchrun.py)
         from pipeline.train.job import job_to_argv
         from pipeline.train.launch import train_node
@@ -336,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--node-rank", type=int, help="this node's rank, 0..NNODES-1 (node 0 hosts the rendezvous)")
     s.add_argument("--master-addr", help="address of node 0, reachable from every node")
     s.add_argument("--master-port", type=int, help="free TCP port on node 0 (default: 29500)")
+    s.add_argument("--dry-run", action="store_true", help="print the resolved job as JSON (global batch, "
+                   "micro-batch, accumulation, world size, steps, images) and train nothing")
 
     s = sub.add_parser("evaluate", help="sample grids, speed and metrics for a stage or the cascade")
     s.add_argument("--checkpoint", required=True, action="append",

@@ -102,6 +102,23 @@ def full_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
 
 
+def gather_to_rank0(state: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor] | None:
+    """Whole tensors on global rank 0 (on its CPU when sharded), None elsewhere. Call on every
+    rank: each DTensor is gathered in turn and dropped at once on the other ranks, so no rank
+    ever holds more than one whole tensor on its device (a full fp32 EMA of the 2B base model
+    is 7 GB: it must not land on every GPU at every checkpoint)."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if hasattr(v, "full_tensor"):
+            whole = v.full_tensor()  # a collective
+            if rank == 0:
+                out[k] = whole.cpu()
+            del whole
+        elif rank == 0:
+            out[k] = v
+    return out if rank == 0 else None
+
+
 def load_ema(ema, full: dict[str, torch.Tensor]) -> None:
     """Load whole EMA tensors, re-sharding them where the shadow is a DTensor (FSDP)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -130,7 +147,7 @@ def save_checkpoint(checkpoint_dir: str, step: int, state: TrainState, rank: int
     final = storage.join(checkpoint_dir, f"step-{step:08d}")
     tmp = final + ".tmp"
     model_sd, optim_sd = _full_state(state)  # every rank: may be a collective
-    ema_sd = full_tensors(state.ema.state_dict())
+    ema_sd = gather_to_rank0(state.ema.state_dict(), rank)  # every rank: a collective under FSDP
 
     def make_tmp() -> None:
         if rank == 0:

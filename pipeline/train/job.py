@@ -46,17 +46,21 @@ class TrainJob:
 
     stage: str = option(help="cascade stage to train", choices=list(STAGES))
     preset: str = option("tiny", "model preset (default: tiny)", choices=list(PRESETS))
-    data: str = option(help="filtered shards directory (ROOT/filtered)")
-    embeddings: str = option(help="embeddings directory of one encoder")
-    checkpoint_dir: str = option(help="where step-N checkpoints and final/ go")
+    # required to train (job_from_args checks them); --dry-run resolves the job without them
+    data: str | None = option(None, "filtered shards directory (ROOT/filtered); required")
+    embeddings: str | None = option(None, "embeddings directory of one encoder; required")
+    checkpoint_dir: str | None = option(None, "where step-N checkpoints and final/ go; required")
     root: str | None = option(None, "the run's data root, a path or fsspec URI: its tracking store, recorded "
                                     "in every checkpoint (default: the folder holding --data)")
     max_steps: int | None = preset_override("override the preset's step count")
-    batch_size: int | None = preset_override("per-process micro-batch size (default: preset's)")
+    global_batch: int | None = preset_override("images per optimizer step over all processes (default: the "
+                                               "preset's, the paper's: 2048 base, 4096 SR)")
+    micro_batch: int | None = preset_override("images per device and forward pass (default: the preset's, or "
+                                              "the largest that divides the per-process share); the gradient "
+                                              "accumulation follows from the global batch")
     lr: float | None = preset_override("peak learning rate (default: preset's)")
     warmup_steps: int | None = preset_override("linear warmup steps (default: preset's, capped at 10%% of "
                                                "--max-steps)")
-    grad_accum: int | None = preset_override("micro-batches per optimizer step")
     # Imagen trains the base model with Adafactor
     optimizer: str = option("adamw", "optimizer (default: adamw)", choices=["adamw", "adafactor"])
     parallel: str = option("ddp", "data parallelism across processes (fsdp shards params for large presets)",
@@ -85,11 +89,13 @@ def preset_overrides() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainJob) if f.metadata.get("_preset")]
 
 
-def resolve_config(job: TrainJob, emb_meta: dict[str, Any]):
-    """Preset + command-line overrides + facts of the embeddings = the run's config."""
+def resolve_config(job: TrainJob, emb_meta: dict[str, Any] | None):
+    """Preset + command-line overrides + facts of the embeddings = the run's config
+    (``emb_meta`` None: the preset's encoder facts, for a dry run)."""
     from imagen.config import preset
 
     cfg = preset(job.preset, job.stage)
+    emb_meta = emb_meta or {"dim": cfg.unet.text_embed_dim, "max_length": cfg.max_text_len}
     dim = int(emb_meta["dim"])
     if cfg.unet.text_embed_dim != dim:
         if job.preset != "tiny":
@@ -111,13 +117,71 @@ def resolve_config(job: TrainJob, emb_meta: dict[str, Any]):
     return cfg
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a global batch is cut: ``micro_batch * grad_accum * world_size == global_batch``."""
+
+    global_batch: int
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+
+    @property
+    def per_process(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+
+def batch_plan(global_batch: int, micro_batch: int, world_size: int, micro_explicit: bool = False) -> BatchPlan:
+    """Cut ``global_batch`` over ``world_size`` processes into micro-batches of at most
+    ``micro_batch``. An explicit micro-batch must divide each process's share; a preset's
+    default shrinks to the largest divisor of the share that is not above it. An impossible
+    combination is a one-line error that says what to pass."""
+    for name, value in (("global batch", global_batch), ("micro-batch", micro_batch), ("world size", world_size)):
+        if value < 1:
+            raise ValueError(f"the {name} must be at least 1, got {value}")
+    share, rest = divmod(global_batch, world_size)
+    if rest:
+        near = sorted({max(world_size, global_batch // world_size * world_size),
+                       -(-global_batch // world_size) * world_size})
+        raise ValueError(f"--global-batch {global_batch} does not split over {world_size} processes: pass "
+                         f"--global-batch {' or '.join(map(str, near))}, or change the process count")
+    divisors = [d for d in range(1, min(share, micro_batch) + 1) if share % d == 0]
+    micro = divisors[-1]
+    if micro_explicit and micro != micro_batch:
+        fits = [d for d in range(1, share + 1) if share % d == 0]
+        below = max(d for d in fits if d <= micro_batch)
+        above = min((d for d in fits if d > micro_batch), default=None)
+        hint = f"--micro-batch {below}" + (f" or {above}" if above else "")
+        raise ValueError(f"--micro-batch {micro_batch} does not divide the {share} images each of "
+                         f"{world_size} processes takes of --global-batch {global_batch}: pass {hint}")
+    return BatchPlan(global_batch, micro, share // micro, world_size)
+
+
+def job_plan(job: TrainJob, cfg, world_size: int) -> dict[str, Any]:
+    """The resolved job as ``train --dry-run`` prints it and the run logs it."""
+    t = cfg.train
+    bp = batch_plan(t.global_batch, t.micro_batch, world_size, micro_explicit=job.micro_batch is not None)
+    return {"stage": cfg.stage, "preset": cfg.preset, **dataclasses.asdict(bp), "per_process": bp.per_process,
+            "max_steps": t.max_steps, "images_total": t.max_steps * bp.global_batch,
+            "image_size": cfg.image_size, "crop_size": cfg.spec.crop_size, "max_text_len": cfg.max_text_len,
+            "lr": t.lr, "warmup_steps": t.warmup_steps, "optimizer": job.optimizer, "parallel": job.parallel,
+            "precision": job.precision, "compile": job.compile}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``train`` flags, one per :class:`TrainJob` field (``--checkpoint-dir`` ...)."""
     add_options(p, TrainJob)
 
 
-def job_from_args(a: argparse.Namespace) -> TrainJob:
-    return TrainJob(**options_from_args(TrainJob, a))
+REQUIRED = ("data", "embeddings", "checkpoint_dir")
+
+
+def job_from_args(a: argparse.Namespace, dry_run: bool = False) -> TrainJob:
+    job = TrainJob(**options_from_args(TrainJob, a))
+    missing = [flag(name) for name in REQUIRED if not getattr(job, name)]
+    if missing and not dry_run:
+        raise ValueError(f"train needs {', '.join(missing)} (or --dry-run to print the resolved job)")
+    return job
 
 
 def job_to_argv(job: TrainJob) -> list[str]:

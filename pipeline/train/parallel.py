@@ -40,8 +40,9 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def parallelize(model: nn.Module, mode: str, world: int) -> nn.Module:
-    """Return the module the training step calls. ``mode``: "ddp" or "fsdp"."""
+def parallelize(model: nn.Module, mode: str, world: int, bf16: bool = False) -> nn.Module:
+    """Return the module the training step calls. ``mode``: "ddp" or "fsdp". ``bf16``: under
+    FSDP, gather parameters in bf16 (half the all-gather bytes) and reduce gradients in fp32."""
     if world == 1:
         return model
     if mode == "ddp":
@@ -49,15 +50,17 @@ def parallelize(model: nn.Module, mode: str, world: int) -> nn.Module:
 
         return DDP(model)
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+        kwargs = {"mp_policy": mp} if mp is not None else {}
         # shard level by level, then the root: each level's parameters are gathered only
         # while that level runs (torchtitan's per-block wrapping)
         for levels in (model.down, model.up):
             for level in levels:
-                fully_shard(level)
-        fully_shard(model.mid)
-        fully_shard(model)
+                fully_shard(level, **kwargs)
+        fully_shard(model.mid, **kwargs)
+        fully_shard(model, **kwargs)
         return model
     raise ValueError(f"unknown parallelism {mode!r}; choose 'ddp' or 'fsdp'")
 

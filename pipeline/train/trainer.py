@@ -2,17 +2,22 @@
 
     Trainer(job, rank, world, device).fit()  ->  {"checkpoint", "step", "loss", "run_id", ...}
 
-One optimizer step = ``grad_accum`` micro-batches. Per micro-batch (Imagen sec. 2):
-noise level t ~ U(0, 1); text dropped for ``cond_drop_prob`` of samples (classifier-free
-guidance, sec. 2.2); for SR stages the low-res input is noised at a random augmentation
-level that is also a model input (noise-conditioning augmentation, sec. 2.5). Every random
-draw comes from this rank's generator, checkpointed with the step and the data position,
-which is what makes resume exact.
+The preset's batch is the global batch (Imagen appendix F): each of the ``world`` processes
+takes ``global_batch / world`` images per optimizer step, as ``grad_accum`` micro-batches of
+``micro_batch`` (job.py ``batch_plan``). The step itself (draws, loss, backward, optimizer, EMA)
+is step.py's, which never reads a value back to the host; the loop reads the loss and
+gradient norm only at logging steps and before each checkpoint, where a non-finite step
+stops training before it could be saved. Every random draw comes from this rank's generator
+on the device, checkpointed with the step and the data position, which makes resume exact.
+
+Each logging interval logs ``loss``, ``grad_norm``, ``lr``, ``perf/images_per_s``,
+``perf/mfu`` (model FLOPs per second over the device's bf16 peak, from
+``pipeline/calibration.json``; on a CPU ``perf/tflops`` instead), step time and the fraction
+of it spent waiting for data.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -22,15 +27,15 @@ from typing import Any
 
 import torch
 
-from imagen.diffusion import GaussianDiffusion
-from imagen.ema import EMA
 from imagen.unet import UNet
 from pipeline import storage
 from pipeline.layout import RunLayout
 from pipeline.tracking import code_version, manifest_sha256
 from pipeline.train import checkpointing as ckpt
-from pipeline.train.job import TrainJob, resolve_config
-from pipeline.train.parallel import all_equal, all_mean, on_rank0, parallelize
+from pipeline.train import perf
+from pipeline.train.job import TrainJob, batch_plan, job_plan, resolve_config
+from pipeline.train.parallel import all_equal, on_rank0
+from pipeline.train.step import StepOptions, TrainStep
 
 log = logging.getLogger("pipeline.train")
 VAL_SAMPLES = 8  # fixed validation captions in the sample grid
@@ -44,14 +49,6 @@ def lr_at(step: int, base: float, warmup: int, total: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def build_optimizer(name: str, params, lr: float, weight_decay: float):
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "adafactor":
-        return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose adamw or adafactor")
-
-
 class Trainer:
     def __init__(self, job: TrainJob, rank: int, world: int, device: torch.device):
         from pipeline.data.embed import read_metadata
@@ -61,29 +58,20 @@ class Trainer:
         emb_meta = read_metadata(job.embeddings)
         self.cfg = cfg = resolve_config(job, emb_meta)
         self.tc = cfg.train
-        self.autocast = job.precision == "bf16" or (job.precision == "auto" and device.type == "cuda")
+        self.plan = batch_plan(self.tc.global_batch, self.tc.micro_batch, world,
+                               micro_explicit=job.micro_batch is not None)
         self.layout = layout = RunLayout(job.root) if job.root else RunLayout.around(job.data)
         metadata = {"encoder_id": emb_meta.get("encoder_id"), "encoder_name": emb_meta.get("encoder_name"),
                     "manifest_sha256": manifest_sha256(job.data),
                     "code_version": code_version(), "root": layout.root}
-
-        torch.manual_seed(self.tc.seed)  # same initial weights on every rank
-        model = UNet(cfg.unet).to(device)
-        model.gradient_checkpointing = job.gradient_checkpointing
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.wrapped = parallelize(model, job.parallel, world)
-        if job.compile:
-            # after DDP/FSDP wrapping, as PyTorch recommends; weights and checkpoints stay those
-            # of ``model`` (no _orig_mod prefix)
-            self.wrapped = torch.compile(self.wrapped, dynamic=False)  # symbolic text lengths fail in inductor 2.13
-        self.ema = EMA(model, cfg.ema())  # after sharding: shards' EMA
-        self.optimizer = build_optimizer(job.optimizer, model.parameters(), self.tc.lr, self.tc.weight_decay)
-        gen = torch.Generator().manual_seed(self.tc.seed * 1000 + rank)
-        self.state = ckpt.TrainState(model, self.ema, self.optimizer, gen, cfg, metadata,
+        opts = StepOptions(parallel=job.parallel, precision=job.precision, optimizer=job.optimizer,
+                           compile=job.compile, gradient_checkpointing=job.gradient_checkpointing)
+        self.runner = TrainStep(cfg, opts, self.plan, rank, world, device)
+        self.model, self.ema, self.optimizer = self.runner.model, self.runner.ema, self.runner.optimizer
+        self.state = ckpt.TrainState(self.model, self.ema, self.optimizer, self.runner.generator, cfg, metadata,
                                      fsdp=job.parallel == "fsdp" and world > 1)
-        self.diffusion = GaussianDiffusion(cfg.diffusion)
+        self.flops_per_image = perf.train_flops_per_image(cfg)
+        self.peak_flops = perf.peak_flops(device)
         self.step = 0
         # rank 0 picks the step to resume and every rank loads that one: a node whose view of a
         # shared directory lags (NFS listing caches) must not resume another step or none
@@ -99,7 +87,7 @@ class Trainer:
                                  artifact_root=layout.artifacts, enabled=rank == 0,
                                  run_id=self._previous_run_id(resume_dir),
                                  tags={"stage": cfg.stage, "preset": job.preset})
-        loader = self._loader(start_batch=self.step * self.tc.grad_accum)
+        loader = self._loader(start_batch=self.step * self.plan.grad_accum)
         # what this stage trains on: the samples at least its size, and those left out (sec. 2.5)
         self.data_counts = dict(loader.data_counts)
         if rank == 0:
@@ -107,10 +95,10 @@ class Trainer:
                   f"{cfg.image_size} px; {self.data_counts['data_excluded_too_small']} smaller ones "
                   "left out of this stage", flush=True)
         if not resume_dir:
-            self.tracker.log_params({**flatten(cfg.to_dict()), **metadata, "world_size": world,
+            resolved = {k: v for k, v in job_plan(job, cfg, world).items() if k not in ("stage", "preset")}
+            self.tracker.log_params({**flatten(cfg.to_dict()), **metadata, **resolved,
                                      "data": job.data, "embeddings": job.embeddings,
-                                     "optimizer": job.optimizer, "parallel": job.parallel,
-                                     **self.data_counts})
+                                     "flops_per_image": self.flops_per_image, **self.data_counts})
             self.tracker.log_dict(cfg.to_dict(), "config.json")
             if metadata["manifest_sha256"]:
                 self.tracker.log_dataset(storage.normalize(job.data), "filtered-shards", metadata["manifest_sha256"])
@@ -133,7 +121,7 @@ class Trainer:
         data_cfg = TrainDataConfig(
             data=self.job.data, embeddings=self.job.embeddings, image_size=spec.image_size,
             crop_size=spec.crop_size, lowres_size=spec.lowres_crop_size, random_crop=spec.random_crop,
-            max_tokens=cfg.max_text_len, batch_size=self.tc.batch_size,
+            max_tokens=cfg.max_text_len, pad_text_to=cfg.max_text_len, batch_size=self.plan.micro_batch,
             num_workers=self.job.num_workers, seed=self.tc.seed,
             expected_encoder_id=self.state.metadata["encoder_id"], expected_dim=cfg.unet.text_embed_dim,
             expected_max_length=cfg.max_text_len,
@@ -151,84 +139,52 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------
 
-    def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        gen, dev, d = self.state.generator, self.device, self.cfg.diffusion
-        x0 = batch["image"].to(dev)
-        if dev.type == "cuda":
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        b = x0.shape[0]
-        drop = torch.rand(b, generator=gen) < d.cond_drop_prob  # CFG text dropout, sec. 2.2
-        mask = batch["text_mask"].to(dev) & ~drop.to(dev)[:, None]
-        t = self.diffusion.sample_t(b, gen).to(dev)
-        noise = torch.randn(x0.shape, generator=gen).to(dev)
-        extra = {}
-        if self.cfg.lowres_size:  # noise-conditioning augmentation, sec. 2.5
-            lowres = batch["lowres"].to(dev)
-            aug_t = (torch.rand(b, generator=gen) * d.lowres_aug_max).to(dev)
-            aug_noise = torch.randn(lowres.shape, generator=gen).to(dev)
-            extra = {"lowres": self.diffusion.q_sample(lowres, aug_t, aug_noise), "lowres_t": aug_t}
-        x_t = self.diffusion.q_sample(x0, t, noise)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.wrapped(x_t, t, batch["text_embeds"].to(dev), mask, **extra)
-        return self.diffusion.loss(out.float(), x0, noise, t).mean()
-
-    def train_step(self) -> tuple[float, float, float]:
-        """One optimizer step; returns (mean loss over ranks, grad norm, seconds waiting for data)."""
-        accum, wait, total = self.tc.grad_accum, 0.0, 0.0
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, self.tc.lr, self.tc.warmup_steps, self.tc.max_steps)
-        self.optimizer.zero_grad(set_to_none=True)
-        for micro in range(accum):
-            t0 = time.perf_counter()
-            batch = next(self.batches)
-            wait += time.perf_counter() - t0
-            sync = micro == accum - 1 or not hasattr(self.wrapped, "no_sync")
-            with contextlib.nullcontext() if sync else self.wrapped.no_sync():
-                loss = self._loss(batch) / accum
-                loss.backward()
-            total += loss.detach()
-        mean = all_mean(total, self.world).item()
-        if not torch.isfinite(torch.tensor(mean)):  # same value on every rank: all stop together
-            raise FloatingPointError(
-                f"loss is {mean} at step {self.step}; the last good checkpoint is kept in "
-                f"{self.job.checkpoint_dir}. Lower --lr or check the data, then --resume latest")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
-        self.optimizer.step()
+    def train_step(self) -> float:
+        """One optimizer step (nothing read back to the host); returns seconds waiting for data."""
+        lr = lr_at(self.step, self.tc.lr, self.tc.warmup_steps, self.tc.max_steps)
+        wait = self.runner.run(self.batches, self.step, lr)
         self.step += 1
-        self.ema.update(self.model, self.step)
-        return mean, float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), wait
+        return wait
 
     def fit(self) -> dict[str, Any]:
         tc, loss = self.tc, float("nan")
         t_last, wait, steps_since = time.perf_counter(), 0.0, 0
         self.totals = {"steps": 0, "seconds": 0.0, "wait": 0.0}  # after the first log interval
-        self.wrapped.train()
+        self.runner.wrapped.train()
         while self.step < tc.max_steps:
-            loss, grad_norm, w = self.train_step()
-            wait, steps_since = wait + w, steps_since + 1
-            if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+            wait, steps_since = wait + self.train_step(), steps_since + 1
+            log_now = self.step % tc.log_every == 0 or self.step == tc.max_steps
+            save_now = self.step % tc.checkpoint_every == 0 or self.step == tc.max_steps
+            if log_now or save_now:
+                # the only host sync of the loop; raises on every rank when a step went non-finite,
+                # so a checkpoint never holds weights after a bad step
+                metrics = self.runner.read_metrics()
+                loss = metrics["loss"]
+            if log_now:
                 dt = time.perf_counter() - t_last
-                self._log(loss, grad_norm, steps_since, dt, wait)
+                self._log(metrics, steps_since, dt, wait)
                 if self.step > tc.log_every:  # the first interval holds start-up costs
                     self.totals = {"steps": self.totals["steps"] + steps_since,
                                    "seconds": self.totals["seconds"] + dt, "wait": self.totals["wait"] + wait}
                 t_last, wait, steps_since = time.perf_counter(), 0.0, 0
-            if self.step % tc.checkpoint_every == 0 or self.step == tc.max_steps:
+            if save_now:
                 ckpt.save_checkpoint(self.job.checkpoint_dir, self.step, self.state, self.rank,
                                      self.world, tc.keep_checkpoints)
             if tc.sample_every and (self.step % tc.sample_every == 0 or self.step == tc.max_steps):
                 self._sample_grid()
         return self._finish(loss)
 
-    def _log(self, loss: float, grad_norm: float, steps: int, dt: float, wait: float) -> None:
-        images = steps * self.tc.batch_size * self.tc.grad_accum * self.world
-        metrics = {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+    def _log(self, step_metrics: dict[str, float], steps: int, dt: float, wait: float) -> None:
+        images_per_s = steps * self.plan.global_batch / dt
+        metrics = {**step_metrics, "lr": self.optimizer.param_groups[0]["lr"],
                    "ema_decay": self.ema.decay_at(self.step),  # per-step effective decay
-                   "images_per_s": images / dt, "step_time_s": dt / steps, "data_wait_fraction": wait / dt}
+                   "perf/images_per_s": images_per_s, "step_time_s": dt / steps, "data_wait_fraction": wait / dt,
+                   **perf.utilisation(self.flops_per_image * images_per_s / self.world, self.peak_flops)}
         self.tracker.log_metrics(metrics, self.step)
         if self.rank == 0:
-            print(f"[train {self.cfg.stage}] step {self.step}/{self.tc.max_steps} loss {loss:.4f} "
-                  f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s "
+            mfu = f" MFU {100 * metrics['perf/mfu']:.1f}%" if "perf/mfu" in metrics else ""
+            print(f"[train {self.cfg.stage}] step {self.step}/{self.tc.max_steps} loss {metrics['loss']:.4f} "
+                  f"lr {metrics['lr']:.2e} {images_per_s:.1f} img/s{mfu} "
                   f"data wait {100 * metrics['data_wait_fraction']:.1f}%", flush=True)
 
     @torch.no_grad()
@@ -238,17 +194,20 @@ class Trainer:
         from imagen.cascade import StageOptions, run_stage, to_uint8
         from pipeline.release.metrics import make_grid
 
-        ema = ckpt.full_tensors(self.ema.state_dict())
+        ema = ckpt.gather_to_rank0(self.ema.state_dict(), self.rank)
         if self.rank != 0:
             return
+        from pipeline.data.loader import to_device
+
         b = self.val_batch
+        on = to_device(b, self.device)
         net = UNet(self.cfg.unet).to(self.device).eval()
         net.load_state_dict({k: v.to(net.state_dict()[k].dtype) for k, v in ema.items()})
         # the cascade's own stage sampler: an SR stage's low-res input is noised at the level it
         # is told (sec. 2.5), exactly as at inference
-        lowres = b["lowres"].to(self.device) if self.cfg.lowres_size else None
-        x = run_stage(net, self.cfg, StageOptions(), b["text_embeds"].to(self.device),
-                      b["text_mask"].to(self.device), lowres, torch.Generator(self.device).manual_seed(0))
+        lowres = on["lowres"] if self.cfg.lowres_size else None
+        x = run_stage(net, self.cfg, StageOptions(), on["text_embeds"], on["text_mask"], lowres,
+                      torch.Generator(self.device).manual_seed(0))
         self.tracker.log_image(make_grid(to_uint8(x)), key="samples", step=self.step)
         if self.step == self.tc.sample_every:
             captions = b.get("captions") or b["keys"]
@@ -266,7 +225,7 @@ class Trainer:
             self.tracker.set_tags({"checkpoint": storage.normalize(final)})
             self.tracker.end()
         tot = self.totals
-        images = tot["steps"] * self.tc.batch_size * self.tc.grad_accum * self.world
+        images = tot["steps"] * self.plan.global_batch
         return {"checkpoint": final, "step": self.step, "loss": loss, "run_id": self.tracker.run_id,
                 "stage": self.cfg.stage, "root": self.layout.root, "weights_sha256": checksum, **self.data_counts,
                 "ema_sha256": ema_checksum,

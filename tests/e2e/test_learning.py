@@ -71,7 +71,7 @@ def test_tiny_base_follows_colour_and_shape_prompts_and_guidance_helps(tiny_enco
     ckpt = tmp_path / "ckpt"
     cmd = [sys.executable, "-m", "pipeline.train", "--stage", "base64", "--preset", "tiny",
            "--data", data["filtered"], "--embeddings", data["embeddings"], "--checkpoint-dir", str(ckpt),
-           "--max-steps", str(STEPS), "--batch-size", "16", "--log-every", "100",
+           "--max-steps", str(STEPS), "--global-batch", "16", "--log-every", "100",
            "--checkpoint-every", "100000", "--sample-every", "0", "--tracking-uri", "off"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=2100, env=env)

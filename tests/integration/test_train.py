@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-STEP_ARGS = ["--batch-size", "8", "--sample-every", "0", "--log-every", "2"]
+STEP_ARGS = ["--global-batch", "8", "--sample-every", "0", "--log-every", "2"]
 
 
 def train_cmd(data, emb, ckpt, steps, *extra, nproc=1):
@@ -70,11 +70,11 @@ def tracking(tmp_path):
 def test_exact_resume_single_process(filtered_shards, tiny_embeddings, tmp_path):
     n = 8
     # with gradient accumulation, so the data position (2 micro-batches a step) is checked too
-    full = run_ok(train_cmd(filtered_shards, tiny_embeddings, tmp_path / "a", 2 * n, "--grad-accum", "2",
+    full = run_ok(train_cmd(filtered_shards, tiny_embeddings, tmp_path / "a", 2 * n, "--micro-batch", "4",
                             "--checkpoint-every", str(n), "--tracking-uri", "off"))
     assert full["step"] == 2 * n
     cmd = train_cmd(filtered_shards, tiny_embeddings, tmp_path / "b", 2 * n, "--checkpoint-every", str(n),
-                    "--grad-accum", "2", "--tracking-uri", "off", "--resume", "latest")
+                    "--micro-batch", "4", "--tracking-uri", "off", "--resume", "latest")
     run_killed_at(cmd, tmp_path / "b", n)
     resumed = run_ok(cmd)
     assert resumed["step"] == 2 * n
@@ -126,8 +126,12 @@ def test_metrics_params_and_grid_logged_to_mlflow(filtered_shards, tiny_embeddin
     assert run.data.params["stage"] == "base64" and run.data.params["unet.channels"] == "32"
     assert len(run.data.params["manifest_sha256"]) == 64
     assert run.data.params["encoder_id"].startswith("t5-tiny")
-    history = client.get_metric_history(out["run_id"], "images_per_s")
+    history = client.get_metric_history(out["run_id"], "perf/images_per_s")
     assert [m.step for m in history] == [2, 4] and all(m.value > 0 for m in history)
+    # on a CPU no peak is known: achieved TFLOP/s instead of MFU (pipeline/train/perf.py)
+    assert run.data.metrics["perf/tflops"] > 0 and "perf/mfu" not in run.data.metrics
+    assert (run.data.params["global_batch"], run.data.params["micro_batch"], run.data.params["grad_accum"],
+            run.data.params["world_size"]) == ("8", "8", "1", "1")
     assert 0 <= run.data.metrics["data_wait_fraction"] < 1
     artifacts = [a.path for a in client.list_artifacts(out["run_id"])]
     assert "config.json" in artifacts and "validation_prompts.json" in artifacts
@@ -188,7 +192,7 @@ def test_sr1024_trains_on_crops_and_samples_its_full_size(filtered_shards, tiny_
     audit = tmp_path / "audit"
     cmd = [sys.executable, "-m", "pipeline.train", "--stage", "sr1024", "--preset", "tiny", "--data",
            filtered_shards, "--embeddings", tiny_embeddings, "--checkpoint-dir", str(tmp_path / "sr"),
-           "--max-steps", "2", "--batch-size", "4", "--sample-every", "2", "--log-every", "1",
+           "--max-steps", "2", "--global-batch", "4", "--sample-every", "2", "--log-every", "1",
            "--checkpoint-every", "2", "--tracking-uri", mlflow_uri]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**ENV, "IMAGEN_DATA_AUDIT": str(audit)})

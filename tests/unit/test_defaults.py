@@ -49,8 +49,8 @@ def test_cli_flags_are_generated_from_the_config_fields(verb, cls):
 
 
 def test_the_flags_users_type_keep_their_names():
-    assert {"--stage", "--preset", "--data", "--embeddings", "--checkpoint-dir", "--max-steps", "--batch-size",
-            "--lr", "--warmup-steps", "--grad-accum", "--optimizer", "--parallel", "--precision",
+    assert {"--stage", "--preset", "--data", "--embeddings", "--checkpoint-dir", "--max-steps", "--global-batch",
+            "--lr", "--warmup-steps", "--micro-batch", "--optimizer", "--parallel", "--precision",
             "--gradient-checkpointing", "--compile", "--checkpoint-every", "--keep-checkpoints", "--log-every",
             "--sample-every", "--resume", "--tracking-uri", "--experiment", "--run-name", "--num-workers",
             "--device", "--seed"} <= {s for a in verb_actions("train").values() for s in a.option_strings}

@@ -52,7 +52,7 @@ def test_mfu_and_the_json_line_from_a_fake_measured_time(gpu):
 
     cfg = gpu.nemo500m_config()
     steps, seconds = 250, 40.0  # pretend 250 timed steps of batch 64 took 40 s
-    ips = steps * cfg.train.batch_size / seconds
+    ips = steps * cfg.train.global_batch / seconds
     child = {"images_per_s": ips, "peak_memory_bytes": 30 << 30, "step": 300, "loss": 0.05,
              "data_wait_fraction": 0.01}
     train = gpu.train_summary(child, cfg, 989e12)

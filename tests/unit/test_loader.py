@@ -21,7 +21,14 @@ import torch
 from PIL import Image
 
 from pipeline.data.embed import embed_shards, read_embeddings
-from pipeline.data.loader import TooSmall, TrainDataConfig, collate, decode_image, make_loader
+from pipeline.data.loader import (
+    TooSmall,
+    TrainDataConfig,
+    collate,
+    decode_image,
+    make_loader,
+    to_device,
+)
 from pipeline.dev.tinymodels import build_tiny_t5
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -109,12 +116,12 @@ def test_batch_contract(dataset):
     image, lowres, embeds, mask = (
         batch[k] for k in ("image", "lowres", "text_embeds", "text_mask")
     )
-    assert image.shape == (4, 3, 16, 16) and image.dtype == torch.float32
+    # What crosses to the training process: the stored bytes, uint8 pixels and float16 text.
+    assert image.shape == (4, 3, 16, 16) and image.dtype == torch.uint8
     assert image.is_contiguous() and lowres.is_contiguous()
-    assert lowres.shape == (4, 3, 8, 8) and lowres.dtype == torch.float32
-    assert -1.0 <= image.min() < -0.5 and 0.5 < image.max() <= 1.0
-    assert lowres.min() >= -1.0 and lowres.max() <= 1.0
-    assert embeds.dtype == torch.float32 and mask.dtype == torch.bool
+    assert lowres.shape == (4, 3, 8, 8) and lowres.dtype == torch.uint8
+    assert image.min() < 64 and image.max() > 192  # the fixture's noise spans the byte range
+    assert embeds.dtype == torch.float16 and mask.dtype == torch.bool
     assert embeds.shape[:2] == mask.shape and embeds.shape[2] == 32
     stored = stored_embeddings(emb_dir)
     lengths = [len(stored[k]) for k in batch["keys"]]
@@ -122,8 +129,106 @@ def test_batch_contract(dataset):
     for i, key in enumerate(batch["keys"]):
         assert key in keys
         n = lengths[i]
-        np.testing.assert_array_equal(embeds[i, :n].numpy(), stored[key].astype(np.float32))
+        np.testing.assert_array_equal(embeds[i, :n].numpy(), stored[key])
         assert not embeds[i, n:].any()
+    # On the device (here the CPU): float32, pixels in [-1, 1], the rest passed through.
+    dev = to_device(batch, torch.device("cpu"))
+    assert dev["image"].dtype == dev["lowres"].dtype == dev["text_embeds"].dtype == torch.float32
+    assert -1.0 <= dev["image"].min() < -0.5 and 0.5 < dev["image"].max() <= 1.0
+    assert dev["keys"] is batch["keys"] and torch.equal(dev["text_mask"], mask)
+    torch.testing.assert_close(dev["text_embeds"], embeds.float(), rtol=0, atol=0)
+
+
+def test_pad_text_to_gives_every_batch_one_shape(dataset):
+    """Static shapes for a compiled step: every batch's text is padded to pad_text_to tokens."""
+    _, emb_dir, _, _ = dataset
+    stored = stored_embeddings(emb_dir)
+    longest = max(len(v) for v in stored.values())
+    assert longest == 25  # the fixture's captions are all shorter than max_tokens=32: not cut
+    batches = take(config(dataset, batch_size=5, max_tokens=32, pad_text_to=40), 4)
+    for batch in batches:
+        assert batch["text_embeds"].shape == (5, 40, 32) and batch["text_mask"].shape == (5, 40)
+        lengths = [len(stored[k]) for k in batch["keys"]]
+        assert batch["text_mask"].sum(1).tolist() == lengths
+        for i, n in enumerate(lengths):
+            np.testing.assert_array_equal(batch["text_embeds"][i, :n].numpy(), stored[batch["keys"][i]])
+            assert not batch["text_embeds"][i, n:].any()
+    # A caption longer than max_tokens is cut to it, then padded: 3 real tokens, 40 columns.
+    cut = take(config(dataset, batch_size=5, max_tokens=3, pad_text_to=40), 1)[0]
+    assert cut["text_mask"].shape == (5, 40) and cut["text_mask"].sum(1).tolist() == [3] * 5
+    with pytest.raises(ValueError, match="pad_text_to 16 is below max_tokens 32"):
+        config(dataset, max_tokens=32, pad_text_to=16)
+    long = {"image": np.zeros((2, 2, 3), np.uint8), "text_embeds": np.ones((5, 2), np.float16), "key": "k"}
+    with pytest.raises(ValueError, match="5 tokens does not fit pad_text_to=4"):
+        collate([long], pad_text_to=4)
+
+
+def _float_collate_reference(samples: list[dict]) -> dict:
+    """The float32 batch collate made before batches crossed as uint8 (its exact arithmetic)."""
+    def images(arrays):
+        h, w, _ = arrays[0].shape
+        out = torch.empty((len(arrays), 3, h, w), dtype=torch.float32)
+        for i, a in enumerate(arrays):
+            torch.sub(torch.from_numpy(a).permute(2, 0, 1), 127.5, out=out[i]).div_(127.5)
+        return out
+
+    lengths = [s["text_embeds"].shape[0] for s in samples]
+    embeds = np.zeros((len(samples), max(lengths), samples[0]["text_embeds"].shape[1]), np.float32)
+    for i, (s, n) in enumerate(zip(samples, lengths, strict=True)):
+        embeds[i, :n] = s["text_embeds"]
+    return {"image": images([s["image"] for s in samples]), "lowres": images([s["lowres"] for s in samples]),
+            "text_embeds": torch.from_numpy(embeds)}
+
+
+def ramp_samples() -> list[dict]:
+    """4 samples whose pixels cover all 256 byte values, captions of 3, 7, 1 and 5 tokens."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i, n in enumerate((3, 7, 1, 5)):
+        image = np.roll(np.arange(256 * 3, dtype=np.int64) % 256, i * 17).astype(np.uint8).reshape(16, 16, 3)
+        lowres = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+        embeds = rng.standard_normal((n, 32)).astype(np.float16)
+        out.append({"image": image, "lowres": lowres, "text_embeds": embeds, "key": f"k{i}"})
+    return out
+
+
+def test_to_device_is_bitwise_the_old_float_batch_from_a_quarter_of_the_bytes():
+    samples = ramp_samples()
+    batch = collate(samples)
+    reference = _float_collate_reference(samples)
+    dev = to_device(batch, torch.device("cpu"))
+    for name in ("image", "lowres", "text_embeds"):
+        assert dev[name].dtype == reference[name].dtype == torch.float32
+        assert dev[name].shape == reference[name].shape
+        assert torch.equal(dev[name].view(torch.int32), reference[name].view(torch.int32)), name  # bitwise
+    assert dev["image"].min() == -1.0 and dev["image"].max() == 1.0  # 0 and 255, exactly
+    assert dev["image"].is_contiguous()
+    # The bytes that cross from a worker (and to the GPU): 4 images of 3x16x16, 7 tokens x 32.
+    assert batch["image"].nbytes == 3072 and reference["image"].nbytes == 4 * 3072
+    assert batch["lowres"].nbytes == 768 and reference["lowres"].nbytes == 4 * 768
+    assert batch["text_embeds"].nbytes == 4 * 7 * 32 * 2 and reference["text_embeds"].nbytes == 2 * 1792
+    # channels_last: same values, NHWC memory.
+    last = to_device(batch, torch.device("cpu"), channels_last=True)
+    assert last["image"].is_contiguous(memory_format=torch.channels_last)
+    assert not last["image"].is_contiguous()
+    assert torch.equal(last["image"], reference["image"]) and torch.equal(last["lowres"], reference["lowres"])
+    with pytest.raises(TypeError, match=r"batch\['image'\] is torch.float32; it takes collate's uint8"):
+        to_device(dev, torch.device("cpu"))  # once only: a second pass would normalise twice
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_to_device_on_cuda_matches_the_cpu_bitwise():
+    """CUDA divides by a host scalar as a multiply by its reciprocal (an ulp off for 126 of 256
+    byte values); to_device divides by a device tensor, so the GPU gets the CPU's floats."""
+    batch = collate(ramp_samples())
+    cpu = to_device(batch, torch.device("cpu"))
+    pinned = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+    gpu = to_device(pinned, torch.device("cuda"), channels_last=True)
+    assert gpu["image"].is_cuda and gpu["image"].is_contiguous(memory_format=torch.channels_last)
+    for name in ("image", "lowres", "text_embeds"):
+        assert torch.equal(gpu[name].cpu().view(torch.int32), cpu[name].view(torch.int32)), name
+    assert gpu["text_mask"].is_cuda and gpu["keys"] == ["k0", "k1", "k2", "k3"]
 
 
 def test_images_are_the_keys_own_pixels(dataset):
@@ -135,8 +240,7 @@ def test_images_are_the_keys_own_pixels(dataset):
             if i != 0:
                 continue  # only sample 0 is 24 px high: no resize, exact pixels
             pixels = np.asarray(Image.open(io.BytesIO(sample_png(s, i))))[:, 6:30]
-            expected = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1
-            torch.testing.assert_close(image, expected, rtol=0, atol=1e-6)
+            np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), pixels)
 
 
 def short_side(key: str) -> int:
@@ -186,10 +290,8 @@ def test_sr_stage_trains_on_random_crops_with_lowres_from_the_same_crop(dataset,
     batches = take(cfg, 8)  # two epochs
     for batch in batches:
         assert batch["image"].shape == (5, 3, 16, 16) and batch["lowres"].shape == (5, 3, 8, 8)
-        pixels = ((batch["image"] + 1) * 127.5).round()
-        means = pixels.reshape(5, 3, 8, 2, 8, 2).mean(dim=(3, 5))
-        lowres = ((batch["lowres"] + 1) * 127.5).round()
-        assert (means - lowres).abs().max() <= 1.0
+        means = batch["image"].float().reshape(5, 3, 8, 2, 8, 2).mean(dim=(3, 5))
+        assert (means - batch["lowres"].float()).abs().max() <= 1.0
     # random crops: two epochs give the same key different crops
     first = {}
     differs = 0
@@ -223,7 +325,7 @@ def test_loader_is_endless_deterministic_and_covers_every_key(dataset):
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first, again, strict=True))
     assert keys_of(other) != flat
     assert "lowres" not in first[0]
-    assert len({b["text_mask"].shape[1] for b in first}) > 1  # padded per batch, not to 32
+    assert len({b["text_mask"].shape[1] for b in first}) > 1  # padded per batch (no pad_text_to)
     # Windows of 2 shards: the first 10 samples come from 2 shards, 5 from each.
     window = config(dataset, batch_size=5, seed=3, shuffle_shards=2)
     shards = [k[:5] for k in keys_of(take(window, 2))]
@@ -351,7 +453,7 @@ def test_shard_rewritten_in_place_is_reindexed(tmp_path, dataset, caplog):
     index = keys_of(batches).index("000030000")
     image = torch.cat([b["image"] for b in batches])[index]
     pixels = np.asarray(Image.open(io.BytesIO(sample_png(3, 0))))[:, 6:30]
-    torch.testing.assert_close(image, torch.from_numpy(pixels.copy()).permute(2, 0, 1) / 127.5 - 1)
+    np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), pixels)
 
 
 def test_decode_image_exact_values(dataset):
@@ -372,11 +474,13 @@ def test_decode_image_exact_values(dataset):
     for u, left in ((0.0, 0), (0.5, 2), (0.99, 4)):
         got = decode_image(buf.getvalue(), crop, (u, 0.3, 1.0))["image"]
         np.testing.assert_array_equal(got, wide[:, left : left + 16])
-    # Solid colour survives resize + crop exactly; collate maps pixel p to p / 127.5 - 1.
+    # Solid colour survives resize + crop exactly; to_device maps pixel p to p / 127.5 - 1.
     buf = io.BytesIO()
     Image.new("RGB", (40, 30), (255, 0, 51)).save(buf, "PNG")
     out = decode_image(buf.getvalue(), config(dataset, lowres_size=4))
     batch = collate([{**out, "text_embeds": np.zeros((1, 2), np.float16), "key": "k"}])
+    assert batch["image"][0, :, 0, 0].tolist() == [255, 0, 51]
+    batch = to_device(batch, torch.device("cpu"))
     for t, side in ((batch["image"][0], 16), (batch["lowres"][0], 4)):
         assert t.shape == (3, side, side)
         torch.testing.assert_close(t[:, 0, 0], torch.tensor([1.0, -1.0, -0.6]), rtol=0, atol=1e-6)
@@ -384,7 +488,8 @@ def test_decode_image_exact_values(dataset):
     assert batch["image"].max() == 1.0 and batch["image"].min() == -1.0  # exactly, no overshoot
     # Every byte value maps to p / 127.5 - 1, within float32 rounding.
     ramp = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
-    got = collate([{"image": ramp, "text_embeds": np.zeros((1, 2), np.float16), "key": "r"}])
+    got = to_device(collate([{"image": ramp, "text_embeds": np.zeros((1, 2), np.float16), "key": "r"}]),
+                    torch.device("cpu"))  # fmt: skip
     expected = torch.from_numpy(ramp).permute(2, 0, 1).double() / 127.5 - 1
     torch.testing.assert_close(got["image"][0].double(), expected, rtol=0, atol=1e-7)
 

@@ -84,7 +84,7 @@ def test_paper_base64_gpu_hours_on_h100_follow_from_the_table(tmp_path):
     r = run_plan(tmp_path, "--samples", N, "--encoder", "t5-xxl", "--gpu", "h100", "--nodes", 8)
     base = r["stages"]["base64"]
     cfg = preset("base64")
-    seen = cfg.train.max_steps * cfg.train.batch_size
+    seen = cfg.train.max_steps * cfg.train.global_batch
     assert base["samples_seen"] == seen == 5_120_000_000  # NeMo's 5.12B samples for the 64 px base
     ips = TABLE["train"]["h100"]["base64:base64"]["images_per_s"]
     assert base["images_per_s_per_gpu"] == ips

@@ -20,7 +20,8 @@ from pipeline.data.embed import embed_shards
 from pipeline.dev.tinymodels import build_tiny_t5
 from pipeline.tracking import manifest_sha256
 from pipeline.train.job import TrainJob
-from pipeline.train.trainer import Trainer, build_optimizer, lr_at, weights_sha256
+from pipeline.train.step import build_optimizer
+from pipeline.train.trainer import Trainer, lr_at, weights_sha256
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -35,10 +36,12 @@ def test_lr_schedule_warmup_and_cosine():
 
 def test_optimizers_by_name():
     params = [torch.nn.Parameter(torch.zeros(2))]
-    assert isinstance(build_optimizer("adamw", params, 1e-3, 0.0), torch.optim.AdamW)
-    assert isinstance(build_optimizer("adafactor", params, 1e-3, 0.0), torch.optim.Adafactor)
+    cpu = torch.device("cpu")
+    adamw = build_optimizer("adamw", params, 1e-3, 0.0, cpu)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["fused"]  # step counters on the device
+    assert isinstance(build_optimizer("adafactor", params, 1e-3, 0.0, cpu), torch.optim.Adafactor)
     with pytest.raises(ValueError, match="unknown optimizer 'sgd'; choose adamw or adafactor"):
-        build_optimizer("sgd", params, 1e-3, 0.0)
+        build_optimizer("sgd", params, 1e-3, 0.0, cpu)
 
 
 def test_weights_checksum():
@@ -90,7 +93,7 @@ def job(data, checkpoint_dir, **kw) -> TrainJob:
     filtered, embeddings = data
     return dataclasses.replace(
         TrainJob(stage="base64", preset="tiny", data=filtered, embeddings=embeddings,
-                 checkpoint_dir=str(checkpoint_dir), batch_size=2, tracking_uri="off", sample_every=0,
+                 checkpoint_dir=str(checkpoint_dir), global_batch=2, tracking_uri="off", sample_every=0,
                  log_every=2, checkpoint_every=2, keep_checkpoints=1, device="cpu"), **kw)
 
 
@@ -121,9 +124,60 @@ def test_resume_ends_bitwise_where_an_uninterrupted_run_ends(data, tmp_path):
     assert resumed["loss"] == straight["loss"]
 
 
-def test_nan_loss_stops_with_the_step_and_what_to_do(data, tmp_path):
-    with pytest.raises(FloatingPointError, match="loss is nan at step 0.*Lower --lr"):
-        trainer = Trainer(job(data, tmp_path / "n", max_steps=2), 0, 1, torch.device("cpu"))
-        trainer.diffusion.loss = lambda out, *a, **k: out * float("nan")
+def test_a_non_finite_step_stops_before_any_checkpoint_holds_it(data, tmp_path):
+    """The loss is read only at logging and checkpoint steps: a step that went non-finite is
+    caught there, on every rank, before the checkpoint that would hold its weights."""
+    trainer = Trainer(job(data, tmp_path / "n", max_steps=6, log_every=4), 0, 1, torch.device("cpu"))
+    loss = trainer.runner.diffusion.loss
+    trainer.runner.diffusion.loss = lambda out, *a, **k: loss(out, *a, **k) * (
+        float("nan") if trainer.step >= 2 else 1.0)  # steps 3 and 4 (1-based) go NaN
+    with pytest.raises(FloatingPointError, match="non-finite in steps 3-4.*Lower --lr.*--resume latest"):
         trainer.fit()
-    assert not os.path.exists(tmp_path / "n" / "final")
+    assert sorted(os.listdir(tmp_path / "n")) == ["step-00000002"]  # the good one; no step 4, no final
+
+
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy")
+
+
+def test_no_host_read_inside_a_training_step(data, tmp_path, monkeypatch):
+    """STYLE #14: a step never reads a device value back (on CUDA each read stalls the GPU). Every
+    Tensor method that returns a host value is counted over steps between logging steps: none;
+    the logging read itself is counted too, so the counter is known to work."""
+    trainer = Trainer(job(data, tmp_path / "s", max_steps=8, log_every=100), 0, 1, torch.device("cpu"))
+    trainer.train_step()  # first step: lazy initialisation (optimizer state) is not the hot path
+    # the loader's host-side work (numpy in its workers) is not the step's: batches made first
+    trainer.batches = iter([next(trainer.batches) for _ in range(5)])
+    reads: list[str] = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _original=original, **k):
+            reads.append(_name)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for _ in range(5):
+        trainer.train_step()
+    assert reads == []
+    metrics = trainer.runner.read_metrics()
+    assert reads == ["tolist"] and np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+
+
+def test_training_draws_come_from_the_device_generator(data, tmp_path, monkeypatch):
+    """Noise, levels and dropout are drawn on the training device from the checkpointed generator:
+    no CPU draw is copied over. On CPU the generator is the CPU one; the draws all use it."""
+    trainer = Trainer(job(data, tmp_path / "g", max_steps=2), 0, 1, torch.device("cpu"))
+    seen = []
+    for name in ("rand", "randn"):
+        original = getattr(torch, name)
+
+        def spy(*a, _original=original, **k):
+            seen.append((k.get("generator"), str(k.get("device"))))
+            return _original(*a, **k)
+
+        monkeypatch.setattr(torch, name, spy)
+    trainer.train_step()
+    assert seen and all(g is trainer.runner.generator and d == "cpu" for g, d in seen)
+    state = trainer.runner.generator.get_state()
+    trainer.train_step()
+    assert not torch.equal(state, trainer.runner.generator.get_state())  # it advanced
