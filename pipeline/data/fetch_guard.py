@@ -9,9 +9,10 @@ every download process with :func:`guarded_download_image`, which
 - connects to exactly the addresses it checked (a second DNS answer cannot slip in between the
   check and the connection: no DNS rebinding), ignores proxy settings (a proxy would do its own
   DNS), and never sends a byte to a refused host;
-- enforces a total time budget per request (a server that trickles bytes cannot hold a thread
-  forever), a maximum body size, and a maximum declared pixel count read from the image header
-  before any decoder allocates memory for it (decompression bombs);
+- enforces a total time budget per request, name resolution included (a slow DNS server or a
+  server that trickles bytes cannot hold a thread forever), a maximum body size, and a maximum
+  declared pixel count read from the image header before any decoder allocates memory for it
+  (decompression bombs);
 - turns empty bodies and HTML/JSON served as images into specific errors;
 - hands img2dataset's decoder only images it decodes right: 16-bit, CMYK, float, EXIF-rotated and
   other bodies its OpenCV decode mishandles are re-encoded first as 8-bit RGB PNG
@@ -50,6 +51,7 @@ import re
 import socket
 import ssl
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -96,6 +98,12 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # well-known NAT64 prefix (RFC 6
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 
 Resolver = Callable[..., list]
+# getaddrinfo cannot be interrupted: a lookup under a deadline runs in a daemon thread, which
+# the caller leaves behind at the deadline. At most this many such threads per process; a lookup
+# that finds none free within its deadline times out without starting one.
+RESOLVER_THREADS = 64
+RESOLVER_THREAD_NAME = "fetch-guard-resolve"
+_resolver_slots: dict[int, threading.BoundedSemaphore] = {}  # by process id: a forked child gets its own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,15 +203,49 @@ def literal_reason(url: str, policy: FetchPolicy) -> str | None:
         return None  # a name: checked when it is resolved, at fetch time
 
 
-def resolve_checked(host: str, port: int, policy: FetchPolicy,
-                    resolver: Resolver = socket.getaddrinfo) -> list[tuple]:
+def _resolve_by(resolver: Resolver, host: str, port: int, deadline: float | None) -> list[tuple]:
+    """``resolver(host, port, type=SOCK_STREAM)``, given up at ``deadline`` (``time.monotonic()``).
+
+    Raises TimeoutError (``"timeout: ..."``) when the answer is not there by the deadline; the
+    lookup's thread ends when the resolver returns, and holds one of ``RESOLVER_THREADS`` till then.
+    """
+    if deadline is None:
+        return resolver(host, port, type=socket.SOCK_STREAM)
+    slots = _resolver_slots.get(os.getpid()) or _resolver_slots.setdefault(
+        os.getpid(), threading.BoundedSemaphore(RESOLVER_THREADS))
+    if not slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        raise TimeoutError(f"timeout: resolving {host!r}: all {RESOLVER_THREADS} resolver threads are waiting on "
+                           "slow lookups and none came free within the request's time budget")
+    done, outcome = threading.Event(), {}
+
+    def lookup() -> None:
+        try:
+            outcome["infos"] = resolver(host, port, type=socket.SOCK_STREAM)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller, if it still waits
+            outcome["error"] = err
+        finally:
+            slots.release()
+            done.set()
+
+    threading.Thread(target=lookup, name=RESOLVER_THREAD_NAME, daemon=True).start()
+    if not done.wait(max(0.0, deadline - time.monotonic())):
+        raise TimeoutError(f"timeout: resolving {host!r} did not finish within the request's time budget")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["infos"]
+
+
+def resolve_checked(host: str, port: int, policy: FetchPolicy, resolver: Resolver | None = None,
+                    deadline: float | None = None) -> list[tuple]:
     """Resolve ``host`` and return the ``getaddrinfo`` entries to connect to.
 
     Raises :class:`FetchRejected` when any answer is refused: a name that resolves to both a
     public and a private address is refused, so which one a connection picks cannot matter.
+    ``resolver`` defaults to ``socket.getaddrinfo`` (looked up at call time); with a
+    ``deadline`` (``time.monotonic()``) the lookup counts against it (TimeoutError).
     """
     try:
-        infos = resolver(host, port, type=socket.SOCK_STREAM)
+        infos = _resolve_by(resolver or socket.getaddrinfo, host, port, deadline)
     except (socket.gaierror, UnicodeError) as err:
         raise OSError(f"dns_error: cannot resolve {host!r}: {err}") from err
     if policy.allow_private_networks or _allowed_host(host, port, policy):
@@ -310,11 +352,11 @@ def _deadline_of(req: urllib.request.Request) -> float | None:
     return getattr(req, "deadline", None)
 
 
-def _checked_infos(req: urllib.request.Request, policy: FetchPolicy, resolver: Resolver) -> list[tuple]:
+def _checked_infos(req: urllib.request.Request, policy: FetchPolicy, resolver: Resolver | None) -> list[tuple]:
     parts = urllib.parse.urlsplit(req.full_url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        return resolve_checked(parts.hostname or "", port, policy, resolver)
+        return resolve_checked(parts.hostname or "", port, policy, resolver, _deadline_of(req))
     except FetchRejected as err:
         origin = getattr(req, "redirected_from", None)
         if origin:  # say where the redirect came from: that URL is the one to report or drop
@@ -323,7 +365,7 @@ def _checked_infos(req: urllib.request.Request, policy: FetchPolicy, resolver: R
 
 
 class _GuardedHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, policy: FetchPolicy, resolver: Resolver):
+    def __init__(self, policy: FetchPolicy, resolver: Resolver | None):
         super().__init__()
         self.policy, self.resolver = policy, resolver
 
@@ -334,7 +376,7 @@ class _GuardedHTTPHandler(urllib.request.HTTPHandler):
 
 
 class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, policy: FetchPolicy, resolver: Resolver):
+    def __init__(self, policy: FetchPolicy, resolver: Resolver | None):
         context = ssl.create_default_context()
         context.sslsocket_class = _DeadlineSSLSocket
         super().__init__(context=context)
@@ -368,8 +410,11 @@ class _GuardedRedirectHandler(urllib.request.HTTPRedirectHandler):
         return new
 
 
-def build_opener(policy: FetchPolicy, resolver: Resolver = socket.getaddrinfo) -> urllib.request.OpenerDirector:
-    """An opener that speaks only HTTP(S), without proxies, through the address guard."""
+def build_opener(policy: FetchPolicy, resolver: Resolver | None = None) -> urllib.request.OpenerDirector:
+    """An opener that speaks only HTTP(S), without proxies, through the address guard.
+
+    ``resolver``: ``getaddrinfo``'s signature (default: ``socket.getaddrinfo`` at call time); a
+    request's timeout covers its lookups too (:func:`resolve_checked`)."""
     opener = urllib.request.OpenerDirector()
     for handler in (urllib.request.UnknownHandler(), _GuardedHTTPHandler(policy, resolver),
                     _GuardedHTTPSHandler(policy, resolver), urllib.request.HTTPDefaultErrorHandler(),

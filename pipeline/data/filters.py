@@ -6,13 +6,15 @@ and ends with the same bytes:
 1. per raw shard (``workers`` processes in parallel): the per-sample filters of
    :mod:`pipeline.data.filter_registry` (cheapest first), configured model scorers, and each kept
    sample's dedup signature -> ``_filter/NNNNN.parquet``, one row per sample (key, url, reject
-   reason, sha256, pHash, thumbnail, scores). Written atomically, it is the shard's completion
-   marker; it is redone only when its raw shard or the per-sample settings change.
+   reason, sha256, pHash, thumbnail, scores, and where each member lies with its sha256).
+   Written atomically, it is the shard's completion marker; it is redone when the per-sample
+   settings or the raw shard's bytes change (checked by the raw shard's sha256, not its size).
 2. global and cheap: exact and near duplicates across the whole dataset in URL-list order
    (:mod:`pipeline.data.dedup`), then the reshard plan -> ``_filter/plan.parquet``.
 3. per output shard: ``000000.tar``, ``000001.tar``, ... with ``samples_per_shard`` samples each
-   (the last one less), copied from the raw shards without re-encoding, each written atomically;
-   shards already written for the same plan are kept.
+   (the last one less), copied from the raw shards without re-encoding, each member checked
+   against the sha256 pass 1 read, each shard written atomically; shards already written for
+   the same plan are kept.
 ``manifest.json`` is written last; a re-run with unchanged input and settings returns it as is.
 
     from pipeline.data.filters import filter_shards, format_reject_table
@@ -46,7 +48,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.data.download import normalize_error, read_refused, reason_stage, shard_failures
-from pipeline.data.embed import tar_tail_problem
+from pipeline.data.embed import _HashingReader, file_sha256, tar_tail_problem
 from pipeline.data.filter_registry import (
     FILTERS,
     CaptionLengthFilter,
@@ -70,8 +72,9 @@ __all__ = ["FILTERS", "CaptionLengthFilter", "DecodeFilter", "Filter", "FilterCo
            "stage_config"]
 
 MANIFEST = "manifest.json"
-# v3: per-sample stored side, per-stage counts; v4: raw shards verified, dropped_members, duplicate_key
-MANIFEST_FORMAT = "imagen-pipeline/filtered-shards/v4"
+# v3: per-sample stored side, per-stage counts; v4: raw shards verified, dropped_members, duplicate_key;
+# v5: member names matched exactly, pass 1 reused by the raw shard's sha256, pass 3 checks members' sha256
+MANIFEST_FORMAT = "imagen-pipeline/filtered-shards/v5"
 WORK = "_filter"
 PLAN = "plan.parquet"
 # Config fields that only the global pass uses: changing them does not redo pass 1.
@@ -83,9 +86,10 @@ WORK_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("reason", 
 
 
 def _split_key(name: str) -> tuple[str, str]:
-    # webdataset's rule: the key is everything before the first dot of the file name.
+    # webdataset's rule: the key is everything before the first dot of the file name. The
+    # extension keeps its spelling: "KEY.PNG" is no "png" member (see _KINDS).
     stem, _, ext = name.partition(".")
-    return stem, ext.lower()
+    return stem, ext
 
 
 # img2dataset names members KEY.EXT with a numeric key. Anything else (a directory part, "..",
@@ -93,15 +97,14 @@ def _split_key(name: str) -> tuple[str, str]:
 # download: it is dropped and counted, and can never reach a filtered shard. The 100-character
 # cap keeps the whole name in the ustar header, where read_located checks it.
 _SAFE_MEMBER = re.compile(r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,16})+")
+# The only member extensions a sample has, spelt exactly as img2dataset writes them. Any other
+# ("KEY.PNG", "KEY.foo") is dropped as unknown_member_extension: readers downstream match names
+# exactly, so a case-folded match here would index a member that pass 3 cannot find.
 _KINDS = {**dict.fromkeys(IMAGE_EXTS, "image"), "txt": "txt", "json": "json"}
 
 
 def _plain_key(key) -> bool:
     return isinstance(key, str) and _SAFE_MEMBER.fullmatch(f"{key}.x") is not None
-
-
-def _kind(ext: str) -> str:
-    return _KINDS.get(ext, ext)
 
 
 def _sample_from(key: str, members: dict[str, bytes]) -> Sample:
@@ -120,13 +123,17 @@ class RawShard:
 
     ``groups``: key -> {ext: header} of the first member of each kind (image, txt, json) in tar
     order; ``dropped``: members that are no sample of this download, by reason;
-    ``unsafe_rows``: keys the parquet lists as successes whose names are not plain keys.
+    ``rejected_rows``: key -> (url, reason) of the keys the parquet lists as successes that
+    cannot be read as a sample: the name is no plain key (``unsafe_member_name``), or the image
+    is there only under another spelling (``unknown_member_extension``); ``sha256``: of the
+    whole tar, as read (the key under which pass 1's results are reused).
     """
 
     uri: str
     groups: dict[str, dict[str, tarfile.TarInfo]]
     dropped: collections.Counter
-    unsafe_rows: dict[str, str | None]  # key -> url
+    rejected_rows: dict[str, tuple[str | None, str]]
+    sha256: str = ""
 
 
 def _damaged(uri: str, why: str) -> RuntimeError:
@@ -156,20 +163,25 @@ def index_raw_shard(uri: str) -> RawShard:
     Raises (naming the shard, and the keys) when the tar ends early at a corrupt header or
     lacks samples the parquet records as successes: a good sample is never lost in silence.
     Members that are no sample of the download are dropped and counted (``RawShard.dropped``):
-    ``unsafe_member_name``, ``not_a_regular_file``, ``duplicate_key`` (a second member of one
-    kind for a key: the first in tar order wins) and ``not_in_download_parquet``.
+    ``unsafe_member_name``, ``not_a_regular_file``, ``unknown_member_extension`` (not exactly
+    png, jpg, jpeg, webp, txt or json: ``KEY.PNG`` is one), ``duplicate_key`` (a second member
+    of one kind for a key: the first in tar order wins) and ``not_in_download_parquet``.
+    The tar is read once, front to back, and hashed on the way (``RawShard.sha256``).
     """
     groups: dict[str, dict[str, tarfile.TarInfo]] = collections.defaultdict(dict)
     dropped: collections.Counter = collections.Counter()
-    size = storage.size(uri)
+    misspelt: set[str] = set()  # keys with a member under an unknown extension
     with storage.open(uri, "rb") as f:
+        reader = _HashingReader(f)
         try:
-            with tarfile.open(fileobj=f, mode="r:") as tar:
+            # A stream: every byte goes through the hash once, whatever the storage, in constant memory.
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
                 infos = tar.getmembers()
                 end = tar.offset
         except tarfile.TarError as err:
             raise _damaged(uri, f"it is not a readable tar ({err})") from err
-        problem = tar_tail_problem(f, end, size)
+        reader.drain()
+        problem = tar_tail_problem(f, end, reader.size)
     if problem:
         raise _damaged(uri, f"{problem}, after {len(infos)} members; the samples behind it would be lost")
     for info in infos:
@@ -180,65 +192,83 @@ def index_raw_shard(uri: str) -> RawShard:
             dropped["not_a_regular_file"] += 1
             continue
         key, ext = _split_key(info.name)
+        if ext not in _KINDS:
+            dropped["unknown_member_extension"] += 1
+            misspelt.add(key)
+            continue
         group = groups[key]
-        if any(_kind(e) == _kind(ext) for e in group):
+        if any(_KINDS[e] == _KINDS[ext] for e in group):
             dropped["duplicate_key"] += 1
             continue
         group[ext] = info
     listed = _successes(uri)
-    missing = sorted(str(k) for k in listed if k not in groups and _plain_key(k))
+    rejected = {k: (u, "unsafe_member_name") for k, u in listed.items() if not _plain_key(k)}
+    for key in sorted(misspelt & listed.keys()):
+        if not any(_KINDS[e] == "image" for e in groups.get(key, {})):
+            # Its image is there only under another spelling: a counted reject, not a damaged shard.
+            groups.pop(key, None)
+            rejected[key] = (listed[key], "unknown_member_extension")
+    missing = sorted(str(k) for k in listed if k not in groups and k not in rejected)
     if missing:
         raise _damaged(uri, f"{len(missing)} sample(s) the download recorded as successes are not in the tar "
                             f"(keys {missing[:10]}{' ...' if len(missing) > 10 else ''})")
     for key in [k for k in groups if k not in listed]:
         dropped["not_in_download_parquet"] += len(groups.pop(key))
-    unsafe = {k: u for k, u in listed.items() if not _plain_key(k)}
     if dropped:
         print(f"warning: raw shard {uri}: dropped {sum(dropped.values())} tar member(s) that are no sample "
               f"of this download: {dict(sorted(dropped.items()))}", flush=True)
-    return RawShard(uri, dict(groups), dropped, unsafe)
+    return RawShard(uri, dict(groups), dropped, rejected, reader.sha.hexdigest())
 
 
-def read_shard(uri: str, keys: set[str] | None = None, locations: dict[str, dict[str, list[int]]] | None = None,
+def read_shard(uri: str, keys: set[str] | None = None, locations: dict[str, dict[str, list]] | None = None,
                shard: RawShard | None = None) -> Iterator[Sample]:
     """Samples of one raw shard in key order (only ``keys``, when given), verified by
     :func:`index_raw_shard` (or taken from ``shard``, its result).
 
     img2dataset writes samples in the order its download threads finish; reading them in key
     order (= URL-list order) makes the output, and which duplicate is kept, independent of
-    download timing. Only member headers are read up front; data is read one sample at a time.
-    ``locations`` (if given) receives ``{key: {ext: [offset, size]}}`` for :func:`read_located`.
+    download timing. The index streams the tar once up front (headers and hash); member data
+    is then read, and held, one sample at a time.
+    ``locations`` (if given) receives ``{key: {ext: [offset, size, sha256 hex]}}`` of the bytes
+    read, for :func:`read_located`.
     """
     groups = (shard or index_raw_shard(uri)).groups
     with storage.open(uri, "rb") as f:
         for key in sorted(groups if keys is None else keys & groups.keys()):
-            if locations is not None:
-                locations[key] = {ext: [info.offset_data, info.size] for ext, info in groups[key].items()}
             members = {}
             for ext, info in groups[key].items():
                 f.seek(info.offset_data)
                 members[ext] = f.read(info.size)
+            if locations is not None:
+                locations[key] = {ext: [info.offset_data, info.size, hashlib.sha256(members[ext]).hexdigest()]
+                                  for ext, info in groups[key].items()}
             yield _sample_from(key, members)
 
 
-def read_located(uri: str, located: list[tuple[str, dict[str, list[int]]]]) -> Iterator[Sample]:
+def read_located(uri: str, located: list[tuple[str, dict[str, list]]]) -> Iterator[Sample]:
     """Samples at known tar offsets (from :func:`read_shard`'s ``locations``), in the given order.
 
     Seeks straight to the member data: no tar header is parsed a second time, which is most of
-    the cost of reading a shard of small images. The name in each member's own header is
-    checked, so a shard rewritten since it was indexed fails instead of giving other bytes.
+    the cost of reading a shard of small images. Each member's name (in its own header), size
+    and sha256 are checked against what pass 1 read and filtered, so a shard rewritten since,
+    even in place at the same size, fails instead of giving other bytes.
     """
     with storage.open(uri, "rb") as f:
         for key, members in located:
             data = {}
-            for ext, (offset, size) in members.items():
+            for ext, (offset, size, sha256) in members.items():
                 f.seek(offset - 512)
                 block = f.read(512 + size)
                 name = block[:100].rstrip(b"\0").decode("utf-8", "replace")
                 data[ext] = block[512:]
                 if len(data[ext]) != size or name != f"{key}.{ext}":
-                    raise RawShardChanged(f"raw shard {uri} changed since it was filtered (member {key}.{ext} "
-                                          "is not where it was); run the filter step again")
+                    why = "is not where it was"
+                elif hashlib.sha256(data[ext]).hexdigest() != sha256:
+                    why = "has other bytes than the ones filtered"
+                else:
+                    continue
+                raise RawShardChanged(f"raw shard {uri} changed since it was filtered (member {key}.{ext} {why}); "
+                                      "run the filter step again: it filters the shard anew")
             yield _sample_from(key, data)
 
 
@@ -294,38 +324,53 @@ def filter_raw_shard(raw_uri: str, work_uri: str, config: FilterConfig) -> dict:
         for name, value in zip(WORK_SCHEMA.names, values, strict=True):
             columns[name].append(value)
         sample.__dict__.pop("image", None)  # free decoded pixels as we go
-    for key, url in sorted(shard.unsafe_rows.items(), key=lambda kv: str(kv[0])):
-        # A listed row whose key is no plain name: its members were dropped, the row is counted.
-        for name, value in zip(WORK_SCHEMA.names, (str(key), url, "unsafe_member_name"), strict=False):
+    for key, (url, reason) in sorted(shard.rejected_rows.items(), key=lambda kv: str(kv[0])):
+        # A listed row with no readable sample (see RawShard.rejected_rows): counted, with its reason.
+        for name, value in zip(WORK_SCHEMA.names, (str(key), url, reason), strict=False):
             columns[name].append(value)
         for name in WORK_SCHEMA.names[3:]:
             columns[name].append(None)
+    # raw_sha256 is the hash of the bytes indexed (RawShard.sha256): pass 1's result is reused
+    # only for a raw shard with exactly these bytes (_pass1_done).
     meta = {b"settings": _pass1_settings(config).encode(), b"raw_size": str(storage.size(raw_uri)).encode(),
+            b"raw_sha256": shard.sha256.encode(),
             b"dropped_members": json.dumps(dict(sorted(shard.dropped.items()))).encode()}
     table = pa.table(columns, schema=WORK_SCHEMA.with_metadata(meta))
     with storage.atomic_write(work_uri) as f:
         pq.write_table(table, f)
     kept = sum(r is None for r in reasons.values())
-    return {"shard": storage.basename(raw_uri), "seen": len(rows) + len(shard.unsafe_rows), "kept": kept,
+    return {"shard": storage.basename(raw_uri), "seen": len(rows) + len(shard.rejected_rows), "kept": kept,
             "seconds": time.monotonic() - start}
 
 
 def _pass1_done(raw_uri: str, work_uri: str, settings: str) -> bool:
+    """Whether ``work_uri`` holds pass 1's result for these settings and for the raw shard's
+    present bytes: verified by content (its sha256), never by size or name alone."""
     if not storage.exists(work_uri):
         return False
     with storage.open(work_uri, "rb") as f:
         meta = pq.read_schema(f).metadata or {}
-    return meta.get(b"settings") == settings.encode() and meta.get(b"raw_size") == str(storage.size(raw_uri)).encode()
+    if meta.get(b"settings") != settings.encode() or meta.get(b"raw_size") != str(storage.size(raw_uri)).encode():
+        return False  # redone anyway: no need to read the shard
+    return meta.get(b"raw_sha256") == file_sha256(raw_uri).encode()
 
 
 def _run_pass1(raw: list[str], work: str, config: FilterConfig, workers: int) -> None:
+    import concurrent.futures
+
     settings = _pass1_settings(config)
     wanted = {_work_uri(work, r) for r in raw}
     for uri in storage.list_files(work, r"\d+\.parquet"):
         if uri not in wanted:
             storage.remove(uri)  # its raw shard is gone
-    todo = [r for r in raw if not _pass1_done(r, _work_uri(work, r), settings)]
-    print(f"filter: {len(raw) - len(todo)} of {len(raw)} raw shards already filtered, {len(todo)} to go", flush=True)
+    start = time.monotonic()
+    # Hashing reads each raw shard once, in 1 MiB chunks; hashlib and the reads release the GIL,
+    # so threads suffice to check `workers` shards at a time.
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        done = list(pool.map(lambda r: _pass1_done(r, _work_uri(work, r), settings), raw))
+    todo = [r for r, ok in zip(raw, done, strict=True) if not ok]
+    print(f"filter: {len(raw) - len(todo)} of {len(raw)} raw shards already filtered (checked by sha256 in "
+          f"{time.monotonic() - start:.1f} s), {len(todo)} to go", flush=True)
 
     def report(result: dict) -> None:
         print(f"filter {result['shard']}: kept {result['kept']}/{result['seen']} ({result['seconds']:.1f} s)",
@@ -335,7 +380,6 @@ def _run_pass1(raw: list[str], work: str, config: FilterConfig, workers: int) ->
         for r in todo:
             report(filter_raw_shard(r, _work_uri(work, r), config))
         return
-    import concurrent.futures
     import multiprocessing
 
     # spawn: no fork of a process that may hold threads (Airflow, a loaded model).
@@ -400,7 +444,9 @@ def _plan(raw: list[str], work: str, config: FilterConfig,
                      "scores": pa.array(cols["scores"], pa.string()),
                      "members": pa.array(cols["members"], pa.string()),
                      "side": pa.array(cols["side"], pa.int32())})
-    digest = hashlib.sha256(json.dumps([plan[c].to_pylist() for c in ("raw", "key", "shard", "scores")]).encode())
+    # "members" holds each member's sha256: new bytes under the same keys make a new plan.
+    digest = hashlib.sha256(json.dumps([plan[c].to_pylist() for c in ("raw", "key", "shard", "scores",
+                                                                       "members")]).encode())
     return plan.replace_schema_metadata({b"plan_id": digest.hexdigest().encode()}), rejects, dropped
 
 
@@ -549,7 +595,7 @@ def filter_shards(input: str, output: str, config: FilterConfig | None = None,
 
     Returns the manifest (also written to ``output/manifest.json``, last)::
 
-        {"format": "imagen-pipeline/filtered-shards/v3", "input": ..., "output": ...,
+        {"format": "imagen-pipeline/filtered-shards/v5", "input": ..., "output": ...,
          "input_fingerprint": {"00000.tar": size, ...}, "config": {FilterConfig fields},
          "samples_per_shard": 1000, "filters": [names run], "skipped_filters": {name: why},
          "shards": {"000000.tar": kept_in_shard, ...},
@@ -567,6 +613,11 @@ def filter_shards(input: str, output: str, config: FilterConfig | None = None,
     a tar that ends early at a corrupt header, or lacks a sample recorded as downloaded, stops
     the step with an error naming the shard and keys. Of several samples with one key, the first
     in dataset order that passes the filters is kept (``duplicate_key`` counts the others).
+
+    A rerun with the same settings, input names and sizes, and every output shard in place
+    returns the manifest as is, reading no shard (the output stays what pass 1 made of the
+    bytes it hashed). Any other run hashes every raw shard and reuses pass 1 only for the same
+    bytes; pass 3 copies a member only if its sha256 is still the one pass 1 filtered.
     """
     config = config or FilterConfig()
     if samples_per_shard < 1:

@@ -23,6 +23,13 @@ Who fills what:
   pod, and torchrun reads ``PET_<FLAG>`` for any flag that is not on its command line.
 
 A single-node local job uses ``--standalone`` (torchrun picks a free port itself).
+
+Every process started on this machine needs a device of its own: the local launcher and
+``imagen-pipeline train`` refuse more processes than :func:`local_process_limit` gives (the
+visible CUDA devices when there are any, else the CPU cores), in one line that says what to pass
+(:func:`check_local_processes`). ``IMAGEN_LOCAL_MAX_PROCESSES=N`` in the environment of the
+launching process (the Airflow workers', or the shell's) sets another limit, e.g. to run more
+CPU processes than cores on purpose; a trigger form cannot set it.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from pipeline.proc import process_groups  # every process group under an agent (
 LOCAL_PROGRAM = (sys.executable, "-m", "torch.distributed.run")  # this interpreter's torchrun
 CLUSTER_PROGRAM = ("torchrun",)  # the image's torchrun (infra/Dockerfile)
 TRAIN_MODULE = ("-m", "pipeline.train")
+MAX_PROCESSES_ENV = "IMAGEN_LOCAL_MAX_PROCESSES"  # the deployment's limit, instead of the device count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +94,63 @@ def torchrun_command(spec: Torchrun, train_args: list[str],
     """The whole command: ``program`` (torchrun), its flags, ``-m pipeline.train`` and the
     job's flags (:func:`pipeline.train.job.job_to_argv`). Every launcher builds it here."""
     return [*program, *torchrun_flags(spec), *TRAIN_MODULE, *train_args]
+
+
+def cuda_device_count() -> int:
+    """CUDA devices visible to this process (``CUDA_VISIBLE_DEVICES`` applies); 0 without any."""
+    import torch  # deferred: only a launch of several processes asks
+
+    return torch.cuda.device_count()
+
+
+def local_process_limit(device: str | None = None, environ: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """How many training processes this machine can run, and why, in words (``"has 2 CUDA device(s)"``).
+
+    ``IMAGEN_LOCAL_MAX_PROCESSES`` when set; else one per visible CUDA device when there are
+    any (unless the job trains on ``device="cpu"``); else one per CPU core (``os.cpu_count()``).
+    """
+    env = os.environ if environ is None else environ
+    told = env.get(MAX_PROCESSES_ENV, "").strip()
+    if told:
+        if not (told.isascii() and told.isdigit()) or int(told) < 1:
+            raise ValueError(f"{MAX_PROCESSES_ENV}={told!r}: set it to a whole number of processes (>= 1), or "
+                             "unset it to allow one process per device of this machine")
+        return int(told), f"is limited to {int(told)} by {MAX_PROCESSES_ENV}={told}"
+    if device != "cpu":
+        gpus = cuda_device_count()
+        if gpus:
+            return gpus, f"has {gpus} CUDA device(s)"
+    cores = os.cpu_count() or 1
+    return cores, f"has {cores} CPU core(s)"
+
+
+def check_local_processes(nodes: int, procs_per_node: int, device: str | None = None,
+                          max_processes: int | None = None) -> None:
+    """Refuse to start ``nodes x procs_per_node`` training processes on this machine when that
+    is more than :func:`local_process_limit` (or ``max_processes``, when given) allows."""
+    count = nodes * procs_per_node
+    if count <= 1:
+        return  # one process always has a device: this machine's CPU, if nothing else
+    if max_processes is not None:
+        limit, why = max_processes, f"is limited to {max_processes} by its caller (max_processes)"
+    else:
+        limit, why = local_process_limit(device)
+    if count > limit:
+        raise ValueError(f"{nodes} node(s) x {procs_per_node} process(es) per node = {count} training processes "
+                         f"on this machine, which {why}: ask for at most {limit} (the trigger form's nodes x "
+                         "gpus_per_node, the CLI's --nproc-per-node), use the kubernetes launcher for more "
+                         f"machines, or set {MAX_PROCESSES_ENV}={count} in the launching process's environment "
+                         "to start them anyway")
+
+
+def device_of(train_args: list[str]) -> str | None:
+    """The job's ``--device`` in its command line (:func:`pipeline.train.job.job_to_argv`), if any."""
+    for i, arg in enumerate(train_args):
+        if arg == "--device" and i + 1 < len(train_args):
+            return train_args[i + 1]
+        if arg.startswith("--device="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def free_port() -> int:

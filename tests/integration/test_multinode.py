@@ -35,7 +35,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": "", **LOOPBA
 def tiny_job(data: str, embeddings: str, ckpt) -> TrainJob:
     return TrainJob(stage="base64", preset="tiny", data=data, embeddings=embeddings, checkpoint_dir=str(ckpt),
                     max_steps=STEPS, global_batch=8, checkpoint_every=EVERY, keep_checkpoints=10, log_every=EVERY,
-                    sample_every=0, tracking_uri="off", resume="latest")
+                    sample_every=0, tracking_uri="off", resume="latest", device="cpu")
 
 
 def last_json(text: str) -> dict:

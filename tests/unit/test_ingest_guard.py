@@ -221,3 +221,76 @@ def test_check_body():
         check_body(b"  <html><body>hi</body></html>", "image/jpeg", 100)
     check_body(b"\xff\xd8\xff\xe0garbage", "image/jpeg", 100)  # broken but not markup: the decoder decides
 
+
+
+# --- issue 24 item 5: name resolution inside the deadline ------------------------------------
+
+def _slow_resolver(seconds: float, calls: list | None = None):
+    """getaddrinfo that answers 127.0.0.1 after ``seconds`` (a slow DNS server)."""
+    real = socket.getaddrinfo
+
+    def resolver(host, port, type=0):  # noqa: A002 - getaddrinfo's keyword
+        if calls is not None:
+            calls.append(host)
+        time.sleep(seconds)
+        return real("127.0.0.1", port, type=type)
+    return resolver
+
+
+def test_name_resolution_counts_against_the_timeout(site):
+    policy = FetchPolicy(allow_hosts=(f"slow.test:{site.port}",))
+    start = time.monotonic()
+    _, stream, err = guarded_download_image((7, f"http://slow.test:{site.port}/img/png64.png"), 0.5, None, None,
+                                            opener=build_opener(policy, _slow_resolver(3.0)), policy=policy)
+    took = time.monotonic() - start
+    assert stream is None and err.startswith("timeout: ") and "slow.test" in err, err
+    assert 0.45 < took < 1.2, took  # was 3.06 s: the lookup ran outside the budget
+    # The same resolver within the budget: the fetch goes through.
+    _, stream, err = guarded_download_image((7, f"http://slow.test:{site.port}/img/png64.png"), 5.0, None, None,
+                                            opener=build_opener(policy, _slow_resolver(0.2)), policy=policy)
+    assert err is None and stream.getvalue() == site.routes["/img/png64.png"].body
+
+
+def test_monkeypatched_getaddrinfo_is_the_default_resolver(site, monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(socket, "getaddrinfo", _slow_resolver(3.0, calls))
+    policy = FetchPolicy(allow_hosts=(f"slow.test:{site.port}",))
+    start = time.monotonic()
+    _, stream, err = _fetch(site, f"http://slow.test:{site.port}/img/png64.png", policy, timeout=0.5)
+    assert calls == ["slow.test"] and err.startswith("timeout: ") and time.monotonic() - start < 1.2
+
+
+def test_stalled_lookups_hold_a_bounded_number_of_threads(site, monkeypatch):
+    import threading
+
+    from pipeline.data import fetch_guard
+
+    monkeypatch.setattr(fetch_guard, "RESOLVER_THREADS", 3)
+    monkeypatch.setattr(fetch_guard, "_resolver_slots", {})
+    release = threading.Event()
+
+    def stalled(host, port, type=0):  # noqa: A002
+        release.wait(30)
+        return socket.getaddrinfo("127.0.0.1", port, type=type)
+
+    earlier = set(threading.enumerate())  # lookups of other tests may still be sleeping
+
+    def resolving() -> int:
+        return sum(t.name == fetch_guard.RESOLVER_THREAD_NAME for t in set(threading.enumerate()) - earlier)
+
+    policy = FetchPolicy(allow_hosts=(f"stalled.test:{site.port}",))
+    opener = build_opener(policy, stalled)
+    start = time.monotonic()
+    errors = [guarded_download_image((i, f"http://stalled.test:{site.port}/img/png64.png"), 0.1, None, None,
+                                     opener=opener, policy=policy)[2] for i in range(10)]
+    assert all(e.startswith("timeout: ") for e in errors), errors
+    assert time.monotonic() - start < 10 * 0.1 + 1
+    assert resolving() == 3  # not 10: the rest timed out waiting for a free resolver thread
+    release.set()
+    deadline = time.monotonic() + 5
+    while resolving() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert resolving() == 0
+    # The threads are given back: lookups work again.
+    assert guarded_download_image((0, f"http://stalled.test:{site.port}/img/png64.png"), 5.0, None, None,
+                                  opener=opener, policy=policy)[2] is None

@@ -3,6 +3,8 @@ local launcher's single-process path (the CLI's) without a subprocess (its sever
 tests/unit/test_torchrun.py). The local launcher's real trainer subprocess and run_stage's
 reuse are tests/integration/test_launch.py."""
 
+import re
+
 import pytest
 
 from pipeline.layout import RunLayout
@@ -42,9 +44,10 @@ def test_checkpoint_dir_names_the_settings(tmp_path):
 def test_local_launcher_in_process_is_the_clis_road(monkeypatch):
     """``in_process`` (the CLI's train verb) runs a one-process job here, through the worker's
     ``run``; several processes, and every job without it (the DAGs'), go to a child process."""
+    _machine(monkeypatch, gpus=0, cores=2)
     calls = []
     monkeypatch.setattr("pipeline.train.worker.run", lambda job: calls.append(("here", 1)) or {"step": 1})
-    monkeypatch.setattr(launch, "train_subprocess", lambda argv, n: calls.append(("child", n)) or {"step": 2})
+    monkeypatch.setattr(launch, "train_subprocess", lambda argv, n, **kw: calls.append(("child", n)) or {"step": 2})
     job = TrainJob(stage="base64", preset="tiny", data="d", embeddings="e", checkpoint_dir="c")
     assert launch.make_launcher("local", in_process=True).launch(job, 1, 1) == {"step": 1}
     assert launch.make_launcher("local", in_process=True).launch(job, 1, 2) == {"step": 2}
@@ -56,3 +59,116 @@ def test_run_stage_refuses_the_in_process_hook_from_a_trigger_form(tmp_path):
     with pytest.raises(ValueError, match="unknown keys \\['in_process'\\]"):
         launch.run_stage(layout=RunLayout(str(tmp_path)), stage="base64", preset="tiny", data=str(tmp_path),
                          embeddings=str(tmp_path), max_steps=1, launcher_options={"in_process": True})
+
+
+# --- issue 24 item 7: no more local processes than the machine has devices --------------------
+
+def _machine(monkeypatch, gpus: int, cores: int) -> None:
+    from pipeline.train import torchrun
+
+    monkeypatch.setattr(torchrun, "cuda_device_count", lambda: gpus)
+    monkeypatch.setattr(torchrun.os, "cpu_count", lambda: cores)
+    monkeypatch.delenv(torchrun.MAX_PROCESSES_ENV, raising=False)
+
+
+def _no_process(*args, **kwargs):
+    raise AssertionError("a process was started")
+
+
+def test_local_process_limit_counts_gpus_else_cores(monkeypatch):
+    from pipeline.train.torchrun import MAX_PROCESSES_ENV, local_process_limit
+
+    _machine(monkeypatch, gpus=0, cores=4)
+    assert local_process_limit() == (4, "has 4 CPU core(s)")
+    _machine(monkeypatch, gpus=2, cores=16)
+    assert local_process_limit() == (2, "has 2 CUDA device(s)")
+    assert local_process_limit("cpu") == (16, "has 16 CPU core(s)")  # a CPU job on a GPU machine
+    assert local_process_limit("cuda:1") == (2, "has 2 CUDA device(s)")
+    monkeypatch.setenv(MAX_PROCESSES_ENV, "64")
+    assert local_process_limit() == (64, f"is limited to 64 by {MAX_PROCESSES_ENV}=64")
+    for bad in ("0", "-1", "lots", "1.5", "²"):
+        monkeypatch.setenv(MAX_PROCESSES_ENV, bad)
+        with pytest.raises(ValueError, match=f"^{MAX_PROCESSES_ENV}='{re.escape(bad)}': set it to"):
+            local_process_limit()
+
+
+def test_local_launcher_refuses_more_processes_than_the_machine_has(monkeypatch):
+    """The trigger form allows nodes 1024 x gpus_per_node 64: the local launcher would start
+    65,536 processes on one machine. It refuses, in one line that says what to pass."""
+    _machine(monkeypatch, gpus=0, cores=4)
+    monkeypatch.setattr(launch, "train_subprocess", _no_process)
+    monkeypatch.setattr(launch, "train_local_nodes", _no_process)
+    job = TrainJob(stage="base64", preset="tiny", data="d", embeddings="e", checkpoint_dir="c")
+    for nodes, procs in ((1024, 64), (1, 5), (5, 1), (2, 3)):
+        with pytest.raises(ValueError) as err:
+            launch.make_launcher("local").launch(job, nodes, procs)
+        message = str(err.value)
+        assert "\n" not in message and f"{nodes * procs} training processes" in message
+        assert "4 CPU core(s)" in message and f"IMAGEN_LOCAL_MAX_PROCESSES={nodes * procs}" in message
+        assert "--nproc-per-node" in message and "gpus_per_node" in message
+
+
+def test_local_launcher_starts_what_fits_or_what_it_is_told(monkeypatch):
+    _machine(monkeypatch, gpus=2, cores=64)
+    calls = []
+    monkeypatch.setattr(launch, "train_subprocess",
+                        lambda argv, n, **kw: calls.append(("one node", n, kw)) or {"step": 1})
+    job = TrainJob(stage="base64", preset="tiny", data="d", embeddings="e", checkpoint_dir="c")
+    assert launch.make_launcher("local").launch(job, 1, 2) == {"step": 1}  # one process per GPU
+    with pytest.raises(ValueError, match="3 training processes.*2 CUDA device"):
+        launch.make_launcher("local").launch(job, 1, 3)
+    cpu_job = TrainJob(stage="base64", preset="tiny", data="d", embeddings="e", checkpoint_dir="c", device="cpu")
+    assert launch.make_launcher("local").launch(cpu_job, 1, 8) == {"step": 1}  # CPU training: the cores count
+    # Told otherwise: the Python option (not a trigger-form key) and the deployment's variable.
+    assert launch.LocalLauncher(max_processes=4).launch(job, 1, 4) == {"step": 1}
+    with pytest.raises(ValueError, match=r"5 training processes on this machine, which is limited to 4 by its "
+                                         r"caller \(max_processes\)"):
+        launch.LocalLauncher(max_processes=4).launch(job, 1, 5)
+    monkeypatch.setenv("IMAGEN_LOCAL_MAX_PROCESSES", "3")
+    assert launch.make_launcher("local").launch(job, 1, 3) == {"step": 1}
+    with pytest.raises(ValueError, match="4 training processes on this machine, which is limited to 3 by "
+                                         "IMAGEN_LOCAL_MAX_PROCESSES=3: ask for at most 3"):
+        launch.make_launcher("local").launch(job, 1, 4)
+    assert [c[1] for c in calls] == [2, 8, 4, 3]
+
+
+def test_several_local_nodes_are_checked_before_any_agent_starts(monkeypatch):
+    _machine(monkeypatch, gpus=0, cores=2)
+    job = TrainJob(stage="base64", preset="tiny", data="d", embeddings="e", checkpoint_dir="c")
+    with pytest.raises(ValueError, match="3 node\\(s\\) x 1 process\\(es\\) per node = 3 training processes"):
+        launch.LocalLauncher(runner=_no_process).launch(job, 3, 1)
+    with pytest.raises(ValueError, match="6 training processes"):
+        launch.train_local_nodes(["--stage", "base64"], 3, 2, runner=_no_process)
+    started = []
+    launch.train_local_nodes(["--stage", "base64"], 2, 1,
+                             runner=lambda cmds, envs: started.append(len(cmds)) or [['{"step": 1}'], []])
+    assert started == [2]
+
+
+def test_run_stage_from_the_trigger_form_refuses_65536_local_processes(tmp_path, monkeypatch):
+    """The DAG's road: the trigger form's Params, validated as Airflow does, into run_stage."""
+    import os
+    import sys
+
+    from airflow.sdk.definitions.param import ParamsDict
+
+    _machine(monkeypatch, gpus=0, cores=4)
+    monkeypatch.setattr("pipeline.train.torchrun.run_agents", _no_process)
+    monkeypatch.setattr(launch, "train_subprocess", _no_process)
+    dags = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "dags")
+    sys.path.insert(0, dags)
+    try:
+        import imagen_common
+    finally:
+        sys.path.remove(dags)
+    params = ParamsDict(imagen_common.train_params())
+    for name, value in {"root": str(tmp_path), "nodes": 1024, "gpus_per_node": 64}.items():
+        params[name] = value
+    form = params.validate()  # the form accepts it: the Params' own bounds
+    filtered = tmp_path / "filtered"
+    filtered.mkdir()
+    (filtered / "manifest.json").write_text('{"kept": 1, "shards": {"000000.tar": 1}}')
+    with pytest.raises(ValueError, match=r"1024 node\(s\) x 64 process\(es\) per node = 65536 training processes "
+                                         r"on this machine, which has 4 CPU core\(s\)"):
+        imagen_common.train_stage(form, str(tmp_path), "base64", "tiny", str(filtered), str(tmp_path / "emb"))
+    assert not list(tmp_path.rglob("result.json"))

@@ -213,3 +213,26 @@ def test_cli_train_passes_the_node_flags_to_torchrun(monkeypatch, capsys):
     assert "needs --node-rank" in capsys.readouterr().err
     assert cli.main([*base, "--node-rank", "1"]) == 2
     assert "add --nnodes N" in capsys.readouterr().err
+
+
+def test_cli_train_refuses_more_processes_than_the_machine_has(monkeypatch, capsys):
+    """Issue 24 item 7, the CLI's road: ``train --nproc-per-node`` on one machine, and this
+    machine's share of a job of several (``--nnodes``)."""
+    monkeypatch.setattr(torchrun, "cuda_device_count", lambda: 0)
+    monkeypatch.setattr(torchrun.os, "cpu_count", lambda: 2)
+    monkeypatch.delenv(torchrun.MAX_PROCESSES_ENV, raising=False)
+
+    def no_process(*args, **kwargs):
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(torchrun, "run_agents", no_process)
+    monkeypatch.setattr(launch, "run_streaming", no_process)
+    base = ["train", "--stage", "base64", "--data", "/d/filtered", "--embeddings", "/d/emb", "--checkpoint-dir",
+            "/d/ckpt"]
+    for extra in (["--nproc-per-node", "64"], ["--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1",
+                                               "--nproc-per-node", "64"]):
+        assert cli.main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("imagen-pipeline train: error: ")
+        assert "64 training processes on this machine, which has 2 CPU core(s)" in err
+        assert "--nproc-per-node" in err and "IMAGEN_LOCAL_MAX_PROCESSES=64" in err
