@@ -33,6 +33,10 @@ import torch
 _FULL_HASH_LIMIT = 256 << 20
 _SAMPLE_BYTES = 1 << 20
 _NUM_SAMPLES = 16
+# A model folder holds a config, a tokenizer and some weight shards: a folder past these bounds
+# (an encoder given as "/" or a home directory) is refused before anything in it is read.
+_MAX_ENTRIES = 10_000  # files and folders under it
+_MAX_HASHED_BYTES = 16 << 30  # bytes read in full (files of up to _FULL_HASH_LIMIT each)
 
 
 @runtime_checkable
@@ -80,8 +84,7 @@ def _fingerprint_dir(path: Path) -> str:
     ``encoder_id`` cheap enough to compute at every launch.
     """
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    for file in files:
+    for file in _model_files(path):
         size = file.stat().st_size
         digest.update(f"{file.relative_to(path).as_posix()}\0{size}\0".encode())
         with open(file, "rb") as fh:
@@ -94,6 +97,26 @@ def _fingerprint_dir(path: Path) -> str:
                 fh.seek(i * step)
                 digest.update(fh.read(_SAMPLE_BYTES))
     return digest.hexdigest()[:16]
+
+
+def _model_files(path: Path) -> list[Path]:
+    """The files a model folder's identity hashes (sorted; hidden names left out), after checking
+    that ``path`` is a model folder: a config.json at its top, and within the bounds above."""
+    hint = "pass the folder save_pretrained wrote (config.json, tokenizer and weights)"
+    if not (path / "config.json").is_file():
+        raise ValueError(f"text encoder {path}: no config.json in this folder, so not a model folder: {hint}")
+    entries = []
+    for entry in path.rglob("*"):  # lazily: a huge tree is refused after _MAX_ENTRIES, not walked
+        entries.append(entry)
+        if len(entries) > _MAX_ENTRIES:
+            raise ValueError(f"text encoder {path}: more than {_MAX_ENTRIES} files and folders, not a "
+                             f"model folder: {hint}")
+    files = sorted(p for p in entries if p.is_file() and not p.name.startswith("."))
+    full = sum(size for size in (f.stat().st_size for f in files) if size <= _FULL_HASH_LIMIT)
+    if full > _MAX_HASHED_BYTES:
+        raise ValueError(f"text encoder {path}: {full} bytes in files under {_FULL_HASH_LIMIT} bytes each, "
+                         f"more than a model folder holds ({_MAX_HASHED_BYTES}): {hint}")
+    return files
 
 
 def _hub_commit(name: str, revision: str | None) -> str | None:

@@ -201,11 +201,14 @@ _EXTS = (".parquet", ".csv", ".tsv", ".txt", ".jsonl", ".json")
 
 
 def _list_files(url_list: str) -> list[str]:
-    import fsspec
+    from pipeline import storage
 
-    fs, path = fsspec.core.url_to_fs(url_list)
+    if storage.is_http(url_list):  # one file, read through the fetch guard
+        return [url_list]
+    fs, path = storage.url_to_fs(url_list)
     if fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if p.endswith(_EXTS) and not os.path.basename(p).startswith("_"))
+        files = sorted(p for p in fs.find(path)
+                       if p.removesuffix(".gz").endswith(_EXTS) and not os.path.basename(p).startswith("_"))
         if not files:
             raise ValueError(f"{url_list}: no {'/'.join(_EXTS)} files in this folder")
         return [fs.unstrip_protocol(p) for p in files]
@@ -220,12 +223,16 @@ def _real(captions: list) -> list[str]:
 
 
 def _rows_and_captions(uri: str, caption_col: str, want: int) -> tuple[int, list[str]]:
-    """(row count, up to ``want`` captions) of one URL-list file; parquet counts from metadata."""
-    import fsspec
+    """(row count, up to ``want`` captions) of one URL-list file; parquet counts from metadata.
+    Read through :func:`pipeline.storage.open`: an http(s) list passes the fetch guard, and a
+    ``.gz`` list is inflated under storage's size limit."""
     import pyarrow.parquet as pq
 
-    with fsspec.open(uri, "rb") as f:
-        if uri.endswith(".parquet"):
+    from pipeline import storage
+
+    name = uri.removesuffix(".gz")
+    with storage.open(uri, "rb", compression="infer") as f:
+        if name.endswith(".parquet"):
             pf = pq.ParquetFile(f)
             captions: list[str] = []
             if caption_col in pf.schema_arrow.names:
@@ -235,15 +242,15 @@ def _rows_and_captions(uri: str, caption_col: str, want: int) -> tuple[int, list
                     captions += pf.read_row_group(i, columns=[caption_col]).column(0).to_pylist()
             return pf.metadata.num_rows, _real(captions[:want])
         rows, captions, header = 0, [], None
-        sep = "\t" if uri.endswith(".tsv") else ","
+        sep = "\t" if name.endswith(".tsv") else ","
         for raw in f:  # text lists are streamed: a count of a big CSV reads it once
             line = raw.decode("utf-8", "replace").rstrip("\n")
-            if uri.endswith((".csv", ".tsv")) and header is None:
+            if name.endswith((".csv", ".tsv")) and header is None:
                 header = line.split(sep)
                 continue
             rows += 1
             if len(captions) < want:
-                if uri.endswith((".jsonl", ".json")):
+                if name.endswith((".jsonl", ".json")):
                     captions.append(json.loads(line).get(caption_col) or "")
                 elif header and caption_col in header:
                     import csv
@@ -333,7 +340,7 @@ def _stage_plan(inp: PlanInputs, table: dict, stage: str, n_gpus: int, eff: floa
     cfg = preset(name, stage)
     entry = train_entry(table, inp.gpu, stage, name)
     steps = inp.steps.get(stage, cfg.train.max_steps)
-    batch = inp.batch_size.get(stage, cfg.train.batch_size)
+    batch = inp.batch_size.get(stage, cfg.train.global_batch)
     seen = steps * batch
     gpu_hours = seen / entry["images_per_s"] / 3600
     params = unet_params(cfg.unet)

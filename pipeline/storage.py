@@ -7,8 +7,11 @@ Remote reads are guarded like image fetches (:mod:`pipeline.data.fetch_guard`): 
 file is read by :func:`open` through the SSRF guard (address checks after every redirect, pinned
 connection, wall-clock budget, size limit), never by fsspec; it cannot be listed, written or
 chained. Other network protocols (ftp, sftp, smb, webdav, ...) are refused unless the deployment
-allows private networks (``IMAGEN_ALLOW_PRIVATE_NETWORKS=1``). Local paths and object stores
-(s3, gs, az, hdfs: endpoints the deployment configures) go through fsspec as before.
+allows private networks (``IMAGEN_ALLOW_PRIVATE_NETWORKS=1``); so is an ``hdfs://`` URI that names
+its namenode (``hdfs://HOST:PORT/...``, any host), while ``hdfs:///path`` reaches the cluster the
+deployment configured (``fs.defaultFS``). Local paths and object stores (s3, gs, az: endpoints the
+deployment configures) go through fsspec as before. A compressed file (``compression=``) is
+inflated under the same size limit as a remote body, so a small gzip bomb cannot fill memory.
 
     from pipeline import storage
     with storage.atomic_write("s3://bucket/out/000000.tar") as f:
@@ -50,13 +53,17 @@ from pipeline.data.fetch_guard import (
 )
 
 # fsspec protocols that stay on this machine or reach storage the deployment configured (object
-# stores and HDFS, with their endpoints and credentials), and wrappers around another URL (whose
-# inner URL is checked in turn). Anything else is a network protocol an attacker could point at
-# an internal host (ftp, sftp, smb, webdav, webhdfs, git, reference, ...).
+# stores, with their endpoints and credentials), and wrappers around another URL (whose inner URL
+# is checked in turn). Anything else is a network protocol an attacker could point at an internal
+# host (ftp, sftp, smb, webdav, webhdfs, git, reference, ...).
 SAFE_PROTOCOLS = frozenset({
     "file", "local", "memory", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oci", "oss",
-    "hdfs", "arrow_hdfs", "simplecache", "filecache", "blockcache", "cached", "zip", "tar", "libarchive",
+    "simplecache", "filecache", "blockcache", "cached", "zip", "tar", "libarchive",
 })
+# HDFS takes its namenode (and user) from the URL: hdfs://10.0.0.5:8020/x connects there. Only the
+# deployment's own cluster is safe: no host, or "default" (pyarrow then reads fs.defaultFS).
+HDFS_PROTOCOLS = frozenset({"hdfs", "arrow_hdfs"})
+_CONFIGURED_HDFS = ("", "default")
 REMOTE_TIMEOUT = 600.0  # seconds for a whole http(s) file read (a URL list can be large)
 REMOTE_MAX_BYTES = 16 << 30
 _SPOOL_BYTES = 64 << 20  # http(s) files larger than this are held in a temporary file on disk
@@ -78,12 +85,20 @@ def is_http(uri: str) -> bool:
 
 def check_protocols(uri: str, policy: FetchPolicy | None = None) -> None:
     """Refuse a URI that fsspec would read over a network the guard does not cover."""
-    for protocol in ["http"] if is_http(uri) else protocols(uri):
+    for part, protocol in zip(str(uri).split("::"), protocols(uri), strict=True):
         if protocol in ("http", "https"):
             raise RemoteReadRefused("unsupported_scheme", uri, "an http(s) location is read one file at a "
                                     "time through the fetch guard; it cannot be listed, written or chained")
-        if protocol not in SAFE_PROTOCOLS and not (policy or deployment_policy()).allow_private_networks:
-            raise RemoteReadRefused("unsupported_scheme", uri, f"the {protocol}:// protocol is not guarded")
+        host = part.partition("://")[2].split("/", 1)[0]
+        if protocol in HDFS_PROTOCOLS and host not in _CONFIGURED_HDFS:
+            why = (f"{protocol}://{host} names its own namenode: write {protocol}:///PATH for the cluster the "
+                   "deployment configured (fs.defaultFS)")
+        elif protocol not in SAFE_PROTOCOLS | HDFS_PROTOCOLS:
+            why = f"the {protocol}:// protocol is not guarded"
+        else:
+            continue
+        if not (policy or deployment_policy()).allow_private_networks:
+            raise RemoteReadRefused("unsupported_scheme", uri, why)
 
 
 def url_to_fs(uri: str, policy: FetchPolicy | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -149,25 +164,57 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
-def open(uri: str, mode: str = "rb", *, policy: FetchPolicy | None = None, **kwargs: Any) -> IO:
+def open(uri: str, mode: str = "rb", *, policy: FetchPolicy | None = None, max_bytes: int | None = None,
+         **kwargs: Any) -> IO:
     """Open a file on any fsspec filesystem; use as a context manager.
 
     Shadows the builtin on purpose: callers write ``storage.open(uri)``. An http(s) file is read
     (``"rb"``/``"r"``, ``compression=``, ``encoding=``) through the fetch guard under ``policy``
-    (default: the deployment's, :func:`pipeline.data.fetch_guard.deployment_policy`).
+    (default: the deployment's, :func:`pipeline.data.fetch_guard.deployment_policy`). A compressed
+    file read with ``compression=`` (``"infer"``: from the name) is inflated whole into a seekable
+    file, refused past ``max_bytes`` of output (default :data:`REMOTE_MAX_BYTES`, the limit on an
+    http(s) body): its compressed size says nothing of what it inflates to.
     """
-    if not is_http(uri):
-        fs, path = url_to_fs(uri, policy)
-        return fs.open(path, mode, **kwargs)
-    if mode not in ("rb", "r"):
-        raise ValueError(f"{uri}: http(s) locations are read-only (mode {mode!r})")
-    f = open_url(uri, policy)
     compression = kwargs.pop("compression", None)
     if compression == "infer":
         compression = fsspec.utils.infer_compression(uri)
+    reading = mode in ("rb", "r")
+    if not is_http(uri) and not (compression and reading):
+        fs, path = url_to_fs(uri, policy)
+        return fs.open(path, mode, compression=compression, **kwargs)
+    if not reading:
+        raise ValueError(f"{uri}: http(s) locations are read-only (mode {mode!r})")
+    limit = REMOTE_MAX_BYTES if max_bytes is None else max_bytes
+    if is_http(uri):
+        f = open_url(uri, policy, max_bytes=limit)
+    else:
+        fs, path = url_to_fs(uri, policy)
+        f = fs.open(path, "rb")
     if compression:
-        f = fsspec.compression.compr[compression](f, mode="rb")
+        f = _inflate(f, compression, uri, limit)
     return io.TextIOWrapper(f, encoding=kwargs.get("encoding") or "utf-8") if mode == "r" else f
+
+
+def _inflate(f: IO[bytes], compression: str, uri: str, max_bytes: int) -> IO[bytes]:
+    """The decompressed content of ``f`` (closed here) as a seekable file: in memory, or on disk
+    past 64 MiB; RemoteReadRefused once it passes ``max_bytes``."""
+    if compression not in fsspec.compression.compr:
+        f.close()
+        raise ValueError(f"{uri}: unknown compression {compression!r}; choose one of "
+                         f"{', '.join(sorted(c for c in fsspec.compression.compr if c))}")
+    out = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)  # noqa: SIM115 - returned open
+    try:
+        with f, fsspec.compression.compr[compression](f, mode="rb") as z:
+            while chunk := z.read(1 << 20):
+                if out.tell() + len(chunk) > max_bytes:
+                    raise RemoteReadRefused("response_too_large", uri, f"inflates to more than {max_bytes} "
+                                            f"bytes ({compression}): split the list into smaller files")
+                out.write(chunk)
+    except BaseException:
+        out.close()
+        raise
+    out.seek(0)
+    return out
 
 
 def is_local(uri: str) -> bool:

@@ -670,11 +670,10 @@ def load_embeddings(path: str) -> EmbeddingShard:
     if missing or "dim" not in meta:
         raise ValueError(f"{path}: missing columns {sorted(missing)} or metadata 'dim'. {_HINT}")
     keys = table.column("__key__").to_pylist()
-    lengths = table.column("num_tokens").to_numpy().astype(np.int64)
-    flat = table.column("embedding").combine_chunks().flatten().flatten()
+    embedding = table.column("embedding").combine_chunks()
+    lengths = _checked_lengths(path, keys, table.column("num_tokens"), embedding, meta["dim"])
+    flat = embedding.flatten().flatten()
     values = flat.to_numpy(zero_copy_only=False).reshape(-1, meta["dim"])
-    if values.shape[0] != lengths.sum():
-        raise ValueError(f"{path}: num_tokens does not match the stored embeddings. {_HINT}")
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     shard = EmbeddingShard(path, keys, offsets, values, meta)
     if {"image_ext", "image_offset", "image_size"} <= set(table.column_names):
@@ -686,6 +685,28 @@ def load_embeddings(path: str) -> EmbeddingShard:
     if "image_sha256" in table.column_names:
         shard.image_sha256 = table.column("image_sha256").to_pylist()
     return shard
+
+
+def _checked_lengths(path: str, keys: list, num_tokens, embedding, dim: int) -> np.ndarray:
+    """Each row's token count (int64), after checking that ``num_tokens`` says what the row
+    stores: a row's vectors are found by summing the counts before it, so one wrong count
+    would hand a caption another caption's vectors."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = embedding.type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not (
+            pa.types.is_fixed_size_list(kind.value_type) and kind.value_type.list_size == dim):
+        raise ValueError(f"{path}: column embedding is {kind}, expected lists of {dim}-d vectors "
+                         f"(metadata 'dim'). {_HINT}")
+    stored = pc.fill_null(pc.list_value_length(embedding), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths = pc.fill_null(num_tokens, -1).to_numpy().astype(np.int64)
+    bad = np.flatnonzero((lengths != stored) | (lengths < 1))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{path}: key {keys[i]!r} has num_tokens {lengths[i]} but {stored[i]} stored token "
+                         f"vectors ({bad.size} rows disagree). {_HINT}")
+    return lengths
 
 
 def read_embeddings(path: str) -> tuple[dict[str, np.ndarray], dict]:

@@ -98,7 +98,7 @@ def evaluate(checkpoints: str | list[str], options: EvalOptions | None = None, *
         raise ValueError("evaluate needs at least one --checkpoint (a stage weights directory)")
     opts = replace(options or EvalOptions(), **overrides)
     opts.skipped = {}
-    loaded = [load_model(c) for c in checkpoints]
+    loaded = [load_model(c, storage=storage) for c in checkpoints]
     encoder = load_encoder(checkpoints, [m for _, _, m in loaded], opts.encoder)
     prompts, specs, palette = prompt_set(opts)
     metrics: dict[str, float] = {}
@@ -129,7 +129,7 @@ def load_encoder(checkpoints: list[str], metas: list[dict], override: str | None
     from imagen.checkpoint import CONFIG_NAME, load_config
     from pipeline.release.loading import choose_encoder
 
-    cfgs = [load_config(c)[0] for c in checkpoints]
+    cfgs = [load_config(c, storage)[0] for c in checkpoints]
     return choose_encoder(storage.join(checkpoints[0], CONFIG_NAME), metas, cfgs, override=override)
 
 

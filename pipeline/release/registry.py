@@ -317,7 +317,7 @@ def register(
     checkpoints = list(checkpoints)
     if not checkpoints:
         raise ValueError("register needs at least one --checkpoint (a stage weights directory)")
-    loaded = [check_weights(c) for c in checkpoints]  # config.json and weight headers, as sample reads them
+    loaded = [check_weights(c, storage) for c in checkpoints]  # config.json and weight headers, as sample reads them
     cfgs, metas = [c for c, _ in loaded], [m for _, m in loaded]
     check_chain([c.spec for c in cfgs])
     name = name or (STAGE_MODEL_NAMES[cfgs[0].stage] if len(cfgs) == 1 else CASCADE_MODEL_NAME)
@@ -382,9 +382,9 @@ def chain_checkpoints(checkpoints: list[str]) -> tuple[list[str], dict[str, str]
     are registered anyway), so mismatched presets cannot produce an unloadable cascade."""
     from imagen.checkpoint import load_config
 
-    kept, left_out, prev = [checkpoints[0]], {}, load_config(checkpoints[0])[0].spec
+    kept, left_out, prev = [checkpoints[0]], {}, load_config(checkpoints[0], storage)[0].spec
     for ckpt in checkpoints[1:]:
-        spec = load_config(ckpt)[0].spec
+        spec = load_config(ckpt, storage)[0].spec
         error = spec.chain_error(prev)
         if error is None:
             kept.append(ckpt)

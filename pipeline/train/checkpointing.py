@@ -160,7 +160,7 @@ def save_checkpoint(checkpoint_dir: str, step: int, state: TrainState, rank: int
         rng["numpy"] = list(rng["numpy"][:1]) + [torch.from_numpy(rng["numpy"][1].copy())] + list(rng["numpy"][2:])
         _torch_save(rng, storage.join(tmp, f"rng-{rank}.pt"))  # one per global rank, on every node
         if rank == 0:  # global rank 0 alone writes the full state, whatever the node count
-            save_weights(tmp, model_sd, state.cfg, ema=ema_sd,
+            save_weights(tmp, model_sd, state.cfg, ema=ema_sd, storage=storage,
                          metadata={**state.metadata, "step": step, "world_size": world})
             _torch_save(optim_sd, storage.join(tmp, "optimizer.pt"))
 
@@ -193,7 +193,7 @@ def _torch_save(obj: Any, uri: str) -> None:
 
 def check_compatible(directory: str, cfg: StageConfig, metadata: dict[str, Any]) -> dict[str, Any]:
     """Refuse a checkpoint of another stage, model config or text encoder."""
-    saved, meta = load_config(directory)
+    saved, meta = load_config(directory, storage)
     if saved.stage != cfg.stage:
         raise ValueError(f"checkpoint {directory} is for stage {saved.stage!r}, not {cfg.stage!r}: "
                          "point --checkpoint-dir at this stage's runs")

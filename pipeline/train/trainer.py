@@ -112,7 +112,7 @@ class Trainer:
             return None
         from imagen.checkpoint import load_config
 
-        return load_config(resume_dir)[1].get("mlflow_run_id")
+        return load_config(resume_dir, storage)[1].get("mlflow_run_id")
 
     def _loader(self, start_batch: int, **overrides):
         from pipeline.data.loader import TrainDataConfig, make_loader

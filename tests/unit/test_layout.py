@@ -74,14 +74,17 @@ def test_stage_weights_round_trip_through_an_object_store():
     torch.manual_seed(0)
     state = UNet(cfg.unet).state_dict()
     where = "memory://layout-test/checkpoints/base64/run/final"
-    save_weights(where, state, cfg, ema=state, metadata={"root": "memory://layout-test", "step": 3})
-    assert load_config(where)[1] == {"root": "memory://layout-test", "step": 3}
-    assert check_weights(where)[0] == cfg
-    model, cfg2, _ = load_model(where)
+    save_weights(where, state, cfg, ema=state, metadata={"root": "memory://layout-test", "step": 3},
+                 storage=storage)
+    assert load_config(where, storage)[1] == {"root": "memory://layout-test", "step": 3}
+    assert check_weights(where, storage)[0] == cfg
+    model, cfg2, _ = load_model(where, storage=storage)
     assert cfg2 == cfg and all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     storage.write_bytes(f"{where}/model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(ValueError, match="model.safetensors does not fit|not a readable safetensors"):
-        check_weights(where)
+        check_weights(where, storage)
+    with pytest.raises(ValueError, match="is a URI.*storage=pipeline.storage"):
+        load_config(where)  # imagen/ opens no remote file by itself
     storage.rmtree("memory://layout-test")
 
 
