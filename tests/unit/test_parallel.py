@@ -130,3 +130,57 @@ def test_on_rank0_gives_every_rank_rank_0s_answer(monkeypatch):
                         lambda box, src: box.__setitem__(slice(None), [None, "ValueError: bad --resume"]))
     with pytest.raises(RuntimeError, match="finding failed on rank 0: ValueError: bad --resume"):
         parallel.on_rank0(never, 1, 2, "finding")
+
+
+def test_fsdp_bf16_gathers_bf16_weights_and_keeps_fp32_shards_and_grads(one_rank_group):
+    cfg = preset("tiny", "base64")
+    torch.manual_seed(0)
+    model = parallel.parallelize(UNet(cfg.unet), "fsdp", world=2, bf16=True)
+    seen = []
+    model.stem.register_forward_pre_hook(lambda mod, args: seen.append(mod.weight.dtype))
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    text, mask = torch.randn(2, 4, cfg.unet.text_embed_dim), torch.ones(2, 4, dtype=torch.bool)
+    model(x, t, text, mask).float().pow(2).mean().backward()
+    assert seen == [torch.bfloat16]  # the all-gathered (compute) weights: half the bytes
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_gradients_sync_only_on_the_last_micro_batch(one_rank_group, monkeypatch):
+    """DDP no_sync / FSDP set_requires_gradient_sync(False) on every micro-batch but the last."""
+    from pipeline.train.job import batch_plan
+    from pipeline.train.step import StepOptions, TrainStep
+
+    cfg = preset("tiny", "base64")
+    batch = {"image": torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
+             "text_embeds": torch.zeros(2, 8, cfg.unet.text_embed_dim, dtype=torch.float16),
+             "text_mask": torch.ones(2, 8, dtype=torch.bool), "keys": ["a", "b"]}
+    for mode in ("ddp", "fsdp"):
+        # world 2 in a one-rank group: the wrapping and sync calls of a real job, one process
+        step = TrainStep(cfg, StepOptions(parallel=mode), batch_plan(12, 2, 2), 0, 2, torch.device("cpu"))
+        calls = []
+        if mode == "fsdp":
+            original = step.model.set_requires_gradient_sync
+            monkeypatch.setattr(step.model, "set_requires_gradient_sync",
+                                lambda sync, *a, **k: (calls.append(sync), original(sync, *a, **k))[1])
+        else:
+            original = step.ddp.no_sync
+
+            def no_sync():
+                calls.append(False)
+                return original()
+
+            monkeypatch.setattr(step.ddp, "no_sync", no_sync)
+        step.run(iter([batch] * 3), 0, 1e-3)
+        assert step.plan.grad_accum == 3
+        assert calls == ([False, False, True] if mode == "fsdp" else [False, False]), mode
+
+
+def test_checkpoint_gathers_the_ema_on_rank_0_only(one_rank_group):
+    cfg = preset("tiny", "base64")
+    torch.manual_seed(0)
+    model = parallel.parallelize(UNet(cfg.unet), "fsdp", world=2)
+    state = model.state_dict()
+    assert ckpt.gather_to_rank0(state, rank=1) is None  # it joined each gather, kept nothing
+    whole = ckpt.gather_to_rank0(state, rank=0)
+    assert whole.keys() == state.keys() and all(v.device.type == "cpu" and not hasattr(v, "full_tensor")
+                                                for v in whole.values())
