@@ -5,21 +5,23 @@ on one datacenter GPU; every part has its own time limit and the whole stays und
     python bench/gpu.py --device cpu --train-steps 4 --preset-scale tiny   # the same path on CPU
 
 Without a CUDA device it says so, prints ``{"gpu": null, "skipped": "no CUDA device"}`` and
-exits 0. With one it runs, each part in turn (a failing part is reported, the others run):
+exits 0. With one it runs, each part in turn, most wanted first (a failing part is reported,
+the others run; a part that no longer fits the budget is skipped and says so):
 
-1. ``bench/unet.py`` (it picks CUDA by itself): our U-Net against diffusers' at 32/64 px, and
-   the Efficient U-Net against the plain one.
-2. Embedding: the T5 forward of a T5-XXL-shaped and a T5-small-shaped encoder (random
-   weights, bf16) in tokens/s, the figure ``pipeline/calibration.json`` holds per device.
-   (``bench/embed.py`` itself is CPU-only: it pins ``device="cpu"`` and times CPU seconds.)
-3. Training: a base64 U-Net sized like NeMo's 500M Imagen base model (516M parameters,
-   4096-d text) in bf16 for a few hundred steps through the real trainer, under
-   ``torchrun --nproc_per_node 1`` (nccl), on the tiny dataset made by the tiny pipeline
-   (tinydata -> img2dataset download -> filter -> embed with a 4096-d random T5).
-4. Cascade sampling: the three paper presets (random weights) from text embeddings to
-   1024 px images, bf16 autocast.
-5. If time is left: each paper preset's training step as ``plan --calibrate`` times it, with
-   its MFU: the per-device rows of ``pipeline/calibration.json``.
+1. ``calibrate``: each paper preset's training step as the trainer runs it (pipeline/train/step.py
+   via ``plan --calibrate``'s ``measure_train``: bf16, fused AdamW, EMA, text padded to 128
+   tokens; the 1024 stage on 256 px crops) at the largest micro-batch that fits (from the
+   preset's micro-batch, doubled while it fits, halved on out-of-memory): images/s and MFU.
+2. ``compile``: the base stage's step with ``torch.compile`` against eager at that batch.
+3. ``cascade``: one image from text embeddings through 64 -> 256 -> 1024 px, each stage at its
+   preset's sampler and steps (random weights), seconds per stage.
+4. ``embed``: the T5 forward of a T5-XXL-shaped and a T5-small-shaped encoder (random weights,
+   bf16) in tokens/s, the figure ``pipeline/calibration.json`` holds per device.
+5. ``train``: a base64 U-Net sized like NeMo's 500M Imagen base model (516M parameters, 4096-d
+   text) in bf16 for a few hundred steps through the real trainer, under ``torchrun
+   --nproc_per_node 1`` (nccl), on the tiny dataset made by the tiny pipeline; the trainer logs
+   ``perf/mfu`` itself.
+6. ``unet``: ``bench/unet.py`` (our U-Net against diffusers' at 32/64 px).
 
 The last line is one JSON object: ``images_per_s``, ``mfu`` and ``peak_memory_bytes`` of the
 training run at the top level, each part's figures under its name. MFU = images/s x training
@@ -216,8 +218,9 @@ def train_child(spec: dict) -> None:
         print(json.dumps(result, default=str))
 
 
-def cascade_part(device: str, scale: str, steps: int = 8, batch: int = 4) -> dict:
-    """The three stages from text embeddings to the last stage's size, random weights."""
+def cascade_part(device: str, scale: str, steps: int | None = None, batch: int = 1) -> dict:
+    """One image through the three stages from text embeddings to the last stage's size, random
+    weights, each stage at its preset's own sampler and step count (8 steps at tiny scale)."""
     import torch
 
     from imagen.cascade import Cascade, StageOptions
@@ -237,42 +240,80 @@ def cascade_part(device: str, scale: str, steps: int = 8, batch: int = 4) -> dic
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+        steps = steps if steps is not None or scale == "full" else 8
         out = Cascade(stages).run(text_embeds=text, text_mask=mask, seed=0,
                                   options=[StageOptions(steps=steps)] * len(stages))
     total = sum(out.seconds)
-    return {"images_per_s": batch / total, "seconds_per_stage": [round(s, 3) for s in out.seconds],
-            "steps_per_stage": steps, "batch": batch, "image_size": int(out.images.shape[1]),
+    return {"images_per_s": batch / total, "seconds_per_image": total / batch,
+            "seconds_per_stage": [round(s, 3) for s in out.seconds],
+            "steps_per_stage": [steps or cfg.diffusion.sample_steps for _, cfg in stages], "batch": batch, "image_size": int(out.images.shape[1]),
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
 
+def _largest_batch(stage: str, name: str, device: str, seconds: float, start: int, grow: int) -> dict:
+    """``measure_train`` at the largest micro-batch that fits (up to ``start * grow``): halves on
+    out-of-memory, doubles while it fits; the fastest batch's figures, with every batch tried."""
+    import torch
+
+    from pipeline.calibrate import measure_train
+
+    tried, best, batch = {}, None, start
+    while batch >= 1 and batch <= start * grow and batch not in tried:
+        try:
+            m = measure_train(stage, name, device, seconds, batch)
+        except torch.cuda.OutOfMemoryError:
+            tried[batch] = "out of memory"
+            torch.cuda.empty_cache()
+            if best is not None:
+                break
+            batch //= 2
+            continue
+        tried[batch] = m["images_per_s"]
+        if best is None or m["images_per_s"] > best["images_per_s"]:
+            best = m
+        if device != "cuda":
+            break
+        batch *= 2
+    if best is None:
+        raise RuntimeError(f"{stage}:{name}: no micro-batch fits ({tried})")
+    return {**best, "tried": tried}
+
+
 def calibrate_part(device: str, scale: str, peak: float | None, seconds: float = 6.0) -> dict:
-    """Each stage's paper preset (tiny on CPU) as ``plan --calibrate`` measures it: images/s per
-    device and MFU, the numbers calibration.json holds. Halves the batch on out-of-memory."""
+    """Each stage's paper preset (tiny on CPU) as ``plan --calibrate`` measures it (the trainer's
+    own step, bf16): images/s per device and MFU at the largest micro-batch that fits, the
+    numbers calibration.json holds. The 1024 stage trains on 256 px crops, as the trainer does."""
     import torch
 
     from imagen.config import STAGES, preset
-    from imagen.flops import TRAIN_FLOPS_PER_FORWARD, unet_forward_flops
-    from pipeline.calibrate import measure_train
+    from pipeline.train.perf import train_flops_per_image
 
     out = {}
     for stage in STAGES:
         name = stage if scale == "full" else "tiny"
-        batch = 32 if device == "cuda" else 4
-        while True:
-            try:
-                m = measure_train(stage, name, device, seconds, batch)
-                break
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                if batch == 1:
-                    raise
-                batch //= 2
         cfg = preset(name, stage)
-        flops = TRAIN_FLOPS_PER_FORWARD * unet_forward_flops(cfg.unet, cfg.spec.crop_size, cfg.max_text_len)
+        start = cfg.train.micro_batch if device == "cuda" else 4
+        m = _largest_batch(stage, name, device, seconds, start, grow=4)
+        flops = train_flops_per_image(cfg)
         out[f"{stage}:{name}"] = {**m, "mfu": mfu(m["images_per_s"], flops, peak), "train_flops_per_image": flops}
         if device == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+def compile_part(device: str, scale: str, batch: int | None, seconds: float = 6.0) -> dict:
+    """The base stage's trainer step with ``torch.compile`` against eager, same batch: the
+    measurement that decides ``--compile``'s default on GPUs (compile time included apart)."""
+    from pipeline.calibrate import measure_train
+
+    name = "base64" if scale == "full" else "tiny"
+    b = batch or (64 if device == "cuda" else 4)
+    eager = measure_train("base64", name, device, seconds, b)
+    t0 = time.perf_counter()
+    compiled = measure_train("base64", name, device, seconds, b, compile=True)
+    return {"batch": b, "eager_images_per_s": eager["images_per_s"], "compiled_images_per_s": compiled["images_per_s"],
+            "compile_speedup": compiled["images_per_s"] / eager["images_per_s"],
+            "compiled_wall_s": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--preset-scale", default=None, choices=["full", "tiny"],
                    help="model sizes (default: full on cuda, tiny on cpu)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["unet", "embed", "train", "cascade", "calibrate"])
+    p.add_argument("--skip", nargs="*", default=[],
+                   choices=["unet", "embed", "train", "cascade", "calibrate", "compile"])
     p.add_argument("--train-child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.train_child:
@@ -310,10 +352,18 @@ def main(argv: list[str] | None = None) -> int:
     # in order of what the issue asks first; the calibration of the paper presets goes last
     # and is skipped when the budget is spent (need: seconds a part needs at least)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as root:
-        parts_in_order = (("unet", 60, lambda: unet_part(left())), ("embed", 30, lambda: embed_part(a.device, 5.0)),
-                ("train", 90, lambda: train_part(root, a.device, a.train_steps, scale, peak, left())),
-                ("cascade", 30, lambda: cascade_part(a.device, scale)),
-                ("calibrate", 60, lambda: calibrate_part(a.device, scale, peak)))
+        def base_batch() -> int | None:
+            best = (parts.get("calibrate") or {}).get(f"base64:{'base64' if scale == 'full' else 'tiny'}") or {}
+            return best.get("batch")
+
+        # the issue's order: the paper presets' MFU first, then compile on/off, the cascade's
+        # time per image, T5 throughput, the real trainer end to end, and the U-Net comparison
+        parts_in_order = (("calibrate", 60, lambda: calibrate_part(a.device, scale, peak)),
+                          ("compile", 60, lambda: compile_part(a.device, scale, base_batch())),
+                          ("cascade", 30, lambda: cascade_part(a.device, scale)),
+                          ("embed", 30, lambda: embed_part(a.device, 5.0)),
+                          ("train", 90, lambda: train_part(root, a.device, a.train_steps, scale, peak, left())),
+                          ("unet", 60, lambda: unet_part(left())))
         for name, need, fn in parts_in_order:
             if name in a.skip or (name == "unet" and a.device != "cuda"):
                 continue
