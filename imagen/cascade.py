@@ -11,6 +11,10 @@ low-res input at sampling (Imagen sec. 2.5); defaults come from each stage's con
 ``run_stage`` runs one stage on its own, e.g. an SR stage on given low-res images (what
 super-resolution metrics need).
 
+Precision (``StageOptions.precision``): "auto" runs the network under bf16 autocast with TF32
+matmuls on CUDA and in plain fp32 elsewhere; "fp32" and "bf16" force one. The TF32 setting is
+changed only while a stage samples and restored after; the sampler's update math is fp32.
+
 Every stage must have been trained on the text encoder that encodes the prompts: the
 encoder id saved in each stage's ``config.json`` metadata is checked against the others and
 against the encoder given, so a mismatch is an error at load time, not a silent bad image.
@@ -18,8 +22,9 @@ against the encoder given, so a mismatch is an error at load time, not a silent 
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +49,36 @@ class StageOptions:
     guidance_scale: float | None = None
     sampler: str | None = None
     lowres_aug: float | None = None
+    precision: str = "auto"  # network: "auto" (bf16 on CUDA, else fp32), "fp32" or "bf16"
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype the network samples in under autocast for ``precision`` on ``device``;
+    None = no autocast (plain fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+@contextlib.contextmanager
+def tf32_allowed(enabled: bool) -> Iterator[None]:
+    """Let fp32 matmuls and convs use TF32 inside the block (when ``enabled``), then put the
+    caller's settings back: nothing global changes at import or for good."""
+    if not enabled:
+        yield
+        return
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before
 
 
 @dataclass
@@ -180,7 +215,9 @@ def run_stage(model: UNet, cfg: StageConfig, opt: StageOptions, text: Tensor, ma
               lowres: Tensor | None, gen: torch.Generator | None,
               progress: Progress | None = None) -> Tensor:
     """Sample one stage: [B, 3, S, S] in [-1, 1]. SR stages take ``lowres`` [B, 3, s, s] in
-    [-1, 1], noised at the stage's fixed sampling augmentation level (Imagen sec. 2.5)."""
+    [-1, 1], noised at the stage's fixed sampling augmentation level (Imagen sec. 2.5). The
+    network runs in ``opt.precision`` (see the module docstring)."""
+    dtype = autocast_dtype(opt.precision, text.device)
     d = cfg.diffusion
     diffusion = GaussianDiffusion(d)
     b = text.shape[0]
@@ -200,13 +237,14 @@ def run_stage(model: UNet, cfg: StageConfig, opt: StageOptions, text: Tensor, ma
         if progress is not None:
             progress(cfg.stage, step, total)
 
-    return sample(
-        model, diffusion, text, mask, (b, cfg.unet.out_channels, cfg.image_size, cfg.image_size),
-        steps=opt.steps or d.sample_steps,
-        guidance_scale=d.guidance_scale if opt.guidance_scale is None else opt.guidance_scale,
-        sampler=opt.sampler or d.sampler, threshold=d.dynamic_threshold, generator=gen,
-        progress=report, **cond,
-    )
+    with tf32_allowed(dtype is not None and text.device.type == "cuda"):
+        return sample(
+            model, diffusion, text, mask, (b, cfg.unet.out_channels, cfg.image_size, cfg.image_size),
+            steps=opt.steps or d.sample_steps,
+            guidance_scale=d.guidance_scale if opt.guidance_scale is None else opt.guidance_scale,
+            sampler=opt.sampler or d.sampler, threshold=d.dynamic_threshold, generator=gen,
+            progress=report, autocast_dtype=dtype, **cond,
+        )
 
 
 def to_uint8(x: Tensor) -> np.ndarray:

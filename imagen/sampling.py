@@ -16,16 +16,27 @@ dynamic thresholding (Imagen sec. 2.2-2.3).
 Guidance: out = uncond + w (cond - uncond), unconditional = all-False text mask, so w = 1
 is exactly the conditional prediction. Dynamic thresholding: per sample, s = max(1,
 quantile_p(|x0_hat|)), x0_hat = clip(x0_hat, -s, s) / s; ``threshold=None`` clips to [-1, 1].
+
+Speed: a model with ``encode_text`` (the U-Net) has its text-only work (norm, pooling, every
+cross-attention key and value) done once per call, on the guided batch, and gets it as
+``model(x_t, t, text_context=ctx, **cond)`` at every step; a plain callable gets the text.
+``autocast_dtype`` runs the network calls, and only those, under autocast: guidance, x0
+prediction, thresholding and the update stay in fp32.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from imagen.diffusion import GaussianDiffusion, _bc
+
+if TYPE_CHECKING:
+    from imagen.unet import TextContext
 
 ModelFn = Callable[..., Tensor]
 
@@ -39,16 +50,38 @@ def dynamic_threshold(x0: Tensor, p: float | None) -> Tensor:
     return x0.clamp(-s, s) / s
 
 
-def guided_output(model: ModelFn, x: Tensor, t: Tensor, text: Tensor, mask: Tensor,
-                  guidance_scale: float, **cond: Tensor) -> Tensor:
-    """Classifier-free guidance in one batched forward pass (cond and uncond halves)."""
+def guidance_text(text: Tensor, mask: Tensor, guidance_scale: float) -> tuple[Tensor, Tensor]:
+    """The text and mask of the network's batch: as given without guidance, else the
+    [cond; uncond] halves, the text twice with the second half's mask all False."""
     if guidance_scale == 1.0:
-        return model(x, t, text, mask, **cond)
-    both = {k: torch.cat([v, v]) for k, v in cond.items()}
-    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, text]),
-                torch.cat([mask, torch.zeros_like(mask)]), **both)
+        return text, mask
+    return torch.cat([text, text]), torch.cat([mask, torch.zeros_like(mask)])
+
+
+def guided_output(model: ModelFn, x: Tensor, t: Tensor, text: Tensor, mask: Tensor,
+                  guidance_scale: float, text_context: TextContext | None = None,
+                  **cond: Tensor) -> Tensor:
+    """Classifier-free guidance in one batched forward pass (cond and uncond halves), in fp32.
+
+    ``text_context``: ``model.encode_text(*guidance_text(text, mask, guidance_scale))``, then
+    passed to the model in place of ``text`` and ``mask``; None calls the model with them.
+    """
+    guided = guidance_scale != 1.0
+    if guided:
+        x, t, cond = torch.cat([x, x]), torch.cat([t, t]), {k: torch.cat([v, v]) for k, v in cond.items()}
+    if text_context is None:
+        out = model(x, t, *guidance_text(text, mask, guidance_scale), **cond).float()
+    else:
+        out = model(x, t, text_context=text_context, **cond).float()
+    if not guided:
+        return out
     c, u = out.chunk(2)
     return u + guidance_scale * (c - u)
+
+
+def _network(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """The context the network runs in: autocast to ``dtype``, or nothing for None."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -64,6 +97,7 @@ def sample(
     threshold: float | None = 0.995,
     generator: torch.Generator | None = None,
     progress: Callable[[int, int], None] | None = None,
+    autocast_dtype: torch.dtype | None = None,
     **cond: Tensor,
 ) -> Tensor:
     """Draw images of ``shape`` in [-1, 1].
@@ -79,6 +113,8 @@ def sample(
         threshold: dynamic-thresholding percentile p, or None for static clipping.
         generator: torch RNG for reproducible samples.
         progress: called as progress(step, steps) after every step.
+        autocast_dtype: run the network under autocast to this dtype (e.g. torch.bfloat16
+            on CUDA); None runs it as it is.
         **cond: extra model inputs, e.g. ``lowres`` and ``lowres_t`` for SR stages.
     """
     if sampler not in ("ddpm", "ddim"):
@@ -88,11 +124,16 @@ def sample(
     device = text_embeds.device
     x = torch.randn(shape, generator=generator, device=device)
     times = torch.linspace(1.0, 0.0, steps + 1, device=device)
+    ctx = None
+    if callable(getattr(model, "encode_text", None)):
+        with _network(device, autocast_dtype):  # the same text at every step: encode it once
+            ctx = model.encode_text(*guidance_text(text_embeds, text_mask, guidance_scale))
     for i in range(steps):
         t = times[i].expand(shape[0])
         s = times[i + 1].expand(shape[0])
-        out = guided_output(model, x, t, text_embeds, text_mask, guidance_scale, **cond)
-        x0 = dynamic_threshold(diffusion.predict_x0(x, t, out.float()), threshold)
+        with _network(device, autocast_dtype):
+            out = guided_output(model, x, t, text_embeds, text_mask, guidance_scale, ctx, **cond)
+        x0 = dynamic_threshold(diffusion.predict_x0(x, t, out), threshold)
         x = _step(diffusion, x, x0, t, s, sampler, generator, last=i == steps - 1)
         if progress is not None:
             progress(i + 1, steps)

@@ -8,6 +8,8 @@ Plain single-device PyTorch: DDP/FSDP, compile and autocast are applied from out
     net = UNet(cfg.unet)
     out = net(x, t, text_embeds, text_mask)                     # base stage
     out = net(x, t, text_embeds, text_mask, lowres=lr, lowres_t=aug_t)  # SR stage
+    ctx = net.encode_text(text_embeds, text_mask)  # sampling: the text-only work, once
+    out = net(x, t, text_context=ctx)              # ... reused at every denoising step
 
 Conditioning (Imagen sec. 2 and appendix B):
 - the noise level ``t`` in [0, 1] through Fourier features and an MLP;
@@ -17,7 +19,9 @@ Conditioning (Imagen sec. 2 and appendix B):
   noise-augmentation level embedded like ``t`` (sec. 2.5).
 A sample whose text mask is all False is "unconditional": it attends only to a learned
 null key/value and pools to a learned null vector, which is how classifier-free guidance
-drops text.
+drops text. Cross-attention keys are [null, tokens, padding] with the padding masked out, so
+their length is a multiple of 8 (136 for 128 tokens, not 129): CUDA's memory-efficient SDPA
+kernel then takes the mask as it is, with the same result.
 
 Layouts (``UNetConfig.efficient``, see :class:`UNet`): the plain U-Net of the base model,
 and the Efficient U-Net of the SR stages (appendix B.1), in which every level downsamples
@@ -29,6 +33,8 @@ the number of pixels: the model trains on crops and samples the whole image.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -72,9 +78,9 @@ class AttentionPool(nn.Module):
 
     def forward(self, text: Tensor, mask: Tensor) -> Tensor:
         has_text = mask.any(dim=1)
-        # a row with no tokens would give NaN softmax: let it see token 0, then replace
-        safe = mask.clone()
-        safe[~has_text, 0] = True
+        # a row with no tokens would give NaN softmax: let it see token 0, then replace. Logical
+        # ops, not a boolean-index write, which on CUDA waits on the host for the row count.
+        safe = torch.cat([mask[:, :1] | ~has_text[:, None], mask[:, 1:]], dim=1)
         q = self.query.expand(text.shape[0], -1, -1)
         pooled, _ = self.attn(q, text, text, key_padding_mask=~safe, need_weights=False)
         pooled = self.proj(pooled[:, 0])
@@ -104,6 +110,22 @@ class ResBlock(nn.Module):
         return h + self.skip(x)
 
 
+KEY_ALIGN = 8  # key length multiple that lets CUDA's memory-efficient SDPA take a mask unpadded
+
+
+class CrossKV(NamedTuple):
+    """A cross-attention layer's keys and values of one text batch, ready for SDPA.
+
+    ``k``, ``v``: [B, heads, Lk, head_dim], the learned null key/value first, then the text
+    tokens, then zero padding up to a multiple of :data:`KEY_ALIGN`; ``mask``: [B, 1, 1, Lk]
+    bool, True where a key may be attended (the null always, padding never).
+    """
+
+    k: Tensor
+    v: Tensor
+    mask: Tensor
+
+
 class Attention(nn.Module):
     """Multi-head attention over SDPA; with ``context`` it is cross-attention with a null kv."""
 
@@ -119,23 +141,42 @@ class Attention(nn.Module):
         # learned null key/value: lets an all-masked (text-dropped) row attend to something
         self.null_kv = nn.Parameter(torch.randn(2, dim) * 0.02) if context_dim else None
 
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def _heads(self, t: Tensor) -> Tensor:
+        b, n, d = t.shape
+        return t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+    def text_kv(self, context: Tensor, mask: Tensor | None = None) -> CrossKV:
+        """Keys, values and mask of text ``context`` [B, L, D] (``mask`` [B, L], True = token).
+
+        Null key first, then padding to a multiple of KEY_ALIGN: with L+1 keys (129 for 128
+        tokens) CUDA's memory-efficient kernel would have to pad the mask on every call, or
+        SDPA would fall back to the math kernel. Padded keys are masked out, so they get
+        exactly zero weight and the result is that of the L+1 keys.
+        """
+        b, n, _ = context.shape
+        k, v = self.kv(context).chunk(2, dim=-1)
+        pad = -(n + 1) % KEY_ALIGN
+        nk, nv = self.null_kv.to(k.dtype)[:, None, None, :].expand(2, b, 1, k.shape[-1])
+        k = F.pad(torch.cat([nk, k], dim=1), (0, 0, 0, pad))
+        v = F.pad(torch.cat([nv, v], dim=1), (0, 0, 0, pad))
+        keep = torch.ones(b, n, dtype=torch.bool, device=context.device) if mask is None else mask.bool()
+        keep = F.pad(F.pad(keep, (1, 0), value=True), (0, pad), value=False)
+        return CrossKV(self._heads(k), self._heads(v), keep[:, None, None, :])
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
+                kv: CrossKV | None = None) -> Tensor:
+        """Self-attention of ``x`` [B, N, dim], or cross-attention to text ``context`` [B, L, D]
+        (masked by ``mask``) or to its precomputed ``kv`` (see :meth:`text_kv`)."""
         b, n, d = x.shape
         h = self.norm(x)
-        q = self.q(h)
-        k, v = self.kv(h if context is None else context).chunk(2, dim=-1)
-        attn_mask = None
-        if self.null_kv is not None:
-            nk, nv = self.null_kv.to(k.dtype)[:, None, None, :].expand(2, b, 1, d)
-            k, v = torch.cat([nk, k], dim=1), torch.cat([nv, v], dim=1)
-            if mask is not None:
-                mask = F.pad(mask, (1, 0), value=True)
-                attn_mask = mask[:, None, None, :]
-
-        def split(t: Tensor) -> Tensor:
-            return t.view(b, -1, self.heads, d // self.heads).transpose(1, 2)
-
-        o = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=attn_mask)
+        q = self._heads(self.q(h))
+        if self.null_kv is None:
+            k, v = self.kv(h).chunk(2, dim=-1)
+            o = F.scaled_dot_product_attention(q, self._heads(k), self._heads(v))
+        else:
+            if kv is None:
+                kv = self.text_kv(context, mask)
+            o = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=kv.mask)
         return x + self.out(o.transpose(1, 2).reshape(b, n, d))
 
 
@@ -150,13 +191,13 @@ class AttnBlock(nn.Module):
         nn.init.zeros_(self.ff[-1].weight)
         nn.init.zeros_(self.ff[-1].bias)
 
-    def forward(self, x: Tensor, text: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, text: Tensor, mask: Tensor, kv: CrossKV | None = None) -> Tensor:
         b, c, hh, ww = x.shape
         h = x.flatten(2).transpose(1, 2)
         if self.self_attn is not None:
             h = self.self_attn(h)
         if self.cross_attn is not None:
-            h = self.cross_attn(h, text, mask)
+            h = self.cross_attn(h, text, mask, kv)
         h = h + self.ff(h)
         return h.transpose(1, 2).reshape(b, c, hh, ww)
 
@@ -176,19 +217,36 @@ class Level(nn.Module):
         )
         self.checkpointing = False  # recompute activations in backward (set by UNet)
 
-    def forward(self, h: Tensor, cond: Tensor, text: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, h: Tensor, cond: Tensor, text: Tensor, mask: Tensor,
+                kv: CrossKV | None = None) -> Tensor:
+        """``kv``: this level's precomputed cross-attention keys (:meth:`UNet.encode_text`),
+        or None to project ``text`` here."""
         # a real forward (not a loop in the parent) so that per-level wrappers such as
         # FSDP's fully_shard see the call and gather this level's parameters
         for block in self.blocks:
             h = self._run(block, h, cond)
         if self.attn is not None:
-            h = self._run(self.attn, h, text, mask)
+            h = self._run(self.attn, h, text, mask, kv)
         return h
 
-    def _run(self, fn: nn.Module, *args: Tensor) -> Tensor:
+    def _run(self, fn: nn.Module, *args: Tensor | CrossKV | None) -> Tensor:
         if self.checkpointing and self.training:
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
+
+
+@dataclass
+class TextContext:
+    """What the U-Net derives from the text alone, for one batch (:meth:`UNet.encode_text`).
+
+    Sampling computes it once per call and reuses it at every denoising step, instead of
+    normalising, pooling and projecting the same text to keys and values at each step.
+    """
+
+    text: Tensor  # text_norm(text_embeds) [B, L, D]
+    mask: Tensor  # [B, L] bool, True = real token
+    pooled: Tensor  # attention-pooled text [B, time_dim], added to the time embedding
+    kv: dict[str, CrossKV] = field(default_factory=dict)  # per level ("down.1", "mid", "up.0")
 
 
 def _upsample(cin: int, cout: int) -> nn.Module:
@@ -292,20 +350,44 @@ class UNet(nn.Module):
         for level in [*self.down, self.mid, *self.up]:
             level.checkpointing = enabled
 
+    def encode_text(self, text_embeds: Tensor, text_mask: Tensor, cross_kv: bool = True) -> TextContext:
+        """The text-only part of a forward pass, for ``text_embeds`` [B, L, D] and ``text_mask``
+        [B, L]; pass it to :meth:`forward` as ``text_context`` to reuse it across steps.
+
+        ``cross_kv=False`` leaves the cross-attention keys to each level's own forward (what
+        a plain forward does: under FSDP a level's weights are gathered only inside it).
+        Sampling runs the plain module, where computing them here, once, is allowed.
+        """
+        text = self.text_norm(text_embeds)
+        mask = text_mask.bool()
+        ctx = TextContext(text, mask, self.text_pool(text, mask))
+        if cross_kv:
+            for name, level in self._named_levels():
+                if level.attn is not None and level.attn.cross_attn is not None:
+                    ctx.kv[name] = level.attn.cross_attn.text_kv(text, mask)
+        return ctx
+
+    def _named_levels(self) -> list[tuple[str, Level]]:
+        return [*((f"down.{i}", lv) for i, lv in enumerate(self.down)), ("mid", self.mid),
+                *((f"up.{i}", lv) for i, lv in enumerate(self.up))]
+
     def forward(
         self,
         x: Tensor,
         t: Tensor,
-        text_embeds: Tensor,
-        text_mask: Tensor,
+        text_embeds: Tensor | None = None,
+        text_mask: Tensor | None = None,
         lowres: Tensor | None = None,
         lowres_t: Tensor | None = None,
+        *,
+        text_context: TextContext | None = None,
     ) -> Tensor:
         """Predict the diffusion target for noisy images ``x`` [B, C, H, W] at levels ``t`` [B].
 
         ``text_embeds`` [B, L, D] and ``text_mask`` [B, L] (True = real token; an all-False
-        row is unconditional). SR stages also take ``lowres`` [B, C, h, w] (already noised
-        by the caller) and its augmentation level ``lowres_t`` [B].
+        row is unconditional), or instead ``text_context``, their :meth:`encode_text`. SR
+        stages also take ``lowres`` [B, C, h, w] (already noised by the caller) and its
+        augmentation level ``lowres_t`` [B].
         """
         cfg = self.cfg
         if cfg.lowres_cond:
@@ -313,9 +395,16 @@ class UNet(nn.Module):
                 raise ValueError("this U-Net is an SR stage: pass lowres and lowres_t")
             up = F.interpolate(lowres, size=x.shape[-2:], mode="bilinear", align_corners=False)
             x = torch.cat([x, up.to(x.dtype)], dim=1)
-        text = self.text_norm(text_embeds)
-        mask = text_mask.bool()
-        cond = self.time_embed(t) + self.text_pool(text, mask)
+        ctx = text_context
+        if ctx is None:
+            if text_embeds is None or text_mask is None:
+                raise ValueError("pass text_embeds and text_mask, or text_context=model.encode_text(...)")
+            ctx = self.encode_text(text_embeds, text_mask, cross_kv=False)
+        elif ctx.text.shape[0] != x.shape[0]:
+            raise ValueError(f"text_context is for a batch of {ctx.text.shape[0]}, x has "
+                             f"{x.shape[0]}: encode the text of this batch")
+        text, mask, kv = ctx.text, ctx.mask, ctx.kv
+        cond = self.time_embed(t) + ctx.pooled
         if self.aug_embed is not None:
             cond = cond + self.aug_embed(lowres_t)
 
@@ -324,14 +413,14 @@ class UNet(nn.Module):
         for i, level in enumerate(self.down):
             if cfg.efficient:
                 h = self.downsample[i](h)  # Efficient U-Net: downsample before the convs
-            h = level(h, cond, text, mask)
+            h = level(h, cond, text, mask, kv.get(f"down.{i}"))
             skips.append(h)
             if not cfg.efficient:
                 h = self.downsample[i](h)
-        h = self.mid(h, cond, text, mask)
-        for level, upsample in zip(self.up, self.upsample, strict=True):
+        h = self.mid(h, cond, text, mask, kv.get("mid"))
+        for i, (level, upsample) in enumerate(zip(self.up, self.upsample, strict=True)):
             h = torch.cat([h, skips.pop() * self.skip_scale], dim=1)
-            h = level(h, cond, text, mask)
+            h = level(h, cond, text, mask, kv.get(f"up.{i}"))
             h = upsample(h)  # Efficient U-Net: upsample after the convs, level 0 included
         if cfg.efficient:
             h = torch.cat([h, stem * self.skip_scale], dim=1)
