@@ -145,8 +145,8 @@ def test_fsdp_bf16_gathers_bf16_weights_and_keeps_fp32_shards_and_grads(one_rank
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
 
 
-def test_gradients_sync_only_on_the_last_micro_batch(one_rank_group, monkeypatch):
-    """DDP no_sync / FSDP set_requires_gradient_sync(False) on every micro-batch but the last."""
+def _sync_calls(mode: str, monkeypatch) -> list[bool]:
+    """Run one optimizer step of 3 micro-batches under ``mode``; the gradient-sync switches it made."""
     from pipeline.train.job import batch_plan
     from pipeline.train.step import StepOptions, TrainStep
 
@@ -154,25 +154,34 @@ def test_gradients_sync_only_on_the_last_micro_batch(one_rank_group, monkeypatch
     batch = {"image": torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
              "text_embeds": torch.zeros(2, 8, cfg.unet.text_embed_dim, dtype=torch.float16),
              "text_mask": torch.ones(2, 8, dtype=torch.bool), "keys": ["a", "b"]}
-    for mode in ("ddp", "fsdp"):
-        # world 2 in a one-rank group: the wrapping and sync calls of a real job, one process
-        step = TrainStep(cfg, StepOptions(parallel=mode), batch_plan(12, 2, 2), 0, 2, torch.device("cpu"))
-        calls = []
-        if mode == "fsdp":
-            original = step.model.set_requires_gradient_sync
-            monkeypatch.setattr(step.model, "set_requires_gradient_sync",
-                                lambda sync, *a, **k: (calls.append(sync), original(sync, *a, **k))[1])
-        else:
-            original = step.ddp.no_sync
+    # world 2 in a one-rank group: the wrapping and sync calls of a real job, one process
+    step = TrainStep(cfg, StepOptions(parallel=mode), batch_plan(12, 2, 2), 0, 2, torch.device("cpu"))
+    assert step.plan.grad_accum == 3
+    calls: list[bool] = []
+    if mode == "fsdp":
+        switch = step.model.set_requires_gradient_sync
 
-            def no_sync():
-                calls.append(False)
-                return original()
+        def set_sync(sync, *a, **k):
+            calls.append(sync)
+            return switch(sync, *a, **k)
 
-            monkeypatch.setattr(step.ddp, "no_sync", no_sync)
-        step.run(iter([batch] * 3), 0, 1e-3)
-        assert step.plan.grad_accum == 3
-        assert calls == ([False, False, True] if mode == "fsdp" else [False, False]), mode
+        monkeypatch.setattr(step.model, "set_requires_gradient_sync", set_sync)
+    else:
+        no_sync = step.ddp.no_sync
+
+        def counted_no_sync():
+            calls.append(False)
+            return no_sync()
+
+        monkeypatch.setattr(step.ddp, "no_sync", counted_no_sync)
+    step.run(iter([batch] * 3), 0, 1e-3)
+    return calls
+
+
+def test_gradients_sync_only_on_the_last_micro_batch(one_rank_group, monkeypatch):
+    """DDP no_sync / FSDP set_requires_gradient_sync(False) on every micro-batch but the last."""
+    assert _sync_calls("ddp", monkeypatch) == [False, False]
+    assert _sync_calls("fsdp", monkeypatch) == [False, False, True]
 
 
 def test_checkpoint_gathers_the_ema_on_rank_0_only(one_rank_group):
