@@ -10,6 +10,9 @@ The run's folders come from ``pipeline.layout.RunLayout(root)``, built inside ea
 the ``root`` Param (or the upstream Asset event's root); no folder name is joined here. Step
 logic (evaluate once, register, the cascade chain) lives in ``pipeline/release``.
 
+Each task that writes a folder of the root (download, filter, embed) holds the run lock on it
+(``pipeline.lock``): a second run of that step on the same root fails at once, naming the holder.
+
 Only light imports at module level (Airflow's SDK, ``imagen.config``, ``pipeline.train.launch``,
 ``pipeline.data.embed_config``): every DAG file imports this at parse time.
 
@@ -52,7 +55,9 @@ MODELS = {s: Asset(name=f"imagen_model_{s}", uri=f"imagen://models/{s}") for s i
 CASCADE = Asset(name="imagen_model_cascade", uri="imagen://models/cascade")
 STAGE_MODEL = AssetAlias("imagen_stage_model")  # imagen_train_stage emits the model of its stage
 
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# (?![\s\S]) is the end of the text in both Python (jsonschema's re.search) and the trigger form's
+# JavaScript: a `$` there lets a trailing newline through (issue 24, item 8)
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*(?![\s\S])"
 
 
 def root_param() -> Param:
@@ -129,7 +134,7 @@ def train_params() -> dict[str, Param]:
                                description="Training processes per node (one per GPU)"),
         "nodes": Param(1, type="integer", minimum=1, maximum=1024, description=(
             "Training nodes (torchrun --nnodes); local launcher: that many torchrun agents on this machine")),
-        "run_tag": Param("", type="string", pattern=r"^[A-Za-z0-9_.-]*$", description=(
+        "run_tag": Param("", type="string", pattern=r"^[A-Za-z0-9_.-]*(?![\s\S])", description=(
             "Change it to train again from scratch; the same settings and tag reuse a finished run")),
         "model_prefix": Param("imagen", type="string", pattern=_NAME,
                               description="Registered models are PREFIX-<stage> and PREFIX-cascade"),
@@ -192,6 +197,19 @@ def where(params: dict[str, Any], events: Any, filtered: str | None = None) -> t
     return layout, filtered or event.get("path") or layout.filtered
 
 
+def task_holder(step: str, shared: bool = False) -> Any:
+    """The run lock's holder (``pipeline.lock``) for the running task: a retry of the task replaces
+    its own earlier try's lease; ``shared``: the mapped tasks of one DAG run hold it together."""
+    from airflow.sdk import get_current_context
+
+    from pipeline.lock import Holder
+
+    ti = get_current_context()["ti"]
+    run, index = f"{ti.dag_id}/{ti.run_id}", getattr(ti, "map_index", -1)
+    task = f"Airflow task {run}/{ti.task_id}" + (f"[{index}]" if index is not None and index >= 0 else "")
+    return Holder(step, group=run if shared else None, part=str(index) if shared else None, task=task)
+
+
 def download_task(outlet: Asset | None = None):
     """Task ``download``: the URL list -> ``layout.raw`` (img2dataset behind the fetch guard);
     with ``outlet``, its event's ``extra`` says where."""
@@ -200,13 +218,15 @@ def download_task(outlet: Asset | None = None):
     def download(params=None, outlet_events=None) -> str:
         from pipeline.data.download import download as run_download
         from pipeline.layout import RunLayout
+        from pipeline.lock import hold
 
         if not params["url_list"]:
             raise ValueError("set the url_list param to a Parquet/CSV/TSV/JSONL file of url,caption rows")
         layout = RunLayout(params["root"])
         # Private networks: the workers' IMAGEN_ALLOW_PRIVATE_NETWORKS / IMAGEN_ALLOW_HOSTS, not a Param.
-        run_download(params["url_list"], layout.raw, stages=tuple(params["stages"]), presets=params["presets"],
-                     **download_engine(params))
+        with hold(layout.raw, task_holder("download")):  # another run writing raw/ fails this task at once
+            run_download(params["url_list"], layout.raw, stages=tuple(params["stages"]),
+                         presets=params["presets"], **download_engine(params))
         if outlet:
             outlet_events[outlet].extra = {"root": layout.root, "path": layout.raw}
         return layout.raw
@@ -222,10 +242,13 @@ def filter_task(outlet: Asset | None = None):
         from pipeline.data.filters import filter_shards as run_filter
         from pipeline.data.filters import format_reject_table, stage_config
         from pipeline.layout import RunLayout
+        from pipeline.lock import hold
 
         layout = RunLayout(params["root"])
-        print(format_reject_table(run_filter(raw, layout.filtered, stage_config(params["presets"], params["stages"]),
-                                               samples_per_shard=params["filtered_shard_size"])))
+        with hold(layout.filtered, task_holder("filter")):
+            manifest = run_filter(raw, layout.filtered, stage_config(params["presets"], params["stages"]),
+                                  samples_per_shard=params["filtered_shard_size"])
+        print(format_reject_table(manifest))
         if outlet:
             outlet_events[outlet].extra = {"root": layout.root, "path": layout.filtered}
         return layout.filtered
@@ -254,10 +277,12 @@ def embed_task():
         from airflow.sdk import get_current_context
 
         from pipeline.data.embed import embed_shards
+        from pipeline.lock import hold
 
         get_current_context()["shard_batch"] = f"{shards[0]}..{shards[-1]}"  # the map label in the UI
         layout, filtered = where(params, triggering_asset_events, filtered)
-        return embed_shards(filtered, layout.embeddings_root, params["encoder"], shards=shards)
+        with hold(layout.embeddings_root, task_holder("embed", shared=True)):  # shared by this run's batches
+            return embed_shards(filtered, layout.embeddings_root, params["encoder"], shards=shards)
 
     return embed
 

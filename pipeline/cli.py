@@ -81,15 +81,18 @@ def _tiny_data(a: argparse.Namespace) -> Any:
 @verb("download")
 def _download(a: argparse.Namespace) -> Any:
     from pipeline.data.download import download
+    from pipeline.lock import Holder, hold
 
     overrides = {k: getattr(a, k) for k in ("image_size", "resize_mode", "input_format", "max_pixels", "max_bytes")
                  if getattr(a, k)}
-    return download(a.url_list, a.output, stages=tuple(a.stages), presets=_presets(a.preset), url_col=a.url_col, caption_col=a.caption_col or None,
-                    processes=a.processes, threads=a.threads, timeout=a.timeout, retries=a.retries,
-                    number_sample_per_shard=a.samples_per_shard, encode_format=a.encode_format,
-                    save_additional_columns=a.extra_columns, allow_private_networks=a.allow_private_networks,
-                    allow_hosts=tuple(a.allow_host or ()), distributor=a.distributor,
-                    spark_master=a.spark_master, spark_conf=_spark_conf(a.spark_conf), **overrides)
+    with hold(a.output, Holder("download")):  # one run at a time writes this folder (pipeline/lock.py)
+        return download(a.url_list, a.output, stages=tuple(a.stages), presets=_presets(a.preset), url_col=a.url_col,
+                        caption_col=a.caption_col or None, processes=a.processes, threads=a.threads,
+                        timeout=a.timeout, retries=a.retries, number_sample_per_shard=a.samples_per_shard,
+                        encode_format=a.encode_format, save_additional_columns=a.extra_columns,
+                        allow_private_networks=a.allow_private_networks, allow_hosts=tuple(a.allow_host or ()),
+                        distributor=a.distributor, spark_master=a.spark_master,
+                        spark_conf=_spark_conf(a.spark_conf), **overrides)
 
 
 def _spark_conf(pairs: list[str] | None) -> dict[str, str]:
@@ -102,6 +105,7 @@ def _spark_conf(pairs: list[str] | None) -> dict[str, str]:
 @verb("filter")
 def _filter(a: argparse.Namespace) -> Any:
     from pipeline.data.filters import filter_shards, format_reject_table, stage_config
+    from pipeline.lock import Holder, hold
 
     scorers = {}
     for spec in a.scorer or []:
@@ -116,7 +120,8 @@ def _filter(a: argparse.Namespace) -> Any:
                        min_language_confidence=a.min_language_confidence,
                        max_aspect=a.max_aspect, max_pixels=a.max_pixels, dedup=not a.no_dedup,
                        near_dedup=not a.no_near_dedup, near_dup_distance=a.near_dup_distance, scorers=scorers)
-    manifest = filter_shards(a.input, a.output, cfg, samples_per_shard=a.samples_per_shard, workers=a.workers)
+    with hold(a.output, Holder("filter")):
+        manifest = filter_shards(a.input, a.output, cfg, samples_per_shard=a.samples_per_shard, workers=a.workers)
     print(format_reject_table(manifest))
     return {k: manifest[k] for k in manifest if k not in ("shards", "input_fingerprint")}
 
@@ -125,14 +130,19 @@ def _filter(a: argparse.Namespace) -> Any:
 def _embed(a: argparse.Namespace) -> Any:
     from pipeline.data.embed import embed_shards, split_shards
     from pipeline.data.embed_config import EmbedConfig
+    from pipeline.lock import Holder, hold
     from pipeline.options import options_from_args
 
-    shards = a.shards
+    shards, holder = a.shards, Holder("embed")
     if a.num_workers > 1:  # this worker's disjoint slice (one per GPU, machine or task)
         if not 0 <= a.worker < a.num_workers:
             raise ValueError(f"--worker {a.worker} is not in [0, --num-workers {a.num_workers})")
         shards = split_shards(a.input, a.num_workers)[a.worker]
-    return embed_shards(a.input, a.output, shards=shards, config=EmbedConfig(**options_from_args(EmbedConfig, a)))
+        # the workers of one split share the lock, each on its own slice
+        holder = Holder("embed", group=f"cli-split-of-{a.num_workers}", part=str(a.worker))
+    with hold(a.output, holder):
+        return embed_shards(a.input, a.output, shards=shards,
+                            config=EmbedConfig(**options_from_args(EmbedConfig, a)))
 
 
 @verb("train")

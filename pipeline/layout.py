@@ -6,6 +6,7 @@
     layout.embeddings_root, layout.embeddings("t5-v1_1-xxl")
     layout.checkpoints("base64", "tiny-0123abcd")  # .../checkpoints/base64/tiny-0123abcd
     layout.tracking_uri()                          # the MLflow store of the run (see below)
+    layout.locks("raw")                            # .../_locks/raw: leases of the run lock on raw/
 
 Every property is a URI string built with :func:`pipeline.storage.join`, so a local path and an
 ``s3://`` / ``gs://`` URI take the same code path. The DAGs build a layout from their ``root``
@@ -108,6 +109,11 @@ class RunLayout:
     @staticmethod
     def eval_marker(run_dir: str) -> str:
         return storage.join(run_dir, "eval.json")
+
+    def locks(self, folder: str) -> str:
+        """The run lock's leases on one folder of the run (``raw``, ``filtered``, ``embeddings``):
+        ``_locks/<folder>/``, one lease file per holder (pipeline/lock.py owns their format)."""
+        return storage.join(self.root, "_locks", folder)
 
     @classmethod
     def around(cls, data: str) -> RunLayout:

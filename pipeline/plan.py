@@ -308,9 +308,77 @@ WEB_MIX_MEAN = 0.85 * (5 + 19) / 2 + 0.12 * (20 + 59) / 2 + 0.03 * (60 + 128) / 
 # The plan
 
 
+# Every numeric input's flag, type and range: (cast, lowest, lowest excluded, highest). The command
+# line's parsers (add_arguments) and PlanInputs check the same limits, so a bad value is one line
+# naming its flag instead of a negative cost, a complex image size or a ZeroDivisionError.
+LIMITS: dict[str, tuple[type, float, bool, float | None]] = {
+    "--samples": (int, 1, False, None),
+    "--mean-tokens": (float, 0, True, None),
+    "--caption-sample": (int, 1, False, None),
+    "--steps": (int, 1, False, None),
+    "--batch-size": (int, 1, False, None),
+    "--image-size": (int, 1, False, None),
+    "--keep-checkpoints": (int, 1, False, None),
+    "--nodes": (int, 1, False, None),
+    "--gpus-per-node": (int, 1, False, None),
+    "--price-per-gpu-hour": (float, 0, False, None),
+    "--scaling-efficiency": (float, 0, True, 1),
+    "--download-cores": (int, 1, False, None),
+    "--calibrate-seconds": (float, 0, True, None),
+    "--calibrate-batch": (int, 1, False, None),
+}
+
+
+def limit_error(flag: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for ``flag`` (:data:`LIMITS`), or None when it is fine."""
+    cast, low, low_open, high = LIMITS[flag]
+    kind = "an integer" if cast is int else "a number"
+    wanted = f"{kind} {'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+    if isinstance(value, bool) or not isinstance(value, int | float) or (cast is int and not isinstance(value, int)):
+        return f"{flag} {value!r}: must be {wanted}"
+    if not math.isfinite(value) or value < low or (low_open and value == low) or (high is not None and value > high):
+        return f"{flag} {value}: must be {wanted}"
+    return None
+
+
+def _checked(flag: str):
+    """An argparse ``type=`` for ``flag``: its cast, then its range (:data:`LIMITS`)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = LIMITS[flag][0](text)
+        except ValueError:
+            value = text
+        if (problem := limit_error(flag, value)) is not None:
+            raise argparse.ArgumentTypeError(f"{text}: {problem.split(': ', 1)[1]}")
+        return value
+
+    parse.__name__ = flag
+    return parse
+
+
+def _checked_per_stage(flag: str):
+    """An argparse ``type=`` for ``[STAGE=]N`` items of ``flag``; returns the item unchanged."""
+
+    def parse(text: str) -> str:
+        stage, sep, value = text.rpartition("=")
+        if sep and stage not in STAGES:
+            raise argparse.ArgumentTypeError(f"{text!r}: unknown stage {stage!r}; use N or STAGE=N with STAGE "
+                                             f"in {', '.join(STAGES)}")
+        try:
+            _checked(flag)(value)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{text}: {str(e).split(': ', 1)[1]}") from None
+        return text
+
+    parse.__name__ = flag
+    return parse
+
+
 @dataclasses.dataclass
 class PlanInputs:
-    """What one plan is made from (``run`` fills it from the command line)."""
+    """What one plan is made from (``run`` fills it from the command line); checked when made,
+    each error naming the flag to change."""
 
     samples: int  # URL-list rows to download
     mean_tokens: float  # caption tokens per sample, </s> included, after truncation
@@ -330,6 +398,34 @@ class PlanInputs:
     download_cores: int = 16
     keep_checkpoints: int | None = None
     sources: dict[str, str] = dataclasses.field(default_factory=dict)  # where samples/tokens came from
+
+    def __post_init__(self) -> None:
+        from imagen.config import PRESETS, preset
+
+        numbers = {"--samples": self.samples, "--mean-tokens": self.mean_tokens, "--nodes": self.nodes,
+                   "--gpus-per-node": self.gpus_per_node, "--download-cores": self.download_cores,
+                   "--price-per-gpu-hour": self.price_per_gpu_hour, "--image-size": self.image_size,
+                   "--scaling-efficiency": self.scaling_efficiency, "--keep-checkpoints": self.keep_checkpoints}
+        problems = [limit_error(flag, v) for flag, v in numbers.items() if v is not None]
+        for flag, values in (("--steps", self.steps), ("--batch-size", self.batch_size)):
+            problems += [limit_error(flag, v) for v in values.values()]
+            problems += [f"{flag}: unknown stage {s!r}" for s in values if s not in STAGES]
+        if not self.stages or not set(self.stages) <= set(STAGES):
+            problems.append(f"--stages {list(self.stages)}: choose one or more of {', '.join(STAGES)}")
+        for stage, name in self.presets.items():
+            if stage not in STAGES or name not in PRESETS:
+                problems.append(f"--presets {stage}={name}: use [STAGE=]PRESET with STAGE in {', '.join(STAGES)} "
+                                f"and PRESET in {', '.join(PRESETS)}")
+            elif stage in self.stages and name != "tiny" and preset(name).stage != stage:
+                problems.append(f"--presets {stage}={name}: preset {name!r} is for stage {preset(name).stage!r}; "
+                                f"give {stage} one of its own (tiny, {stage})")
+        if self.encode_format not in ("png", "jpg", "webp"):
+            problems.append(f"--encode-format {self.encode_format!r}: use png, jpg or webp")
+        if self.optimizer not in OPTIMIZER_STATE:
+            problems.append(f"--optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZER_STATE)}")
+        problems = [p for p in problems if p]
+        if problems:
+            raise ValueError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
 
 
 def _stage_plan(inp: PlanInputs, table: dict, stage: str, n_gpus: int, eff: float) -> dict:
@@ -423,8 +519,8 @@ def plan(inp: PlanInputs, table: dict) -> dict:
             f"(fp32 weights + EMA + {inp.optimizer} state) + params x {WEIGHTS_AND_EMA} B for final/",
             "GPU-hours = samples seen / images/s per GPU / 3600; wall = GPU-hours / GPUs / scaling "
             "efficiency; cost = GPUs x wall x price; stages and the embedding run one after another",
-            "global_batch is the preset's batch_size (Imagen appendix F); the trainer's --batch-size "
-            "is per process: pass global / (GPUs x grad accumulation)",
+            "global_batch is the preset's (Imagen appendix F), the trainer's --global-batch: each process "
+            "takes global / GPUs of it as micro-batches with gradient accumulation (train --dry-run shows the cut)",
         ],
     }
 
@@ -494,33 +590,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("what to plan for")
     src.add_argument("--url-list", help="parquet/csv/tsv/jsonl/txt file or folder: its rows are counted and "
                                         "a sample of its captions tokenized")
-    src.add_argument("--samples", type=int, help="number of URL-list rows (overrides the count of --url-list)")
-    src.add_argument("--mean-tokens", type=float, help="mean caption tokens (</s> included); default: "
-                                                       "measured on --url-list, else a web-caption mix")
+    src.add_argument("--samples", type=_checked("--samples"),
+                     help="number of URL-list rows (overrides the count of --url-list)")
+    src.add_argument("--mean-tokens", type=_checked("--mean-tokens"), help="mean caption tokens (</s> included); "
+                     "default: measured on --url-list, else a web-caption mix")
     src.add_argument("--caption-col", default="caption")
-    src.add_argument("--caption-sample", type=int, default=10_000, help="captions to tokenize (default 10000)")
+    src.add_argument("--caption-sample", type=_checked("--caption-sample"), default=10_000,
+                     help="captions to tokenize (default 10000)")
     src.add_argument("--stages", nargs="+", default=list(PlanInputs.stages), choices=list(STAGES))
     src.add_argument("--presets", nargs="+", metavar="[STAGE=]PRESET",
                      help="one preset for every stage (e.g. tiny) or STAGE=PRESET items (default: paper presets)")
     src.add_argument("--encoder", default=PlanInputs.encoder,
                      help=f"{', '.join(ENCODERS)}, a hub id or a local encoder directory (default %(default)s)")
-    src.add_argument("--steps", nargs="+", metavar="[STAGE=]N", help="training steps (default: each preset's)")
-    src.add_argument("--batch-size", nargs="+", metavar="[STAGE=]N",
+    src.add_argument("--steps", nargs="+", metavar="[STAGE=]N", type=_checked_per_stage("--steps"),
+                     help="training steps (default: each preset's)")
+    src.add_argument("--batch-size", nargs="+", metavar="[STAGE=]N", type=_checked_per_stage("--batch-size"),
                      help="global batch size (default: each preset's, Imagen appendix F)")
-    src.add_argument("--image-size", type=int, help="download size (default: the largest stage's)")
+    src.add_argument("--image-size", type=_checked("--image-size"),
+                     help="download size (default: the largest stage's)")
     src.add_argument("--encode-format", default=PlanInputs.encode_format, choices=["png", "jpg", "webp"],
                      help="image format of the download (default %(default)s, the download step's)")
     src.add_argument("--optimizer", default=PlanInputs.optimizer, choices=list(OPTIMIZER_STATE))
-    src.add_argument("--keep-checkpoints", type=int, help="step-N checkpoints kept per stage (default: preset's)")
+    src.add_argument("--keep-checkpoints", type=_checked("--keep-checkpoints"),
+                     help="step-N checkpoints kept per stage (default: preset's)")
     hw = p.add_argument_group("where it runs")
     hw.add_argument("--gpu", default=PlanInputs.gpu, help="device type in the calibration table, e.g. h100, h200, "
                                                         "a100-80gb, l4, cpu (default %(default)s)")
-    hw.add_argument("--nodes", type=int, default=PlanInputs.nodes)
-    hw.add_argument("--gpus-per-node", type=int, default=PlanInputs.gpus_per_node)
-    hw.add_argument("--price-per-gpu-hour", type=float, help="USD; without it no cost is computed")
-    hw.add_argument("--scaling-efficiency", type=float, help="throughput of N GPUs / (N x one GPU) "
-                                                             "(default 0.9 on more than one GPU)")
-    hw.add_argument("--download-cores", type=int, default=PlanInputs.download_cores,
+    hw.add_argument("--nodes", type=_checked("--nodes"), default=PlanInputs.nodes)
+    hw.add_argument("--gpus-per-node", type=_checked("--gpus-per-node"), default=PlanInputs.gpus_per_node)
+    hw.add_argument("--price-per-gpu-hour", type=_checked("--price-per-gpu-hour"),
+                    help="USD; without it no cost is computed")
+    hw.add_argument("--scaling-efficiency", type=_checked("--scaling-efficiency"),
+                    help="throughput of N GPUs / (N x one GPU), in (0, 1] (default 0.9 on more than one GPU)")
+    hw.add_argument("--download-cores", type=_checked("--download-cores"), default=PlanInputs.download_cores,
                     help="CPU cores downloading (default %(default)s)")
     cal = p.add_argument_group("calibration")
     cal.add_argument("--calibration", default=USER_TABLE,
@@ -528,8 +630,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cal.add_argument("--calibrate", action="store_true",
                      help="measure the requested stages/presets (and encoder) on this machine as --gpu, "
                           "write them to --calibration, then plan")
-    cal.add_argument("--calibrate-seconds", type=float, default=8.0, help="timed seconds per stage")
-    cal.add_argument("--calibrate-batch", type=int,
+    cal.add_argument("--calibrate-seconds", type=_checked("--calibrate-seconds"), default=8.0,
+                     help="timed seconds per stage")
+    cal.add_argument("--calibrate-batch", type=_checked("--calibrate-batch"),
                      help="images per timed step on this device (default: the preset's, at most 64 on a GPU, 16 on CPU)")
 
 

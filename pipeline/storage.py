@@ -380,8 +380,13 @@ def read_json(uri: str) -> Any:
 
 
 def list_files(uri: str, pattern: str = r".*") -> list[str]:
-    """Sorted URIs of the files directly under ``uri`` whose name fully matches ``pattern``."""
+    """Sorted URIs of the files directly under ``uri`` whose name fully matches ``pattern``.
+
+    Always a fresh listing: fsspec's object stores cache folder listings (s3fs's dircache), and
+    a listing cached before another process wrote (img2dataset's ``_stats.json``, another run's
+    lease) would hide those files from a completeness check."""
     fs, path = url_to_fs(uri)
+    fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
     regex = re.compile(pattern)

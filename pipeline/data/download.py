@@ -210,14 +210,35 @@ def _prepare_list(table: pa.Table, output: str, settings: dict) -> str:
     meta = {b"pipeline.download": json.dumps(settings, sort_keys=True).encode()}
     table = table.replace_schema_metadata(meta)
     done = storage.list_files(output, r"\d+_stats\.json")
-    if done and storage.exists(uri):
+    unchanged = _unchanged(uri, table)
+    if done and unchanged is False:
+        raise RuntimeError(f"{output} already holds {len(done)} finished shards downloaded from a different "
+                           "URL list or with different settings; use a new output folder or delete it")
+    if not unchanged:  # a rerun of the same list writes nothing
+        with storage.atomic_write(uri) as f:
+            pq.write_table(table, f)
+    return uri
+
+
+def _unchanged(uri: str, table: pa.Table) -> bool | None:
+    """Whether ``uri`` already holds ``table`` (rows, schema and its metadata); None when there is
+    no such file. An unreadable file is not the same table."""
+    if not storage.exists(uri):
+        return None
+    try:
         with storage.open(uri) as f:
             old = pq.read_table(f)
-        if not (old.equals(table) and old.schema.metadata == table.schema.metadata):
-            raise RuntimeError(f"{output} already holds {len(done)} finished shards downloaded from a different "
-                               "URL list or with different settings; use a new output folder or delete it")
-    with storage.atomic_write(uri) as f:
-        pq.write_table(table, f)
+    except (pa.ArrowInvalid, FileNotFoundError):
+        return False
+    return old.equals(table) and old.schema.metadata == table.schema.metadata
+
+
+def _write_refused(refused: pa.Table, output: str) -> str:
+    """``refused.parquet``, written only when its rows changed (a rerun writes nothing)."""
+    uri = storage.join(output, REFUSED_LIST)
+    if not _unchanged(uri, refused):
+        with storage.atomic_write(uri) as f:
+            pq.write_table(refused, f)
     return uri
 
 
@@ -394,11 +415,10 @@ def download(url_list: str, output: str, config: DownloadConfig | None = None, *
     allowed, refused = screen_urls(table, policy)
     storage.makedirs(output)
     list_uri = _prepare_list(allowed, output, _layout(config, policy))
-    with storage.atomic_write(storage.join(output, REFUSED_LIST)) as f:
-        pq.write_table(refused, f)
+    refused_uri = _write_refused(refused, output)
     if refused.num_rows:
         print(f"refused {refused.num_rows} of {table.num_rows} URLs before fetching (scheme or private "
-              f"address); see {storage.join(output, REFUSED_LIST)}", flush=True)
+              f"address); see {refused_uri}", flush=True)
     missing = _missing_shards(output, allowed.num_rows, config.number_sample_per_shard)
     n_shards = math.ceil(allowed.num_rows / config.number_sample_per_shard)
     print(f"download: {n_shards - len(missing)} of {n_shards} shards already done, {len(missing)} to fetch",

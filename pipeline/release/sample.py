@@ -11,7 +11,7 @@ same seed (both go through ``loading.predict_images``).
 
 from __future__ import annotations
 
-import json
+import io
 import os
 import pathlib
 from collections.abc import Sequence
@@ -21,6 +21,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from pipeline import storage
 from pipeline.tracking import resolve_tracking_uri
 
 
@@ -34,13 +35,12 @@ def sample_images(prompts: Sequence[str], model_uri: str, output: str, seeds: Se
     the text encoder to use (a hub name is downloaded only when given here).
 
     ``params`` are predict() params (steps, guidance_scale, stage_guidance, stage_steps,
-    stages, sampler). One prompt, one seed and an ``output`` ending in .png writes that file;
-    otherwise ``output`` is a folder of NNN-seedS.png, grid.png (a row per seed) and
-    prompts.json. ``images``: low-res input files, one per prompt, for a model starting
+    stages, sampler). ``output`` is a local path or an fsspec URI (``s3://bucket/x.png``), written
+    through ``pipeline.storage``. One prompt, one seed and an ``output`` ending in .png writes that
+    file (and its .json); otherwise ``output`` is a folder of NNN-seedS.png, grid.png (a row per
+    seed) and prompts.json. ``images``: low-res input files, one per prompt, for a model starting
     with an SR stage.
     """
-    from PIL import Image
-
     from pipeline.release.loading import build_cascade, model_files, predict_images
 
     if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
@@ -55,23 +55,30 @@ def sample_images(prompts: Sequence[str], model_uri: str, output: str, seeds: Se
         cascade = build_cascade(files, encoder)
         batches = {s: predict_images(cascade, frame, {**p, "seed": int(s), "progress": progress})
                    for s in seeds}
+    # Every file goes through pipeline.storage: a local path, or an s3:// / gs:// URI (never a
+    # local folder named "s3:"), each written atomically.
     single = len(prompts) == 1 and len(seeds) == 1 and output.lower().endswith(".png")
     if single:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        Image.fromarray(batches[seeds[0]][0]).save(output)
-        paths, grid, meta = [output], None, os.path.splitext(output)[0] + ".json"
+        _write_png(output, batches[seeds[0]][0])
+        paths, grid, meta = [output], None, output[: -len(".png")] + ".json"
     else:
-        os.makedirs(output, exist_ok=True)
         paths = []
         for s, batch in batches.items():
             for i, img in enumerate(batch):
-                paths.append(os.path.join(output, f"{i:03d}-seed{s}.png"))
-                Image.fromarray(img).save(paths[-1])
+                paths.append(storage.join(output, f"{i:03d}-seed{s}.png"))
+                _write_png(paths[-1], img)
         from pipeline.release.metrics import make_grid
 
-        grid = os.path.join(output, "grid.png")
-        Image.fromarray(make_grid(np.concatenate(list(batches.values())), cols=len(prompts))).save(grid)
-        meta = os.path.join(output, "prompts.json")
-    with open(meta, "w") as f:
-        json.dump({"model": model_uri, "prompts": list(prompts), "seeds": list(seeds), "params": p}, f, indent=2)
+        grid = storage.join(output, "grid.png")
+        _write_png(grid, make_grid(np.concatenate(list(batches.values())), cols=len(prompts)))
+        meta = storage.join(output, "prompts.json")
+    storage.write_json(meta, {"model": model_uri, "prompts": list(prompts), "seeds": list(seeds), "params": p})
     return {"images": paths, "grid": grid, "model": model_uri}
+
+
+def _write_png(uri: str, image: np.ndarray) -> None:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    storage.write_bytes(uri, buf.getvalue())

@@ -270,12 +270,38 @@ def _restore_rng(rng: dict[str, Any], generator: torch.Generator) -> None:
 
 
 def publish_final(final: str, source: str) -> None:
-    """Copy the weights (not optimizer/RNG) of ``source`` to ``final``: atomically on local
-    disk; on an object store config.json is written last (launch.py's result.json, written
-    after this, is the run's completion marker)."""
-    tmp = final + ".tmp"
-    storage.rmtree(tmp)
-    storage.makedirs(tmp)
-    for name in (MODEL_NAME, EMA_NAME, CONFIG_NAME):
-        storage.copy(storage.join(source, name), storage.join(tmp, name))
-    storage.move_dir(tmp, final)
+    """Copy the weights (not optimizer/RNG) of ``source`` to ``final``, unless ``final`` already
+    holds exactly those files (a rerun of a finished run writes nothing).
+
+    Local disk: written under ``final.tmp`` and renamed, atomically. An object store has no
+    rename (a folder "move" copies object by object, in name order, so config.json would land
+    first): there the old ``config.json`` is deleted first and the new one is the last object
+    written, so a folder with a ``config.json`` is always whole (readers and launch.py's reuse
+    check look for it; launch.py's result.json, written after this, marks the run finished)."""
+    names = (MODEL_NAME, EMA_NAME, CONFIG_NAME)  # config.json last: the folder's marker
+    if _same_files(final, source, names):
+        return
+    if storage.is_local(final):
+        tmp = final + ".tmp"
+        storage.rmtree(tmp)
+        storage.makedirs(tmp)
+        for name in names:
+            storage.copy(storage.join(source, name), storage.join(tmp, name))
+        storage.move_dir(tmp, final)
+        return
+    storage.remove(storage.join(final, CONFIG_NAME))  # unpublished before any weight changes
+    storage.rmtree(final)
+    for name in names:
+        storage.copy(storage.join(source, name), storage.join(final, name))
+
+
+def _same_files(folder: str, source: str, names: tuple[str, ...]) -> bool:
+    """Every one of ``names`` is in ``folder`` with the bytes it has in ``source`` (and the
+    marker, config.json, is there: a half-published folder on an object store is not the same)."""
+    try:
+        if any(storage.size(storage.join(folder, n)) != storage.size(storage.join(source, n)) for n in names):
+            return False
+        return all(storage.read_bytes(storage.join(folder, n)) == storage.read_bytes(storage.join(source, n))
+                   for n in names)
+    except FileNotFoundError:
+        return False

@@ -3,7 +3,9 @@ S3-compatible server (moto's server mode) on 127.0.0.1, started and stopped here
 
 1. ``airflow dags test imagen_full`` with ``root=s3://imagen-e2e/run`` (the base stage only):
    img2dataset writes the raw shards to S3, then filter, embed, train, evaluate and register
-   read and write there; the MLflow store is the layout's (a SQLite file on this machine).
+   read and write there; the MLflow store is the layout's (a SQLite file on this machine). With
+   no task retries (``IMAGEN_RETRIES=0``): every task passes on its first try, and the run locks
+   the data tasks took (``ROOT/_locks``) are all released.
 2. A training run killed with SIGKILL after a checkpoint is complete on S3, then rerun with
    ``--resume latest``: it continues from that S3 checkpoint and finishes.
 3. ``imagen-pipeline sample`` from the registered model.
@@ -84,6 +86,7 @@ def dag_run(s3, tiny_dataset, tiny_encoder_dir):
     env = {**os.environ, "AIRFLOW_HOME": str(work / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": os.path.join(REPO, "dags"),
            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
            "MLFLOW_DISABLE_TELEMETRY": "true", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1",
+           "IMAGEN_RETRIES": "0",  # a first try that fails fails the test (a retry once hid a stale S3 listing)
            "PATH": BIN + os.pathsep + os.environ.get("PATH", ""),
            "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     _run([os.path.join(BIN, "airflow"), "db", "migrate"], env, 300)
@@ -94,13 +97,20 @@ def dag_run(s3, tiny_dataset, tiny_encoder_dir):
     t0 = time.monotonic()
     out = _run([os.path.join(BIN, "airflow"), "dags", "test", "imagen_full", "-c", json.dumps(conf)], env, 900)
     print(f"airflow dags test imagen_full on {ROOT}: {time.monotonic() - t0:.0f}s")
-    return {"env": env, "stdout": out}
+    return {"env": env, "stdout": out, "db": str(work / "airflow" / "airflow.db")}
 
 
 def test_the_dag_runs_on_s3(dag_run):
+    import sqlite3
+
     import mlflow
 
+    with sqlite3.connect(dag_run["db"]) as db:
+        tries = db.execute("SELECT task_id, map_index, try_number, state FROM task_instance").fetchall()
+    assert tries and all(state in ("success", "skipped") and n <= 1 for _, _, n, state in tries), tries
+    assert ("download", -1, 1, "success") in tries, tries
     layout, fs = RunLayout(ROOT), _fs()
+    assert not fs.glob(f"{ROOT}/_locks/*/*.json")  # every task released its run lock
     assert fs.glob(f"{layout.raw}/*.tar") and fs.glob(f"{layout.raw}/*_stats.json")  # img2dataset wrote there
     assert fs.exists(layout.manifest) and fs.glob(f"{layout.filtered}/0*.tar")
     assert fs.glob(f"{layout.embeddings_root}/*/0*.parquet")

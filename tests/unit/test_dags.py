@@ -69,6 +69,10 @@ def test_params_reject_bad_values(common):
         full["nodes"].resolve(0)
     with pytest.raises(ParamValidationError, match="sr512"):
         common.stage_params()["stage"].resolve("sr512")
+    for name in ("run_tag", "model_prefix"):  # names end at the end of the text, not before a newline
+        with pytest.raises(ParamValidationError):
+            full[name].resolve("abc\n")
+        assert full[name].resolve("abc-1.x") == "abc-1.x"
     assert full["max_steps"].resolve(10) == 10
     defaults = ParamsDict(full).validate()  # every default is valid: the trigger form opens filled
     assert defaults["stages"] == STAGES and defaults["launcher"] == "local"
