@@ -68,7 +68,7 @@ def embeddings(filtered, tiny_encoder, work):
 @pytest.fixture(scope="module")
 def trained(filtered, embeddings, work, mlflow_uri):
     out = cli("train", "--stage", "base64", "--preset", "tiny", "--data", filtered, "--embeddings",
-              embeddings, "--max-steps", "6", "--batch-size", "8", "--checkpoint-dir",
+              embeddings, "--max-steps", "6", "--global-batch", "8", "--checkpoint-dir",
               str(work / "checkpoints" / "base64" / "run1"), "--tracking-uri", mlflow_uri)
     assert out["step"] == 6 and np.isfinite(out["loss"])
     return out
