@@ -122,6 +122,9 @@ class Trainer:
             data=self.job.data, embeddings=self.job.embeddings, image_size=spec.image_size,
             crop_size=spec.crop_size, lowres_size=spec.lowres_crop_size, random_crop=spec.random_crop,
             max_tokens=cfg.max_text_len, pad_text_to=cfg.max_text_len, batch_size=self.plan.micro_batch,
+            # on a CPU the workers run beside the step: they normalise the pixels (to_device
+            # passes them through); on a GPU uint8 crosses and the device normalises
+            normalize_in_workers=self.device.type == "cpu",
             num_workers=self.job.num_workers, seed=self.tc.seed,
             expected_encoder_id=self.state.metadata["encoder_id"], expected_dim=cfg.unet.text_embed_dim,
             expected_max_length=cfg.max_text_len,

@@ -212,8 +212,17 @@ def test_to_device_is_bitwise_the_old_float_batch_from_a_quarter_of_the_bytes():
     assert last["image"].is_contiguous(memory_format=torch.channels_last)
     assert not last["image"].is_contiguous()
     assert torch.equal(last["image"], reference["image"]) and torch.equal(last["lowres"], reference["lowres"])
+    again = to_device(dev, torch.device("cpu"))  # marked as normalised: a second pass keeps the values
+    assert torch.equal(again["image"], reference["image"])
+    unmarked = {k: v for k, v in dev.items() if k != "pixels"}
     with pytest.raises(TypeError, match=r"batch\['image'\] is torch.float32; it takes collate's uint8"):
-        to_device(dev, torch.device("cpu"))  # once only: a second pass would normalise twice
+        to_device(unmarked, torch.device("cpu"))  # float pixels of unknown scale are refused
+    # a CPU run normalises in the workers (the same arithmetic), and to_device passes them through
+    in_workers = collate(samples, normalize=True)
+    assert in_workers["pixels"] == "float" and in_workers["image"].dtype == torch.float32
+    for name in ("image", "lowres"):
+        assert torch.equal(in_workers[name].view(torch.int32), reference[name].view(torch.int32)), name
+        assert torch.equal(to_device(in_workers, torch.device("cpu"))[name], reference[name])
 
 
 @pytest.mark.gpu
