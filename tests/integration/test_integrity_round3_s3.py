@@ -17,7 +17,6 @@ Write requests are counted at s3fs's one door to botocore (``S3FileSystem._call_
 import contextlib
 import io
 import json
-import logging
 import os
 
 import pyarrow as pa
@@ -37,28 +36,10 @@ WRITES = ("put_object", "copy_object", "delete_object", "delete_objects", "creat
 
 @pytest.fixture(scope="module")
 def s3():
-    from moto.server import ThreadedMotoServer
+    from tests.s3server import moto_s3
 
-    from pipeline.dev.services import free_port
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "NO_PROXY": "127.0.0.1,localhost"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-            mp.delenv(k, raising=False)
-        s3fs.S3FileSystem.clear_instance_cache()
-        s3fs.S3FileSystem().mkdir(BUCKET)
-        try:
-            yield port
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
-            server.stop()
+    with moto_s3(BUCKET) as port:
+        yield port
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ Before, nothing stopped two runs writing one root at once (two triggers, or a tr
 """
 
 import json
-import logging
 import os
 import re
 import socket
@@ -23,29 +22,11 @@ from pipeline.lock import Holder, LockHeld
 @pytest.fixture(scope="module")
 def s3_server():
     pytest.importorskip("moto.server", reason="needs the dev extra: moto[server]")
-    s3fs = pytest.importorskip("s3fs", reason="needs the dev extra: s3fs")
-    from moto.server import ThreadedMotoServer
+    pytest.importorskip("s3fs", reason="needs the dev extra: s3fs")
+    from tests.s3server import moto_s3
 
-    from pipeline.dev.services import free_port
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "NO_PROXY": "127.0.0.1,localhost"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-            mp.delenv(k, raising=False)
-        s3fs.S3FileSystem.clear_instance_cache()
-        s3fs.S3FileSystem().mkdir("locks")
-        try:
-            yield "s3://locks"
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
-            server.stop()
+    with moto_s3("locks"):
+        yield "s3://locks"
 
 
 @pytest.fixture(params=["local", "s3"])
