@@ -3,6 +3,7 @@ and the loader that feeds them to the trainer.
 
 ``download`` runs img2dataset behind ``fetch_guard`` (the SSRF guard every remote read goes
 through), ``images`` decodes every image mode to 8-bit RGB, ``filters`` with
-``filter_registry`` and ``dedup`` rejects and reshards, ``embed`` runs the frozen text encoder
-once per shard, and ``loader`` joins shards and embeddings into training batches.
+``filter_registry`` and ``dedup`` rejects and reshards, ``split`` holds out the validation
+split (and names every shard), ``embed`` runs the frozen text encoder once per shard, and
+``loader`` joins shards and embeddings into training and validation batches (``batch``).
 """

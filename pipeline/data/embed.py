@@ -2,9 +2,10 @@
 
 Imagen trains against a frozen text encoder (sec. 2.1), so captions are encoded once,
 ahead of training, instead of running T5-XXL in every training step. For each filtered
-shard ``INPUT/NNNNNN.tar`` (members ``KEY.png``, ``KEY.txt``, ``KEY.json``) this writes::
+shard ``INPUT/NNNNNN.tar`` (members ``KEY.png``, ``KEY.txt``, ``KEY.json``), and each shard of
+the validation split ``INPUT/val-NNNNNN.tar`` (:mod:`pipeline.data.split`), this writes::
 
-    OUTPUT/<encoder-slug>/NNNNNN.parquet
+    OUTPUT/<encoder-slug>/NNNNNN.parquet     (val-NNNNNN.parquet for val-NNNNNN.tar)
         __key__       string                                  sample key, shard order
         num_tokens    int32                                   real tokens, </s> included
         embedding     list<fixed_size_list<float16, D>>       [num_tokens, D]; no padding
@@ -62,6 +63,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.data.embed_config import EmbedConfig
 from pipeline.data.images import IMAGE_EXTS  # a key's first image member in tar order is used
+from pipeline.data.split import shard_pattern
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +76,7 @@ _HINT = "Delete it and re-run the embed step to regenerate it."
 # Keys that must match for an existing parquet to count as done; then the source tar's
 # size and sha256 must match too (see _is_done).
 _MATCH_KEYS = ("encoder_id", "max_length", "dtype", "code_version", "source_shard")
-_SHARD = r"\d+\.tar"
-_PARQUET = r"\d+\.parquet"
+_SHARD = shard_pattern(None)  # both splits: the validation loader needs embeddings too
 # A batch takes captions down to this fraction of its longest one: <= 20% of it is padding,
 # and web captions (mostly 5-20 tokens) still fill large batches.
 BUCKET_RATIO = 0.8
@@ -94,7 +95,7 @@ def split_key(member_name: str) -> tuple[str, str]:
 
 
 def shard_stem(uri: str) -> str:
-    """``.../000003.tar`` or ``000003.parquet`` -> ``000003``."""
+    """``.../000003.tar`` or ``000003.parquet`` -> ``000003`` (``val-000003.tar`` -> ``val-000003``)."""
     return storage.basename(uri).split(".", 1)[0]
 
 
@@ -388,9 +389,10 @@ def _decode_metadata(raw: dict | None) -> dict:
     return meta
 
 
-def embedding_files(path: str) -> list[str]:
-    """Sorted ``NNNNNN.parquet`` URIs directly under ``path``."""
-    return storage.list_files(path, _PARQUET)
+def embedding_files(path: str, split: str | None = None) -> list[str]:
+    """Sorted ``NNNNNN.parquet`` and ``val-NNNNNN.parquet`` URIs directly under ``path`` (only
+    those of ``split``, "train" or "val", when given)."""
+    return storage.list_files(path, shard_pattern(split, "parquet"))
 
 
 def resolve_embeddings_dir(path: str) -> str:
@@ -533,12 +535,12 @@ def embed_shards(
     """Embed the captions of every (or the selected) filtered shard; see the module doc.
 
     Args:
-        input: directory (fsspec URI) of filtered ``NNNNNN.tar`` shards.
+        input: directory (fsspec URI) of filtered ``NNNNNN.tar`` and ``val-NNNNNN.tar`` shards.
         output: root directory; results go to ``output/<encoder-slug>/``.
         encoder: hub id or local directory of a T5 encoder (``t5:`` prefix optional), or
             an :class:`imagen.text.TextEncoder` (then max_length, device, dtype are its own);
             default ``config.encoder``.
-        shards: subset of shard names (``000003``, ``000003.tar`` or paths), e.g. one list
+        shards: subset of shard names (``000003``, ``val-000003.tar`` or paths), e.g. one list
             of :func:`split_shards`; default every shard in ``input``.
         config: the options (:class:`EmbedConfig`: max_length, batch_size, max_batch_tokens
             (halves on out-of-memory), device, dtype); ``options`` override its fields.

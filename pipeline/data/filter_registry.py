@@ -2,7 +2,8 @@
 
 A filter is anything with a ``name`` and ``check(sample) -> reason | None`` (None keeps the
 sample), registered by name with a factory that builds it from :class:`FilterConfig` (the
-single source of every threshold). Registration order is run order, cheapest first: caption
+single source of every threshold, defined in :mod:`pipeline.data.filter_config` and re-exported
+here). Registration order is run order, cheapest first: caption
 length, caption language, size and aspect from the image header, pixel count, full decode.
 Dataset-wide duplicate removal is not a per-sample filter: see :mod:`pipeline.data.dedup`.
 
@@ -30,28 +31,8 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from pipeline.data.filter_config import FilterConfig  # defined apart (no imports) for the DAG files
 from pipeline.data.images import to_rgb
-
-
-@dataclasses.dataclass
-class FilterConfig:
-    """Thresholds for every filter, dedup and scorer (the single source of their defaults)."""
-
-    min_caption_chars: int = 3
-    max_caption_chars: int = 512
-    languages: tuple[str, ...] = ()  # ISO 639-1 codes to keep, e.g. ("en",); empty: no language filter
-    min_language_confidence: float = 0.5  # reject only captions this surely in another language
-    min_side: int = 64
-    max_aspect: float = 2.0
-    max_pixels: int = 64_000_000
-    dedup: bool = True  # exact duplicates (sha256 of the stored image) across the dataset
-    near_dedup: bool = True  # perceptual-hash near duplicates across the dataset
-    near_dup_distance: int = 6  # max Hamming distance between 64-bit pHashes
-    near_dup_color_tolerance: float = 32.0  # max |difference| of any 8x8 RGB thumbnail cell, 0..255
-    scorers: dict[str, dict] = dataclasses.field(default_factory=dict)  # name -> {"weights": ..., "min"/"max": ...}
-    # cascade stage -> min native side (pipeline.data.download.stage_policy): kept samples smaller than a
-    # stage's side are counted as too_small_for_<stage> and left out of that stage alone
-    stage_sides: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class FilterUnavailable(Exception):

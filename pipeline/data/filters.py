@@ -10,11 +10,12 @@ and ends with the same bytes:
    Written atomically, it is the shard's completion marker; it is redone when the per-sample
    settings or the raw shard's bytes change (checked by the raw shard's sha256, not its size).
 2. global and cheap: exact and near duplicates across the whole dataset in URL-list order
-   (:mod:`pipeline.data.dedup`), then the reshard plan -> ``_filter/plan.parquet``.
-3. per output shard: ``000000.tar``, ``000001.tar``, ... with ``samples_per_shard`` samples each
-   (the last one less), copied from the raw shards without re-encoding, each member checked
-   against the sha256 pass 1 read, each shard written atomically; shards already written for
-   the same plan are kept.
+   (:mod:`pipeline.data.dedup`), then the held-out validation split by a hash of each kept
+   sample's URL (:mod:`pipeline.data.split`), then the reshard plan -> ``_filter/plan.parquet``.
+3. per output shard: ``000000.tar``, ``000001.tar``, ... (training) and ``val-000000.tar``, ...
+   (validation) with ``samples_per_shard`` samples each (the last one of each split less),
+   copied from the raw shards without re-encoding, each member checked against the sha256
+   pass 1 read, each shard written atomically; shards already written for the same plan are kept.
 ``manifest.json`` is written last; a re-run with unchanged input and settings returns it as is.
 
     from pipeline.data.filters import filter_shards, format_reject_table
@@ -25,6 +26,7 @@ and ends with the same bytes:
 Output folder:
     000000.tar, ...   KEY.png|jpg|webp (as downloaded), KEY.txt (caption, stripped),
                       KEY.json (img2dataset metadata: url, caption, width, ...; "scores" if any)
+    val-000000.tar, ...  the validation split, same members (training readers never list them)
     _filter/          per-sample fates and the reshard plan (see above)
     manifest.json     see :func:`filter_shards`
 """
@@ -47,6 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.data import split as splits
 from pipeline.data.download import normalize_error, read_refused, reason_stage, shard_failures
 from pipeline.data.embed import _HashingReader, file_sha256, tar_tail_problem
 from pipeline.data.filter_registry import (
@@ -73,12 +76,16 @@ __all__ = ["FILTERS", "CaptionLengthFilter", "DecodeFilter", "Filter", "FilterCo
 
 MANIFEST = "manifest.json"
 # v3: per-sample stored side, per-stage counts; v4: raw shards verified, dropped_members, duplicate_key;
-# v5: member names matched exactly, pass 1 reused by the raw shard's sha256, pass 3 checks members' sha256
-MANIFEST_FORMAT = "imagen-pipeline/filtered-shards/v5"
+# v5: member names matched exactly, pass 1 reused by the raw shard's sha256, pass 3 checks members' sha256;
+# v6: the validation split (val-NNNNNN.tar, "split", per-stage val counts)
+MANIFEST_FORMAT = "imagen-pipeline/filtered-shards/v6"
+# Pass 1's own results are unchanged since v5: an upgrade reuses them rather than re-decoding everything.
+PASS1_FORMAT = "imagen-pipeline/filtered-shards/v5"
 WORK = "_filter"
 PLAN = "plan.parquet"
 # Config fields that only the global pass uses: changing them does not redo pass 1.
-GLOBAL_FIELDS = ("dedup", "near_dedup", "near_dup_distance", "near_dup_color_tolerance", "stage_sides")
+GLOBAL_FIELDS = ("dedup", "near_dedup", "near_dup_distance", "near_dup_color_tolerance", "stage_sides",
+                 "val_fraction", "val_max")
 WORK_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("reason", pa.string()),
                          ("sha256", pa.binary()), ("phash", pa.uint64()), ("thumb", pa.binary()),
                          ("scores", pa.string()), ("members", pa.string()),
@@ -280,7 +287,7 @@ class RawShardChanged(RuntimeError):
 
 def _pass1_settings(config: FilterConfig) -> str:
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in GLOBAL_FIELDS}
-    return json.dumps({"format": MANIFEST_FORMAT, **fields}, sort_keys=True, default=list)
+    return json.dumps({"format": PASS1_FORMAT, **fields}, sort_keys=True, default=list)
 
 
 def _score(gates, candidates: list[Sample], reasons: dict[str, str | None], scores: dict[str, dict]) -> None:
@@ -397,15 +404,15 @@ def _work_uri(work: str, raw_uri: str) -> str:
 
 def _plan(raw: list[str], work: str, config: FilterConfig,
           samples_per_shard: int) -> tuple[pa.Table, collections.Counter, collections.Counter]:
-    """The plan: one row per sample that passed pass 1, in dataset order, with its output shard
-    (or its duplicate reason and original); also the rejects of pass 1 and 2 by reason, and the
-    tar members pass 1 dropped, by reason."""
+    """The plan: one row per sample that passed pass 1, in dataset order, with its split and
+    output shard (or its duplicate reason and original); also the rejects of pass 1 and 2 by
+    reason, and the tar members pass 1 dropped, by reason."""
     from pipeline.data.dedup import find_duplicates
 
     rejects: collections.Counter = collections.Counter()
     dropped: collections.Counter = collections.Counter()
-    cols: dict[str, list] = {"raw": [], "key": [], "sha256": [], "phash": [], "thumb": [], "scores": [],
-                             "members": [], "side": []}
+    cols: dict[str, list] = {"raw": [], "key": [], "url": [], "sha256": [], "phash": [], "thumb": [],
+                             "scores": [], "members": [], "side": []}
     for r in raw:
         with storage.open(_work_uri(work, r), "rb") as f:
             table = pq.read_table(f)
@@ -413,7 +420,7 @@ def _plan(raw: list[str], work: str, config: FilterConfig,
         rejects.update(x for x in table["reason"].to_pylist() if x is not None)
         table = table.filter(table["reason"].is_null())
         cols["raw"] += [storage.basename(r)] * table.num_rows
-        for name in ("key", "sha256", "phash", "thumb", "scores", "members", "side"):
+        for name in ("key", "url", "sha256", "phash", "thumb", "scores", "members", "side"):
             cols[name] += table[name].to_pylist()
     # One sample per key (embeddings and the loader join on it): the first copy that passed
     # pass 1, in dataset order (raw shard, then key), keeps it; later copies are counted.
@@ -433,12 +440,19 @@ def _plan(raw: list[str], work: str, config: FilterConfig,
                                 color_tolerance=config.near_dup_color_tolerance)
         dups.update({by_key[key]: (reason, original) for key, reason, original in found})
     rejects.update(reason for reason, _ in dups.values())
-    shard, n_kept = [], 0
-    for i in range(len(cols["key"])):
-        shard.append(None if i in dups else f"{n_kept // samples_per_shard:06d}.tar")
-        n_kept += i not in dups
+    # The split is drawn after dedup, on purpose: of a group of (near) duplicates only one is
+    # kept, so two copies of one image can never sit on both sides of it. By URL, not key:
+    # img2dataset's keys are row positions, which another URL list would give to other images.
+    kept = [i for i in range(len(cols["key"])) if i not in dups]
+    held_out = splits.assign([cols["url"][i] or cols["key"][i] for i in kept], config.val_fraction,
+                             config.val_max)
+    split: list[str | None] = [None] * len(cols["key"])
+    for i, val in zip(kept, held_out, strict=True):
+        split[i] = splits.VAL if val else splits.TRAIN
+    shard = splits.shard_names(split, samples_per_shard)
     fates = [dups.get(i, (None, None)) for i in range(len(cols["key"]))]
-    plan = pa.table({"raw": cols["raw"], "key": cols["key"], "shard": pa.array(shard, pa.string()),
+    plan = pa.table({"raw": cols["raw"], "key": cols["key"], "url": pa.array(cols["url"], pa.string()),
+                     "split": pa.array(split, pa.string()), "shard": pa.array(shard, pa.string()),
                      "reason": pa.array([f[0] for f in fates], pa.string()),
                      "duplicate_of": pa.array([f[1] for f in fates], pa.string()),
                      "scores": pa.array(cols["scores"], pa.string()),
@@ -510,20 +524,25 @@ def _write_outputs(input: str, output: str, plan: pa.Table) -> None:
     plan_uri = storage.join(output, WORK, PLAN)
     for uri in storage.list_files(output, r"\..*\.tmp-[0-9a-f]+"):
         storage.remove(uri)  # temporary files of a killed run
+    shards = splits.shard_pattern(None)  # both splits' shards
     if _plan_id(plan_uri) != plan.schema.metadata[b"plan_id"]:
         # Shards from another plan must go before the new plan is recorded: after a crash
         # here the recorded plan still differs, and the next run clears again.
-        for uri in storage.list_files(output, r"\d{6}\.tar"):
+        for uri in storage.list_files(output, shards):
             storage.remove(uri)
         with storage.atomic_write(plan_uri) as f:
             pq.write_table(plan, f)
-    rows = [r for r in plan.select(["raw", "key", "shard", "scores", "members"]).to_pylist() if r["shard"]]
-    todo = {r["shard"] for r in rows} - {storage.basename(u) for u in storage.list_files(output, r"\d{6}\.tar")}
+    rows = [r for r in plan.select(["raw", "key", "split", "shard", "scores", "members"]).to_pylist()
+            if r["shard"]]
+    todo = {r["shard"] for r in rows} - {storage.basename(u) for u in storage.list_files(output, shards)}
     needed: dict[str, list[dict]] = collections.defaultdict(list)
     for r in rows:  # plan order: raw shard, then key
         if r["shard"] in todo:
             needed[r["raw"]].append(r)
-    with ShardWriter(output) as writer:
+    # One writer per split: the plan interleaves the splits, and each writer must meet its
+    # shards one after the other (it finishes a shard when the next name comes).
+    with contextlib.ExitStack() as stack:
+        writers = {name: stack.enter_context(ShardWriter(output)) for name in splits.SPLITS}
         for raw_name, raw_rows in sorted(needed.items()):
             located = [(r["key"], json.loads(r["members"])) for r in raw_rows]
             raw_uri = storage.join(input, raw_name)
@@ -531,7 +550,7 @@ def _write_outputs(input: str, output: str, plan: pa.Table) -> None:
                 for sample, row in zip(read_located(raw_uri, located), raw_rows, strict=True):
                     if row["scores"]:
                         sample.meta["scores"] = json.loads(row["scores"])
-                    writer.write(sample, row["shard"])
+                    writers[row["split"]].write(sample, row["shard"])
             except RawShardChanged:
                 storage.remove(_work_uri(storage.join(output, WORK), raw_uri))  # the next run redoes pass 1
                 raise
@@ -595,20 +614,27 @@ def filter_shards(input: str, output: str, config: FilterConfig | None = None,
 
     Returns the manifest (also written to ``output/manifest.json``, last)::
 
-        {"format": "imagen-pipeline/filtered-shards/v5", "input": ..., "output": ...,
+        {"format": "imagen-pipeline/filtered-shards/v6", "input": ..., "output": ...,
          "input_fingerprint": {"00000.tar": size, ...}, "config": {FilterConfig fields},
          "samples_per_shard": 1000, "filters": [names run], "skipped_filters": {name: why},
-         "shards": {"000000.tar": kept_in_shard, ...},
-         "input_rows": N, "kept": k, "rejected": N - k,
+         "shards": {"000000.tar": kept_in_shard, ..., "val-000000.tar": kept_in_shard, ...},
+         "input_rows": N, "kept": k, "rejected": N - k,         # k: both splits
+         "split": {"val_fraction": 0.05, "val_max": 10000, "by": "url",   # pipeline.data.split
+                   "train": k - v, "val": v, "keyed_without_url": 0},
          "rejects": {"refused": {"loopback_address": r, ...},   # never contacted
                      "download": {"http_404": d, ...},         # img2dataset and fetch failures
                      "filter": {"caption_too_short": f, ...}},  # this step, dedup included
          "dropped_members": {"unsafe_member_name": m, ...},   # tar members that are no row
                                                               # (see index_raw_shard)
-         "stages": {"sr1024": {"min_side": 1024, "samples": s,   # per config.stage_sides: what
-                               "excluded": {"too_small_for_sr1024": k - s}}, ...}}  # each stage uses
+         "stages": {"sr1024": {"min_side": 1024,                  # per config.stage_sides: what
+                               "samples": s, "excluded": {"too_small_for_sr1024": k - v - s},
+                               "val_samples": w,                 # each stage trains (validates) on
+                               "val_excluded": {"too_small_for_sr1024": v - w}}, ...}}
 
-    ``input_rows`` counts every row of the URL list, so ``kept + rejected == input_rows``.
+    ``input_rows`` counts every row of the URL list, so ``kept + rejected == input_rows``. The
+    validation split (``val-NNNNNN.tar``) is drawn after dedup by a hash of each kept sample's
+    URL (its key when it has none; counted in ``keyed_without_url``): see
+    :func:`pipeline.data.split.assign` for why it is stable across reruns and longer URL lists.
     Each raw shard is verified against its img2dataset parquet first (:func:`index_raw_shard`):
     a tar that ends early at a corrupt header, or lacks a sample recorded as downloaded, stops
     the step with an error naming the shard and keys. Of several samples with one key, the first
@@ -644,7 +670,7 @@ def filter_shards(input: str, output: str, config: FilterConfig | None = None,
     manifest = {"format": MANIFEST_FORMAT, "input": input, "output": output, **settings, "filters": names,
                 "skipped_filters": skipped, "shards": shards, "input_rows": rows, "kept": kept,
                 "rejected": sum(sum(r.values()) for r in rejects.values()), "rejects": rejects,
-                "dropped_members": dict(sorted(dropped.items())),
+                "dropped_members": dict(sorted(dropped.items())), "split": _split_counts(plan, config),
                 "stages": stage_counts(plan, config.stage_sides)}
     if kept + manifest["rejected"] != rows:
         # A raw tar and its parquet disagree (e.g. a tar rewritten by hand): say so, keep going.
@@ -664,14 +690,29 @@ def stage_config(presets: dict[str, str], stages=None, **overrides) -> FilterCon
     return FilterConfig(**{"min_side": policy["min_side"], "stage_sides": policy["stage_sides"], **overrides})
 
 
+def _split_counts(plan: pa.Table, config: FilterConfig) -> dict:
+    """The manifest's ``split``: its settings and how many kept samples each side got."""
+    kept = [(split, url) for split, url in zip(plan["split"].to_pylist(), plan["url"].to_pylist(), strict=True)
+            if split]
+    counts = collections.Counter(split for split, _ in kept)
+    return {"val_fraction": config.val_fraction, "val_max": config.val_max, "by": "url",
+            "train": counts[splits.TRAIN], "val": counts[splits.VAL],
+            "keyed_without_url": sum(not url for _, url in kept)}
+
+
 def stage_counts(plan: pa.Table, stage_sides: dict[str, int]) -> dict[str, dict]:
-    """Per cascade stage: the kept samples it can train on (stored short side >= its side) and
-    those left out of it alone, as ``{"too_small_for_<stage>": n}``."""
-    sides = [s for s, shard in zip(plan["side"].to_pylist(), plan["shard"].to_pylist(), strict=True) if shard]
+    """Per cascade stage and split: the kept samples it can use (stored short side >= its side)
+    and those left out of it alone, as ``{"too_small_for_<stage>": n}``: ``samples`` and
+    ``excluded`` of the training split, ``val_samples`` and ``val_excluded`` of the validation one."""
+    sides = {name: [side for side, split in zip(plan["side"].to_pylist(), plan["split"].to_pylist(), strict=True)
+                    if split == name] for name in splits.SPLITS}
     out = {}
     for stage, need in stage_sides.items():
-        small = sum(s is None or s < need for s in sides)
-        out[stage] = {"min_side": need, "samples": len(sides) - small, "excluded": {f"too_small_for_{stage}": small}}
+        out[stage] = {"min_side": need}
+        for name, prefix in ((splits.TRAIN, ""), (splits.VAL, "val_")):
+            small = sum(s is None or s < need for s in sides[name])
+            out[stage][f"{prefix}samples"] = len(sides[name]) - small
+            out[stage][f"{prefix}excluded"] = {f"too_small_for_{stage}": small}
     return out
 
 
@@ -687,10 +728,17 @@ def format_reject_table(manifest: dict) -> str:
     lines.append(f"{'input rows':<43} {manifest['input_rows']:>8}")
     for reason, n in manifest.get("dropped_members", {}).items():
         lines.append(f"{'dropped':<10} {reason:<32} {n:>8}  (tar members that are no URL-list row)")
+    if "split" in manifest:
+        split = manifest["split"]
+        lines.append(f"{'training split':<43} {split['train']:>8}")
+        lines.append(f"{'validation split':<43} {split['val']:>8}  (held out by URL hash: fraction "
+                     f"{split['val_fraction']}, at most {split['val_max']})")
     for stage, counts in manifest.get("stages", {}).items():
         for reason, n in counts["excluded"].items():
             lines.append(f"{stage:<10} {reason:<32} {n:>8}  (kept, used by the other stages)")
         lines.append(f"{stage:<10} {'samples for this stage':<32} {counts['samples']:>8}")
+        if "val_samples" in counts:
+            lines.append(f"{stage:<10} {'validation samples':<32} {counts['val_samples']:>8}")
     for name, why in manifest.get("skipped_filters", {}).items():
         lines.append(f"skipped filter {name}: {why}")
     return "\n".join(lines)
@@ -700,7 +748,7 @@ def sample_fates(input: str, output: str) -> pa.Table:
     """What became of every URL-list row: ``url, key, stage, reason, shard`` (one row each).
 
     ``stage`` is "refused", "download", "filter" or "kept" (then ``shard`` names the output
-    shard and ``reason`` is null). Reads the download and filter outputs; writes nothing.
+    shard, ``val-NNNNNN.tar`` for the validation split, and ``reason`` is null). Reads the download and filter outputs; writes nothing.
     """
     fates: list[dict] = []
     refused = storage.join(input, "refused.parquet")

@@ -1,8 +1,8 @@
-"""Training data loader: filtered WebDataset shards joined with precomputed T5 embeddings.
+"""Training and validation data loaders: filtered WebDataset shards joined with precomputed T5 embeddings.
 
 Each filtered shard ``DATA/NNNNNN.tar`` (``KEY.png``, ``KEY.txt``, ``KEY.json``) is paired
 with ``EMBEDDINGS/NNNNNN.parquet`` written by :mod:`pipeline.data.embed`; samples are joined on
-``__key__`` when the shard is opened. The loader is an endless stream of batches::
+``__key__`` when the shard is opened. The training loader is an endless stream of batches::
 
     from pipeline.data.loader import TrainDataConfig, make_loader, to_device
     cfg = TrainDataConfig(data="data/filtered", embeddings="data/embeddings/t5-...")
@@ -56,6 +56,14 @@ batch (batches keep their size and their place in the stream); it is never upsca
 at least as large as itself. A shard's embeddings stay in memory while its window is read.
 Paths are fsspec URIs; on object stores consider fsspec's ``simplecache::`` so the random
 reads hit a local copy.
+
+The held-out validation split (``val-NNNNNN.tar`` + ``val-NNNNNN.parquet``, chosen by the filter
+step: :mod:`pipeline.data.split`) is read by :func:`make_validation_loader`, one finite pass in a
+fixed order, through the same reader and decoder. The training loader lists only ``NNNNNN.tar``,
+so it never yields a validation sample::
+
+    if validation_shards_exist(cfg.data):
+        for batch in make_validation_loader(cfg, rank, world_size, limit=1000): ...
 """
 
 from __future__ import annotations
@@ -66,6 +74,7 @@ import io
 import json
 import logging
 import os
+import tarfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -76,6 +85,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from imagen.text import same_recorded_encoder
 from pipeline import storage
+from pipeline.data.batch import collate, to_device  # noqa: F401 - to_device: importable from here, as before
 from pipeline.data.embed import (
     balanced_split,
     embedding_files,
@@ -87,6 +97,7 @@ from pipeline.data.embed import (
     shard_stem,
 )
 from pipeline.data.images import to_rgb
+from pipeline.data.split import TRAIN, VAL, VAL_SHARD, shard_pattern
 
 log = logging.getLogger(__name__)
 
@@ -216,17 +227,24 @@ def _same(field: str, a, b) -> bool:
     return same_recorded_encoder(a, b) if field == "encoder_id" else a == b
 
 
-def discover(cfg: TrainDataConfig) -> tuple[list[Shard], dict]:
-    """Shards with embeddings (sorted) and the metadata every parquet must agree with.
+def discover(cfg: TrainDataConfig, split: str = TRAIN) -> tuple[list[Shard], dict]:
+    """Shards of ``split`` with embeddings (sorted) and the metadata every parquet must agree with.
 
     Every parquet footer is read (in parallel) here, in the launching process, so a wrong
-    or mixed encoder fails at start, not inside a DataLoader worker mid-epoch.
+    or mixed encoder fails at start, not inside a DataLoader worker mid-epoch. Only the shards
+    of ``split`` are listed (``pipeline.data.split.shard_pattern``): the training split never
+    sees a ``val-NNNNNN.tar``. For the validation split, no sample at the stage's size is no
+    error: the shards come back with no rows.
     """
-    tars = storage.list_shards(cfg.data, r"\d+\.tar")
+    tars = storage.list_shards(cfg.data, shard_pattern(split))
+    if not tars and split == VAL:
+        raise ValueError(f"no validation shards (val-NNNNNN.tar) in {cfg.data}: it was filtered before the "
+                         "validation split existed, or with val_fraction=0; rerun the filter step (and embed) "
+                         "to hold some samples out")
     if not tars:
         raise ValueError(f"no NNNNNN.tar shards in {cfg.data}; run the filter step first")
     emb_dir = resolve_embeddings_dir(cfg.embeddings)
-    parquets = {shard_stem(p): p for p in embedding_files(emb_dir)}
+    parquets = {shard_stem(p): p for p in embedding_files(emb_dir, split)}
     pairs = [(t, parquets[shard_stem(t)]) for t in tars if shard_stem(t) in parquets]
     unembedded = [shard_stem(t) for t in tars if shard_stem(t) not in parquets]
     if unembedded:
@@ -235,7 +253,8 @@ def discover(cfg: TrainDataConfig) -> tuple[list[Shard], dict]:
             len(unembedded), len(tars), emb_dir, ", ".join(unembedded[:5]),
         )  # fmt: skip
     if not pairs:
-        raise ValueError(f"none of the shards in {cfg.data} has embeddings in {emb_dir}")
+        raise ValueError(f"none of the {split} shards in {cfg.data} has embeddings in {emb_dir}; run the "
+                         "embed step on them")
     with ThreadPoolExecutor(max_workers=16) as pool:  # footers: latency-bound on object stores
         footers = list(pool.map(read_footer, [p for _, p in pairs]))
         first = footers[0][1]
@@ -251,7 +270,7 @@ def discover(cfg: TrainDataConfig) -> tuple[list[Shard], dict]:
         small = (side >= 0) & (side < cfg.image_size)
         keep = np.flatnonzero(~small)
         shards.append(Shard(tar, parquet, len(keep), tuple(keep.tolist()), int(small.sum())))
-    if not any(s.rows for s in shards):
+    if not any(s.rows for s in shards) and split == TRAIN:
         raise ValueError(
             f"no image in {cfg.data} is at least {cfg.image_size} px on its short side, which this "
             f"stage needs ({sum(s.excluded for s in shards)} smaller ones left out): download sources "
@@ -417,6 +436,25 @@ class _ShardReader:
             return None
         return data
 
+    def row(self, position: int) -> int:
+        """The parquet row of the shard's ``position``-th sample for this stage."""
+        return int(self.rows[position]) if self.rows is not None else position
+
+    def read_caption(self, row: int) -> str | None:
+        """The caption member the filter step writes right after the image (one header read,
+        its name checked), or None when it is not there."""
+        offset, size = int(self.offset[row]), int(self.size[row])
+        if offset < 0:
+            return None
+        self.fh.seek(offset + -(-size // 512) * 512)  # tar data is padded to 512-byte blocks
+        try:
+            info = tarfile.TarInfo.frombuf(self.fh.read(512), "utf-8", "surrogateescape")
+        except tarfile.TarError:
+            return None
+        if info.name != f"{self.emb.keys[row]}.txt":
+            return None
+        return self.fh.read(info.size).decode("utf-8", "replace").strip()
+
     def close(self) -> None:
         self.fh.close()
 
@@ -498,6 +536,8 @@ def _lowres(img, side: int):
 class ShardStream(IterableDataset):
     """Endless stream of batches for one rank; each DataLoader worker is one reader."""
 
+    split = TRAIN
+
     def __init__(self, cfg: TrainDataConfig, shards: list[Shard], first: dict, rank: int,
                  world_size: int):  # fmt: skip
         super().__init__()
@@ -545,7 +585,7 @@ class ShardStream(IterableDataset):
                     reader.close()
 
     def _sample(self, reader: _ShardReader, position: int, aug: np.ndarray) -> dict | None:
-        row = int(reader.rows[position]) if reader.rows is not None else position
+        row = reader.row(position)
         key = reader.emb.keys[row]
         data = reader.read_image(row)
         if data is None:
@@ -571,7 +611,7 @@ class ShardStream(IterableDataset):
         with Image.open(io.BytesIO(data)) as img:
             stored = list(img.size)
         line = {"key": key, "stored": stored, "image_size": self.cfg.image_size,
-                "crop": list(sample["image"].shape[:2]), "rank": self.rank}
+                "crop": list(sample["image"].shape[:2]), "rank": self.rank, "split": self.split}
         os.makedirs(self.cfg.audit_dir, exist_ok=True)
         with open(os.path.join(self.cfg.audit_dir, f"{os.getpid()}.jsonl"), "a") as f:
             f.write(json.dumps(line) + "\n")
@@ -586,87 +626,6 @@ def _fill_gaps(batch: list[dict | None]) -> list[dict]:
             "warnings above for shards and keys); re-run the filter and embed steps"
         )
     return [s if s is not None else good[i % len(good)] for i, s in enumerate(batch)]
-
-
-def _stack_pixels(images: list[np.ndarray]) -> torch.Tensor:
-    """uint8 [H,W,3] arrays -> one contiguous uint8 [B,3,H,W] tensor (one copy per image)."""
-    h, w, _ = images[0].shape
-    out = torch.empty((len(images), 3, h, w), dtype=torch.uint8)
-    # numpy's strided copy does the HWC -> CHW transpose in under half of torch's copy_ time
-    # (80 vs 170 us per 256 px image, beside a 1.5 ms decode).
-    view = out.numpy()
-    for i, image in enumerate(images):
-        np.copyto(view[i], image.transpose(2, 0, 1))
-    return out
-
-
-def collate(samples: list[dict], pad_text_to: int | None = None, normalize: bool = False) -> dict:
-    """Stack images as uint8; pad text embeddings (float16) to ``pad_text_to`` tokens (None:
-    the batch's longest caption), with a mask. :func:`to_device` makes floats of them, or
-    ``normalize`` does it here (float32 pixels in [-1, 1], ``batch["pixels"] = "float"``)."""
-    lengths = [s["text_embeds"].shape[0] for s in samples]
-    width = max(lengths) if pad_text_to is None else pad_text_to
-    if max(lengths) > width:
-        raise ValueError(f"a caption of {max(lengths)} tokens does not fit pad_text_to={pad_text_to}; "
-                         "cut captions to max_tokens <= pad_text_to first")  # fmt: skip
-    dim = samples[0]["text_embeds"].shape[1]
-    embeds = np.zeros((len(samples), width, dim), dtype=np.float16)
-    mask = np.zeros((len(samples), width), dtype=bool)
-    for i, (s, n) in enumerate(zip(samples, lengths, strict=True)):
-        embeds[i, :n] = s["text_embeds"]
-        mask[i, :n] = True
-    batch = {
-        "image": _stack_pixels([s["image"] for s in samples]),
-        "text_embeds": torch.from_numpy(embeds),
-        "text_mask": torch.from_numpy(mask),
-        "keys": [s["key"] for s in samples],
-    }
-    if "lowres" in samples[0]:
-        batch["lowres"] = _stack_pixels([s["lowres"] for s in samples])
-    if normalize:
-        for name in _PIXELS:
-            if name in batch:
-                batch[name] = _normalize(batch[name], torch.contiguous_format)
-        batch["pixels"] = "float"
-    return batch
-
-
-_PIXELS = ("image", "lowres")
-
-
-def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
-    """A :func:`collate` batch on ``device``: pixels as float32 in [-1, 1], text as float32.
-
-    Tensors are copied with ``non_blocking=True`` (the DataLoader pins them when CUDA is
-    there), then converted on the device, so the host never waits for the copy. Pixels become
-    ``(p - 127.5) / 127.5``, which maps 0 and 255 to exactly -1 and 1 (``p / 127.5 - 1``
-    overshoots 1 by an ulp), laid out ``channels_last`` when asked. Non-tensors pass through.
-    """
-    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    done = batch.get("pixels") == "float"  # normalised already (in the workers, or by to_device)
-    for name in _PIXELS:
-        if name in out:
-            if done:
-                out[name] = out[name].contiguous(memory_format=fmt)
-                continue
-            if out[name].dtype != torch.uint8:  # float pixels without the mark: of unknown scale
-                raise TypeError(f"to_device: batch[{name!r}] is {out[name].dtype}; it takes collate's "
-                                "uint8 pixels, or float ones marked batch['pixels'] = 'float'")  # fmt: skip
-            out[name] = _normalize(out[name], fmt)
-    out["pixels"] = "float"
-    if "text_embeds" in out:
-        out["text_embeds"] = out["text_embeds"].float()
-    return out
-
-
-def _normalize(pixels: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    """uint8 pixels -> float32 in [-1, 1], where they are: ``(p - 127.5) / 127.5`` maps 0 and 255
-    to exactly -1 and 1 (``p / 127.5 - 1`` overshoots 1 by an ulp)."""
-    out = pixels.to(torch.float32, memory_format=fmt)
-    # Divide by a tensor on the device, not a Python number: CUDA turns division by a host
-    # scalar into a multiply by its reciprocal, an ulp off for 126 of 256 values.
-    return out.sub_(127.5).div_(torch.full((), 127.5, device=out.device))
 
 
 def make_loader(cfg: TrainDataConfig, rank: int = 0, world_size: int = 1) -> Iterable[dict]:
@@ -689,3 +648,89 @@ def make_loader(cfg: TrainDataConfig, rank: int = 0, world_size: int = 1) -> Ite
     loader.data_counts = data_counts(shards)  # what this stage trains on, for the run's params
     return loader
 
+
+# --- the validation split ---------------------------------------------------------------------
+
+def validation_shards_exist(data: str) -> bool:
+    """Whether the filtered folder ``data`` holds a validation split (``val-NNNNNN.tar``); one listing."""
+    return bool(storage.list_shards(data, VAL_SHARD))
+
+
+class ValidationStream(ShardStream):
+    """One pass over one rank's share of the validation split, in a fixed order.
+
+    The order is shard order, then parquet row order, over the samples large enough for the
+    stage; sample ``i`` of it (after ``limit``) belongs to rank ``i % world_size``, whose
+    samples are cut into batches in order. DataLoader worker ``w`` of ``W`` makes batches
+    ``w, w + W, ...`` and the DataLoader takes them round-robin, so the batches come out in
+    order whatever the worker count. Reading and decoding are the training stream's own.
+    """
+
+    split = VAL
+
+    def __init__(self, cfg: TrainDataConfig, shards: list[Shard], first: dict, rank: int, world_size: int,
+                 limit: int | None = None):  # fmt: skip
+        super().__init__(cfg, shards, first, rank, world_size)
+        order = [(s, position) for s, shard in enumerate(shards) for position in range(shard.rows)]
+        mine = order[:limit][rank::world_size]
+        self.batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+        self.samples = len(order[:limit])
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        readers: dict[int, _ShardReader] = {}
+        centre = np.array([0.5, 0.5, 1.0])  # no random draw: cfg has random crop and flip off
+        try:
+            for batch in self.batches[worker::workers]:
+                samples = []
+                for s, position in batch:
+                    for old in [k for k in readers if k < s]:  # shards come in order: done with these
+                        readers.pop(old).close()
+                    if s not in readers:
+                        readers[s] = _ShardReader(self.shards[s], self.cfg, self.first)
+                    sample = self._sample(readers[s], position, centre)
+                    if sample is not None:  # unreadable: skipped and counted (logged), never replaced
+                        sample["caption"] = readers[s].read_caption(readers[s].row(position))
+                        samples.append(sample)
+                if samples:
+                    out = collate(samples, self.cfg.pad_text_to, self.cfg.normalize_in_workers)
+                    if all(x["caption"] is not None for x in samples):
+                        out["captions"] = [x["caption"] for x in samples]
+                    yield out
+        finally:
+            for reader in readers.values():
+                reader.close()
+
+
+def make_validation_loader(cfg: TrainDataConfig, rank: int = 0, world_size: int = 1,
+                           limit: int | None = None) -> Iterable[dict]:
+    """Finite, one pass: every validation sample eligible for ``cfg.image_size`` (short side >=
+    it), exactly once across the ranks, in a fixed order (shard order, then row order) that does
+    not depend on world_size, num_workers or seed. Sample i of that order (after ``limit``,
+    which keeps the first ``limit`` of the order) goes to rank ``i % world_size``. Centre crop
+    to ``cfg.crop_size``, no flip. Batches of ``cfg.batch_size`` (the last may be smaller; so is
+    one with an unreadable image, which is skipped and logged) in :func:`make_loader`'s format,
+    plus ``"captions"`` (each sample's caption from its shard).
+
+    Reads ``val-NNNNNN.tar`` with their ``val-NNNNNN.parquet`` embeddings through the training
+    reader. ``loader.data_counts`` says what it covers: ``{"val_samples": n (after limit),
+    "val_excluded_too_small": m}``; a stage no validation sample reaches yields nothing (n = 0).
+    Raises ``ValueError`` when ``cfg.data`` has no validation shards (see
+    :func:`validation_shards_exist`) or their embeddings do not fit the run.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit {limit}: use >= 0, or None for the whole validation split")
+    cfg = dataclasses.replace(cfg, random_crop=False, random_flip=False, start_batch=0)
+    shards, first = discover(cfg, VAL)
+    stream = ValidationStream(cfg, shards, first, rank, world_size, limit)
+    counts = {"val_samples": stream.samples, "val_excluded_too_small": sum(s.excluded for s in shards)}
+    if not stream.samples and rank == 0:
+        log.warning("no validation sample in %s is at least %d px on its short side (%d smaller); this "
+                    "stage is not validated", cfg.data, cfg.image_size, counts["val_excluded_too_small"])
+    loader = DataLoader(stream, batch_size=None, num_workers=min(cfg.num_workers, len(stream.batches)),
+                        pin_memory=torch.cuda.is_available())
+    loader.data_counts = counts
+    return loader

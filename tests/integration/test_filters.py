@@ -1,5 +1,9 @@
 """filter_shards end to end over the downloaded tiny dataset (conftest: tiny data -> img2dataset
--> filter): every good image kept once, counts that add up, reruns, parallel workers, scorers."""
+-> filter): every good image kept once, counts that add up, reruns, parallel workers, scorers.
+
+The tiny URLs name the loopback port of this session's server, and the validation split is a
+hash of the URL: which samples are held out differs between sessions, so the expected shards
+are computed with the split rule (pipeline.data.split) from the URL list."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.data import filter_registry
+from pipeline.data import filter_registry, split
 from pipeline.data.filters import (
     FilterConfig,
     filter_shards,
@@ -37,6 +41,27 @@ def _urls_by_kind(tiny_dataset) -> dict[str, set[str]]:
     for r in pq.read_table(tiny_dataset.urls).to_pylist():
         by_kind.setdefault(r["kind"], set()).add(r["url"])
     return by_kind
+
+
+def held_out(urls, config: FilterConfig | None = None) -> set[str]:
+    """Those of the kept ``urls`` the split rule holds out, at ``config``'s settings (default FilterConfig's)."""
+    config, urls = config or FilterConfig(), sorted(urls)
+    return {u for u, h in zip(urls, split.assign(urls, config.val_fraction, config.val_max), strict=True) if h}
+
+
+def expected_shards(n_train: int, n_val: int, per_shard: int) -> dict[str, int]:
+    """{shard name: samples} of ``n_train`` training and ``n_val`` validation samples."""
+    out = {}
+    for name, n in ((split.TRAIN, n_train), (split.VAL, n_val)):
+        for i in range(0, n, per_shard):
+            out[split.shard_name(name, i // per_shard)] = min(per_shard, n - i)
+    return out
+
+
+def tiny_shards(tiny_dataset, per_shard: int) -> dict[str, int]:
+    """The shards the 120 good images of the tiny data fill, split by the default settings."""
+    n_val = len(held_out(_urls_by_kind(tiny_dataset)["ok"]))
+    return expected_shards(120 - n_val, n_val, per_shard)
 
 
 def _kept(filtered: str) -> list[dict]:
@@ -60,8 +85,11 @@ def test_every_good_image_exactly_once(tiny_dataset, filtered_shards):
         assert r["meta"]["kind"] == "ok" and r["caption"] == r["meta"]["caption"].strip()
         short = min(r["meta"]["source_width"], r["meta"]["source_height"])
         assert min(Image.open(io.BytesIO(r["png"])).size) == min(short, 128)  # never upscaled
-    # Shards are filled in key (= URL-list) order.
-    assert [r["key"] for r in kept] == sorted(r["key"] for r in kept)
+    assert {r["meta"]["url"] for r in kept if split.split_of(r["shard"]) == split.VAL} == held_out(urls)
+    # Each split's shards are filled in key (= URL-list) order.
+    for name in split.SPLITS:
+        keys = [r["key"] for r in kept if split.split_of(r["shard"]) == name]
+        assert keys == sorted(keys)
 
 
 def test_manifest_counts_add_up(tiny_dataset, filtered_shards):
@@ -77,31 +105,40 @@ def test_manifest_counts_add_up(tiny_dataset, filtered_shards):
         "filter": {"caption_too_short": kinds["empty_caption"], "duplicate_image": kinds["duplicate"],
                    "image_too_small": kinds["too_small"], "aspect_ratio_too_large": kinds["bad_aspect"]},
     }
-    assert manifest["shards"] == {"000000.tar": 50, "000001.tar": 50, "000002.tar": 20}
+    assert manifest["shards"] == tiny_shards(tiny_dataset, 50)
     assert {n: len(read_tar(os.path.join(filtered_shards, n))) // 3 for n in manifest["shards"]} == manifest["shards"]
     assert manifest["config"] == {"min_caption_chars": 3, "max_caption_chars": 512, "languages": [], "min_language_confidence": 0.5,
                                   "min_side": 32,  # the tiny base stage's side
                                   "max_aspect": 2.0, "max_pixels": 64_000_000, "dedup": True, "near_dedup": True,
                                   "near_dup_distance": 6, "near_dup_color_tolerance": 32.0, "scorers": {},
-                                  "stage_sides": {"base64": 32, "sr256": 64, "sr1024": 128}}
-    # Per stage: the kept samples it can use, and the smaller ones left out of it alone.
+                                  "stage_sides": {"base64": 32, "sr256": 64, "sr1024": 128},
+                                  "val_fraction": 0.05, "val_max": 10_000}
+    # Per stage and split: the kept samples it can use, and the smaller ones left out of it alone.
     kept = [r for r in pq.read_table(tiny_dataset.urls).to_pylist() if r["kind"] == "ok"]
-    small = {side: sum(min(r["source_width"], r["source_height"]) < side for r in kept) for side in (32, 64, 128)}
-    assert small[128] > 0
+    val = held_out(r["url"] for r in kept)
+    assert manifest["split"] == {"val_fraction": 0.05, "val_max": 10_000, "by": "url", "train": 120 - len(val),
+                                 "val": len(val), "keyed_without_url": 0}
+
+    def small(side: int, held: bool) -> int:
+        return sum(min(r["source_width"], r["source_height"]) < side for r in kept if (r["url"] in val) == held)
+
+    assert small(128, False) > 0
     assert manifest["stages"] == {
-        "base64": {"min_side": 32, "samples": 120 - small[32], "excluded": {"too_small_for_base64": small[32]}},
-        "sr256": {"min_side": 64, "samples": 120 - small[64], "excluded": {"too_small_for_sr256": small[64]}},
-        "sr1024": {"min_side": 128, "samples": 120 - small[128], "excluded": {"too_small_for_sr1024": small[128]}},
-    }
+        stage: {"min_side": side, "samples": 120 - len(val) - small(side, False),
+                "excluded": {f"too_small_for_{stage}": small(side, False)},
+                "val_samples": len(val) - small(side, True), "val_excluded": {f"too_small_for_{stage}": small(side, True)}}
+        for stage, side in (("base64", 32), ("sr256", 64), ("sr1024", 128))}
     assert manifest["filters"] == ["caption_length", "min_side", "max_aspect", "max_pixels", "decode"]
     assert manifest["skipped_filters"] == {}
-    assert sorted(os.listdir(filtered_shards)) == ["000000.tar", "000001.tar", "000002.tar", "_filter",
-                                                   "manifest.json"]
+    assert sorted(os.listdir(filtered_shards)) == sorted([*tiny_shards(tiny_dataset, 50), "_filter", "manifest.json"])
     table = format_reject_table(manifest)
     lines = [line.split() for line in table.splitlines()]
     assert ["download", "http_404", "3"] in lines and ["filter", "caption_too_short", "2"] in lines
     assert ["kept", "120", "(91.6%)"] in lines and ["input", "rows", "131"] in lines
-    assert ["sr1024", "too_small_for_sr1024", str(small[128]), "(kept,", "used", "by", "the", "other", "stages)"] in lines
+    assert ["sr1024", "too_small_for_sr1024", str(small(128, False)), "(kept,", "used", "by", "the", "other",
+            "stages)"] in lines
+    assert ["training", "split", str(120 - len(val))] in lines
+    assert ["validation", "split", str(len(val))] in [line[:3] for line in lines]
 
 
 def test_sample_fates_explain_every_row(tiny_dataset, raw_shards, filtered_shards):
@@ -114,7 +151,7 @@ def test_sample_fates_explain_every_row(tiny_dataset, raw_shards, filtered_shard
     assert len(fates) == len(kinds)
     assert {f["url"]: (f["stage"], f["reason"]) for f in fates} == {u: expected[k] for u, k in kinds.items()}
     shards = collections.Counter(f["shard"] for f in fates if f["stage"] == "kept")
-    assert shards == {"000000.tar": 50, "000001.tar": 50, "000002.tar": 20}
+    assert shards == tiny_shards(tiny_dataset, 50)
 
 
 def test_rerun_is_a_no_op(raw_shards, filtered_shards):
@@ -133,7 +170,7 @@ def test_rewrite_gives_identical_shards(raw_shards, filtered_shards, tmp_path):
         assert Path(out, name).read_bytes() == Path(filtered_shards, name).read_bytes()
 
 
-def test_changed_config_rewrites_and_drops_stale_shards(raw_shards, filtered_shards, tmp_path):
+def test_changed_config_rewrites_and_drops_stale_shards(tiny_dataset, raw_shards, filtered_shards, tmp_path):
     out = tmp_path / "filtered"
     shutil.copytree(filtered_shards, out)
     (out / "000009.tar").write_bytes(b"stale")
@@ -141,8 +178,10 @@ def test_changed_config_rewrites_and_drops_stale_shards(raw_shards, filtered_sha
     work = {p.name: p.stat().st_mtime_ns for p in (out / "_filter").glob("0*.parquet")}
     config = stage_config(TINY_PRESETS, dedup=False, near_dedup=False)
     manifest = filter_shards(raw_shards, str(out), config, samples_per_shard=1000)
-    assert sorted(os.listdir(out)) == ["000000.tar", "_filter", "manifest.json"]
-    assert manifest["shards"] == {"000000.tar": 121} and manifest["kept"] == 121
+    by_kind = _urls_by_kind(tiny_dataset)
+    n_val = len(held_out(by_kind["ok"] | by_kind["duplicate"]))  # the duplicate is kept too now
+    assert manifest["shards"] == expected_shards(121 - n_val, n_val, 1000) and manifest["kept"] == 121
+    assert sorted(os.listdir(out)) == sorted([*manifest["shards"], "_filter", "manifest.json"])
     assert "duplicate_image" not in manifest["rejects"]["filter"]
     assert json.loads((out / "manifest.json").read_text()) == manifest
     # Only dedup settings changed: the per-shard pass was reused, not redone.
@@ -154,15 +193,15 @@ def test_changed_config_rewrites_and_drops_stale_shards(raw_shards, filtered_sha
     assert manifest["shards"] == {} and sorted(os.listdir(out)) == ["_filter", "manifest.json"]
 
 
-def test_shards_are_evenly_sized(raw_shards, tmp_path):
+def test_shards_are_evenly_sized(tiny_dataset, raw_shards, tmp_path):
     manifest = filter_shards(raw_shards, str(tmp_path / "out"), samples_per_shard=32)
-    assert manifest["shards"] == {"000000.tar": 32, "000001.tar": 32, "000002.tar": 32, "000003.tar": 24}
+    assert manifest["shards"] == tiny_shards(tiny_dataset, 32)
 
 
-def test_parallel_workers_give_the_same_bytes(raw_shards, filtered_shards, tmp_path):
+def test_parallel_workers_give_the_same_bytes(tiny_dataset, raw_shards, filtered_shards, tmp_path):
     out = tmp_path / "parallel"
     manifest = filter_shards(raw_shards, str(out), samples_per_shard=50, workers=2)
-    assert manifest["shards"] == {"000000.tar": 50, "000001.tar": 50, "000002.tar": 20}
+    assert manifest["shards"] == tiny_shards(tiny_dataset, 50)
     for name in manifest["shards"]:
         assert (out / name).read_bytes() == Path(filtered_shards, name).read_bytes()
 
@@ -197,7 +236,7 @@ def test_unfinished_download_is_an_error(raw_shards, tmp_path):
 def test_readable_with_webdataset(filtered_shards):
     import webdataset as wds
 
-    shards = [os.path.join(filtered_shards, f"{i:06d}.tar") for i in range(3)]
+    shards = sorted(str(p) for p in Path(filtered_shards).glob("*.tar"))  # both splits
     samples = list(wds.WebDataset(shards, shardshuffle=False).decode("pil").to_tuple("__key__", "png", "txt"))
     assert len(samples) == 120
     key, img, txt = samples[0]

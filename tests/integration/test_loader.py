@@ -29,17 +29,20 @@ REPO = str(Path(__file__).resolve().parents[2])
 def test_real_filtered_shards_embeddings_and_manifest(filtered_shards, tiny_embeddings):
     """The filter step's real output (conftest: tiny data -> img2dataset -> filter)."""
     manifest = json.loads(Path(filtered_shards, "manifest.json").read_text())
-    counts = manifest["shards"]  # {"000000.tar": kept, ...}
+    counts = manifest["shards"]  # {"000000.tar": kept, ..., "val-000000.tar": kept, ...}
     assert sum(counts.values()) == manifest["kept"] > 0
-    for name, kept in counts.items():
+    for name, kept in counts.items():  # the validation shards are embedded too
         vectors, meta = read_embeddings(os.path.join(tiny_embeddings, name[:-4] + ".parquet"))
         assert len(vectors) == kept == meta["tar_samples"]  # every kept sample has a caption
-    total = manifest["kept"]
+    total = manifest["stages"]["sr256"]["samples"]  # training samples of at least 64 px
     cfg = TrainDataConfig(data=filtered_shards, embeddings=tiny_embeddings, image_size=64,
                           batch_size=total // 4, random_flip=False)  # fmt: skip
     batches = take(cfg, 4)
     flat = keys_of(batches)
     assert len(flat) == len(set(flat)) == 4 * (total // 4)  # within one epoch: no repeats
+    held_out = {k for name in counts if name.startswith("val-")
+                for k in read_embeddings(os.path.join(tiny_embeddings, name[:-4] + ".parquet"))[0]}
+    assert not set(flat) & held_out
     # A 64x64 PNG source needs no resize or crop at 64 px: the loader's pixels are its pixels.
     stored = {}
     for name in counts:
