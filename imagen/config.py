@@ -105,6 +105,11 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 50
     sample_every: int = 5_000
+    # validation loss on the held-out split (pipeline/train/validation.py): every eval_every
+    # steps (but at least four times in a run: a short run still logs a series), and at the
+    # end, over at most eval_samples of its samples; 0: only at the end
+    eval_every: int = 5_000
+    eval_samples: int = 1_024
     seed: int = 0
 
 
@@ -339,7 +344,7 @@ def tiny(stage: str = "base64") -> StageConfig:
         lowres_aug_max=0.1,
     )
     train = TrainConfig(global_batch=16, micro_batch=16, lr=1e-3, warmup_steps=20, max_steps=200, ema_decay=0.99,
-                        checkpoint_every=50, log_every=5, sample_every=100)
+                        checkpoint_every=50, log_every=5, sample_every=100, eval_every=100, eval_samples=256)
     return StageConfig(stage, "tiny", image_size, lowres, text_encoder="", max_text_len=32,
                        unet=unet, diffusion=diffusion, train=train, crop_size=64 if top else None)
 

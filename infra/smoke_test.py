@@ -8,8 +8,9 @@ It renders the tiny dataset and serves it on 127.0.0.1, starts a real `mlflow se
 (SQLite backend, local artifacts) on 127.0.0.1, migrates a temporary Airflow metadata DB
 (SQLite) with a `gpu` pool, runs the DAG in process with `airflow dags test`, checks that the
 registry has every stage and the cascade under their alias, checks that each stage's loader
-yielded only images at least as large as that stage (``IMAGEN_DATA_AUDIT``) and that each
-stage's run counts the rendered images too small for it, samples a PNG from the base model
+yielded only images at least as large as that stage (``IMAGEN_DATA_AUDIT``), no training
+loader yielded a held-out sample, each stage's run counts the rendered images too small for it
+and logs a validation-loss series, samples a PNG from the base model
 and the cascade, then runs the DAG again with the same conf and checks that it reused everything
 (no new shard, checkpoint or model version), and stops every process it started.
 """
@@ -28,6 +29,7 @@ import time
 from contextlib import ExitStack
 
 from imagen.config import preset
+from pipeline.data.split import TRAIN, split_of
 from pipeline.dev.services import background, free_port, mlflow_server, wait_http
 from pipeline.layout import RunLayout
 
@@ -93,18 +95,22 @@ def check_stage_data(tiny: str, root: str, audit_dir: str, client) -> dict[str, 
 
     native = {r["url"]: min(r["source_width"], r["source_height"])
               for r in pq.read_table(os.path.join(tiny, "urls.parquet")).to_pylist()}
-    key_side = {}
-    for shard in glob.glob(os.path.join(RunLayout(root).filtered, "[0-9]*.tar")):
+    key_side, train_keys = {}, set()
+    for shard in glob.glob(os.path.join(RunLayout(root).filtered, "*.tar")):  # both splits
         with tarfile.open(shard) as tar:
             for m in tar:
                 if m.name.endswith(".json"):
                     key_side[m.name[:-5]] = native[json.loads(tar.extractfile(m).read())["url"]]
+                    if split_of(shard) == TRAIN:
+                        train_keys.add(m.name[:-5])
     lines = []
     for path in glob.glob(os.path.join(audit_dir, "*.jsonl")):
         with open(path) as f:
             lines += [json.loads(x) for x in f]
     seen: dict[int, int] = {}
     for x in lines:
+        if x.get("split", TRAIN) == TRAIN and x["key"] not in train_keys:
+            raise RuntimeError(f"a training loader yielded {x['key']}, a held-out validation sample")
         if key_side[x["key"]] < x["image_size"] or min(x["stored"]) < x["image_size"]:
             raise RuntimeError(f"a {x['image_size']} px stage trained on {x['key']}, a "
                                f"{key_side[x['key']]} px source: it was upscaled")
@@ -112,7 +118,7 @@ def check_stage_data(tiny: str, root: str, audit_dir: str, client) -> dict[str, 
     excluded = {}
     for stage in STAGES:
         size = preset("tiny", stage).image_size
-        want = sum(side < size for side in key_side.values())
+        want = sum(key_side[k] < size for k in train_keys)  # the run counts its training samples
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                   filter_string=f"tags.stage = '{stage}'")
         got = {int(r.data.params["data_excluded_too_small"]) for r in runs
@@ -143,6 +149,24 @@ def check_sr_evaluated(client) -> dict[str, float]:
         gains[stage] = round(m[psnr] - m[bicubic], 2)
     print(f"SR stages evaluated: PSNR gain over bicubic (dB) {gains}")
     return gains
+
+
+def check_validated(client) -> dict[str, float]:
+    """Each stage's training run holds a ``val/loss`` series on the held-out split (at least
+    three points: the trainer validates at least four times in a run) and its final value."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    final = {}
+    for stage in STAGES:
+        runs = [r for r in client.search_runs(experiments, filter_string=f"tags.stage = '{stage}'")
+                if "val/loss" in r.data.metrics]
+        if not runs:
+            raise RuntimeError(f"{stage}: its training run logged no val/loss")
+        history = client.get_metric_history(runs[0].info.run_id, "val/loss")
+        if len(history) < 3:
+            raise RuntimeError(f"{stage}: val/loss logged at {len(history)} step(s), expected at least 3")
+        final[stage] = round(runs[0].data.metrics["val/loss"], 4)
+    print(f"validation loss on the held-out split, final: {final}")
+    return final
 
 
 def check_reused(before: dict[str, float], after: dict[str, float], versions: dict, versions_after: dict
@@ -208,7 +232,10 @@ def main() -> int:
         conf = {"root": root, "url_list": os.path.join(tiny, "urls.parquet"),
                 "encoder": os.path.join(tiny, "t5-tiny"),
                 "max_steps": args.max_steps, "model_prefix": PREFIX, "filtered_shard_size": 50,
-                "embed_shards_per_task": 2, "attributes": os.path.join(tiny, "attributes.json")}
+                "embed_shards_per_task": 2, "attributes": os.path.join(tiny, "attributes.json"),
+                # a tenth held out: the 128 px stage gets validation samples in every session
+                # (the tiny URLs carry the server's random port, so the split differs each time)
+                "val_fraction": 0.1}
         step("airflow dags test imagen_full")
         run([os.path.join(BIN, "airflow"), "dags", "test", "imagen_full", "-c", json.dumps(conf)], env)
 
@@ -222,6 +249,7 @@ def main() -> int:
 
         step("each stage trained only on images at least its size")
         check_stage_data(tiny, root, audit, mlflow.MlflowClient())
+        check_validated(mlflow.MlflowClient())
         check_sr_evaluated(mlflow.MlflowClient())
 
         if not args.no_rerun:

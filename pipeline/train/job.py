@@ -74,6 +74,9 @@ class TrainJob:
     keep_checkpoints: int | None = preset_override("how many step-N dirs to keep")
     log_every: int | None = preset_override("steps between metric logs")
     sample_every: int | None = preset_override("steps between validation sample grids (0: off)")
+    eval_every: int | None = preset_override("steps between validation losses on the held-out split (0: only "
+                                             "at the end)")
+    eval_samples: int | None = preset_override("validation samples scored at each validation (at most)")
     resume: str | None = option(None, "'latest' or a step-N directory")
     tracking_uri: str | None = option(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite "
                                             "under the data root)")

@@ -13,7 +13,10 @@ on the device, checkpointed with the step and the data position, which makes res
 Each logging interval logs ``loss``, ``grad_norm``, ``lr``, ``perf/images_per_s``,
 ``perf/mfu`` (model FLOPs per second over the device's bf16 peak, from
 ``pipeline/calibration.json``; on a CPU ``perf/tflops`` instead), step time and the fraction
-of it spent waiting for data.
+of it spent waiting for data. Every ``eval_every`` steps and at the end, the EMA weights are
+scored on the held-out validation split (validation.py): ``val/loss`` and one
+``val/loss_t<level>`` per fixed noise level, the figure runs are compared and promoted on.
+The sample grid (``sample_every``) samples the first validation captions.
 """
 
 from __future__ import annotations
@@ -104,6 +107,10 @@ class Trainer:
                 self.tracker.log_dataset(storage.normalize(job.data), "filtered-shards", metadata["manifest_sha256"])
         self.state.metadata["mlflow_run_id"] = self.tracker.run_id
         self.batches = iter(loader)
+        self.has_val = self._has_validation()
+        # every eval_every steps, but at least four times in a run: a short run logs a series too
+        self.eval_every = max(1, min(self.tc.eval_every, self.tc.max_steps // 4)) if self.tc.eval_every else 0
+        self.val_loss: float | None = None
         self.val_batch = self._validation_batch() if rank == 0 and self.tc.sample_every else None
 
     def _previous_run_id(self, resume_dir: str | None) -> str | None:
@@ -115,10 +122,17 @@ class Trainer:
         return load_config(resume_dir, storage)[1].get("mlflow_run_id")
 
     def _loader(self, start_batch: int, **overrides):
-        from pipeline.data.loader import TrainDataConfig, make_loader
+        from pipeline.data.loader import make_loader
+
+        data_cfg = self._data_config(start_batch)
+        return make_loader(dataclasses.replace(data_cfg, **overrides), rank=self.rank,
+                           world_size=self.world if not overrides else 1)
+
+    def _data_config(self, start_batch: int = 0):
+        from pipeline.data.loader import TrainDataConfig
 
         cfg, spec = self.cfg, self.cfg.spec
-        data_cfg = TrainDataConfig(
+        return TrainDataConfig(
             data=self.job.data, embeddings=self.job.embeddings, image_size=spec.image_size,
             crop_size=spec.crop_size, lowres_size=spec.lowres_crop_size, random_crop=spec.random_crop,
             max_tokens=cfg.max_text_len, pad_text_to=cfg.max_text_len, batch_size=self.plan.micro_batch,
@@ -129,16 +143,58 @@ class Trainer:
             expected_encoder_id=self.state.metadata["encoder_id"], expected_dim=cfg.unet.text_embed_dim,
             expected_max_length=cfg.max_text_len,
             start_batch=start_batch)
-        return make_loader(dataclasses.replace(data_cfg, **overrides), rank=self.rank,
-                           world_size=self.world if not overrides else 1)
+
+    def _has_validation(self) -> bool:
+        from pipeline.data.loader import validation_shards_exist
+
+        if validation_shards_exist(self.job.data):
+            return True
+        if self.rank == 0:
+            print(f"[train {self.cfg.stage}] WARNING: {self.job.data} has no validation split (filtered "
+                  "before it existed): no val/loss is logged; rerun the filter step to get one", flush=True)
+        return False
 
     def _validation_batch(self) -> dict[str, Any]:
-        """The first samples of the data in a fixed order: their captions are the fixed prompts
-        of the sample grid, their precomputed embeddings spare the trainer a T5 load. Whole
-        images, centre-cropped: a stage that trains on crops samples at its full size."""
-        return next(iter(self._loader(0, batch_size=VAL_SAMPLES, random_flip=False, num_workers=0,
-                                      crop_size=self.cfg.image_size, lowres_size=self.cfg.lowres_size,
-                                      random_crop=False)))
+        """The first validation samples in their fixed order: their captions are the fixed
+        prompts of the sample grid, their precomputed embeddings spare the trainer a T5 load.
+        Whole images, centre-cropped: a stage that trains on crops samples at its full size.
+        Without a validation split (older data), the first training samples instead."""
+        from pipeline.data.loader import make_validation_loader
+
+        whole = {"batch_size": VAL_SAMPLES, "num_workers": 0, "crop_size": self.cfg.image_size,
+                 "lowres_size": self.cfg.lowres_size}
+        if self.has_val:
+            from pipeline.train.validation import validation_data
+
+            data = validation_data(self.cfg, self.job.data, self.job.embeddings, VAL_SAMPLES,
+                                   encoder_id=self.state.metadata["encoder_id"])
+            first = next(iter(make_validation_loader(dataclasses.replace(data, **whole), limit=VAL_SAMPLES)), None)
+            if first is not None:
+                return first
+        return next(iter(self._loader(0, random_flip=False, random_crop=False, **whole)))
+
+    @torch.no_grad()
+    def _validate(self) -> None:
+        """The validation loss of the EMA weights (validation.py), logged as ``val/loss`` and
+        one ``val/loss_t<level>`` per noise level. Called on every rank: each scores its share
+        of the split and the sums are all-reduced (gathering sharded EMA weights is a
+        collective too)."""
+        from pipeline.data.loader import make_validation_loader
+        from pipeline.train.validation import eval_net, validation_data, validation_loss
+
+        net = eval_net(self.cfg, self.ema.state_dict(), self.device)
+        data = validation_data(self.cfg, self.job.data, self.job.embeddings, self.plan.micro_batch,
+                               self.job.num_workers, self.state.metadata["encoder_id"])
+        batches = make_validation_loader(data, rank=self.rank, world_size=self.world, limit=self.tc.eval_samples)
+        metrics = validation_loss(net, self.cfg, batches, self.device, self.world, bf16=self.runner.bf16)
+        del net
+        if not metrics:
+            return
+        self.val_loss = metrics["val/loss"]
+        self.tracker.log_metrics(metrics, self.step)
+        if self.rank == 0:
+            print(f"[train {self.cfg.stage}] step {self.step} val/loss {self.val_loss:.4f} "
+                  f"({int(metrics['val/samples'])} held-out samples)", flush=True)
 
     # ----------------------------------------------------------------------------------------
 
@@ -173,8 +229,12 @@ class Trainer:
             if save_now:
                 ckpt.save_checkpoint(self.job.checkpoint_dir, self.step, self.state, self.rank,
                                      self.world, tc.keep_checkpoints)
-            if tc.sample_every and (self.step % tc.sample_every == 0 or self.step == tc.max_steps):
+            last, t_eval = self.step == tc.max_steps, time.perf_counter()
+            if self.has_val and (last or (self.eval_every and self.step % self.eval_every == 0)):
+                self._validate()
+            if tc.sample_every and (self.step % tc.sample_every == 0 or last):
                 self._sample_grid()
+            t_last += time.perf_counter() - t_eval  # throughput figures are the training steps'
         return self._finish(loss)
 
     def _log(self, step_metrics: dict[str, float], steps: int, dt: float, wait: float) -> None:
@@ -229,8 +289,10 @@ class Trainer:
             self.tracker.end()
         tot = self.totals
         images = tot["steps"] * self.plan.global_batch
-        return {"checkpoint": final, "step": self.step, "loss": loss, "run_id": self.tracker.run_id,
-                "stage": self.cfg.stage, "root": self.layout.root, "weights_sha256": checksum, **self.data_counts,
+        return {"checkpoint": final, "step": self.step, "loss": loss, "val_loss": self.val_loss,
+                "run_id": self.tracker.run_id,
+                "stage": self.cfg.stage, "root": self.layout.root, "data": storage.normalize(self.job.data),
+                "embeddings": storage.normalize(self.job.embeddings), "weights_sha256": checksum, **self.data_counts,
                 "ema_sha256": ema_checksum,
                 "images_per_s": images / tot["seconds"] if tot["seconds"] else None,
                 "data_wait_fraction": tot["wait"] / tot["seconds"] if tot["seconds"] else None}

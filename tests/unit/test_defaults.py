@@ -62,7 +62,7 @@ def test_the_flags_users_type_keep_their_names():
 def test_preset_overrides_are_trainconfig_fields_and_all_apply():
     job_types, cfg_types = typing.get_type_hints(TrainJob), typing.get_type_hints(TrainConfig)
     names = preset_overrides()
-    assert len(names) == 10
+    assert len(names) == 12
     for name in names:
         assert job_types[name] == cfg_types[name] | None, name  # same type, None = the preset's
     values = {name: (0.5 if cfg_types[name] is float else 7 + i) for i, name in enumerate(names)}

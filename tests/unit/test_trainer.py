@@ -54,11 +54,15 @@ def test_weights_checksum():
     assert weights_sha256(a) != weights_sha256(b)
 
 
-def write_shards(root: Path, num_shards: int = 2, per_shard: int = 4) -> None:
-    """The filter step's layout: NNNNNN.tar of KEY.png/.txt/.json (40 px: above the 32 px stage)."""
+def write_shards(root: Path, num_shards: int = 2, per_shard: int = 4, val: int = 0) -> None:
+    """The filter step's layout: NNNNNN.tar of KEY.png/.txt/.json (40 px: above the 32 px stage),
+    and with ``val`` one validation shard ``val-000000.tar`` of that many samples (shard 9)."""
     root.mkdir(parents=True)
-    for s in range(num_shards):
-        with tarfile.open(root / f"{s:06d}.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+    names = [f"{s:06d}.tar" for s in range(num_shards)] + (["val-000000.tar"] if val else [])
+    for s, name in enumerate(names):
+        if name.startswith("val-"):
+            s, per_shard = 9, val
+        with tarfile.open(root / name, "w", format=tarfile.PAX_FORMAT) as tar:
             for i in range(per_shard):
                 key, caption = f"{s:05d}{i:04d}", f"shape {i} of shard {s}"
                 buf = io.BytesIO()
@@ -70,8 +74,8 @@ def write_shards(root: Path, num_shards: int = 2, per_shard: int = 4) -> None:
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-    (root / "manifest.json").write_text(json.dumps({"shards": {f"{s:06d}.tar": per_shard
-                                                               for s in range(num_shards)}}))
+    (root / "manifest.json").write_text(json.dumps({"shards": {name: val if name.startswith("val-") else per_shard
+                                                               for name in names}}))
 
 
 @pytest.fixture(autouse=True)
@@ -181,3 +185,36 @@ def test_training_draws_come_from_the_device_generator(data, tmp_path, monkeypat
     state = trainer.runner.generator.get_state()
     trainer.train_step()
     assert not torch.equal(state, trainer.runner.generator.get_state())  # it advanced
+
+
+@pytest.fixture(scope="module")
+def data_with_val(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("run-val")
+    write_shards(root / "filtered", val=3)
+    t5 = build_tiny_t5(str(root / "t5"))
+    out = embed_shards(str(root / "filtered"), str(root / "embeddings"), t5, max_length=16)
+    return str(root / "filtered"), out["output"]
+
+
+def test_validation_loss_is_logged_on_its_cadence_and_at_the_end(data_with_val, tmp_path, monkeypatch):
+    """eval_every (but at least four times in a run) and the last step: ``val/loss`` and a term
+    per noise level, on the held-out samples only; the sample grid draws their captions."""
+    trainer = Trainer(job(data_with_val, tmp_path / "v", max_steps=6, eval_every=3, sample_every=6), 0, 1,
+                      torch.device("cpu"))
+    logged: list[tuple[int, dict]] = []
+    monkeypatch.setattr(trainer.tracker, "log_metrics", lambda m, step=None: logged.append((step, dict(m))))
+    monkeypatch.setattr(trainer.tracker, "log_image", lambda *a, **k: None)
+    assert trainer.eval_every == 1  # min(eval_every 3, 6 // 4): a short run still logs a series
+    assert trainer.val_batch["keys"] == [f"00009{i:04d}" for i in range(3)]  # the val shard's, in order
+    assert trainer.val_batch["captions"] == [f"shape {i} of shard 9" for i in range(3)]
+    out = trainer.fit()
+    val = [(step, m) for step, m in logged if "val/loss" in m]
+    assert [step for step, _ in val] == [1, 2, 3, 4, 5, 6]
+    assert all(m["val/samples"] == 3 and len([k for k in m if k.startswith("val/loss_t")]) == 8 for _, m in val)
+    assert out["val_loss"] == val[-1][1]["val/loss"] and np.isfinite(out["val_loss"])
+    assert len({m["val/loss"] for _, m in val}) > 1  # it follows the weights
+
+
+def test_without_a_validation_split_training_goes_on_and_says_so(data, tmp_path, capsys):
+    out = fit(job(data, tmp_path / "nv", max_steps=2))
+    assert out["val_loss"] is None and "has no validation split" in capsys.readouterr().out
