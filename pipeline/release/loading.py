@@ -9,9 +9,14 @@ folder is ever unpickled or executed.
 ``NAME@ALIAS``, ``runs:/...``), a downloaded MLflow model folder (one with ``MLmodel``) or a
 stage weights directory (``config.json`` + ``*.safetensors``). From a registered model it
 downloads only ``MLmodel`` (parsed as plain YAML, to find the artifacts), each stage's
-config.json and safetensors, and the model's copy of its text encoder: never the model's code
-file, never a ``python_model.pkl``. ``mlflow.pyfunc.load_model`` is the other way in: it runs
-the code file stored with the model (see README, "What loading a model trusts").
+config.json and safetensors, and its text encoder's files: never the model's code file, never a
+``python_model.pkl``. Weights and encoder files a model references by sha256 (its MLmodel's
+``files``, pipeline/release/blobs.py) are downloaded through the same tracking server, and every
+file listed there is checked against its sha256 before anything is built: a mismatch is refused
+naming the file. A model registered before files were listed (everything copied inside it) loads
+as it is. ``mlflow.pyfunc.load_model`` is the other way in: it runs the code file stored with the
+model (see README, "What loading a model trusts"); its ``load_context`` calls
+``resolve_model_files`` too.
 
 The text encoder (``choose_encoder``) is the one the user names (``--encoder``), else the copy
 stored with the model, else the one the model names if that is a local directory. A hub name
@@ -42,6 +47,7 @@ class ModelFiles:
     stage_dirs: list[str]
     encoder_dir: str | None = None  # the model's own copy of its text encoder
     encoder_name: str | None = None  # the encoder it names (hub id or path) when it holds no copy
+    references: bool = False  # some of its files are elsewhere (blobs): resolve_model_files fetches them
 
 
 def stage_artifact(i: int) -> str:
@@ -74,24 +80,57 @@ def read_mlmodel(path: str) -> tuple[dict[str, str], dict[str, Any]]:
     return rel, config if isinstance(config, dict) else {}
 
 
-def _from_mlmodel(source: str, rel: dict[str, str], config: dict[str, Any], root: str) -> ModelFiles:
-    n = sum(1 for k in rel if k.startswith("stage_"))
-    missing = [stage_artifact(i) for i in range(n) if stage_artifact(i) not in rel]
-    if missing:
-        raise ValueError(f"{source}: MLmodel lists stages up to {n - 1} but not {', '.join(missing)}")
+def resolve_model_files(source: str, stored: dict[str, str], config: dict[str, Any],
+                        work: str | None) -> ModelFiles:
+    """The model's files on local disk, each listed one checked against its sha256 (ValueError
+    naming the file otherwise). ``stored`` maps each artifact (``stage_N``, ``text_encoder``) to
+    the local folder of what the model holds itself, ``config`` is its model_config. An artifact
+    with referenced files is rebuilt in ``work`` (stored files linked, the others downloaded);
+    one whose files are all stored is used in place."""
+    from pipeline.release.blobs import assemble, read_manifest, verify
+
+    manifest = read_manifest(config, source)
+    dirs = {k: v for k, v in stored.items() if k.startswith("stage_") or k == ENCODER_ARTIFACT}
+    for name, entries in manifest.items():
+        what = f"{source}: {name}"
+        if not (name.startswith("stage_") or name == ENCODER_ARTIFACT):
+            raise ValueError(f"{what}: MLmodel lists files of an artifact it has no use for: register the "
+                             "model again")
+        if work is not None and any(e.get("uri") for e in entries.values()):
+            dirs[name] = assemble(entries, dirs.get(name), os.path.join(work, name), what)
+            continue
+        for rel, entry in entries.items():
+            if entry.get("uri") or name not in dirs:
+                raise ValueError(f"{what}/{rel} is not stored in the model and cannot be fetched here")
+            verify(os.path.join(dirs[name], *rel.split("/")), entry, f"{what}/{rel}")
+    n = sum(1 for k in dirs if k.startswith("stage_"))
+    missing = [stage_artifact(i) for i in range(n) if stage_artifact(i) not in dirs]
+    if n == 0 or missing:
+        raise ValueError(f"{source}: the model has stages up to {n - 1} but not "
+                         f"{', '.join(missing) or stage_artifact(0)}: not a model registered by "
+                         "`imagen-pipeline register`")
     name = config.get("encoder_name")
-    return ModelFiles(source, [os.path.join(root, rel[stage_artifact(i)]) for i in range(n)],
-                      os.path.join(root, rel[ENCODER_ARTIFACT]) if ENCODER_ARTIFACT in rel else None,
+    return ModelFiles(source, [dirs[stage_artifact(i)] for i in range(n)], dirs.get(ENCODER_ARTIFACT),
                       name if isinstance(name, str) and name else None)
 
 
+def _references(config: dict[str, Any], source: str) -> bool:
+    from pipeline.release.blobs import read_manifest
+
+    return any(e.get("uri") for entries in read_manifest(config, source).values() for e in entries.values())
+
+
 def local_model_files(path: str) -> ModelFiles:
-    """An MLflow model folder (MLmodel) or a stage weights directory (config.json)."""
+    """An MLflow model folder (MLmodel) or a stage weights directory (config.json). A model
+    folder whose files are all inside it is checked in place; one that references files has
+    ``references`` set and nothing resolved (``model_files`` downloads them)."""
     from imagen.checkpoint import CONFIG_NAME
 
     if os.path.isfile(os.path.join(path, MLMODEL)):
         rel, config = read_mlmodel(os.path.join(path, MLMODEL))
-        return _from_mlmodel(path, rel, config, path)
+        if _references(config, path):
+            return ModelFiles(path, [], references=True)
+        return resolve_model_files(path, {name: os.path.join(path, p) for name, p in rel.items()}, config, None)
     if os.path.isfile(os.path.join(path, CONFIG_NAME)):
         return ModelFiles(path, [path])
     raise FileNotFoundError(f"{path} is neither an MLflow model folder (no {MLMODEL}) nor a stage "
@@ -100,8 +139,9 @@ def local_model_files(path: str) -> ModelFiles:
 
 
 def download_model_files(model_uri: str, dst: str) -> ModelFiles:
-    """Download what building the model needs from ``model_uri`` into ``dst``: MLmodel, each
-    stage's config.json and safetensors, the text encoder copy. Nothing else."""
+    """Download what building the model needs from ``model_uri`` (a model URI or a local model
+    folder) into ``dst``: MLmodel, each stage's config.json and safetensors, the text encoder's
+    files, those it references included, every listed file checked. Nothing else."""
     from mlflow.artifacts import download_artifacts, list_artifacts
 
     from imagen.checkpoint import CONFIG_NAME, EMA_NAME, MODEL_NAME
@@ -110,22 +150,21 @@ def download_model_files(model_uri: str, dst: str) -> ModelFiles:
     rel, config = read_mlmodel(download_artifacts(artifact_uri=f"{uri}/{MLMODEL}", dst_path=dst))
     local = {}
     for name, path in rel.items():
+        # one folder each: a local folder's files arrive without their relative path
+        into = os.path.join(dst, "stored", name)
         if name == ENCODER_ARTIFACT:
             # whole: the encoder id is a hash of the folder, and transformers reads only its
             # config, tokenizer and weights from it (no remote code; torch.load weights_only)
-            local[name] = download_artifacts(artifact_uri=f"{uri}/{path}", dst_path=dst)
+            local[name] = download_artifacts(artifact_uri=f"{uri}/{path}", dst_path=into)
         elif name.startswith("stage_"):
             present = {os.path.basename(f.path) for f in list_artifacts(artifact_uri=f"{uri}/{path}")
                        if not f.is_dir}
-            local[name] = os.path.join(dst, path)
+            local[name] = into
             for fname in (CONFIG_NAME, MODEL_NAME, EMA_NAME):
                 if fname in present:
-                    got = download_artifacts(artifact_uri=f"{uri}/{path}/{fname}", dst_path=dst)
+                    got = download_artifacts(artifact_uri=f"{uri}/{path}/{fname}", dst_path=into)
                     local[name] = os.path.dirname(got)
-    files = _from_mlmodel(model_uri, rel, config, dst)
-    files.stage_dirs = [local[stage_artifact(i)] for i in range(len(files.stage_dirs))]
-    files.encoder_dir = local.get(ENCODER_ARTIFACT)
-    return files
+    return resolve_model_files(model_uri, local, config, os.path.join(dst, "resolved"))
 
 
 @contextlib.contextmanager
@@ -133,13 +172,21 @@ def model_files(model: str, progress: bool = True) -> Iterator[ModelFiles]:
     """Local paths of ``model``'s weights (downloaded into a temporary folder for a URI, with
     MLflow's download bars when ``progress``)."""
     if os.path.isdir(model):
-        yield local_model_files(model)
-        return
-    if "://" not in model and ":/" not in model and "@" not in model:
+        files = local_model_files(model)
+        if not files.references:
+            yield files
+            return
+        from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+
+        if not is_tracking_uri_set():  # MLflow would open ./mlflow.db, where the files are not
+            raise ValueError(f"{model} references weights stored in the tracking store it was registered in: "
+                             "pass --tracking-uri (or set MLFLOW_TRACKING_URI) to that store")
+        uri = os.path.abspath(model)  # its referenced files are downloaded like a model URI's
+    elif "://" not in model and ":/" not in model and "@" not in model:
         raise FileNotFoundError(f"--model {model}: no such directory; give models:/NAME@ALIAS, "
                                 "models:/NAME/VERSION, an MLflow model folder or a stage weights directory")
-
-    uri = check_model_uri(model)
+    else:
+        uri = check_model_uri(model)
     with tempfile.TemporaryDirectory(prefix="imagen-model-") as tmp:
         with _environ(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=None if progress else "false"):
             files = download_model_files(uri, tmp)

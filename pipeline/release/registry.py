@@ -5,12 +5,31 @@
     imagen-pipeline register --name imagen-cascade --promote      # challenger -> champion
 
 A registered model is an MLflow pyfunc logged as "models from code": its code file is
-``pipeline/release/pyfunc_model.py`` (no pickled Python object is stored), its artifacts are the stage
-weights (config.json + safetensors only) and, when the text encoder is a local directory, the
-encoder itself; a hub encoder is stored by name::
+``pipeline/release/pyfunc_model.py`` (no pickled Python object is stored)::
 
     model = mlflow.pyfunc.load_model("models:/imagen-cascade@champion")   # runs the code file
     images = model.predict(pd.DataFrame({"prompt": ["a red circle"]}), params={"seed": 0})
+
+What a version stores, and what it references (pipeline/release/blobs.py):
+
+- in the model itself: MLmodel, the code file, and each stage's config.json (``stage_N/``);
+- in the tracking store's one ``imagen-blobs`` run, at ``sha256/<hex>/<name>``: each stage's
+  model/ema safetensors and every file of a local text encoder, each distinct file once. A stage
+  model and the cascade made of it, a re-registration under another name, and every model on one
+  encoder share one copy; nothing already there is uploaded again;
+- in MLmodel (``model_config["files"]``): every file of every artifact with its sha256 and size,
+  the referenced ones with their ``runs:/`` URI. Loading (the pyfunc's ``load_context``, and
+  ``imagen-pipeline sample`` through pipeline/release/loading.py) downloads the references through
+  the same tracking server and refuses a file whose hash differs, naming it. A hub encoder is
+  stored by name. Versions registered before this layout (files copied inside) still load.
+
+``weights_dtype="bf16"`` (``--weights-dtype bf16``) stores the weights converted to bf16 (half
+the bytes; loading upcasts into the fp32 U-Net); the default ``fp32`` stores them as trained. The
+text encoder is stored as given: its files are its identity (``encoder_id``). Uploads use MLflow's
+multipart and retry settings, set as defaults the operator can override (``blobs.UPLOAD_DEFAULTS``:
+presigned multipart for a server proxying S3/GCS/Azure Blob, HTTP retries and timeouts, GCS chunks;
+boto3 already uploads to S3 in parts when the client writes to S3 itself), and a failed upload is
+retried whole.
 
 ``predict`` returns uint8 images [B, H, W, 3]. ``imagen-pipeline sample`` (pipeline/release/sample.py)
 never loads the model through pyfunc: it downloads only the weights and builds the cascade with the
@@ -19,11 +38,12 @@ identical images for the same seed. A model that starts with an SR stage (``imag
 column: the low-res inputs as PNG/JPEG bytes.
 
 Registering is idempotent: the same checkpoints (path, config and weight files unchanged), the
-same encoder and the same extra tags give back the version made from them before (its alias is
-set again) instead of a duplicate; ``--new-version`` forces a new one.
+same encoder, weights dtype and extra tags give back the version made from them before (its alias
+is set again) instead of a duplicate; ``--new-version`` forces a new one (its files are not
+uploaded again).
 
 Checkpoints may be local paths or fsspec URIs (``s3://...``): remote weights are downloaded to
-a temporary folder for ``mlflow.pyfunc.log_model``. The tracking store is the one the stages'
+a temporary folder to be hashed and uploaded. The tracking store is the one the stages'
 training used (the root their metadata records, pipeline/layout.py), unless ``--tracking-uri``
 or ``$MLFLOW_TRACKING_URI`` says otherwise. ``register_trained`` and ``register_cascade`` are
 the orchestrators' one call per task (a stage's model; the cascade of the stages that chain).
@@ -51,6 +71,13 @@ import numpy as np
 import pandas as pd
 
 from pipeline import storage
+from pipeline.release.blobs import (
+    BLOB_EXPERIMENT,
+    FILES_KEY,
+    BlobStore,
+    file_entry,
+    upload_settings,
+)
 from pipeline.release.loading import (
     DEFAULT_PARAMS,
     ENCODER_ARTIFACT,
@@ -62,6 +89,7 @@ from pipeline.tracking import code_version, ensure_experiment, resolve_tracking_
 STAGE_MODEL_NAMES = {"base64": "imagen-base64", "sr256": "imagen-sr256", "sr1024": "imagen-sr1024"}
 CASCADE_MODEL_NAME = "imagen-cascade"
 SOURCE_TAG = "imagen.source"  # version tag: registration_key() of what the version was made from
+WEIGHTS_DTYPES = ("fp32", "bf16")  # how register stores the weights: as trained, or converted to bf16
 PYFUNC_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyfunc_model.py")
 
 
@@ -70,17 +98,15 @@ class ImagenPyfunc(mlflow.pyfunc.PythonModel):
     instance is made by ``pipeline/release/pyfunc_model.py``, the model's code file."""
 
     def load_context(self, context) -> None:
-        from pipeline.release.loading import (
-            ENCODER_ARTIFACT,
-            ModelFiles,
-            build_cascade,
-            stage_artifact,
-        )
+        import weakref
 
-        arts = context.artifacts
-        n = len([k for k in arts if k.startswith("stage_")])
-        files = ModelFiles("this model", [arts[stage_artifact(i)] for i in range(n)],
-                           arts.get(ENCODER_ARTIFACT), (context.model_config or {}).get("encoder_name"))
+        from pipeline.release.loading import build_cascade, resolve_model_files
+
+        # referenced weights and encoder files are downloaded (and their sha256 checked) into a
+        # folder of this instance: the encoder reads its files when it first encodes
+        work = tempfile.mkdtemp(prefix="imagen-pyfunc-")
+        weakref.finalize(self, shutil.rmtree, work, True)
+        files = resolve_model_files("this model", context.artifacts, context.model_config or {}, work)
         # whoever loads a pyfunc trusts the model (its code file runs), so its hub name is used
         self.cascade = build_cascade(files, allow_hub=True)
 
@@ -156,8 +182,10 @@ def describe_version(cfgs, metas, encoder_name, tags: dict[str, str], eval_metri
         lines += ["", "Evaluation: " + ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in shown) + "."]
     if eval_run is not None:
         lines += ["", f"Sample grids: artifacts `eval/*.png` of run `{eval_run.info.run_id}`."]
-    lines += ["", "Each stage's full `config.json` and weights are in this model's artifacts "
-              "(`stage_N/`); it loads with `imagen-pipeline sample --model models:/NAME/VERSION`."]
+    lines += ["", f"Each stage's full `config.json` is in this model's artifacts (`stage_N/`); its "
+              f"{tags.get('weights_dtype', 'fp32')} weights and the encoder's files are stored once in the "
+              f"`{BLOB_EXPERIMENT}` run `{tags.get('blob_run', '?')}` and listed with their sha256 in "
+              "MLmodel (`files`). It loads with `imagen-pipeline sample --model models:/NAME/VERSION`."]
     return "\n".join(lines)
 
 
@@ -217,30 +245,76 @@ def _encoder_source(checkpoints, cfgs, metas, runs, encoder: str | None) -> tupl
     return name, common or (enc.encoder_id if enc.is_local else name)
 
 
-def weight_files_only(checkpoint: str, dst: str) -> str:
-    """``checkpoint`` itself when it holds only weight files, else a folder ``dst`` with hard
-    links (copies across file systems) to just those: the model stores no optimizer state, RNG
-    or anything else left beside them. MLflow refuses symbolic links, rightly. A remote
-    checkpoint's weight files are downloaded into ``dst``."""
+def checkpoint_files(checkpoint: str, dst: str) -> dict[str, str]:
+    """File name -> local path of a checkpoint's config.json and weight files, nothing else (no
+    optimizer state or RNG). A remote checkpoint's files are downloaded into ``dst``."""
     from imagen.checkpoint import CONFIG_NAME, EMA_NAME, MODEL_NAME
 
-    if not storage.is_local(checkpoint):
-        os.makedirs(dst)
-        for name in (CONFIG_NAME, MODEL_NAME, EMA_NAME):
-            if storage.exists(storage.join(checkpoint, name)):
-                storage.copy(storage.join(checkpoint, name), os.path.join(dst, name))
-        return dst
-    checkpoint = os.path.abspath(checkpoint)
-    keep = [n for n in (CONFIG_NAME, MODEL_NAME, EMA_NAME) if os.path.isfile(os.path.join(checkpoint, n))]
-    if sorted(keep) == sorted(os.listdir(checkpoint)):
-        return checkpoint
-    os.makedirs(dst)
-    for name in keep:
-        try:
-            os.link(os.path.join(checkpoint, name), os.path.join(dst, name))
-        except OSError:
-            shutil.copy2(os.path.join(checkpoint, name), os.path.join(dst, name))
+    names = (CONFIG_NAME, MODEL_NAME, EMA_NAME)
+    if storage.is_local(checkpoint):
+        local = storage.normalize(checkpoint)
+        return {n: os.path.join(local, n) for n in names if os.path.isfile(os.path.join(local, n))}
+    os.makedirs(dst, exist_ok=True)
+    out = {}
+    for name in names:
+        if storage.exists(storage.join(checkpoint, name)):
+            storage.copy(storage.join(checkpoint, name), os.path.join(dst, name))
+            out[name] = os.path.join(dst, name)
+    return out
+
+
+def to_bf16(src: str, dst: str) -> str:
+    """A copy of the safetensors file ``src`` with its fp32 tensors in bf16 (same names, shapes
+    and header metadata), converted one tensor at a time. ``imagen.checkpoint.load_model``
+    upcasts them into the fp32 U-Net (``load_state_dict`` copies across dtypes)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tensors = {}
+    with safe_open(src, framework="pt") as f:
+        metadata = f.metadata()
+        for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+            t = f.get_tensor(key)
+            tensors[key] = t.to(torch.bfloat16) if t.dtype == torch.float32 else t
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    save_file(tensors, dst, metadata=metadata)
     return dst
+
+
+def encoder_files(directory: str) -> dict[str, str]:
+    """Relative path -> path of the files that make a local encoder's identity: every file under
+    it whose name does not start with "." (the set ``encoder_id`` hashes, imagen/text.py)."""
+    from pathlib import Path
+
+    root = Path(directory).resolve()
+    return {p.relative_to(root).as_posix(): str(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}
+
+
+def store_model_files(checkpoints: list[str], encoder_dir: str | None, store: BlobStore, tmp: str,
+                      weights_dtype: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """(pyfunc artifacts: ``stage_N`` -> a folder holding its config.json; the ``files`` lists of
+    model_config). Weights (in ``weights_dtype``) and the encoder's files go to ``store``, each
+    referenced by sha256; nothing already there is uploaded again."""
+    from imagen.checkpoint import CONFIG_NAME
+
+    artifacts, files = {}, {}
+    for i, ckpt in enumerate(checkpoints):
+        name = stage_artifact(i)
+        found = checkpoint_files(ckpt, os.path.join(tmp, "remote", name))
+        artifacts[name] = os.path.join(tmp, name)  # MLflow names the artifact folder after it
+        os.makedirs(artifacts[name])
+        shutil.copyfile(found.pop(CONFIG_NAME), os.path.join(artifacts[name], CONFIG_NAME))
+        entries = {CONFIG_NAME: file_entry(os.path.join(artifacts[name], CONFIG_NAME))}
+        for fname, path in sorted(found.items()):
+            if weights_dtype == "bf16":
+                path = to_bf16(path, os.path.join(tmp, "bf16", name, fname))
+            entries[fname] = store.put(path)
+        files[name] = entries
+    if encoder_dir is not None:
+        files[ENCODER_ARTIFACT] = {rel: store.put(path) for rel, path in encoder_files(encoder_dir).items()}
+    return artifacts, files
 
 
 def _eval_metrics(checkpoints: list[str]) -> tuple[dict[str, float], Any]:
@@ -258,10 +332,12 @@ def _eval_metrics(checkpoints: list[str]) -> tuple[dict[str, float], Any]:
     return {k: v for k, v in runs[0].data.metrics.items() if k.startswith("eval/")}, runs[0]
 
 
-def registration_key(checkpoints: Sequence[str], encoder: str | None, tags: dict[str, str] | None) -> str:
+def registration_key(checkpoints: Sequence[str], encoder: str | None, tags: dict[str, str] | None,
+                     weights_dtype: str = "fp32") -> str:
     """Identity of what a version is made from: each checkpoint's path, config.json (which holds
     its step and training run) and weight files' size and mtime (a checkpoint rewritten in place
-    changes them; weights are not hashed, a 2B model is 8 GB), the encoder override, the tags."""
+    changes them; weights are not hashed here, a 2B model is 8 GB), the encoder override, the
+    tags and a stored dtype other than fp32 (fp32 keys are those of older versions)."""
     from imagen.checkpoint import CONFIG_NAME
 
     h = hashlib.sha256()
@@ -278,7 +354,10 @@ def registration_key(checkpoints: Sequence[str], encoder: str | None, tags: dict
             if name.endswith(".safetensors"):
                 st = os.stat(os.path.join(c, name))
                 h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}\0".encode())
-    h.update(json.dumps({"encoder": encoder, "tags": tags or {}}, sort_keys=True).encode())
+    what = {"encoder": encoder, "tags": tags or {}}
+    if weights_dtype != "fp32":
+        what["weights_dtype"] = weights_dtype
+    h.update(json.dumps(what, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -300,6 +379,7 @@ def register(
     promote: bool = False,
     promote_on: str | None = None,
     new_version: bool = False,
+    weights_dtype: str = "fp32",
 ) -> dict[str, Any]:
     """Log a pyfunc over the stage weight dirs (in cascade order) and register it.
 
@@ -308,13 +388,18 @@ def register(
     evaluated these checkpoints (a cascade), else a new run. ``alias`` points at the new
     version; ``promote`` moves ``champion`` there too, ``promote_on`` ("METRIC[:max|min]")
     only when the version's eval metric beats the champion's. A version already made from the
-    same checkpoints, encoder and tags is reused (``reused`` in the result) unless ``new_version``.
+    same checkpoints, encoder, tags and ``weights_dtype`` is reused (``reused`` in the result)
+    unless ``new_version``. ``weights_dtype``: "fp32" (as trained) or "bf16" (converted, half the
+    bytes). The weights and a local encoder's files go to the store's blob run (``blobs`` in the
+    result: what was uploaded and what was already there).
     """
     from imagen.checkpoint import check_weights
     from imagen.config import check_chain
     from pipeline.release.evaluate import find_stage_run
 
     checkpoints = list(checkpoints)
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"--weights-dtype {weights_dtype}: choose one of {', '.join(WEIGHTS_DTYPES)}")
     if not checkpoints:
         raise ValueError("register needs at least one --checkpoint (a stage weights directory)")
     loaded = [check_weights(c, storage) for c in checkpoints]  # config.json and weight headers, as sample reads them
@@ -330,7 +415,7 @@ def register(
     runs = [_get_run(client, find_stage_run(c, m)) for c, m in zip(checkpoints, metas, strict=True)]
     encoder_name, encoder_id = _encoder_source(checkpoints, cfgs, metas, runs, encoder)
     eval_metrics, eval_run = _eval_metrics(checkpoints)
-    source = registration_key(checkpoints, encoder, tags)
+    source = registration_key(checkpoints, encoder, tags, weights_dtype)
     existing = None if new_version else _version_from(client, name, source)
     if existing is not None:
         print(f"[register] {name} version {existing.version} was made from these checkpoints; reused "
@@ -338,7 +423,8 @@ def register(
         return _set_aliases(client, name, str(existing.version), alias, existing.run_id, eval_metrics,
                             promote, promote_on, reused=True)
     model_tags = {**lineage_tags(checkpoints, cfgs, metas, runs, encoder_id, encoder_name),
-                  **{k: f"{v:.6g}" for k, v in eval_metrics.items()}, **(tags or {}), SOURCE_TAG: source}
+                  **{k: f"{v:.6g}" for k, v in eval_metrics.items()}, **(tags or {}), SOURCE_TAG: source,
+                  "weights_dtype": weights_dtype}
     if eval_run is not None:
         model_tags["eval_run"] = eval_run.info.run_id
     target = run_id
@@ -347,33 +433,39 @@ def register(
     if target is None and eval_run is not None:
         target = eval_run.info.run_id
     exp_id = None if target else ensure_experiment(experiment, artifact_root)
-    with mlflow.start_run(run_id=target, experiment_id=exp_id,
-                          run_name=None if target else f"register-{name}") as run, \
-            tempfile.TemporaryDirectory(prefix="imagen-register-") as tmp:
-        artifacts = {stage_artifact(i): weight_files_only(c, os.path.join(tmp, f"{i}-{cfg.stage}"))
-                     for i, (c, cfg) in enumerate(zip(checkpoints, cfgs, strict=True))}
-        if os.path.isdir(encoder_name):
-            artifacts[ENCODER_ARTIFACT] = os.path.abspath(encoder_name)
-        # models from code: MLflow stores PYFUNC_CODE, not a pickled ImagenPyfunc
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=PYFUNC_CODE, artifacts=artifacts,
-            model_config={"encoder_name": None if ENCODER_ARTIFACT in artifacts else encoder_name},
-            signature=_signature(cfgs),
-            pip_requirements=["torch==2.13.0", "safetensors", "transformers", "sentencepiece", "pandas"],
-        )
+    local_encoder = os.path.isdir(encoder_name)
+    with upload_settings(), tempfile.TemporaryDirectory(prefix="imagen-register-") as tmp:
+        store = BlobStore.open(client, artifact_root)
+        artifacts, files = store_model_files(checkpoints, encoder_name if local_encoder else None, store, tmp,
+                                             weights_dtype)
+        with mlflow.start_run(run_id=target, experiment_id=exp_id,
+                              run_name=None if target else f"register-{name}") as run:
+            # models from code: MLflow stores PYFUNC_CODE, not a pickled ImagenPyfunc
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=PYFUNC_CODE, artifacts=artifacts,
+                model_config={"encoder_name": None if local_encoder else encoder_name,
+                              "weights_dtype": weights_dtype, FILES_KEY: files},
+                signature=_signature(cfgs),
+                pip_requirements=["torch==2.13.0", "safetensors", "transformers", "sentencepiece", "pandas"],
+            )
+    blobs = store.summary()
+    model_tags["blob_run"] = blobs["blob_run"]
+    print(f"[register] {name}: {blobs['uploaded_files']} files ({blobs['uploaded_bytes']} bytes) uploaded to "
+          f"the {BLOB_EXPERIMENT} run {blobs['blob_run']}, {blobs['reused_files']} ({blobs['reused_bytes']} "
+          "bytes) already there", file=sys.stderr, flush=True)
     # The version is created with its tags in one call: a version without the source tag (a
     # crash between two calls) would be registered again by the next run.
     version = str(mlflow.register_model(info.model_uri, name, tags=model_tags).version)
     client.update_model_version(name, version, description=describe_version(
         cfgs, metas, encoder_name, model_tags, eval_metrics, eval_run))
-    return _set_aliases(client, name, version, alias, run.info.run_id, eval_metrics, promote, promote_on,
-                        reused=False)
+    return {**_set_aliases(client, name, version, alias, run.info.run_id, eval_metrics, promote, promote_on,
+                           reused=False), "blobs": blobs}
 
 
-def register_trained(trained: dict[str, Any], prefix: str) -> dict[str, Any]:
+def register_trained(trained: dict[str, Any], prefix: str, weights_dtype: str = "fp32") -> dict[str, Any]:
     """Register a finished training run (launch.py's summary: ``checkpoint``, ``stage``) as
     ``<prefix>-<stage>``, into its training run; a rerun gives back the same version."""
-    return register([trained["checkpoint"]], f"{prefix}-{trained['stage']}")
+    return register([trained["checkpoint"]], f"{prefix}-{trained['stage']}", weights_dtype=weights_dtype)
 
 
 def chain_checkpoints(checkpoints: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -396,11 +488,12 @@ def chain_checkpoints(checkpoints: list[str]) -> tuple[list[str], dict[str, str]
     return kept, left_out
 
 
-def register_cascade(checkpoints: list[str], name: str) -> dict[str, Any]:
+def register_cascade(checkpoints: list[str], name: str, weights_dtype: str = "fp32") -> dict[str, Any]:
     """Register the cascade of ``checkpoints`` (base first) that chain (:func:`chain_checkpoints`)
-    as ``name``; the result names the stages ``left_out`` and why."""
+    as ``name``; the result names the stages ``left_out`` and why. Its weights are those the
+    stage models registered from the same checkpoints hold (the same blobs): none is uploaded twice."""
     kept, left_out = chain_checkpoints(checkpoints)
-    return {**register(kept, name), "left_out": left_out}
+    return {**register(kept, name, weights_dtype=weights_dtype), "left_out": left_out}
 
 
 def _set_aliases(client, name: str, version: str, alias: str, run_id: str | None, eval_metrics: dict,

@@ -6,7 +6,9 @@
 The model is built from its safetensors and config.json with the installed package
 (pipeline/release/loading.py), never through ``mlflow.pyfunc.load_model``: nothing from it is
 unpickled or run, and the images equal what the registered pyfunc's ``predict`` gives for the
-same seed (both go through ``loading.predict_images``).
+same seed (both go through ``loading.predict_images``). Weights and encoder files the model
+references (pipeline/release/blobs.py) are fetched from the same tracking server, and every file
+the model lists is checked against its sha256 first: a mismatch is an error naming the file.
 """
 
 from __future__ import annotations

@@ -66,8 +66,8 @@ def test_the_registered_model_stores_code_and_weights_not_a_pickle(planted):
     flavor = planted["flavor"]
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
     assert os.path.basename(flavor["model_code_path"]) == "pyfunc_model.py" and "python_model" not in flavor
-    assert sorted(os.listdir(planted["stage"])) == ["config.json", "ema.safetensors", "model.safetensors",
-                                                    "python_model.pkl"]  # the last one planted
+    # the weights are referenced by sha256 (pipeline/release/blobs.py), not stored in the model
+    assert sorted(os.listdir(planted["stage"])) == ["config.json", "python_model.pkl"]  # the last one planted
     assert not glob.glob(os.path.join(planted["store"], "**", "*.pt"), recursive=True)
 
 
@@ -81,10 +81,11 @@ def test_sample_runs_no_code_from_the_model(planted, tmp_path):
 
     from pipeline.cli import main
 
-    # the model folder itself, and a plain checkpoint folder, each with a planted pickle
+    # the model folder itself (its referenced weights fetched from the server), and a plain
+    # checkpoint folder, each with a planted pickle
     for model in (planted["store"], planted["ckpt"]):
         assert main(["sample", "a red circle", "--model", model, "--output", str(tmp_path / "x.png"),
-                     "--steps", "1", "--no-progress"]) == 0
+                     "--steps", "1", "--no-progress", "--tracking-uri", planted["mlflow"]]) == 0
         assert not os.path.exists(planted["marker"])
 
 
@@ -105,14 +106,14 @@ def test_sample_ignores_a_replaced_code_file_and_mlmodel(planted, tmp_path):
     with open(os.path.join(tampered, "MLmodel"), "w") as f:
         yaml.safe_dump(doc, f)
     assert main(["sample", "a red circle", "--model", tampered, "--output", str(tmp_path / "t.png"),
-                 "--steps", "1", "--no-progress"]) == 0
+                 "--steps", "1", "--no-progress", "--tracking-uri", planted["mlflow"]]) == 0
     assert not os.path.exists(planted["marker"])
 
 
 def test_evaluate_runs_no_code_from_the_model(planted, tmp_path):
     from pipeline.cli import main
 
-    for ckpt in (planted["ckpt"], planted["stage"]):  # the checkpoint, the registered stage weights
+    for ckpt in (planted["ckpt"],):  # the registered stage folder holds only config.json now
         assert main(["evaluate", "--checkpoint", ckpt, "--steps", "1", "--output", str(tmp_path / "eval"),
                      "--tracking-uri", planted["mlflow"]]) == 0
         assert not os.path.exists(planted["marker"])
