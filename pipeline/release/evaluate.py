@@ -1,33 +1,51 @@
-"""Evaluate a stage or a whole cascade: fixed prompts and seeds, a sample grid, sampling speed
-and metrics, logged to the stage's MLflow run.
+"""Evaluate a stage or a whole cascade on the held-out validation split and a fixed prompt set:
+sample grids, sampling speed and metrics, logged to the stage's MLflow run.
 
-    imagen-pipeline evaluate --checkpoint ROOT/checkpoints/base64/run/final \\
-        --attributes /tmp/tiny/attributes.json                       # one stage
+    imagen-pipeline evaluate --checkpoint ROOT/checkpoints/sr256/run/final \\
+        --data ROOT/filtered --embeddings ROOT/embeddings/ENC          # one stage, real held-out images
     imagen-pipeline evaluate --checkpoint BASE/final --checkpoint SR256/final \\
-        --attributes /tmp/tiny/attributes.json                       # the cascade, in order
-    ... [--references DIR] [--fid-weights inception-2015-12-05.pt] [--clip-model DIR]
+        --data ROOT/filtered --attributes /tmp/tiny/attributes.json    # the cascade, in order
+    ... [--fid-weights inception-2015-12-05.pt] [--clip-model DIR]    # default: the deployment's
+                                                                       # $IMAGEN_FID_WEIGHTS, $IMAGEN_CLIP_MODEL
 
-What is measured (metric keys are logged under ``eval/``):
+What is measured (metric keys are logged under ``eval/``, the same names in every run):
 
-- samples of the prompt set from the first stage through the last given, with guidance (each
+- the prompt set (``--prompts-file``, else ``DEFAULT_PROMPTS``; on the tiny data one prompt
+  per colour x shape) sampled from the first stage through the last given, with guidance (each
   stage's configured weight) and without (w = 1): grids ``grid_guided.png`` and
-  ``grid_unguided.png``; ``seconds_per_image/<stage>``, ``images_per_s_guided``;
-- on the synthetic tiny dataset (``--attributes``): one prompt per colour x shape, and the
-  deterministic checker of pipeline/release/metrics.py: ``alignment_color_*``, ``alignment_shape_*``
-  and ``alignment_*`` (both right), with ``chance_alignment`` for scale;
-- every SR stage given: references (rendered from the attributes, or ``--references``)
-  downsampled to its input size and super-resolved: ``<stage>/psnr``, ``<stage>/ssim``, and
-  the same for plain bicubic upsampling as the bar to beat;
-- ``fid`` and ``clip_score`` of the guided samples, only with user-supplied weights; skipped
-  with a message otherwise.
+  ``grid_unguided.png``; ``seconds_per_image/<stage>``, ``images_per_s_guided``, ...;
+- with ``--attributes`` (the tiny dataset's ground truth): the deterministic checker of
+  pipeline/release/metrics.py: ``alignment_color_*``, ``alignment_shape_*``, ``alignment_*``
+  (both right), with ``chance_alignment`` for scale;
+- a base stage: the first validation captions (their precomputed embeddings: no T5 load),
+  sampled guided: ``grid_validation.png``; ``GRID_CAPTIONS`` of them, or ``num_validation``
+  when FID or CLIP score is measured on them;
+- every SR stage: the first ``num_validation`` validation images, whole at the stage's size,
+  super-resolved from their real low-res versions (the loader's own): ``<stage>/psnr``,
+  ``<stage>/ssim`` against the real image, and the same for bicubic upsampling of the same
+  input (``<stage>/psnr_bicubic``, ...) as the bar to beat; rows of bicubic | SR | real in
+  ``grid_sr_<stage>.png``. Without a split: renders of the tiny data (``--attributes``) or
+  ``--references`` images, downsampled;
+- ``fid`` (against the validation images) and ``clip_score`` (against their captions) of the
+  base stage's validation samples, ``<stage>/fid`` and ``<stage>/clip_score`` of an SR stage's
+  outputs, only with the deployment's evaluator weights; otherwise each is recorded as skipped
+  with the reason (``skipped`` in ``eval/summary.json``).
+
+Speed: the sampling is split into independent parts (the prompt set guided, unguided, the
+validation captions, each SR stage's images), run side by side, the costliest first, this
+process's torch threads shared out among them (``workers``; 1 runs them one after another,
+the cleanest ``seconds_per_image``). A progress line goes to stdout when a part starts and
+ends, and at least every ``PROGRESS_SECONDS`` while it samples (an Airflow task log shows them).
 
 A single stage logs into the MLflow run that trained it (found from the checkpoint), a
 cascade into a new ``evaluate-cascade`` run; ``--run-id`` chooses one. The tracking store is
 the one the checkpoint's training used (the root its metadata records, pipeline/layout.py).
 Checkpoints and the grids' folder may be local paths or fsspec URIs (``s3://...``).
 
-``evaluate_run(trained, attributes)`` is the orchestrators' one call: a finished training
-run (launch.py's summary) evaluated once, its result kept in ``eval.json`` beside its checkpoints.
+``evaluate_runs(trained)`` is the orchestrators' one call: every finished training run of a
+DAG run (launch.py's summaries, which name their ``data`` and ``embeddings``) evaluated once
+on its validation split, the stages' parts sampled side by side, each stage's result kept in
+``eval.json`` beside its checkpoints (a rerun reuses it); ``evaluate_run`` does one.
 """
 
 from __future__ import annotations
@@ -37,6 +55,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -44,8 +63,11 @@ import numpy as np
 
 from imagen.config import check_chain
 from pipeline import storage
-from pipeline.data.images import IMAGE_EXTS
-from pipeline.release.metrics import make_grid
+from pipeline.release.eval_data import (  # noqa: F401 - load_references: importable from here, as before
+    ValidationSplit,
+    load_references,
+    references,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +79,12 @@ DEFAULT_PROMPTS = (
     "a dog running on the beach", "a plate of food with a fork",
 )
 EVAL_KEY_TAG = "imagen_eval_key"  # on the run holding a checkpoint set's eval metrics (registry reads it)
+# The deployment's evaluator weights (environment of the CLI and of the DAG's workers); no
+# weights are ever downloaded: without them FID and CLIP score are skipped, saying so.
+FID_WEIGHTS_ENV = "IMAGEN_FID_WEIGHTS"  # a TorchScript feature extractor file (inception-2015-12-05.pt)
+CLIP_MODEL_ENV = "IMAGEN_CLIP_MODEL"  # a local transformers CLIP directory
+PROGRESS_SECONDS = 15.0  # at most this long between progress lines while sampling
+GRID_CAPTIONS = 8  # validation captions a base stage samples for its grid alone (the trainer's grid: 8)
 
 
 @dataclass
@@ -65,7 +93,10 @@ class EvalOptions:
 
     attributes: str | None = None  # tiny dataset attributes.json: alignment checker, rendered refs
     prompts: list[str] | None = None  # prompt set when not on tiny data (default: DEFAULT_PROMPTS)
-    references: str | None = None  # real images: a folder of images or of WebDataset shards
+    data: str | None = None  # filtered shards with the validation split (ROOT/filtered)
+    embeddings: str | None = None  # their caption embeddings (ROOT/embeddings/ENC, or ROOT/embeddings)
+    num_validation: int = 16  # validation samples per stage: the first of the split's fixed order
+    references: str | None = None  # without a split: real images, a folder of images or .tar shards
     num_references: int = 16
     fid_weights: str | None = None  # TorchScript feature extractor (inception-2015-12-05.pt)
     clip_model: str | None = None  # local transformers CLIP directory
@@ -73,10 +104,19 @@ class EvalOptions:
     seed: int = 0
     steps: int | None = None  # sampling steps for every stage (default: each config's)
     guidance_scale: float | None = None  # the base stage's guided weight (default: its config's)
+    device: str | None = None  # default: cuda when there is one, else cpu
+    workers: int | None = None  # sampling parts at once (default: a CPU's torch threads; 1 on CUDA)
     output: str | None = None  # folder or URI for grids (default: beside the last checkpoint)
     tracking_uri: str | None = None
     run_id: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)  # filled in: metric -> why not measured
+
+
+def deployment_weights() -> dict[str, str | None]:
+    """The evaluator weights the deployment provides, read from the environment when called:
+    ``{"fid_weights": $IMAGEN_FID_WEIGHTS, "clip_model": $IMAGEN_CLIP_MODEL}`` (None where unset)."""
+    return {"fid_weights": os.environ.get(FID_WEIGHTS_ENV) or None,
+            "clip_model": os.environ.get(CLIP_MODEL_ENV) or None}
 
 
 def eval_key(checkpoints: list[str]) -> str:
@@ -85,41 +125,293 @@ def eval_key(checkpoints: list[str]) -> str:
     return hashlib.sha256(joined.encode()).hexdigest()[:16]
 
 
+class Progress:
+    """Progress lines of one part of an evaluation: when it starts (what, how many images), at
+    most every ``every`` seconds while it samples (the sampler's step), and when it ends."""
+
+    def __init__(self, label: str, part: str, images: int, every: float = PROGRESS_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
+        self.label, self.part, self.images, self.every, self.clock = label, part, images, every, clock
+        self.start = self.last = 0.0
+
+    def say(self, text: str) -> None:
+        print(f"[evaluate {self.label}] {self.part}: {text}", flush=True)
+
+    def begin(self) -> None:
+        self.start = self.last = self.clock()
+        self.say(f"{self.images} images")
+
+    def step(self, stage: str, step: int, steps: int) -> None:
+        """The sampler's ``progress(stage, step, steps)`` callback."""
+        now = self.clock()
+        if now - self.last >= self.every:
+            self.last = now
+            self.say(f"{stage} step {step}/{steps}, {self.images} images, {now - self.start:.0f} s")
+
+    def end(self) -> float:
+        seconds = self.clock() - self.start
+        self.say(f"done in {seconds:.1f} s")
+        return seconds
+
+
+@dataclass
+class Part:
+    """One independent sampling job of an evaluation; ``run()`` keeps its images."""
+
+    label: str
+    cost: float  # relative work (images x steps x pixels, x2 with guidance): the costliest start first
+    run: Callable[[], None]
+
+
+def run_parts(parts: list[Part], workers: int | None = None) -> None:
+    """Run the sampling parts, the costliest first, ``workers`` at a time (default: one per
+    torch thread on a CPU, at most one per part; 1 with a CUDA device), this process's torch
+    threads shared out among them: on a small CPU model each part's work is mostly convolutions
+    too small to keep several threads busy, while parts side by side do. ``workers=1`` runs them
+    one after another with every thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if workers is None:
+        workers = 1 if torch.cuda.is_available() else threads
+    workers = max(1, min(len(parts), workers))
+    order = sorted(parts, key=lambda p: -p.cost)
+    if workers == 1:
+        for part in order:
+            part.run()
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.set_num_threads(max(1, threads // workers))  # new threads take it on their first op
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="evaluate") as pool:
+            for future in [pool.submit(p.run) for p in order]:
+                future.result()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def evaluate(checkpoints: str | list[str], options: EvalOptions | None = None, **overrides: Any
              ) -> dict[str, Any]:
     """Evaluate one stage or a cascade (stage weight dirs in cascade order); log to MLflow.
 
     Returns {"metrics": {...}, "grids": {name: png}, "run_id", "skipped": {metric: reason}}.
     """
-    from imagen.checkpoint import load_model
+    job = Evaluation(checkpoints, replace(options or EvalOptions(), **overrides))
+    run_parts(job.parts(), job.opts.workers)
+    return job.finish()
 
-    checkpoints = [checkpoints] if isinstance(checkpoints, str) else list(checkpoints)
-    if not checkpoints:
-        raise ValueError("evaluate needs at least one --checkpoint (a stage weights directory)")
-    opts = replace(options or EvalOptions(), **overrides)
-    opts.skipped = {}
-    loaded = [load_model(c, storage=storage) for c in checkpoints]
-    encoder = load_encoder(checkpoints, [m for _, _, m in loaded], opts.encoder)
-    prompts, specs, palette = prompt_set(opts)
-    metrics: dict[str, float] = {}
-    images: dict[str, np.ndarray] = {}
-    if loaded[0][1].lowres_size is None:
+
+class Evaluation:
+    """One evaluation (a stage, or a cascade) in three steps: the constructor loads the stages
+    and what they are compared against, :meth:`parts` are its independent sampling jobs (for
+    :func:`run_parts`), :meth:`finish` scores their images, writes the grids and logs."""
+
+    def __init__(self, checkpoints: str | list[str], opts: EvalOptions):
+        import torch
+
+        from imagen.checkpoint import load_model
+
+        self.checkpoints = [checkpoints] if isinstance(checkpoints, str) else list(checkpoints)
+        if not self.checkpoints:
+            raise ValueError("evaluate needs at least one --checkpoint (a stage weights directory)")
+        self.opts = opts
+        opts.skipped = {}
+        device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        loaded = [load_model(c, device=device, storage=storage) for c in self.checkpoints]
+        for model, _, _ in loaded:
+            # channels-last convolutions: oneDNN samples the tiny stages 15% faster on a CPU, and
+            # it is the layout CUDA's tensor cores want
+            model.to(memory_format=torch.channels_last)
+        self.stages = [(m, c) for m, c, _ in loaded]
+        self.metas = [meta for _, _, meta in loaded]
+        self.label = "+".join(c.stage for _, c in self.stages)
+        self.encoder = EncoderOnce(self.checkpoints, self.metas, opts.encoder)
+        self.val = ValidationSplit(opts, self.metas[0].get("encoder_id"))
+        self.prompts, self.specs, self.palette = prompt_set(opts)
+        self.base_first = self.stages[0][1].lowres_size is None
+        if not self.base_first:
+            check_chain([c.spec for _, c in self.stages])  # SR stages without a base must still chain
+            self.prompts = []  # nothing is sampled from the prompt set
+        self.captions = None  # the validation captions the base samples (ValidationSet), if any
+        self.out: dict[str, Any] = {}  # each part's result
+        self.metrics: dict[str, float] = {}
+
+    def progress(self, part: str, images: int) -> Progress:
+        return Progress(self.label, part, images)
+
+    def parts(self) -> list[Part]:
+        """The sampling jobs; their inputs (prompt embeddings, validation samples) are read here."""
+        parts = []
+        if self.base_first:
+            parts += self._base_parts()
+        for model, cfg in self.stages:
+            if cfg.lowres_size is not None:
+                parts += self._sr_part(model, cfg)
+        return parts
+
+    def _base_parts(self) -> list[Part]:
         from imagen.cascade import Cascade
 
-        cascade = Cascade([(m, c) for m, c, _ in loaded], encoder, metadata=[m for _, _, m in loaded])
-        images = sample_and_score(cascade, prompts, specs, palette, opts, metrics)
-        quality_metrics(images["guided"], prompts, specs, opts, metrics)
-    else:
-        check_chain([c.spec for _, c, _ in loaded])  # SR stages without a base must still chain
-    for model, cfg, _ in loaded:
-        if cfg.lowres_size is not None:
-            images[f"sr_{cfg.stage}"] = sr_metrics(model, cfg, encoder, specs, opts, metrics)
-    for name, reason in opts.skipped.items():
-        log.info("evaluate: %s skipped: %s", name, reason)
-    grids = write_grids(images, opts.output or storage.join(storage.parent(storage.normalize(checkpoints[-1])),
-                                                            "eval"))
-    run_id = log_to_mlflow(checkpoints, [m for _, _, m in loaded], opts, metrics, grids, prompts)
-    return {"metrics": metrics, "grids": grids, "run_id": run_id, "skipped": dict(opts.skipped)}
+        cascade = Cascade(self.stages, metadata=self.metas)
+        cascade.set_encoder(self.encoder())  # checks it against the stages (identity, width)
+        text, mask = self.encoder.encode(self.prompts)
+
+        def sample(name: str, what: str, embeds, embeds_mask, guided: bool) -> Callable[[], None]:
+            def run() -> None:
+                say = self.progress(what, len(embeds))
+                say.begin()
+                self.out[name] = cascade.run(text_embeds=embeds, text_mask=embeds_mask, seed=self.opts.seed,
+                                             options=guided_options(cascade, self.opts, guided), progress=say.step)
+                say.end()
+            return run
+
+        parts = [Part(f"{self.label}: prompt set, {g}", self._cost(len(self.prompts), g == "guided"),
+                      sample(g, f"prompt set, {g}", text, mask, g == "guided")) for g in ("guided", "unguided")]
+        captions = self.val.get(self.stages[0][1])
+        if captions is None:
+            self.opts.skipped["validation_grid"] = self.val.reason(self.stages[0][1])
+            return parts
+        # the grid alone needs a few; FID and CLIP score, when measured, all of them
+        measured = self.opts.fid_weights or self.opts.clip_model
+        self.captions = captions.head(len(captions) if measured else GRID_CAPTIONS)
+        parts.append(Part(f"{self.label}: validation captions", self._cost(len(self.captions), True),
+                          sample("validation", "validation captions, guided", self.captions.text_embeds,
+                                 self.captions.text_mask, True)))
+        return parts
+
+    def _cost(self, images: int, guided: bool) -> float:
+        steps = [self.opts.steps or c.diffusion.sample_steps for _, c in self.stages]
+        return images * sum(s * c.image_size**2 for s, (_, c) in zip(steps, self.stages, strict=True)) * (
+            2 if guided else 1)
+
+    def _sr_part(self, model, cfg) -> list[Part]:
+        """Inputs of one SR stage: the validation images and their low-res versions, else
+        references downsampled (renders of the tiny data, ``--references``), else nothing."""
+        import torch
+
+        from imagen.cascade import StageOptions, run_stage, to_uint8
+        from pipeline.release.metrics import resize
+
+        data = self.val.get(cfg)
+        if data is not None:
+            target, low, captions, text, mask = data.images, data.lowres, data.captions, data.text_embeds, data.text_mask
+        else:
+            refs = references(self.opts, cfg.image_size, self.specs)
+            if refs is None:
+                self.opts.skipped[f"{cfg.stage}/psnr"] = (f"{self.val.reason(cfg)}; without it, needs --attributes "
+                                                          "(tiny data) or --references DIR")
+                return []
+            target, captions = refs
+            low = resize(target, cfg.lowres_size, "area")  # as pipeline/data/loader.py makes the training input
+            text, mask = self.encoder.encode(captions)
+        device = next(model.parameters()).device
+        # the loader's normalisation (pipeline/data/batch.py): 0 and 255 map to exactly -1 and 1
+        lowres = (torch.from_numpy(low).permute(0, 3, 1, 2).float().to(device) - 127.5) / 127.5
+        source = "validation" if data is not None else "reference"
+
+        def run() -> None:
+            say = self.progress(f"super-resolution of {source} images", len(target))
+            say.begin()
+            gen = torch.Generator(device).manual_seed(self.opts.seed)
+            with torch.no_grad():
+                x = run_stage(model, cfg, StageOptions(steps=self.opts.steps), text.to(device).float(),
+                              mask.to(device).bool(), lowres, gen, say.step)
+            self.out[f"sr_{cfg.stage}"] = (to_uint8(x), say.end(), target, low, captions)
+
+        steps = self.opts.steps or cfg.diffusion.sample_steps
+        guided = cfg.diffusion.guidance_scale != 1.0
+        return [Part(f"{cfg.stage}: super-resolution", len(target) * steps * cfg.image_size**2 * (1 + guided), run)]
+
+    def finish(self) -> dict[str, Any]:
+        """Score the parts' images, write the grids and log them with the metrics."""
+        images: dict[str, np.ndarray | None] = {}
+        if self.base_first:
+            images.update(self._score_prompt_set())
+            images["validation"] = self._score_validation(images["guided"])
+        for _, cfg in self.stages:
+            if f"sr_{cfg.stage}" in self.out:
+                images[f"sr_{cfg.stage}"] = self._score_sr(cfg, *self.out[f"sr_{cfg.stage}"])
+        opts = self.opts
+        for name, reason in opts.skipped.items():
+            log.info("evaluate: %s skipped: %s", name, reason)
+        grids = write_grids(images, opts.output or storage.join(
+            storage.parent(storage.normalize(self.checkpoints[-1])), "eval"))
+        run_id = log_to_mlflow(self.checkpoints, self.metas, opts, self.metrics, grids, self.prompts, self.val.used)
+        return {"metrics": self.metrics, "grids": grids, "run_id": run_id, "skipped": dict(opts.skipped)}
+
+    def _score_prompt_set(self) -> dict[str, np.ndarray]:
+        """Speed per stage, alignment on tiny data."""
+        metrics, n = self.metrics, len(self.prompts)
+        images = {}
+        for label in ("guided", "unguided"):
+            out = self.out[label]
+            images[label] = out.images
+            total = sum(out.seconds)
+            metrics[f"seconds_per_image_{label}"] = total / n
+            metrics[f"images_per_s_{label}"] = n / total
+            if label == "guided":
+                for (_, cfg), sec in zip(self.stages, out.seconds, strict=True):
+                    metrics[f"seconds_per_image/{cfg.stage}"] = sec / n
+            if self.specs is not None:
+                from pipeline.release.metrics import alignment
+
+                score = alignment(out.images, self.specs, self.palette)
+                metrics[f"alignment_{label}"] = score["both"]
+                metrics[f"alignment_color_{label}"] = score["color"]
+                metrics[f"alignment_shape_{label}"] = score["shape"]
+        base_w = self.stages[0][1].diffusion.guidance_scale
+        metrics["guidance_scale"] = float(base_w if self.opts.guidance_scale is None else self.opts.guidance_scale)
+        if self.specs is not None:
+            metrics["chance_alignment"] = 1.0 / len(self.specs)
+            metrics["chance_alignment_color"] = 1.0 / len(self.palette)
+        return images
+
+    def _score_validation(self, prompt_images: np.ndarray) -> np.ndarray | None:
+        """FID of the validation captions' samples against the validation images (at the
+        output size), CLIP score against their captions; without a split, of the prompt set's
+        guided samples against renders of the tiny data or ``--references``, and the prompts."""
+        if "validation" not in self.out:
+            refs = references(self.opts, prompt_images.shape[1], self.specs)
+            quality_metrics(prompt_images, None if refs is None else refs[0], self.prompts, "", self.opts,
+                            self.metrics, "--attributes (tiny data), --references DIR or the validation split (--data)")
+            return None
+        sampled = self.out["validation"].images
+        last = self.stages[-1][1]
+        real = self.val.get(last)  # the same samples for a base stage alone
+        quality_metrics(sampled, None if real is None else real.images, self.captions.captions, "", self.opts,
+                        self.metrics, self.val.reason(last))
+        return sampled
+
+    def _score_sr(self, cfg, sr: np.ndarray, seconds: float, target: np.ndarray, low: np.ndarray,
+                  captions: list[str] | None) -> np.ndarray:
+        """PSNR/SSIM of the SR outputs and of bicubic upsampling of the same inputs, against
+        the real images; returns rows of (bicubic, SR, real) for the grid."""
+        from pipeline.release.metrics import psnr_ssim, resize
+
+        self.metrics[f"{cfg.stage}/seconds_per_image_sr"] = seconds / len(target)
+        bicubic = resize(low, cfg.image_size)
+        for suffix, images in (("", sr), ("_bicubic", bicubic)):
+            for k, v in psnr_ssim(images, target).items():
+                self.metrics[f"{cfg.stage}/{k}{suffix}"] = v
+        quality_metrics(sr, target, captions, f"{cfg.stage}/", self.opts, self.metrics, self.val.reason(cfg))
+        return np.stack([img for trio in zip(bicubic, sr, target, strict=True) for img in trio])
+
+
+class EncoderOnce:
+    """The text encoder the stages were trained on, opened on first use: the validation split's
+    captions come with their embeddings, so an SR stage evaluated on it needs no T5 at all."""
+
+    def __init__(self, checkpoints: list[str], metas: list[dict], override: str | None):
+        self.checkpoints, self.metas, self.override, self.encoder = checkpoints, metas, override, None
+
+    def __call__(self):
+        if self.encoder is None:
+            self.encoder = load_encoder(self.checkpoints, self.metas, self.override)
+        return self.encoder
+
+    def encode(self, texts: list[str]):
+        return self().encode(list(texts))
 
 
 def load_encoder(checkpoints: list[str], metas: list[dict], override: str | None):
@@ -145,145 +437,40 @@ def prompt_set(opts: EvalOptions) -> tuple[list[str], list[tuple[str, str]] | No
     return [f"a {c} {s} on a white background" for c, s in specs], specs, palette
 
 
-def sample_and_score(cascade, prompts, specs, palette, opts: EvalOptions,
-                     metrics: dict[str, float]) -> dict[str, np.ndarray]:
-    """Sample with and without guidance; speed per stage, alignment on tiny data."""
+def guided_options(cascade, opts: EvalOptions, guided: bool) -> list:
+    """Per-stage sampling options: each stage's configured weight (the base's may be
+    overridden by ``opts.guidance_scale``), or w = 1 everywhere."""
     from imagen.cascade import StageOptions
 
-    n = len(cascade.stages)
-    base_w = cascade.stages[0][1].diffusion.guidance_scale
-    guided = [StageOptions(steps=opts.steps, guidance_scale=opts.guidance_scale if i == 0 else None)
-              for i in range(n)]
-    unguided = [StageOptions(steps=opts.steps, guidance_scale=1.0) for _ in range(n)]
-    images = {}
-    for label, stage_opts in (("guided", guided), ("unguided", unguided)):
-        out = cascade.run(prompts, seed=opts.seed, options=stage_opts)
-        images[label] = out.images
-        total = sum(out.seconds)
-        metrics[f"seconds_per_image_{label}"] = total / len(prompts)
-        metrics[f"images_per_s_{label}"] = len(prompts) / total
-        if label == "guided":
-            for (_, cfg), sec in zip(cascade.stages, out.seconds, strict=True):
-                metrics[f"seconds_per_image/{cfg.stage}"] = sec / len(prompts)
-        if specs is not None:
-            from pipeline.release.metrics import alignment
-
-            score = alignment(out.images, specs, palette)
-            metrics[f"alignment_{label}"] = score["both"]
-            metrics[f"alignment_color_{label}"] = score["color"]
-            metrics[f"alignment_shape_{label}"] = score["shape"]
-    metrics["guidance_scale"] = float(base_w if opts.guidance_scale is None else opts.guidance_scale)
-    if specs is not None:
-        metrics["chance_alignment"] = 1.0 / len(specs)
-        metrics["chance_alignment_color"] = 1.0 / len(palette)
-    return images
+    if not guided:
+        return [StageOptions(steps=opts.steps, guidance_scale=1.0) for _ in cascade.stages]
+    return [StageOptions(steps=opts.steps, guidance_scale=opts.guidance_scale if i == 0 else None)
+            for i in range(len(cascade.stages))]
 
 
-def references(opts: EvalOptions, size: int, specs) -> tuple[np.ndarray, list[str]] | None:
-    """Reference images [N, size, size, 3] and captions: ``--references`` when given, else
-    renders of the tiny dataset's distribution; None when there is neither."""
-    from pipeline.release.metrics import render_references, resize
-
-    if opts.references:
-        imgs, caps = load_references(opts.references, opts.num_references)
-        return resize(imgs, size), caps
-    if specs is None:
-        return None
-    return (render_references(specs, size, seed=opts.seed),
-            [f"a {c} {s} on a white background" for c, s in specs])
-
-
-def load_references(path: str, limit: int) -> tuple[np.ndarray, list[str]]:
-    """Up to ``limit`` images (center-cropped squares at the smallest side found) with captions
-    from a folder of images (caption from NAME.txt beside each, else "") or of WebDataset
-    shards (the filter step's output)."""
-    import webdataset
-
-    from pipeline.data.images import open_rgb
-    from pipeline.release.metrics import resize
-
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--references {path}: not a folder of images or of .tar shards")
-    items: list[tuple[bytes, str]] = []
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if name.endswith(".tar"):
-            for parts in webdataset.WebDataset(full, shardshuffle=False, empty_check=False):
-                img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
-                if img is not None:
-                    items.append((img, parts.get("txt", b"").decode()))
-                if len(items) >= limit:
-                    break
-        elif name.lower().endswith(tuple(f".{e}" for e in IMAGE_EXTS)):
-            txt = os.path.splitext(full)[0] + ".txt"
-            caption = ""
-            if os.path.exists(txt):
-                with open(txt) as f:
-                    caption = f.read().strip()
-            with open(full, "rb") as f:
-                items.append((f.read(), caption))
-        if len(items) >= limit:
-            break
-    if not items:
-        raise ValueError(f"--references {path} holds no images (.png/.jpg/.webp or .tar shards)")
-    crops = []
-    for data, _ in items[:limit]:
-        img = open_rgb(data)
-        side = min(img.size)
-        left, top = (img.width - side) // 2, (img.height - side) // 2
-        crops.append(np.asarray(img.crop((left, top, left + side, top + side))))
-    side = min(x.shape[0] for x in crops)
-    return np.concatenate([resize(x[None], side) for x in crops]), [c for _, c in items[:limit]]
-
-
-def sr_metrics(model, cfg, encoder, specs, opts: EvalOptions, metrics: dict[str, float]) -> np.ndarray | None:
-    """PSNR/SSIM of one SR stage on downsampled references, and of bicubic upsampling."""
-    import torch
-
-    from imagen.cascade import StageOptions, run_stage, to_uint8
-    from pipeline.release.metrics import psnr_ssim, resize
-
-    refs = references(opts, cfg.image_size, specs)
-    if refs is None:
-        opts.skipped[f"{cfg.stage}/psnr"] = "needs --attributes (tiny data) or --references DIR"
-        return None
-    target, captions = refs
-    low = resize(target, cfg.lowres_size, "area")  # as pipeline/data/loader.py makes the training input
-    lowres = torch.from_numpy(low).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    text, mask = encoder.encode(captions)
-    gen = torch.Generator().manual_seed(opts.seed)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        x = run_stage(model, cfg, StageOptions(steps=opts.steps), text.float(), mask.bool(), lowres, gen)
-    metrics[f"{cfg.stage}/seconds_per_image_sr"] = (time.perf_counter() - t0) / len(captions)
-    sr = to_uint8(x)
-    bicubic = resize(low, cfg.image_size)
-    for suffix, images in (("", sr), ("_bicubic", bicubic)):
-        for k, v in psnr_ssim(images, target).items():
-            metrics[f"{cfg.stage}/{k}{suffix}"] = v
-    # rows of (bicubic input, super-resolved, reference)
-    return np.stack([img for trio in zip(bicubic, sr, target, strict=True) for img in trio])
-
-
-def quality_metrics(images: np.ndarray, prompts: list[str], specs, opts: EvalOptions,
-                    metrics: dict[str, float]) -> None:
-    """FID against references and CLIP score against the prompts, when weights are given."""
+def quality_metrics(images: np.ndarray, real: np.ndarray | None, texts: list[str] | None, prefix: str,
+                    opts: EvalOptions, metrics: dict[str, float], refs_needed: str) -> None:
+    """``<prefix>fid`` of ``images`` against ``real`` and ``<prefix>clip_score`` against
+    ``texts``, when the deployment gives weights; otherwise skipped, with the reason."""
     from pipeline.release import metrics as m
 
     if not opts.fid_weights:
-        opts.skipped["fid"] = ("pass --fid-weights PATH (a TorchScript Inception feature extractor, "
-                               "e.g. inception-2015-12-05.pt) and --references or --attributes")
+        opts.skipped[f"{prefix}fid"] = (f"no FID weights: set {FID_WEIGHTS_ENV} (or pass --fid-weights) to a "
+                                        "TorchScript Inception feature extractor, e.g. inception-2015-12-05.pt")
+    elif real is None:
+        opts.skipped[f"{prefix}fid"] = f"no reference images: {refs_needed}"
+    elif min(len(real), len(images)) < 2:
+        opts.skipped[f"{prefix}fid"] = f"FID needs at least 2 images per set, got {len(real)} real, {len(images)}"
     else:
-        refs = references(opts, images.shape[1], specs)
-        if refs is None:
-            opts.skipped["fid"] = "needs reference images: --references DIR or --attributes"
-        else:
-            metrics["fid"] = m.fid(refs[0], images, opts.fid_weights)
+        metrics[f"{prefix}fid"] = m.fid(real, images, opts.fid_weights)
     if not opts.clip_model:
-        opts.skipped["clip_score"] = ("pass --clip-model DIR (a local transformers CLIP model, "
-                                      "e.g. a saved openai/clip-vit-base-patch16)")
+        opts.skipped[f"{prefix}clip_score"] = (f"no CLIP model: set {CLIP_MODEL_ENV} (or pass --clip-model) to a "
+                                               "local transformers CLIP directory, e.g. a saved "
+                                               "openai/clip-vit-base-patch16")
+    elif not texts:
+        opts.skipped[f"{prefix}clip_score"] = "the validation shards hold no caption text"
     else:
-        metrics["clip_score"] = m.clip_score(images, prompts, opts.clip_model)
+        metrics[f"{prefix}clip_score"] = m.clip_score(images, texts, opts.clip_model)
 
 
 def write_grids(images: dict[str, np.ndarray | None], out_dir: str) -> dict[str, str]:
@@ -291,6 +478,8 @@ def write_grids(images: dict[str, np.ndarray | None], out_dir: str) -> dict[str,
     import io
 
     from PIL import Image
+
+    from pipeline.release.metrics import make_grid
 
     paths = {}
     for name, imgs in images.items():
@@ -322,7 +511,7 @@ def find_stage_run(checkpoint: str, meta: dict) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def log_to_mlflow(checkpoints, metas, opts: EvalOptions, metrics, grids, prompts) -> str:
+def log_to_mlflow(checkpoints, metas, opts: EvalOptions, metrics, grids, prompts, validation) -> str:
     import mlflow
 
     from pipeline.layout import checkpoint_tracking
@@ -340,21 +529,42 @@ def log_to_mlflow(checkpoints, metas, opts: EvalOptions, metrics, grids, prompts
             with storage.local_file(uri) as path:
                 mlflow.log_artifact(path, artifact_path="eval")
         mlflow.log_dict({"checkpoints": [storage.normalize(c) for c in checkpoints], "prompts": prompts,
-                         "seed": opts.seed, "steps": opts.steps, "metrics": metrics,
-                         "skipped": opts.skipped}, "eval/summary.json")
+                         "validation": {"data": opts.data, "samples": validation}, "seed": opts.seed,
+                         "steps": opts.steps, "metrics": metrics, "skipped": opts.skipped}, "eval/summary.json")
         mlflow.set_tag(EVAL_KEY_TAG, eval_key(checkpoints))
     return run.info.run_id
 
 
-def evaluate_run(trained: dict[str, Any], attributes: str, encoder: str | None = None) -> dict[str, Any]:
-    """Evaluate a finished training run (launch.py's summary: ``checkpoint``, ``stage``) once,
-    into the run that trained it: the result is kept in ``eval.json`` beside its checkpoints,
-    and a rerun gives it back with ``"reused": True``."""
+def evaluate_runs(trained: list[dict[str, Any] | None], attributes: str | None = None, encoder: str | None = None,
+                  **options: Any) -> dict[str, dict[str, Any]]:
+    """Evaluate finished training runs (launch.py's summaries: ``checkpoint``, ``stage``, ``data``,
+    ``embeddings``; None entries, skipped stages, drop out), each once, on its validation split,
+    into the run that trained it, with the deployment's evaluator weights
+    (:func:`deployment_weights`); every stage's sampling parts run side by side. Each result is
+    kept in ``eval.json`` beside its checkpoints; a rerun gives it back with ``"reused": True``.
+    ``options``: further :class:`EvalOptions` fields. Returns ``{stage: result}``."""
     from pipeline.layout import RunLayout
 
-    marker = RunLayout.eval_marker(storage.parent(trained["checkpoint"]))
-    if storage.exists(marker):
-        return {**storage.read_json(marker), "reused": True}
-    result = evaluate(trained["checkpoint"], attributes=attributes, encoder=encoder)
-    storage.write_json(marker, result)
-    return {**result, "reused": False}
+    todo = [t for t in trained if t]
+    results: dict[str, dict[str, Any]] = {}
+    jobs: dict[str, tuple[Evaluation, str]] = {}
+    for t in todo:
+        marker = RunLayout.eval_marker(storage.parent(t["checkpoint"]))
+        if storage.exists(marker):
+            results[t["stage"]] = {**storage.read_json(marker), "reused": True}
+            continue
+        opts = EvalOptions(attributes=attributes, encoder=encoder, data=t.get("data"), embeddings=t.get("embeddings"),
+                           **{**deployment_weights(), **options})
+        jobs[t["stage"]] = (Evaluation(t["checkpoint"], opts), marker)
+    run_parts([p for job, _ in jobs.values() for p in job.parts()], options.get("workers"))
+    for stage, (job, marker) in jobs.items():
+        result = job.finish()
+        storage.write_json(marker, result)
+        results[stage] = {**result, "reused": False}
+    return {t["stage"]: results[t["stage"]] for t in todo}
+
+
+def evaluate_run(trained: dict[str, Any], attributes: str | None = None, encoder: str | None = None,
+                 **options: Any) -> dict[str, Any]:
+    """:func:`evaluate_runs` of one training run."""
+    return evaluate_runs([trained], attributes, encoder, **options)[trained["stage"]]

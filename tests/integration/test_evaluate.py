@@ -1,6 +1,8 @@
-"""pipeline/release/evaluate.py logging into a real `mlflow server` on untrained tiny stages: a
-stage's metrics land in its training run, a cascade's SR scores against bicubic (random weights:
-what gets logged where, bicubic PSNR against its closed form, alignment recomputed from the grid)."""
+"""pipeline/release/evaluate.py logging into a real `mlflow server` on untrained tiny stages, without
+a validation split (on one: tests/integration/test_evaluate_validation.py): a stage's metrics land
+in its training run, a cascade's SR scores on renders of the tiny data against bicubic (random
+weights: what gets logged where, bicubic PSNR against its closed form, alignment recomputed from
+the grid)."""
 
 import json
 import os
@@ -29,7 +31,9 @@ def test_evaluate_stage_logs_to_its_training_run(setup, mlflow_uri, tmp_path):
     assert m["chance_alignment"] == 0.25 and m["chance_alignment_color"] == 0.5
     assert m["seconds_per_image/base64"] == pytest.approx(m["seconds_per_image_guided"])
     assert m["images_per_s_guided"] == pytest.approx(1 / m["seconds_per_image_guided"])
-    assert set(out["skipped"]) == {"fid", "clip_score"}
+    # no validation split given: no grid of its captions, and FID/CLIP without weights
+    assert set(out["skipped"]) == {"fid", "clip_score", "validation_grid"}
+    assert "--data ROOT/filtered" in out["skipped"]["validation_grid"]
     # the logged alignment is the checker's verdict on the images in the logged grid
     palette = {"red": (220, 30, 30), "blue": (40, 70, 220)}
     for label in ("guided", "unguided"):
