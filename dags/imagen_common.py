@@ -8,13 +8,13 @@ lists it); the DAG files import it.
 
 The run's folders come from ``pipeline.layout.RunLayout(root)``, built inside each task from
 the ``root`` Param (or the upstream Asset event's root); no folder name is joined here. Step
-logic (evaluate once, register, the cascade chain) lives in ``pipeline/release``.
+logic (evaluate once, register, the cascade chain, the promotion gate) lives in ``pipeline/release``.
 
 Each task that writes a folder of the root (download, filter, embed) holds the run lock on it
 (``pipeline.lock``): a second run of that step on the same root fails at once, naming the holder.
 
 Only light imports at module level (Airflow's SDK, ``imagen.config``, ``pipeline.train.launch``,
-``pipeline.data.embed_config``): every DAG file imports this at parse time.
+``pipeline.data.embed_config``, ``pipeline.data.filter_config``): every DAG file imports this at parse time.
 
 Deployment knobs (environment of the dag-processor and workers): ``IMAGEN_DATA_ROOT`` (the
 default data root), ``IMAGEN_RETRIES`` and ``IMAGEN_RETRY_DELAY_SECONDS`` (retry policy),
@@ -34,6 +34,7 @@ from airflow.sdk import Asset, AssetAlias, Param, task
 
 from imagen.config import PRESETS, STAGES
 from pipeline.data.embed_config import EmbedConfig
+from pipeline.data.filter_config import FilterConfig
 from pipeline.train.launch import launcher_names, launcher_options_schema
 
 DEFAULT_ROOT = os.environ.get("IMAGEN_DATA_ROOT", "/tmp/imagen-data")
@@ -88,6 +89,12 @@ def data_params() -> dict[str, Param]:
         **cascade_params(),
         "filtered_shard_size": Param(1000, type="integer", minimum=1,
                                      description="Samples per filtered shard (the unit of embed work)"),
+        "val_fraction": Param(FilterConfig.val_fraction, type="number", minimum=0, exclusiveMaximum=1,
+                              title="Validation fraction", description=(
+                                  "Kept samples held out for validation (val-NNNNNN.tar), chosen once by a hash "
+                                  "of their URL: stable across reruns and longer URL lists; 0: no validation split")),
+        "val_max": Param(FilterConfig.val_max, type="integer", minimum=0, title="Validation cap",
+                         description="At most this many validation samples (the smallest URL hashes)"),
         "distributor": Param(os.environ.get("IMAGEN_DOWNLOAD_DISTRIBUTOR", "multiprocessing"),
                              enum=["multiprocessing", "pyspark"], description=(
                                  "multiprocessing: img2dataset on the worker; pyspark: on Spark, one task per shard")),
@@ -138,6 +145,15 @@ def train_params() -> dict[str, Param]:
             "Change it to train again from scratch; the same settings and tag reuse a finished run")),
         "model_prefix": Param("imagen", type="string", pattern=_NAME,
                               description="Registered models are PREFIX-<stage> and PREFIX-cascade"),
+        # pipeline.release.promotion: a new version is @challenger; the gate makes it @champion
+        "promotion": Param("gate", enum=["gate", "never"], description=(
+            "gate: a new version becomes @champion only if it beats the current champion on the "
+            "validation split (a first version does); never: every new version stays @challenger")),
+        "promote_on": Param("val/loss", type="string", pattern=r"^[A-Za-z0-9_./-]+(:(min|max))?(?![\s\S])",
+                            description=(
+                                "The gate's metric, METRIC[:min|max]: val/loss (both versions scored in the "
+                                "promote task, lower wins) or one logged on each version's run, e.g. "
+                                "eval/clip_score:max")),
         "attributes": Param(None, type=["null", "string"], description=(
             "attributes.json of the tiny dataset: enables the prompt-alignment evaluation")),
     }
@@ -166,11 +182,12 @@ def upstream(events: Any, asset: Asset) -> dict[str, Any]:
 
 
 def embed_batches(filtered: str, per_task: int, max_tasks: int) -> list[list[str]]:
-    """Shard names in batches of at least ``per_task``, never more than ``max_tasks`` batches
-    (Airflow's ``[core] max_map_length``)."""
+    """Shard names (training and validation) in batches of at least ``per_task``, never more than
+    ``max_tasks`` batches (Airflow's ``[core] max_map_length``)."""
     from pipeline import storage
+    from pipeline.data.split import shard_pattern
 
-    names = [storage.basename(u) for u in storage.list_shards(filtered, r"\d+\.tar")]
+    names = [storage.basename(u) for u in storage.list_shards(filtered, shard_pattern(None))]
     if not names:
         raise ValueError(f"no filtered shards in {filtered}: run the filter step first")
     per_task = max(per_task, -(-len(names) // max_tasks))
@@ -246,8 +263,9 @@ def filter_task(outlet: Asset | None = None):
 
         layout = RunLayout(params["root"])
         with hold(layout.filtered, task_holder("filter")):
-            manifest = run_filter(raw, layout.filtered, stage_config(params["presets"], params["stages"]),
-                                  samples_per_shard=params["filtered_shard_size"])
+            config = stage_config(params["presets"], params["stages"], val_fraction=params["val_fraction"],
+                                  val_max=params["val_max"])
+            manifest = run_filter(raw, layout.filtered, config, samples_per_shard=params["filtered_shard_size"])
         print(format_reject_table(manifest))
         if outlet:
             outlet_events[outlet].extra = {"root": layout.root, "path": layout.filtered}
@@ -297,3 +315,21 @@ def train_stage(params: dict[str, Any], root: str, stage: str, preset: str, data
                      max_steps=params["max_steps"], launcher=params["launcher"],
                      launcher_options=params["launcher_options"], nodes=params["nodes"],
                      procs_per_node=params["gpus_per_node"], run_tag=params["run_tag"])
+
+
+def gate_stage(params: dict[str, Any], trained: dict[str, Any] | None, registered: dict[str, Any] | None
+               ) -> dict[str, Any]:
+    """``pipeline.release.promotion.gate_trained`` with the promotion Params: the stage version
+    ``register_trained`` returned becomes @champion only if it beats the champion on the
+    validation split of the data it trained on. Skipped when nothing was registered or the
+    ``promotion`` Param is "never"."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    if not trained or not registered:
+        raise AirflowSkipException("no stage version was registered in this run: nothing to promote")
+    if params["promotion"] == "never":
+        raise AirflowSkipException(f"promotion is 'never': {registered['name']} v{registered['version']} "
+                                   "stays @challenger")
+    from pipeline.release.promotion import gate_trained
+
+    return gate_trained(trained, registered, params["promote_on"])

@@ -6,13 +6,24 @@
 
 download -> filter_shards -> plan_embed -> embed (mapped over batches of shards) ->
 train_base64 | train_sr256 | train_sr1024 (in parallel, `gpu` pool) -> evaluate ->
-register_<stage> for each stage + register_cascade.
+register_<stage> -> promote_<stage> for each stage, register_cascade -> promote_cascade
+(after every promote_<stage>).
+
+Promotion is a gate (``pipeline.release.promotion``): each new version is ``@challenger``;
+``promote_<stage>`` scores it and the current ``@champion`` of that model on the held-out
+validation split of the data it trained on, in that one task (``val/loss``, same samples,
+timesteps and noise), and moves ``@champion`` only when it wins; a first version becomes
+champion. ``promote_cascade`` promotes the cascade only if each of its stages is champion. The
+decision and both figures go into the version's tags (``promotion.*``) and description. Params:
+``promotion`` ("gate", or "never": every version stays challenger) and ``promote_on`` (another
+metric, ``METRIC[:min|max]``, read from each version's run). A run made worse on purpose (a new
+``run_tag`` with fewer ``max_steps``) registers a version that stays challenger.
 
 Tasks are thin: one call into ``pipeline/`` each, only paths and small summaries through XCom,
 heavy imports inside the tasks. Every step is idempotent: a retry or a second run with the same
 conf skips finished shards, reuses a finished training run (same settings -> same checkpoint
-directory) and registers nothing new. The per-phase DAGs (imagen_data, imagen_embed,
-imagen_train_stage) rerun one phase.
+directory), registers nothing new and leaves the aliases as they are. The per-phase DAGs
+(imagen_data, imagen_embed, imagen_train_stage) rerun one phase.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from imagen_common import (
     embed_task,
     filter_task,
     full_params,
+    gate_stage,
     one_output,
     plan_embed_task,
     train_stage,
@@ -48,15 +60,14 @@ def imagen_full():
 
     @task(trigger_rule="none_failed")
     def evaluate(trained: list[dict | None], params=None) -> dict:
-        """Every trained stage, into its own training run: the base stage's samples and prompt
-        alignment, each SR stage's PSNR/SSIM against bicubic upsampling of the same input."""
-        from airflow.sdk.exceptions import AirflowSkipException
+        """Every trained stage on its held-out validation split, side by side, each into its own
+        training run: the base stage's samples of the prompt set and of validation captions, each
+        SR stage's PSNR/SSIM against the real images next to bicubic's; prompt alignment with the
+        ``attributes`` Param (tiny data); FID and CLIP score with the deployment's
+        ``IMAGEN_FID_WEIGHTS`` / ``IMAGEN_CLIP_MODEL`` (else skipped, saying why)."""
+        from pipeline.release.evaluate import evaluate_runs
 
-        from pipeline.release.evaluate import evaluate_run
-
-        if not params["attributes"]:
-            raise AirflowSkipException("no attributes param: nothing to evaluate against")
-        return {t["stage"]: evaluate_run(t, params["attributes"], params["encoder"]) for t in trained if t}
+        return evaluate_runs(list(trained), params["attributes"], params["encoder"])
 
     @task(trigger_rule="none_failed")
     def register(stage: str, trained: dict | None, params=None, outlet_events=None) -> dict:
@@ -83,13 +94,34 @@ def imagen_full():
         outlet_events[CASCADE].extra = {"uri": result["uri"], "version": result["version"]}
         return result
 
+    @task(trigger_rule="none_failed")
+    def promote(trained: dict | None, registered: dict | None, params=None) -> dict:
+        """The new stage version becomes @champion only if it beats the champion (both scored here)."""
+        return gate_stage(params, trained, registered)
+
+    @task(trigger_rule="none_failed")
+    def promote_cascade(cascade: dict | None, decisions: list[dict | None], params=None) -> dict:
+        """The cascade version becomes @champion only if each of its stages is champion now."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from pipeline.release.promotion import gate_cascade
+
+        if not cascade or params["promotion"] == "never":
+            raise AirflowSkipException("no cascade registered, or promotion is 'never': it stays @challenger")
+        return gate_cascade(cascade["name"], cascade["version"], decisions, root=params["root"])
+
     filtered = filter_task()(download_task()())
     embedded = embed_task().partial(filtered=filtered).expand(shards=plan_embed_task()(filtered))
     trained = [train.override(task_id=f"train_{s}")(s, filtered, embedded) for s in STAGES]
     evaluated = evaluate(trained)
+    decisions = []
     for stage, result in zip(STAGES, trained, strict=True):
-        evaluated >> register.override(task_id=f"register_{stage}", outlets=[MODELS[stage]])(stage, result)
-    evaluated >> register_cascade(trained)
+        registered = register.override(task_id=f"register_{stage}", outlets=[MODELS[stage]])(stage, result)
+        evaluated >> registered
+        decisions.append(promote.override(task_id=f"promote_{stage}")(result, registered))
+    cascade = register_cascade(trained)
+    evaluated >> cascade
+    promote_cascade(cascade, decisions)
 
 
 imagen_full()

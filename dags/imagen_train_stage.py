@@ -8,7 +8,12 @@ the event points at), or by hand for any stage:
         "launcher_options": {"image": "REGISTRY/imagen-pipeline:TAG", "volume_claim": "imagen-data"}}'
 
 The same settings reuse a finished training run; ``run_tag`` trains again. Registers
-``<model_prefix>-<stage>`` and emits that stage's model Asset (``imagen_model_<stage>``).
+``<model_prefix>-<stage>`` (a new version is ``@challenger``) and emits that stage's model Asset
+(``imagen_model_<stage>``); ``promote`` then makes the version ``@champion`` only if it beats the
+current champion on the validation split (``pipeline.release.promotion``; the ``promotion`` and
+``promote_on`` Params, as in imagen_full).
+
+    train -> evaluate -> register -> promote
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from imagen_common import (
     GPU_POOL,
     MODELS,
     STAGE_MODEL,
+    gate_stage,
     stage_params,
     train_stage,
     upstream,
@@ -42,12 +48,9 @@ def imagen_train_stage():
 
     @task
     def evaluate(trained: dict, params=None) -> dict:
-        from airflow.sdk.exceptions import AirflowSkipException
-
+        """The stage on its held-out validation split, into its training run (as in imagen_full)."""
         from pipeline.release.evaluate import evaluate_run
 
-        if not params["attributes"] or trained["stage"] != "base64":
-            raise AirflowSkipException("evaluation needs the attributes param and the base64 stage")
         return evaluate_run(trained, params["attributes"])
 
     @task(trigger_rule="none_failed", outlets=[STAGE_MODEL])
@@ -59,8 +62,15 @@ def imagen_train_stage():
                                        extra={"uri": result["uri"], "version": result["version"]})
         return result
 
+    @task(trigger_rule="none_failed")
+    def promote(trained: dict, registered: dict | None, params=None) -> dict:
+        """The new version becomes @champion only if it beats the champion (both scored here)."""
+        return gate_stage(params, trained, registered)
+
     trained = train()
-    evaluate(trained) >> register(trained)
+    registered = register(trained)
+    evaluate(trained) >> registered
+    promote(trained, registered)
 
 
 imagen_train_stage()

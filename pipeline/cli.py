@@ -9,6 +9,7 @@
         [--nproc-per-node 8 --nnodes 2 --node-rank 0 --master-addr HOST0 --master-port 29500]
     imagen-pipeline evaluate --checkpoint ROOT/checkpoints/base64/run1/final
     imagen-pipeline register --checkpoint ROOT/checkpoints/base64/run1/final --name imagen-base64
+    imagen-pipeline gate --name imagen-base64 --version 3 --data ROOT/filtered --embeddings DIR
     imagen-pipeline sample "a red circle" --model models:/imagen-base64@challenger --output x.png
 
 Every verb takes ``--help``. Heavy libraries are imported inside each verb, so ``--help``
@@ -119,7 +120,8 @@ def _filter(a: argparse.Namespace) -> Any:
                        max_caption_chars=a.max_caption_chars, languages=tuple(x for x in (a.languages or "").split(",") if x),
                        min_language_confidence=a.min_language_confidence,
                        max_aspect=a.max_aspect, max_pixels=a.max_pixels, dedup=not a.no_dedup,
-                       near_dedup=not a.no_near_dedup, near_dup_distance=a.near_dup_distance, scorers=scorers)
+                       near_dedup=not a.no_near_dedup, near_dup_distance=a.near_dup_distance, scorers=scorers,
+                       val_fraction=a.val_fraction, val_max=a.val_max)
     with hold(a.output, Holder("filter")):
         manifest = filter_shards(a.input, a.output, cfg, samples_per_shard=a.samples_per_shard, workers=a.workers)
     print(format_reject_table(manifest))
@@ -185,10 +187,15 @@ def _evaluate(a: argparse.Namespace) -> Any:
     if a.prompts_file:
         with open(a.prompts_file) as f:
             prompts = [line.strip() for line in f if line.strip()]
-    opts = EvalOptions(attributes=a.attributes, prompts=prompts, references=a.references,
+    if a.embeddings is None and a.data:
+        from pipeline.layout import RunLayout
+
+        a.embeddings = RunLayout.around(a.data).embeddings_root  # its one encoder folder
+    opts = EvalOptions(attributes=a.attributes, prompts=prompts, data=a.data, embeddings=a.embeddings,
+                       num_validation=a.num_validation, references=a.references,
                        num_references=a.num_references, fid_weights=a.fid_weights,
                        clip_model=a.clip_model, encoder=a.encoder, seed=a.seed, steps=a.steps,
-                       guidance_scale=a.guidance_scale, output=a.output,
+                       guidance_scale=a.guidance_scale, device=a.device, workers=a.workers, output=a.output,
                        tracking_uri=a.tracking_uri, run_id=a.run_id)
     with allowing(a.allow_private_networks, a.allow_host), mlflow_errors_in_one_line():
         return evaluate(a.checkpoint, opts)
@@ -207,7 +214,18 @@ def _register(a: argparse.Namespace) -> Any:
             return promote(a.name, version=a.version, tracking_uri=a.tracking_uri)
         return register(a.checkpoint, a.name, alias=a.alias, tracking_uri=a.tracking_uri,
                         run_id=a.run_id, tags=tags, encoder=a.encoder, promote=a.promote,
-                        promote_on=a.promote_on, new_version=a.new_version)
+                        promote_on=a.promote_on, new_version=a.new_version, weights_dtype=a.weights_dtype)
+
+
+@verb("gate")
+def _gate(a: argparse.Namespace) -> Any:
+    from pipeline.layout import RunLayout
+    from pipeline.release.promotion import gate
+    from pipeline.release.registry import mlflow_errors_in_one_line
+
+    with mlflow_errors_in_one_line():
+        return gate(a.name, a.version, a.data, a.embeddings, a.promote_on, tracking_uri=a.tracking_uri,
+                    root=a.root or RunLayout.around(a.data).root, device=a.device)
 
 
 @verb("sample")
@@ -326,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scorer", action="append", metavar="NAME=JSON",
                    help='model-based score filter, e.g. image_classifier=\'{"weights": "DIR", "label": "nsfw", '
                         '"max": 0.5}\'; runs only with weights')
+    s.add_argument("--val-fraction", type=float, default=F.val_fraction,
+                   help="hold out this fraction of the kept samples (by a hash of their URL) as the validation "
+                        "split, val-NNNNNN.tar; 0: none (default %(default)s)")
+    s.add_argument("--val-max", type=int, default=F.val_max,
+                   help="hold out at most this many samples (default %(default)s)")
     s.add_argument("--samples-per-shard", type=int, help="(default %(default)s)",
                    default=inspect.signature(filter_shards).parameters["samples_per_shard"].default)
     s.add_argument("--workers", type=int, default=1, help="processes for the per-shard pass")
@@ -355,17 +378,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the resolved job as JSON (global batch, "
                    "micro-batch, accumulation, world size, steps, images) and train nothing")
 
+    # the deployment's evaluator weights: the defaults of --fid-weights and --clip-model
+    from pipeline.release.evaluate import CLIP_MODEL_ENV, FID_WEIGHTS_ENV
+
     s = sub.add_parser("evaluate", help="sample grids, speed and metrics for a stage or the cascade")
     s.add_argument("--checkpoint", required=True, action="append",
                    help="stage weights dir (.../final); repeat in cascade order for the cascade")
+    s.add_argument("--data", help="filtered shards holding the validation split (ROOT/filtered): SR stages "
+                                  "are scored on its real images, the base samples its captions")
+    s.add_argument("--embeddings", help="the split's caption embeddings (default: ROOT/embeddings, its one "
+                                        "encoder folder)")
+    s.add_argument("--num-validation", type=int, default=16, help="validation samples per stage (default 16)")
     s.add_argument("--attributes", help="tiny dataset attributes.json: prompt-alignment checker")
     s.add_argument("--prompts-file", help="prompt set, one per line (default: a fixed set)")
-    s.add_argument("--references", help="real images for FID and SR PSNR/SSIM: a folder of images "
-                                        "(+ NAME.txt captions) or of filtered .tar shards")
+    s.add_argument("--references", help="without --data: real images for FID and SR PSNR/SSIM, a folder of "
+                                        "images (+ NAME.txt captions) or of filtered .tar shards")
     s.add_argument("--num-references", type=int, default=16)
-    s.add_argument("--fid-weights", help="TorchScript Inception feature extractor for FID "
-                                         "(e.g. inception-2015-12-05.pt); FID is skipped without it")
-    s.add_argument("--clip-model", help="local transformers CLIP directory; CLIP score is skipped without it")
+    s.add_argument("--fid-weights", default=os.environ.get(FID_WEIGHTS_ENV) or None,
+                   help=f"TorchScript Inception feature extractor for FID (e.g. inception-2015-12-05.pt; default: "
+                        f"${FID_WEIGHTS_ENV}); FID is skipped without it")
+    s.add_argument("--clip-model", default=os.environ.get(CLIP_MODEL_ENV) or None,
+                   help=f"local transformers CLIP directory (default: ${CLIP_MODEL_ENV}); CLIP score is "
+                        "skipped without it")
+    s.add_argument("--device", help="where to sample (default: cuda when there is one, else cpu)")
+    s.add_argument("--workers", type=int, help="sampling parts run at once (default: one per CPU thread; "
+                                               "1 with CUDA); 1: one after another, the cleanest timings")
     s.add_argument("--encoder", help="text encoder (default: the one in the checkpoint's metadata)")
     s.add_argument("--output", help="where to write the grids (default: CHECKPOINT/../eval)")
     s.add_argument("--seed", type=int, default=0)
@@ -388,9 +425,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--new-version", action="store_true",
                    help="register a new version even if one was made from these same checkpoints "
                         "(default: reuse it and set its alias)")
+    s.add_argument("--weights-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="store the weights as trained (fp32) or converted to bf16 (half the bytes; "
+                        "loading upcasts); the text encoder is stored as given")
     s.add_argument("--encoder", help="text encoder (default: the one in the checkpoint's metadata)")
     s.add_argument("--tag", action="append", metavar="KEY=VALUE", help="extra version tag")
     s.add_argument("--run-id", help="log the model into this run (default: the training run)")
+    s.add_argument("--tracking-uri")
+
+    s = sub.add_parser("gate", help="make a registered stage version @champion only if it beats the champion "
+                                    "on the validation split (pipeline/release/promotion.py)")
+    s.add_argument("--name", required=True, help="registered model name, e.g. imagen-base64")
+    s.add_argument("--version", required=True, help="the version to judge (e.g. the @challenger's)")
+    s.add_argument("--data", required=True, help="filtered shards (ROOT/filtered): both are scored on their "
+                                                 "validation split")
+    s.add_argument("--embeddings", required=True, help="embeddings directory of the stage's text encoder")
+    s.add_argument("--promote-on", default="val/loss", metavar="METRIC[:min|max]",
+                   help="val/loss (scored here, the default) or a metric logged on each version's run")
+    s.add_argument("--root", help="data root whose MLflow store holds the model (default: the folder holding --data)")
+    s.add_argument("--device", help="where to score (default: cuda when there is one, else cpu)")
     s.add_argument("--tracking-uri")
 
     s = sub.add_parser("sample", help="generate images from a registered model")
