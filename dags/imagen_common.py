@@ -145,6 +145,9 @@ def train_params() -> dict[str, Param]:
             "Change it to train again from scratch; the same settings and tag reuse a finished run")),
         "model_prefix": Param("imagen", type="string", pattern=_NAME,
                               description="Registered models are PREFIX-<stage> and PREFIX-cascade"),
+        "weights_dtype": Param("fp32", enum=["fp32", "bf16"], title="Registered weights", description=(
+            "bf16 halves what each registered version stores and uploads (a 2B base: 4 GB instead of 8); "
+            "loading upcasts to fp32")),
         # pipeline.release.promotion: a new version is @challenger; the gate makes it @champion
         "promotion": Param("gate", enum=["gate", "never"], description=(
             "gate: a new version becomes @champion only if it beats the current champion on the "
@@ -333,3 +336,19 @@ def gate_stage(params: dict[str, Any], trained: dict[str, Any] | None, registere
     from pipeline.release.promotion import gate_trained
 
     return gate_trained(trained, registered, params["promote_on"])
+
+
+def register_stage(params: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+    """``pipeline.release.registry.register_trained`` with the registry Params."""
+    from pipeline.release.registry import register_trained
+
+    return register_trained(trained, params["model_prefix"], weights_dtype=params["weights_dtype"])
+
+
+def register_chain(params: dict[str, Any], trained: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """``pipeline.release.registry.register_cascade`` of the stages trained in this run, in cascade
+    order (skipped stages drop out), as ``<model_prefix>-cascade``."""
+    from pipeline.release.registry import register_cascade
+
+    return register_cascade([t["checkpoint"] for t in trained if t], f"{params['model_prefix']}-cascade",
+                            weights_dtype=params["weights_dtype"])

@@ -42,6 +42,8 @@ from imagen_common import (
     gate_stage,
     one_output,
     plan_embed_task,
+    register_chain,
+    register_stage,
     train_stage,
 )
 
@@ -73,11 +75,9 @@ def imagen_full():
     def register(stage: str, trained: dict | None, params=None, outlet_events=None) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from pipeline.release.registry import register_trained
-
         if not trained:
             raise AirflowSkipException(f"{stage} was not trained in this run")
-        result = register_trained(trained, params["model_prefix"])
+        result = register_stage(params, trained)
         outlet_events[MODELS[stage]].extra = {"uri": result["uri"], "version": result["version"]}
         return result
 
@@ -85,12 +85,10 @@ def imagen_full():
     def register_cascade(trained: list[dict | None], params=None, outlet_events=None) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from pipeline.release.registry import register_cascade as register_chain
-
         # A cascade is a base stage followed by SR stages, in order; skipped stages drop out.
         if not trained[0]:
             raise AirflowSkipException("the cascade needs the base64 stage")
-        result = register_chain([t["checkpoint"] for t in trained if t], f"{params['model_prefix']}-cascade")
+        result = register_chain(params, trained)
         outlet_events[CASCADE].extra = {"uri": result["uri"], "version": result["version"]}
         return result
 

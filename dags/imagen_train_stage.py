@@ -26,6 +26,7 @@ from imagen_common import (
     MODELS,
     STAGE_MODEL,
     gate_stage,
+    register_stage,
     stage_params,
     train_stage,
     upstream,
@@ -55,9 +56,7 @@ def imagen_train_stage():
 
     @task(trigger_rule="none_failed", outlets=[STAGE_MODEL])
     def register(trained: dict, params=None, outlet_events=None) -> dict:
-        from pipeline.release.registry import register_trained
-
-        result = register_trained(trained, params["model_prefix"])
+        result = register_stage(params, trained)
         outlet_events[STAGE_MODEL].add(MODELS[trained["stage"]],
                                        extra={"uri": result["uri"], "version": result["version"]})
         return result

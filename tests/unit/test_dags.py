@@ -147,3 +147,23 @@ def test_dags_hold_no_step_logic():
                 text = f.read()
             for word in ("mlflow", "load_config", "os.path.join", "_known_run", "root_of"):
                 assert word not in text, (name, word)
+
+
+def test_weights_dtype_param_reaches_both_registrations(common, monkeypatch):
+    """The `weights_dtype` Param as the trigger form sets it: bf16 or fp32, nothing else, and the
+    value is what registering a stage and the cascade pass on."""
+    from airflow.sdk.exceptions import ParamValidationError
+
+    for params in (common.full_params(), common.stage_params()):
+        assert params["weights_dtype"].value == "fp32" and params["weights_dtype"].resolve("bf16") == "bf16"
+        with pytest.raises(ParamValidationError):
+            params["weights_dtype"].resolve("fp16")
+    seen = []
+    monkeypatch.setattr("pipeline.release.registry.register_trained",
+                        lambda trained, prefix, weights_dtype: seen.append((prefix, weights_dtype)) or {})
+    monkeypatch.setattr("pipeline.release.registry.register_cascade",
+                        lambda ckpts, name, weights_dtype: seen.append((name, ckpts, weights_dtype)) or {})
+    params = {"model_prefix": "p", "weights_dtype": "bf16"}
+    common.register_stage(params, {"checkpoint": "/c/final", "stage": "base64"})
+    common.register_chain(params, [{"checkpoint": "/b/final"}, None, {"checkpoint": "/s/final"}])
+    assert seen == [("p", "bf16"), ("p-cascade", ["/b/final", "/s/final"], "bf16")]
