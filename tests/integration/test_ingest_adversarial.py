@@ -22,10 +22,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data.download import download
+from pipeline.data.filter_config import FilterConfig
 from pipeline.data.filters import filter_shards, format_reject_table, sample_fates
 from tests.ingest_server import MAX_BYTES, IngestServer
 
 ROWS_PER_RAW_SHARD = 10  # 34 fetched rows -> 4 raw shards
+NO_SPLIT = FilterConfig(val_fraction=0)
 SAMPLES_PER_SHARD = 4  # 14 kept -> 4 + 4 + 4 + 2
 DOWNLOAD = {"timeout": 2, "max_bytes": MAX_BYTES, "number_sample_per_shard": ROWS_PER_RAW_SHARD, "threads": 8,
             "retries": 0, "save_additional_columns": ["expect"]}
@@ -43,7 +45,8 @@ def adversarial(site, tmp_path_factory):
     root = tmp_path_factory.mktemp("adversarial")
     urls = site.url_list(str(root))
     summary = download(urls, str(root / "raw"), allow_hosts=tuple(site.allow_hosts), **DOWNLOAD)
-    manifest = filter_shards(str(root / "raw"), str(root / "filtered"), samples_per_shard=SAMPLES_PER_SHARD)
+    # no validation split: its URLs carry a random port, and the counts below are exact
+    manifest = filter_shards(str(root / "raw"), str(root / "filtered"), NO_SPLIT, samples_per_shard=SAMPLES_PER_SHARD)
     return types.SimpleNamespace(root=root, urls=urls, raw=str(root / "raw"), filtered=str(root / "filtered"),
                                  summary=summary, manifest=manifest)
 
@@ -131,7 +134,7 @@ def test_killed_download_resumes_to_the_same_result(site, adversarial, tmp_path)
         columns = ["key", "url", "status", "error_message", "width", "height", "sha256"]
         again, before = (pq.read_table(d / name, columns=columns).sort_by("key") for d in (raw, Path(adversarial.raw)))
         assert again.equals(before), name
-    manifest = filter_shards(str(raw), str(tmp_path / "filtered"), samples_per_shard=SAMPLES_PER_SHARD)
+    manifest = filter_shards(str(raw), str(tmp_path / "filtered"), NO_SPLIT, samples_per_shard=SAMPLES_PER_SHARD)
     assert _comparable(manifest) == _comparable(adversarial.manifest)
     assert _output_tars(str(tmp_path / "filtered")) == _output_tars(adversarial.filtered)
 
@@ -166,14 +169,15 @@ sys.exit(main(sys.argv[5:]))
 ])
 def test_killed_filter_resumes_to_the_same_result(adversarial, tmp_path, module, name, when, nth):
     out = tmp_path / "filtered"
-    args = ["filter", "--input", adversarial.raw, "--output", str(out), "--samples-per-shard", str(SAMPLES_PER_SHARD)]
+    args = ["filter", "--input", adversarial.raw, "--output", str(out), "--samples-per-shard", str(SAMPLES_PER_SHARD),
+            "--val-fraction", "0"]
     proc = subprocess.run([sys.executable, "-c", KILL_AT, module, name, when, str(nth), *args],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
     assert not (out / "manifest.json").exists()
     if name == "_add_member":  # the half-written tar is left under its temporary name
         assert [p.name for p in out.glob(".000001.tar.tmp-*")], sorted(os.listdir(out))
-    manifest = filter_shards(adversarial.raw, str(out), samples_per_shard=SAMPLES_PER_SHARD)
+    manifest = filter_shards(adversarial.raw, str(out), NO_SPLIT, samples_per_shard=SAMPLES_PER_SHARD)
     assert _comparable(manifest) == _comparable(adversarial.manifest)
     assert sorted(os.listdir(out)) == sorted([*adversarial.manifest["shards"], "_filter", "manifest.json"])
     for name in adversarial.manifest["shards"]:
