@@ -193,7 +193,7 @@ class Trainer:
         self.val_loss = metrics["val/loss"]
         self.tracker.log_metrics(metrics, self.step)
         if self.rank == 0:
-            print(f"[train {self.cfg.stage}] step {self.step} val/loss {self.val_loss:.4f} "
+            print(f"[train {self.cfg.stage}] validation at step {self.step}: val/loss {self.val_loss:.4f} "
                   f"({int(metrics['val/samples'])} held-out samples)", flush=True)
 
     # ----------------------------------------------------------------------------------------

@@ -84,7 +84,10 @@ def _promote_states(db: str) -> list[tuple[str, str]]:
     return [(t, s) for t, s in rows]
 
 
-def test_a_worse_run_stays_challenger_and_the_reverse_order_promotes(dag):
+def test_a_worse_run_stays_challenger_and_the_reverse_order_promotes(dag, monkeypatch):
+    # the root's own store, as the DAG's tasks use it: not a server an earlier test of this
+    # session left in the environment (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = dag["root"]
     dag["run"](max_steps=GOOD_STEPS)
     assert _aliases(root, MODEL) == {"challenger": "1", "champion": "1"}
