@@ -3,7 +3,6 @@ JSON schema, stage and preset names come from the model library, embed batches s
 map limit. Parsing the DAG files as Airflow does is tests/integration/test_dags.py."""
 
 import os
-import sys
 
 import pytest
 
@@ -38,16 +37,6 @@ print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "
                   "per_file_s": {s.file: s.duration.total_seconds() for s in bag.dagbag_stats},
                   "heavy": heavy, "dags": dags}))
 """
-
-
-@pytest.fixture(scope="module")
-def common():
-    sys.path.insert(0, DAGS)
-    try:
-        import imagen_common
-    finally:
-        sys.path.remove(DAGS)
-    return imagen_common
 
 
 def test_params_reject_bad_values(common):

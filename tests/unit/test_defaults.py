@@ -18,7 +18,6 @@ from pipeline import cli, plan
 from pipeline.data.embed_config import EmbedConfig
 from pipeline.options import flag, option_fields
 from pipeline.train.job import TrainJob, preset_overrides, resolve_config
-from tests.unit import test_dags
 
 # Trigger-form defaults that are the DAGs' own, not a step's: why each differs.
 DAG_OWN = {
@@ -27,7 +26,6 @@ DAG_OWN = {
 }
 
 
-common = test_dags.common  # dags/imagen_common.py, imported as the DAG files import it
 
 
 def verb_actions(verb: str) -> dict[str, argparse.Action]:

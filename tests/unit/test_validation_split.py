@@ -22,7 +22,6 @@ import math
 import os
 import random
 import re
-import sys
 import tarfile
 from itertools import islice
 from pathlib import Path
@@ -43,7 +42,7 @@ from pipeline.data.loader import (
     validation_shards_exist,
 )
 from tests.tinychain import TINY_PRESETS
-from tests.unit.test_dags import DAGS
+from tests.unit.conftest import import_dag_common
 from tests.unit.test_shard_integrity import write_tar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -108,16 +107,6 @@ def keys_in(folder: Path, pattern: str) -> list[str]:
         with tarfile.open(path) as tar:
             keys += [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".json")]
     return keys
-
-
-def dag_common():
-    """dags/imagen_common.py, imported as the DAG files import it."""
-    sys.path.insert(0, DAGS)
-    try:
-        import imagen_common
-    finally:
-        sys.path.remove(DAGS)
-    return imagen_common
 
 
 # --- the rule ---------------------------------------------------------------------------------
@@ -322,7 +311,7 @@ def test_a_stage_no_validation_sample_reaches_yields_nothing(chain):
 def test_cli_flags_and_dag_params_default_to_filterconfig():
     from tests.unit.test_defaults import verb_actions
 
-    common = dag_common()
+    common = import_dag_common()
     actions, params = verb_actions("filter"), common.data_params()
     for name in ("val_fraction", "val_max"):
         assert actions[name].default == params[name].value == getattr(FilterConfig(), name), name
@@ -334,7 +323,7 @@ def test_dag_params_reach_the_filter_task(tmp_path, monkeypatch):
     from airflow.sdk.exceptions import ParamValidationError
 
     from pipeline.lock import Holder
-    common = dag_common()
+    common = import_dag_common()
     for bad in ({"val_fraction": 1.0}, {"val_fraction": -0.1}, {"val_max": -1}):
         with pytest.raises(ParamValidationError):
             ParamsDict(common.data_params()).update(bad)
