@@ -1,17 +1,23 @@
-"""Samplers for one stage: ancestral (DDPM) and DDIM, with classifier-free guidance and
-dynamic thresholding (Imagen sec. 2.2-2.3).
+"""Sampling one stage: classifier-free guidance and dynamic thresholding (Imagen sec.
+2.2-2.3) around a sampler from ``imagen.samplers``.
 
     x = sample(model, diffusion, text_embeds, text_mask, shape=(4, 3, 64, 64),
                steps=64, guidance_scale=5.0, sampler="ddpm", generator=g)
 
-``model(x_t, t, text_embeds, text_mask, **cond)`` returns the network output
-(eps or v, as ``diffusion.cfg.prediction`` says). The time grid goes from t=1 to t=0 in
-``steps`` equal steps; each step predicts x0, thresholds it, then moves to the next level:
+``model(x_t, t, text_embeds, text_mask, **cond)`` returns the network output (eps or v, as
+``diffusion.cfg.prediction`` says). ``sample`` turns it into a denoiser, x_t -> thresholded
+x0_hat, and hands the loop to the sampler named by ``sampler`` (one file each, see
+``imagen/samplers/``): it picks its time grid from t=1 to t=0 and owns the update math.
 
-- ddpm: samples from the posterior q(x_s | x_t, x0_hat); in log-SNR form with
-  c = 1 - SNR(t)/SNR(s): mean = alpha_s ((1 - c) x_t / alpha_t + c x0_hat), var = c sigma_s^2
-  (Kingma et al. 2021, eq. 33).
+- ddpm: ancestral, samples the posterior q(x_s | x_t, x0_hat) (Ho et al. 2020; log-SNR form,
+  Kingma et al. 2021, eq. 33).
 - ddim: deterministic, x_s = alpha_s x0_hat + sigma_s eps_hat (Song et al. 2021).
+- dpmpp_2m: DPM-Solver++(2M), second-order multistep in x0 form (Lu et al. 2022), on a
+  log-SNR-uniform grid; on Gaussian data 10 of its steps beat the variance error of 256
+  ddpm steps (tests/unit/test_samplers.py).
+
+``steps`` counts network evaluations per image: each of these samplers evaluates once per step,
+and the last step returns x0_hat.
 
 Guidance: out = uncond + w (cond - uncond), unconditional = all-False text mask, so w = 1
 is exactly the conditional prediction. Dynamic thresholding: per sample, s = max(1,
@@ -34,6 +40,7 @@ import torch
 from torch import Tensor
 
 from imagen.diffusion import GaussianDiffusion, _bc
+from imagen.samplers import get_sampler
 
 if TYPE_CHECKING:
     from imagen.unet import TextContext
@@ -107,49 +114,33 @@ def sample(
         diffusion: the stage's schedule and prediction type.
         text_embeds, text_mask: [B, L, D] and [B, L]; B must equal shape[0].
         shape: output shape [B, C, H, W].
-        steps: number of denoising steps (any positive integer).
+        steps: network evaluations per image (any positive integer): one per step for every
+            sampler in ``imagen.samplers``; the guided pass is one evaluation.
         guidance_scale: classifier-free guidance weight w (1 = no guidance).
-        sampler: "ddpm" (ancestral) or "ddim" (deterministic).
+        sampler: a name in ``imagen.samplers.SAMPLER_NAMES``: "ddpm" (ancestral), "ddim"
+            (deterministic) or "dpmpp_2m" (DPM-Solver++(2M), the fewest steps).
         threshold: dynamic-thresholding percentile p, or None for static clipping.
-        generator: torch RNG for reproducible samples.
+        generator: torch RNG for reproducible samples: the start noise, and the per-step
+            noise of a stochastic sampler (ddpm).
         progress: called as progress(step, steps) after every step.
         autocast_dtype: run the network under autocast to this dtype (e.g. torch.bfloat16
             on CUDA); None runs it as it is.
         **cond: extra model inputs, e.g. ``lowres`` and ``lowres_t`` for SR stages.
     """
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"unknown sampler {sampler!r}; choose 'ddpm' or 'ddim'")
+    method = get_sampler(sampler)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     device = text_embeds.device
     x = torch.randn(shape, generator=generator, device=device)
-    times = torch.linspace(1.0, 0.0, steps + 1, device=device)
     ctx = None
     if callable(getattr(model, "encode_text", None)):
         with _network(device, autocast_dtype):  # the same text at every step: encode it once
             ctx = model.encode_text(*guidance_text(text_embeds, text_mask, guidance_scale))
-    for i in range(steps):
-        t = times[i].expand(shape[0])
-        s = times[i + 1].expand(shape[0])
+
+    def denoise(x_t: Tensor, t: Tensor) -> Tensor:
         with _network(device, autocast_dtype):
-            out = guided_output(model, x, t, text_embeds, text_mask, guidance_scale, ctx, **cond)
-        x0 = dynamic_threshold(diffusion.predict_x0(x, t, out), threshold)
-        x = _step(diffusion, x, x0, t, s, sampler, generator, last=i == steps - 1)
-        if progress is not None:
-            progress(i + 1, steps)
-    return x.clamp(-1.0, 1.0)
+            out = guided_output(model, x_t, t, text_embeds, text_mask, guidance_scale, ctx, **cond)
+        return dynamic_threshold(diffusion.predict_x0(x_t, t, out), threshold)
 
-
-def _step(diffusion: GaussianDiffusion, x: Tensor, x0: Tensor, t: Tensor, s: Tensor, sampler: str,
-          generator: torch.Generator | None, last: bool) -> Tensor:
-    if last:
-        return x0
-    alpha_t, sigma_t = (_bc(v, x) for v in diffusion.alpha_sigma(t))
-    alpha_s, sigma_s = (_bc(v, x) for v in diffusion.alpha_sigma(s))
-    if sampler == "ddim":
-        eps = (x - alpha_t * x0) / sigma_t
-        return alpha_s * x0 + sigma_s * eps
-    c = _bc(-torch.expm1(diffusion.logsnr(t) - diffusion.logsnr(s)), x)
-    mean = alpha_s * ((1 - c) * x / alpha_t + c * x0)
-    noise = torch.randn(x.shape, generator=generator, device=x.device)
-    return mean + (c * sigma_s**2).sqrt() * noise
+    times = method.timesteps(steps, diffusion, device)
+    return method.run(denoise, x, times, diffusion, generator, progress).clamp(-1.0, 1.0)
