@@ -17,7 +17,7 @@ the others run; a part that no longer fits the budget is skipped and says so):
    preset's sampler and steps (random weights), seconds per stage.
 4. ``embed``: the T5 forward of a T5-XXL-shaped and a T5-small-shaped encoder (random weights,
    bf16) in tokens/s, the figure ``pipeline/calibration.json`` holds per device.
-5. ``train``: a base64 U-Net sized like NeMo's 500M Imagen base model (516M parameters, 4096-d
+5. ``train``: a base64 U-Net sized like NeMo's 500M Imagen base model (513M parameters, 4096-d
    text) in bf16 for a few hundred steps through the real trainer, under ``torchrun
    --nproc_per_node 1`` (nccl), on the tiny dataset made by the tiny pipeline; the trainer logs
    ``perf/mfu`` itself.
@@ -51,13 +51,14 @@ LIMITS = {"unet": 180, "train": 210}  # seconds per subprocess part (also capped
 
 def nemo500m_config(scale: str = "full"):
     """A base64 stage sized like NeMo's 500M Imagen base model (channels 256, mults 1-2-3-4,
-    3 res blocks per level, attention at the three lower levels, T5-XXL-width text): 516M
-    parameters. ``scale="tiny"``: the same layout at CPU size, for ``--device cpu``."""
+    attention at the three lower levels, T5-XXL-width text), in the base layout (ADM skips):
+    2 res blocks per level down, 3 up, 513M parameters. ``scale="tiny"``: the same layout at
+    CPU size, for ``--device cpu``."""
     from imagen.config import StageConfig, TrainConfig, UNetConfig
 
     full = scale == "full"
     unet = UNetConfig(image_size=64, channels=256 if full else 32, channel_mults=(1, 2, 3, 4),
-                      num_res_blocks=(3, 3, 3, 3) if full else (1, 1, 1, 1), head_dim=64 if full else 32,
+                      num_res_blocks=(2, 2, 2, 2) if full else (1, 1, 1, 1), head_dim=64 if full else 32,
                       text_embed_dim=4096 if full else 32, num_groups=32 if full else 8)
     train = TrainConfig(global_batch=64 if full else 4, micro_batch=64 if full else 4, lr=1e-4, warmup_steps=50, max_steps=300,
                         ema_update_after_step=10, checkpoint_every=10_000, keep_checkpoints=1,

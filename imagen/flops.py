@@ -8,7 +8,7 @@ back into an MFU::
     from imagen.flops import unet_forward_flops, unet_params
     cfg = preset("base64")
     unet_forward_flops(cfg.unet, 64)     # FLOPs of one image's forward pass (2 per multiply-add)
-    unet_params(cfg.unet)                # 1.76e9 for the paper base model
+    unet_params(cfg.unet)                # 2.07e9 for the paper base model
     count_flops(torch.nn.Linear(16, 32), torch.empty(4, 16))   # 2 * 4 * 16 * 32 = 4096
 
 The model is built on ``torch.device("meta")``: no memory is allocated and nothing is

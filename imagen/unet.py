@@ -24,10 +24,11 @@ their length is a multiple of 8 (136 for 128 tokens, not 129): CUDA's memory-eff
 kernel then takes the mask as it is, with the same result.
 
 Layouts (``UNetConfig.efficient``, see :class:`UNet`): the plain U-Net of the base model,
-and the Efficient U-Net of the SR stages (appendix B.1), in which every level downsamples
-before its residual blocks, so none runs at the input resolution. With no self-attention
-in any level and ``mid_self_attn=False`` (the 1024 px stage, sec. 2.5) nothing depends on
-the number of pixels: the model trains on crops and samples the whole image.
+with ADM's skip connections (one per res block, ``UNetConfig.skips``), and the Efficient
+U-Net of the SR stages (appendix B.1), in which every level downsamples before its residual
+blocks, so none runs at the input resolution. With no self-attention in any level and
+``mid_self_attn=False`` (the 1024 px stage, sec. 2.5) nothing depends on the number of
+pixels: the model trains on crops and samples the whole image.
 """
 
 from __future__ import annotations
@@ -102,7 +103,11 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cond: Tensor, skip: Tensor | None = None) -> Tensor:
+        """``skip``: a U-Net skip connection, concatenated to ``x`` on the channels first (here,
+        so that under activation checkpointing the concatenation is recomputed, not stored)."""
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.cond(F.silu(cond))[:, :, None, None].chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
@@ -203,7 +208,9 @@ class AttnBlock(nn.Module):
 
 
 class Level(nn.Module):
-    """The res blocks (and optional attention) of one resolution level."""
+    """The res blocks (and optional attention, after the last block) of one resolution level
+    on the way down, or the middle block. The unit that FSDP shards and that checkpointing
+    recomputes block by block."""
 
     def __init__(self, cins: list[int], cout: int, cfg: UNetConfig, self_attn: bool, cross_attn: bool):
         super().__init__()
@@ -218,21 +225,40 @@ class Level(nn.Module):
         self.checkpointing = False  # recompute activations in backward (set by UNet)
 
     def forward(self, h: Tensor, cond: Tensor, text: Tensor, mask: Tensor,
-                kv: CrossKV | None = None) -> Tensor:
-        """``kv``: this level's precomputed cross-attention keys (:meth:`UNet.encode_text`),
-        or None to project ``text`` here."""
+                kv: CrossKV | None = None) -> list[Tensor]:
+        """The output of each res block, the last one after the attention: a down level's
+        skip connections (ADM), the last of which is the level's output. ``kv``: this level's
+        precomputed cross-attention keys (:meth:`UNet.encode_text`), or None to project
+        ``text`` here."""
         # a real forward (not a loop in the parent) so that per-level wrappers such as
         # FSDP's fully_shard see the call and gather this level's parameters
+        outs = []
         for block in self.blocks:
             h = self._run(block, h, cond)
+            outs.append(h)
         if self.attn is not None:
-            h = self._run(self.attn, h, text, mask, kv)
-        return h
+            outs[-1] = self._run(self.attn, h, text, mask, kv)
+        return outs
 
     def _run(self, fn: nn.Module, *args: Tensor | CrossKV | None) -> Tensor:
         if self.checkpointing and self.training:
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
+
+
+class UpLevel(Level):
+    """The res blocks (and optional attention, after the last block) of one level on the way
+    up; block ``i`` first concatenates skip connection ``i`` when there is one."""
+
+    def forward(self, h: Tensor, skips: list[Tensor], cond: Tensor, text: Tensor, mask: Tensor,
+                kv: CrossKV | None = None) -> Tensor:
+        """``skips``: one per block ("block" skips) or one for the first block ("level"),
+        passed in (not reached from the parent) so that FSDP's fully_shard sees the call."""
+        for i, block in enumerate(self.blocks):
+            h = self._run(block, h, cond, skips[i] if i < len(skips) else None)
+        if self.attn is not None:
+            h = self._run(self.attn, h, text, mask, kv)
+        return h
 
 
 @dataclass
@@ -257,10 +283,24 @@ def _upsample(cin: int, cout: int) -> nn.Module:
 class UNet(nn.Module):
     """Imagen U-Net, in one of two layouts (``cfg.efficient``).
 
-    Plain (the base 64 px model, Imagen appendix B): stem conv, then per level its res
+    Plain (the base 64 px model, Imagen appendix B): stem conv, then per level its n res
     blocks followed by a downsampling conv (none after the last level); on the way up,
     per level its blocks then an upsampling conv (none after level 0), so level 0's blocks
-    run at the input resolution.
+    run at the input resolution. Skip connections (``cfg.skips``), concatenated:
+
+    - "block", ADM's (Dhariwal & Nichol 2021, guided-diffusion ``UNetModel``), which the
+      Imagen base model follows, as do imagen-pytorch's ``Unet`` and DeepFloyd IF: a skip
+      after the stem, after each res block and after each downsample; each up level has
+      n + 1 res blocks, each taking one skip, the last the one made before its level on
+      the way down (the previous level's downsample, or the stem).
+    - "level" (configs written before ``cfg.skips``): one skip per level, the level's
+      output, into the first of the n blocks of the same level on the way up.
+
+    Attention (self, text cross-attention, feed-forward) runs once per level, after its
+    last res block (its output is that block's skip), as imagen-pytorch's ``Unet`` places
+    its per-level transformer block, not after every res block as ADM: with this attention
+    block (4x feed-forward) after every block the paper base model would have 2.8B
+    parameters, against the paper's 2B (appendix F); once per level it has 2.07B.
 
     Efficient (the SR models, Imagen appendix B.1, fig. A.28-A.30; imagen-pytorch
     ``Unet(memory_efficient=True)``): every level downsamples *before* its blocks, the
@@ -286,6 +326,8 @@ class UNet(nn.Module):
         # downsample[i] runs before level i (efficient) or after it (plain); an Identity
         # where a layout does not halve (plain: after the last level)
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        block_skips = cfg.skips == "block"
+        skip_chans = [cfg.channels] if block_skips else []  # widths of the skips, in the order made
         prev = cfg.channels
         for i, ch in enumerate(chans):
             n = cfg.num_res_blocks[i]
@@ -294,12 +336,15 @@ class UNet(nn.Module):
                 # conv does in the paper (fig. A.28): the level's blocks all run at ch -> ch
                 self.downsample.append(nn.Conv2d(prev, ch, 4, stride=2, padding=1))
                 prev = ch
-            self.down.append(Level([prev] + [ch] * (n - 1), ch, cfg, cfg.self_attn_levels[i],
-                                   cfg.cross_attn_levels[i]))
+            level = Level([prev] + [ch] * (n - 1), ch, cfg, cfg.self_attn_levels[i], cfg.cross_attn_levels[i])
+            self.down.append(level)
+            skip_chans += [ch] * len(level.blocks) if block_skips else [ch]
             prev = ch
             if not cfg.efficient:
                 last = i == len(chans) - 1
                 self.downsample.append(nn.Identity() if last else nn.Conv2d(ch, ch, 4, stride=2, padding=1))
+                if block_skips and not last:
+                    skip_chans.append(ch)
 
         # mid_self_attn=False for the 1024 px stage (Imagen sec. 2.5): no self-attention
         # anywhere, so a model trained on crops runs convolutionally on the whole image
@@ -308,8 +353,13 @@ class UNet(nn.Module):
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i in reversed(range(len(chans))):
             ch, n = chans[i], cfg.num_res_blocks[i]
-            self.up.append(Level([prev + ch] + [ch] * (n - 1), ch, cfg,
-                                 cfg.self_attn_levels[i], cfg.cross_attn_levels[i]))
+            if block_skips:
+                # ADM: one block per skip of the level on the way down, plus one for the skip
+                # made before it (the previous level's downsample, or the stem)
+                cins = [(prev if j == 0 else ch) + skip_chans.pop() for j in range(len(self.down[i].blocks) + 1)]
+            else:
+                cins = [prev + skip_chans.pop()] + [ch] * (n - 1)
+            self.up.append(UpLevel(cins, ch, cfg, cfg.self_attn_levels[i], cfg.cross_attn_levels[i]))
             # the upsampling conv already maps to the next level's width (as imagen-pytorch
             # does): the most expensive conv of each level runs at the narrower width. In the
             # efficient layout level 0 upsamples too, back to the stem's width and resolution.
@@ -408,19 +458,25 @@ class UNet(nn.Module):
         if self.aug_embed is not None:
             cond = cond + self.aug_embed(lowres_t)
 
+        block_skips = cfg.skips == "block"
         h = stem = self.stem(x)
-        skips = []
+        skips = [h] if block_skips else []
         for i, level in enumerate(self.down):
             if cfg.efficient:
                 h = self.downsample[i](h)  # Efficient U-Net: downsample before the convs
-            h = level(h, cond, text, mask, kv.get(f"down.{i}"))
-            skips.append(h)
+            outs = level(h, cond, text, mask, kv.get(f"down.{i}"))
+            h = outs[-1]
+            skips += outs if block_skips else [h]
             if not cfg.efficient:
                 h = self.downsample[i](h)
-        h = self.mid(h, cond, text, mask, kv.get("mid"))
+                if block_skips and i < len(self.down) - 1:
+                    skips.append(h)  # ADM: the downsampled map is a skip too
+        h = self.mid(h, cond, text, mask, kv.get("mid"))[-1]
         for i, (level, upsample) in enumerate(zip(self.up, self.upsample, strict=True)):
-            h = torch.cat([h, skips.pop() * self.skip_scale], dim=1)
-            h = level(h, cond, text, mask, kv.get(f"up.{i}"))
+            taken = [skips.pop() for _ in range(len(level.blocks) if block_skips else 1)]
+            if cfg.efficient:
+                taken = [s * self.skip_scale for s in taken]  # Imagen appendix B.1
+            h = level(h, taken, cond, text, mask, kv.get(f"up.{i}"))
             h = upsample(h)  # Efficient U-Net: upsample after the convs, level 0 included
         if cfg.efficient:
             h = torch.cat([h, stem * self.skip_scale], dim=1)

@@ -40,15 +40,18 @@ def test_tiny_presets_output_shape(stage):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name,paper_params", [("base64", 2e9), ("sr256", 600e6), ("sr1024", 400e6)])
-def test_presets_match_paper_sizes_on_meta_device(name, paper_params):
+# Imagen appendix F: 2B / 600M / 400M. Measured: 2.073B (+3.7%), 640.1M, 393.4M (-1.6%). The
+# sr256 preset is 6.7% over and held to that until its block design is revisited.
+@pytest.mark.parametrize("name,paper_params,tolerance",
+                         [("base64", 2e9, 0.05), ("sr256", 600e6, 0.07), ("sr1024", 400e6, 0.05)])
+def test_presets_match_paper_sizes_on_meta_device(name, paper_params, tolerance):
     cfg = preset(name)
     with torch.device("meta"):
         model = UNet(cfg.unet)
         args, kw = _inputs(cfg, b=1)
         out = model(*(a.to("meta") for a in args), **{k: v.to("meta") for k, v in kw.items()})
     n = sum(p.numel() for p in model.parameters())
-    assert abs(n - paper_params) / paper_params < 0.15, n  # Imagen appendix F: 2B / 600M / 400M
+    assert abs(n - paper_params) / paper_params < tolerance, n
     assert out.shape == (1, 3, cfg.image_size, cfg.image_size)
 
 
@@ -110,10 +113,10 @@ def test_checkpoint_round_trip_uses_ema_and_no_pickle(tmp_path):
         load_model(str(tmp_path / "nope"))
 
 
-@pytest.mark.parametrize("stage", ["base64", "sr256"])  # plain and efficient layouts
-def test_gradient_checkpointing_gives_the_same_gradients(stage):
+@pytest.mark.parametrize("stage,skips", [("base64", "block"), ("base64", "level"), ("sr256", "level")])
+def test_gradient_checkpointing_gives_the_same_gradients(stage, skips):
     cfg = preset("tiny", stage)
-    model = _randomize(UNet(cfg.unet)).train()
+    model = _randomize(UNet(dataclasses.replace(cfg.unet, skips=skips))).train()
     args, kw = _inputs(cfg)
 
     def grads(ckpt):
@@ -279,3 +282,104 @@ def test_efficient_output_head_knows_the_noise_level():
     torch.nn.init.normal_(model.out_cond.weight, std=0.1)
     low, high = predict()
     assert low.shape[-1] == x.shape[-1] and not torch.allclose(low, high)
+
+
+@pytest.mark.parametrize("name", ["tiny", "paper"])
+def test_plain_unet_has_a_skip_per_res_block_and_one_more_block_per_up_level(name):
+    """ADM (Dhariwal & Nichol 2021), as the Imagen base model: a skip after the stem, each res
+    block and each downsample; each up level has n + 1 blocks, one skip each, the last taking
+    the skip made before its level (the previous level's downsample, or the stem)."""
+    if name == "tiny":  # the tiny preset keeps "level" skips (imagen/config.py says why): ADM's at tiny size
+        assert preset("tiny").unet.skips == "level"
+        cfg = preset("tiny").replace(unet=dataclasses.replace(preset("tiny").unet, skips="block"))
+    else:
+        cfg = preset("base64")
+    u = cfg.unet
+    assert (u.efficient, u.skips) == (False, "block")
+    model, args, kw = _build(cfg, meta=name == "paper")
+    levels = len(u.channel_mults)
+    chans = [u.channels * m for m in u.channel_mults]
+    assert [len(lv.blocks) for lv in model.down] == list(u.num_res_blocks)
+    assert [len(lv.blocks) for lv in model.up] == [n + 1 for n in reversed(u.num_res_blocks)]
+    assert len(model.mid.blocks) == 2
+    taken = []
+    for level in model.up:
+        level.register_forward_pre_hook(lambda mod, a: taken.append([tuple(s.shape[1:]) for s in a[1]]))
+    with torch.no_grad():
+        out = model(*args, **kw)
+    assert out.shape == (1, 3, cfg.image_size, cfg.image_size)
+    assert sum(map(len, taken)) == 1 + sum(u.num_res_blocks) + levels - 1  # stem, blocks, downsamples
+    for k, skips in enumerate(taken):
+        i = levels - 1 - k  # up levels run from the lowest resolution
+        side = cfg.image_size // 2**i
+        before = chans[i - 1] if i > 0 else u.channels  # the downsample into level i, or the stem
+        assert skips == [(chans[i], side, side)] * u.num_res_blocks[i] + [(before, side, side)], (k, skips)
+
+
+def test_level_skips_keep_the_old_one_skip_per_level_layout():
+    cfg = preset("tiny")
+    old = dataclasses.replace(cfg.unet, skips="level")
+    model = UNet(old)
+    assert [len(lv.blocks) for lv in model.up] == list(reversed(old.num_res_blocks))
+    taken = []
+    for level in model.up:
+        level.register_forward_pre_hook(lambda mod, a: taken.append(len(a[1])))
+    args, _ = _inputs(cfg)
+    assert model(*args).shape == (2, 3, 32, 32)
+    assert taken == [1] * len(old.channel_mults)
+
+
+def _fingerprint(model):
+    """(entries, parameters, digest) of a state dict's names and shapes."""
+    import hashlib
+
+    sd = model.state_dict()
+    text = "\n".join(f"{k}:{tuple(v.shape)}" for k, v in sorted(sd.items()))
+    return len(sd), sum(p.numel() for p in model.parameters()), hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# Measured before UNetConfig.skips existed: the plain layout with one skip per level (what
+# checkpoints written then hold; the paper base had the default cond_dim then) and the
+# Efficient U-Net, which must not change.
+@pytest.mark.parametrize("name,stage,unet_changes,want", [
+    ("tiny", "base64", {"skips": "level"}, (201, 1_130_531, "8366f8b129581438")),
+    ("paper", "base64", {"skips": "level", "cond_dim": None}, (441, 1_764_511_747, "70e09b74406f9f62")),
+    ("tiny", "sr256", {}, (229, 1_409_283, "b531dd2bcfd68140")),
+    ("tiny", "sr1024", {}, (185, 844_275, "afe866c6c861332a")),
+    ("paper", "sr256", {}, (723, 640_120_963, "7783489fc5c61203")),
+    ("paper", "sr1024", {}, (717, 393_425_539, "20c0d54b38f87749")),
+])
+def test_old_level_layout_and_efficient_layout_keep_their_weights(name, stage, unet_changes, want):
+    cfg = preset("tiny", stage) if name == "tiny" else preset(stage)
+    with torch.device("meta" if name == "paper" else "cpu"):
+        model = UNet(dataclasses.replace(cfg.unet, **unet_changes))
+    assert model.cfg.skips == "level"
+    assert _fingerprint(model) == want
+
+
+def test_config_written_before_skips_loads_as_the_old_layout(tmp_path):
+    tiny = preset("tiny")
+    cfg = tiny.replace(unet=dataclasses.replace(tiny.unet, skips="block"))  # an ADM base
+    doc = cfg.to_dict()
+    assert doc["unet"]["skips"] == "block"
+    assert StageConfig.from_dict(json.loads(json.dumps(doc))) == cfg
+    del doc["unet"]["skips"]
+    old = StageConfig.from_dict(doc)
+    assert old.unet.skips == "level" and old.unet == dataclasses.replace(cfg.unet, skips="level")
+    assert preset("tiny", "sr256").unet.skips == "level"  # the efficient layout's own
+    # a checkpoint of that time: old-layout weights, config.json without the key
+    model = _randomize(UNet(old.unet))
+    save_weights(str(tmp_path), model.state_dict(), old)
+    path = tmp_path / "config.json"
+    written = json.loads(path.read_text())
+    del written["unet"]["skips"]
+    path.write_text(json.dumps(written))
+    loaded, cfg2, _ = load_model(str(tmp_path))
+    assert cfg2.unet.skips == "level"
+    (x, t, text, mask), _ = _inputs(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, text, mask), model(x, t, text, mask), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="'block' .ADM. or 'level'"):
+        dataclasses.replace(cfg.unet, skips="adm")
+    with pytest.raises(ValueError, match="one skip per level"):
+        dataclasses.replace(cfg.unet, efficient=True)
