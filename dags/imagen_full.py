@@ -64,7 +64,9 @@ def imagen_full():
     def evaluate(trained: list[dict | None], params=None) -> dict:
         """Every trained stage on its held-out validation split, side by side, each into its own
         training run: the base stage's samples of the prompt set and of validation captions, each
-        SR stage's PSNR/SSIM against the real images next to bicubic's; prompt alignment with the
+        SR stage's PSNR/SSIM against the real images next to bicubic's, with the guidance weight and
+        augmentation level it then chooses for the stage (a small sweep, stored in the checkpoint's
+        sampling.json, so the models registered next sample with them); prompt alignment with the
         ``attributes`` Param (tiny data); FID and CLIP score with the deployment's
         ``IMAGEN_FID_WEIGHTS`` / ``IMAGEN_CLIP_MODEL`` (else skipped, saying why)."""
         from pipeline.release.evaluate import evaluate_runs

@@ -9,13 +9,22 @@ Layout of a weights directory::
     config.json         StageConfig.to_dict() plus "metadata" (encoder id, code version, ...)
     model.safetensors   raw weights
     ema.safetensors     EMA weights (optional)
+    sampling.json       sampling defaults chosen after training (optional; :func:`save_sampling`)
+
+``sampling.json`` holds what an evaluation chose for the trained stage (an SR stage's guidance
+weight and noise-augmentation level, swept on the validation split by
+pipeline/release/sweep.py): ``{"diffusion": {field: value}, "record": {...}}``. :func:`load_config`
+applies its values over config.json's ``diffusion`` section (only :data:`SAMPLING_FIELDS`, checked
+like config.json's own) and returns the record as ``metadata["sampling"]``, so every consumer of
+the stage (the cascade, ``sample``, the registered model) samples with them. config.json itself
+stays as training wrote it.
 
 A directory is a local path, or a URI (``s3://bucket/run/checkpoints/base64/x/final``) read and
 written through ``storage=``: an object with ``exists``, ``size``, ``open``, ``read_bytes`` and
 ``write_bytes`` (the :class:`Storage` protocol; ``pipeline.storage`` is one, so every remote read
 passes the pipeline's network guard). This module opens no network connection itself: without
 ``storage=`` a URI is refused. Remote files are read and written as whole byte strings
-(``safetensors.torch.load`` / ``save``). Only these three files are read, whatever else lies in
+(``safetensors.torch.load`` / ``save``). Only these four files are read, whatever else lies in
 the folder. A weights directory is input like any other: a config.json that is not JSON, holds a
 wrong type or a size out of bounds, or weights that do not fit it, is a ``ValueError`` naming the
 file and what to do. Loading checks the weight files' headers against the U-Net built on the meta
@@ -46,6 +55,9 @@ from imagen.unet import UNet
 CONFIG_NAME = "config.json"
 MODEL_NAME = "model.safetensors"
 EMA_NAME = "ema.safetensors"
+SAMPLING_NAME = "sampling.json"
+# The diffusion fields sampling.json may set: how the trained stage samples, never what it learned.
+SAMPLING_FIELDS = ("sampler", "sample_steps", "guidance_scale", "lowres_aug_sample")
 # Sections of config.json whose every int is a size or a count (>= 1) and every float finite;
 # ``train`` only steers training and is checked for types alone.
 _SIZED = ("", "unet.", "diffusion.")
@@ -129,6 +141,45 @@ def save_weights(directory: str, state: dict[str, Tensor], cfg: StageConfig,
         save_file(_contiguous(tensors), os.path.join(directory, name), metadata={"stage": cfg.stage})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(doc, f, indent=2, sort_keys=True)
+
+
+def save_sampling(directory: str, values: dict[str, Any], record: dict[str, Any] | None = None,
+                  storage: Storage | None = None) -> None:
+    """Write ``sampling.json`` into the weights ``directory``: ``values`` (a subset of
+    :data:`SAMPLING_FIELDS`) override config.json's diffusion defaults on every later load;
+    ``record`` says how they were chosen (it comes back as ``metadata["sampling"]``)."""
+    unknown = sorted(set(values) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise ValueError(f"sampling.json may set {', '.join(SAMPLING_FIELDS)}, not {', '.join(unknown)}")
+    data = json.dumps({"diffusion": values, "record": record or {}}, indent=2, sort_keys=True).encode()
+    remote = _remote(directory, storage)
+    if remote is not None:
+        remote.write_bytes(join(directory, SAMPLING_NAME), data)
+        return
+    path = os.path.join(directory, SAMPLING_NAME)
+    with open(path + ".tmp", "wb") as f:  # whole or absent: a reader never sees half a file
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def _sampling(directory: str, storage: Storage | None) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(values, record) of the directory's sampling.json, None without one."""
+    path = join(directory, SAMPLING_NAME)
+    if not _exists(path, storage):
+        return None
+    try:
+        doc = json.loads(_read(path, storage))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e}): delete it (the stage then samples with its "
+                         "config's defaults) or evaluate the stage again") from None
+    values = doc.get("diffusion") if isinstance(doc, dict) else None
+    record = doc.get("record", {}) if isinstance(doc, dict) else None
+    if not isinstance(values, dict) or not isinstance(record, dict):
+        raise ValueError(f"{path} must be an object with a \"diffusion\" object (and a \"record\" object)")
+    unknown = sorted(set(values) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise ValueError(f"{path} sets {', '.join(unknown)}: it may only set {', '.join(SAMPLING_FIELDS)}")
+    return values, record
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -216,6 +267,11 @@ def load_config(directory: str, storage: Storage | None = None) -> tuple[StageCo
     for section in ("unet", "diffusion", "train"):
         if section not in doc:
             raise ValueError(f"{path} has no {section!r} section: restore config.json from the training run")
+    chosen = _sampling(directory, storage)
+    if chosen is not None and isinstance(doc["diffusion"], dict):
+        values, record = chosen
+        doc["diffusion"] = {**doc["diffusion"], **values}  # checked below like config.json's own
+        metadata = {**metadata, "sampling": {**record, **values}}
     doc = _check_section(StageConfig, doc, "", path)
     try:
         return StageConfig.from_dict(doc), metadata

@@ -10,8 +10,12 @@ registers the two-stage cascade in the MLflow Model Registry, and scores it:
 
 - prompt alignment of 192 samples (8 colours x 3 shapes x 8 seeds), guided and unguided, by
   the deterministic colour and shape checker of pipeline/release/metrics.py;
+- the same 192 guided samples drawn by the fast solver (DPM-Solver++ 2M SDE, ``FAST_STEPS`` steps,
+  against the base stage's default ``ddpm`` at 32): alignment, and the base stage's speedup;
 - the SR stage's PSNR gain over bicubic upsampling of the same low-res input, on held-out
-  renders (new shapes and positions) downsampled by area averaging, as the loader does.
+  renders (new shapes and positions) downsampled by area averaging, as the loader does, with the
+  guidance weight and augmentation level chosen for it first by evaluate's sweep
+  (pipeline/release/sweep.py) on other held-out renders and stored with the stage.
 
 It writes ``WORKDIR/grid.png`` (one row per prompt, its text under the images: guided samples,
 unguided samples, then bicubic and SR of the same low-res image), every sample as a PNG with
@@ -36,6 +40,8 @@ STEPS = {"base64": 2000, "sr256": 1200}
 QUICK_STEPS = {"base64": 30, "sr256": 20}
 SEEDS = 8
 GRID_SEEDS = 4  # samples per prompt and guidance weight shown in the grid
+FAST_SAMPLER, FAST_STEPS = "dpmpp_2m_sde", 16  # half the tiny base's 32 ancestral steps (why SDE: imagen/samplers/dpmpp_2m_sde.py)
+SWEEP_SEED, SCORE_SEED = 54321, 12345  # renders the SR sampling is chosen on, and those it is scored on
 
 
 def log(msg: str) -> None:
@@ -102,9 +108,43 @@ def train(data: dict, steps: dict[str, int]) -> dict[str, dict]:
         return {stage: f.result() for stage, f in futures.items()}
 
 
+def held_out_sr(data: dict, cfg, seed: int):
+    """Renders of the prompt set's (colour, shape) pairs at new random boxes, drawn at 96 px and
+    brought to the SR stage's size: (target uint8, low-res uint8, low-res in [-1, 1], text, mask)."""
+    import torch
+
+    from imagen.text import open_encoder
+    from pipeline.release.evaluate import EvalOptions, prompt_set
+    from pipeline.release.metrics import render_references, resize
+
+    specs = prompt_set(EvalOptions(attributes=data["attributes"]))[1]
+    target = render_references(specs, cfg.image_size, seed=seed)
+    low = resize(target, cfg.lowres_size, "area")
+    text, mask = open_encoder(data["encoder"]).encode([f"a {c} {s} on a white background" for c, s in specs])
+    lowres = torch.from_numpy(low).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return target, low, lowres, text.float(), mask.bool()
+
+
+def choose_sr_sampling(data: dict, checkpoint: str) -> dict:
+    """What `evaluate` does for an SR stage: sweep (augmentation level, guidance weight) on
+    held-out renders, store the best pair with the stage (sampling.json). Returns the pair."""
+    from imagen.checkpoint import load_model, save_sampling
+    from pipeline.release import sweep
+
+    model, cfg, _ = load_model(checkpoint)
+    target, _, lowres, text, mask = held_out_sr(data, cfg, SWEEP_SEED)
+    found = sweep.sweep_sr(model, cfg, lowres, target, text, mask, seed=0)
+    for row in found.table:
+        print(f"  aug {row['lowres_aug']:.2f} guidance {row['guidance_scale']:.1f}: "
+              f"PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.3f}")
+    save_sampling(checkpoint, found.values, found.record("held-out renders", len(target), 0))
+    return found.values
+
+
 def score(data: dict, checkpoints: list[str], out: str) -> tuple[dict, list[dict], dict]:
-    """192 guided and 192 unguided cascade samples scored for colour and shape, and the SR
-    stage's PSNR over bicubic on held-out references. Returns (metrics, sample records, images)."""
+    """192 guided and 192 unguided cascade samples scored for colour and shape, the 192 guided
+    again with the fast solver, and the SR stage's PSNR over bicubic on held-out references.
+    Returns (metrics, sample records, images)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -112,29 +152,29 @@ def score(data: dict, checkpoints: list[str], out: str) -> tuple[dict, list[dict
     from imagen.cascade import Cascade, StageOptions, run_stage, to_uint8
     from imagen.text import open_encoder
     from pipeline.release.evaluate import EvalOptions, prompt_set
-    from pipeline.release.metrics import (
-        alignment_flags,
-        paired_gain,
-        psnr_ssim,
-        render_references,
-        resize,
-    )
+    from pipeline.release.metrics import alignment_flags, paired_gain, psnr_ssim, resize
 
     prompts, specs, palette = prompt_set(EvalOptions(attributes=data["attributes"]))
-    encoder = open_encoder(data["encoder"])
-    cascade = Cascade.from_dirs(checkpoints, encoder=encoder)
+    cascade = Cascade.from_dirs(checkpoints, encoder=open_encoder(data["encoder"]))
     base_cfg = cascade.stages[0][1]
+    guided = base_cfg.diffusion.guidance_scale
     os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-    records, images, metrics, flags = [], {}, {}, {}
-    for label, weight in (("guided", base_cfg.diffusion.guidance_scale), ("unguided", 1.0)):
-        batches = []
+    records, images, metrics, flags, base_seconds = [], {}, {}, {}, {}
+    runs = (("guided", StageOptions(guidance_scale=guided)), ("unguided", StageOptions(guidance_scale=1.0)),
+            ("guided_fast", StageOptions(guidance_scale=guided, sampler=FAST_SAMPLER, steps=FAST_STEPS)))
+    for label, opt in runs:
+        batches, base_seconds[label] = [], 0.0
         for seed in range(SEEDS):
-            imgs = cascade.generate(prompts, seed=seed, options=[StageOptions(guidance_scale=weight)])
-            batches.append(imgs)
-            for i, (prompt, img) in enumerate(zip(prompts, imgs, strict=True)):
+            run = cascade.run(prompts, seed=seed, options=[opt])
+            base_seconds[label] += run.seconds[0]
+            batches.append(run.images)
+            for i, (prompt, img) in enumerate(zip(prompts, run.images, strict=True)):
                 path = os.path.join(out, "samples", f"{label}-seed{seed}-{i:02d}.png")
                 Image.fromarray(img).save(path)
-                records.append({"prompt": prompt, "seed": seed, "index_in_batch": i, "guidance_weight": weight,
+                records.append({"prompt": prompt, "seed": seed, "index_in_batch": i,
+                                "guidance_weight": opt.guidance_scale,
+                                "sampler": opt.sampler or base_cfg.diffusion.sampler,
+                                "steps": opt.steps or base_cfg.diffusion.sample_steps,
                                 "stages": len(checkpoints), "png": os.path.relpath(path, out)})
         images[label] = np.stack(batches, axis=1)  # [prompt, seed, H, W, 3]
         flat = images[label].reshape(-1, *images[label].shape[2:])
@@ -145,21 +185,22 @@ def score(data: dict, checkpoints: list[str], out: str) -> tuple[dict, list[dict
     paired = paired_gain(flags["guided"]["both"], flags["unguided"]["both"])
     metrics["guidance_gain_both"] = paired["gain"]
     metrics["guidance_gain_p_value"] = paired["p_value"]
+    # the base stage's own sampling time (the SR stage samples the same way in both)
+    metrics["sampling_speedup_fast"] = base_seconds["guided"] / base_seconds["guided_fast"]
 
-    # SR on held-out references: new random boxes, drawn at 96 px and brought to 64 px
+    # SR on held-out references: new random boxes (not those the sampling was chosen on),
+    # drawn at 96 px and brought to 64 px, sampled as the stage now samples (sampling.json)
     sr_model, sr_cfg = cascade.stages[1]
-    target = render_references(specs, sr_cfg.image_size, seed=12345)
-    low = resize(target, sr_cfg.lowres_size, "area")
-    text, mask = encoder.encode([f"a {c} {s} on a white background" for c, s in specs])
-    lowres = torch.from_numpy(low).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    target, low, lowres, text, mask = held_out_sr(data, sr_cfg, SCORE_SEED)
     with torch.no_grad():
-        sr = to_uint8(run_stage(sr_model, sr_cfg, StageOptions(), text.float(), mask.bool(), lowres,
+        sr = to_uint8(run_stage(sr_model, sr_cfg, StageOptions(), text, mask, lowres,
                                 torch.Generator().manual_seed(0)))
     bicubic = resize(low, sr_cfg.image_size)
     ours, theirs = psnr_ssim(sr, target), psnr_ssim(bicubic, target)
     metrics.update({"sr_psnr_db": ours["psnr"], "bicubic_psnr_db": theirs["psnr"],
                     "sr_psnr_gain_db": ours["psnr"] - theirs["psnr"], "sr_ssim": ours["ssim"],
-                    "bicubic_ssim": theirs["ssim"]})
+                    "bicubic_ssim": theirs["ssim"], "sr_guidance_scale": sr_cfg.diffusion.guidance_scale,
+                    "sr_lowres_aug": sr_cfg.diffusion.lowres_aug_sample})
     images.update({"sr": sr, "bicubic": bicubic, "sr_target": target, "sr_low": low})
     return metrics, records, images
 
@@ -215,13 +256,18 @@ def main() -> int:
     trained = train(data, QUICK_STEPS if args.quick else STEPS)
     checkpoints = [trained[s]["checkpoint"] for s in STAGES]
 
+    log("choose the SR stage's guidance weight and augmentation level on held-out renders")
+    chosen = choose_sr_sampling(data, checkpoints[1])
+    print(f"sr256 samples with guidance {chosen['guidance_scale']:g} at augmentation level "
+          f"{chosen['lowres_aug_sample']:g} (stored in its sampling.json)")
+
     log("register the cascade")
     from pipeline.release.registry import register
 
     registered = register(checkpoints, "demo-cascade")
     print(f"registered {registered['uri']} (version {registered['version']})")
 
-    log("sample 2 x 192 images and score them")
+    log("sample 3 x 192 images (guided, unguided, guided with the fast solver) and score them")
     from pipeline.release.evaluate import EvalOptions, prompt_set
 
     metrics, records, images = score(data, checkpoints, work)
@@ -246,8 +292,12 @@ def main() -> int:
 Demo done in {minutes:.1f} min: {grid}
   colour right in {metrics['alignment_color_guided']:.0%} of guided samples ({metrics['alignment_color_unguided']:.0%} \
 unguided), shape in {metrics['alignment_shape_guided']:.0%} ({metrics['alignment_shape_unguided']:.0%} unguided)
+  fast solver ({FAST_SAMPLER}, {FAST_STEPS} steps): colour and shape right in \
+{metrics['alignment_both_guided_fast']:.0%} of guided samples ({metrics['alignment_both_guided']:.0%} with \
+the default sampler), {metrics['sampling_speedup_fast']:.1f}x faster
   SR: {metrics['sr_psnr_db']:.2f} dB PSNR vs {metrics['bicubic_psnr_db']:.2f} dB for bicubic \
-({metrics['sr_psnr_gain_db']:+.2f} dB)
+({metrics['sr_psnr_gain_db']:+.2f} dB; guidance {metrics['sr_guidance_scale']:g}, augmentation \
+level {metrics['sr_lowres_aug']:g})
   MLflow: {os.environ['MLFLOW_TRACKING_URI']} (registered {registered['uri']})""")
     print(json.dumps(summary))
     return 0

@@ -196,7 +196,7 @@ def _evaluate(a: argparse.Namespace) -> Any:
                        num_references=a.num_references, fid_weights=a.fid_weights,
                        clip_model=a.clip_model, encoder=a.encoder, seed=a.seed, steps=a.steps,
                        guidance_scale=a.guidance_scale, device=a.device, workers=a.workers, output=a.output,
-                       tracking_uri=a.tracking_uri, run_id=a.run_id)
+                       tracking_uri=a.tracking_uri, run_id=a.run_id, sweep=not a.no_sweep)
     with allowing(a.allow_private_networks, a.allow_host), mlflow_errors_in_one_line():
         return evaluate(a.checkpoint, opts)
 
@@ -408,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=int, help="sampling steps per stage (default: each config's)")
     s.add_argument("--guidance-scale", type=float, help="base stage guided weight (default: config's)")
+    s.add_argument("--no-sweep", action="store_true",
+                   help="SR stages: sample only with the stage's own guidance weight and augmentation level "
+                        "(default: sweep a small grid of both on the held-out images, log it, and store the "
+                        "best pair with the stage in sampling.json)")
     s.add_argument("--run-id", help="MLflow run to log into (default: the stage's training run)")
     s.add_argument("--tracking-uri")
     _network_arguments(s)
@@ -446,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="where to score (default: cuda when there is one, else cpu)")
     s.add_argument("--tracking-uri")
 
+    from imagen.samplers import SAMPLER_NAMES  # names only: no torch import
+
     s = sub.add_parser("sample", help="generate images from a registered model")
     s.add_argument("prompts", nargs="+", help="one or more prompts")
     s.add_argument("--model", required=True,
@@ -459,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance-scale", type=float, nargs="+",
                    help="classifier-free guidance weight: one value, or one per stage")
     s.add_argument("--stages", type=int, help="run only the first N stages of a cascade")
-    s.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: each stage config's")
+    s.add_argument("--sampler", choices=SAMPLER_NAMES, help="default: each stage config's")
     s.add_argument("--image", action="append", help="low-res input per prompt, for an SR-stage model")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.add_argument("--tracking-uri")

@@ -63,6 +63,7 @@ import numpy as np
 
 from imagen.config import check_chain
 from pipeline import storage
+from pipeline.release import sweep
 from pipeline.release.eval_data import (  # noqa: F401 - load_references: importable from here, as before
     ValidationSplit,
     load_references,
@@ -104,6 +105,8 @@ class EvalOptions:
     seed: int = 0
     steps: int | None = None  # sampling steps for every stage (default: each config's)
     guidance_scale: float | None = None  # the base stage's guided weight (default: its config's)
+    # SR stages: sweep (aug level, guidance weight) and store the best with the stage (sweep.py)
+    sweep: bool = True
     device: str | None = None  # default: cuda when there is one, else cpu
     workers: int | None = None  # sampling parts at once (default: a CPU's torch threads; 1 on CUDA)
     output: str | None = None  # folder or URI for grids (default: beside the last checkpoint)
@@ -235,6 +238,8 @@ class Evaluation:
             self.prompts = []  # nothing is sampled from the prompt set
         self.captions = None  # the validation captions the base samples (ValidationSet), if any
         self.out: dict[str, Any] = {}  # each part's result
+        self.sweeps: dict[str, tuple[sweep.SweepResult, str, int]] = {}  # SR stage -> (result, source, images)
+        self.sweep_records: dict[str, dict[str, Any]] = {}  # SR stage -> what sampling.json records
         self.metrics: dict[str, float] = {}
 
     def progress(self, part: str, images: int) -> Progress:
@@ -310,9 +315,19 @@ class Evaluation:
         lowres = (torch.from_numpy(low).permute(0, 3, 1, 2).float().to(device) - 127.5) / 127.5
         source = "validation" if data is not None else "reference"
 
+        pairs = sweep.grid(cfg) if self.opts.sweep else [(cfg.diffusion.lowres_aug_sample, cfg.diffusion.guidance_scale)]
+
         def run() -> None:
-            say = self.progress(f"super-resolution of {source} images", len(target))
+            say = self.progress(f"super-resolution of {source} images"
+                                + (f", {len(pairs)} sampling settings" if self.opts.sweep else ""),
+                                len(target) * len(pairs))
             say.begin()
+            if self.opts.sweep:
+                found = sweep.sweep_sr(model, cfg, lowres, target, text, mask, self.opts.seed, self.opts.steps, say.step)
+                self.sweeps[cfg.stage] = (found, source, len(target))
+                self.out[f"sr_{cfg.stage}"] = (found.images, found.seconds, target, low, captions)
+                say.end()
+                return
             gen = torch.Generator(device).manual_seed(self.opts.seed)
             with torch.no_grad():
                 x = run_stage(model, cfg, StageOptions(steps=self.opts.steps), text.to(device).float(),
@@ -320,8 +335,8 @@ class Evaluation:
             self.out[f"sr_{cfg.stage}"] = (to_uint8(x), say.end(), target, low, captions)
 
         steps = self.opts.steps or cfg.diffusion.sample_steps
-        guided = cfg.diffusion.guidance_scale != 1.0
-        return [Part(f"{cfg.stage}: super-resolution", len(target) * steps * cfg.image_size**2 * (1 + guided), run)]
+        cost = sum(len(target) * steps * cfg.image_size**2 * (1 + (w != 1.0)) for _, w in pairs)
+        return [Part(f"{cfg.stage}: super-resolution", cost, run)]
 
     def finish(self) -> dict[str, Any]:
         """Score the parts' images, write the grids and log them with the metrics."""
@@ -332,13 +347,16 @@ class Evaluation:
         for _, cfg in self.stages:
             if f"sr_{cfg.stage}" in self.out:
                 images[f"sr_{cfg.stage}"] = self._score_sr(cfg, *self.out[f"sr_{cfg.stage}"])
+        self._keep_sweeps()
         opts = self.opts
         for name, reason in opts.skipped.items():
             log.info("evaluate: %s skipped: %s", name, reason)
         grids = write_grids(images, opts.output or storage.join(
             storage.parent(storage.normalize(self.checkpoints[-1])), "eval"))
-        run_id = log_to_mlflow(self.checkpoints, self.metas, opts, self.metrics, grids, self.prompts, self.val.used)
-        return {"metrics": self.metrics, "grids": grids, "run_id": run_id, "skipped": dict(opts.skipped)}
+        run_id = log_to_mlflow(self.checkpoints, self.metas, opts, self.metrics, grids, self.prompts, self.val.used,
+                               self.sweep_records)
+        return {"metrics": self.metrics, "grids": grids, "run_id": run_id, "skipped": dict(opts.skipped),
+                "sampling": {stage: r["chosen"] for stage, r in self.sweep_records.items()}}
 
     def _score_prompt_set(self) -> dict[str, np.ndarray]:
         """Speed per stage, alignment on tiny data."""
@@ -382,6 +400,27 @@ class Evaluation:
         quality_metrics(sampled, None if real is None else real.images, self.captions.captions, "", self.opts,
                         self.metrics, self.val.reason(last))
         return sampled
+
+    def _keep_sweeps(self) -> None:
+        """Log each SR stage's sweep (a metric per pair, the chosen pair, the table) and store
+        the chosen pair with the stage (sampling.json: register, sample and the cascade use it)."""
+        from imagen.checkpoint import save_sampling
+
+        for checkpoint, (_, cfg) in zip(self.checkpoints, self.stages, strict=True):
+            if cfg.stage not in self.sweeps:
+                continue
+            found, source, n = self.sweeps[cfg.stage]
+            for row in found.table:
+                self.metrics[f"{cfg.stage}/sweep/{sweep.metric_name(row['lowres_aug'], row['guidance_scale'])}"] = \
+                    row[sweep.METRIC]
+            self.metrics[f"{cfg.stage}/guidance_scale"] = found.values["guidance_scale"]
+            self.metrics[f"{cfg.stage}/lowres_aug"] = found.values["lowres_aug_sample"]
+            record = found.record(source, n, self.opts.seed)
+            self.sweep_records[cfg.stage] = {**record, "chosen": found.values}
+            save_sampling(checkpoint, found.values, record, storage)
+            log.info("evaluate: %s samples with guidance %g at augmentation level %g from now on (best %s "
+                     "of %d settings on %d %s images)", cfg.stage, found.values["guidance_scale"],
+                     found.values["lowres_aug_sample"], sweep.METRIC, len(found.table), n, source)
 
     def _score_sr(self, cfg, sr: np.ndarray, seconds: float, target: np.ndarray, low: np.ndarray,
                   captions: list[str] | None) -> np.ndarray:
@@ -511,7 +550,8 @@ def find_stage_run(checkpoint: str, meta: dict) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def log_to_mlflow(checkpoints, metas, opts: EvalOptions, metrics, grids, prompts, validation) -> str:
+def log_to_mlflow(checkpoints, metas, opts: EvalOptions, metrics, grids, prompts, validation,
+                  sweeps: dict[str, dict] | None = None) -> str:
     import mlflow
 
     from pipeline.layout import checkpoint_tracking
@@ -531,6 +571,8 @@ def log_to_mlflow(checkpoints, metas, opts: EvalOptions, metrics, grids, prompts
         mlflow.log_dict({"checkpoints": [storage.normalize(c) for c in checkpoints], "prompts": prompts,
                          "validation": {"data": opts.data, "samples": validation}, "seed": opts.seed,
                          "steps": opts.steps, "metrics": metrics, "skipped": opts.skipped}, "eval/summary.json")
+        for stage, record in (sweeps or {}).items():
+            mlflow.log_dict(record, f"eval/sweep_{stage}.json")
         mlflow.set_tag(EVAL_KEY_TAG, eval_key(checkpoints))
     return run.info.run_id
 

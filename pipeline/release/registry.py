@@ -12,7 +12,9 @@ A registered model is an MLflow pyfunc logged as "models from code": its code fi
 
 What a version stores, and what it references (pipeline/release/blobs.py):
 
-- in the model itself: MLmodel, the code file, and each stage's config.json (``stage_N/``);
+- in the model itself: MLmodel, the code file, and each stage's config.json (``stage_N/``), with
+  the sampling an evaluation chose for the stage (its ``sampling.json``, imagen/checkpoint.py)
+  applied: the version samples as it was tuned, and tuning again makes a new version;
 - in the tracking store's one ``imagen-blobs`` run, at ``sha256/<hex>/<name>``: each stage's
   model/ema safetensors and every file of a local text encoder, each distinct file once. A stage
   model and the cascade made of it, a re-registration under another name, and every model on one
@@ -297,7 +299,7 @@ def store_model_files(checkpoints: list[str], encoder_dir: str | None, store: Bl
     """(pyfunc artifacts: ``stage_N`` -> a folder holding its config.json; the ``files`` lists of
     model_config). Weights (in ``weights_dtype``) and the encoder's files go to ``store``, each
     referenced by sha256; nothing already there is uploaded again."""
-    from imagen.checkpoint import CONFIG_NAME
+    from imagen.checkpoint import CONFIG_NAME, SAMPLING_NAME, load_config
 
     artifacts, files = {}, {}
     for i, ckpt in enumerate(checkpoints):
@@ -305,7 +307,14 @@ def store_model_files(checkpoints: list[str], encoder_dir: str | None, store: Bl
         found = checkpoint_files(ckpt, os.path.join(tmp, "remote", name))
         artifacts[name] = os.path.join(tmp, name)  # MLflow names the artifact folder after it
         os.makedirs(artifacts[name])
-        shutil.copyfile(found.pop(CONFIG_NAME), os.path.join(artifacts[name], CONFIG_NAME))
+        config = found.pop(CONFIG_NAME)
+        if storage.exists(storage.join(ckpt, SAMPLING_NAME)):
+            # the model carries the sampling chosen for it: config.json with sampling.json applied
+            cfg, meta = load_config(ckpt, storage)
+            with open(os.path.join(artifacts[name], CONFIG_NAME), "w") as f:
+                json.dump({**cfg.to_dict(), "metadata": meta}, f, indent=2, sort_keys=True)
+        else:
+            shutil.copyfile(config, os.path.join(artifacts[name], CONFIG_NAME))
         entries = {CONFIG_NAME: file_entry(os.path.join(artifacts[name], CONFIG_NAME))}
         for fname, path in sorted(found.items()):
             if weights_dtype == "bf16":
@@ -338,13 +347,15 @@ def registration_key(checkpoints: Sequence[str], encoder: str | None, tags: dict
     its step and training run) and weight files' size and mtime (a checkpoint rewritten in place
     changes them; weights are not hashed here, a 2B model is 8 GB), the encoder override, the
     tags and a stored dtype other than fp32 (fp32 keys are those of older versions)."""
-    from imagen.checkpoint import CONFIG_NAME
+    from imagen.checkpoint import CONFIG_NAME, SAMPLING_NAME
 
     h = hashlib.sha256()
     for c in checkpoints:
         c = storage.normalize(c)
         h.update(c.encode() + b"\0")
         h.update(storage.read_bytes(storage.join(c, CONFIG_NAME)))
+        if storage.exists(storage.join(c, SAMPLING_NAME)):  # sampling chosen since: another version
+            h.update(b"sampling\0" + storage.read_bytes(storage.join(c, SAMPLING_NAME)))
         if not storage.is_local(c):  # an object's size and ETag (changes when rewritten)
             for uri in storage.list_files(c, r".*\.safetensors"):
                 info = storage.info(uri)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import io
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -39,7 +39,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load
 
-from imagen.checkpoint import CONFIG_NAME, EMA_NAME, MODEL_NAME, load_config, save_weights
+from imagen.checkpoint import (
+    CONFIG_NAME,
+    EMA_NAME,
+    MODEL_NAME,
+    SAMPLING_FIELDS,
+    load_config,
+    save_weights,
+)
 from imagen.config import StageConfig
 from imagen.text import same_recorded_encoder
 from pipeline import storage
@@ -197,7 +204,9 @@ def check_compatible(directory: str, cfg: StageConfig, metadata: dict[str, Any])
     if saved.stage != cfg.stage:
         raise ValueError(f"checkpoint {directory} is for stage {saved.stage!r}, not {cfg.stage!r}: "
                          "point --checkpoint-dir at this stage's runs")
-    if saved.unet != cfg.unet or saved.diffusion != cfg.diffusion:
+    # how a stage samples (what an evaluation may have chosen since: sampling.json) is not what it learned
+    learned = {f: None for f in SAMPLING_FIELDS}
+    if saved.unet != cfg.unet or replace(saved.diffusion, **learned) != replace(cfg.diffusion, **learned):
         raise ValueError(f"checkpoint {directory} was trained with another model config (preset "
                          f"{saved.preset!r}); resume with the same preset, or use a new --checkpoint-dir")
     want = metadata.get("encoder_id")

@@ -28,14 +28,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from imagen.config import PRESETS, STAGES
+from imagen.config import LR_SCHEDULES, PRESETS, STAGES
 from pipeline.options import add_options, flag, option, options_from_args
 
 
-def preset_override(help: str) -> Any:
+def preset_override(help: str, **argparse_kwargs: Any) -> Any:
     """A TrainJob option that overrides the preset's ``TrainConfig`` field of the same name:
     its default is None, "the preset's", so the value itself is declared once, in the preset."""
-    return dataclasses.field(default=None, metadata={"help": help, "_preset": True})
+    return dataclasses.field(default=None, metadata={"help": help, "_preset": True, **argparse_kwargs})
 
 
 @dataclass(kw_only=True)
@@ -61,6 +61,9 @@ class TrainJob:
     lr: float | None = preset_override("peak learning rate (default: preset's)")
     warmup_steps: int | None = preset_override("linear warmup steps (default: preset's, capped at 10%% of "
                                                "--max-steps)")
+    lr_schedule: str | None = preset_override("after the warm-up: constant (the paper's; the paper presets') "
+                                              "or cosine decay to 10%% (the tiny preset's)",
+                                              choices=list(LR_SCHEDULES))
     # Imagen trains the base model with Adafactor
     optimizer: str = option("adamw", "optimizer (default: adamw)", choices=["adamw", "adafactor"])
     parallel: str = option("ddp", "data parallelism across processes (fsdp shards params for large presets)",

@@ -44,10 +44,13 @@ log = logging.getLogger("pipeline.train")
 VAL_SAMPLES = 8  # fixed validation captions in the sample grid
 
 
-def lr_at(step: int, base: float, warmup: int, total: int) -> float:
-    """Linear warmup (Imagen: 10k steps) then cosine decay to 10% of the base rate."""
+def lr_at(step: int, base: float, warmup: int, total: int, schedule: str = "cosine") -> float:
+    """Linear warmup (Imagen: 10k steps), then the base rate ("constant", as the paper) or a
+    cosine decay to 10% of it at ``total`` ("cosine")."""
     if step < warmup:
         return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
     frac = min(1.0, (step - warmup) / max(1, total - warmup))
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
@@ -200,7 +203,7 @@ class Trainer:
 
     def train_step(self) -> float:
         """One optimizer step (nothing read back to the host); returns seconds waiting for data."""
-        lr = lr_at(self.step, self.tc.lr, self.tc.warmup_steps, self.tc.max_steps)
+        lr = lr_at(self.step, self.tc.lr, self.tc.warmup_steps, self.tc.max_steps, self.tc.lr_schedule)
         wait = self.runner.run(self.batches, self.step, lr)
         self.step += 1
         return wait

@@ -233,3 +233,46 @@ def shard_member(data: str, key: str) -> bytes:
                 if stem == key and ext in (".png", ".jpg", ".jpeg", ".webp"):
                     return tar.extractfile(member).read()
     raise AssertionError(f"{key} is in no val-*.tar of {data}")
+
+
+def test_the_sweep_picks_the_best_pair_and_the_stage_and_its_model_sample_with_it(trained, evaluated, mlflow_uri):
+    """Issue 26, item 1: evaluation sweeps (aug level, guidance weight) of the SR stage on its
+    held-out images, logs the sweep, and stores the best pair with the stage: the checkpoint
+    (sampling.json) and the model `register` makes from it sample with that pair."""
+    import mlflow
+
+    from imagen.checkpoint import SAMPLING_NAME, load_config
+    from pipeline.release import sweep
+    from pipeline.release.loading import download_model_files
+    from pipeline.release.registry import register
+
+    sr = evaluated["sr256"]
+    m, ckpt = sr["metrics"], trained["sr256"]["checkpoint"]
+    pairs = sweep.grid(load_config(ckpt)[0])
+    assert len(pairs) >= 6 and (0.0, 1.0) in pairs
+    table = {p: m[f"sr256/sweep/{sweep.metric_name(*p)}"] for p in pairs}
+    best = max(table.values())
+    chosen = (m["sr256/lowres_aug"], m["sr256/guidance_scale"])
+    assert table[chosen] == best
+    assert m["sr256/psnr"] == pytest.approx(best, abs=1e-9)  # the stage's figure is the chosen pair's
+    assert sr["sampling"]["sr256"] == {"guidance_scale": chosen[1], "lowres_aug_sample": chosen[0]}
+    # stored with the stage: config.json untouched, sampling.json beside it, applied on load
+    with open(os.path.join(ckpt, "config.json")) as f:
+        written = json.load(f)["diffusion"]
+    assert (written["lowres_aug_sample"], written["guidance_scale"]) == (0.0, 1.0)  # the tiny anchors
+    assert os.path.isfile(os.path.join(ckpt, SAMPLING_NAME))
+    cfg, meta = load_config(ckpt)
+    assert (cfg.diffusion.lowres_aug_sample, cfg.diffusion.guidance_scale) == chosen
+    assert meta["sampling"]["metric"] == "psnr" and meta["sampling"]["source"] == "validation"
+    assert len(meta["sampling"]["table"]) == len(pairs)
+    # logged: the table as an artifact of the stage's own run
+    client = mlflow.MlflowClient(mlflow_uri)
+    names = [a.path for a in client.list_artifacts(sr["run_id"], "eval")]
+    assert "eval/sweep_sr256.json" in names
+    # the registered model's config carries the pair (what sample, the pyfunc and the cascade read)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+        reg = register([ckpt], "sweep-sr256")
+        files = download_model_files(reg["uri"], os.path.join(os.path.dirname(ckpt), "registered"))
+    got = load_config(files.stage_dirs[0])[0].diffusion
+    assert (got.lowres_aug_sample, got.guidance_scale) == chosen

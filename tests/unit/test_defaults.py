@@ -60,10 +60,11 @@ def test_the_flags_users_type_keep_their_names():
 def test_preset_overrides_are_trainconfig_fields_and_all_apply():
     job_types, cfg_types = typing.get_type_hints(TrainJob), typing.get_type_hints(TrainConfig)
     names = preset_overrides()
-    assert len(names) == 12
+    assert len(names) == 13
     for name in names:
         assert job_types[name] == cfg_types[name] | None, name  # same type, None = the preset's
     values = {name: (0.5 if cfg_types[name] is float else 7 + i) for i, name in enumerate(names)}
+    values["lr_schedule"] = "constant"  # the tiny preset's is cosine
     job = TrainJob(stage="base64", preset="tiny", data="d", embeddings="e", checkpoint_dir="c", **values)
     cfg = resolve_config(job, {"dim": 32, "encoder_name": "t", "max_length": 16})
     assert {name: getattr(cfg.train, name) for name in names} == values

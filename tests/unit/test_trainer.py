@@ -34,6 +34,24 @@ def test_lr_schedule_warmup_and_cosine():
     assert lr_at(100, 1.0, 10, 100) == pytest.approx(0.1)
 
 
+def test_constant_lr_after_warmup_is_the_paper_presets_and_the_tiny_preset_decays():
+    from imagen.config import StageConfig, preset
+    from pipeline.train.job import TrainJob, resolve_config
+
+    assert [lr_at(s, 1.0, 10, 100, "constant") for s in (0, 9, 10, 55, 100, 500)] == \
+        pytest.approx([0.1, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert {preset(s).train.lr_schedule for s in ("base64", "sr256", "sr1024")} == {"constant"}
+    assert preset("tiny", "sr256").train.lr_schedule == "cosine"
+    # a config written before the choice existed trained with the cosine decay, and resumes with it
+    old = preset("tiny").to_dict()
+    del old["train"]["lr_schedule"]
+    assert StageConfig.from_dict(old).train.lr_schedule == "cosine"
+    job = TrainJob(stage="base64", preset="tiny", lr_schedule="constant")
+    assert resolve_config(job, None).train.lr_schedule == "constant"
+    with pytest.raises(ValueError, match="unknown lr_schedule 'linear'; choose one of constant, cosine"):
+        preset("tiny").train.__class__(lr_schedule="linear")
+
+
 def test_optimizers_by_name():
     params = [torch.nn.Parameter(torch.zeros(2))]
     cpu = torch.device("cpu")
