@@ -8,15 +8,17 @@ import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.timeout(1800)  # ~5 min on 2 idle cores; evaluate's SR sweeps add sampling
 def test_smoke_test_end_to_end(tmp_path):
     work = tmp_path / "smoke"
     proc = subprocess.run([sys.executable, os.path.join(REPO, "infra", "smoke_test.py"), "--workdir",
-                           str(work), "--max-steps", "30"], capture_output=True, text=True, timeout=600)
+                           str(work), "--max-steps", "30"], capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "Smoke test passed" in proc.stdout
     png = work / "sample.png"
