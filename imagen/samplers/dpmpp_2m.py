@@ -71,11 +71,17 @@ class DPMSolverPP2M(Sampler):
                 if x0_prev is not None:
                     half_over_r = 0.5 * h / h_prev
                     d = (1 + half_over_r) * x0 - half_over_r * x0_prev
-                x = sigma[i + 1] / sigma[i] * x - alpha[i + 1] * torch.expm1(-h) * d
+                x = self.update(x, d, h, alpha[i + 1], sigma[i + 1], sigma[i], generator)
                 x0_prev, h_prev = x0, h
             if progress is not None:
                 progress(i + 1, steps)
         return x
+
+
+    def update(self, x: Tensor, d: Tensor, h: Tensor, alpha_s: Tensor, sigma_s: Tensor, sigma_t: Tensor,
+               generator: torch.Generator | None) -> Tensor:
+        """One step from level t to s given the extrapolated x0 estimate ``d`` (the ODE's)."""
+        return sigma_s / sigma_t * x - alpha_s * torch.expm1(-h) * d
 
 
 def _t_at_logsnr(diffusion: GaussianDiffusion, logsnr: Tensor, halvings: int = 40) -> Tensor:

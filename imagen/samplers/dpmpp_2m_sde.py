@@ -19,38 +19,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from imagen.diffusion import GaussianDiffusion
-from imagen.samplers.base import Denoiser, Progress
 from imagen.samplers.dpmpp_2m import DPMSolverPP2M
 
 
 class DPMSolverPP2MSDE(DPMSolverPP2M):
     name = "dpmpp_2m_sde"
 
-    def run(self, denoise: Denoiser, x: Tensor, times: Tensor, diffusion: GaussianDiffusion,
-            generator: torch.Generator | None = None, progress: Progress | None = None) -> Tensor:
-        steps = len(times) - 1
-        alpha, sigma = diffusion.alpha_sigma(times)
-        lam = diffusion.logsnr(times) / 2
-        x0_prev = h_prev = None
-        for i in range(steps):
-            x0 = denoise(x, times[i].expand(x.shape[0]))
-            if i == steps - 1:
-                x = x0
-            else:
-                h = lam[i + 1] - lam[i]
-                d = x0
-                if x0_prev is not None:
-                    half_over_r = 0.5 * h / h_prev
-                    d = (1 + half_over_r) * x0 - half_over_r * x0_prev
-                kept = -torch.expm1(-2 * h)  # 1 - e^-2h
-                noise = torch.randn(x.shape, generator=generator, device=x.device)
-                x = sigma[i + 1] / sigma[i] * torch.exp(-h) * x + alpha[i + 1] * kept * d \
-                    + sigma[i + 1] * kept.sqrt() * noise
-                x0_prev, h_prev = x0, h
-            if progress is not None:
-                progress(i + 1, steps)
-        return x
+    def update(self, x: Tensor, d: Tensor, h: Tensor, alpha_s: Tensor, sigma_s: Tensor, sigma_t: Tensor,
+               generator: torch.Generator | None) -> Tensor:
+        """The SDE's step: part of x_t forgotten, fresh noise added (module docstring)."""
+        kept = -torch.expm1(-2 * h)  # 1 - e^-2h
+        noise = torch.randn(x.shape, generator=generator, device=x.device)
+        return sigma_s / sigma_t * torch.exp(-h) * x + alpha_s * kept * d + sigma_s * kept.sqrt() * noise
 
 
 SAMPLER = DPMSolverPP2MSDE()
