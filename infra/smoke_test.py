@@ -89,20 +89,20 @@ def check_stage_data(tiny: str, root: str, audit_dir: str, client) -> dict[str, 
     audit lines the loader writes) comes from a rendered source at least that large, and its
     MLflow run's ``data_excluded_too_small`` is the number of kept sources smaller than it."""
     import glob
-    import tarfile
 
     import pyarrow.parquet as pq
+
+    from pipeline.data.shards import iter_samples
 
     native = {r["url"]: min(r["source_width"], r["source_height"])
               for r in pq.read_table(os.path.join(tiny, "urls.parquet")).to_pylist()}
     key_side, train_keys = {}, set()
     for shard in glob.glob(os.path.join(RunLayout(root).filtered, "*.tar")):  # both splits
-        with tarfile.open(shard) as tar:
-            for m in tar:
-                if m.name.endswith(".json"):
-                    key_side[m.name[:-5]] = native[json.loads(tar.extractfile(m).read())["url"]]
-                    if split_of(shard) == TRAIN:
-                        train_keys.add(m.name[:-5])
+        for key, members in iter_samples(shard):
+            if "json" in members:
+                key_side[key] = native[json.loads(members["json"])["url"]]
+                if split_of(shard) == TRAIN:
+                    train_keys.add(key)
     lines = []
     for path in glob.glob(os.path.join(audit_dir, "*.jsonl")):
         with open(path) as f:

@@ -6,21 +6,11 @@ shard ``INPUT/NNNNNN.tar`` (members ``KEY.png``, ``KEY.txt``, ``KEY.json``), and
 the validation split ``INPUT/val-NNNNNN.tar`` (:mod:`pipeline.data.split`), this writes::
 
     OUTPUT/<encoder-slug>/NNNNNN.parquet     (val-NNNNNN.parquet for val-NNNNNN.tar)
-        __key__       string                                  sample key, shard order
-        num_tokens    int32                                   real tokens, </s> included
-        embedding     list<fixed_size_list<float16, D>>       [num_tokens, D]; no padding
-        image_ext     string                                  the sample's image member:
-        image_offset  int64                                   extension, data offset and
-        image_size    int64                                   size in the tar (-1: none)
-        image_side    int32                                   the image's short side in
-                                                              pixels (-1: unknown)
-        image_sha256  fixed_size_binary[32]                   the image bytes' sha256
 
-The image columns make the parquet an index of its tar: the training loader seeks straight
-to an image (``pipeline.data``), and checks the member name there and the bytes' sha256
-before trusting it; it leaves out of a stage, before reading any pixel, the samples whose
-``image_side`` is below that stage's size (read from the image header here, never from
-metadata that could lie). A key gets one row: the first image and caption in tar order.
+one row per key (the first image and caption in tar order): its caption's real-token embedding
+and where its image lies in the tar, with the image's short side and sha256 (read from the image
+here, never from metadata that could lie). The columns, the writer and the readers are
+:mod:`pipeline.data.embeddings`, the one owner of that format.
 
 The parquet file is the shard's completion marker: it is written to a temporary name and
 renamed, and its schema metadata (``encoder_id``, ``max_length``, ``dtype``, ``dim``, source
@@ -52,9 +42,7 @@ import hashlib
 import heapq
 import logging
 import math
-import posixpath
 import re
-import tarfile
 import time
 from dataclasses import dataclass
 
@@ -62,7 +50,8 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.data.embed_config import EmbedConfig
-from pipeline.data.images import IMAGE_EXTS  # a key's first image member in tar order is used
+from pipeline.data.embeddings import STORAGE_DTYPE, build_table, read_footer, write_table
+from pipeline.data.shards import KINDS, ShardDamaged, TarScan, file_sha256
 from pipeline.data.split import shard_pattern
 
 log = logging.getLogger(__name__)
@@ -70,9 +59,6 @@ log = logging.getLogger(__name__)
 # Bump when the stored values or layout change: shards written by older code are redone.
 # v2: image_ext/offset/size columns; v3: image_side; v4: source_sha256, image_sha256, one sample per key
 CODE_VERSION = "embed-v4"
-STORAGE_DTYPE = "float16"
-_META_KEYS_INT = ("max_length", "dim", "num_samples", "source_size", "tar_samples")
-_HINT = "Delete it and re-run the embed step to regenerate it."
 # Keys that must match for an existing parquet to count as done; then the source tar's
 # size and sha256 must match too (see _is_done).
 _MATCH_KEYS = ("encoder_id", "max_length", "dtype", "code_version", "source_shard")
@@ -85,13 +71,6 @@ BUCKET_RATIO = 0.8
 def encoder_slug(encoder_id: str) -> str:
     """Directory-safe name for an encoder id (``google/t5@abc`` -> ``google-t5-abc``)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", encoder_id).strip("-.")
-
-
-def split_key(member_name: str) -> tuple[str, str]:
-    """WebDataset's key/extension split: ``dir/000001.png`` -> (``dir/000001``, ``png``)."""
-    directory, base = posixpath.split(member_name)
-    stem, _, ext = base.partition(".")
-    return (posixpath.join(directory, stem) if directory else stem), ext.lower()
 
 
 def shard_stem(uri: str) -> str:
@@ -122,52 +101,10 @@ class TarIndex:
         return len(self.all_keys) - len(self.keys)
 
 
-class _HashingReader:
-    """A file wrapper that hashes every byte read through it, and counts them."""
-
-    def __init__(self, fh):
-        self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.fh.read(n)
-        self.sha.update(data)
-        self.size += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-
-def file_sha256(uri: str) -> str:
-    """Hex sha256 of a file, streamed."""
-    with storage.open(uri, "rb") as fh:
-        reader = _HashingReader(fh)
-        reader.drain()
-    return reader.sha.hexdigest()
-
-
-def tar_tail_problem(fh, end: int, size: int) -> str | None:
-    """Why a tar whose member headers stop at byte ``end`` of ``size`` lost members, or None.
-
-    Python's tarfile ends an archive, silently, at the first header it cannot parse; only the
-    archive's end (zero blocks up to the file's size) may follow the last member.
-    """
-    if end + 512 > size:
-        return f"it is cut short ({size} bytes; its last member ends at byte {end})"
-    fh.seek(end)
-    pos = end
-    while chunk := fh.read(1 << 20):
-        if chunk.count(0) != len(chunk):
-            at = pos + len(chunk) - len(chunk.lstrip(b"\0"))  # the first non-zero byte
-            return f"a corrupt tar header at byte {at} of {size} ends the archive early"
-        pos += len(chunk)
-    return None
-
-
 def scan_tar(uri: str, captions: bool = True) -> TarIndex:
-    """Index one shard. With ``captions`` the tar is streamed (every byte read once, and
-    hashed: ``TarIndex.sha256``); without, headers are read and data is seeked past.
+    """Index one shard (:class:`pipeline.data.shards.TarScan`). With ``captions`` the tar is
+    streamed (every byte read once, and hashed: ``TarIndex.sha256``); without, headers are read
+    and data is seeked past.
 
     A key keeps the first member of each kind (image, caption) in tar order; later ones are
     counted in ``duplicates``. Raises ``ValueError`` naming the shard if the tar ends early
@@ -176,43 +113,36 @@ def scan_tar(uri: str, captions: bool = True) -> TarIndex:
     index = TarIndex([], [], {}, [])
     seen: set[str] = set()
     with_caption: set[str] = set()
-    with storage.open(uri, "rb") as fh:
-        reader = _HashingReader(fh)
-        with tarfile.open(fileobj=reader if captions else fh, mode="r|" if captions else "r:") as tar:
-            n = 0
-            for member in tar:
-                n += 1
-                if not member.isfile():
+    scan = TarScan(uri, hashed=captions)
+    try:
+        for m in scan:
+            if not m.isfile:
+                continue
+            if m.key not in seen:
+                seen.add(m.key)
+                index.all_keys.append(m.key)
+            kind = KINDS.get(m.ext)
+            if kind == "txt" and captions:
+                if m.key in with_caption:
+                    index.duplicates += 1
                     continue
-                key, ext = split_key(member.name)
-                if key not in seen:
-                    seen.add(key)
-                    index.all_keys.append(key)
-                if ext == "txt" and captions:
-                    if key in with_caption:
-                        index.duplicates += 1
-                        continue
-                    with_caption.add(key)
-                    index.keys.append(key)
-                    index.captions.append(tar.extractfile(member).read().decode("utf-8").strip())
-                elif ext in IMAGE_EXTS:
-                    if key in index.images:
-                        index.duplicates += 1
-                        continue
-                    data = tar.extractfile(member).read() if captions else None
-                    if data is not None:
-                        index.image_sha256[key] = hashlib.sha256(data).digest()
-                    index.images[key] = (ext, member.offset_data, member.size, _short_side(data) if captions else -1)
-            end = tar.offset
-        if captions:
-            reader.drain()
-            index.sha256, index.size = reader.sha.hexdigest(), reader.size
-        else:
-            index.size = storage.size(uri)
-        problem = tar_tail_problem(fh, end, index.size)
-    if problem:
-        raise ValueError(f"shard {uri} is damaged: {problem}, after {n} members. Re-run the filter step "
-                         "to write it again (delete it first).")
+                with_caption.add(m.key)
+                index.keys.append(m.key)
+                index.captions.append(scan.read().decode("utf-8").strip())
+            elif kind == "image":
+                if m.key in index.images:
+                    index.duplicates += 1
+                    continue
+                side = -1
+                if captions:
+                    data = scan.read()
+                    index.image_sha256[m.key] = hashlib.sha256(data).digest()
+                    side = _short_side(data)
+                index.images[m.key] = (m.ext, m.offset, m.size, side)
+    except ShardDamaged as err:
+        raise ValueError(f"shard {uri} is damaged: {err}. Re-run the filter step to write it again (delete it "
+                         "first).") from err
+    index.size, index.sha256 = scan.size, scan.sha256
     if index.duplicates:
         log.warning("%s: %d second member(s) for a key ignored (the first of each kind is used)", uri,
                     index.duplicates)
@@ -342,51 +272,6 @@ def _release_cached_memory() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _build_table(index: TarIndex, lengths: np.ndarray, flat: np.ndarray, metadata: dict):
-    import pyarrow as pa
-
-    keys = index.keys
-    where = [index.images.get(k, ("", -1, -1, -1)) for k in keys]
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    values = pa.array(flat.reshape(-1), pa.float16())
-    tokens = pa.FixedSizeListArray.from_arrays(values, flat.shape[1])
-    embedding = pa.ListArray.from_arrays(pa.array(offsets), tokens)
-    table = pa.table(
-        {
-            "__key__": pa.array(keys, pa.string()),
-            "num_tokens": pa.array(lengths.astype(np.int32), pa.int32()),
-            "embedding": embedding,
-            # Where the image sits in the source tar: the loader seeks there directly.
-            "image_ext": pa.array([w[0] for w in where], pa.string()),
-            "image_offset": pa.array([w[1] for w in where], pa.int64()),
-            "image_size": pa.array([w[2] for w in where], pa.int64()),
-            "image_side": pa.array([w[3] for w in where], pa.int32()),
-            # The loader checks each image it reads against this: the pixels it trains on are
-            # the ones that were here when the caption was embedded.
-            "image_sha256": pa.array([index.image_sha256.get(k) for k in keys], pa.binary(32)),
-        }
-    )
-    return table.replace_schema_metadata({k: str(v) for k, v in metadata.items()})
-
-
-def _write_parquet(table, uri: str) -> None:
-    import pyarrow.parquet as pq
-
-    # Temp name then rename, so readers (and re-runs) never take half a file for done.
-    with storage.atomic_write(uri) as fh:
-        # Dictionary encoding buys nothing on unique keys and random float16 values.
-        # Row groups of 1024 samples keep a T5-XXL shard's groups near 100-200 MB.
-        pq.write_table(table, fh, use_dictionary=False, compression="zstd", row_group_size=1024)
-
-
-def _decode_metadata(raw: dict | None) -> dict:
-    meta = {k.decode(): v.decode() for k, v in (raw or {}).items()}
-    for key in _META_KEYS_INT:
-        if key in meta:
-            meta[key] = int(meta[key])
-    return meta
 
 
 def embedding_files(path: str, split: str | None = None) -> list[str]:
@@ -620,8 +505,9 @@ def _embed_one(uri: str, out_uri: str, enc, opts: EmbedConfig, meta: dict, progr
     # The bytes that were indexed and embedded: a re-run redoes the shard if they change.
     extra = {"dim": enc.dim, "num_samples": len(keys), "tar_samples": len(index.all_keys),
              "source_size": index.size, "source_sha256": index.sha256}
-    table = _build_table(index, lengths, flat, {**meta, **extra})
-    _write_parquet(table, out_uri)
+    where = [index.images.get(k, ("", -1, -1, -1)) for k in keys]
+    table = build_table(keys, lengths, flat, where, [index.image_sha256.get(k) for k in keys], {**meta, **extra})
+    write_table(table, out_uri)
     seconds = time.perf_counter() - start
     padding = 1 - stats.tokens / stats.padded_tokens if stats.padded_tokens else 0.0
     print(
@@ -633,97 +519,3 @@ def _embed_one(uri: str, out_uri: str, enc, opts: EmbedConfig, meta: dict, progr
     return len(keys), stats
 
 
-@dataclass
-class EmbeddingShard:
-    """One embeddings parquet in memory: row ``i`` is ``keys[i]`` with ``get(i)`` [T, D]."""
-
-    path: str
-    keys: list[str]
-    offsets: np.ndarray  # int64 [rows + 1] into values
-    values: np.ndarray  # float16 [sum T, D]
-    meta: dict
-    # Image member per row in the source tar (ext, data offset, size; offset -1: no image).
-    # None for files without these columns: the reader then indexes the tar itself.
-    image_ext: list[str] | None = None
-    image_offset: np.ndarray | None = None
-    image_size: np.ndarray | None = None
-    image_side: np.ndarray | None = None  # short side in pixels per row (-1: unknown)
-    image_sha256: list[bytes | None] | None = None  # sha256 of each row's image bytes
-
-    def get(self, row: int) -> np.ndarray:
-        return self.values[self.offsets[row] : self.offsets[row + 1]]
-
-
-def load_embeddings(path: str) -> EmbeddingShard:
-    """Read one embeddings parquet whole (a shard's vectors stay in memory while it is read).
-
-    Raises ``ValueError`` naming the file if it is truncated, corrupt or not in the
-    format above.
-    """
-    import pyarrow.parquet as pq
-
-    try:
-        with storage.open(path, "rb") as fh:
-            table = pq.read_table(fh)
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable embeddings parquet ({err}). {_HINT}") from err
-    meta = _decode_metadata(table.schema.metadata)
-    missing = {"__key__", "num_tokens", "embedding"} - set(table.column_names)
-    if missing or "dim" not in meta:
-        raise ValueError(f"{path}: missing columns {sorted(missing)} or metadata 'dim'. {_HINT}")
-    keys = table.column("__key__").to_pylist()
-    embedding = table.column("embedding").combine_chunks()
-    lengths = _checked_lengths(path, keys, table.column("num_tokens"), embedding, meta["dim"])
-    flat = embedding.flatten().flatten()
-    values = flat.to_numpy(zero_copy_only=False).reshape(-1, meta["dim"])
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    shard = EmbeddingShard(path, keys, offsets, values, meta)
-    if {"image_ext", "image_offset", "image_size"} <= set(table.column_names):
-        shard.image_ext = table.column("image_ext").to_pylist()
-        shard.image_offset = table.column("image_offset").to_numpy()
-        shard.image_size = table.column("image_size").to_numpy()
-    if "image_side" in table.column_names:
-        shard.image_side = table.column("image_side").to_numpy()
-    if "image_sha256" in table.column_names:
-        shard.image_sha256 = table.column("image_sha256").to_pylist()
-    return shard
-
-
-def _checked_lengths(path: str, keys: list, num_tokens, embedding, dim: int) -> np.ndarray:
-    """Each row's token count (int64), after checking that ``num_tokens`` says what the row
-    stores: a row's vectors are found by summing the counts before it, so one wrong count
-    would hand a caption another caption's vectors."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    kind = embedding.type
-    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not (
-            pa.types.is_fixed_size_list(kind.value_type) and kind.value_type.list_size == dim):
-        raise ValueError(f"{path}: column embedding is {kind}, expected lists of {dim}-d vectors "
-                         f"(metadata 'dim'). {_HINT}")
-    stored = pc.fill_null(pc.list_value_length(embedding), -1).to_numpy(zero_copy_only=False).astype(np.int64)
-    lengths = pc.fill_null(num_tokens, -1).to_numpy().astype(np.int64)
-    bad = np.flatnonzero((lengths != stored) | (lengths < 1))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"{path}: key {keys[i]!r} has num_tokens {lengths[i]} but {stored[i]} stored token "
-                         f"vectors ({bad.size} rows disagree). {_HINT}")
-    return lengths
-
-
-def read_embeddings(path: str) -> tuple[dict[str, np.ndarray], dict]:
-    """Load one embeddings parquet: ``({key: float16 [T, D]}, metadata)`` (views, no copies)."""
-    shard = load_embeddings(path)
-    return {key: shard.get(i) for i, key in enumerate(shard.keys)}, shard.meta
-
-
-def read_footer(path: str) -> tuple[int, dict]:
-    """(rows, metadata) of an embeddings parquet from its footer alone."""
-    import pyarrow.parquet as pq
-
-    try:
-        with storage.open(path, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            return pf.metadata.num_rows, _decode_metadata(pf.schema_arrow.metadata)
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable embeddings parquet ({err}). {_HINT}") from err

@@ -37,10 +37,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
-import re
-import tarfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -49,9 +46,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.data import reshard, shards
 from pipeline.data import split as splits
 from pipeline.data.download import normalize_error, read_refused, reason_stage, shard_failures
-from pipeline.data.embed import _HashingReader, file_sha256, tar_tail_problem
 from pipeline.data.filter_registry import (
     FILTERS,
     CaptionLengthFilter,
@@ -92,28 +89,6 @@ WORK_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("reason", 
                          ("side", pa.int32())])  # the stored image's short side: which stages can use it
 
 
-def _split_key(name: str) -> tuple[str, str]:
-    # webdataset's rule: the key is everything before the first dot of the file name. The
-    # extension keeps its spelling: "KEY.PNG" is no "png" member (see _KINDS).
-    stem, _, ext = name.partition(".")
-    return stem, ext
-
-
-# img2dataset names members KEY.EXT with a numeric key. Anything else (a directory part, "..",
-# an absolute path, a backslash, control characters, an empty key) is no sample of this
-# download: it is dropped and counted, and can never reach a filtered shard. The 100-character
-# cap keeps the whole name in the ustar header, where read_located checks it.
-_SAFE_MEMBER = re.compile(r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,16})+")
-# The only member extensions a sample has, spelt exactly as img2dataset writes them. Any other
-# ("KEY.PNG", "KEY.foo") is dropped as unknown_member_extension: readers downstream match names
-# exactly, so a case-folded match here would index a member that pass 3 cannot find.
-_KINDS = {**dict.fromkeys(IMAGE_EXTS, "image"), "txt": "txt", "json": "json"}
-
-
-def _plain_key(key) -> bool:
-    return isinstance(key, str) and _SAFE_MEMBER.fullmatch(f"{key}.x") is not None
-
-
 def _sample_from(key: str, members: dict[str, bytes]) -> Sample:
     ext = next((e for e in IMAGE_EXTS if e in members), None)
     meta = {}
@@ -137,7 +112,7 @@ class RawShard:
     """
 
     uri: str
-    groups: dict[str, dict[str, tarfile.TarInfo]]
+    groups: dict[str, dict[str, shards.Member]]
     dropped: collections.Counter
     rejected_rows: dict[str, tuple[str | None, str]]
     sha256: str = ""
@@ -175,43 +150,35 @@ def index_raw_shard(uri: str) -> RawShard:
     of one kind for a key: the first in tar order wins) and ``not_in_download_parquet``.
     The tar is read once, front to back, and hashed on the way (``RawShard.sha256``).
     """
-    groups: dict[str, dict[str, tarfile.TarInfo]] = collections.defaultdict(dict)
+    groups: dict[str, dict[str, shards.Member]] = collections.defaultdict(dict)
     dropped: collections.Counter = collections.Counter()
     misspelt: set[str] = set()  # keys with a member under an unknown extension
-    with storage.open(uri, "rb") as f:
-        reader = _HashingReader(f)
-        try:
-            # A stream: every byte goes through the hash once, whatever the storage, in constant memory.
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                infos = tar.getmembers()
-                end = tar.offset
-        except tarfile.TarError as err:
-            raise _damaged(uri, f"it is not a readable tar ({err})") from err
-        reader.drain()
-        problem = tar_tail_problem(f, end, reader.size)
-    if problem:
-        raise _damaged(uri, f"{problem}, after {len(infos)} members; the samples behind it would be lost")
-    for info in infos:
-        if not _SAFE_MEMBER.fullmatch(info.name) or len(info.name) > 100:
+    # A stream: every byte goes through the hash once, whatever the storage, in constant memory.
+    scan = shards.TarScan(uri)
+    try:
+        members = list(scan)
+    except shards.ShardDamaged as err:
+        raise _damaged(uri, f"{err}; the samples behind it would be lost") from err
+    for m in members:
+        if not shards.is_safe_member(m.name):
             dropped["unsafe_member_name"] += 1
             continue
-        if not info.isfile():
+        if not m.isfile:
             dropped["not_a_regular_file"] += 1
             continue
-        key, ext = _split_key(info.name)
-        if ext not in _KINDS:
+        if m.ext not in shards.KINDS:
             dropped["unknown_member_extension"] += 1
-            misspelt.add(key)
+            misspelt.add(m.key)
             continue
-        group = groups[key]
-        if any(_KINDS[e] == _KINDS[ext] for e in group):
+        group = groups[m.key]
+        if any(shards.KINDS[e] == shards.KINDS[m.ext] for e in group):
             dropped["duplicate_key"] += 1
             continue
-        group[ext] = info
+        group[m.ext] = m
     listed = _successes(uri)
-    rejected = {k: (u, "unsafe_member_name") for k, u in listed.items() if not _plain_key(k)}
+    rejected = {k: (u, "unsafe_member_name") for k, u in listed.items() if not shards.is_plain_key(k)}
     for key in sorted(misspelt & listed.keys()):
-        if not any(_KINDS[e] == "image" for e in groups.get(key, {})):
+        if not any(shards.KINDS[e] == "image" for e in groups.get(key, {})):
             # Its image is there only under another spelling: a counted reject, not a damaged shard.
             groups.pop(key, None)
             rejected[key] = (listed[key], "unknown_member_extension")
@@ -224,7 +191,7 @@ def index_raw_shard(uri: str) -> RawShard:
     if dropped:
         print(f"warning: raw shard {uri}: dropped {sum(dropped.values())} tar member(s) that are no sample "
               f"of this download: {dict(sorted(dropped.items()))}", flush=True)
-    return RawShard(uri, dict(groups), dropped, rejected, reader.sha.hexdigest())
+    return RawShard(uri, dict(groups), dropped, rejected, scan.sha256)
 
 
 def read_shard(uri: str, keys: set[str] | None = None, locations: dict[str, dict[str, list]] | None = None,
@@ -243,38 +210,37 @@ def read_shard(uri: str, keys: set[str] | None = None, locations: dict[str, dict
     with storage.open(uri, "rb") as f:
         for key in sorted(groups if keys is None else keys & groups.keys()):
             members = {}
-            for ext, info in groups[key].items():
-                f.seek(info.offset_data)
-                members[ext] = f.read(info.size)
+            for ext, m in groups[key].items():
+                f.seek(m.offset)  # just indexed: the data is read as is, hashed below
+                members[ext] = f.read(m.size)
             if locations is not None:
-                locations[key] = {ext: [info.offset_data, info.size, hashlib.sha256(members[ext]).hexdigest()]
-                                  for ext, info in groups[key].items()}
+                locations[key] = {ext: [m.offset, m.size, hashlib.sha256(members[ext]).hexdigest()]
+                                  for ext, m in groups[key].items()}
             yield _sample_from(key, members)
 
 
 def read_located(uri: str, located: list[tuple[str, dict[str, list]]]) -> Iterator[Sample]:
     """Samples at known tar offsets (from :func:`read_shard`'s ``locations``), in the given order.
 
-    Seeks straight to the member data: no tar header is parsed a second time, which is most of
-    the cost of reading a shard of small images. Each member's name (in its own header), size
-    and sha256 are checked against what pass 1 read and filtered, so a shard rewritten since,
-    even in place at the same size, fails instead of giving other bytes.
+    Seeks straight to the member data (:func:`pipeline.data.shards.read_at`): no tar is indexed
+    a second time, which is most of the cost of reading a shard of small images. Each member's
+    name (exactly, in its own header), size and sha256 are checked against what pass 1 read and
+    filtered, so a shard rewritten since, even in place at the same size, fails instead of giving
+    other bytes.
     """
     with storage.open(uri, "rb") as f:
         for key, members in located:
             data = {}
             for ext, (offset, size, sha256) in members.items():
-                f.seek(offset - 512)
-                block = f.read(512 + size)
-                name = block[:100].rstrip(b"\0").decode("utf-8", "replace")
-                data[ext] = block[512:]
-                if len(data[ext]) != size or name != f"{key}.{ext}":
+                name = shards.member_name(key, ext)
+                data[ext] = shards.read_at(f, offset, name, size)
+                if data[ext] is None or len(data[ext]) != size:
                     why = "is not where it was"
                 elif hashlib.sha256(data[ext]).hexdigest() != sha256:
                     why = "has other bytes than the ones filtered"
                 else:
                     continue
-                raise RawShardChanged(f"raw shard {uri} changed since it was filtered (member {key}.{ext} {why}); "
+                raise RawShardChanged(f"raw shard {uri} changed since it was filtered (member {name} {why}); "
                                       "run the filter step again: it filters the shard anew")
             yield _sample_from(key, data)
 
@@ -359,7 +325,7 @@ def _pass1_done(raw_uri: str, work_uri: str, settings: str) -> bool:
         meta = pq.read_schema(f).metadata or {}
     if meta.get(b"settings") != settings.encode() or meta.get(b"raw_size") != str(storage.size(raw_uri)).encode():
         return False  # redone anyway: no need to read the shard
-    return meta.get(b"raw_sha256") == file_sha256(raw_uri).encode()
+    return meta.get(b"raw_sha256") == shards.file_sha256(raw_uri).encode()
 
 
 def _run_pass1(raw: list[str], work: str, config: FilterConfig, workers: int) -> None:
@@ -400,117 +366,7 @@ def _work_uri(work: str, raw_uri: str) -> str:
     return storage.join(work, storage.basename(raw_uri)[: -len(".tar")] + ".parquet")
 
 
-# --- pass 2: global dedup and the reshard plan -----------------------------------------------
-
-def _plan(raw: list[str], work: str, config: FilterConfig,
-          samples_per_shard: int) -> tuple[pa.Table, collections.Counter, collections.Counter]:
-    """The plan: one row per sample that passed pass 1, in dataset order, with its split and
-    output shard (or its duplicate reason and original); also the rejects of pass 1 and 2 by
-    reason, and the tar members pass 1 dropped, by reason."""
-    from pipeline.data.dedup import find_duplicates
-
-    rejects: collections.Counter = collections.Counter()
-    dropped: collections.Counter = collections.Counter()
-    cols: dict[str, list] = {"raw": [], "key": [], "url": [], "sha256": [], "phash": [], "thumb": [],
-                             "scores": [], "members": [], "side": []}
-    for r in raw:
-        with storage.open(_work_uri(work, r), "rb") as f:
-            table = pq.read_table(f)
-        dropped.update(json.loads((table.schema.metadata or {}).get(b"dropped_members", b"{}")))
-        rejects.update(x for x in table["reason"].to_pylist() if x is not None)
-        table = table.filter(table["reason"].is_null())
-        cols["raw"] += [storage.basename(r)] * table.num_rows
-        for name in ("key", "url", "sha256", "phash", "thumb", "scores", "members", "side"):
-            cols[name] += table[name].to_pylist()
-    # One sample per key (embeddings and the loader join on it): the first copy that passed
-    # pass 1, in dataset order (raw shard, then key), keeps it; later copies are counted.
-    dups: dict[int, tuple[str, str]] = {}
-    owner: dict[str, str] = {}
-    for i, (raw_name, key) in enumerate(zip(cols["raw"], cols["key"], strict=True)):
-        if key in owner:
-            dups[i] = ("duplicate_key", f"{owner[key]}/{key}")
-        else:
-            owner[key] = raw_name
-    if config.dedup or config.near_dedup:
-        unique = [i for i in range(len(cols["key"])) if i not in dups]
-        by_key = {cols["key"][i]: i for i in unique}
-        found = find_duplicates(((cols["key"][i], cols["sha256"][i], cols["phash"][i], cols["thumb"][i])
-                                 for i in unique), exact=config.dedup, near=config.near_dedup,
-                                max_distance=config.near_dup_distance,
-                                color_tolerance=config.near_dup_color_tolerance)
-        dups.update({by_key[key]: (reason, original) for key, reason, original in found})
-    rejects.update(reason for reason, _ in dups.values())
-    # The split is drawn after dedup, on purpose: of a group of (near) duplicates only one is
-    # kept, so two copies of one image can never sit on both sides of it. By URL, not key:
-    # img2dataset's keys are row positions, which another URL list would give to other images.
-    kept = [i for i in range(len(cols["key"])) if i not in dups]
-    held_out = splits.assign([cols["url"][i] or cols["key"][i] for i in kept], config.val_fraction,
-                             config.val_max)
-    split: list[str | None] = [None] * len(cols["key"])
-    for i, val in zip(kept, held_out, strict=True):
-        split[i] = splits.VAL if val else splits.TRAIN
-    shard = splits.shard_names(split, samples_per_shard)
-    fates = [dups.get(i, (None, None)) for i in range(len(cols["key"]))]
-    plan = pa.table({"raw": cols["raw"], "key": cols["key"], "url": pa.array(cols["url"], pa.string()),
-                     "split": pa.array(split, pa.string()), "shard": pa.array(shard, pa.string()),
-                     "reason": pa.array([f[0] for f in fates], pa.string()),
-                     "duplicate_of": pa.array([f[1] for f in fates], pa.string()),
-                     "scores": pa.array(cols["scores"], pa.string()),
-                     "members": pa.array(cols["members"], pa.string()),
-                     "side": pa.array(cols["side"], pa.int32())})
-    # "members" holds each member's sha256: new bytes under the same keys make a new plan.
-    digest = hashlib.sha256(json.dumps([plan[c].to_pylist() for c in ("raw", "key", "shard", "scores",
-                                                                       "members")]).encode())
-    return plan.replace_schema_metadata({b"plan_id": digest.hexdigest().encode()}), rejects, dropped
-
-
 # --- pass 3: write the output shards ----------------------------------------------------------
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed mtime/owner so the same input always gives byte-identical shards.
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o444
-    tar.addfile(info, io.BytesIO(data))
-
-
-class ShardWriter:
-    """Streams samples into named output shards, each written atomically (temp name, then rename)."""
-
-    def __init__(self, output: str):
-        self.output = output
-        self._name: str | None = None
-        self._stack: contextlib.ExitStack | None = None
-        self._tar: tarfile.TarFile | None = None
-
-    def write(self, sample: Sample, name: str) -> None:
-        if name != self._name:
-            self.close()
-            self._name, self._stack = name, contextlib.ExitStack()
-            f = self._stack.enter_context(storage.atomic_write(storage.join(self.output, name)))
-            tar = tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 - closed by the stack
-            self._tar = self._stack.enter_context(tar)
-        _add_member(self._tar, f"{sample.key}.{sample.ext}", sample.image_bytes)
-        _add_member(self._tar, f"{sample.key}.txt", sample.caption.strip().encode("utf-8"))
-        _add_member(self._tar, f"{sample.key}.json", json.dumps(sample.meta, sort_keys=True).encode("utf-8"))
-
-    def close(self) -> None:
-        """Finish the open shard: close the tar, then rename it into place."""
-        if self._stack is not None:
-            self._stack.close()
-            print(f"filter: wrote {storage.join(self.output, self._name)}", flush=True)
-        self._stack, self._tar, self._name = None, None, None
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if exc[0] is None:
-            self.close()
-        elif self._stack is not None:
-            # Hand the error to atomic_write, which deletes the half-written temporary shard.
-            self._stack.__exit__(*exc)
-            self._stack, self._tar, self._name = None, None, None
-
 
 def _plan_id(uri: str) -> bytes | None:
     if not storage.exists(uri):
@@ -542,7 +398,7 @@ def _write_outputs(input: str, output: str, plan: pa.Table) -> None:
     # One writer per split: the plan interleaves the splits, and each writer must meet its
     # shards one after the other (it finishes a shard when the next name comes).
     with contextlib.ExitStack() as stack:
-        writers = {name: stack.enter_context(ShardWriter(output)) for name in splits.SPLITS}
+        writers = {name: stack.enter_context(shards.ShardWriter(output)) for name in splits.SPLITS}
         for raw_name, raw_rows in sorted(needed.items()):
             located = [(r["key"], json.loads(r["members"])) for r in raw_rows]
             raw_uri = storage.join(input, raw_name)
@@ -660,7 +516,8 @@ def filter_shards(input: str, output: str, config: FilterConfig | None = None,
     storage.remove(storage.join(output, MANIFEST))  # first: a crash from here on never looks finished
     work = storage.join(output, WORK)
     _run_pass1(raw, work, config, workers)
-    plan, filter_rejects, dropped = _plan(raw, work, config, samples_per_shard)
+    plan, filter_rejects, dropped = reshard.plan([(storage.basename(r), _work_uri(work, r)) for r in raw],
+                                                 config, samples_per_shard)
     _write_outputs(input, output, plan)
     shards = dict(sorted(collections.Counter(s for s in plan["shard"].to_pylist() if s).items()))
     rows, download_rejects, refused = _download_rejects(input, raw)
@@ -670,8 +527,8 @@ def filter_shards(input: str, output: str, config: FilterConfig | None = None,
     manifest = {"format": MANIFEST_FORMAT, "input": input, "output": output, **settings, "filters": names,
                 "skipped_filters": skipped, "shards": shards, "input_rows": rows, "kept": kept,
                 "rejected": sum(sum(r.values()) for r in rejects.values()), "rejects": rejects,
-                "dropped_members": dict(sorted(dropped.items())), "split": _split_counts(plan, config),
-                "stages": stage_counts(plan, config.stage_sides)}
+                "dropped_members": dict(sorted(dropped.items())), "split": reshard.split_counts(plan, config),
+                "stages": reshard.stage_counts(plan, config.stage_sides)}
     if kept + manifest["rejected"] != rows:
         # A raw tar and its parquet disagree (e.g. a tar rewritten by hand): say so, keep going.
         print(f"warning: kept {kept} + rejected {manifest['rejected']} != {rows} rows listed in the "
@@ -688,32 +545,6 @@ def stage_config(presets: dict[str, str], stages=None, **overrides) -> FilterCon
 
     policy = stage_policy(stage_specs(presets, stages))
     return FilterConfig(**{"min_side": policy["min_side"], "stage_sides": policy["stage_sides"], **overrides})
-
-
-def _split_counts(plan: pa.Table, config: FilterConfig) -> dict:
-    """The manifest's ``split``: its settings and how many kept samples each side got."""
-    kept = [(split, url) for split, url in zip(plan["split"].to_pylist(), plan["url"].to_pylist(), strict=True)
-            if split]
-    counts = collections.Counter(split for split, _ in kept)
-    return {"val_fraction": config.val_fraction, "val_max": config.val_max, "by": "url",
-            "train": counts[splits.TRAIN], "val": counts[splits.VAL],
-            "keyed_without_url": sum(not url for _, url in kept)}
-
-
-def stage_counts(plan: pa.Table, stage_sides: dict[str, int]) -> dict[str, dict]:
-    """Per cascade stage and split: the kept samples it can use (stored short side >= its side)
-    and those left out of it alone, as ``{"too_small_for_<stage>": n}``: ``samples`` and
-    ``excluded`` of the training split, ``val_samples`` and ``val_excluded`` of the validation one."""
-    sides = {name: [side for side, split in zip(plan["side"].to_pylist(), plan["split"].to_pylist(), strict=True)
-                    if split == name] for name in splits.SPLITS}
-    out = {}
-    for stage, need in stage_sides.items():
-        out[stage] = {"min_side": need}
-        for name, prefix in ((splits.TRAIN, ""), (splits.VAL, "val_")):
-            small = sum(s is None or s < need for s in sides[name])
-            out[stage][f"{prefix}samples"] = len(sides[name]) - small
-            out[stage][f"{prefix}excluded"] = {f"too_small_for_{stage}": small}
-    return out
 
 
 def format_reject_table(manifest: dict) -> str:

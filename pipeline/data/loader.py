@@ -4,7 +4,8 @@ Each filtered shard ``DATA/NNNNNN.tar`` (``KEY.png``, ``KEY.txt``, ``KEY.json``)
 with ``EMBEDDINGS/NNNNNN.parquet`` written by :mod:`pipeline.data.embed`; samples are joined on
 ``__key__`` when the shard is opened. The training loader is an endless stream of batches::
 
-    from pipeline.data.loader import TrainDataConfig, make_loader, to_device
+    from pipeline.data.batch import to_device
+    from pipeline.data.loader import TrainDataConfig, make_loader
     cfg = TrainDataConfig(data="data/filtered", embeddings="data/embeddings/t5-...")
     batch = next(iter(make_loader(cfg, rank=0, world_size=1)))
     batch["image"]        # uint8 [B, 3, C, C] (channels first, contiguous), C = cfg.crop_size
@@ -37,7 +38,7 @@ How the order is made, so that it is exact and cheap to resume:
   shards and visits each window's samples in a random permutation. Orders and crop/flip
   draws come from ``numpy`` generators seeded with (seed, epoch, reader, window), so batch
   ``m`` of a reader is a pure function of ``m``: ``start_batch`` jumps there by
-  arithmetic, without decoding anything it skips.
+  arithmetic, without decoding anything it skips (:class:`pipeline.data.order.ReaderPlan`).
 - A worker yields whole batches and the DataLoader takes them round-robin (worker
   ``j % W`` makes batch ``j``); resuming at ``start_batch`` rotates the roles accordingly.
 
@@ -46,7 +47,8 @@ stored short side (``image_side``, recorded by the embed step from the image hea
 ``image_size`` are left out of the plan before anything is read, and counted
 (:attr:`Shard.excluded`). The image is resized so its short side is ``image_size`` (never up),
 then cropped to ``crop_size`` (centred, or random for SR stages); an SR stage's low-res input
-is the same crop downsampled by area averaging.
+is the same crop downsampled by area averaging (:mod:`pipeline.data.crops`). Tar members are
+read through :mod:`pipeline.data.shards`, which checks each member's name exactly.
 
 A sample whose image is missing, undecodable or (without a recorded side) smaller than the
 stage is counted, logged, and its slot in the batch is filled with another sample of the same
@@ -74,7 +76,6 @@ import io
 import json
 import logging
 import os
-import tarfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -85,18 +86,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from imagen.text import same_recorded_encoder
 from pipeline import storage
-from pipeline.data.batch import collate, to_device  # noqa: F401 - to_device: importable from here, as before
+from pipeline.data import shards
+from pipeline.data.batch import collate
+from pipeline.data.crops import TooSmall, decode_image
 from pipeline.data.embed import (
-    balanced_split,
     embedding_files,
-    load_embeddings,
-    read_footer,
-    read_metadata,  # noqa: F401 - importable from here too, as before
     resolve_embeddings_dir,
     scan_tar,
     shard_stem,
 )
-from pipeline.data.images import to_rgb
+from pipeline.data.embeddings import load_embeddings, read_footer
+from pipeline.data.order import ReaderPlan
 from pipeline.data.split import TRAIN, VAL, VAL_SHARD, shard_pattern
 
 log = logging.getLogger(__name__)
@@ -296,55 +296,6 @@ def data_counts(shards: list[Shard]) -> dict[str, int]:
             "data_excluded_too_small": sum(s.excluded for s in shards)}
 
 
-class ReaderPlan:
-    """The endless, deterministic sample order of one reader, addressable by position.
-
-    A *part* is (shard index, first row, row step): the rows of a shard this reader reads.
-    """
-
-    def __init__(self, rows: list[int], split: int, nsplit: int, seed: int, window: int):
-        if len(rows) >= nsplit:
-            # Balanced by rows: a short last shard must not give one reader a shorter
-            # (so more often repeated) epoch.
-            self.parts = [(s, 0, 1) for s in balanced_split(rows, nsplit)[split]]
-        else:  # fewer shards than readers: a disjoint stride of every shard
-            # Offset by the shard index so small shards don't all favour reader 0.
-            self.parts = [(s, (split - s) % nsplit, nsplit) for s in range(len(rows))]
-        self.counts = np.array([len(range(f, rows[s], st)) for s, f, st in self.parts])
-        self.epoch_len = int(self.counts.sum())
-        self.split, self.seed, self.window = split, seed, window
-
-    def _windows(self, epoch: int) -> list[np.ndarray]:
-        order = np.random.default_rng([self.seed, epoch, self.split, 1, 0])
-        perm = order.permutation(len(self.parts))
-        return [perm[i : i + self.window] for i in range(0, len(perm), self.window)]
-
-    def _rows(self, p: int) -> np.ndarray:
-        _, first, step = self.parts[p]
-        return np.arange(first, first + step * self.counts[p], step)
-
-    def window_items(self, epoch: int, w: int, parts: np.ndarray):
-        """(shard index, row, augmentation draws [n, 3]) of window ``w``, in visit order."""
-        shard = np.concatenate([np.full(self.counts[p], self.parts[p][0]) for p in parts])
-        row = np.concatenate([self._rows(p) for p in parts])
-        gen = np.random.default_rng([self.seed, epoch, self.split, 2, w])
-        perm = gen.permutation(len(shard))
-        return shard[perm], row[perm], gen.random((len(shard), 3))
-
-    def from_position(self, position: int) -> Iterator[tuple[int, tuple, int]]:
-        """Yield (epoch, window items, first index) from the sample at ``position`` on."""
-        epoch, offset = divmod(position, self.epoch_len)
-        while True:
-            windows = self._windows(epoch)
-            ends = np.cumsum([self.counts[parts].sum() for parts in windows])
-            first_w = int(np.searchsorted(ends, offset, side="right"))
-            start = offset - (int(ends[first_w - 1]) if first_w else 0)
-            for w in range(first_w, len(windows)):
-                yield epoch, self.window_items(epoch, w, windows[w]), start
-                start = 0
-            epoch, offset = epoch + 1, 0
-
-
 class _ShardReader:
     """An open shard: its embeddings in memory and random access to its images.
 
@@ -411,24 +362,20 @@ class _ShardReader:
         offset, size = int(self.offset[row]), int(self.size[row])
         if offset < 0:
             return None
-        # Read the member's 512-byte header too and check its name: a shard rewritten
-        # to the same size must not hand out another sample's image. Two reads, not one
-        # sliced block: slicing would copy every image once more.
-        self.fh.seek(offset - 512)
-        header = self.fh.read(512)
-        name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
-        expected = f"{self.emb.keys[row]}.{self.ext[row]}"
-        if not name or not (expected.startswith(name) or expected.endswith(name)):
+        # The member's name in its own header must be exactly this key's image: a shard
+        # rewritten to the same size must not hand out another sample's image.
+        expected = shards.member_name(self.emb.keys[row], self.ext[row])
+        data = shards.read_at(self.fh, offset, expected, size)
+        if data is None:
             if self.scanned:  # its own index disagrees: the file changed while we read it
-                log.warning("%s: member at offset %d is %r, not %r; skipping it",
-                            self.shard.tar, offset, name, expected)  # fmt: skip
+                log.warning("%s: member at offset %d is not %r; skipping it",
+                            self.shard.tar, offset, expected)  # fmt: skip
                 return None
-            log.warning("%s: member at offset %d is %r, not %r; re-indexing the tar",
-                        self.shard.tar, offset, name, expected)  # fmt: skip
+            log.warning("%s: member at offset %d is not %r; re-indexing the tar",
+                        self.shard.tar, offset, expected)  # fmt: skip
             self.report, self.warn = self._scan(), True
             self._log_report()
             return self.read_image(row)
-        data = self.fh.read(size)
         digests = self.emb.image_sha256
         if digests is not None and digests[row] is not None and hashlib.sha256(data).digest() != digests[row]:
             log.warning("%s: the image of key %s changed since it was embedded; skipping it (re-run the embed "
@@ -446,91 +393,11 @@ class _ShardReader:
         offset, size = int(self.offset[row]), int(self.size[row])
         if offset < 0:
             return None
-        self.fh.seek(offset + -(-size // 512) * 512)  # tar data is padded to 512-byte blocks
-        try:
-            info = tarfile.TarInfo.frombuf(self.fh.read(512), "utf-8", "surrogateescape")
-        except tarfile.TarError:
-            return None
-        if info.name != f"{self.emb.keys[row]}.txt":
-            return None
-        return self.fh.read(info.size).decode("utf-8", "replace").strip()
+        text = shards.read_after(self.fh, offset, size, shards.member_name(self.emb.keys[row], "txt"))
+        return None if text is None else text.decode("utf-8", "replace").strip()
 
     def close(self) -> None:
         self.fh.close()
-
-
-# Downscale by an integer box reduction first, then bicubic over the last factor <= 2
-# (PIL's reducing_gap): 2x faster than plain bicubic at 256 -> 64, within a few grey levels.
-_REDUCING_GAP = 2.0
-
-
-class TooSmall(ValueError):
-    """The image is smaller than the stage: it is skipped, never upscaled."""
-
-
-def _resize_short_side(img, size: int):
-    from PIL import Image
-
-    w, h = img.size
-    if min(w, h) < size:
-        raise TooSmall(f"{w}x{h} image is smaller than this stage's {size} px: never upscaled")
-    scale = size / min(w, h)
-    new = (max(size, round(w * scale)), max(size, round(h * scale)))
-    if img.format == "JPEG" and scale <= 0.5:
-        # Decode at 1/2..1/8 scale in the DCT (JPEG draft mode): far faster, same geometry.
-        img.draft("RGB", new)
-    img = to_rgb(img)  # 16-bit scaled, alpha on white, CMYK via its ICC profile, EXIF upright
-    if (img.width > img.height) != (w > h):
-        new = new[::-1]  # EXIF orientation swapped the axes (never in shards img2dataset wrote)
-    if img.size != new:
-        img = img.resize(new, Image.Resampling.BICUBIC, reducing_gap=_REDUCING_GAP)
-    return img
-
-
-def decode_image(
-    data: bytes, cfg: TrainDataConfig, aug: tuple[float, float, float] = (0.5, 0.5, 1.0)
-) -> dict[str, np.ndarray]:
-    """Bytes -> {"image": uint8 [C,C,3], "lowres"?: uint8 [c,c,3]}: resize, crop, flip.
-
-    The short side is resized to ``cfg.image_size`` (an image smaller than that raises
-    :class:`TooSmall`: never upscaled), then a ``cfg.crop_size`` square is cut.
-    ``aug`` = uniform draws (crop x, crop y, flip): the crop is centred unless
-    ``cfg.random_crop``; the image is flipped when ``cfg.random_flip`` and the draw < 0.5.
-    The arrays are read-only views of PIL's pixels (``collate`` copies them once).
-    """
-    from PIL import Image
-
-    size = cfg.crop_size
-    img = _resize_short_side(Image.open(io.BytesIO(data)), cfg.image_size)
-    w, h = img.size
-    if cfg.random_crop:
-        left = min(int(aug[0] * (w - size + 1)), w - size)
-        top = min(int(aug[1] * (h - size + 1)), h - size)
-    else:
-        left, top = (w - size) // 2, (h - size) // 2
-    if (w, h) != (size, size):
-        img = img.crop((left, top, left + size, top + size))
-    if cfg.random_flip and aug[2] < 0.5:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    out = {"image": np.asarray(img)}
-    if cfg.lowres_size is not None:
-        out["lowres"] = np.asarray(_lowres(img, cfg.lowres_size))
-    return out
-
-
-def _lowres(img, side: int):
-    """The SR stage's conditioning input (Imagen sec. 2.5), from the same crop and flip.
-
-    Area averaging (box filter), as img2dataset downsamples by default: the SR stage is
-    conditioned on images made like the base stage's training images (and so like its
-    samples). An integer factor is a plain block mean, the fastest path.
-    """
-    from PIL import Image
-
-    factor = img.size[0] / side
-    if factor == int(factor):
-        return img.reduce(int(factor))
-    return img.resize((side, side), Image.Resampling.BOX)
 
 
 class ShardStream(IterableDataset):

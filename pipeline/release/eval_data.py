@@ -19,7 +19,7 @@ crops is evaluated on whole images, its input the loader's own low-res version o
 from __future__ import annotations
 
 import dataclasses
-import os
+import posixpath
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -152,33 +152,33 @@ def render_set(specs, size: int, seed: int) -> tuple[np.ndarray, list[str]]:
 
 def load_references(path: str, limit: int) -> tuple[np.ndarray, list[str]]:
     """Up to ``limit`` images (center-cropped squares at the smallest side found) with captions
-    from a folder of images (caption from NAME.txt beside each, else "") or of WebDataset
-    shards (the filter step's output)."""
-    import webdataset
-
+    from a folder (any fsspec URI) of images (caption from NAME.txt beside each, else "") or of
+    WebDataset shards (the filter step's output, read through :mod:`pipeline.data.shards`)."""
     from pipeline.data.images import open_rgb
+    from pipeline.data.shards import iter_samples
     from pipeline.release.metrics import resize
 
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
         raise FileNotFoundError(f"--references {path}: not a folder of images or of .tar shards")
+    files = storage.list_files(path)
+    names = {storage.basename(uri) for uri in files}
     items: list[tuple[bytes, str]] = []
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
+    for uri in files:
+        name = storage.basename(uri)
         if name.endswith(".tar"):
-            for parts in webdataset.WebDataset(full, shardshuffle=False, empty_check=False):
+            for _, parts in iter_samples(uri):
                 img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
                 if img is not None:
                     items.append((img, parts.get("txt", b"").decode()))
                 if len(items) >= limit:
                     break
         elif name.lower().endswith(tuple(f".{e}" for e in IMAGE_EXTS)):
-            txt = os.path.splitext(full)[0] + ".txt"
+            txt = posixpath.splitext(name)[0] + ".txt"
             caption = ""
-            if os.path.exists(txt):
-                with open(txt) as f:
+            if txt in names:
+                with storage.open(storage.join(path, txt), "r") as f:
                     caption = f.read().strip()
-            with open(full, "rb") as f:
-                items.append((f.read(), caption))
+            items.append((storage.read_bytes(uri), caption))
         if len(items) >= limit:
             break
     if not items:

@@ -64,11 +64,7 @@ import numpy as np
 from imagen.config import check_chain
 from pipeline import storage
 from pipeline.release import sweep
-from pipeline.release.eval_data import (  # noqa: F401 - load_references: importable from here, as before
-    ValidationSplit,
-    load_references,
-    references,
-)
+from pipeline.release.eval_data import ValidationSplit, references
 
 log = logging.getLogger(__name__)
 

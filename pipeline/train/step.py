@@ -19,7 +19,7 @@ Nothing here reads a value back to the host (STYLE #14): the loss, the gradient 
 trainer calls at logging steps and before every checkpoint. A non-finite loss or gradient
 therefore stops training there with ``FloatingPointError``, before any checkpoint holds the
 bad weights: the last checkpoint written is good, and ``--resume latest`` restarts from it.
-Images arrive as uint8 and text as fp16 (pipeline/data/loader.py ``to_device``), padded to the
+Images arrive as uint8 and text as fp16 (pipeline/data/batch.py ``to_device``), padded to the
 preset's ``max_text_len``: shapes are static, so ``--compile`` compiles one graph.
 
 Efficiency at scale: fused AdamW on CUDA; FSDP2 gathers bf16 parameters and reduces in fp32
@@ -115,7 +115,7 @@ class TrainStep:
 
     def micro_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Mean diffusion loss of one micro-batch (a device scalar)."""
-        from pipeline.data.loader import to_device
+        from pipeline.data.batch import to_device
 
         b = to_device(batch, self.device, channels_last=self.device.type == "cuda")
         x0 = b["image"]

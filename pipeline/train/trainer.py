@@ -263,7 +263,7 @@ class Trainer:
         ema = ckpt.gather_to_rank0(self.ema.state_dict(), self.rank)
         if self.rank != 0:
             return
-        from pipeline.data.loader import to_device
+        from pipeline.data.batch import to_device
 
         b = self.val_batch
         on = to_device(b, self.device)

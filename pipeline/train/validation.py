@@ -118,7 +118,7 @@ def validation_loss(model: torch.nn.Module, cfg: StageConfig, batches: Iterable[
     summed over all ranks (a collective when ``world > 1``: call on every rank), or ``{}`` when
     no rank had a sample. Reads one value back to the host, at the end.
     """
-    from pipeline.data.loader import to_device
+    from pipeline.data.batch import to_device
 
     diffusion = GaussianDiffusion(cfg.diffusion)
     grid = timestep_grid(n_timesteps)

@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.embed import (
-    embed_shards,
-    read_embeddings,
-)
+from pipeline.data.embed import embed_shards
+from pipeline.data.embeddings import read_embeddings
 from pipeline.dev.tinymodels import build_tiny_t5
 from tests.unit.test_embed import (  # shared with the unit tier
     write_filtered_shards,

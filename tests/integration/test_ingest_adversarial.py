@@ -163,7 +163,7 @@ sys.exit(main(sys.argv[5:]))
 
 @pytest.mark.parametrize("module, name, when, nth", [
     ("pipeline.data.filters", "filter_raw_shard", "after", 2),  # pass 1 half done
-    ("pipeline.data.filters", "_add_member", "before", 14),  # in the middle of the second output tar
+    ("pipeline.data.shards", "_add_member", "before", 14),  # in the middle of the second output tar
     ("pipeline.data.filters", "_write_outputs", "after", 1),  # every shard written, no manifest yet
     ("pipeline.storage", "write_json", "before", 1),  # the manifest itself
 ])

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.embed import read_embeddings
+from pipeline.data.embeddings import read_embeddings
 from pipeline.data.loader import TrainDataConfig
 from tests.unit.test_loader import dataset, keys_of, t5_dir, take  # noqa: F401 (dataset, t5_dir: fixtures)
 

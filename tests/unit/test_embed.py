@@ -28,10 +28,10 @@ from pipeline.data.embed import (
     embed_shards,
     encode_captions,
     encoder_slug,
-    read_embeddings,
     read_metadata,
     split_shards,
 )
+from pipeline.data.embeddings import read_embeddings
 from pipeline.dev.tinymodels import build_tiny_t5
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -86,7 +86,7 @@ def test_other_encoder_is_refused(setup, tmp_path):
 
 
 def test_load_references_reads_images_and_captions(tmp_path):
-    from pipeline.release.evaluate import load_references
+    from pipeline.release.eval_data import load_references
 
     for i, color in enumerate(("red", "green", "blue")):
         Image.new("RGB", (40 + 8 * i, 40), color).save(tmp_path / f"{i}.png")
@@ -106,7 +106,7 @@ def test_load_references_reads_webdataset_shards(tmp_path):
 
     import webdataset
 
-    from pipeline.release.evaluate import load_references
+    from pipeline.release.eval_data import load_references
 
     with webdataset.TarWriter(str(tmp_path / "000000.tar")) as sink:
         for i, color in enumerate(("red", "blue", "yellow")):

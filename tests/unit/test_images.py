@@ -336,7 +336,7 @@ def test_filter_and_dedup_see_the_rgb_image():
 
 
 def test_evaluation_references_decode_16_bit(tmp_path):
-    from pipeline.release.evaluate import load_references
+    from pipeline.release.eval_data import load_references
 
     (tmp_path / "a.png").write_bytes(png(solid(0x8080, (32, 32)), GREY))
     (tmp_path / "a.txt").write_text("a grey square")

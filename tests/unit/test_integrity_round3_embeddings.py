@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data.embed import load_embeddings, read_embeddings
+from pipeline.data.embeddings import load_embeddings, read_embeddings
 
 DIM = 4
 

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.data import filters
+from pipeline.data import filters, reshard, shards
 from pipeline.data.filters import filter_shards, sample_fates
 from tests.unit.test_shard_integrity import (
     NO_DEDUP,
@@ -61,8 +61,8 @@ def test_upper_case_extension_is_dropped_and_counted_and_never_blocks(tmp_path):
 
 
 def test_split_key_keeps_the_spelling():
-    assert filters._split_key("000000001.PNG") == ("000000001", "PNG")
-    assert filters._split_key("000000001.png") == ("000000001", "png")
+    assert shards.split_key("000000001.PNG") == ("000000001", "PNG")
+    assert shards.split_key("000000001.png") == ("000000001", "png")
 
 
 # --- item 4: same-size rewrites -------------------------------------------------------------
@@ -121,21 +121,21 @@ def test_pass_3_checks_each_members_sha256(tmp_path, monkeypatch, member):
     victim = f"{keys[2]}.png" if member == "image" else f"{keys[2]}.txt"
     caption = members(keys[2], 2)[1][1]
     bad = padded_tiny_png(len(png(2))) if member == "image" else caption.upper()
-    plan = filters._plan
+    plan = reshard.plan
 
     def plan_then_rewrite(*args, **kwargs):
         result = plan(*args, **kwargs)  # pass 1 is done: the shard changes before pass 3 reads it
         rewrite_in_place(tar, victim, bad)
         return result
 
-    monkeypatch.setattr(filters, "_plan", plan_then_rewrite)
+    monkeypatch.setattr(reshard, "plan", plan_then_rewrite)
     out = tmp_path / "out"
     with pytest.raises(filters.RawShardChanged, match=rf"raw shard .*00000\.tar changed since it was filtered "
                                                       rf"\(member {victim} "):
         filter_shards(str(raw), str(out), NO_DEDUP)
     assert not (out / "manifest.json").exists()
     assert bad not in output_members(out).values()
-    monkeypatch.setattr(filters, "_plan", plan)
+    monkeypatch.setattr(reshard, "plan", plan)
     manifest = filter_shards(str(raw), str(out), NO_DEDUP)  # the next run filters the new bytes
     got = output_members(out)
     if member == "image":

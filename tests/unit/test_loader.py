@@ -20,15 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.embed import embed_shards, read_embeddings
-from pipeline.data.loader import (
-    TooSmall,
-    TrainDataConfig,
-    collate,
-    decode_image,
-    make_loader,
-    to_device,
-)
+from pipeline.data.batch import collate, to_device
+from pipeline.data.crops import TooSmall, decode_image
+from pipeline.data.embed import embed_shards
+from pipeline.data.embeddings import read_embeddings
+from pipeline.data.loader import TrainDataConfig, make_loader
 from pipeline.dev.tinymodels import build_tiny_t5
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

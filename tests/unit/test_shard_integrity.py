@@ -270,7 +270,8 @@ CAPTIONS = ["a red circle", "a blue square", "a green triangle"]
 
 
 def test_changed_shard_of_the_same_size_is_re_embedded(tmp_path, t5_dir):
-    from pipeline.data.embed import embed_shards, read_embeddings
+    from pipeline.data.embed import embed_shards
+    from pipeline.data.embeddings import read_embeddings
 
     data = tmp_path / "filtered"
     data.mkdir()
@@ -361,7 +362,8 @@ def test_embed_refuses_a_filtered_shard_with_a_corrupt_header(tmp_path, t5_dir):
 
 
 def test_embed_gives_a_key_one_row_when_a_filtered_shard_repeats_it(tmp_path, t5_dir):
-    from pipeline.data.embed import embed_shards, load_embeddings
+    from pipeline.data.embed import embed_shards
+    from pipeline.data.embeddings import load_embeddings
 
     data = tmp_path / "filtered"
     data.mkdir()

@@ -9,7 +9,7 @@ import torch
 
 from imagen.config import tiny
 from imagen.unet import UNet
-from pipeline.data.loader import collate
+from pipeline.data.batch import collate
 from pipeline.train.validation import (
     VAL_TIMESTEPS,
     eval_net,
@@ -95,7 +95,7 @@ def test_it_measures_the_weights():
 def test_the_noise_level_terms_are_what_the_training_loss_gives_there():
     """Each level's term is the diffusion loss at that t with that noise: checked by hand."""
     from imagen.diffusion import GaussianDiffusion
-    from pipeline.data.loader import to_device
+    from pipeline.data.batch import to_device
 
     cfg, net, items = tiny("base64"), model("base64"), samples("base64", n=3)
     got = validation_loss(net, cfg, batches(items, 3), CPU)

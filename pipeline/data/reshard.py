@@ -1,0 +1,117 @@
+"""Pass 2 of the filter step (:mod:`pipeline.data.filters`): global dedup, the validation split
+and the reshard plan, from pass 1's per-raw-shard parquet files; and the plan's per-split and
+per-stage counts for the manifest.
+
+    from pipeline.data import reshard
+    table, rejects, dropped = reshard.plan([("00000.tar", "OUT/_filter/00000.parquet"), ...], config, 1000)
+    reshard.split_counts(table, config), reshard.stage_counts(table, config.stage_sides)
+
+Cheap and global: it reads only pass 1's small rows (no image), so it is redone on every run
+whose settings changed; the plan's ``plan_id`` (a hash of what pass 3 writes) decides whether
+output shards already written may be kept.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.data import split as splits
+
+if TYPE_CHECKING:
+    from pipeline.data.filter_config import FilterConfig
+
+
+def plan(work: list[tuple[str, str]], config: FilterConfig,
+         samples_per_shard: int) -> tuple[pa.Table, collections.Counter, collections.Counter]:
+    """The plan from pass 1's files ``work``, ``[(raw shard name, its pass-1 parquet)]`` in
+    dataset order: one row per sample that passed pass 1, in that order, with its split and
+    output shard (or its duplicate reason and original); also the rejects of pass 1 and 2 by
+    reason, and the tar members pass 1 dropped, by reason."""
+    from pipeline.data.dedup import find_duplicates
+
+    rejects: collections.Counter = collections.Counter()
+    dropped: collections.Counter = collections.Counter()
+    cols: dict[str, list] = {"raw": [], "key": [], "url": [], "sha256": [], "phash": [], "thumb": [],
+                             "scores": [], "members": [], "side": []}
+    for raw_name, work_uri in work:
+        with storage.open(work_uri, "rb") as f:
+            table = pq.read_table(f)
+        dropped.update(json.loads((table.schema.metadata or {}).get(b"dropped_members", b"{}")))
+        rejects.update(x for x in table["reason"].to_pylist() if x is not None)
+        table = table.filter(table["reason"].is_null())
+        cols["raw"] += [raw_name] * table.num_rows
+        for name in ("key", "url", "sha256", "phash", "thumb", "scores", "members", "side"):
+            cols[name] += table[name].to_pylist()
+    # One sample per key (embeddings and the loader join on it): the first copy that passed
+    # pass 1, in dataset order (raw shard, then key), keeps it; later copies are counted.
+    dups: dict[int, tuple[str, str]] = {}
+    owner: dict[str, str] = {}
+    for i, (raw_name, key) in enumerate(zip(cols["raw"], cols["key"], strict=True)):
+        if key in owner:
+            dups[i] = ("duplicate_key", f"{owner[key]}/{key}")
+        else:
+            owner[key] = raw_name
+    if config.dedup or config.near_dedup:
+        unique = [i for i in range(len(cols["key"])) if i not in dups]
+        by_key = {cols["key"][i]: i for i in unique}
+        found = find_duplicates(((cols["key"][i], cols["sha256"][i], cols["phash"][i], cols["thumb"][i])
+                                 for i in unique), exact=config.dedup, near=config.near_dedup,
+                                max_distance=config.near_dup_distance,
+                                color_tolerance=config.near_dup_color_tolerance)
+        dups.update({by_key[key]: (reason, original) for key, reason, original in found})
+    rejects.update(reason for reason, _ in dups.values())
+    # The split is drawn after dedup, on purpose: of a group of (near) duplicates only one is
+    # kept, so two copies of one image can never sit on both sides of it. By URL, not key:
+    # img2dataset's keys are row positions, which another URL list would give to other images.
+    kept = [i for i in range(len(cols["key"])) if i not in dups]
+    held_out = splits.assign([cols["url"][i] or cols["key"][i] for i in kept], config.val_fraction,
+                             config.val_max)
+    split: list[str | None] = [None] * len(cols["key"])
+    for i, val in zip(kept, held_out, strict=True):
+        split[i] = splits.VAL if val else splits.TRAIN
+    shard = splits.shard_names(split, samples_per_shard)
+    fates = [dups.get(i, (None, None)) for i in range(len(cols["key"]))]
+    plan = pa.table({"raw": cols["raw"], "key": cols["key"], "url": pa.array(cols["url"], pa.string()),
+                     "split": pa.array(split, pa.string()), "shard": pa.array(shard, pa.string()),
+                     "reason": pa.array([f[0] for f in fates], pa.string()),
+                     "duplicate_of": pa.array([f[1] for f in fates], pa.string()),
+                     "scores": pa.array(cols["scores"], pa.string()),
+                     "members": pa.array(cols["members"], pa.string()),
+                     "side": pa.array(cols["side"], pa.int32())})
+    # "members" holds each member's sha256: new bytes under the same keys make a new plan.
+    digest = hashlib.sha256(json.dumps([plan[c].to_pylist() for c in ("raw", "key", "shard", "scores",
+                                                                       "members")]).encode())
+    return plan.replace_schema_metadata({b"plan_id": digest.hexdigest().encode()}), rejects, dropped
+
+
+def split_counts(plan: pa.Table, config: FilterConfig) -> dict:
+    """The manifest's ``split``: its settings and how many kept samples each side got."""
+    kept = [(split, url) for split, url in zip(plan["split"].to_pylist(), plan["url"].to_pylist(), strict=True)
+            if split]
+    counts = collections.Counter(split for split, _ in kept)
+    return {"val_fraction": config.val_fraction, "val_max": config.val_max, "by": "url",
+            "train": counts[splits.TRAIN], "val": counts[splits.VAL],
+            "keyed_without_url": sum(not url for _, url in kept)}
+
+
+def stage_counts(plan: pa.Table, stage_sides: dict[str, int]) -> dict[str, dict]:
+    """Per cascade stage and split: the kept samples it can use (stored short side >= its side)
+    and those left out of it alone, as ``{"too_small_for_<stage>": n}``: ``samples`` and
+    ``excluded`` of the training split, ``val_samples`` and ``val_excluded`` of the validation one."""
+    sides = {name: [side for side, split in zip(plan["side"].to_pylist(), plan["split"].to_pylist(), strict=True)
+                    if split == name] for name in splits.SPLITS}
+    out = {}
+    for stage, need in stage_sides.items():
+        out[stage] = {"min_side": need}
+        for name, prefix in ((splits.TRAIN, ""), (splits.VAL, "val_")):
+            small = sum(s is None or s < need for s in sides[name])
+            out[stage][f"{prefix}samples"] = len(sides[name]) - small
+            out[stage][f"{prefix}excluded"] = {f"too_small_for_{stage}": small}
+    return out
