@@ -11,12 +11,14 @@ and ends with the same bytes:
    settings or the raw shard's bytes change (checked by the raw shard's sha256, not its size).
 2. global and cheap: exact and near duplicates across the whole dataset in URL-list order
    (:mod:`pipeline.data.dedup`), then the held-out validation split by a hash of each kept
-   sample's URL (:mod:`pipeline.data.split`), then the reshard plan -> ``_filter/plan.parquet``.
+   sample's URL (:mod:`pipeline.data.split`), then the reshard plan -> ``_filter/plan.parquet``
+   (:mod:`pipeline.data.reshard`).
 3. per output shard: ``000000.tar``, ``000001.tar``, ... (training) and ``val-000000.tar``, ...
    (validation) with ``samples_per_shard`` samples each (the last one of each split less),
    copied from the raw shards without re-encoding, each member checked against the sha256
    pass 1 read, each shard written atomically; shards already written for the same plan are kept.
 ``manifest.json`` is written last; a re-run with unchanged input and settings returns it as is.
+Every tar is indexed, read and written through :mod:`pipeline.data.shards` (the format's owner).
 
     from pipeline.data.filters import filter_shards, format_reject_table
     manifest = filter_shards("raw/", "filtered/", workers=2)

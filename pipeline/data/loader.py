@@ -20,7 +20,7 @@ with ``EMBEDDINGS/NNNNNN.parquet`` written by :mod:`pipeline.data.embed`; sample
 Batches cross from the workers to the training process, and from pinned host memory to the
 GPU, as the stored bytes (uint8 pixels, float16 embeddings as the embed step wrote them): 4x
 fewer image bytes and 2x fewer text bytes than float32, and no per-pixel float arithmetic in
-the workers. :func:`to_device` does that arithmetic on the device. A fixed ``pad_text_to``
+the workers. :func:`pipeline.data.batch.to_device` does that arithmetic on the device. A fixed ``pad_text_to``
 gives every batch the same shape, so a compiled training step is compiled once. A CPU run has
 no device beside the host: ``normalize_in_workers`` makes the workers ship float32 pixels
 (``batch["pixels"] == "float"``), so the arithmetic stays off the training process's critical
