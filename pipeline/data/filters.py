@@ -382,17 +382,17 @@ def _write_outputs(input: str, output: str, plan: pa.Table) -> None:
     plan_uri = storage.join(output, WORK, PLAN)
     for uri in storage.list_files(output, r"\..*\.tmp-[0-9a-f]+"):
         storage.remove(uri)  # temporary files of a killed run
-    shards = splits.shard_pattern(None)  # both splits' shards
+    pattern = splits.shard_pattern(None)  # both splits' shards
     if _plan_id(plan_uri) != plan.schema.metadata[b"plan_id"]:
         # Shards from another plan must go before the new plan is recorded: after a crash
         # here the recorded plan still differs, and the next run clears again.
-        for uri in storage.list_files(output, shards):
+        for uri in storage.list_files(output, pattern):
             storage.remove(uri)
         with storage.atomic_write(plan_uri) as f:
             pq.write_table(plan, f)
     rows = [r for r in plan.select(["raw", "key", "split", "shard", "scores", "members"]).to_pylist()
             if r["shard"]]
-    todo = {r["shard"] for r in rows} - {storage.basename(u) for u in storage.list_files(output, shards)}
+    todo = {r["shard"] for r in rows} - {storage.basename(u) for u in storage.list_files(output, pattern)}
     needed: dict[str, list[dict]] = collections.defaultdict(list)
     for r in rows:  # plan order: raw shard, then key
         if r["shard"] in todo:
@@ -420,12 +420,12 @@ def _raw_shards(input: str) -> list[str]:
     """Finished raw shards; a shard without its _stats.json is still being (or failed being) downloaded."""
     if not storage.exists(input):
         raise FileNotFoundError(f"no download output at {input!r}; run the download step first")
-    shards = storage.list_shards(input, r"\d+\.tar")
-    unfinished = [storage.basename(s) for s in shards if not storage.exists(s[: -len(".tar")] + "_stats.json")]
+    found = storage.list_shards(input, r"\d+\.tar")
+    unfinished = [storage.basename(s) for s in found if not storage.exists(s[: -len(".tar")] + "_stats.json")]
     if unfinished:
         raise RuntimeError(f"raw shards {unfinished} in {input} have no _stats.json: their download did not "
                            "finish; re-run the download step (it resumes) before filtering")
-    return shards
+    return found
 
 
 def _fingerprint(input: str) -> dict[str, int]:
@@ -521,13 +521,13 @@ def filter_shards(input: str, output: str, config: FilterConfig | None = None,
     plan, filter_rejects, dropped = reshard.plan([(storage.basename(r), _work_uri(work, r)) for r in raw],
                                                  config, samples_per_shard)
     _write_outputs(input, output, plan)
-    shards = dict(sorted(collections.Counter(s for s in plan["shard"].to_pylist() if s).items()))
+    written = dict(sorted(collections.Counter(s for s in plan["shard"].to_pylist() if s).items()))
     rows, download_rejects, refused = _download_rejects(input, raw)
     rejects = {"refused": dict(sorted(refused.items())), "download": dict(sorted(download_rejects.items())),
                "filter": dict(sorted(filter_rejects.items()))}
-    kept = sum(shards.values())
+    kept = sum(written.values())
     manifest = {"format": MANIFEST_FORMAT, "input": input, "output": output, **settings, "filters": names,
-                "skipped_filters": skipped, "shards": shards, "input_rows": rows, "kept": kept,
+                "skipped_filters": skipped, "shards": written, "input_rows": rows, "kept": kept,
                 "rejected": sum(sum(r.values()) for r in rejects.values()), "rejects": rejects,
                 "dropped_members": dict(sorted(dropped.items())), "split": reshard.split_counts(plan, config),
                 "stages": reshard.stage_counts(plan, config.stage_sides)}

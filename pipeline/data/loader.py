@@ -86,7 +86,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from imagen.text import same_recorded_encoder
 from pipeline import storage
-from pipeline.data import shards
 from pipeline.data.batch import collate
 from pipeline.data.crops import TooSmall, decode_image
 from pipeline.data.embed import (
@@ -97,6 +96,7 @@ from pipeline.data.embed import (
 )
 from pipeline.data.embeddings import load_embeddings, read_footer
 from pipeline.data.order import ReaderPlan
+from pipeline.data.shards import member_name, read_after, read_at
 from pipeline.data.split import TRAIN, VAL, VAL_SHARD, shard_pattern
 
 log = logging.getLogger(__name__)
@@ -364,8 +364,8 @@ class _ShardReader:
             return None
         # The member's name in its own header must be exactly this key's image: a shard
         # rewritten to the same size must not hand out another sample's image.
-        expected = shards.member_name(self.emb.keys[row], self.ext[row])
-        data = shards.read_at(self.fh, offset, expected, size)
+        expected = member_name(self.emb.keys[row], self.ext[row])
+        data = read_at(self.fh, offset, expected, size)
         if data is None:
             if self.scanned:  # its own index disagrees: the file changed while we read it
                 log.warning("%s: member at offset %d is not %r; skipping it",
@@ -393,7 +393,7 @@ class _ShardReader:
         offset, size = int(self.offset[row]), int(self.size[row])
         if offset < 0:
             return None
-        text = shards.read_after(self.fh, offset, size, shards.member_name(self.emb.keys[row], "txt"))
+        text = read_after(self.fh, offset, size, member_name(self.emb.keys[row], "txt"))
         return None if text is None else text.decode("utf-8", "replace").strip()
 
     def close(self) -> None:
