@@ -32,7 +32,7 @@ from typing import Any
 
 from airflow.sdk import Asset, AssetAlias, Param, task
 
-from imagen.config import PRESETS, STAGES
+from imagen.config import PAPER_PRESETS, PRESETS, STAGES
 from pipeline.data.embed_config import EmbedConfig
 from pipeline.data.filter_config import FilterConfig
 from pipeline.train.launch import launcher_names, launcher_options_schema
@@ -73,10 +73,12 @@ def cascade_params() -> dict[str, Param]:
         "stages": Param(list(STAGES), type="array", minItems=1, uniqueItems=True,
                         items={"type": "string", "enum": list(STAGES)},
                         description="Cascade stages to train (the others are skipped)"),
-        "presets": Param({s: "tiny" for s in STAGES}, type="object", additionalProperties=False,
+        # The paper presets by default (imagen.config.resolve_presets: the one preset rule); the
+        # smoke test, the demo and tests on the tiny data pass {"base64": "tiny", ...} explicitly.
+        "presets": Param(dict(PAPER_PRESETS), type="object", additionalProperties=False,
                          properties={s: {"type": "string", "enum": list(PRESETS)} for s in STAGES},
-                         description=('Model preset per stage, e.g. {"base64": "base64", '
-                                      '"sr256": "sr256", "sr1024": "sr1024"} on GPUs')),
+                         description=('Model preset per stage: each stage\'s paper preset (base64, sr256, '
+                                      'sr1024: 8-GPU sizes), or "tiny" for a CPU-sized model of the stage')),
     }
 
 
@@ -128,7 +130,9 @@ def train_params() -> dict[str, Param]:
     """Settings shared by every training task (imagen_full and imagen_train_stage)."""
     return {
         "root": root_param(),
-        "max_steps": Param(60, type="integer", minimum=1, description="Training steps per stage"),
+        "max_steps": Param(None, type=["null", "integer"], minimum=1, title="Max steps", description=(
+            "Training steps per stage; empty: each stage's preset's (the paper presets': 2.5M base, "
+            "1.5M SR; the tiny preset's: 200)")),
         "launcher": Param("local", enum=launcher_names(),
                           description="local: torchrun here; kubernetes: a Kubeflow TrainJob"),
         # Typed fields only; image and volume claim must be in the deployment's allowlists
@@ -172,7 +176,8 @@ def stage_params() -> dict[str, Param]:
     return {
         **train_params(),
         "stage": Param("base64", enum=list(STAGES), description="Cascade stage to train"),
-        "preset": Param("tiny", enum=list(PRESETS), description="Model preset"),
+        "preset": Param(None, type=["null", "string"], enum=[None, *PRESETS], description=(
+            "Model preset; empty: the stage's paper preset (imagen.config.resolve_presets); tiny: CPU-sized")),
         "embeddings": Param(None, type=["null", "string"], description=(
             "Embeddings directory of one encoder (default: the only one under ROOT/embeddings)")),
     }
@@ -207,14 +212,14 @@ def one_output(embedded: list[dict[str, Any]]) -> str:
     return outputs.pop()
 
 
-def where(params: dict[str, Any], events: Any, filtered: str | None = None) -> tuple[Any, str]:
-    """(the run's layout, its filtered shards): the root of the imagen_data event that triggered
-    this run, else the ``root`` Param; ``filtered`` (an upstream task's output) wins over both."""
+def run_layout(params: dict[str, Any], events: Any = None, asset: Asset = FILTERED) -> Any:
+    """The run's :class:`~pipeline.layout.RunLayout`: the root of the ``asset`` event that
+    triggered this run (imagen_embed, imagen_train_stage), else the ``root`` Param. Every folder
+    of the run comes from it: the root is the one thing that travels (Param, Asset ``extra``);
+    task outputs (XCom) are summaries for the UI and order the tasks, never a location."""
     from pipeline.layout import RunLayout
 
-    event = upstream(events, FILTERED)
-    layout = RunLayout(event.get("root", params["root"]))
-    return layout, filtered or event.get("path") or layout.filtered
+    return RunLayout(upstream(events, asset).get("root", params["root"]))
 
 
 def task_holder(step: str, shared: bool = False) -> Any:
@@ -258,7 +263,7 @@ def filter_task(outlet: Asset | None = None):
     """Task ``filter_shards``: raw shards -> ``layout.filtered`` + the reject table in the log."""
 
     @task(task_id="filter_shards", outlets=[outlet] if outlet else [])
-    def filter_shards(raw: str, params=None, outlet_events=None) -> str:
+    def filter_shards(raw: str, params=None, outlet_events=None) -> str:  # raw: download's output (ordering)
         from pipeline.data.filters import filter_shards as run_filter
         from pipeline.data.filters import format_reject_table, stage_config
         from pipeline.layout import RunLayout
@@ -268,7 +273,7 @@ def filter_task(outlet: Asset | None = None):
         with hold(layout.filtered, task_holder("filter")):
             config = stage_config(params["presets"], params["stages"], val_fraction=params["val_fraction"],
                                   val_max=params["val_max"])
-            manifest = run_filter(raw, layout.filtered, config, samples_per_shard=params["filtered_shard_size"])
+            manifest = run_filter(layout.raw, layout.filtered, config, samples_per_shard=params["filtered_shard_size"])
         print(format_reject_table(manifest))
         if outlet:
             outlet_events[outlet].extra = {"root": layout.root, "path": layout.filtered}
@@ -284,8 +289,8 @@ def plan_embed_task():
     def plan_embed(filtered: str | None = None, params=None, triggering_asset_events=None) -> list[list[str]]:
         from airflow.configuration import conf
 
-        _, filtered = where(params, triggering_asset_events, filtered)
-        return embed_batches(filtered, params["embed_shards_per_task"], conf.getint("core", "max_map_length"))
+        layout = run_layout(params, triggering_asset_events)  # filtered (imagen_full): ordering only
+        return embed_batches(layout.filtered, params["embed_shards_per_task"], conf.getint("core", "max_map_length"))
 
     return plan_embed
 
@@ -294,16 +299,16 @@ def embed_task():
     """Task ``embed`` (mapped over shard batches): captions -> ``layout.embeddings_root``/<encoder>."""
 
     @task(task_id="embed", map_index_template="{{ shard_batch }}")
-    def embed(shards: list[str], filtered: str | None = None, params=None, triggering_asset_events=None) -> dict:
+    def embed(shards: list[str], params=None, triggering_asset_events=None) -> dict:
         from airflow.sdk import get_current_context
 
         from pipeline.data.embed import embed_shards
         from pipeline.lock import hold
 
         get_current_context()["shard_batch"] = f"{shards[0]}..{shards[-1]}"  # the map label in the UI
-        layout, filtered = where(params, triggering_asset_events, filtered)
+        layout = run_layout(params, triggering_asset_events)
         with hold(layout.embeddings_root, task_holder("embed", shared=True)):  # shared by this run's batches
-            return embed_shards(filtered, layout.embeddings_root, params["encoder"], shards=shards)
+            return embed_shards(layout.filtered, layout.embeddings_root, params["encoder"], shards=shards)
 
     return embed
 

@@ -21,7 +21,7 @@ from imagen_common import (
     embed_task,
     one_output,
     plan_embed_task,
-    where,
+    run_layout,
 )
 
 
@@ -30,9 +30,9 @@ from imagen_common import (
 def imagen_embed():
     @task(outlets=[EMBEDDINGS])
     def publish(embedded: list[dict], params=None, triggering_asset_events=None, outlet_events=None) -> str:
-        layout, filtered = where(params, triggering_asset_events)
+        layout = run_layout(params, triggering_asset_events)
         out = one_output(embedded)
-        outlet_events[EMBEDDINGS].extra = {"root": layout.root, "filtered": filtered, "path": out}
+        outlet_events[EMBEDDINGS].extra = {"root": layout.root, "path": out}
         return out
 
     publish(embed_task().expand(shards=plan_embed_task()()))

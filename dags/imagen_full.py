@@ -52,12 +52,14 @@ from imagen_common import (
      default_args=DEFAULT_ARGS, tags=["imagen"], doc_md=__doc__, max_active_runs=1)
 def imagen_full():
     @task(pool=GPU_POOL)
-    def train(stage: str, filtered: str, embedded: list[dict], params=None) -> dict:
+    def train(stage: str, embedded: list[dict], params=None) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
+
+        from imagen.config import stage_preset
 
         if stage not in params["stages"]:
             raise AirflowSkipException(f"{stage} is not in the stages param {params['stages']}")
-        return train_stage(params, params["root"], stage, params["presets"].get(stage, "tiny"), filtered,
+        return train_stage(params, params["root"], stage, stage_preset(params["presets"], stage), None,
                            one_output(embedded))
 
     @task(trigger_rule="none_failed")
@@ -111,8 +113,8 @@ def imagen_full():
         return gate_cascade(cascade["name"], cascade["version"], decisions, root=params["root"])
 
     filtered = filter_task()(download_task()())
-    embedded = embed_task().partial(filtered=filtered).expand(shards=plan_embed_task()(filtered))
-    trained = [train.override(task_id=f"train_{s}")(s, filtered, embedded) for s in STAGES]
+    embedded = embed_task().expand(shards=plan_embed_task()(filtered))
+    trained = [train.override(task_id=f"train_{s}")(s, embedded) for s in STAGES]
     evaluated = evaluate(trained)
     decisions = []
     for stage, result in zip(STAGES, trained, strict=True):

@@ -27,6 +27,7 @@ from imagen_common import (
     STAGE_MODEL,
     gate_stage,
     register_stage,
+    run_layout,
     stage_params,
     train_stage,
     upstream,
@@ -38,14 +39,15 @@ from imagen_common import (
 def imagen_train_stage():
     @task(pool=GPU_POOL)
     def train(params=None, triggering_asset_events=None) -> dict:
+        from imagen.config import stage_preset
         from pipeline.data.embed import resolve_embeddings_dir
-        from pipeline.layout import RunLayout
 
-        event = upstream(triggering_asset_events, EMBEDDINGS)
-        layout = RunLayout(event.get("root", params["root"]))
-        embeddings = event.get("path") or params["embeddings"] or resolve_embeddings_dir(layout.embeddings_root)
-        return train_stage(params, layout.root, params["stage"], params["preset"], event.get("filtered"),
-                           embeddings)
+        layout = run_layout(params, triggering_asset_events, EMBEDDINGS)
+        # the embeddings folder is the event's (its encoder's), else the Param, else the only one
+        embeddings = (upstream(triggering_asset_events, EMBEDDINGS).get("path") or params["embeddings"]
+                      or resolve_embeddings_dir(layout.embeddings_root))
+        return train_stage(params, layout.root, params["stage"], stage_preset(params["preset"], params["stage"]),
+                           None, embeddings)
 
     @task
     def evaluate(trained: dict, params=None) -> dict:

@@ -14,6 +14,7 @@ saved beside every checkpoint and logged to every run.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -396,7 +397,8 @@ def tiny(stage: str = "base64") -> StageConfig:
 
 
 PRESETS = {"tiny": tiny, "base64": base64, "sr256": sr256, "sr1024": sr1024}
-# The paper preset of each stage (its own name); "tiny" shrinks any stage.
+# The paper preset of each stage (its own name): the one default for a stage no preset names.
+# "tiny" shrinks any stage; the smoke test, the demo and the tests ask for it by name.
 PAPER_PRESETS = {s: s for s in STAGES}
 
 
@@ -412,11 +414,42 @@ def preset(name: str, stage: str | None = None) -> StageConfig:
     return cfg
 
 
-def stage_specs(presets: dict[str, str], stages: tuple[str, ...] | list[str] | None = None) -> dict[str, StageSpec]:
-    """The :class:`StageSpec` of each stage in ``stages`` (all by default, in cascade order),
-    each from its preset in ``presets`` (stage -> preset name; a missing stage: its paper preset)."""
-    wanted = [s for s in STAGES if s in (stages or STAGES)]
-    unknown = set(stages or ()) - set(STAGES)
+def resolve_presets(presets: str | Mapping[str, str | None] | None = None,
+                    stages: Iterable[str] | None = None) -> dict[str, str]:
+    """stage -> preset name for each of ``stages`` (all, by default, in cascade order): the one
+    preset rule of the CLI, the DAGs, the planner and calibration.
+
+    ``presets`` is one name for every stage (``"tiny"``), or a map naming some stages; a stage it
+    does not name (or names as None or "") gets its paper preset. Raises ValueError naming the
+    stage for an unknown stage or preset, or a paper preset given to another stage.
+    """
+    wanted = list(STAGES if stages is None else stages)
+    unknown = sorted(set(wanted) - set(STAGES))
     if unknown:
-        raise ValueError(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
-    return {s: preset(presets.get(s, PAPER_PRESETS[s]), s).spec for s in wanted}
+        raise ValueError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+    named = dict.fromkeys(STAGES, presets) if isinstance(presets, str) else dict(presets or {})
+    extra = sorted(set(named) - set(STAGES))
+    if extra:
+        raise ValueError(f"presets for unknown stage(s) {extra}; stages are {', '.join(STAGES)}")
+    out = {}
+    for stage in [s for s in STAGES if s in wanted]:
+        name = named.get(stage) or PAPER_PRESETS[stage]
+        if name not in PRESETS:
+            raise ValueError(f"preset {name!r} for {stage}: choose one of {', '.join(PRESETS)}")
+        if name != "tiny" and name != stage:
+            raise ValueError(f"preset {name!r} is for stage {name!r}, not {stage!r}: give {stage} one of its "
+                             f"own (tiny, {stage})")
+        out[stage] = name
+    return out
+
+
+def stage_preset(presets: str | Mapping[str, str | None] | None, stage: str) -> str:
+    """The preset name :func:`resolve_presets` gives ``stage``."""
+    return resolve_presets(presets, [stage])[stage]
+
+
+def stage_specs(presets: str | Mapping[str, str | None] | None = None,
+                stages: Iterable[str] | None = None) -> dict[str, StageSpec]:
+    """The :class:`StageSpec` of each stage in ``stages`` (all by default, in cascade order),
+    each from its preset (:func:`resolve_presets`)."""
+    return {s: preset(name, s).spec for s, name in resolve_presets(presets, stages).items()}

@@ -28,7 +28,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 
-from imagen.config import preset
+from imagen.config import STAGES, preset
 from pipeline.data.split import TRAIN, split_of
 from pipeline.dev.services import background, free_port, mlflow_server, wait_http
 from pipeline.layout import RunLayout
@@ -37,7 +37,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 PREFIX = "imagen"
 MODEL_NAME = f"{PREFIX}-base64"
-STAGES = ("base64", "sr256", "sr1024")
 
 
 def step(msg: str) -> None:
@@ -231,7 +230,7 @@ def main() -> int:
         # Small shards and embed batches, so the mapped embed task runs more than once.
         conf = {"root": root, "url_list": os.path.join(tiny, "urls.parquet"),
                 "encoder": os.path.join(tiny, "t5-tiny"),
-                "max_steps": args.max_steps, "model_prefix": PREFIX, "filtered_shard_size": 50,
+                "presets": dict.fromkeys(STAGES, "tiny"), "max_steps": args.max_steps, "model_prefix": PREFIX, "filtered_shard_size": 50,
                 "embed_shards_per_task": 2, "attributes": os.path.join(tiny, "attributes.json"),
                 # a tenth held out: the 128 px stage gets validation samples in every session
                 # (the tiny URLs carry the server's random port, so the split differs each time)

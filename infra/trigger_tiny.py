@@ -23,6 +23,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from imagen.config import STAGES  # noqa: E402
 from pipeline.dev.services import AirflowServices, airflow_env  # noqa: E402
 
 
@@ -30,7 +31,8 @@ def tiny_conf(tiny: str, root: str, max_steps: int) -> dict:
     """The imagen_full conf for the tiny dataset in ``tiny`` (small shards, every stage)."""
     return {"root": root, "url_list": os.path.join(tiny, "urls.parquet"),
             "encoder": os.path.join(tiny, "t5-tiny"),
-            "max_steps": max_steps, "filtered_shard_size": 50, "embed_shards_per_task": 2,
+            "presets": dict.fromkeys(STAGES, "tiny"), "max_steps": max_steps, "filtered_shard_size": 50,
+            "embed_shards_per_task": 2,
             "attributes": os.path.join(tiny, "attributes.json")}
 
 

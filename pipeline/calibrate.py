@@ -118,7 +118,7 @@ def calibrate(inp: PlanInputs, path: str, seconds: float = 8.0, batch: int | Non
 
     import torch
 
-    from imagen.config import PAPER_PRESETS
+    from imagen.config import resolve_presets
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpus = {k for k, d in load_calibration(None)["devices"].items() if d.get("peak_bf16_flops")}
@@ -129,8 +129,7 @@ def calibrate(inp: PlanInputs, path: str, seconds: float = 8.0, batch: int | Non
             else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads")
     when = time.strftime("%Y-%m-%d")
     found: dict[str, dict] = {"train": {inp.gpu: {}}, "embed": {inp.gpu: {}}}
-    for stage in inp.stages:
-        name = inp.presets.get(stage, PAPER_PRESETS[stage])
+    for stage, name in resolve_presets(inp.presets, inp.stages).items():
         m = measure_train(stage, name, device, seconds, batch)
         found["train"][inp.gpu][f"{stage}:{name}"] = {
             "images_per_s": m["images_per_s"],

@@ -5,6 +5,8 @@
     layout.raw, layout.filtered, layout.manifest  # s3://bucket/run/raw, .../filtered, .../filtered/manifest.json
     layout.embeddings_root, layout.embeddings("t5-v1_1-xxl")
     layout.checkpoints("base64", "tiny-0123abcd")  # .../checkpoints/base64/tiny-0123abcd
+    run = layout.run("base64", "tiny-0123abcd")    # a RunDir: the files one training run shares
+    run.result, run.final, run.step(100), run.eval_marker, run.eval_dir
     layout.tracking_uri()                          # the MLflow store of the run (see below)
     layout.locks("raw")                            # .../_locks/raw: leases of the run lock on raw/
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +37,71 @@ from pipeline import storage
 from pipeline.tracking import resolve_tracking_uri
 
 TRACKING_DIR_ENV = "IMAGEN_TRACKING_DIR"  # where a remote root's local MLflow store lives
+
+# The names of the files steps share, each joined here only. A filtered folder may live outside
+# a root (the CLI's --output), so its manifest has a function of the folder too (manifest_of).
+MANIFEST = "manifest.json"  # filtered/: the filter step's manifest, written last (hashed into lineage)
+RESULT = "result.json"  # a training run's completion marker, written by the launch after it succeeded
+FINAL = "final"  # a training run's published weights (a copy of its last step-N)
+STEP_PREFIX = "step-"  # step-00000100/: one step checkpoint (pipeline/train/checkpointing.py)
+EVAL_MARKER = "eval.json"  # an evaluated training run's figures (a rerun reuses them)
+EVAL_DIR = "eval"  # an evaluated training run's grids and sweeps
+
+
+def manifest_of(filtered: str) -> str:
+    """The manifest of a filtered-shards folder (``FILTERED/manifest.json``)."""
+    return storage.join(filtered, MANIFEST)
+
+
+def manifest_sha256(filtered: str) -> str | None:
+    """sha256 (hex) of a filtered folder's manifest (any fsspec URI), None if it is missing.
+    The manifest records the input shards and the filter settings, so this one hash names the
+    dataset: training records it, launch keys checkpoint folders by it, and the registry tags
+    model versions with it."""
+    uri = manifest_of(filtered)
+    if not storage.exists(uri):
+        return None
+    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One training run's folder (``checkpoints/<stage>/<preset>-<key>``) and the files in it
+    that training, launch, evaluation and registration share."""
+
+    path: str
+
+    @classmethod
+    def of(cls, checkpoint: str) -> RunDir:
+        """The run holding a checkpoint (its ``final/`` or a ``step-N/``)."""
+        return cls(storage.parent(storage.normalize(checkpoint)))
+
+    @property
+    def result(self) -> str:
+        return storage.join(self.path, RESULT)
+
+    @property
+    def final(self) -> str:
+        return storage.join(self.path, FINAL)
+
+    def step(self, step: int) -> str:
+        return storage.join(self.path, step_name(step))
+
+    @property
+    def eval_marker(self) -> str:
+        return storage.join(self.path, EVAL_MARKER)
+
+    @property
+    def eval_dir(self) -> str:
+        return storage.join(self.path, EVAL_DIR)
+
+
+def step_name(step: int) -> str:
+    """``step-00000100``: eight digits, so names sort by step."""
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+STEP_NAME = re.compile(rf"^{STEP_PREFIX}(\d{{8}})$")  # matches step_name's output; group 1 is the step
 
 
 @dataclass(frozen=True)
@@ -65,7 +133,7 @@ class RunLayout:
     @property
     def manifest(self) -> str:
         """The filter step's manifest: input shards, settings, counts (hashed into lineage)."""
-        return storage.join(self.filtered, "manifest.json")
+        return manifest_of(self.filtered)
 
     @property
     def embeddings_root(self) -> str:
@@ -78,9 +146,13 @@ class RunLayout:
 
     def checkpoints(self, stage: str, run: str | None = None) -> str:
         """``checkpoints/<stage>``, or one training run's folder under it (step-N/, final/,
-        result.json, eval.json)."""
+        result.json, eval.json: :class:`RunDir`)."""
         parts = [stage] if run is None else [stage, run]
         return storage.join(self.root, "checkpoints", *parts)
+
+    def run(self, stage: str, run: str) -> RunDir:
+        """One training run's folder and its shared files."""
+        return RunDir(self.checkpoints(stage, run))
 
     @property
     def artifacts(self) -> str:
@@ -101,14 +173,6 @@ class RunLayout:
     def tracking_uri(self, explicit: str | None = None) -> str:
         """``explicit``, else ``$MLFLOW_TRACKING_URI``, else the run's SQLite store (made here)."""
         return resolve_tracking_uri(explicit, self.local_state)
-
-    def evaluation(self, run_dir: str) -> str:
-        """Grids of one evaluated training run (``<run>/eval``); its marker is ``eval.json``."""
-        return storage.join(run_dir, "eval")
-
-    @staticmethod
-    def eval_marker(run_dir: str) -> str:
-        return storage.join(run_dir, "eval.json")
 
     def locks(self, folder: str) -> str:
         """The run lock's leases on one folder of the run (``raw``, ``filtered``, ``embeddings``):

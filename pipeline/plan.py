@@ -400,7 +400,7 @@ class PlanInputs:
     sources: dict[str, str] = dataclasses.field(default_factory=dict)  # where samples/tokens came from
 
     def __post_init__(self) -> None:
-        from imagen.config import PRESETS, preset
+        from imagen.config import resolve_presets
 
         numbers = {"--samples": self.samples, "--mean-tokens": self.mean_tokens, "--nodes": self.nodes,
                    "--gpus-per-node": self.gpus_per_node, "--download-cores": self.download_cores,
@@ -412,13 +412,10 @@ class PlanInputs:
             problems += [f"{flag}: unknown stage {s!r}" for s in values if s not in STAGES]
         if not self.stages or not set(self.stages) <= set(STAGES):
             problems.append(f"--stages {list(self.stages)}: choose one or more of {', '.join(STAGES)}")
-        for stage, name in self.presets.items():
-            if stage not in STAGES or name not in PRESETS:
-                problems.append(f"--presets {stage}={name}: use [STAGE=]PRESET with STAGE in {', '.join(STAGES)} "
-                                f"and PRESET in {', '.join(PRESETS)}")
-            elif stage in self.stages and name != "tiny" and preset(name).stage != stage:
-                problems.append(f"--presets {stage}={name}: preset {name!r} is for stage {preset(name).stage!r}; "
-                                f"give {stage} one of its own (tiny, {stage})")
+        try:
+            resolve_presets(self.presets)
+        except ValueError as err:
+            problems.append(f"--presets: {err} (use [STAGE=]PRESET)")
         if self.encode_format not in ("png", "jpg", "webp"):
             problems.append(f"--encode-format {self.encode_format!r}: use png, jpg or webp")
         if self.optimizer not in OPTIMIZER_STATE:
@@ -429,10 +426,10 @@ class PlanInputs:
 
 
 def _stage_plan(inp: PlanInputs, table: dict, stage: str, n_gpus: int, eff: float) -> dict:
-    from imagen.config import PAPER_PRESETS, preset
+    from imagen.config import preset, stage_preset
     from imagen.flops import unet_params
 
-    name = inp.presets.get(stage, PAPER_PRESETS[stage])
+    name = stage_preset(inp.presets, stage)
     cfg = preset(name, stage)
     entry = train_entry(table, inp.gpu, stage, name)
     steps = inp.steps.get(stage, cfg.train.max_steps)
@@ -452,7 +449,7 @@ def _stage_plan(inp: PlanInputs, table: dict, stage: str, n_gpus: int, eff: floa
 def plan(inp: PlanInputs, table: dict) -> dict:
     """The whole prediction as a JSON-able dict (see the module doc). Raises ValueError with
     what to fix for an unknown GPU or encoder, or a missing calibration entry."""
-    from imagen.config import PAPER_PRESETS, stage_specs
+    from imagen.config import resolve_presets, stage_specs
 
     if inp.samples < 1 or inp.nodes < 1 or inp.gpus_per_node < 1 or inp.mean_tokens <= 0:
         raise ValueError("--samples/--url-list rows, --nodes, --gpus-per-node and the mean token count "
@@ -463,7 +460,7 @@ def plan(inp: PlanInputs, table: dict) -> dict:
         raise ValueError(f"unknown --optimizer {inp.optimizer!r}; choose {', '.join(OPTIMIZER_STATE)}")
     n_gpus = inp.nodes * inp.gpus_per_node
     eff = inp.scaling_efficiency or (0.9 if n_gpus > 1 else 1.0)
-    presets = {s: inp.presets.get(s, PAPER_PRESETS[s]) for s in inp.stages}
+    presets = resolve_presets(inp.presets, inp.stages)
     size = inp.image_size or max(s.image_size for s in stage_specs(presets, list(inp.stages)).values())
 
     filt = table["filter"]

@@ -5,7 +5,7 @@
   whatever directory the process happens to run in).
 - ``RunLogger``: rank-0 logging that never kills training: a tracking server that is down
   gives one warning, and the metrics of that moment are skipped.
-- ``code_version()`` and ``manifest_sha256(filtered)``: the lineage that training records in
+- ``code_version()`` (and ``pipeline.layout.manifest_sha256(filtered)``): the lineage that training records in
   every checkpoint and registration tags on every model version (which code, which data).
 """
 
@@ -170,18 +170,3 @@ def code_version() -> str:
             return f"imagen-pipeline=={version('imagen-pipeline')}"
         except PackageNotFoundError:
             return "unknown"
-
-
-def manifest_sha256(filtered: str) -> str | None:
-    """sha256 (hex) of the filtered shards' ``manifest.json`` (any fsspec URI), None if it is
-    missing. The manifest records the input shards and the filter settings, so this one hash
-    names the dataset: training records it, launch keys checkpoint folders by it, and the
-    registry tags model versions with it."""
-    import hashlib
-
-    from pipeline import storage
-
-    uri = storage.join(filtered, "manifest.json")
-    if not storage.exists(uri):
-        return None
-    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()

@@ -63,6 +63,7 @@ import numpy as np
 
 from imagen.config import check_chain
 from pipeline import storage
+from pipeline.layout import RunDir
 from pipeline.release import sweep
 from pipeline.release.eval_data import ValidationSplit, references
 
@@ -347,8 +348,7 @@ class Evaluation:
         opts = self.opts
         for name, reason in opts.skipped.items():
             log.info("evaluate: %s skipped: %s", name, reason)
-        grids = write_grids(images, opts.output or storage.join(
-            storage.parent(storage.normalize(self.checkpoints[-1])), "eval"))
+        grids = write_grids(images, opts.output or RunDir.of(self.checkpoints[-1]).eval_dir)
         run_id = log_to_mlflow(self.checkpoints, self.metas, opts, self.metrics, grids, self.prompts, self.val.used,
                                self.sweep_records)
         return {"metrics": self.metrics, "grids": grids, "run_id": run_id, "skipped": dict(opts.skipped),
@@ -581,13 +581,11 @@ def evaluate_runs(trained: list[dict[str, Any] | None], attributes: str | None =
     (:func:`deployment_weights`); every stage's sampling parts run side by side. Each result is
     kept in ``eval.json`` beside its checkpoints; a rerun gives it back with ``"reused": True``.
     ``options``: further :class:`EvalOptions` fields. Returns ``{stage: result}``."""
-    from pipeline.layout import RunLayout
-
     todo = [t for t in trained if t]
     results: dict[str, dict[str, Any]] = {}
     jobs: dict[str, tuple[Evaluation, str]] = {}
     for t in todo:
-        marker = RunLayout.eval_marker(storage.parent(t["checkpoint"]))
+        marker = RunDir.of(t["checkpoint"]).eval_marker
         if storage.exists(marker):
             results[t["stage"]] = {**storage.read_json(marker), "reused": True}
             continue

@@ -133,7 +133,7 @@ def manifest_sha256(checkpoint: str, meta: dict, run) -> str:
     metadata, else from the training run's ``data`` param, else the manifest of the root the
     checkpoint records."""
     from pipeline.layout import RunLayout
-    from pipeline.tracking import manifest_sha256 as sha256_of
+    from pipeline.layout import manifest_sha256 as sha256_of
 
     if meta.get("manifest_sha256"):
         return str(meta["manifest_sha256"])

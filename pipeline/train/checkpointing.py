@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import io
 import random
-import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -50,9 +49,9 @@ from imagen.checkpoint import (
 from imagen.config import StageConfig
 from imagen.text import same_recorded_encoder
 from pipeline import storage
+from pipeline.layout import STEP_NAME, RunDir
 from pipeline.train.parallel import agreed
 
-STEP_DIR = re.compile(r"^step-(\d{8})$")
 SHARED_HINT = (". With several nodes, every node must see the same --checkpoint-dir: a shared filesystem "
                "or an object store")
 COMPLETE = "_COMPLETE"  # object stores only: written after a step directory's last file
@@ -76,7 +75,7 @@ def list_checkpoints(checkpoint_dir: str) -> list[str]:
     if not storage.isdir(checkpoint_dir):
         return []
     found = [storage.join(checkpoint_dir, storage.basename(u)) for u in storage.list_files(checkpoint_dir)
-             if STEP_DIR.match(storage.basename(u))]
+             if STEP_NAME.match(storage.basename(u))]
     if not storage.is_local(checkpoint_dir):
         found = [u for u in found if storage.exists(storage.join(u, COMPLETE))]
     return sorted(found)
@@ -151,7 +150,7 @@ def rng_state(generator: torch.Generator) -> dict[str, Any]:
 def save_checkpoint(checkpoint_dir: str, step: int, state: TrainState, rank: int, world: int,
                     keep: int) -> str:
     """Write ``step-N`` atomically and prune to the newest ``keep``. Call on every rank."""
-    final = storage.join(checkpoint_dir, f"step-{step:08d}")
+    final = RunDir(checkpoint_dir).step(step)
     tmp = final + ".tmp"
     model_sd, optim_sd = _full_state(state)  # every rank: may be a collective
     ema_sd = gather_to_rank0(state.ema.state_dict(), rank)  # every rank: a collective under FSDP

@@ -45,7 +45,8 @@ class TrainJob:
     these fields (:func:`add_arguments`); a None training hyper-parameter means the preset's."""
 
     stage: str = option(help="cascade stage to train", choices=list(STAGES))
-    preset: str = option("tiny", "model preset (default: tiny)", choices=list(PRESETS))
+    preset: str | None = option(None, "model preset (default: the stage's paper preset; tiny: a CPU-sized "
+                                      "model of the stage)", choices=list(PRESETS))
     # required to train (job_from_args checks them); --dry-run resolves the job without them
     data: str | None = option(None, "filtered shards directory (ROOT/filtered); required")
     embeddings: str | None = option(None, "embeddings directory of one encoder; required")
@@ -88,6 +89,12 @@ class TrainJob:
     num_workers: int = option(0, "DataLoader workers per process")
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: the local GPU if any)")
     seed: int | None = preset_override("override the preset's seed")
+
+    def __post_init__(self) -> None:
+        from imagen.config import stage_preset
+
+        if self.stage in STAGES:  # the one preset rule (imagen.config.resolve_presets)
+            self.preset = stage_preset(self.preset, self.stage)
 
 
 def preset_overrides() -> list[str]:

@@ -200,7 +200,7 @@ def data_fingerprint(filtered: str) -> str:
     """Hash of the filtered shards' manifest (it records the input shards and filter settings),
     so new or refiltered data gets a new checkpoint directory."""
     from pipeline import storage
-    from pipeline.tracking import manifest_sha256
+    from pipeline.layout import manifest_sha256
 
     digest = manifest_sha256(filtered)
     if digest is None:

@@ -32,8 +32,8 @@ import torch
 
 from imagen.unet import UNet
 from pipeline import storage
-from pipeline.layout import RunLayout
-from pipeline.tracking import code_version, manifest_sha256
+from pipeline.layout import RunDir, RunLayout, manifest_sha256
+from pipeline.tracking import code_version
 from pipeline.train import checkpointing as ckpt
 from pipeline.train import perf
 from pipeline.train.job import TrainJob, batch_plan, job_plan, resolve_config
@@ -280,7 +280,7 @@ class Trainer:
             self.tracker.log_dict({"keys": b["keys"], "captions": captions}, "validation_prompts.json")
 
     def _finish(self, loss: float) -> dict[str, Any]:
-        final = storage.join(self.job.checkpoint_dir, "final")
+        final = RunDir(self.job.checkpoint_dir).final
         checksum = weights_sha256(self.model)
         ema_checksum = tensors_sha256(self.ema.state_dict())  # this rank's own EMA
         if not all_equal(checksum, self.world):

@@ -45,7 +45,7 @@ def conf(tiny_dataset, tiny_encoder_dir, tmp_path_factory):
     return {"root": str(tmp_path_factory.mktemp("data")), "url_list": tiny_dataset.urls,
             "encoder": tiny_encoder_dir,
             "max_steps": 10, "filtered_shard_size": 50, "embed_shards_per_task": 2,
-            "model_prefix": "svc", "stages": list(STAGES)}
+            "model_prefix": "svc", "stages": list(STAGES), "presets": dict.fromkeys(STAGES, "tiny")}
 
 
 @pytest.fixture(scope="module")

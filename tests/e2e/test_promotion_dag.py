@@ -54,7 +54,7 @@ def dag(tmp_path_factory, tiny_dataset, tiny_encoder_dir):
     _run([os.path.join(BIN, "airflow"), "pools", "set", "gpu", "1", "training tasks"], env, 120)
     root = str(work / "data")
     base = {"root": root, "url_list": tiny_dataset.urls, "encoder": tiny_encoder_dir, "stages": ["base64"],
-            "model_prefix": PREFIX, "filtered_shard_size": 50, "embed_shards_per_task": 8,
+            "presets": {"base64": "tiny"}, "model_prefix": PREFIX, "filtered_shard_size": 50, "embed_shards_per_task": 8,
             "val_fraction": 0.1, "val_max": 4}  # a split of several samples whatever the URLs' port
 
     def run(**conf) -> str:

@@ -92,7 +92,7 @@ def dag_run(s3, tiny_dataset, tiny_encoder_dir):
     _run([os.path.join(BIN, "airflow"), "db", "migrate"], env, 300)
     _run([os.path.join(BIN, "airflow"), "pools", "set", "gpu", "3", "training tasks"], env, 120)
     conf = {"root": ROOT, "url_list": tiny_dataset.urls, "encoder": tiny_encoder_dir, "stages": ["base64"],
-            "max_steps": 6, "model_prefix": PREFIX, "filtered_shard_size": 50, "embed_shards_per_task": 2,
+            "presets": {"base64": "tiny"}, "max_steps": 6, "model_prefix": PREFIX, "filtered_shard_size": 50, "embed_shards_per_task": 2,
             "attributes": os.path.join(tiny_dataset.root, "attributes.json")}
     t0 = time.monotonic()
     out = _run([os.path.join(BIN, "airflow"), "dags", "test", "imagen_full", "-c", json.dumps(conf)], env, 900)

@@ -15,7 +15,7 @@ BIN = os.path.join(os.path.dirname(sys.executable), "imagen-pipeline")
 
 
 def train_cli(tmp_path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    args = ["train", "--stage", "base64", "--data", str(tmp_path / "filtered"), "--embeddings",
+    args = ["train", "--stage", "base64", "--preset", "tiny", "--data", str(tmp_path / "filtered"), "--embeddings",
             str(tmp_path / "emb"), "--checkpoint-dir", str(tmp_path / "ckpt"), *extra]
     environ = {k: v for k, v in os.environ.items() if k != "IMAGEN_LOCAL_MAX_PROCESSES"}
     return subprocess.run([BIN, *args], capture_output=True, text=True, timeout=600, env={**environ, **(env or {})})

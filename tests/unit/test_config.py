@@ -2,7 +2,16 @@
 
 import pytest
 
-from imagen.config import STAGES, StageSpec, check_chain, preset, stage_specs
+from imagen.config import (
+    PAPER_PRESETS,
+    STAGES,
+    StageSpec,
+    check_chain,
+    preset,
+    resolve_presets,
+    stage_preset,
+    stage_specs,
+)
 
 
 def test_paper_stage_specs():
@@ -42,3 +51,18 @@ def test_config_round_trips_its_crop_and_checks_it():
         cfg.replace(crop_size=2048)
     with pytest.raises(ValueError, match="unknown stage"):
         stage_specs({}, ["sr512"])
+
+
+def test_one_preset_rule_gives_the_paper_preset_by_default():
+    assert resolve_presets() == resolve_presets({}) == resolve_presets(None) == PAPER_PRESETS
+    assert resolve_presets("tiny") == dict.fromkeys(STAGES, "tiny")
+    assert resolve_presets({"sr256": "tiny", "sr1024": None}, ["sr1024", "sr256"]) == {
+        "sr256": "tiny", "sr1024": "sr1024"}  # cascade order; None or "" is the paper preset
+    assert stage_preset({"base64": ""}, "base64") == "base64"
+    assert stage_preset("tiny", "sr1024") == "tiny"
+    with pytest.raises(ValueError, match="preset 'base64' is for stage 'base64', not 'sr256'"):
+        resolve_presets({"sr256": "base64"})
+    with pytest.raises(ValueError, match="preset 'huge' for base64"):
+        stage_preset("huge", "base64")
+    with pytest.raises(ValueError, match="unknown stage"):
+        resolve_presets({"sr512": "tiny"})

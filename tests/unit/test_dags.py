@@ -65,6 +65,12 @@ def test_params_reject_bad_values(common):
     assert full["max_steps"].resolve(10) == 10
     defaults = ParamsDict(full).validate()  # every default is valid: the trigger form opens filled
     assert defaults["stages"] == STAGES and defaults["launcher"] == "local"
+    # production defaults: the paper presets and each preset's own step count (the smoke test, the
+    # demo and the tests ask for "tiny" by name)
+    fresh = ParamsDict(common.full_params()).validate()  # resolve() above set some values
+    assert fresh["presets"] == {s: s for s in STAGES} and fresh["max_steps"] is None
+    assert ParamsDict(common.stage_params()).validate()["preset"] is None  # the stage's paper preset
+    assert common.stage_params()["preset"].resolve("tiny") == "tiny"
 
 
 def test_private_networks_are_not_a_trigger_form_switch(common):
@@ -112,19 +118,21 @@ def test_asset_event_extra_overrides_params_root(common):
 
 
 def test_tasks_find_the_run_through_its_layout(common):
-    """The root of an imagen_data event wins over the root Param; an upstream task's folder
-    wins over both; the folders themselves come from pipeline.layout.RunLayout."""
+    """The root of the triggering event wins over the root Param; every folder then comes from
+    pipeline.layout.RunLayout: the root is the one thing that travels."""
 
     class Event:
         def __init__(self, extra):
             self.extra = extra
 
-    layout, filtered = common.where({"root": "s3://bucket/run"}, None)
-    assert (layout.root, filtered) == ("s3://bucket/run", "s3://bucket/run/filtered")
-    events = {common.FILTERED: [Event({"root": "s3://b/new", "path": "s3://b/new/shards"})]}
-    layout, filtered = common.where({"root": "/ignored"}, events)
-    assert (layout.root, filtered) == ("s3://b/new", "s3://b/new/shards")
-    assert common.where({"root": "/r"}, None, "/elsewhere/filtered")[1] == "/elsewhere/filtered"
+    layout = common.run_layout({"root": "s3://bucket/run"}, None)
+    assert (layout.root, layout.filtered) == ("s3://bucket/run", "s3://bucket/run/filtered")
+    events = {common.FILTERED: [Event({"root": "s3://b/old"}), Event({"root": "s3://b/new", "path": "s3://b/x"})]}
+    layout = common.run_layout({"root": "/ignored"}, events)
+    assert (layout.root, layout.filtered) == ("s3://b/new", "s3://b/new/filtered")  # newest event; path: UI only
+    embedded = {common.EMBEDDINGS: [Event({"root": "s3://c/run", "path": "s3://c/run/embeddings/t5"})]}
+    assert common.run_layout({"root": "/r"}, embedded, common.EMBEDDINGS).root == "s3://c/run"
+    assert common.run_layout({"root": "/r"}, embedded).root == "/r"  # no imagen_data event
 
 
 def test_dags_hold_no_step_logic():

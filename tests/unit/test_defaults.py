@@ -21,7 +21,6 @@ from pipeline.train.job import TrainJob, preset_overrides, resolve_config
 
 # Trigger-form defaults that are the DAGs' own, not a step's: why each differs.
 DAG_OWN = {
-    "max_steps": "the form trains a quick run (60 steps); the CLI's default is the preset's step count",
     "root": "the form's root is IMAGEN_DATA_ROOT; the CLI's --root defaults to the folder holding --data",
 }
 
@@ -80,7 +79,7 @@ def test_dag_params_equal_the_step_defaults(common):
             continue  # not a step option, the form's own default, or required on the command line
         assert param.value == f.default, f"DAG Param {name}={param.value!r}, the step's default {f.default!r}"
         checked.append(name)
-    assert {"encoder", "preset"} <= set(checked)
+    assert {"encoder", "preset", "max_steps"} <= set(checked)
     assert set(DAG_OWN) <= set(params)
 
 

@@ -13,7 +13,7 @@ from imagen.checkpoint import check_weights, load_config, load_model, save_weigh
 from imagen.config import preset
 from imagen.unet import UNet
 from pipeline import storage
-from pipeline.layout import RunLayout, checkpoint_tracking
+from pipeline.layout import STEP_NAME, RunDir, RunLayout, checkpoint_tracking, manifest_of
 
 
 def test_layout_of_a_local_root_is_absolute_and_joined_once(tmp_path, monkeypatch):
@@ -28,7 +28,14 @@ def test_layout_of_a_local_root_is_absolute_and_joined_once(tmp_path, monkeypatc
     assert layout.checkpoints("sr256", "tiny-abc") == f"{root}/checkpoints/sr256/tiny-abc"
     assert layout.artifacts == f"{root}/mlartifacts" and layout.local_state == root
     assert RunLayout.around(f"{root}/filtered") == layout  # the CLI's default for --root
-    assert RunLayout.eval_marker(layout.checkpoints("base64", "r")) == f"{root}/checkpoints/base64/r/eval.json"
+    run = layout.run("base64", "r")
+    assert run.path == layout.checkpoints("base64", "r") == f"{root}/checkpoints/base64/r"
+    assert (run.result, run.final, run.step(100), run.eval_marker, run.eval_dir) == (
+        f"{run.path}/result.json", f"{run.path}/final", f"{run.path}/step-00000100", f"{run.path}/eval.json",
+        f"{run.path}/eval")
+    assert RunDir.of(run.final) == RunDir.of(run.step(7) + "/") == run  # the run holding a checkpoint
+    assert STEP_NAME.match(storage.basename(run.step(12345678))).group(1) == "12345678"
+    assert manifest_of(layout.filtered) == layout.manifest
     with pytest.raises(ValueError, match="data root is empty"):
         RunLayout("")
 

@@ -114,7 +114,9 @@ def test_code_version_is_the_commit_marked_dirty_else_the_package(monkeypatch):
 
 
 def test_manifest_sha256_names_the_filtered_data(tmp_path):
-    assert tracking.manifest_sha256(str(tmp_path)) is None
+    from pipeline.layout import manifest_sha256
+
+    assert manifest_sha256(str(tmp_path)) is None
     (tmp_path / "manifest.json").write_bytes(b"{}")
-    assert tracking.manifest_sha256(str(tmp_path)) == \
+    assert manifest_sha256(str(tmp_path)) == \
         "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"

@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipeline.data.embed import embed_shards
 from pipeline.dev.tinymodels import build_tiny_t5
-from pipeline.tracking import manifest_sha256
+from pipeline.layout import manifest_sha256
 from pipeline.train.job import TrainJob
 from pipeline.train.step import build_optimizer
 from pipeline.train.trainer import Trainer, lr_at, weights_sha256
