@@ -108,7 +108,7 @@ def run_case(root: Path, t5: str, side: int) -> float:
     data = root / f"data{side}"
     write_shards(data, side, shards, per_shard)
     emb = embed_shards(str(data), str(root / f"emb{side}"), t5, max_length=32)["output"]
-    cfg = TrainDataConfig(data=str(data), embeddings=emb, image_size=size, lowres_size=lowres,
+    cfg = TrainDataConfig(data=str(data), embeddings=emb, image_size=size, lowres_crop_size=lowres,
                           batch_size=batch, max_tokens=32)  # fmt: skip
     batches = shards * per_shard // batch  # one epoch
     tars = sorted(data.glob("*.tar"))

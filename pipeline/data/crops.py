@@ -64,7 +64,7 @@ def decode_image(
     ``aug`` = uniform draws (crop x, crop y, flip): the crop is centred unless
     ``cfg.random_crop``; the image is flipped when ``cfg.random_flip`` and the draw < 0.5.
     The arrays are read-only views of PIL's pixels (``collate`` copies them once). ``cfg`` is a
-    :class:`pipeline.data.loader.TrainDataConfig` (image_size, crop_size, lowres_size,
+    :class:`pipeline.data.loader.TrainDataConfig` (image_size, crop_size, lowres_crop_size,
     random_crop, random_flip).
     """
     from PIL import Image
@@ -82,8 +82,8 @@ def decode_image(
     if cfg.random_flip and aug[2] < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     out = {"image": np.asarray(img)}
-    if cfg.lowres_size is not None:
-        out["lowres"] = np.asarray(_lowres(img, cfg.lowres_size))
+    if cfg.lowres_crop_size is not None:
+        out["lowres"] = np.asarray(_lowres(img, cfg.lowres_crop_size))
     return out
 
 

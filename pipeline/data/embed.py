@@ -53,6 +53,7 @@ from pipeline.data.embed_config import EmbedConfig
 from pipeline.data.embeddings import STORAGE_DTYPE, build_table, read_footer, write_table
 from pipeline.data.shards import KINDS, ShardDamaged, TarScan, file_sha256
 from pipeline.data.split import shard_pattern
+from pipeline.layout import manifest_of
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +349,7 @@ def _select(shard_uris: list[str], shards: list[str] | None) -> list[str]:
 def _shard_weights(input: str, shard_uris: list[str]) -> dict[str, int]:
     """Samples per shard from the filter manifest (``{"shards": {name: count}}``), else bytes."""
     names = [storage.basename(u) for u in shard_uris]
-    manifest_uri = storage.join(input, "manifest.json")
+    manifest_uri = manifest_of(input)
     if storage.exists(manifest_uri):
         counts = storage.read_json(manifest_uri).get("shards")
         if isinstance(counts, dict) and all(isinstance(counts.get(n), int) for n in names):

@@ -66,6 +66,7 @@ from pipeline.data.filter_registry import (
     build_scorers,
 )
 from pipeline.data.images import IMAGE_EXTS
+from pipeline.layout import manifest_of
 
 # Re-exported: callers import the whole filter step from here.
 __all__ = ["FILTERS", "CaptionLengthFilter", "DecodeFilter", "Filter", "FilterConfig", "MaxAspectFilter",
@@ -73,7 +74,6 @@ __all__ = ["FILTERS", "CaptionLengthFilter", "DecodeFilter", "Filter", "FilterCo
            "format_reject_table", "index_raw_shard", "read_located", "read_shard", "sample_fates",
            "stage_config"]
 
-MANIFEST = "manifest.json"
 # v3: per-sample stored side, per-stage counts; v4: raw shards verified, dropped_members, duplicate_key;
 # v5: member names matched exactly, pass 1 reused by the raw shard's sha256, pass 3 checks members' sha256;
 # v6: the validation split (val-NNNNNN.tar, "split", per-stage val counts)
@@ -434,7 +434,7 @@ def _fingerprint(input: str) -> dict[str, int]:
 
 
 def _up_to_date(output: str, settings: dict) -> dict | None:
-    uri = storage.join(output, MANIFEST)
+    uri = manifest_of(output)
     if not storage.exists(uri):
         return None
     manifest = storage.read_json(uri)
@@ -515,7 +515,7 @@ def filter_shards(input: str, output: str, config: FilterConfig | None = None,
         return existing
     names, skipped = _skipped(config)
     storage.makedirs(output)
-    storage.remove(storage.join(output, MANIFEST))  # first: a crash from here on never looks finished
+    storage.remove(manifest_of(output))  # first: a crash from here on never looks finished
     work = storage.join(output, WORK)
     _run_pass1(raw, work, config, workers)
     plan, filter_rejects, dropped = reshard.plan([(storage.basename(r), _work_uri(work, r)) for r in raw],
@@ -535,7 +535,7 @@ def filter_shards(input: str, output: str, config: FilterConfig | None = None,
         # A raw tar and its parquet disagree (e.g. a tar rewritten by hand): say so, keep going.
         print(f"warning: kept {kept} + rejected {manifest['rejected']} != {rows} rows listed in the "
               f"parquet files of {input}", flush=True)
-    storage.write_json(storage.join(output, MANIFEST), manifest)
+    storage.write_json(manifest_of(output), manifest)
     return manifest
 
 

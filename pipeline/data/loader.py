@@ -9,7 +9,7 @@ with ``EMBEDDINGS/NNNNNN.parquet`` written by :mod:`pipeline.data.embed`; sample
     cfg = TrainDataConfig(data="data/filtered", embeddings="data/embeddings/t5-...")
     batch = next(iter(make_loader(cfg, rank=0, world_size=1)))
     batch["image"]        # uint8 [B, 3, C, C] (channels first, contiguous), C = cfg.crop_size
-    batch["lowres"]       # uint8 [B, 3, c, c], only when cfg.lowres_size
+    batch["lowres"]       # uint8 [B, 3, c, c], only when cfg.lowres_crop_size
     batch["text_embeds"]  # float16 [B, L, D], L = cfg.pad_text_to (None: longest caption)
     batch["text_mask"]    # bool [B, L], True at real tokens
     batch["keys"]         # list[str]
@@ -113,8 +113,9 @@ class TrainDataConfig:
         image_size: the stage's side: the image's short side is resized to it (never up);
             samples whose short side is smaller are left out.
         crop_size: side of the square training crop (None: ``image_size``).
-        lowres_size: SR stages: also return the crop downsampled to this side (the
-            stage's conditioning input, Imagen sec. 2.5); None for the base stage.
+        lowres_crop_size: SR stages: also return the crop downsampled to this side (the
+            stage's conditioning input, Imagen sec. 2.5; ``StageSpec.lowres_crop_size``, not
+            the whole image's ``lowres_size``); None for the base stage.
         max_tokens: captions longer than this are truncated (keep <= embed max_length).
         batch_size: samples per batch (per rank).
         num_workers: DataLoader worker processes per rank.
@@ -139,7 +140,7 @@ class TrainDataConfig:
     data: str
     embeddings: str
     image_size: int = 64
-    lowres_size: int | None = None
+    lowres_crop_size: int | None = None
     max_tokens: int = 128
     batch_size: int = 8
     num_workers: int = 0
@@ -161,9 +162,9 @@ class TrainDataConfig:
             self.crop_size = self.image_size
         if not 0 < self.crop_size <= self.image_size:
             raise ValueError(f"crop_size {self.crop_size} must be between 1 and image_size {self.image_size}")
-        if self.lowres_size is not None and not 0 < self.lowres_size < self.crop_size:
+        if self.lowres_crop_size is not None and not 0 < self.lowres_crop_size < self.crop_size:
             raise ValueError(
-                f"lowres_size {self.lowres_size} must be between 1 and crop_size {self.crop_size}"
+                f"lowres_crop_size {self.lowres_crop_size} must be between 1 and crop_size {self.crop_size}"
             )
         for name in ("image_size", "max_tokens", "batch_size", "shuffle_shards"):
             if getattr(self, name) < 1:

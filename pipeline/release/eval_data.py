@@ -78,7 +78,7 @@ def validation_set(cfg, data: str, embeddings: str, limit: int, encoder_id: str 
 
     settings = validation_data(cfg, data, embeddings, min(batch_size, max(limit, 1)), encoder_id=encoder_id)
     # whole images at the stage's size, as the trainer's sample grid (trainer._validation_batch)
-    settings = dataclasses.replace(settings, crop_size=cfg.image_size, lowres_size=cfg.lowres_size,
+    settings = dataclasses.replace(settings, crop_size=cfg.image_size, lowres_crop_size=cfg.lowres_size,
                                    normalize_in_workers=False)
     batches = list(make_validation_loader(settings, limit=limit))
     if not batches:

@@ -137,7 +137,7 @@ class Trainer:
         cfg, spec = self.cfg, self.cfg.spec
         return TrainDataConfig(
             data=self.job.data, embeddings=self.job.embeddings, image_size=spec.image_size,
-            crop_size=spec.crop_size, lowres_size=spec.lowres_crop_size, random_crop=spec.random_crop,
+            crop_size=spec.crop_size, lowres_crop_size=spec.lowres_crop_size, random_crop=spec.random_crop,
             max_tokens=cfg.max_text_len, pad_text_to=cfg.max_text_len, batch_size=self.plan.micro_batch,
             # on a CPU the workers run beside the step: they normalise the pixels (to_device
             # passes them through); on a GPU uint8 crosses and the device normalises
@@ -165,7 +165,7 @@ class Trainer:
         from pipeline.data.loader import make_validation_loader
 
         whole = {"batch_size": VAL_SAMPLES, "num_workers": 0, "crop_size": self.cfg.image_size,
-                 "lowres_size": self.cfg.lowres_size}
+                 "lowres_crop_size": self.cfg.lowres_size}  # the whole image is the crop here
         if self.has_val:
             from pipeline.train.validation import validation_data
 

@@ -84,7 +84,7 @@ def validation_data(cfg: StageConfig, data: str, embeddings: str, batch_size: in
     spec = cfg.spec
     return TrainDataConfig(
         data=data, embeddings=embeddings, image_size=spec.image_size, crop_size=spec.crop_size,
-        lowres_size=spec.lowres_crop_size, random_crop=False, random_flip=False, max_tokens=cfg.max_text_len,
+        lowres_crop_size=spec.lowres_crop_size, random_crop=False, random_flip=False, max_tokens=cfg.max_text_len,
         pad_text_to=cfg.max_text_len, batch_size=batch_size, num_workers=num_workers,
         expected_encoder_id=encoder_id, expected_dim=cfg.unet.text_embed_dim, expected_max_length=cfg.max_text_len)
 

@@ -106,7 +106,7 @@ def keys_of(batches: list[dict]) -> list[str]:
 def test_batch_contract(dataset):
     _, emb_dir, keys, encoder_id = dataset
     cfg = config(dataset, expected_encoder_id=encoder_id, expected_dim=32,
-                 expected_max_length=32, lowres_size=8)  # fmt: skip
+                 expected_max_length=32, lowres_crop_size=8)  # fmt: skip
     batch = take(cfg, 1)[0]
     assert set(batch) == {"image", "lowres", "text_embeds", "text_mask", "keys"}
     image, lowres, embeds, mask = (
@@ -291,7 +291,7 @@ def test_without_recorded_sides_small_images_are_skipped_not_upscaled(dataset, t
 def test_sr_stage_trains_on_random_crops_with_lowres_from_the_same_crop(dataset, tmp_path, monkeypatch):
     """Short side to 24, a random 16 px crop, its 8 px input by area averaging (2x2 means)."""
     monkeypatch.setenv("IMAGEN_DATA_AUDIT", str(tmp_path / "audit"))
-    cfg = config(dataset, image_size=24, crop_size=16, lowres_size=8, random_crop=True, batch_size=5)
+    cfg = config(dataset, image_size=24, crop_size=16, lowres_crop_size=8, random_crop=True, batch_size=5)
     batches = take(cfg, 8)  # two epochs
     for batch in batches:
         assert batch["image"].shape == (5, 3, 16, 16) and batch["lowres"].shape == (5, 3, 8, 8)
@@ -313,8 +313,8 @@ def test_sr_stage_trains_on_random_crops_with_lowres_from_the_same_crop(dataset,
 def test_crop_must_fit_the_stage():
     with pytest.raises(ValueError, match="crop_size 32"):
         TrainDataConfig(data="d", embeddings="e", image_size=16, crop_size=32)
-    with pytest.raises(ValueError, match="lowres_size 16"):
-        TrainDataConfig(data="d", embeddings="e", image_size=32, crop_size=16, lowres_size=16)
+    with pytest.raises(ValueError, match="lowres_crop_size 16"):
+        TrainDataConfig(data="d", embeddings="e", image_size=32, crop_size=16, lowres_crop_size=16)
 
 
 def test_loader_is_endless_deterministic_and_covers_every_key(dataset):
@@ -357,7 +357,7 @@ def test_two_ranks_see_disjoint_keys(tmp_path, dataset, num_shards):
 @pytest.mark.parametrize(("num_workers", "rank", "world"), [(0, 0, 1), (2, 1, 2)])
 def test_start_batch_resumes_exactly(dataset, monkeypatch, num_workers, rank, world):
     """Batches k, k+1, ... of a fresh stream equal those at start_batch=k, across epochs."""
-    cfg = config(dataset, num_workers=num_workers, seed=5, random_crop=True, lowres_size=8)
+    cfg = config(dataset, num_workers=num_workers, seed=5, random_crop=True, lowres_crop_size=8)
     full = take(cfg, 13, rank, world)
     decoded = []
     if num_workers == 0:  # count decodes in-process: skipped batches must cost none
@@ -482,7 +482,7 @@ def test_decode_image_exact_values(dataset):
     # Solid colour survives resize + crop exactly; to_device maps pixel p to p / 127.5 - 1.
     buf = io.BytesIO()
     Image.new("RGB", (40, 30), (255, 0, 51)).save(buf, "PNG")
-    out = decode_image(buf.getvalue(), config(dataset, lowres_size=4))
+    out = decode_image(buf.getvalue(), config(dataset, lowres_crop_size=4))
     batch = collate([{**out, "text_embeds": np.zeros((1, 2), np.float16), "key": "k"}])
     assert batch["image"][0, :, 0, 0].tolist() == [255, 0, 51]
     batch = to_device(batch, torch.device("cpu"))
@@ -500,8 +500,8 @@ def test_decode_image_exact_values(dataset):
 
 
 def test_config_validation(dataset):
-    with pytest.raises(ValueError, match="lowres_size"):
-        config(dataset, lowres_size=16)
+    with pytest.raises(ValueError, match="lowres_crop_size"):
+        config(dataset, lowres_crop_size=16)
     with pytest.raises(ValueError, match="start_batch must be >= 0"):
         config(dataset, start_batch=-1)
     with pytest.raises(ValueError, match="rank 2"):
