@@ -79,8 +79,12 @@ def test_generated_flags_parse_into_the_configs(monkeypatch, tmp_path):
     assert seen["caption_col"] is None and seen["timeout"] == 2.5 and seen["stages"] == tuple(STAGES)
 
     captured = {}
-    monkeypatch.setattr("pipeline.data.filters.filter_shards",
-                        lambda i, o, cfg, **kw: captured.update(cfg=cfg) or {"kept": 0})
+
+    def filter_shards(input, output, config=None, samples_per_shard=1000, workers=1):  # the step's signature
+        captured["cfg"] = config
+        return {"kept": 0}
+
+    monkeypatch.setattr("pipeline.data.filters.filter_shards", filter_shards)
     monkeypatch.setattr("pipeline.data.filters.format_reject_table", lambda manifest: "")
     assert cli.main(["filter", "--input", "i", "--output", str(tmp_path / "filtered"), "--no-dedup", "--languages", "en,de",
                      "--min-side", "32", "--val-fraction", "0"]) == 0
