@@ -13,8 +13,13 @@ logic (evaluate once, register, the cascade chain, the promotion gate) lives in 
 Each task that writes a folder of the root (download, filter, embed) holds the run lock on it
 (``pipeline.lock``): a second run of that step on the same root fails at once, naming the holder.
 
-Only light imports at module level (Airflow's SDK, ``imagen.config``, ``pipeline.train.launch``,
+Only light imports at module level (Airflow's SDK, ``imagen.config``, ``pipeline.train.launchers``,
 ``pipeline.data.embed_config``, ``pipeline.data.filter_config``): every DAG file imports this at parse time.
+
+``launcher_options`` is one JSON object Param whose schema is every launcher's keys together
+(a Param's schema cannot follow the ``launcher`` Param; see ``pipeline.train.launchers``); its
+description lists each launcher's keys, and the train task checks the options against the
+chosen launcher's own schema before anything starts (``pipeline.train.launch.run_stage``).
 
 Deployment knobs (environment of the dag-processor and workers): ``IMAGEN_DATA_ROOT`` (the
 default data root), ``IMAGEN_RETRIES`` and ``IMAGEN_RETRY_DELAY_SECONDS`` (retry policy),
@@ -35,7 +40,7 @@ from airflow.sdk import Asset, AssetAlias, Param, task
 from imagen.config import PAPER_PRESETS, PRESETS, STAGES
 from pipeline.data.embed_config import EmbedConfig
 from pipeline.data.filter_config import FilterConfig
-from pipeline.train.launch import launcher_names, launcher_options_schema
+from pipeline.train.launchers import launcher_names, launcher_options_schema, option_keys
 
 DEFAULT_ROOT = os.environ.get("IMAGEN_DATA_ROOT", "/tmp/imagen-data")
 GPU_POOL = "gpu"  # `make airflow` creates it; its slots = trainings that may run at once
@@ -126,6 +131,19 @@ def embed_params() -> dict[str, Param]:
     }
 
 
+def launcher_options_param() -> Param:
+    """The ``launcher_options`` Param: typed fields only, the keys of every launcher (the
+    task refuses those of another launcher than the chosen one). The kubernetes image and
+    volume claim must be in the deployment's allowlists (IMAGEN_K8S_IMAGES,
+    IMAGEN_K8S_VOLUME_CLAIMS), checked again where the TrainJob is rendered."""
+    keys = "; ".join(f"{name}: {', '.join(option_keys(name)) or 'none'}" for name in launcher_names())
+    return Param({}, **launcher_options_schema(), description=(
+        f"Options of the chosen launcher ({keys}), e.g. for kubernetes "
+        '{"image": "REGISTRY/imagen-pipeline:TAG", "namespace": "ml", "volume_claim": "imagen-data", '
+        '"mount_path": "/data"}; image and volume claim from the deployment\'s IMAGEN_K8S_IMAGES / '
+        "IMAGEN_K8S_VOLUME_CLAIMS"))
+
+
 def train_params() -> dict[str, Param]:
     """Settings shared by every training task (imagen_full and imagen_train_stage)."""
     return {
@@ -135,12 +153,7 @@ def train_params() -> dict[str, Param]:
             "1.5M SR; the tiny preset's: 200)")),
         "launcher": Param("local", enum=launcher_names(),
                           description="local: torchrun here; kubernetes: a Kubeflow TrainJob"),
-        # Typed fields only; image and volume claim must be in the deployment's allowlists
-        # (IMAGEN_K8S_IMAGES, IMAGEN_K8S_VOLUME_CLAIMS), checked again where the TrainJob is rendered.
-        "launcher_options": Param({}, **launcher_options_schema(), description=(
-            'kubernetes only, e.g. {"image": "REGISTRY/imagen-pipeline:TAG", "namespace": "ml", '
-            '"volume_claim": "imagen-data", "mount_path": "/data"}; image and volume claim from the '
-            "deployment's IMAGEN_K8S_IMAGES / IMAGEN_K8S_VOLUME_CLAIMS")),
+        "launcher_options": launcher_options_param(),
         "gpus_per_node": Param(1, type="integer", minimum=1, maximum=64,
                                description="Training processes per node (one per GPU)"),
         "nodes": Param(1, type="integer", minimum=1, maximum=1024, description=(
@@ -315,7 +328,8 @@ def embed_task():
 
 def train_stage(params: dict[str, Any], root: str, stage: str, preset: str, data: str | None,
                 embeddings: str) -> dict[str, Any]:
-    """``pipeline.train.launch.run_stage`` with the training Params (``train_params``)."""
+    """``pipeline.train.launch.run_stage`` with the training Params (``train_params``); it
+    checks ``launcher_options`` against the chosen launcher's schema."""
     from pipeline.layout import RunLayout
     from pipeline.train.launch import run_stage
 

@@ -28,11 +28,15 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 VERBS: dict[str, Callable[[argparse.Namespace], Any]] = {}
+# verb -> (its one-line help, the function adding its flags to its sub-parser)
+FLAGS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
 
 
-def verb(name: str):
+def verb(name: str, help: str, flags: Callable[[argparse.ArgumentParser], None]):
+    """Register ``fn(args)`` as verb ``name``, its flags added by ``flags(sub_parser)``."""
     def deco(fn):
         VERBS[name] = fn
+        FLAGS[name] = (help, flags)
         return fn
 
     return deco
@@ -64,7 +68,16 @@ def _presets(preset: str | None) -> dict[str, str]:
     return {s: preset for s in STAGES} if preset else {}
 
 
-@verb("tiny-data")
+def _tiny_data_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--output", required=True, help="directory to write images, urls.parquet, t5-tiny/")
+    s.add_argument("--n", type=int, default=240, help="number of good images (default 240)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--port", type=int, default=8799, help="loopback port the URLs point at")
+    s.add_argument("--serve", action="store_true", help="then serve the directory on 127.0.0.1:PORT")
+    s.add_argument("--no-encoder", action="store_true", help="skip building the tiny T5 encoder")
+
+
+@verb("tiny-data", "render the synthetic tiny dataset (+ tiny T5) and serve it", _tiny_data_flags)
 def _tiny_data(a: argparse.Namespace) -> Any:
     from pipeline.dev.tinydata import make_tiny_dataset, serve_forever
     from pipeline.dev.tinymodels import build_tiny_t5
@@ -79,21 +92,32 @@ def _tiny_data(a: argparse.Namespace) -> Any:
     return result
 
 
-@verb("download")
-def _download(a: argparse.Namespace) -> Any:
-    from pipeline.data.download import download
-    from pipeline.lock import Holder, hold
+def _download_flags(s: argparse.ArgumentParser) -> None:
+    from pipeline.data.download import DownloadConfig
+    from pipeline.options import add_options
 
-    overrides = {k: getattr(a, k) for k in ("image_size", "resize_mode", "input_format", "max_pixels", "max_bytes")
-                 if getattr(a, k)}
+    s.add_argument("--url-list", required=True, help="parquet/csv/tsv/jsonl file or folder (any fsspec URI)")
+    s.add_argument("--output", required=True, help="raw shards directory (ROOT/raw)")
+    _stage_arguments(s, "the stages the data is for: downloaded once at the largest one's size, "
+                        "ratio kept, never upscaled")
+    add_options(s, DownloadConfig)  # --image-size, --resize-mode, ... --distributor, --spark-master
+    s.add_argument("--spark-conf", action="append", metavar="KEY=VALUE",
+                   help="pyspark: a Spark setting, e.g. spark.kubernetes.container.image=IMAGE (repeatable)")
+    _network_arguments(s)
+
+
+@verb("download", "img2dataset through the fetch guard: URL list -> raw WebDataset shards", _download_flags)
+def _download(a: argparse.Namespace) -> Any:
+    from pipeline.data.download import DownloadConfig, download
+    from pipeline.lock import Holder, hold
+    from pipeline.options import options_from_args
+
+    options = options_from_args(DownloadConfig, a)
+    options["caption_col"] = options["caption_col"] or None  # --caption-col "": a list without captions
     with hold(a.output, Holder("download")):  # one run at a time writes this folder (pipeline/lock.py)
-        return download(a.url_list, a.output, stages=tuple(a.stages), presets=_presets(a.preset), url_col=a.url_col,
-                        caption_col=a.caption_col or None, processes=a.processes, threads=a.threads,
-                        timeout=a.timeout, retries=a.retries, number_sample_per_shard=a.samples_per_shard,
-                        encode_format=a.encode_format, save_additional_columns=a.extra_columns,
+        return download(a.url_list, a.output, stages=tuple(a.stages), presets=_presets(a.preset),
                         allow_private_networks=a.allow_private_networks, allow_hosts=tuple(a.allow_host or ()),
-                        distributor=a.distributor, spark_master=a.spark_master,
-                        spark_conf=_spark_conf(a.spark_conf), **overrides)
+                        spark_conf=_spark_conf(a.spark_conf), **options)
 
 
 def _spark_conf(pairs: list[str] | None) -> dict[str, str]:
@@ -103,32 +127,68 @@ def _spark_conf(pairs: list[str] | None) -> dict[str, str]:
     return dict(p.split("=", 1) for p in pairs or [])
 
 
-@verb("filter")
-def _filter(a: argparse.Namespace) -> Any:
-    from pipeline.data.filters import filter_shards, format_reject_table, stage_config
-    from pipeline.lock import Holder, hold
+def _filter_flags(s: argparse.ArgumentParser) -> None:
+    from pipeline.data.filter_config import FilterConfig
+    from pipeline.data.filters import filter_shards
+    from pipeline.options import add_options
 
+    s.add_argument("--input", required=True, help="raw shards directory")
+    s.add_argument("--output", required=True, help="filtered shards directory (ROOT/filtered)")
+    _stage_arguments(s, "the stages the data is for: the smallest sets the size floor, and each "
+                        "stage's too-small samples are counted")
+    add_options(s, FilterConfig)  # --min-caption-chars ... --no-dedup ... --val-max
+    # Not FilterConfig options: its default follows the stages; a scorer is NAME=JSON to parse.
+    s.add_argument("--min-side", type=int, help="reject images smaller than this (default: the smallest "
+                                                 "stage's size)")
+    s.add_argument("--scorer", action="append", metavar="NAME=JSON",
+                   help='model-based score filter, e.g. image_classifier=\'{"weights": "DIR", "label": "nsfw", '
+                        '"max": 0.5}\'; runs only with weights')
+    s.add_argument("--samples-per-shard", type=int, help="(default %(default)s)",
+                   default=inspect.signature(filter_shards).parameters["samples_per_shard"].default)
+    s.add_argument("--workers", type=int, default=1, help="processes for the per-shard pass")
+
+
+def _scorers(specs: list[str] | None) -> dict[str, dict]:
     scorers = {}
-    for spec in a.scorer or []:
+    for spec in specs or []:
         name, _, options = spec.partition("=")
         try:
             scorers[name] = json.loads(options or "{}")
         except ValueError as e:
             raise ValueError(f"--scorer {spec!r}: expected NAME='{{\"weights\": DIR, \"min\": X}}' ({e})") from e
+    return scorers
+
+
+@verb("filter", "caption/language/size/decode/dedup filters -> even shards + reject table", _filter_flags)
+def _filter(a: argparse.Namespace) -> Any:
+    from pipeline.data.filter_config import FilterConfig
+    from pipeline.data.filters import filter_shards, format_reject_table, stage_config
+    from pipeline.lock import Holder, hold
+    from pipeline.options import options_from_args
+
     sized = {"min_side": a.min_side} if a.min_side else {}
-    cfg = stage_config(_presets(a.preset), a.stages, **sized, min_caption_chars=a.min_caption_chars,
-                       max_caption_chars=a.max_caption_chars, languages=tuple(x for x in (a.languages or "").split(",") if x),
-                       min_language_confidence=a.min_language_confidence,
-                       max_aspect=a.max_aspect, max_pixels=a.max_pixels, dedup=not a.no_dedup,
-                       near_dedup=not a.no_near_dedup, near_dup_distance=a.near_dup_distance, scorers=scorers,
-                       val_fraction=a.val_fraction, val_max=a.val_max)
+    cfg = stage_config(_presets(a.preset), a.stages, **sized, scorers=_scorers(a.scorer),
+                       **options_from_args(FilterConfig, a))
     with hold(a.output, Holder("filter")):
         manifest = filter_shards(a.input, a.output, cfg, samples_per_shard=a.samples_per_shard, workers=a.workers)
     print(format_reject_table(manifest))
     return {k: manifest[k] for k in manifest if k not in ("shards", "input_fingerprint")}
 
 
-@verb("embed")
+def _embed_flags(s: argparse.ArgumentParser) -> None:
+    from pipeline.data.embed_config import EmbedConfig
+    from pipeline.options import add_options
+
+    s.add_argument("--input", required=True, help="filtered shards directory")
+    s.add_argument("--output", required=True, help="embeddings root (ROOT/embeddings)")
+    add_options(s, EmbedConfig)  # --encoder, --max-length, --batch-size, --max-batch-tokens, --device, --dtype
+    s.add_argument("--shards", nargs="+", help="only these shards (000003 or 000003.tar)")
+    s.add_argument("--num-workers", type=int, default=1,
+                   help="split the shards this many ways (disjoint, balanced by samples)")
+    s.add_argument("--worker", type=int, default=0, help="which split this process embeds")
+
+
+@verb("embed", "frozen T5 over captions -> one Parquet per shard", _embed_flags)
 def _embed(a: argparse.Namespace) -> Any:
     from pipeline.data.embed import embed_shards, split_shards
     from pipeline.data.embed_config import EmbedConfig
@@ -147,10 +207,24 @@ def _embed(a: argparse.Namespace) -> Any:
                             config=EmbedConfig(**options_from_args(EmbedConfig, a)))
 
 
-@verb("train")
+def _train_flags(s: argparse.ArgumentParser) -> None:
+    from pipeline.train.job import add_arguments
+
+    add_arguments(s)
+    s.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) via torchrun")
+    s.add_argument("--nnodes", type=int, default=1, help="nodes (machines) of the job; run the same "
+                   "command on each with its own --node-rank (torchrun's static rendezvous)")
+    s.add_argument("--node-rank", type=int, help="this node's rank, 0..NNODES-1 (node 0 hosts the rendezvous)")
+    s.add_argument("--master-addr", help="address of node 0, reachable from every node")
+    s.add_argument("--master-port", type=int, help="free TCP port on node 0 (default: 29500)")
+    s.add_argument("--dry-run", action="store_true", help="print the resolved job as JSON (global batch, "
+                   "micro-batch, accumulation, world size, steps, images) and train nothing")
+
+
+@verb("train", "train one cascade stage (torchrun for several processes)", _train_flags)
 def _train(a: argparse.Namespace) -> Any:
     from pipeline.train.job import job_from_args
-    from pipeline.train.launch import make_launcher
+    from pipeline.train.launchers import make_launcher
 
     job = job_from_args(a, dry_run=a.dry_run)
     if a.dry_run:  # the resolved job (global batch cut over the world size), nothing trained
@@ -161,7 +235,7 @@ def _train(a: argparse.Namespace) -> Any:
         return job_plan(job, cfg, a.nnodes * a.nproc_per_node)
     if a.nnodes > 1:  # this machine is node --node-rank of --nnodes (pipeline/train/torchrun.py)
         from pipeline.train.job import job_to_argv
-        from pipeline.train.launch import train_node
+        from pipeline.train.launchers.local import train_node
         from pipeline.train.torchrun import Torchrun
 
         if a.node_rank is None or not a.master_addr:
@@ -173,215 +247,14 @@ def _train(a: argparse.Namespace) -> Any:
     if a.node_rank or a.master_addr or a.master_port:
         raise ValueError("--node-rank, --master-addr and --master-port are for a job of several nodes: "
                          "add --nnodes N (the same on every node)")
-    # The DAG's launcher (pipeline.train.launch); one process trains in this one, as always.
+    # The DAG's launcher (pipeline.train.launchers); one process trains in this one, as always.
     return make_launcher("local", in_process=True).launch(job, 1, a.nproc_per_node)
 
 
-@verb("evaluate")
-def _evaluate(a: argparse.Namespace) -> Any:
-    from pipeline.data.fetch_guard import allowing
-    from pipeline.release.evaluate import EvalOptions, evaluate
-    from pipeline.release.registry import mlflow_errors_in_one_line
-
-    prompts = None
-    if a.prompts_file:
-        with open(a.prompts_file) as f:
-            prompts = [line.strip() for line in f if line.strip()]
-    if a.embeddings is None and a.data:
-        from pipeline.layout import RunLayout
-
-        a.embeddings = RunLayout.around(a.data).embeddings_root  # its one encoder folder
-    opts = EvalOptions(attributes=a.attributes, prompts=prompts, data=a.data, embeddings=a.embeddings,
-                       num_validation=a.num_validation, references=a.references,
-                       num_references=a.num_references, fid_weights=a.fid_weights,
-                       clip_model=a.clip_model, encoder=a.encoder, seed=a.seed, steps=a.steps,
-                       guidance_scale=a.guidance_scale, device=a.device, workers=a.workers, output=a.output,
-                       tracking_uri=a.tracking_uri, run_id=a.run_id, sweep=not a.no_sweep)
-    with allowing(a.allow_private_networks, a.allow_host), mlflow_errors_in_one_line():
-        return evaluate(a.checkpoint, opts)
-
-
-@verb("register")
-def _register(a: argparse.Namespace) -> Any:
-    from pipeline.release.registry import mlflow_errors_in_one_line, promote, register
-
-    tags = dict(t.split("=", 1) for t in a.tag or [] if "=" in t)
-    with mlflow_errors_in_one_line():
-        if not a.checkpoint:
-            if not (a.name and a.promote):
-                raise ValueError("give --checkpoint to register, or --name NAME --promote to move "
-                                 "champion to the current challenger")
-            return promote(a.name, version=a.version, tracking_uri=a.tracking_uri)
-        return register(a.checkpoint, a.name, alias=a.alias, tracking_uri=a.tracking_uri,
-                        run_id=a.run_id, tags=tags, encoder=a.encoder, promote=a.promote,
-                        promote_on=a.promote_on, new_version=a.new_version, weights_dtype=a.weights_dtype)
-
-
-@verb("gate")
-def _gate(a: argparse.Namespace) -> Any:
-    from pipeline.layout import RunLayout
-    from pipeline.release.promotion import gate
-    from pipeline.release.registry import mlflow_errors_in_one_line
-
-    with mlflow_errors_in_one_line():
-        return gate(a.name, a.version, a.data, a.embeddings, a.promote_on, tracking_uri=a.tracking_uri,
-                    root=a.root or RunLayout.around(a.data).root, device=a.device)
-
-
-@verb("sample")
-def _sample(a: argparse.Namespace) -> Any:
-    from pipeline.release.registry import mlflow_errors_in_one_line
-    from pipeline.release.sample import sample_images
-
-    params = {"stages": a.stages, "sampler": a.sampler}
-    for flag, scalar, per_stage in ((a.steps, "steps", "stage_steps"),
-                                    (a.guidance_scale, "guidance_scale", "stage_guidance")):
-        if flag and len(flag) == 1:
-            params[scalar] = flag[0]
-        elif flag:
-            params[per_stage] = flag
-    with mlflow_errors_in_one_line():
-        return sample_images(a.prompts, a.model, a.output, seeds=a.seed, tracking_uri=a.tracking_uri,
-                             images=a.image, progress=not a.no_progress, encoder=a.encoder, **params)
-
-
-@verb("plan")
-def _plan(a: argparse.Namespace) -> Any:
-    from pipeline.calibrate import calibrate
-    from pipeline.plan import format_table, inputs_from_args, load_calibration, plan
-
-    inp = inputs_from_args(a)
-    measured = calibrate(inp, a.calibration, a.calibrate_seconds, a.calibrate_batch) if a.calibrate else None
-    if measured and a.samples is None and not a.url_list:
-        print(json.dumps(measured["measured"], indent=2))
-        return measured
-    result = plan(inp, load_calibration(a.calibration))
-    if measured:
-        result["calibration"] = measured
-    print(format_table(result), flush=True)
-    return result
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """A bad flag is one line too (the sub-commands' parsers are of this class as well)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(prog="imagen-pipeline", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks with errors")
-    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-
-    s = sub.add_parser("tiny-data", help="render the synthetic tiny dataset (+ tiny T5) and serve it")
-    s.add_argument("--output", required=True, help="directory to write images, urls.parquet, t5-tiny/")
-    s.add_argument("--n", type=int, default=240, help="number of good images (default 240)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--port", type=int, default=8799, help="loopback port the URLs point at")
-    s.add_argument("--serve", action="store_true", help="then serve the directory on 127.0.0.1:PORT")
-    s.add_argument("--no-encoder", action="store_true", help="skip building the tiny T5 encoder")
-
-    from pipeline.data.download import (
-        DownloadConfig as D,  # the download and filter defaults' owners
-    )
-    from pipeline.data.filter_registry import FilterConfig as F
-    from pipeline.data.filters import filter_shards
-
-    s = sub.add_parser("download", help="img2dataset through the fetch guard: URL list -> raw WebDataset shards")
-    s.add_argument("--url-list", required=True, help="parquet/csv/tsv/jsonl file or folder (any fsspec URI)")
-    s.add_argument("--output", required=True, help="raw shards directory (ROOT/raw)")
-    s.add_argument("--input-format", choices=["parquet", "csv", "tsv", "jsonl", "json", "txt"],
-                   help="default: from the file extension")
-    _stage_arguments(s, "the stages the data is for: downloaded once at the largest one's size, "
-                        "ratio kept, never upscaled")
-    s.add_argument("--image-size", type=int, help="override the size the stages' specs give")
-    s.add_argument("--resize-mode", choices=["center_crop", "keep_ratio", "keep_ratio_largest", "no"],
-                   help="override keep_ratio ('border' is never offered)")
-    s.add_argument("--url-col", default=D.url_col)
-    s.add_argument("--caption-col", default=D.caption_col, help="empty for a list without captions")
-    s.add_argument("--extra-columns", nargs="*", help="URL-list columns to copy into each sample's json")
-    s.add_argument("--processes", type=int, default=D.processes, help="(default %(default)s)")
-    s.add_argument("--threads", type=int, default=D.threads, help="download threads per process (default %(default)s)")
-    s.add_argument("--timeout", type=float, default=D.timeout,
-                   help="seconds per request, body included (default %(default)s)")
-    s.add_argument("--retries", type=int, default=D.retries, help="(default %(default)s)")
-    s.add_argument("--samples-per-shard", type=int, default=D.number_sample_per_shard, help="(default %(default)s)")
-    s.add_argument("--encode-format", default=D.encode_format, choices=["png", "jpg", "webp"])
-    s.add_argument("--max-pixels", type=int, default=D.max_pixels,
-                   help="refuse images declaring more pixels (default %(default)s)")
-    s.add_argument("--max-bytes", type=int, default=D.max_bytes,
-                   help="refuse responses larger than this (default %(default)s)")
-    s.add_argument("--distributor", default=D.distributor, choices=["multiprocessing", "pyspark"],
-                   help="pyspark: img2dataset's Spark distributor, one task per shard (needs "
-                        "imagen-pipeline[spark] and Java 17)")
-    s.add_argument("--spark-master", metavar="URL", help="pyspark: local[N] (default local[PROCESSES]), "
-                   "local-cluster[W,C,MB], spark://HOST:PORT, k8s://https://HOST:PORT or yarn")
-    s.add_argument("--spark-conf", action="append", metavar="KEY=VALUE",
-                   help="pyspark: a Spark setting, e.g. spark.kubernetes.container.image=IMAGE (repeatable)")
-    _network_arguments(s)
-
-    s = sub.add_parser("filter", help="caption/language/size/decode/dedup filters -> even shards + reject table")
-    s.add_argument("--input", required=True, help="raw shards directory")
-    s.add_argument("--output", required=True, help="filtered shards directory (ROOT/filtered)")
-    s.add_argument("--min-caption-chars", type=int, default=F.min_caption_chars)
-    s.add_argument("--max-caption-chars", type=int, default=F.max_caption_chars)
-    s.add_argument("--languages", help="comma-separated ISO 639-1 codes to keep, e.g. en,de "
-                                       "(needs py3langid; skipped with a warning without it)")
-    s.add_argument("--min-language-confidence", type=float, default=F.min_language_confidence,
-                   help="reject a caption only when another language is detected at least this surely")
-    _stage_arguments(s, "the stages the data is for: the smallest sets the size floor, and each "
-                        "stage's too-small samples are counted")
-    s.add_argument("--min-side", type=int, help="reject images smaller than this (default: the smallest "
-                                                 "stage's size)")
-    s.add_argument("--max-aspect", type=float, default=F.max_aspect)
-    s.add_argument("--max-pixels", type=int, default=F.max_pixels)
-    s.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
-    s.add_argument("--no-near-dedup", action="store_true", help="keep perceptual near duplicates")
-    s.add_argument("--near-dup-distance", type=int, default=F.near_dup_distance,
-                   help="max pHash Hamming distance (default %(default)s)")
-    s.add_argument("--scorer", action="append", metavar="NAME=JSON",
-                   help='model-based score filter, e.g. image_classifier=\'{"weights": "DIR", "label": "nsfw", '
-                        '"max": 0.5}\'; runs only with weights')
-    s.add_argument("--val-fraction", type=float, default=F.val_fraction,
-                   help="hold out this fraction of the kept samples (by a hash of their URL) as the validation "
-                        "split, val-NNNNNN.tar; 0: none (default %(default)s)")
-    s.add_argument("--val-max", type=int, default=F.val_max,
-                   help="hold out at most this many samples (default %(default)s)")
-    s.add_argument("--samples-per-shard", type=int, help="(default %(default)s)",
-                   default=inspect.signature(filter_shards).parameters["samples_per_shard"].default)
-    s.add_argument("--workers", type=int, default=1, help="processes for the per-shard pass")
-
-    from pipeline.data.embed_config import EmbedConfig
-    from pipeline.options import add_options
-
-    s = sub.add_parser("embed", help="frozen T5 over captions -> one Parquet per shard")
-    s.add_argument("--input", required=True, help="filtered shards directory")
-    s.add_argument("--output", required=True, help="embeddings root (ROOT/embeddings)")
-    add_options(s, EmbedConfig)  # --encoder, --max-length, --batch-size, --max-batch-tokens, --device, --dtype
-    s.add_argument("--shards", nargs="+", help="only these shards (000003 or 000003.tar)")
-    s.add_argument("--num-workers", type=int, default=1,
-                   help="split the shards this many ways (disjoint, balanced by samples)")
-    s.add_argument("--worker", type=int, default=0, help="which split this process embeds")
-
-    from pipeline.train.job import add_arguments
-
-    s = sub.add_parser("train", help="train one cascade stage (torchrun for several processes)")
-    add_arguments(s)
-    s.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) via torchrun")
-    s.add_argument("--nnodes", type=int, default=1, help="nodes (machines) of the job; run the same "
-                   "command on each with its own --node-rank (torchrun's static rendezvous)")
-    s.add_argument("--node-rank", type=int, help="this node's rank, 0..NNODES-1 (node 0 hosts the rendezvous)")
-    s.add_argument("--master-addr", help="address of node 0, reachable from every node")
-    s.add_argument("--master-port", type=int, help="free TCP port on node 0 (default: 29500)")
-    s.add_argument("--dry-run", action="store_true", help="print the resolved job as JSON (global batch, "
-                   "micro-batch, accumulation, world size, steps, images) and train nothing")
-
+def _evaluate_flags(s: argparse.ArgumentParser) -> None:
     # the deployment's evaluator weights: the defaults of --fid-weights and --clip-model
     from pipeline.release.evaluate import CLIP_MODEL_ENV, FID_WEIGHTS_ENV
 
-    s = sub.add_parser("evaluate", help="sample grids, speed and metrics for a stage or the cascade")
     s.add_argument("--checkpoint", required=True, action="append",
                    help="stage weights dir (.../final); repeat in cascade order for the cascade")
     s.add_argument("--data", help="filtered shards holding the validation split (ROOT/filtered): SR stages "
@@ -416,7 +289,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tracking-uri")
     _network_arguments(s)
 
-    s = sub.add_parser("register", help="register a stage or the cascade in the MLflow Model Registry")
+
+@verb("evaluate", "sample grids, speed and metrics for a stage or the cascade", _evaluate_flags)
+def _evaluate(a: argparse.Namespace) -> Any:
+    from pipeline.data.fetch_guard import allowing
+    from pipeline.release.evaluate import EvalOptions, evaluate
+    from pipeline.release.registry import mlflow_errors_in_one_line
+
+    prompts = None
+    if a.prompts_file:
+        with open(a.prompts_file) as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    if a.embeddings is None and a.data:
+        from pipeline.layout import RunLayout
+
+        a.embeddings = RunLayout.around(a.data).embeddings_root  # its one encoder folder
+    opts = EvalOptions(attributes=a.attributes, prompts=prompts, data=a.data, embeddings=a.embeddings,
+                       num_validation=a.num_validation, references=a.references,
+                       num_references=a.num_references, fid_weights=a.fid_weights,
+                       clip_model=a.clip_model, encoder=a.encoder, seed=a.seed, steps=a.steps,
+                       guidance_scale=a.guidance_scale, device=a.device, workers=a.workers, output=a.output,
+                       tracking_uri=a.tracking_uri, run_id=a.run_id, sweep=not a.no_sweep)
+    with allowing(a.allow_private_networks, a.allow_host), mlflow_errors_in_one_line():
+        return evaluate(a.checkpoint, opts)
+
+
+def _register_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--checkpoint", action="append",
                    help="stage weights dir; repeat in cascade order for a cascade")
     s.add_argument("--name", help="registered model name (default: imagen-<stage>, imagen-cascade)")
@@ -437,8 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-id", help="log the model into this run (default: the training run)")
     s.add_argument("--tracking-uri")
 
-    s = sub.add_parser("gate", help="make a registered stage version @champion only if it beats the champion "
-                                    "on the validation split (pipeline/release/promotion.py)")
+
+@verb("register", "register a stage or the cascade in the MLflow Model Registry", _register_flags)
+def _register(a: argparse.Namespace) -> Any:
+    from pipeline.release.registry import mlflow_errors_in_one_line, promote, register
+
+    tags = dict(t.split("=", 1) for t in a.tag or [] if "=" in t)
+    with mlflow_errors_in_one_line():
+        if not a.checkpoint:
+            if not (a.name and a.promote):
+                raise ValueError("give --checkpoint to register, or --name NAME --promote to move "
+                                 "champion to the current challenger")
+            return promote(a.name, version=a.version, tracking_uri=a.tracking_uri)
+        return register(a.checkpoint, a.name, alias=a.alias, tracking_uri=a.tracking_uri,
+                        run_id=a.run_id, tags=tags, encoder=a.encoder, promote=a.promote,
+                        promote_on=a.promote_on, new_version=a.new_version, weights_dtype=a.weights_dtype)
+
+
+def _gate_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--name", required=True, help="registered model name, e.g. imagen-base64")
     s.add_argument("--version", required=True, help="the version to judge (e.g. the @challenger's)")
     s.add_argument("--data", required=True, help="filtered shards (ROOT/filtered): both are scored on their "
@@ -450,9 +364,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="where to score (default: cuda when there is one, else cpu)")
     s.add_argument("--tracking-uri")
 
-    from imagen.samplers import SAMPLER_NAMES  # names only: no torch import
 
-    s = sub.add_parser("sample", help="generate images from a registered model")
+@verb("gate", "make a registered stage version @champion only if it beats the champion on the validation "
+              "split (pipeline/release/promotion.py)", _gate_flags)
+def _gate(a: argparse.Namespace) -> Any:
+    from pipeline.layout import RunLayout
+    from pipeline.release.promotion import gate
+    from pipeline.release.registry import mlflow_errors_in_one_line
+
+    with mlflow_errors_in_one_line():
+        return gate(a.name, a.version, a.data, a.embeddings, a.promote_on, tracking_uri=a.tracking_uri,
+                    root=a.root or RunLayout.around(a.data).root, device=a.device)
+
+
+def _sample_flags(s: argparse.ArgumentParser) -> None:
+    from imagen.samplers import SAMPLER_NAMES  # the sampler registry's names only: no torch import
+
     s.add_argument("prompts", nargs="+", help="one or more prompts")
     s.add_argument("--model", required=True,
                    help="models:/NAME@ALIAS, models:/NAME/VERSION, an MLflow model folder or a stage "
@@ -470,11 +397,64 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.add_argument("--tracking-uri")
 
-    from pipeline.plan import add_arguments as plan_arguments
 
-    s = sub.add_parser("plan", help="predict a run before starting it: storage per phase, shards, "
-                                    "GPU-hours, wall time and cost")
-    plan_arguments(s)
+@verb("sample", "generate images from a registered model", _sample_flags)
+def _sample(a: argparse.Namespace) -> Any:
+    from pipeline.release.registry import mlflow_errors_in_one_line
+    from pipeline.release.sample import sample_images
+
+    params = {"stages": a.stages, "sampler": a.sampler}
+    for flag, scalar, per_stage in ((a.steps, "steps", "stage_steps"),
+                                    (a.guidance_scale, "guidance_scale", "stage_guidance")):
+        if flag and len(flag) == 1:
+            params[scalar] = flag[0]
+        elif flag:
+            params[per_stage] = flag
+    with mlflow_errors_in_one_line():
+        return sample_images(a.prompts, a.model, a.output, seeds=a.seed, tracking_uri=a.tracking_uri,
+                             images=a.image, progress=not a.no_progress, encoder=a.encoder, **params)
+
+
+def _plan_flags(s: argparse.ArgumentParser) -> None:
+    from pipeline.plan import add_arguments
+
+    add_arguments(s)
+
+
+@verb("plan", "predict a run before starting it: storage per phase, shards, GPU-hours, wall time and cost",
+      _plan_flags)
+def _plan(a: argparse.Namespace) -> Any:
+    from pipeline.calibrate import calibrate
+    from pipeline.plan import format_table, inputs_from_args, load_calibration, plan
+
+    inp = inputs_from_args(a)
+    measured = calibrate(inp, a.calibration, a.calibrate_seconds, a.calibrate_batch) if a.calibrate else None
+    if measured and a.samples is None and not a.url_list:
+        print(json.dumps(measured["measured"], indent=2))
+        return measured
+    result = plan(inp, load_calibration(a.calibration))
+    if measured:
+        result["calibration"] = measured
+    print(format_table(result), flush=True)
+    return result
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A bad flag is one line too (the sub-commands' parsers are of this class as well)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``imagen-pipeline`` parser: one sub-parser per verb, its flags from the verb's
+    registration (generated from its config dataclass where it has one)."""
+    p = OneLineErrorParser(prog="imagen-pipeline", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks with errors")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name, (help, add_flags) in FLAGS.items():
+        add_flags(sub.add_parser(name, help=help))
     return p
 
 

@@ -60,6 +60,7 @@ from pipeline.data.fetch_guard import (
     deployment_policy,
     literal_reason,
 )
+from pipeline.options import option
 from pipeline.proc import run_streaming
 
 INPUT_FORMATS = ("parquet", "csv", "tsv", "jsonl", "json", "txt")
@@ -80,6 +81,7 @@ def stage_policy(specs: dict[str, StageSpec]) -> dict:
 
 # PNG's "quality" is a zlib level 0..9 (img2dataset rejects 95); 3 is fast and still lossless.
 DEFAULT_QUALITY = {"png": 3, "jpg": 95, "webp": 95}
+ENCODE_FORMATS = tuple(DEFAULT_QUALITY)  # png (lossless), jpg, webp: img2dataset's encoders we offer
 # X-Robots-Tag directives that opt an image out of AI training or indexing (img2dataset's list).
 OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 SCREENED_LIST = "_urls.parquet"
@@ -88,37 +90,48 @@ REFUSED_LIST = "refused.parquet"
 
 @dataclasses.dataclass
 class DownloadConfig:
-    """Every download option and its default (the single source of them)."""
+    """Every download option and its default (the single source of them). The fields declared
+    with :func:`~pipeline.options.option` generate ``imagen-pipeline download``'s flags; the
+    others are set from Python, or by the CLI's hand-written flags (stages, presets, the fetch
+    guard's allowances and Spark settings, which need parsing or are shared with other verbs)."""
 
     # The stages the data serves, each at its preset's sizes (stage -> preset; a missing stage:
     # its paper preset): image_size / resize_mode / resize_only_if_bigger default to stage_policy.
     stages: tuple[str, ...] = STAGES
     presets: dict[str, str] = dataclasses.field(default_factory=dict)
-    image_size: int | None = None
-    resize_mode: str | None = None
+    image_size: int | None = option(None, "override the size the stages' specs give")
+    resize_mode: str | None = option(None, "override keep_ratio ('border' is never offered)", choices=RESIZE_MODES)
     resize_only_if_bigger: bool | None = None
-    input_format: str | None = None  # parquet, csv, tsv, jsonl, json, txt; None: from the extension
-    url_col: str = "url"
-    caption_col: str | None = "caption"
-    save_additional_columns: list[str] | None = None  # copied into each sample's KEY.json
-    processes: int = 1
-    threads: int = 8
-    timeout: float = 10  # seconds for a whole request, body included
-    retries: int = 0
-    number_sample_per_shard: int = 10000
-    encode_format: str = "png"  # png (lossless), jpg or webp
+    input_format: str | None = option(None, "default: from the file extension", choices=INPUT_FORMATS)
+    url_col: str = option("url", "the URL list's URL column (default %(default)s)")
+    caption_col: str | None = option("caption", "the URL list's caption column (default %(default)s); "
+                                                "empty for a list without captions")
+    save_additional_columns: list[str] | None = option(
+        None, "URL-list columns to copy into each sample's json", cli_name="--extra-columns", nargs="*")
+    processes: int = option(1, "download processes (default %(default)s)")
+    threads: int = option(8, "download threads per process (default %(default)s)")
+    timeout: float = option(10, "seconds per request, body included (default %(default)s)")
+    retries: int = option(0, "retries per failed URL (default %(default)s)")
+    number_sample_per_shard: int = option(10000, "samples per raw shard (default %(default)s)",
+                                          cli_name="--samples-per-shard")
+    encode_format: str = option("png", "how images are stored: png (lossless), jpg or webp (default %(default)s)",
+                                choices=ENCODE_FORMATS)
     encode_quality: int | None = None  # None: a valid default for the format
     disallowed_header_directives: tuple[str, ...] = OPT_OUT_DIRECTIVES
     user_agent_token: str | None = "img2dataset"  # so "X-Robots-Tag: img2dataset: noai" applies too
     # Fetch loopback/private/link-local (the local tiny dataset); adds to IMAGEN_ALLOW_PRIVATE_NETWORKS.
     allow_private_networks: bool = False
     allow_hosts: tuple[str, ...] = ()  # exact "host:port" exempt from the address check (+ IMAGEN_ALLOW_HOSTS)
-    max_bytes: int = 32 * 1024 * 1024
-    max_pixels: int = 64_000_000  # declared image size above this is refused before decoding
+    max_bytes: int = option(32 * 1024 * 1024, "refuse responses larger than this (default %(default)s)")
+    max_pixels: int = option(64_000_000, "refuse images declaring more pixels, before decoding "
+                                         "(default %(default)s)")
     # "pyspark": img2dataset's Spark distributor, one task per shard (pipeline.data.spark); its
     # master: local[N] (default local[processes]), local-cluster[W,C,MB], spark://, k8s://https://
-    distributor: str = "multiprocessing"
-    spark_master: str | None = None
+    distributor: str = option("multiprocessing", "pyspark: img2dataset's Spark distributor, one task per shard "
+                                                 "(needs imagen-pipeline[spark] and Java 17)",
+                              choices=spark.DISTRIBUTORS)
+    spark_master: str | None = option(None, "pyspark: local[N] (default local[PROCESSES]), local-cluster[W,C,MB], "
+                                            "spark://HOST:PORT, k8s://https://HOST:PORT or yarn", metavar="URL")
     spark_conf: dict[str, str] = dataclasses.field(default_factory=dict)  # on top of pipeline.data.spark's
 
 

@@ -10,6 +10,7 @@ import pytest
 from pipeline.layout import RunLayout
 from pipeline.train import launch
 from pipeline.train.job import TrainJob
+from pipeline.train.launchers import make_launcher
 
 
 def test_local_launcher_fails_with_the_trainers_error(tmp_path):
@@ -17,7 +18,7 @@ def test_local_launcher_fails_with_the_trainers_error(tmp_path):
                    embeddings=str(tmp_path / "no-such-embeddings"), checkpoint_dir=str(tmp_path / "ckpt"),
                    max_steps=2)
     with pytest.raises(RuntimeError, match=r"pipeline.train exited with code 1(.|\n)*no-such-embeddings"):
-        launch.train_stage(job, launch.make_launcher("local"))
+        launch.train_stage(job, make_launcher("local"))
     assert not os.path.exists(tmp_path / "ckpt" / launch.RESULT_NAME)  # no completion marker
 
 

@@ -20,8 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.train import launch, torchrun
+from pipeline.train import torchrun
 from pipeline.train.job import TrainJob, job_to_argv
+from pipeline.train.launchers.local import LocalLauncher
 from pipeline.train.trainer import tensors_sha256
 
 STEPS, EVERY = 12, 4
@@ -138,7 +139,7 @@ def test_killed_on_both_nodes_then_resumed_is_bitwise_equal(two_node_run, filter
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
     for name, value in LOOPBACK.items():
         monkeypatch.setenv(name, value)
-    resumed = launch.LocalLauncher().launch(job, nodes=2, procs_per_node=1)
+    resumed = LocalLauncher().launch(job, nodes=2, procs_per_node=1)
     printed = capsys.readouterr().out
     (line,) = [x for x in printed.splitlines() if x.startswith("[node 0] [train base64] resumed from")]
     assert line.endswith(f"{kept[-1]} at step {int(kept[-1][5:])}")

@@ -85,6 +85,28 @@ def test_private_networks_are_not_a_trigger_form_switch(common):
                 assert "allow_private_networks" not in f.read(), name
 
 
+def test_launcher_options_param_takes_every_launchers_keys_and_names_them(common):
+    """The Param's schema is static: it holds every launcher's keys (the union), its description
+    lists them per launcher, and the train task checks them against the chosen launcher's own
+    schema (tests/unit/test_launch.py). A default trigger validates."""
+    from airflow.sdk.definitions.param import ParamsDict
+    from airflow.sdk.exceptions import ParamValidationError
+
+    from pipeline.train.launchers import launcher_options_schema, option_keys
+
+    for params in (common.full_params(), common.stage_params()):
+        form = ParamsDict(params).validate()
+        assert form["launcher"] == "local" and form["launcher_options"] == {}
+    param = common.train_params()["launcher_options"]
+    assert {k: param.schema[k] for k in ("type", "additionalProperties", "properties")} == launcher_options_schema()
+    assert "local: none" in param.description
+    assert f"kubernetes: {', '.join(option_keys('kubernetes'))}" in param.description
+    k8s = {"image": "registry.example.com/imagen-pipeline:0.1", "namespace": "ml", "volume_claim": "imagen-data"}
+    assert param.resolve(k8s) == k8s
+    with pytest.raises(ParamValidationError, match="gpus"):
+        param.resolve({"gpus": 8})
+
+
 def test_stage_and_preset_names_come_from_the_model_library(common):
     from imagen.config import PRESETS
     from imagen.config import STAGES as LIB_STAGES

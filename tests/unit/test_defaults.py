@@ -1,7 +1,8 @@
-"""Every default has one source. The train and embed options are declared once, in
-``TrainJob`` and ``EmbedConfig``: their fields generate the CLI flags, the preset overrides are
-``TrainConfig`` fields, and the DAG Params reuse or equal them. The planner's copies of other
-steps' defaults (it may not import img2dataset or Airflow) equal their owners'."""
+"""Every default has one source. The train, embed, download and filter options are declared
+once, in ``TrainJob``, ``EmbedConfig``, ``DownloadConfig`` and ``FilterConfig``: their fields
+generate the CLI flags, the preset overrides are ``TrainConfig`` fields, and the DAG Params
+reuse or equal them. The planner's copies of other steps' defaults (it may not import
+img2dataset or Airflow) equal their owners'."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import pytest
 
 from imagen.config import TrainConfig
 from pipeline import cli, plan
+from pipeline.data.download import DownloadConfig
 from pipeline.data.embed_config import EmbedConfig
-from pipeline.options import flag, option_fields
+from pipeline.data.filter_config import FilterConfig
+from pipeline.options import flag_of, option_fields
 from pipeline.train.job import TrainJob, preset_overrides, resolve_config
 
 # Trigger-form defaults that are the DAGs' own, not a step's: why each differs.
@@ -32,12 +35,13 @@ def verb_actions(verb: str) -> dict[str, argparse.Action]:
     return {a.dest: a for a in sub.choices[verb]._actions}
 
 
-@pytest.mark.parametrize(("verb", "cls"), [("train", TrainJob), ("embed", EmbedConfig)])
+@pytest.mark.parametrize(("verb", "cls"), [("train", TrainJob), ("embed", EmbedConfig),
+                                           ("download", DownloadConfig), ("filter", FilterConfig)])
 def test_cli_flags_are_generated_from_the_config_fields(verb, cls):
     actions = verb_actions(verb)
     for f in option_fields(cls):
         a = actions[f.name]
-        assert a.option_strings == [flag(f.name)] and a.help == f.metadata["help"] and a.help
+        assert a.option_strings == [flag_of(f)] and a.help == f.metadata["help"] and a.help
         if f.default is dataclasses.MISSING:
             assert a.required
         else:
@@ -91,24 +95,13 @@ def test_filtered_shard_size_has_one_value(common):
     assert verb_actions("filter")["samples_per_shard"].default == default
 
 
-# CLI flag (dest) -> the config field whose default it shows.
-DOWNLOAD_FLAGS = {"url_col": "url_col", "caption_col": "caption_col", "processes": "processes",
-                  "threads": "threads", "timeout": "timeout", "retries": "retries",
-                  "samples_per_shard": "number_sample_per_shard", "encode_format": "encode_format",
-                  "max_pixels": "max_pixels", "max_bytes": "max_bytes", "distributor": "distributor"}
-FILTER_FLAGS = {"min_caption_chars", "max_caption_chars", "min_language_confidence", "max_aspect", "max_pixels",
-                "near_dup_distance"}
-
-
 def test_download_and_filter_flags_show_their_configs_defaults():
-    from pipeline.data.download import DownloadConfig
-    from pipeline.data.filter_registry import FilterConfig
-
     download, filter_ = verb_actions("download"), verb_actions("filter")
-    for dest, field in DOWNLOAD_FLAGS.items():
-        assert download[dest].default == getattr(DownloadConfig(), field), dest
-    for dest in FILTER_FLAGS:
-        assert filter_[dest].default == getattr(FilterConfig(), dest), dest
+    for cls, actions in ((DownloadConfig, download), (FilterConfig, filter_)):
+        for f in option_fields(cls):
+            assert actions[f.name].default == getattr(cls(), f.name), f.name
+    assert {"url_col", "number_sample_per_shard", "encode_format", "distributor"} <= set(download)
+    assert {"min_caption_chars", "near_dup_distance", "val_fraction", "dedup"} <= set(filter_)
     assert (DownloadConfig().threads, DownloadConfig().retries) == (8, 0)  # the CLI once said 16 and 1
 
 
@@ -125,7 +118,6 @@ def test_plan_flags_show_planinputs_defaults():
 def test_the_planners_copies_equal_their_owners(common):
     from airflow.configuration import conf
 
-    from pipeline.data.download import DownloadConfig
     from pipeline.data.filters import filter_shards
 
     assert DownloadConfig().number_sample_per_shard == plan.RAW_PER_SHARD

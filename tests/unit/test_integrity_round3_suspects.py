@@ -17,7 +17,7 @@ import pytest
 
 import imagen.text as text
 from imagen.text import T5TextEncoder
-from pipeline.train.launch import OPTION_SCHEMA, KubernetesOptions
+from pipeline.train.launchers.kubernetes import OPTION_SCHEMA, KubernetesOptions
 
 GOOD = {"image": "registry.local/imagen-pipeline:1", "namespace": "default", "runtime": "torch-distributed",
         "gpu_resource": "nvidia.com/gpu", "cpu": "8", "memory": "64Gi", "volume_claim": "imagen-data",

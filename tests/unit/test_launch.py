@@ -1,24 +1,66 @@
-"""Launchers in this process: the registry of launchers and its one-line mistakes, and the
-local launcher's single-process path (the CLI's) without a subprocess (its several nodes:
-tests/unit/test_torchrun.py). The local launcher's real trainer subprocess and run_stage's
-reuse are tests/integration/test_launch.py."""
+"""Launchers in this process: the registry of launchers, each launcher's options schema and
+the one-line mistakes, run_stage's check of the trigger form's options against the chosen
+launcher, and the local launcher's single-process path (the CLI's) without a subprocess (its
+several nodes: tests/unit/test_torchrun.py). The local launcher's real trainer subprocess and
+run_stage's reuse are tests/integration/test_launch.py; the kubernetes launcher's options and
+TrainJob are tests/unit/test_launch_k8s.py."""
 
 import re
 
 import pytest
 
 from pipeline.layout import RunLayout
-from pipeline.train import launch
+from pipeline.train import launch, launchers
 from pipeline.train.job import TrainJob
+from pipeline.train.launchers import local
 
 
 def test_registry_lists_builtin_launchers_and_explains_mistakes():
-    assert {"local", "kubernetes"} <= set(launch.launcher_names())
-    assert isinstance(launch.make_launcher("local"), launch.LocalLauncher)
+    assert {"local", "kubernetes"} <= set(launchers.launcher_names())
+    assert isinstance(launchers.make_launcher("local"), local.LocalLauncher)
     with pytest.raises(ValueError, match="unknown launcher 'slurm'.*kubernetes.*local"):
-        launch.make_launcher("slurm")
+        launchers.make_launcher("slurm")
     with pytest.raises(TypeError, match="launcher 'local' does not take these options"):
-        launch.make_launcher("local", image="x")
+        launchers.make_launcher("local", image="x")
+    with pytest.raises(ValueError, match="unknown launcher 'slurm'"):
+        launchers.options_schema("slurm")
+
+
+def test_each_launcher_owns_its_options_schema():
+    from pipeline.train.launchers.kubernetes import OPTION_SCHEMA, KubernetesLauncher
+
+    assert launchers.options_schema("local") == {"type": "object", "additionalProperties": False, "properties": {}}
+    k8s = launchers.options_schema("kubernetes")
+    assert k8s["additionalProperties"] is False and k8s["properties"] == OPTION_SCHEMA
+    assert launchers.option_keys("kubernetes") == list(OPTION_SCHEMA)
+    assert launchers.option_keys("kubernetes")[:2] == ["image", "namespace"] and launchers.option_keys("local") == []
+    assert launchers.LAUNCHERS["kubernetes"] is KubernetesLauncher
+    k8s["properties"]["image"]["maxLength"] = 1  # a copy: the owner's schema is untouched
+    assert OPTION_SCHEMA["image"]["maxLength"] == 512
+    # the Param's union: every launcher's keys, one schema each
+    assert launchers.launcher_options_schema()["properties"] == OPTION_SCHEMA
+
+
+def test_a_third_launcher_brings_its_own_schema(monkeypatch):
+    class Slurm:
+        OPTION_SCHEMA = {"partition": {"type": "string", "pattern": "^[a-z]+$"}}
+
+        def __init__(self, partition: str = "gpu"):
+            self.partition = partition
+
+    monkeypatch.setitem(launchers.LAUNCHERS, "slurm", Slurm)
+    assert launchers.option_keys("slurm") == ["partition"]
+    assert "partition" in launchers.launcher_options_schema()["properties"]
+    assert launchers.check_options("slurm", {"partition": "a100"}) == {"partition": "a100"}
+    with pytest.raises(ValueError, match=r"unknown keys \['image'\] for the 'slurm' launcher; allowed: partition"):
+        launchers.check_options("slurm", {"image": "img:1"})
+
+    class Clash:
+        OPTION_SCHEMA = {"partition": {"type": "number"}}
+
+    monkeypatch.setitem(launchers.LAUNCHERS, "clash", Clash)
+    with pytest.raises(ValueError, match="option 'partition' with another schema"):
+        launchers.launcher_options_schema()
 
 
 def test_checkpoint_dir_names_the_settings(tmp_path):
@@ -47,11 +89,11 @@ def test_local_launcher_in_process_is_the_clis_road(monkeypatch):
     _machine(monkeypatch, gpus=0, cores=2)
     calls = []
     monkeypatch.setattr("pipeline.train.worker.run", lambda job: calls.append(("here", 1)) or {"step": 1})
-    monkeypatch.setattr(launch, "train_subprocess", lambda argv, n, **kw: calls.append(("child", n)) or {"step": 2})
+    monkeypatch.setattr(local, "train_subprocess", lambda argv, n, **kw: calls.append(("child", n)) or {"step": 2})
     job = TrainJob(stage="base64", preset="tiny", data="d", embeddings="e", checkpoint_dir="c")
-    assert launch.make_launcher("local", in_process=True).launch(job, 1, 1) == {"step": 1}
-    assert launch.make_launcher("local", in_process=True).launch(job, 1, 2) == {"step": 2}
-    assert launch.make_launcher("local").launch(job, 1, 1) == {"step": 2}
+    assert launchers.make_launcher("local", in_process=True).launch(job, 1, 1) == {"step": 1}
+    assert launchers.make_launcher("local", in_process=True).launch(job, 1, 2) == {"step": 2}
+    assert launchers.make_launcher("local").launch(job, 1, 1) == {"step": 2}
     assert calls == [("here", 1), ("child", 2), ("child", 1)]
 
 
@@ -59,6 +101,26 @@ def test_run_stage_refuses_the_in_process_hook_from_a_trigger_form(tmp_path):
     with pytest.raises(ValueError, match="unknown keys \\['in_process'\\]"):
         launch.run_stage(layout=RunLayout(str(tmp_path)), stage="base64", preset="tiny", data=str(tmp_path),
                          embeddings=str(tmp_path), max_steps=1, launcher_options={"in_process": True})
+
+
+def test_run_stage_checks_options_against_the_chosen_launchers_schema(tmp_path, monkeypatch):
+    """Kubernetes options given with the local launcher are refused before anything starts,
+    naming the launcher and the keys it takes; the same options pass the kubernetes check."""
+    monkeypatch.setattr(launch, "stage_job", _no_process)
+    kw = {"layout": RunLayout(str(tmp_path)), "stage": "base64", "preset": "tiny", "data": str(tmp_path),
+          "embeddings": str(tmp_path), "max_steps": 1}
+    with pytest.raises(ValueError) as err:
+        launch.run_stage(**kw, launcher="local", launcher_options={"image": "img:1", "namespace": "ml"})
+    assert str(err.value) == ("launcher_options: unknown keys ['image', 'namespace'] for the 'local' launcher; "
+                              "allowed: none (it takes no launcher_options)")
+    with pytest.raises(ValueError, match=r"unknown keys \['nodes'\] for the 'kubernetes' launcher; "
+                                         r"allowed: image, namespace, runtime, gpu_resource"):
+        launch.run_stage(**kw, launcher="kubernetes", launcher_options={"image": "img:1", "nodes": 2})
+    with pytest.raises(ValueError, match="unknown launcher 'slurm'"):
+        launch.run_stage(**kw, launcher="slurm")
+    assert launchers.check_options("kubernetes", {"image": "img:1", "namespace": "ml"}) == {
+        "image": "img:1", "namespace": "ml"}
+    assert launchers.check_options("local", None) == {}
 
 
 # --- issue 24 item 7: no more local processes than the machine has devices --------------------
@@ -96,12 +158,12 @@ def test_local_launcher_refuses_more_processes_than_the_machine_has(monkeypatch)
     """The trigger form allows nodes 1024 x gpus_per_node 64: the local launcher would start
     65,536 processes on one machine. It refuses, in one line that says what to pass."""
     _machine(monkeypatch, gpus=0, cores=4)
-    monkeypatch.setattr(launch, "train_subprocess", _no_process)
-    monkeypatch.setattr(launch, "train_local_nodes", _no_process)
+    monkeypatch.setattr(local, "train_subprocess", _no_process)
+    monkeypatch.setattr(local, "train_local_nodes", _no_process)
     job = TrainJob(stage="base64", preset="tiny", data="d", embeddings="e", checkpoint_dir="c")
     for nodes, procs in ((1024, 64), (1, 5), (5, 1), (2, 3)):
         with pytest.raises(ValueError) as err:
-            launch.make_launcher("local").launch(job, nodes, procs)
+            launchers.make_launcher("local").launch(job, nodes, procs)
         message = str(err.value)
         assert "\n" not in message and f"{nodes * procs} training processes" in message
         assert "4 CPU core(s)" in message and f"IMAGEN_LOCAL_MAX_PROCESSES={nodes * procs}" in message
@@ -111,24 +173,24 @@ def test_local_launcher_refuses_more_processes_than_the_machine_has(monkeypatch)
 def test_local_launcher_starts_what_fits_or_what_it_is_told(monkeypatch):
     _machine(monkeypatch, gpus=2, cores=64)
     calls = []
-    monkeypatch.setattr(launch, "train_subprocess",
+    monkeypatch.setattr(local, "train_subprocess",
                         lambda argv, n, **kw: calls.append(("one node", n, kw)) or {"step": 1})
     job = TrainJob(stage="base64", preset="tiny", data="d", embeddings="e", checkpoint_dir="c")
-    assert launch.make_launcher("local").launch(job, 1, 2) == {"step": 1}  # one process per GPU
+    assert launchers.make_launcher("local").launch(job, 1, 2) == {"step": 1}  # one process per GPU
     with pytest.raises(ValueError, match="3 training processes.*2 CUDA device"):
-        launch.make_launcher("local").launch(job, 1, 3)
+        launchers.make_launcher("local").launch(job, 1, 3)
     cpu_job = TrainJob(stage="base64", preset="tiny", data="d", embeddings="e", checkpoint_dir="c", device="cpu")
-    assert launch.make_launcher("local").launch(cpu_job, 1, 8) == {"step": 1}  # CPU training: the cores count
+    assert launchers.make_launcher("local").launch(cpu_job, 1, 8) == {"step": 1}  # CPU training: the cores count
     # Told otherwise: the Python option (not a trigger-form key) and the deployment's variable.
-    assert launch.LocalLauncher(max_processes=4).launch(job, 1, 4) == {"step": 1}
+    assert local.LocalLauncher(max_processes=4).launch(job, 1, 4) == {"step": 1}
     with pytest.raises(ValueError, match=r"5 training processes on this machine, which is limited to 4 by its "
                                          r"caller \(max_processes\)"):
-        launch.LocalLauncher(max_processes=4).launch(job, 1, 5)
+        local.LocalLauncher(max_processes=4).launch(job, 1, 5)
     monkeypatch.setenv("IMAGEN_LOCAL_MAX_PROCESSES", "3")
-    assert launch.make_launcher("local").launch(job, 1, 3) == {"step": 1}
+    assert launchers.make_launcher("local").launch(job, 1, 3) == {"step": 1}
     with pytest.raises(ValueError, match="4 training processes on this machine, which is limited to 3 by "
                                          "IMAGEN_LOCAL_MAX_PROCESSES=3: ask for at most 3"):
-        launch.make_launcher("local").launch(job, 1, 4)
+        launchers.make_launcher("local").launch(job, 1, 4)
     assert [c[1] for c in calls] == [2, 8, 4, 3]
 
 
@@ -136,11 +198,11 @@ def test_several_local_nodes_are_checked_before_any_agent_starts(monkeypatch):
     _machine(monkeypatch, gpus=0, cores=2)
     job = TrainJob(stage="base64", preset="tiny", data="d", embeddings="e", checkpoint_dir="c")
     with pytest.raises(ValueError, match="3 node\\(s\\) x 1 process\\(es\\) per node = 3 training processes"):
-        launch.LocalLauncher(runner=_no_process).launch(job, 3, 1)
+        local.LocalLauncher(runner=_no_process).launch(job, 3, 1)
     with pytest.raises(ValueError, match="6 training processes"):
-        launch.train_local_nodes(["--stage", "base64"], 3, 2, runner=_no_process)
+        local.train_local_nodes(["--stage", "base64"], 3, 2, runner=_no_process)
     started = []
-    launch.train_local_nodes(["--stage", "base64"], 2, 1,
+    local.train_local_nodes(["--stage", "base64"], 2, 1,
                              runner=lambda cmds, envs: started.append(len(cmds)) or [['{"step": 1}'], []])
     assert started == [2]
 
@@ -154,7 +216,7 @@ def test_run_stage_from_the_trigger_form_refuses_65536_local_processes(tmp_path,
 
     _machine(monkeypatch, gpus=0, cores=4)
     monkeypatch.setattr("pipeline.train.torchrun.run_agents", _no_process)
-    monkeypatch.setattr(launch, "train_subprocess", _no_process)
+    monkeypatch.setattr(local, "train_subprocess", _no_process)
     dags = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "dags")
     sys.path.insert(0, dags)
     try:

@@ -14,8 +14,9 @@ from unittest import mock
 import pytest
 
 from pipeline.layout import RunLayout
-from pipeline.train import launch
+from pipeline.train import launch, launchers
 from pipeline.train.job import TrainJob, job_to_argv
+from pipeline.train.launchers import kubernetes as k8s
 
 kubernetes = pytest.importorskip("kubernetes", reason="the kubernetes launcher's client: pip install kubernetes")
 kv = pytest.importorskip("kubernetes_validate", reason="schema checks need kubernetes-validate")
@@ -49,7 +50,7 @@ def deployment(monkeypatch):
 def render(**kw):
     opts = {"image": "registry.example.com/imagen-pipeline:0.1.0", "namespace": "ml",
             "volume_claim": "imagen-data", "mount_path": "/data", **kw}
-    return launch.render_trainjob(sr256_job(), 4, 8, **opts)
+    return k8s.render_trainjob(sr256_job(), 4, 8, **opts)
 
 
 def test_trainjob_matches_golden_file():
@@ -113,20 +114,20 @@ def test_trainjob_container_parts_are_valid_core_v1():
 
 def test_trainjob_name_is_a_dns_label_stable_per_checkpoint_dir():
     name = render()["metadata"]["name"]
-    assert name == launch.trainjob_name(sr256_job()) and len(name) <= 63
+    assert name == k8s.trainjob_name(sr256_job()) and len(name) <= 63
     assert name.replace("-", "").isalnum() and name == name.lower()
     other = TrainJob(**{**sr256_job().__dict__, "checkpoint_dir": "/data/imagen/checkpoints/sr256/x"})
-    assert launch.trainjob_name(other) != name
+    assert k8s.trainjob_name(other) != name
 
 
 def test_kubernetes_launcher_rejects_unknown_options():
     with pytest.raises(ValueError, match=r"unknown keys \['gpus'\]; allowed: image, namespace"):
-        launch.make_launcher("kubernetes", image="img:1", gpus=8)
+        launchers.make_launcher("kubernetes", image="img:1", gpus=8)
 
 
 def test_kubernetes_launcher_needs_an_image():
     with pytest.raises(ValueError, match="needs an image.*infra/Dockerfile.*IMAGEN_K8S_IMAGES"):
-        launch.make_launcher("kubernetes")
+        launchers.make_launcher("kubernetes")
 
 
 # --- launcher_options: a schema and the deployment's allowlists ------------------------------
@@ -160,7 +161,7 @@ def test_render_refuses_what_the_deployment_did_not_allow(options, error):
         render(**options)
     assert "\n" not in str(caught.value)  # one line
     with pytest.raises(ValueError, match=error):
-        launch.make_launcher("kubernetes", **{"image": "img:1", **options})
+        launchers.make_launcher("kubernetes", **{"image": "img:1", **options})
 
 
 def test_no_image_is_allowed_without_the_deployment_allowlist(monkeypatch):
@@ -189,20 +190,22 @@ def test_run_stage_takes_only_schema_fields(tmp_path):
             launch.run_stage(layout=RunLayout(str(tmp_path)), stage="base64", preset="tiny", data=str(tmp_path),
                              embeddings=str(tmp_path), max_steps=1, launcher="kubernetes",
                              launcher_options=options)
-    with pytest.raises(TypeError, match="launcher 'local' does not take these options"):
+    # the local launcher takes none of the kubernetes launcher's options from a trigger form
+    with pytest.raises(ValueError, match=r"unknown keys \['image'\] for the 'local' launcher; allowed: none"):
         launch.run_stage(layout=RunLayout(str(tmp_path)), stage="base64", preset="tiny", data=str(tmp_path),
                          embeddings=str(tmp_path), max_steps=1, launcher_options={"image": "img:1"})
 
 
 def test_param_schema_refuses_what_render_refuses():
     jsonschema = pytest.importorskip("jsonschema")
-    schema = launch.launcher_options_schema()
+    schema = launchers.launcher_options_schema()
     jsonschema.Draft7Validator.check_schema(schema)
     valid = jsonschema.Draft7Validator(schema)
     good = {"image": "registry.example.com/imagen-pipeline:0.1.0", "namespace": "ml", "runtime": "torch-distributed",
             "gpu_resource": "nvidia.com/gpu", "cpu": "8", "memory": "64Gi", "volume_claim": "imagen-data",
             "mount_path": "/data", "poll_seconds": 30, "timeout_seconds": 3600}
     assert valid.is_valid(good) and valid.is_valid({}) and valid.is_valid({"volume_claim": None})
+    assert schema == launchers.options_schema("kubernetes")  # the local launcher adds no keys
     for bad in ({"env": {"LD_PRELOAD": "x"}}, {"image": 1}, {"mount_path": "/"}, {"mount_path": "data"},
                 {"volume_claim": "a b"}, {"poll_seconds": "1"}, {"gpu_resource": "memory"}):
         assert not valid.is_valid(bad), bad
@@ -216,7 +219,7 @@ def status(kind):
 
 
 def k8s_launcher(api):
-    return launch.make_launcher("kubernetes", image="img:1", namespace="ml", api=api, poll_seconds=1,
+    return launchers.make_launcher("kubernetes", image="img:1", namespace="ml", api=api, poll_seconds=1,
                                 sleep=lambda s: None)
 
 

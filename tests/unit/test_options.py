@@ -7,7 +7,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from pipeline.options import add_options, flag, option, options_from_args
+from pipeline.options import (
+    add_options,
+    comma_list,
+    flag,
+    flag_of,
+    option,
+    option_fields,
+    options_from_args,
+)
 
 
 @dataclass(kw_only=True)
@@ -43,13 +51,35 @@ def test_required_choices_and_help():
     assert "an optional int" in p.format_help()
 
 
-def test_an_option_needs_help_and_a_switch_defaults_off():
+def test_an_option_needs_help():
     with pytest.raises(ValueError, match="needs help"):
         option(1)
 
-    @dataclass
-    class On:
-        loud: bool = option(True, "cannot be turned off on the command line")
 
-    with pytest.raises(TypeError, match="must default to False"):
-        add_options(argparse.ArgumentParser(), On)
+@dataclass
+class Renamed:
+    dedup: bool = option(True, "on by default: the flag turns it off")
+    number_sample_per_shard: int = option(10, "known to users by a shorter flag", cli_name="--samples-per-shard")
+    columns: list[str] | None = option(None, "several words", nargs="*")
+    languages: tuple[str, ...] = option((), "one comma-separated word", type=comma_list)
+
+
+def test_switches_on_by_default_renamed_flags_and_sequences():
+    p = argparse.ArgumentParser()
+    add_options(p, Renamed)
+    assert [flag_of(f) for f in option_fields(Renamed)] == [
+        "--no-dedup", "--samples-per-shard", "--columns", "--languages"]
+    a = p.parse_args([])
+    assert Renamed(**options_from_args(Renamed, a)) == Renamed()  # the flags' defaults are the fields'
+    a = p.parse_args(["--no-dedup", "--samples-per-shard", "3", "--columns", "x", "y", "--languages", "en,de"])
+    assert options_from_args(Renamed, a) == {"dedup": False, "number_sample_per_shard": 3, "columns": ["x", "y"],
+                                             "languages": ("en", "de")}
+
+
+def test_a_sequence_option_needs_nargs_or_a_parser():
+    @dataclass
+    class Bare:
+        columns: list[str] | None = option(None, "ambiguous on the command line")
+
+    with pytest.raises(TypeError, match="needs nargs"):
+        add_options(argparse.ArgumentParser(), Bare)

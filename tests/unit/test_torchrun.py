@@ -11,8 +11,9 @@ import sys
 import pytest
 
 from pipeline import cli
-from pipeline.train import launch, torchrun
+from pipeline.train import torchrun
 from pipeline.train.job import TrainJob, job_to_argv
+from pipeline.train.launchers import local, make_launcher
 from pipeline.train.torchrun import (
     Torchrun,
     local_node_commands,
@@ -187,7 +188,7 @@ def test_local_launcher_starts_one_agent_per_node_and_returns_node_0s_summary():
         seen["cmds"], seen["envs"] = cmds, envs
         return [["[train] step 12", '{"step": 12, "run_id": "r0"}'], ['{"step": 12, "run_id": null}']]
 
-    result = launch.make_launcher("local", runner=runner).launch(JOB, nodes=2, procs_per_node=1)
+    result = make_launcher("local", runner=runner).launch(JOB, nodes=2, procs_per_node=1)
     assert result == {"step": 12, "run_id": "r0"}
     parsed = [parse(c) for c in seen["cmds"]]
     assert [a.node_rank for a in parsed] == [0, 1]
@@ -196,12 +197,12 @@ def test_local_launcher_starts_one_agent_per_node_and_returns_node_0s_summary():
     assert all(a.training_script_args == job_to_argv(JOB) for a in parsed)
     assert len(seen["envs"]) == 2
     with pytest.raises(ValueError, match="at least 1"):
-        launch.LocalLauncher(runner=runner).launch(JOB, nodes=0, procs_per_node=1)
+        local.LocalLauncher(runner=runner).launch(JOB, nodes=0, procs_per_node=1)
 
 
 def test_cli_train_passes_the_node_flags_to_torchrun(monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(launch, "train_node", lambda args, spec: calls.append((args, spec)) or {"step": 1})
+    monkeypatch.setattr(local, "train_node", lambda args, spec: calls.append((args, spec)) or {"step": 1})
     base = ["train", "--stage", "base64", "--data", "/d/filtered", "--embeddings", "/d/emb", "--checkpoint-dir",
             "/d/ckpt"]
     assert cli.main([*base, "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.5",
@@ -226,7 +227,7 @@ def test_cli_train_refuses_more_processes_than_the_machine_has(monkeypatch, caps
         raise AssertionError("a process was started")
 
     monkeypatch.setattr(torchrun, "run_agents", no_process)
-    monkeypatch.setattr(launch, "run_streaming", no_process)
+    monkeypatch.setattr(local, "run_streaming", no_process)
     base = ["train", "--stage", "base64", "--data", "/d/filtered", "--embeddings", "/d/emb", "--checkpoint-dir",
             "/d/ckpt"]
     for extra in (["--nproc-per-node", "64"], ["--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1",
