@@ -326,14 +326,17 @@ def embed_task():
     return embed
 
 
-def train_stage(params: dict[str, Any], root: str, stage: str, preset: str, data: str | None,
-                embeddings: str) -> dict[str, Any]:
-    """``pipeline.train.launch.run_stage`` with the training Params (``train_params``); it
+def train_stage(params: dict[str, Any], layout: Any, stage: str, embeddings: str) -> dict[str, Any]:
+    """``pipeline.train.launch.run_stage`` of ``stage`` of the run ``layout`` (its filtered
+    shards, the embeddings folder given) with the training Params (``train_params``), at the
+    preset the Params give it (``imagen.config.stage_preset``: the paper's unless named); it
     checks ``launcher_options`` against the chosen launcher's schema."""
-    from pipeline.layout import RunLayout
+    from imagen.config import stage_preset
     from pipeline.train.launch import run_stage
 
-    return run_stage(layout=RunLayout(root), stage=stage, preset=preset, data=data, embeddings=embeddings,
+    # imagen_full names a preset per stage ("presets"), imagen_train_stage one for its stage ("preset")
+    preset = stage_preset(params["presets"] if "presets" in params else params["preset"], stage)
+    return run_stage(layout=layout, stage=stage, preset=preset, embeddings=embeddings,
                      max_steps=params["max_steps"], launcher=params["launcher"],
                      launcher_options=params["launcher_options"], nodes=params["nodes"],
                      procs_per_node=params["gpus_per_node"], run_tag=params["run_tag"])

@@ -44,6 +44,7 @@ from imagen_common import (
     plan_embed_task,
     register_chain,
     register_stage,
+    run_layout,
     train_stage,
 )
 
@@ -55,12 +56,9 @@ def imagen_full():
     def train(stage: str, embedded: list[dict], params=None) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from imagen.config import stage_preset
-
         if stage not in params["stages"]:
             raise AirflowSkipException(f"{stage} is not in the stages param {params['stages']}")
-        return train_stage(params, params["root"], stage, stage_preset(params["presets"], stage), None,
-                           one_output(embedded))
+        return train_stage(params, run_layout(params), stage, one_output(embedded))
 
     @task(trigger_rule="none_failed")
     def evaluate(trained: list[dict | None], params=None) -> dict:

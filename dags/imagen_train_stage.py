@@ -39,15 +39,13 @@ from imagen_common import (
 def imagen_train_stage():
     @task(pool=GPU_POOL)
     def train(params=None, triggering_asset_events=None) -> dict:
-        from imagen.config import stage_preset
         from pipeline.data.embed import resolve_embeddings_dir
 
         layout = run_layout(params, triggering_asset_events, EMBEDDINGS)
         # the embeddings folder is the event's (its encoder's), else the Param, else the only one
         embeddings = (upstream(triggering_asset_events, EMBEDDINGS).get("path") or params["embeddings"]
                       or resolve_embeddings_dir(layout.embeddings_root))
-        return train_stage(params, layout.root, params["stage"], stage_preset(params["preset"], params["stage"]),
-                           None, embeddings)
+        return train_stage(params, layout, params["stage"], embeddings)
 
     @task
     def evaluate(trained: dict, params=None) -> dict:

@@ -25,9 +25,6 @@ if TYPE_CHECKING:
     from pipeline.train.job import TrainJob
     from pipeline.train.launchers import Launcher
 
-RESULT_NAME = "result.json"  # written last, after the trainer succeeded: the completion marker
-
-
 def checkpoint_key(settings: dict[str, Any]) -> str:
     """A short, stable name for the settings that decide a training result: the same settings
     give the same checkpoint directory, so a retry resumes it and a rerun reuses it."""
@@ -38,13 +35,11 @@ def checkpoint_key(settings: dict[str, Any]) -> str:
 def data_fingerprint(filtered: str) -> str:
     """Hash of the filtered shards' manifest (it records the input shards and filter settings),
     so new or refiltered data gets a new checkpoint directory."""
-    from pipeline import storage
-    from pipeline.layout import manifest_sha256
+    from pipeline.layout import manifest_of, manifest_sha256
 
     digest = manifest_sha256(filtered)
     if digest is None:
-        uri = storage.join(filtered, "manifest.json")
-        raise FileNotFoundError(f"{uri} is missing: run the filter step on {filtered} first")
+        raise FileNotFoundError(f"{manifest_of(filtered)} is missing: run the filter step on {filtered} first")
     return digest[:16]
 
 
@@ -58,8 +53,9 @@ def train_stage(job: TrainJob, launcher: Launcher, nodes: int = 1, procs_per_nod
     """
     from imagen.checkpoint import CONFIG_NAME
     from pipeline import storage
+    from pipeline.layout import RunDir
 
-    marker = storage.join(job.checkpoint_dir, RESULT_NAME)
+    marker = RunDir(job.checkpoint_dir).result  # written last, after the trainer succeeded
     if storage.exists(marker):
         done = storage.read_json(marker)
         if done.get("checkpoint") and storage.exists(storage.join(done["checkpoint"], CONFIG_NAME)):
@@ -67,7 +63,7 @@ def train_stage(job: TrainJob, launcher: Launcher, nodes: int = 1, procs_per_nod
                   f"(step {done.get('step')}); change a training setting or run_tag to train again",
                   flush=True)
             return {**done, "reused": True}
-    result = {"root": job.root, **launcher.launch(job, nodes, procs_per_node)}
+    result = launcher.launch(job, nodes, procs_per_node)  # its summary names the root (once)
     storage.write_json(marker, result)  # the run's completion marker, written last
     return {**result, "reused": False}
 

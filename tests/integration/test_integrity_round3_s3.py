@@ -163,12 +163,13 @@ def test_final_is_published_with_its_marker_last_and_only_once(root, writes):
 
 
 def test_a_finished_stage_is_reused_without_a_write(root, writes):
+    from pipeline.layout import RESULT
     from pipeline.train.job import TrainJob
-    from pipeline.train.launch import RESULT_NAME, train_stage
+    from pipeline.train.launch import train_stage
 
     run = f"{root}/checkpoints/base64/tiny-key"
     storage.write_bytes(f"{run}/final/{CONFIG_NAME}", b"{}")
-    storage.write_json(f"{run}/{RESULT_NAME}", {"checkpoint": f"{run}/final", "step": 3, "root": root})
+    storage.write_json(f"{run}/{RESULT}", {"checkpoint": f"{run}/final", "step": 3, "root": root})
 
     class NeverCalled:
         def launch(self, job, nodes, procs_per_node):

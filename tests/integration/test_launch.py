@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pipeline.layout import RunLayout
+from pipeline.layout import RESULT, RunLayout
 from pipeline.train import launch
 from pipeline.train.job import TrainJob
 from pipeline.train.launchers import make_launcher
@@ -19,7 +19,7 @@ def test_local_launcher_fails_with_the_trainers_error(tmp_path):
                    max_steps=2)
     with pytest.raises(RuntimeError, match=r"pipeline.train exited with code 1(.|\n)*no-such-embeddings"):
         launch.train_stage(job, make_launcher("local"))
-    assert not os.path.exists(tmp_path / "ckpt" / launch.RESULT_NAME)  # no completion marker
+    assert not os.path.exists(tmp_path / "ckpt" / RESULT)  # no completion marker
 
 
 def test_run_stage_trains_once_then_reuses(filtered_shards, tiny_embeddings, tmp_path):
@@ -28,7 +28,7 @@ def test_run_stage_trains_once_then_reuses(filtered_shards, tiny_embeddings, tmp
     first = launch.run_stage(**kw)
     assert first["reused"] is False and first["step"] == 3
     ckpt_dir = os.path.dirname(first["checkpoint"])
-    with open(os.path.join(ckpt_dir, launch.RESULT_NAME)) as f:
+    with open(os.path.join(ckpt_dir, RESULT)) as f:
         assert json.load(f)["checkpoint"] == first["checkpoint"]
     files = {p: os.path.getmtime(os.path.join(ckpt_dir, p)) for p in os.listdir(ckpt_dir)}
 

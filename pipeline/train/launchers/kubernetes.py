@@ -235,9 +235,9 @@ class KubernetesLauncher:
         api = self._api or _custom_objects_api()
         self._submit(api, body)
         self._wait(api, name)
-        from pipeline import storage
+        from pipeline.layout import RunDir
 
-        return {"checkpoint": storage.join(job.checkpoint_dir, "final"), "stage": job.stage, "root": job.root,
+        return {"checkpoint": RunDir(job.checkpoint_dir).final, "stage": job.stage, "root": job.root,
                 "step": job.max_steps, "loss": None, "run_id": None,
                 "job": f"{self.namespace}/{name}"}
 
