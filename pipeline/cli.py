@@ -185,7 +185,9 @@ def _evaluate(a: argparse.Namespace) -> Any:
 
     prompts = None
     if a.prompts_file:
-        with open(a.prompts_file) as f:
+        from pipeline import storage
+
+        with storage.open(a.prompts_file, "r") as f:  # a local path or any storage URI
             prompts = [line.strip() for line in f if line.strip()]
     if a.embeddings is None and a.data:
         from pipeline.layout import RunLayout
