@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 from imagen.text import T5TextEncoder, open_encoder
+from imagen.tiny_tokenizer import ENGLISH_WORDS as _ENGLISH
 from pipeline.data.embed import embed_shards
-from pipeline.dev.tinymodels import _ENGLISH, build_tiny_t5
+from pipeline.dev.tinymodels import build_tiny_t5
 
 N_SHARDS, PER_SHARD = 5, 256
 MAX_LEN, D_MODEL = 128, 512

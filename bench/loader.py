@@ -35,10 +35,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imagen.tiny_tokenizer import ENGLISH_WORDS as _ENGLISH
 from pipeline.data.embed import embed_shards
 from pipeline.data.images import open_rgb
 from pipeline.data.loader import TrainDataConfig, make_loader
-from pipeline.dev.tinymodels import _ENGLISH, build_tiny_t5
+from pipeline.dev.tinymodels import build_tiny_t5
 
 ROUNDS = 3
 # (stage side, low-res side, shards, samples per shard, batch size)

@@ -24,7 +24,7 @@ chosen launcher's own schema before anything starts (``pipeline.train.launch.run
 Deployment knobs (environment of the dag-processor and workers): ``IMAGEN_DATA_ROOT`` (the
 default data root), ``IMAGEN_RETRIES`` and ``IMAGEN_RETRY_DELAY_SECONDS`` (retry policy),
 ``IMAGEN_ALLOW_PRIVATE_NETWORKS=1`` / ``IMAGEN_ALLOW_HOSTS=HOST:PORT,...`` (what the fetch guard
-lets through: deployment settings, never trigger-form Params; ``pipeline.data.fetch_guard``),
+lets through: deployment settings, never trigger-form Params; ``pipeline.netguard``),
 ``IMAGEN_DOWNLOAD_DISTRIBUTOR`` (the ``distributor`` Param's default) and ``IMAGEN_SPARK_MASTER`` /
 ``IMAGEN_SPARK_MASTERS`` (the Spark clusters a download may run on; ``pipeline.data.spark``).
 """

@@ -214,17 +214,6 @@ class T5TextEncoder:
         self._config = model.config
         return self
 
-    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """Token ids and attention mask, padded to the longest caption (<= max_length)."""
-        self.load()
-        return self._tokenizer(
-            list(captions),
-            padding="longest",
-            truncation=True,
-            max_length=self._max_length,
-            return_tensors="pt",
-        )
-
     def token_ids(self, captions: list[str]) -> list[list[int]]:
         """Unpadded token ids per caption (``</s>`` included, truncated to max_length).
 

@@ -53,7 +53,7 @@ def _stage_arguments(s: argparse.ArgumentParser, stages_help: str) -> None:
 
 def _network_arguments(s: argparse.ArgumentParser) -> None:
     # The user running the CLI is the deployer: these add to IMAGEN_ALLOW_PRIVATE_NETWORKS /
-    # IMAGEN_ALLOW_HOSTS (pipeline.data.fetch_guard.deployment_policy) for this command's remote reads.
+    # IMAGEN_ALLOW_HOSTS (pipeline.netguard.deployment_policy) for this command's remote reads.
     s.add_argument("--allow-private-networks", action="store_true",
                    help="fetch private/loopback/link-local addresses (refused by default; the services "
                         "read IMAGEN_ALLOW_PRIVATE_NETWORKS=1 instead)")
@@ -292,13 +292,15 @@ def _evaluate_flags(s: argparse.ArgumentParser) -> None:
 
 @verb("evaluate", "sample grids, speed and metrics for a stage or the cascade", _evaluate_flags)
 def _evaluate(a: argparse.Namespace) -> Any:
-    from pipeline.data.fetch_guard import allowing
+    from pipeline.netguard import allowing
     from pipeline.release.evaluate import EvalOptions, evaluate
     from pipeline.release.registry import mlflow_errors_in_one_line
 
     prompts = None
     if a.prompts_file:
-        with open(a.prompts_file) as f:
+        from pipeline import storage
+
+        with storage.open(a.prompts_file, "r") as f:  # a local path or any storage URI
             prompts = [line.strip() for line in f if line.strip()]
     if a.embeddings is None and a.data:
         from pipeline.layout import RunLayout

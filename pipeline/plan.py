@@ -195,79 +195,7 @@ def raw_bytes_per_row(table: dict, size: int, fmt: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------
-# The URL list: rows and caption token lengths
-
-_EXTS = (".parquet", ".csv", ".tsv", ".txt", ".jsonl", ".json")
-
-
-def _list_files(url_list: str) -> list[str]:
-    from pipeline import storage
-
-    if storage.is_http(url_list):  # one file, read through the fetch guard
-        return [url_list]
-    fs, path = storage.url_to_fs(url_list)
-    if fs.isdir(path):
-        files = sorted(p for p in fs.find(path)
-                       if p.removesuffix(".gz").endswith(_EXTS) and not os.path.basename(p).startswith("_"))
-        if not files:
-            raise ValueError(f"{url_list}: no {'/'.join(_EXTS)} files in this folder")
-        return [fs.unstrip_protocol(p) for p in files]
-    if not fs.exists(path):
-        raise ValueError(f"--url-list {url_list}: no such file or folder")
-    return [url_list]
-
-
-def _real(captions: list) -> list[str]:
-    """Captions the filter step would keep at all (not empty or blank)."""
-    return [c for c in captions if isinstance(c, str) and c.strip()]
-
-
-def _rows_and_captions(uri: str, caption_col: str, want: int) -> tuple[int, list[str]]:
-    """(row count, up to ``want`` captions) of one URL-list file; parquet counts from metadata.
-    Read through :func:`pipeline.storage.open`: an http(s) list passes the fetch guard, and a
-    ``.gz`` list is inflated under storage's size limit."""
-    import pyarrow.parquet as pq
-
-    from pipeline import storage
-
-    name = uri.removesuffix(".gz")
-    with storage.open(uri, "rb", compression="infer") as f:
-        if name.endswith(".parquet"):
-            pf = pq.ParquetFile(f)
-            captions: list[str] = []
-            if caption_col in pf.schema_arrow.names:
-                for i in range(pf.num_row_groups):
-                    if len(captions) >= want:
-                        break
-                    captions += pf.read_row_group(i, columns=[caption_col]).column(0).to_pylist()
-            return pf.metadata.num_rows, _real(captions[:want])
-        rows, captions, header = 0, [], None
-        sep = "\t" if name.endswith(".tsv") else ","
-        for raw in f:  # text lists are streamed: a count of a big CSV reads it once
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            if name.endswith((".csv", ".tsv")) and header is None:
-                header = line.split(sep)
-                continue
-            rows += 1
-            if len(captions) < want:
-                if name.endswith((".jsonl", ".json")):
-                    captions.append(json.loads(line).get(caption_col) or "")
-                elif header and caption_col in header:
-                    import csv
-
-                    cells = next(csv.reader([line], delimiter=sep))
-                    idx = header.index(caption_col)
-                    captions.append(cells[idx] if idx < len(cells) else "")
-        return rows, _real(captions)
-
-
-def read_url_list(url_list: str, caption_col: str = "caption", sample: int = 10_000) -> tuple[int, list[str]]:
-    """(number of rows, a sample of captions from the first files) of a URL list file or folder."""
-    rows, captions = 0, []
-    for uri in _list_files(url_list):
-        n, caps = _rows_and_captions(uri, caption_col, sample - len(captions))
-        rows, captions = rows + n, captions + caps
-    return rows, captions
+# Caption token lengths (the URL list itself is read by pipeline.data.url_list)
 
 
 def _tokenizer(encoder: str, key: str):
@@ -278,7 +206,7 @@ def _tokenizer(encoder: str, key: str):
         if os.path.isdir(encoder):
             return AutoTokenizer.from_pretrained(encoder)
         if key == "tiny":
-            from pipeline.dev.tinymodels import build_tiny_tokenizer
+            from imagen.tiny_tokenizer import build_tiny_tokenizer
 
             return build_tiny_tokenizer()
         return AutoTokenizer.from_pretrained(ENCODERS[key].name, local_files_only=True)
@@ -637,6 +565,9 @@ def inputs_from_args(a: argparse.Namespace) -> PlanInputs:
     sources: dict[str, str] = {}
     rows, captions = None, []
     if a.url_list:
+        # imported here: planning without a list never loads storage (fsspec)
+        from pipeline.data.url_list import read_url_list
+
         rows, captions = read_url_list(a.url_list, a.caption_col, a.caption_sample)
         sources["samples_source"] = f"{rows:,} rows in {a.url_list}"
     if a.samples is not None:

@@ -1,9 +1,11 @@
-"""Small fsspec helpers shared by the data steps: one storage API for local disk, S3 and GCS.
+"""The one storage API for local disk, S3 and GCS: every read or listing of a location goes here.
 
-Every data step reads and writes through these functions so that a local path and an
+Every step reads, lists and writes through these functions so that a local path and an
 ``s3://`` / ``gs://`` URI take the same code path (img2dataset's ``writer.py`` does the same).
+Nothing outside this module (and the network guard below it) opens a URI with fsspec or urllib:
+tests/unit/test_storage_owner.py walks the source for it.
 
-Remote reads are guarded like image fetches (:mod:`pipeline.data.fetch_guard`): an ``http(s)://``
+Remote reads are guarded like image fetches (:mod:`pipeline.netguard`): an ``http(s)://``
 file is read by :func:`open` through the SSRF guard (address checks after every redirect, pinned
 connection, wall-clock budget, size limit), never by fsspec; it cannot be listed, written or
 chained. Other network protocols (ftp, sftp, smb, webdav, ...) are refused unless the deployment
@@ -17,8 +19,10 @@ inflated under the same size limit as a remote body, so a small gzip bomb cannot
     with storage.atomic_write("s3://bucket/out/000000.tar") as f:
         f.write(data)
     storage.list_shards("out", r"\\d{6}\\.tar")
+    storage.find("s3://bucket/lists", lambda name: name.endswith(".parquet"))   # recursive
 
-Not a script; imported by pipeline.data.download, pipeline.data.filters and friends.
+Not a script; imported by pipeline.data.download, pipeline.data.filters and friends. It imports
+only :mod:`pipeline.netguard` of the pipeline.
 """
 
 from __future__ import annotations
@@ -36,13 +40,13 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.data.fetch_guard import (
+from pipeline.netguard import (
     FetchPolicy,
     FetchRejected,
     RemoteReadRefused,
@@ -170,7 +174,7 @@ def open(uri: str, mode: str = "rb", *, policy: FetchPolicy | None = None, max_b
 
     Shadows the builtin on purpose: callers write ``storage.open(uri)``. An http(s) file is read
     (``"rb"``/``"r"``, ``compression=``, ``encoding=``) through the fetch guard under ``policy``
-    (default: the deployment's, :func:`pipeline.data.fetch_guard.deployment_policy`). A compressed
+    (default: the deployment's, :func:`pipeline.netguard.deployment_policy`). A compressed
     file read with ``compression=`` (``"infer"``: from the name) is inflated whole into a seekable
     file, refused past ``max_bytes`` of output (default :data:`REMOTE_MAX_BYTES`, the limit on an
     http(s) body): its compressed size says nothing of what it inflates to.
@@ -256,8 +260,9 @@ def remove(uri: str) -> None:
         fs.rm(path)
 
 
-def isdir(uri: str) -> bool:
-    fs, path = url_to_fs(uri)
+def isdir(uri: str, policy: FetchPolicy | None = None) -> bool:
+    """Whether ``uri`` is a folder; refuses what :func:`url_to_fs` refuses (http(s) included)."""
+    fs, path = url_to_fs(uri, policy)
     return fs.isdir(path)
 
 
@@ -392,6 +397,14 @@ def list_files(uri: str, pattern: str = r".*") -> list[str]:
     regex = re.compile(pattern)
     names = [p for p in fs.ls(path, detail=False) if regex.fullmatch(p.rstrip("/").rsplit("/", 1)[-1])]
     return sorted(_to_uri(fs, p) for p in names)
+
+
+def find(uri: str, keep: Callable[[str], bool] = lambda name: True) -> list[str]:
+    """Sorted URIs of every file under the folder ``uri``, at any depth, whose name (the last
+    part of its path) ``keep`` accepts. A fresh listing, like :func:`list_files`."""
+    fs, path = url_to_fs(uri)
+    fs.invalidate_cache(path)
+    return sorted(_to_uri(fs, p) for p in fs.find(path) if keep(p.rstrip("/").rsplit("/", 1)[-1]))
 
 
 def list_shards(uri: str, pattern: str = r"\d+\.tar") -> list[str]:

@@ -2,8 +2,8 @@
 
 img2dataset runs as its own process (``python -m pipeline.data.fetch_guard``: it uses spawn
 multiprocessing, and it is the same command a Kubernetes job would run) with its downloads
-routed through :mod:`pipeline.data.fetch_guard`: private, loopback and link-local addresses are
-refused on every request and redirect, bodies are size- and pixel-limited. Its output streams to
+routed through the network guard (:mod:`pipeline.netguard`): private, loopback and link-local
+addresses are refused on every request and redirect, bodies are size- and pixel-limited. Its output streams to
 our stdout (a line per finished shard) and a non-zero exit becomes a RuntimeError with its last
 lines. A re-run resumes: img2dataset's ``incremental_mode`` skips every shard that has its
 ``NNNNN_stats.json`` (written last), and redoes the others from scratch.
@@ -17,7 +17,7 @@ Before img2dataset sees the list, rows that the URL alone condemns (not HTTP(S),
 a literal private IP) are refused and recorded in ``refused.parquet``, never fetched. The list
 itself, when it is an http(s) URL, is read through the same guard (``pipeline.storage.open``).
 Which private networks may be fetched is deployment configuration: ``IMAGEN_ALLOW_PRIVATE_NETWORKS``
-and ``IMAGEN_ALLOW_HOSTS`` in the environment (:func:`pipeline.data.fetch_guard.deployment_policy`),
+and ``IMAGEN_ALLOW_HOSTS`` in the environment (:func:`pipeline.netguard.deployment_policy`),
 widened by ``allow_private_networks=`` / ``allow_hosts=`` (the CLI's flags).
 
 Output folder (``output``, any fsspec URI):
@@ -53,7 +53,7 @@ import pyarrow.parquet as pq
 from imagen.config import STAGES, StageSpec, stage_specs
 from pipeline import storage
 from pipeline.data import spark
-from pipeline.data.fetch_guard import (
+from pipeline.netguard import (
     BODY_REASONS,
     REFUSAL_REASONS,
     FetchPolicy,
@@ -174,12 +174,10 @@ def read_url_list(url_list: str, input_format: str, url_col: str = "url", captio
     ``extra_columns``. An http(s) list is one file, read through the fetch guard under
     ``policy`` (default: the deployment's)."""
     files = [url_list]
-    if not storage.is_http(url_list):
-        fs, path = storage.url_to_fs(url_list, policy)
-        if fs.isdir(path):
-            files = storage.list_files(url_list, rf".*\.{input_format}(\.gz)?")
-            if not files:
-                raise ValueError(f"no *.{input_format} files in URL list folder {url_list!r}")
+    if not storage.is_http(url_list) and storage.isdir(url_list, policy):
+        files = storage.list_files(url_list, rf".*\.{input_format}(\.gz)?")
+        if not files:
+            raise ValueError(f"no *.{input_format} files in URL list folder {url_list!r}")
     table = pa.concat_tables([_read_one(f, input_format, policy) for f in files], promote_options="default")
     wanted = {url_col: "url", **({caption_col: "caption"} if caption_col else {})}
     wanted.update({c: c for c in extra_columns or []})
@@ -206,7 +204,7 @@ def screen_urls(table: pa.Table, policy: FetchPolicy | None = None) -> tuple[pa.
 
     Decides what the URL alone decides: malformed URLs, schemes other than HTTP(S) (urllib
     would read ``file://`` from this machine) and literal private/loopback/link-local IPs.
-    Host names are checked when they are resolved, inside the fetch (:mod:`pipeline.data.fetch_guard`),
+    Host names are checked when they are resolved, inside the fetch (:mod:`pipeline.netguard`),
     so a DNS answer cannot change between check and use and no lookup is done twice.
     """
     policy = policy or FetchPolicy()

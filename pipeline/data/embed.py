@@ -401,7 +401,7 @@ def _clean_temps(out_dir: str, name: str) -> None:
 
 def _open_encoder(encoder, cfg: EmbedConfig):
     from imagen.text import open_encoder
-    from pipeline.data.fetch_guard import refuse_model_url
+    from pipeline.netguard import refuse_model_url
 
     if isinstance(encoder, str):
         refuse_model_url(encoder)  # a URL never reaches transformers: hub names and local dirs only

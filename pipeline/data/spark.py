@@ -33,7 +33,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 
-from pipeline.data.fetch_guard import ENV_ALLOW_HOSTS, ENV_ALLOW_PRIVATE, FetchPolicy
+from pipeline.netguard import ENV_ALLOW_HOSTS, ENV_ALLOW_PRIVATE, FetchPolicy
 
 DISTRIBUTORS = ("multiprocessing", "pyspark")
 ENV_MASTER = "IMAGEN_SPARK_MASTER"  # the deployment's cluster: the DAG's default master

@@ -514,7 +514,7 @@ def write_grids(images: dict[str, np.ndarray | None], out_dir: str) -> dict[str,
 
     from PIL import Image
 
-    from pipeline.release.metrics import make_grid
+    from pipeline.grids import make_grid
 
     paths = {}
     for name, imgs in images.items():

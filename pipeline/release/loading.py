@@ -220,7 +220,7 @@ def choose_encoder(where: str, metas: Sequence[dict], cfgs: Sequence, override: 
     """
     from imagen.cascade import check_encoders
     from imagen.text import open_encoder
-    from pipeline.data.fetch_guard import refuse_model_url
+    from pipeline.netguard import refuse_model_url
 
     name = override or bundled or named or metas[0].get("encoder_name") or cfgs[0].text_encoder
     if not name:

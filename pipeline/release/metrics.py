@@ -137,20 +137,6 @@ def render_references(specs: list[tuple[str, str]], size: int, seed: int = 0,
     return np.stack(out)
 
 
-def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
-    """uint8 [B, H, W, 3] -> one uint8 grid image (by hand: torchvision's make_grid is not
-    available beside this torch build, and this is ten lines)."""
-    b, h, w, c = images.shape
-    cols = cols or int(np.ceil(np.sqrt(b)))
-    rows = int(np.ceil(b / cols))
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, col = divmod(i, cols)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[top: top + h, left: left + w] = img
-    return grid
-
-
 def resize(images: np.ndarray, size: int, method: str = "bicubic") -> np.ndarray:
     """Resize uint8 [B, H, W, 3] to [B, size, size, 3] with PIL: ``bicubic`` (the upsampling
     baseline), or ``area`` (box averaging: how the loader makes an SR stage's low-res input)."""

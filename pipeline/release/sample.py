@@ -69,7 +69,7 @@ def sample_images(prompts: Sequence[str], model_uri: str, output: str, seeds: Se
             for i, img in enumerate(batch):
                 paths.append(storage.join(output, f"{i:03d}-seed{s}.png"))
                 _write_png(paths[-1], img)
-        from pipeline.release.metrics import make_grid
+        from pipeline.grids import make_grid
 
         grid = storage.join(output, "grid.png")
         _write_png(grid, make_grid(np.concatenate(list(batches.values())), cols=len(prompts)))

@@ -258,7 +258,7 @@ class Trainer:
         """Sample the validation captions with the EMA weights on rank 0 and log the grid.
         Called on every rank: gathering FSDP-sharded EMA weights is a collective."""
         from imagen.cascade import StageOptions, run_stage, to_uint8
-        from pipeline.release.metrics import make_grid
+        from pipeline.grids import make_grid
 
         ema = ckpt.gather_to_rank0(self.ema.state_dict(), self.rank)
         if self.rank != 0:

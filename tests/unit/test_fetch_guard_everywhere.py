@@ -26,7 +26,8 @@ import pytest
 
 from pipeline import cli, storage
 from pipeline.data.download import download, normalize_error, read_url_list
-from pipeline.data.fetch_guard import (
+from pipeline.data.fetch_guard import guarded_download_image
+from pipeline.netguard import (
     ENV_ALLOW_HOSTS,
     ENV_ALLOW_PRIVATE,
     FetchPolicy,
@@ -34,7 +35,6 @@ from pipeline.data.fetch_guard import (
     allowing,
     build_opener,
     deployment_policy,
-    guarded_download_image,
     refuse_model_url,
 )
 

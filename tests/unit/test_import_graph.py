@@ -1,10 +1,15 @@
-"""pipeline/ has no import cycles and every module opens with its docstring.
+"""pipeline/ has no import cycles, keeps its layers, and every module opens with its docstring.
 
 The graph is read from the source with ``ast`` (nothing is imported): every ``import`` and
 ``from ... import`` of a ``pipeline`` module counts, at module level and inside functions alike
 (a lazy import only hides a cycle until the day someone moves it up). ``from pipeline.x import
 y`` with ``y`` a submodule counts as importing ``pipeline.x.y``; importing a package counts as
 importing its ``__init__``. Imports under ``if TYPE_CHECKING:`` never run and do not count.
+
+Layers (issue 25): training never reaches release code (what both need, such as image grids,
+lives below both), and only the modules in ``DEV_IMPORTERS`` import the dev tools
+(``pipeline.dev``: the tiny dataset, tiny models, local services); the planner and the
+calibration reach none of it, directly or through another module.
 """
 
 from __future__ import annotations
@@ -14,6 +19,14 @@ import os
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 PACKAGE = "pipeline"
+DEV = "pipeline.dev"
+# The only modules outside pipeline/dev/ that may import it (infra/, bench/ and tests/ may too:
+# they are not part of the pipeline), each with its reason. A stale entry fails the test.
+DEV_IMPORTERS = {
+    "pipeline.cli": "the tiny-data verb builds the synthetic dataset and the tiny T5 for the smoke test",
+    "pipeline.release.metrics": "render_references draws evaluate's tiny-data references with the "
+                                "dataset's own draw_shape, so references and training images agree",
+}
 
 
 def modules() -> dict[str, str]:
@@ -126,7 +139,7 @@ def test_the_graph_sees_lazy_and_submodule_imports():
     # `from pipeline.train import checkpointing as ckpt` imports the submodule
     assert "pipeline.train.checkpointing" in graph["pipeline.train.trainer"]
     # importing a submodule runs its package's __init__
-    assert "pipeline.data" in graph["pipeline.storage"]
+    assert "pipeline.data" in graph["pipeline.plan"]
 
 
 def test_find_cycle_names_the_cycle():
@@ -164,3 +177,58 @@ def test_dags_import_no_private_pipeline_names():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PACKAGE):
                 bad += [f"{name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
     assert not bad, f"dags/ imports private pipeline names: {bad}"
+
+
+def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen: set[str] = set()
+    stack = [start]
+    while stack:
+        for t in graph[stack.pop()] - seen:
+            seen.add(t)
+            stack.append(t)
+    return seen
+
+
+def _in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_training_never_reaches_release_code():
+    graph = import_graph()
+    bad = {m: sorted(t for t in _reach(graph, m) if _in(t, "pipeline.release"))
+           for m in graph if _in(m, "pipeline.train")}
+    bad = {m: ts for m, ts in bad.items() if ts}
+    assert not bad, f"pipeline.train reaches pipeline.release (move what both need below both): {bad}"
+
+
+def test_only_the_listed_modules_import_the_dev_tools():
+    graph = import_graph()
+    importers = {m for m, ts in graph.items() if not _in(m, DEV) and any(_in(t, DEV) for t in ts)}
+    assert importers <= set(DEV_IMPORTERS), (
+        f"{sorted(importers - set(DEV_IMPORTERS))} import pipeline.dev: tools for tests and the demo "
+        "are not pipeline code (move what is needed out of pipeline/dev/, or list the module here "
+        "with its reason)")
+    assert importers == set(DEV_IMPORTERS), f"stale DEV_IMPORTERS: {sorted(set(DEV_IMPORTERS) - importers)}"
+    dags = os.path.join(ROOT, "dags")
+    for name in sorted(os.listdir(dags)):
+        if name.endswith(".py"):
+            with open(os.path.join(dags, name)) as f:
+                tree = ast.parse(f.read(), name)
+            mods = [a.name for n in _imports(tree) if isinstance(n, ast.Import) for a in n.names]
+            mods += [n.module or "" for n in _imports(tree) if isinstance(n, ast.ImportFrom)]
+            assert not [m for m in mods if _in(m, DEV)], f"dags/{name} imports pipeline.dev"
+
+
+def test_the_planner_and_calibration_reach_no_dev_tool():
+    graph = import_graph()
+    for module in ("pipeline.plan", "pipeline.calibrate"):
+        dev = sorted(t for t in _reach(graph, module) if _in(t, DEV))
+        assert not dev, f"{module} reaches {dev}: the planner measures without the dev tools"
+
+
+def test_the_layer_checks_can_fail():
+    graph = {"pipeline.train.trainer": {"pipeline.grids", "pipeline.x"}, "pipeline.x": {"pipeline.release.m"},
+             "pipeline.grids": set(), "pipeline.release.m": set()}
+    assert "pipeline.release.m" in _reach(graph, "pipeline.train.trainer")  # found through pipeline.x
+    assert not _in("pipeline.devices", DEV) and _in("pipeline.dev.tinydata", DEV)

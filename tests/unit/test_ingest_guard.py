@@ -1,4 +1,4 @@
-"""Tests for pipeline.data.fetch_guard: the SSRF guard and body checks, against loopback servers only.
+"""Tests for pipeline.netguard and pipeline.data.fetch_guard: the SSRF guard and body checks, against loopback servers only.
 
 Addresses other than loopback appear only as resolver-stub answers and URLs that the guard must
 refuse before any connection; every real request goes to 127.0.0.1.
@@ -14,14 +14,13 @@ import time
 import pytest
 from PIL import Image
 
-from pipeline.data.fetch_guard import (
+from pipeline.data.fetch_guard import check_body, guarded_download_image
+from pipeline.netguard import (
     REFUSAL_REASONS,
     FetchPolicy,
     FetchRejected,
     address_reason,
     build_opener,
-    check_body,
-    guarded_download_image,
     literal_reason,
     read_limited,
     resolve_checked,
@@ -263,10 +262,10 @@ def test_monkeypatched_getaddrinfo_is_the_default_resolver(site, monkeypatch):
 def test_stalled_lookups_hold_a_bounded_number_of_threads(site, monkeypatch):
     import threading
 
-    from pipeline.data import fetch_guard
+    from pipeline import netguard
 
-    monkeypatch.setattr(fetch_guard, "RESOLVER_THREADS", 3)
-    monkeypatch.setattr(fetch_guard, "_resolver_slots", {})
+    monkeypatch.setattr(netguard, "RESOLVER_THREADS", 3)
+    monkeypatch.setattr(netguard, "_resolver_slots", {})
     release = threading.Event()
 
     def stalled(host, port, type=0):  # noqa: A002
@@ -276,7 +275,7 @@ def test_stalled_lookups_hold_a_bounded_number_of_threads(site, monkeypatch):
     earlier = set(threading.enumerate())  # lookups of other tests may still be sleeping
 
     def resolving() -> int:
-        return sum(t.name == fetch_guard.RESOLVER_THREAD_NAME for t in set(threading.enumerate()) - earlier)
+        return sum(t.name == netguard.RESOLVER_THREAD_NAME for t in set(threading.enumerate()) - earlier)
 
     policy = FetchPolicy(allow_hosts=(f"stalled.test:{site.port}",))
     opener = build_opener(policy, stalled)

@@ -1,8 +1,8 @@
 """Issue 24 items 2 and 8 (first two bullets): every remote read goes through pipeline.storage.
 
 - A walk of the source (``ast``, nothing imported) finds every call into a network library
-  (fsspec, urllib.request, requests, ...) outside ``pipeline/storage.py`` and
-  ``pipeline/data/fetch_guard.py``, the way test_import_graph walks imports.
+  (fsspec, urllib.request, requests, ...) outside ``pipeline/storage.py``, ``pipeline/netguard.py``
+  and ``pipeline/data/fetch_guard.py``, the way test_import_graph walks imports.
 - Checkpoint folders (``evaluate``/``register --checkpoint``) and ``plan --url-list`` on a
   loopback server get zero requests without an allow setting; plan's list follows no redirect to
   a host the setting does not allow.
@@ -25,7 +25,7 @@ import threading
 import pytest
 
 from pipeline import cli, storage
-from pipeline.data.fetch_guard import (
+from pipeline.netguard import (
     ENV_ALLOW_HOSTS,
     ENV_ALLOW_PRIVATE,
     FetchPolicy,
@@ -36,10 +36,10 @@ from tests.unit.test_fetch_guard_everywhere import recording
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 SOURCE_DIRS = ("imagen", "pipeline", "dags", "infra", "bench")
 # Libraries that open network connections or remote files. A call into any of them (after import
-# aliases are resolved) outside the two modules below is a read that skips the fetch guard.
+# aliases are resolved) outside the three modules below is a read that skips the fetch guard.
 NETWORK = ("fsspec", "urllib.request", "requests", "httpx", "urllib3", "http.client", "aiohttp",
            "pycurl", "smart_open", "pyarrow.fs")
-GUARDED = {"pipeline/storage.py", "pipeline/data/fetch_guard.py"}
+GUARDED = {"pipeline/storage.py", "pipeline/netguard.py", "pipeline/data/fetch_guard.py"}
 # (file, call) pairs that may stay, each with the reason. Keep this short.
 ALLOWED = {
     # MLflow's /health on the tracking server the operator configured (MLFLOW_TRACKING_URI or
@@ -169,7 +169,7 @@ def test_checkpoint_folders_on_loopback_are_never_requested(internal, capsys):
 
 
 def test_plan_url_list_on_loopback_is_never_requested(internal, capsys):
-    from pipeline.plan import read_url_list
+    from pipeline.data.url_list import read_url_list
 
     url = f"http://{internal.host}/urls.csv"
     with pytest.raises(RemoteReadRefused, match="loopback_address"):
@@ -181,7 +181,7 @@ def test_plan_url_list_on_loopback_is_never_requested(internal, capsys):
 
 
 def test_plan_url_list_follows_no_redirect_past_the_allow_setting(internal, monkeypatch):
-    from pipeline.plan import read_url_list
+    from pipeline.data.url_list import read_url_list
 
     with recording({"/list.csv": (302, {"Location": f"http://{internal.host}/urls.csv"}, b"")}) as front:
         monkeypatch.setenv(ENV_ALLOW_HOSTS, front.host)  # the operator allows the front server only
@@ -242,7 +242,7 @@ def _bomb(rows: int) -> bytes:
 
 def test_a_gzip_list_is_bounded_by_its_inflated_size(tmp_path, monkeypatch):
     from pipeline.data.download import read_url_list
-    from pipeline.plan import read_url_list as plan_rows
+    from pipeline.data.url_list import read_url_list as plan_rows
 
     small, big = tmp_path / "small.csv.gz", tmp_path / "big.csv.gz"
     small.write_bytes(_bomb(10))

@@ -72,14 +72,6 @@ def test_render_references_match_their_specs():
     np.testing.assert_array_equal(refs, metrics.render_references(specs, 48, seed=3))
 
 
-def test_make_grid_places_tiles_row_major():
-    imgs = np.stack([np.full((4, 5, 3), v, np.uint8) for v in (10, 20, 30)])
-    grid = metrics.make_grid(imgs, cols=2, pad=1)
-    assert grid.shape == (2 * 5 + 1, 2 * 6 + 1, 3)
-    assert grid[1, 1, 0] == 10 and grid[1, 7, 0] == 20 and grid[6, 1, 0] == 30
-    assert grid[6, 7, 0] == 255 and grid[0, 0, 0] == 255  # empty slot and padding stay white
-
-
 def test_psnr_ssim_against_closed_form():
     rng = np.random.default_rng(0)
     target = rng.integers(20, 230, (3, 32, 32, 3)).astype(np.uint8)

@@ -40,7 +40,7 @@ def tiny_mean_tokens(tiny_urls) -> float:
     pipeline.dev.tinymodels.build_tiny_t5 builds it), </s> included."""
     import pyarrow.parquet as pq
 
-    from pipeline.dev.tinymodels import build_tiny_tokenizer
+    from imagen.tiny_tokenizer import build_tiny_tokenizer
 
     captions = [c for c in pq.read_table(tiny_urls, columns=["caption"]).column(0).to_pylist() if c and c.strip()]
     ids = build_tiny_tokenizer()(captions, truncation=True, max_length=128)["input_ids"]

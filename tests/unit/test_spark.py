@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.data import spark
 from pipeline.data.download import DownloadConfig, _img2dataset_spec, _resolve
-from pipeline.data.fetch_guard import FetchPolicy
+from pipeline.netguard import FetchPolicy
 
 DAGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "dags")
 
