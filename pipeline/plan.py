@@ -340,10 +340,11 @@ class PlanInputs:
             problems += [f"{flag}: unknown stage {s!r}" for s in values if s not in STAGES]
         if not self.stages or not set(self.stages) <= set(STAGES):
             problems.append(f"--stages {list(self.stages)}: choose one or more of {', '.join(STAGES)}")
-        try:
-            resolve_presets(self.presets)
-        except ValueError as err:
-            problems.append(f"--presets: {err} (use [STAGE=]PRESET)")
+        for stage, name in self.presets.items():
+            try:
+                resolve_presets({stage: name})
+            except ValueError as err:
+                problems.append(f"--presets {stage}={name}: {err} (use [STAGE=]PRESET)")
         if self.encode_format not in ("png", "jpg", "webp"):
             problems.append(f"--encode-format {self.encode_format!r}: use png, jpg or webp")
         if self.optimizer not in OPTIMIZER_STATE:

@@ -399,6 +399,15 @@ def list_files(uri: str, pattern: str = r".*") -> list[str]:
     return sorted(_to_uri(fs, p) for p in names)
 
 
+def list_dirs(uri: str) -> list[str]:
+    """Sorted URIs of the folders directly under ``uri`` ([] when ``uri`` is no folder)."""
+    fs, path = url_to_fs(uri)
+    fs.invalidate_cache(path)
+    if not fs.isdir(path):
+        return []
+    return sorted(_to_uri(fs, p["name"]) for p in fs.ls(path, detail=True) if p["type"] == "directory")
+
+
 def find(uri: str, keep: Callable[[str], bool] = lambda name: True) -> list[str]:
     """Sorted URIs of every file under the folder ``uri``, at any depth, whose name (the last
     part of its path) ``keep`` accepts. A fresh listing, like :func:`list_files`."""

@@ -288,13 +288,8 @@ def resolve_embeddings_dir(path: str) -> str:
     """
     if embedding_files(path):
         return path
-    fs, root = storage.url_to_fs(path)
-    subdirs = [p for p in fs.ls(root, detail=False) if fs.isdir(p)] if fs.isdir(root) else []
-    found = [
-        storage.basename(d)
-        for d in subdirs
-        if embedding_files(storage.join(path, storage.basename(d)))
-    ]
+    found = [storage.basename(d) for d in storage.list_dirs(path)
+             if embedding_files(storage.join(path, storage.basename(d)))]
     if len(found) == 1:
         return storage.join(path, found[0])
     raise ValueError(
@@ -309,8 +304,7 @@ def read_metadata(path: str) -> dict:
     ``path`` may also be an embeddings directory (or its parent with one encoder folder):
     then the metadata of its first parquet is returned, shard-specific keys included.
     """
-    fs, fpath = storage.url_to_fs(path)
-    if fs.isdir(fpath):
+    if storage.isdir(path):
         path = embedding_files(resolve_embeddings_dir(path))[0]
     return read_footer(path)[1]
 

@@ -232,5 +232,6 @@ def test_run_stage_from_the_trigger_form_refuses_65536_local_processes(tmp_path,
     (filtered / "manifest.json").write_text('{"kept": 1, "shards": {"000000.tar": 1}}')
     with pytest.raises(ValueError, match=r"1024 node\(s\) x 64 process\(es\) per node = 65536 training processes "
                                          r"on this machine, which has 4 CPU core\(s\)"):
-        imagen_common.train_stage(form, str(tmp_path), "base64", "tiny", str(filtered), str(tmp_path / "emb"))
+        imagen_common.train_stage({**form, "presets": {"base64": "tiny"}}, RunLayout(str(tmp_path)), "base64",
+                                  str(tmp_path / "emb"))
     assert not list(tmp_path.rglob("result.json"))

@@ -41,9 +41,6 @@ EXCEPTIONS = {
     # The dev services (tests, demo) start MLflow and Airflow on this machine and poll their
     # loopback ports, which the guard would rightly refuse.
     ("pipeline/dev/services.py", "imports urllib.request"): "polls the local dev services on loopback",
-    # embed.py is being reshaped by another part of issue 25 (the shard format owner); its two
-    # folder probes (resolve_embeddings_dir, read_metadata) go to storage.isdir / storage.list_files.
-    ("pipeline/data/embed.py", "calls storage.url_to_fs"): "pending: folder probes to move into storage",
 }
 
 

@@ -210,7 +210,7 @@ def chain(tmp_path_factory):
 def stage_config_of(chain, stage: str, **kw) -> TrainDataConfig:
     spec = tiny(stage).spec
     return TrainDataConfig(data=chain["data"], embeddings=chain["emb"], image_size=spec.image_size,
-                           crop_size=spec.crop_size, lowres_size=spec.lowres_crop_size, max_tokens=16,
+                           crop_size=spec.crop_size, lowres_crop_size=spec.lowres_crop_size, max_tokens=16,
                            pad_text_to=16, **{"batch_size": 4, "random_crop": spec.random_crop, **kw})
 
 
