@@ -180,6 +180,8 @@ def check_reused(before: dict[str, float], after: dict[str, float], versions: di
 
 
 def main() -> int:
+    # One function, top to bottom: it is the smoke test's script (services up, the DAG, the checks, the
+    # rerun), read as one story; each step is announced by step() and checked where it happens.
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", help="where outputs go (default: a new temp dir)")
     p.add_argument("--max-steps", type=int, default=20, help="training steps per stage (default 20)")

@@ -63,9 +63,10 @@ def _network_arguments(s: argparse.ArgumentParser) -> None:
 
 
 def _presets(preset: str | None) -> dict[str, str]:
-    from imagen.config import STAGES
+    """--preset as a stage -> preset map, by the one preset rule (imagen.config.resolve_presets)."""
+    from imagen.config import resolve_presets
 
-    return {s: preset for s in STAGES} if preset else {}
+    return resolve_presets(preset)
 
 
 def _tiny_data_flags(s: argparse.ArgumentParser) -> None:

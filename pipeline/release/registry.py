@@ -443,7 +443,20 @@ def register(
         target = runs[0].info.run_id  # the stage's training run: its lineage in one place
     if target is None and eval_run is not None:
         target = eval_run.info.run_id
-    exp_id = None if target else ensure_experiment(experiment, artifact_root)
+    version, logged_in, blobs = _log_and_register(
+        client, name, checkpoints, cfgs, encoder_name, model_tags, weights_dtype, target,
+        None if target else ensure_experiment(experiment, artifact_root), artifact_root)
+    client.update_model_version(name, version, description=describe_version(
+        cfgs, metas, encoder_name, model_tags, eval_metrics, eval_run))
+    return {**_set_aliases(client, name, version, alias, logged_in, eval_metrics, promote, promote_on,
+                           reused=False), "blobs": blobs}
+
+
+def _log_and_register(client, name: str, checkpoints: list[str], cfgs: list, encoder_name: str,
+                      model_tags: dict[str, str], weights_dtype: str, target: str | None, exp_id: str | None,
+                      artifact_root: str | None) -> tuple[str, str, dict[str, Any]]:
+    """Store the weights (and a local encoder) as blobs, log the pyfunc into run ``target`` (or a
+    new run of ``exp_id``) and register it with ``model_tags``: (version, run id, blob summary)."""
     local_encoder = os.path.isdir(encoder_name)
     with upload_settings(), tempfile.TemporaryDirectory(prefix="imagen-register-") as tmp:
         store = BlobStore.open(client, artifact_root)
@@ -467,10 +480,7 @@ def register(
     # The version is created with its tags in one call: a version without the source tag (a
     # crash between two calls) would be registered again by the next run.
     version = str(mlflow.register_model(info.model_uri, name, tags=model_tags).version)
-    client.update_model_version(name, version, description=describe_version(
-        cfgs, metas, encoder_name, model_tags, eval_metrics, eval_run))
-    return {**_set_aliases(client, name, version, alias, run.info.run_id, eval_metrics, promote, promote_on,
-                           reused=False), "blobs": blobs}
+    return version, run.info.run_id, blobs
 
 
 def register_trained(trained: dict[str, Any], prefix: str, weights_dtype: str = "fp32") -> dict[str, Any]:
