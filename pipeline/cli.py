@@ -253,47 +253,22 @@ def _train(a: argparse.Namespace) -> Any:
 
 
 def _evaluate_flags(s: argparse.ArgumentParser) -> None:
-    # the deployment's evaluator weights: the defaults of --fid-weights and --clip-model
-    from pipeline.release.evaluate import CLIP_MODEL_ENV, FID_WEIGHTS_ENV
+    from pipeline.options import add_options
+    from pipeline.release.evaluate import EvalOptions, deployment_weights
 
     s.add_argument("--checkpoint", required=True, action="append",
                    help="stage weights dir (.../final); repeat in cascade order for the cascade")
-    s.add_argument("--data", help="filtered shards holding the validation split (ROOT/filtered): SR stages "
-                                  "are scored on its real images, the base samples its captions")
-    s.add_argument("--embeddings", help="the split's caption embeddings (default: ROOT/embeddings, its one "
-                                        "encoder folder)")
-    s.add_argument("--num-validation", type=int, default=16, help="validation samples per stage (default 16)")
-    s.add_argument("--attributes", help="tiny dataset attributes.json: prompt-alignment checker")
     s.add_argument("--prompts-file", help="prompt set, one per line (default: a fixed set)")
-    s.add_argument("--references", help="without --data: real images for FID and SR PSNR/SSIM, a folder of "
-                                        "images (+ NAME.txt captions) or of filtered .tar shards")
-    s.add_argument("--num-references", type=int, default=16)
-    s.add_argument("--fid-weights", default=os.environ.get(FID_WEIGHTS_ENV) or None,
-                   help=f"TorchScript Inception feature extractor for FID (e.g. inception-2015-12-05.pt; default: "
-                        f"${FID_WEIGHTS_ENV}); FID is skipped without it")
-    s.add_argument("--clip-model", default=os.environ.get(CLIP_MODEL_ENV) or None,
-                   help=f"local transformers CLIP directory (default: ${CLIP_MODEL_ENV}); CLIP score is "
-                        "skipped without it")
-    s.add_argument("--device", help="where to sample (default: cuda when there is one, else cpu)")
-    s.add_argument("--workers", type=int, help="sampling parts run at once (default: one per CPU thread; "
-                                               "1 with CUDA); 1: one after another, the cleanest timings")
-    s.add_argument("--encoder", help="text encoder (default: the one in the checkpoint's metadata)")
-    s.add_argument("--output", help="where to write the grids (default: CHECKPOINT/../eval)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int, help="sampling steps per stage (default: each config's)")
-    s.add_argument("--guidance-scale", type=float, help="base stage guided weight (default: config's)")
-    s.add_argument("--no-sweep", action="store_true",
-                   help="SR stages: sample only with the stage's own guidance weight and augmentation level "
-                        "(default: sweep a small grid of both on the held-out images, log it, and store the "
-                        "best pair with the stage in sampling.json)")
-    s.add_argument("--run-id", help="MLflow run to log into (default: the stage's training run)")
-    s.add_argument("--tracking-uri")
+    add_options(s, EvalOptions)
+    # the deployment's evaluator weights ($IMAGEN_FID_WEIGHTS, $IMAGEN_CLIP_MODEL) are the defaults
+    s.set_defaults(**{k: v for k, v in deployment_weights().items() if v})
     _network_arguments(s)
 
 
 @verb("evaluate", "sample grids, speed and metrics for a stage or the cascade", _evaluate_flags)
 def _evaluate(a: argparse.Namespace) -> Any:
     from pipeline.netguard import allowing
+    from pipeline.options import options_from_args
     from pipeline.release.evaluate import EvalOptions, evaluate
     from pipeline.release.registry import mlflow_errors_in_one_line
 
@@ -307,12 +282,7 @@ def _evaluate(a: argparse.Namespace) -> Any:
         from pipeline.layout import RunLayout
 
         a.embeddings = RunLayout.around(a.data).embeddings_root  # its one encoder folder
-    opts = EvalOptions(attributes=a.attributes, prompts=prompts, data=a.data, embeddings=a.embeddings,
-                       num_validation=a.num_validation, references=a.references,
-                       num_references=a.num_references, fid_weights=a.fid_weights,
-                       clip_model=a.clip_model, encoder=a.encoder, seed=a.seed, steps=a.steps,
-                       guidance_scale=a.guidance_scale, device=a.device, workers=a.workers, output=a.output,
-                       tracking_uri=a.tracking_uri, run_id=a.run_id, sweep=not a.no_sweep)
+    opts = EvalOptions(**options_from_args(EvalOptions, a), prompts=prompts)
     with allowing(a.allow_private_networks, a.allow_host), mlflow_errors_in_one_line():
         return evaluate(a.checkpoint, opts)
 

@@ -64,6 +64,7 @@ import numpy as np
 from imagen.config import check_chain
 from pipeline import storage
 from pipeline.layout import RunDir
+from pipeline.options import option
 from pipeline.release import sweep
 from pipeline.release.eval_data import ValidationSplit, references
 
@@ -87,28 +88,39 @@ GRID_CAPTIONS = 8  # validation captions a base stage samples for its grid alone
 
 @dataclass
 class EvalOptions:
-    """What to evaluate against and where to log. Every field has a CLI flag of the same name."""
+    """What to evaluate against and where to log: the ``evaluate`` verb's flags are generated
+    from these fields (``pipeline/options.py``), a flag per field of the same name."""
 
-    attributes: str | None = None  # tiny dataset attributes.json: alignment checker, rendered refs
-    prompts: list[str] | None = None  # prompt set when not on tiny data (default: DEFAULT_PROMPTS)
-    data: str | None = None  # filtered shards with the validation split (ROOT/filtered)
-    embeddings: str | None = None  # their caption embeddings (ROOT/embeddings/ENC, or ROOT/embeddings)
-    num_validation: int = 16  # validation samples per stage: the first of the split's fixed order
-    references: str | None = None  # without a split: real images, a folder of images or .tar shards
-    num_references: int = 16
-    fid_weights: str | None = None  # TorchScript feature extractor (inception-2015-12-05.pt)
-    clip_model: str | None = None  # local transformers CLIP directory
-    encoder: str | None = None  # text encoder override (default: the checkpoint's)
-    seed: int = 0
-    steps: int | None = None  # sampling steps for every stage (default: each config's)
-    guidance_scale: float | None = None  # the base stage's guided weight (default: its config's)
-    # SR stages: sweep (aug level, guidance weight) and store the best with the stage (sweep.py)
-    sweep: bool = True
-    device: str | None = None  # default: cuda when there is one, else cpu
-    workers: int | None = None  # sampling parts at once (default: a CPU's torch threads; 1 on CUDA)
-    output: str | None = None  # folder or URI for grids (default: beside the last checkpoint)
-    tracking_uri: str | None = None
-    run_id: str | None = None
+    attributes: str | None = option(None, "tiny dataset attributes.json: prompt-alignment checker")
+    # the prompt set when not on tiny data (default: DEFAULT_PROMPTS); the CLI reads --prompts-file
+    prompts: list[str] | None = None
+    data: str | None = option(None, "filtered shards holding the validation split (ROOT/filtered): SR stages are "
+                                    "scored on its real images, the base samples its captions")
+    embeddings: str | None = option(None, "the split's caption embeddings (default: ROOT/embeddings, its one "
+                                          "encoder folder)")
+    num_validation: int = option(16, "validation samples per stage: the first of the split's fixed order "
+                                     "(default 16)")
+    references: str | None = option(None, "without --data: real images for FID and SR PSNR/SSIM, a folder of "
+                                          "images (+ NAME.txt captions) or of filtered .tar shards")
+    num_references: int = option(16, "real images used from --references (default 16)")
+    fid_weights: str | None = option(None, "TorchScript Inception feature extractor for FID (e.g. "
+                                           f"inception-2015-12-05.pt; default: ${FID_WEIGHTS_ENV}); FID is "
+                                           "skipped without it")
+    clip_model: str | None = option(None, f"local transformers CLIP directory (default: ${CLIP_MODEL_ENV}); "
+                                          "CLIP score is skipped without it")
+    encoder: str | None = option(None, "text encoder (default: the one in the checkpoint's metadata)")
+    seed: int = option(0, "sampling seed (default 0)")
+    steps: int | None = option(None, "sampling steps per stage (default: each config's)")
+    guidance_scale: float | None = option(None, "base stage guided weight (default: its config's)")
+    sweep: bool = option(True, "--no-sweep: SR stages sample only with the stage's own guidance weight and "
+                               "augmentation level (default: sweep a small grid of both on the held-out images, "
+                               "log it, and store the best pair with the stage in sampling.json)")
+    device: str | None = option(None, "where to sample (default: cuda when there is one, else cpu)")
+    workers: int | None = option(None, "sampling parts run at once (default: one per CPU thread; 1 with CUDA); "
+                                       "1: one after another, the cleanest timings")
+    output: str | None = option(None, "folder or URI for the grids (default: CHECKPOINT/../eval)")
+    tracking_uri: str | None = option(None, "MLflow tracking URI (default: the training run's store)")
+    run_id: str | None = option(None, "MLflow run to log into (default: the stage's training run)")
     skipped: dict[str, str] = field(default_factory=dict)  # filled in: metric -> why not measured
 
 

@@ -20,6 +20,7 @@ from pipeline.data.download import DownloadConfig
 from pipeline.data.embed_config import EmbedConfig
 from pipeline.data.filter_config import FilterConfig
 from pipeline.options import flag_of, option_fields
+from pipeline.release.evaluate import EvalOptions
 from pipeline.train.job import TrainJob, preset_overrides, resolve_config
 
 # Trigger-form defaults that are the DAGs' own, not a step's: why each differs.
@@ -36,7 +37,8 @@ def verb_actions(verb: str) -> dict[str, argparse.Action]:
 
 
 @pytest.mark.parametrize(("verb", "cls"), [("train", TrainJob), ("embed", EmbedConfig),
-                                           ("download", DownloadConfig), ("filter", FilterConfig)])
+                                           ("download", DownloadConfig), ("filter", FilterConfig),
+                                           ("evaluate", EvalOptions)])
 def test_cli_flags_are_generated_from_the_config_fields(verb, cls):
     actions = verb_actions(verb)
     for f in option_fields(cls):
