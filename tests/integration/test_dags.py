@@ -47,9 +47,11 @@ def test_imagen_full_shape(parsed):
     deps = dag["deps"]
     assert deps["filter_shards"] == ["download"]
     assert deps["plan_embed"] == ["filter_shards"]
-    assert deps["embed"] == ["filter_shards", "plan_embed"]
-    for s in STAGES:  # stages train in parallel, each from the filtered shards and embeddings
-        assert deps[f"train_{s}"] == ["embed", "filter_shards"]
+    # the folders come from the run's root (imagen_common.run_layout): XCom only orders the tasks,
+    # so embed follows plan_embed, and each stage the embed tasks (hence the filter)
+    assert deps["embed"] == ["plan_embed"]
+    for s in STAGES:  # stages train in parallel, each once the embeddings are there
+        assert deps[f"train_{s}"] == ["embed"]
         assert dag["pools"][f"train_{s}"] == "gpu"
         assert deps[f"register_{s}"] == ["evaluate", f"train_{s}"]
         assert dag["outlets"][f"register_{s}"] == [f"imagen_model_{s}"]

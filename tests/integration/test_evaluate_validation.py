@@ -67,7 +67,7 @@ def real_validation(trained, stage: str):
     t = trained[stage]
     cfg = load_config(t["checkpoint"])[0]
     settings = dataclasses.replace(validation_data(cfg, t["data"], t["embeddings"], 64), crop_size=cfg.image_size,
-                                   lowres_size=cfg.lowres_size)
+                                   lowres_crop_size=cfg.lowres_size)
     (batch,) = list(make_validation_loader(settings, limit=16))
     return cfg, batch
 
