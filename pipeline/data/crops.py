@@ -17,14 +17,22 @@ Used by the training and validation loaders (:mod:`pipeline.data.loader`), in th
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from pipeline.data.images import to_rgb
 
-if TYPE_CHECKING:
-    from pipeline.data.loader import TrainDataConfig
+
+class CropSettings(Protocol):
+    """What a crop needs of the loader's ``TrainDataConfig`` (declared here, so crops does not
+    import the loader that imports it)."""
+
+    image_size: int
+    crop_size: int
+    lowres_crop_size: int | None
+    random_crop: bool
+    random_flip: bool
 
 # Downscale by an integer box reduction first, then bicubic over the last factor <= 2
 # (PIL's reducing_gap): 2x faster than plain bicubic at 256 -> 64, within a few grey levels.
@@ -55,7 +63,7 @@ def _resize_short_side(img, size: int):
 
 
 def decode_image(
-    data: bytes, cfg: TrainDataConfig, aug: tuple[float, float, float] = (0.5, 0.5, 1.0)
+    data: bytes, cfg: CropSettings, aug: tuple[float, float, float] = (0.5, 0.5, 1.0)
 ) -> dict[str, np.ndarray]:
     """Bytes -> {"image": uint8 [C,C,3], "lowres"?: uint8 [c,c,3]}: resize, crop, flip.
 
