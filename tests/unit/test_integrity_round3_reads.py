@@ -31,9 +31,9 @@ from pipeline.netguard import (
     FetchPolicy,
     RemoteReadRefused,
 )
+from tests.unit.source_walk import import_aliases, python_files
 from tests.unit.test_fetch_guard_everywhere import recording
 
-ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 SOURCE_DIRS = ("imagen", "pipeline", "dags", "infra", "bench")
 # Libraries that open network connections or remote files. A call into any of them (after import
 # aliases are resolved) outside the three modules below is a read that skips the fetch guard.
@@ -60,19 +60,6 @@ def default_settings(monkeypatch):
 
 # --- the walk ----------------------------------------------------------------------------------
 
-def _aliases(tree: ast.AST) -> dict[str, str]:
-    """Local name -> dotted module path for every import in ``tree`` (function level too)."""
-    names = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for a in node.names:
-                names[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            for a in node.names:
-                names[a.asname or a.name] = f"{node.module}.{a.name}"
-    return names
-
-
 def _dotted(node: ast.AST) -> str | None:
     parts = []
     while isinstance(node, ast.Attribute):
@@ -86,7 +73,7 @@ def _dotted(node: ast.AST) -> str | None:
 def network_calls(source: str, filename: str) -> list[tuple[int, str]]:
     """(line, resolved call) for each call into a NETWORK library in ``source``."""
     tree = ast.parse(source, filename)
-    aliases = _aliases(tree)
+    aliases = import_aliases(tree)
     found = []
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call) or (name := _dotted(node.func)) is None:
@@ -96,16 +83,6 @@ def network_calls(source: str, filename: str) -> list[tuple[int, str]]:
         if any(resolved == m or resolved.startswith(m + ".") for m in NETWORK) and head in aliases:
             found.append((node.lineno, resolved))
     return sorted(found)
-
-
-def _python_files():
-    for top in SOURCE_DIRS:
-        for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, top)):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__pycache__")))
-            for name in sorted(filenames):
-                if name.endswith(".py"):
-                    path = os.path.join(dirpath, name)
-                    yield os.path.relpath(path, ROOT).replace(os.sep, "/"), path
 
 
 def test_the_walk_resolves_aliases_and_names_the_line():
@@ -119,7 +96,7 @@ def test_the_walk_resolves_aliases_and_names_the_line():
 
 def test_no_network_call_outside_storage_and_the_fetch_guard():
     found, used = [], set()
-    for rel, path in _python_files():
+    for rel, path in python_files(SOURCE_DIRS):
         if rel in GUARDED:
             continue
         with open(path) as f:
@@ -135,7 +112,7 @@ def test_no_network_call_outside_storage_and_the_fetch_guard():
 
 
 def test_imagen_opens_no_remote_file_itself():
-    for rel, path in _python_files():
+    for rel, path in python_files(SOURCE_DIRS):
         if rel.startswith("imagen/"):
             with open(path) as f:
                 assert "fsspec" not in f.read(), f"{rel} mentions fsspec: imagen/ reads URIs only through storage="

@@ -22,7 +22,8 @@ import ast
 import os
 import re
 
-ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from tests.unit.source_walk import ROOT, python_files
+
 SOURCE_DIRS = ("pipeline", "dags", "imagen", "infra")
 OWNER = "pipeline/data/shards.py"
 FORMAT_LIBRARIES = ("tarfile", "webdataset")
@@ -68,16 +69,6 @@ def violations(source: str, filename: str) -> list[tuple[int, str]]:
                 or (_is_tar_block(node.left) and _names_offset(node.right))):
             found.append((node.lineno, f"tar header arithmetic: {ast.unparse(node)}"))
     return sorted(found)
-
-
-def _python_files():
-    for top in SOURCE_DIRS:
-        for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, top)):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__pycache__")))
-            for name in sorted(filenames):
-                if name.endswith(".py"):
-                    path = os.path.join(dirpath, name)
-                    yield os.path.relpath(path, ROOT).replace(os.sep, "/"), path
 
 
 # --- the checker fails on the readers it replaced ------------------------------------------------
@@ -150,7 +141,7 @@ def test_the_checker_passes_file_names_and_calls_into_the_owner():
 
 def test_only_the_owner_parses_tar_members():
     found, used = [], set()
-    for rel, path in _python_files():
+    for rel, path in python_files(SOURCE_DIRS):
         if rel == OWNER:
             continue
         with open(path) as f:

@@ -24,7 +24,8 @@ import ast
 import os
 import re
 
-ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from tests.unit.source_walk import ROOT, import_aliases, python_files
+
 SOURCE_DIRS = ("pipeline", "dags", "imagen")
 # The owners: storage, the network guard below it, and img2dataset's download child (which
 # patches img2dataset's fetch and reads the shard stats img2dataset wrote).
@@ -42,19 +43,6 @@ EXCEPTIONS = {
     # loopback ports, which the guard would rightly refuse.
     ("pipeline/dev/services.py", "imports urllib.request"): "polls the local dev services on loopback",
 }
-
-
-def _aliases(tree: ast.AST) -> dict[str, str]:
-    """Local name -> dotted name for every import in ``tree`` (function level too)."""
-    names = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for a in node.names:
-                names[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            for a in node.names:
-                names[a.asname or a.name] = f"{node.module}.{a.name}"
-    return names
 
 
 def _dotted(node: ast.AST) -> str | None:
@@ -112,7 +100,7 @@ def _call_finding(node: ast.Call, aliases: dict[str, str]) -> str | None:
 def findings(source: str, filename: str = "<source>") -> list[tuple[int, str]]:
     """(line, what) for each way ``source`` reads a location past ``pipeline.storage``."""
     tree = ast.parse(source, filename)
-    aliases = _aliases(tree)
+    aliases = import_aliases(tree)
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import | ast.ImportFrom):
@@ -120,16 +108,6 @@ def findings(source: str, filename: str = "<source>") -> list[tuple[int, str]]:
         elif isinstance(node, ast.Call) and (what := _call_finding(node, aliases)):
             found.append((node.lineno, what))
     return sorted(found)
-
-
-def _python_files():
-    for top in SOURCE_DIRS:
-        for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, top)):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__pycache__")))
-            for name in sorted(filenames):
-                if name.endswith(".py"):
-                    path = os.path.join(dirpath, name)
-                    yield os.path.relpath(path, ROOT).replace(os.sep, "/"), path
 
 
 # --- the checker can fail --------------------------------------------------------------------
@@ -191,7 +169,7 @@ def read(uri, path, storage=None):
 
 def test_only_storage_reads_a_location():
     found, used = [], set()
-    for rel, path in _python_files():
+    for rel, path in python_files(SOURCE_DIRS):
         if rel in OWNERS:
             continue
         with open(path) as f:
