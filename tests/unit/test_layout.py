@@ -119,3 +119,19 @@ def test_step_checkpoints_on_an_object_store_count_only_when_complete(tmp_path):
     with storage.local_dir(f"{run}/final") as local:
         assert os.path.isfile(os.path.join(local, "model.safetensors"))
     storage.rmtree("memory://ck")
+
+
+def test_storage_lists_folders_locally_and_on_an_object_store(tmp_path):
+    import fsspec
+
+    (tmp_path / "enc-a").mkdir()
+    (tmp_path / "enc-b").mkdir()
+    (tmp_path / "manifest.json").write_text("{}")
+    assert storage.list_dirs(str(tmp_path)) == [str(tmp_path / "enc-a"), str(tmp_path / "enc-b")]  # no files
+    assert storage.list_dirs(str(tmp_path / "manifest.json")) == storage.list_dirs(str(tmp_path / "no")) == []
+    mem = fsspec.filesystem("memory")
+    mem.pipe("/listdirs/t5/000000.parquet", b"x")
+    mem.pipe("/listdirs/readme.txt", b"y")
+    assert storage.list_dirs("memory://listdirs") == ["memory:///listdirs/t5"]
+    with pytest.raises(ValueError, match="fetch guard"):
+        storage.list_dirs("http://127.0.0.1:1/folder")  # http(s) is read one file at a time, never listed
