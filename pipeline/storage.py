@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import io
 import json
 import os
@@ -273,9 +274,19 @@ def rmtree(uri: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def read_bytes(uri: str) -> bytes:
-    with open(uri, "rb") as f:
-        return f.read()
+def read_bytes(uri: str, attempts: int = 3) -> bytes:
+    """The whole file. An object replaced while it is read (s3fs raises ``FileExpired``, an
+    OSError with errno EBUSY, when the ETag changes between its ranged reads: another process
+    rewrote a small JSON file such as a lock lease) is read again, whole, up to ``attempts``
+    times; the reader never sees half of each version."""
+    for attempt in range(attempts):
+        try:
+            with open(uri, "rb") as f:
+                return f.read()
+        except OSError as err:
+            if err.errno != errno.EBUSY or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -380,8 +391,8 @@ def write_json(uri: str, obj: Any) -> None:
 
 
 def read_json(uri: str) -> Any:
-    with open(uri, "r") as f:
-        return json.load(f)
+    """A JSON file, read whole (:func:`read_bytes`: again if it was replaced while read)."""
+    return json.loads(read_bytes(uri))
 
 
 def list_files(uri: str, pattern: str = r".*") -> list[str]:

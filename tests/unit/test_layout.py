@@ -135,3 +135,27 @@ def test_storage_lists_folders_locally_and_on_an_object_store(tmp_path):
     assert storage.list_dirs("memory://listdirs") == ["memory:///listdirs/t5"]
     with pytest.raises(ValueError, match="fetch guard"):
         storage.list_dirs("http://127.0.0.1:1/folder")  # http(s) is read one file at a time, never listed
+
+
+def test_a_file_replaced_while_read_is_read_again(tmp_path, monkeypatch):
+    """s3fs raises FileExpired (errno EBUSY) when another process rewrites an object between its
+    ranged reads (a lock lease renewed by its heartbeat): read_json reads it again, whole."""
+    import errno
+
+    path = tmp_path / "lease.json"
+    path.write_text('{"expires": 2}')
+    real_open, calls = storage.open, []
+
+    def replaced_once(uri, mode="rb", **kw):
+        calls.append(uri)
+        if len(calls) == 1:
+            raise OSError(errno.EBUSY, "The remote file ... no longer exists")
+        return real_open(uri, mode, **kw)
+
+    monkeypatch.setattr(storage, "open", replaced_once)
+    assert storage.read_json(str(path)) == {"expires": 2} and len(calls) == 2
+    calls.clear()
+    monkeypatch.setattr(storage, "open", lambda uri, mode="rb", **kw: (_ for _ in ()).throw(
+        OSError(errno.EBUSY, "still changing")))
+    with pytest.raises(OSError, match="still changing"):
+        storage.read_json(str(path))  # a file that never settles is an error, not a loop
