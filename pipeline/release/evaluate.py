@@ -231,10 +231,6 @@ class Evaluation:
         opts.skipped = {}
         device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
         loaded = [load_model(c, device=device, storage=storage) for c in self.checkpoints]
-        for model, _, _ in loaded:
-            # channels-last convolutions: oneDNN samples the tiny stages 15% faster on a CPU, and
-            # it is the layout CUDA's tensor cores want
-            model.to(memory_format=torch.channels_last)
         self.stages = [(m, c) for m, c, _ in loaded]
         self.metas = [meta for _, _, meta in loaded]
         self.label = "+".join(c.stage for _, c in self.stages)

@@ -42,7 +42,7 @@ from imagen.diffusion import GaussianDiffusion
 from imagen.ema import EMA
 from imagen.unet import UNet
 from pipeline.train.job import BatchPlan
-from pipeline.train.parallel import parallelize
+from pipeline.train.parallel import channels_last, parallelize
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,8 @@ class TrainStep:
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
         model = UNet(cfg.unet).to(device)
         model.gradient_checkpointing = opts.gradient_checkpointing
-        if device.type == "cuda":
+        self.channels_last = channels_last(opts.parallel, world)
+        if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.wrapped = parallelize(model, opts.parallel, world, bf16=self.bf16)
@@ -117,7 +118,7 @@ class TrainStep:
         """Mean diffusion loss of one micro-batch (a device scalar)."""
         from pipeline.data.batch import to_device
 
-        b = to_device(batch, self.device, channels_last=self.device.type == "cuda")
+        b = to_device(batch, self.device, channels_last=self.channels_last)
         x0 = b["image"]
         lowres = b.get("lowres") if self.cfg.lowres_size else None
         r = self.draws(x0.shape[0], x0.shape, None if lowres is None else lowres.shape)

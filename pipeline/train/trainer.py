@@ -266,8 +266,8 @@ class Trainer:
         from pipeline.data.batch import to_device
 
         b = self.val_batch
-        on = to_device(b, self.device)
-        net = UNet(self.cfg.unet).to(self.device).eval()
+        on = to_device(b, self.device, channels_last=True)
+        net = UNet(self.cfg.unet).to(self.device, memory_format=torch.channels_last).eval()
         net.load_state_dict({k: v.to(net.state_dict()[k].dtype) for k, v in ema.items()})
         # the cascade's own stage sampler: an SR stage's low-res input is noised at the level it
         # is told (sec. 2.5), exactly as at inference
@@ -313,5 +313,7 @@ def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
     for k, v in sorted(state.items()):
         v = v.full_tensor() if hasattr(v, "full_tensor") else v
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape(-1): a channels-last [O, I, 1, 1] weight counts as contiguous yet keeps a
+        # last stride of I, which a byte view refuses
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

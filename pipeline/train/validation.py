@@ -124,7 +124,7 @@ def validation_loss(model: torch.nn.Module, cfg: StageConfig, batches: Iterable[
     grid = timestep_grid(n_timesteps)
     sums = torch.zeros(len(grid) + 1, dtype=torch.float64, device=device)  # per level, then the count
     for batch in batches:
-        b = to_device(batch, device, channels_last=device.type == "cuda")
+        b = to_device(batch, device, channels_last=True)
         x0, keys = b["image"], list(b["keys"])
         n = x0.shape[0]
         extra = {}

@@ -193,3 +193,21 @@ def test_checkpoint_gathers_the_ema_on_rank_0_only(one_rank_group):
     whole = ckpt.gather_to_rank0(state, rank=0)
     assert whole.keys() == state.keys() and all(v.device.type == "cpu" and not hasattr(v, "full_tensor")
                                                 for v in whole.values())
+
+
+def test_step_lays_weights_out_channels_last_except_under_fsdp(one_rank_group):
+    """Channels-last convolutions (faster on CPU and CUDA) wherever the wrapping allows: FSDP2
+    refuses non-contiguous parameters, so a sharded step keeps them contiguous and still builds."""
+    from pipeline.train.job import batch_plan
+    from pipeline.train.step import StepOptions, TrainStep
+
+    cfg = preset("tiny", "base64")
+    conv = "down.0.0.conv1.weight"
+    for mode, world, expected in (("ddp", 2, True), ("fsdp", 1, True), ("fsdp", 2, False)):
+        step = TrainStep(cfg, StepOptions(parallel=mode), batch_plan(4, 2, world), 0, world, torch.device("cpu"))
+        weights = {k: v for k, v in step.model.named_parameters()}
+        w = weights[conv] if conv in weights else next(v for k, v in weights.items() if v.dim() == 4 and
+                                                       v.shape[-1] > 1)
+        w = w.to_local() if hasattr(w, "to_local") else w
+        assert step.channels_last is expected, (mode, world)
+        assert w.is_contiguous(memory_format=torch.channels_last) is expected, (mode, world)
