@@ -36,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("base64", "sr256")  # the tiny base stage (32 px) and the tiny 32 -> 64 px SR stage
 PRESETS = {stage: "tiny" for stage in STAGES}
 # Optimizer steps per stage (the tiny recipe in imagen/config.py; --quick: a smoke run).
-STEPS = {"base64": 1500, "sr256": 800}
+STEPS = {"base64": 2000, "sr256": 1000}
 SAMPLE_EVERY = 500  # steps between the trainers' validation grids (the tiny preset's 100 cost the base ~1.4 min)
 QUICK_STEPS = {"base64": 30, "sr256": 20}
 SEEDS = 8
@@ -100,6 +100,7 @@ def train(data: dict, steps: dict[str, int]) -> tuple[dict[str, dict], dict]:
     from pipeline.train.launchers import make_launcher
 
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(STAGES)))
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # this process only sweeps, beside a trainer
     # Create the SQLite tracking store before the stages start together: MLflow's schema
     # migration is not safe to run from two processes at once on a fresh database.
@@ -116,7 +117,9 @@ def train(data: dict, steps: dict[str, int]) -> tuple[dict[str, dict], dict]:
         sr = futures["sr256"].result()
         log("choose the SR stage's guidance weight and augmentation level on held-out renders")
         chosen = choose_sr_sampling(data, sr["checkpoint"])
-        return {stage: f.result() for stage, f in futures.items()}, chosen
+        trained = {stage: f.result() for stage, f in futures.items()}
+    torch.set_num_threads(threads)  # scoring has the machine to itself
+    return trained, chosen
 
 
 def held_out_sr(data: dict, cfg, seed: int):
@@ -152,71 +155,42 @@ def choose_sr_sampling(data: dict, checkpoint: str) -> dict:
     return found.values
 
 
-def sample_runs(checkpoints: list[str], encoder: str, prompts: list[str], runs: list[tuple], out: str) -> dict:
-    """In a worker process, one thread: each (label, StageOptions) run over every seed, its
-    samples saved as PNGs. Returns {"images": {label: [prompt, seed, H, W, 3]}, "seconds":
-    {label: the base stage's sampling seconds}, "records": [...]}."""
+def score(data: dict, checkpoints: list[str], out: str) -> tuple[dict, list[dict], dict]:
+    """192 guided and 192 unguided cascade samples scored for colour and shape, the 192 guided
+    again with the fast solver, and the SR stage's PSNR over bicubic on held-out references.
+    Returns (metrics, sample records, images)."""
     import numpy as np
     import torch
     from PIL import Image
 
-    from imagen.cascade import Cascade
+    from imagen.cascade import Cascade, StageOptions, run_stage, to_uint8
     from imagen.text import open_encoder
-
-    torch.set_num_threads(1)
-    cascade = Cascade.from_dirs(checkpoints, encoder=open_encoder(encoder))
-    base_cfg = cascade.stages[0][1]
-    result = {"images": {}, "seconds": {}, "records": []}
-    for label, opt in runs:
-        batches, seconds = [], 0.0
-        for seed in range(SEEDS):
-            run = cascade.run(prompts, seed=seed, options=[opt])
-            seconds += run.seconds[0]
-            batches.append(run.images)
-            for i, (prompt, img) in enumerate(zip(prompts, run.images, strict=True)):
-                path = os.path.join(out, "samples", f"{label}-seed{seed}-{i:02d}.png")
-                Image.fromarray(img).save(path)
-                result["records"].append({
-                    "prompt": prompt, "seed": seed, "index_in_batch": i, "guidance_weight": opt.guidance_scale,
-                    "sampler": opt.sampler or base_cfg.diffusion.sampler,
-                    "steps": opt.steps or base_cfg.diffusion.sample_steps, "stages": len(checkpoints),
-                    "png": os.path.relpath(path, out)})
-        result["images"][label], result["seconds"][label] = np.stack(batches, axis=1), seconds
-    return result
-
-
-def score(data: dict, checkpoints: list[str], out: str) -> tuple[dict, list[dict], dict]:
-    """192 guided and 192 unguided cascade samples scored for colour and shape, the 192 guided
-    again with the fast solver, and the SR stage's PSNR over bicubic on held-out references.
-    Returns (metrics, sample records, images).
-
-    Two one-thread processes sample at once (as the trainers train): one the default sampler's
-    guided run, the other the fast solver's and then the unguided run, so the default and the
-    fast solver are timed side by side under the same load."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    import torch
-
-    from imagen.cascade import StageOptions, run_stage, to_uint8
-    from imagen.checkpoint import load_config, load_model
     from pipeline.release.evaluate import EvalOptions, prompt_set
     from pipeline.release.metrics import alignment_flags, paired_gain, psnr_ssim, resize
 
     prompts, specs, palette = prompt_set(EvalOptions(attributes=data["attributes"]))
-    guided = load_config(checkpoints[0])[0].diffusion.guidance_scale
+    cascade = Cascade.from_dirs(checkpoints, encoder=open_encoder(data["encoder"]))
+    base_cfg = cascade.stages[0][1]
+    guided = base_cfg.diffusion.guidance_scale
     os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-    split = ([("guided", StageOptions(guidance_scale=guided))],
-             [("guided_fast", StageOptions(guidance_scale=guided, sampler=FAST_SAMPLER, steps=FAST_STEPS)),
-              ("unguided", StageOptions(guidance_scale=1.0))])
-    with ProcessPoolExecutor(len(split), mp_context=multiprocessing.get_context("spawn")) as pool:
-        parts = [f.result() for f in [pool.submit(sample_runs, checkpoints, data["encoder"], prompts, runs, out)
-                                      for runs in split]]
-    images = {k: v for part in parts for k, v in part["images"].items()}
-    base_seconds = {k: v for part in parts for k, v in part["seconds"].items()}
-    records = [r for part in parts for r in part["records"]]
-    metrics, flags = {}, {}
-    for label in ("guided", "unguided", "guided_fast"):
+    records, images, metrics, flags, base_seconds = [], {}, {}, {}, {}
+    runs = (("guided", StageOptions(guidance_scale=guided)), ("unguided", StageOptions(guidance_scale=1.0)),
+            ("guided_fast", StageOptions(guidance_scale=guided, sampler=FAST_SAMPLER, steps=FAST_STEPS)))
+    for label, opt in runs:
+        batches, base_seconds[label] = [], 0.0
+        for seed in range(SEEDS):
+            run = cascade.run(prompts, seed=seed, options=[opt])
+            base_seconds[label] += run.seconds[0]
+            batches.append(run.images)
+            for i, (prompt, img) in enumerate(zip(prompts, run.images, strict=True)):
+                path = os.path.join(out, "samples", f"{label}-seed{seed}-{i:02d}.png")
+                Image.fromarray(img).save(path)
+                records.append({"prompt": prompt, "seed": seed, "index_in_batch": i,
+                                "guidance_weight": opt.guidance_scale,
+                                "sampler": opt.sampler or base_cfg.diffusion.sampler,
+                                "steps": opt.steps or base_cfg.diffusion.sample_steps,
+                                "stages": len(checkpoints), "png": os.path.relpath(path, out)})
+        images[label] = np.stack(batches, axis=1)  # [prompt, seed, H, W, 3]
         flat = images[label].reshape(-1, *images[label].shape[2:])
         flags[label] = alignment_flags(flat, [s for s in specs for _ in range(SEEDS)], palette)
         for what in ("color", "shape", "both"):
@@ -225,12 +199,17 @@ def score(data: dict, checkpoints: list[str], out: str) -> tuple[dict, list[dict
     paired = paired_gain(flags["guided"]["both"], flags["unguided"]["both"])
     metrics["guidance_gain_both"] = paired["gain"]
     metrics["guidance_gain_p_value"] = paired["p_value"]
+    # the fast solver against the default on the same prompts and seeds: the gap and its paired
+    # standard error (192 samples resolve about +-0.03)
+    gap = np.asarray(flags["guided"]["both"], float) - np.asarray(flags["guided_fast"]["both"], float)
+    metrics["fast_gap_both"] = float(gap.mean())
+    metrics["fast_gap_stderr"] = float(gap.std(ddof=1) / np.sqrt(len(gap)))
     # the base stage's own sampling time (the SR stage samples the same way in both)
     metrics["sampling_speedup_fast"] = base_seconds["guided"] / base_seconds["guided_fast"]
 
     # SR on held-out references: new random boxes (not those the sampling was chosen on),
     # drawn at 96 px and brought to 64 px, sampled as the stage now samples (sampling.json)
-    sr_model, sr_cfg, _ = load_model(checkpoints[1])  # with the sampling chosen for it
+    sr_model, sr_cfg = cascade.stages[1]
     target, low, lowres, text, mask = held_out_sr(data, sr_cfg, SCORE_SEED)
     with torch.no_grad():
         sr = to_uint8(run_stage(sr_model, sr_cfg, StageOptions(), text, mask, lowres,
