@@ -60,10 +60,10 @@ SERVICES := $(BIN)/python infra/services.py --airflow-home $(AIRFLOW_HOME) --mlf
 mlflow-ui: install  ## lean MLflow server on 127.0.0.1:5000 over .mlflow/ (foreground)
 	$(SERVICES) mlflow
 
-airflow: install  ## Airflow 3 on 127.0.0.1:8080: dag-processor, scheduler, api-server, gpu pool (foreground)
+airflow: install  ## Airflow 3 on 127.0.0.1:8080: dag-processor, scheduler, triggerer, api-server, gpu pool (foreground)
 	$(SERVICES) airflow
 
-services-up: install  ## MLflow (:5000) + Airflow (:8080) in the background, tasks logging to that MLflow
+services-up: install  ## MLflow (:5000) + Airflow (:8080, with a triggerer) in the background, tasks logging to that MLflow
 	$(SERVICES) up
 
 services-down:  ## stop what services-up started

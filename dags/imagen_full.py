@@ -7,7 +7,15 @@
 download -> filter_shards -> plan_embed -> embed (mapped over batches of shards) ->
 train_base64 | train_sr256 | train_sr1024 (in parallel, `gpu` pool) -> evaluate ->
 register_<stage> -> promote_<stage> for each stage, register_cascade -> promote_cascade
-(after every promote_<stage>).
+(after every promote_<stage>). download, filter_shards and embed emit the data Assets
+(``imagen_raw_shards``, ``imagen_filtered_shards``, ``imagen_embeddings``; ``extra``: the run's
+root and folder), register_* the model Assets: the Assets graph shows raw -> filtered ->
+embeddings -> models. The per-phase DAGs those Assets schedule skip this DAG's events.
+
+The trigger form submits with its defaults (only ``url_list`` must be set for the run to do
+anything); conf keys that are no Param (``max_stepz``) fail the first task, naming the nearest
+Param. Input errors (a missing URL list or encoder folder) fail their task at once, without
+retries; other errors retry with backoff.
 
 Promotion is a gate (``pipeline.release.promotion``): each new version is ``@challenger``;
 ``promote_<stage>`` scores it and the current ``@champion`` of that model on the held-out
@@ -28,39 +36,49 @@ directory), registers nothing new and leaves the aliases as they are. The per-ph
 
 from __future__ import annotations
 
-from airflow.sdk import dag, task
+from airflow.sdk import dag
 from imagen_common import (
     CASCADE,
     DEFAULT_ARGS,
+    EMBEDDINGS,
+    FILTERED,
+    FULL_DAG,
     GPU_POOL,
     MODELS,
+    RAW,
     STAGES,
     download_task,
     embed_task,
     filter_task,
     full_params,
     gate_stage,
+    imagen_task,
     one_output,
     plan_embed_task,
     register_chain,
     register_stage,
     run_layout,
+    text_or_none,
     train_stage,
 )
 
 
-@dag(dag_id="imagen_full", schedule=None, catchup=False, params=full_params(),
+@dag(dag_id=FULL_DAG, schedule=None, catchup=False, params=full_params(),
      default_args=DEFAULT_ARGS, tags=["imagen"], doc_md=__doc__, max_active_runs=1)
 def imagen_full():
-    @task(pool=GPU_POOL)
+    @imagen_task(pool=GPU_POOL)
     def train(stage: str, embedded: list[dict], params=None) -> dict:
+        """Trains this cascade stage (torchrun here, or a Kubeflow TrainJob: `launcher`) on the run's
+        filtered shards and embeddings, in the `gpu` pool, so the stages train side by side; a
+        finished run with the same settings is reused (`run_tag` trains again). Skipped when the
+        stage is not in `stages`."""
         from airflow.sdk.exceptions import AirflowSkipException
 
         if stage not in params["stages"]:
             raise AirflowSkipException(f"{stage} is not in the stages param {params['stages']}")
         return train_stage(params, run_layout(params), stage, one_output(embedded))
 
-    @task(trigger_rule="none_failed")
+    @imagen_task(trigger_rule="none_failed")
     def evaluate(trained: list[dict | None], params=None) -> dict:
         """Every trained stage on its held-out validation split, side by side, each into its own
         training run: the base stage's samples of the prompt set and of validation captions, each
@@ -71,10 +89,12 @@ def imagen_full():
         ``IMAGEN_FID_WEIGHTS`` / ``IMAGEN_CLIP_MODEL`` (else skipped, saying why)."""
         from pipeline.release.evaluate import evaluate_runs
 
-        return evaluate_runs(list(trained), params["attributes"], params["encoder"])
+        return evaluate_runs(list(trained), text_or_none(params["attributes"]), params["encoder"])
 
-    @task(trigger_rule="none_failed")
+    @imagen_task(trigger_rule="none_failed")
     def register(stage: str, trained: dict | None, params=None, outlet_events=None) -> dict:
+        """Registers the stage's final checkpoint as a new version of MODEL_PREFIX-<stage>
+        (@challenger), or finds the version already registered for it; emits imagen_model_<stage>."""
         from airflow.sdk.exceptions import AirflowSkipException
 
         if not trained:
@@ -83,8 +103,10 @@ def imagen_full():
         outlet_events[MODELS[stage]].extra = {"uri": result["uri"], "version": result["version"]}
         return result
 
-    @task(trigger_rule="none_failed", outlets=[CASCADE])
+    @imagen_task(trigger_rule="none_failed", outlets=[CASCADE])
     def register_cascade(trained: list[dict | None], params=None, outlet_events=None) -> dict:
+        """Registers the stages trained in this run, in cascade order, as one MODEL_PREFIX-cascade
+        version (base64 first; skipped stages drop out); emits imagen_model_cascade."""
         from airflow.sdk.exceptions import AirflowSkipException
 
         # A cascade is a base stage followed by SR stages, in order; skipped stages drop out.
@@ -94,12 +116,12 @@ def imagen_full():
         outlet_events[CASCADE].extra = {"uri": result["uri"], "version": result["version"]}
         return result
 
-    @task(trigger_rule="none_failed")
+    @imagen_task(trigger_rule="none_failed")
     def promote(trained: dict | None, registered: dict | None, params=None) -> dict:
         """The new stage version becomes @champion only if it beats the champion (both scored here)."""
         return gate_stage(params, trained, registered)
 
-    @task(trigger_rule="none_failed")
+    @imagen_task(trigger_rule="none_failed")
     def promote_cascade(cascade: dict | None, decisions: list[dict | None], params=None) -> dict:
         """The cascade version becomes @champion only if each of its stages is champion now."""
         from airflow.sdk.exceptions import AirflowSkipException
@@ -110,8 +132,10 @@ def imagen_full():
             raise AirflowSkipException("no cascade registered, or promotion is 'never': it stays @challenger")
         return gate_cascade(cascade["name"], cascade["version"], decisions, root=params["root"])
 
-    filtered = filter_task()(download_task()())
-    embedded = embed_task().expand(shards=plan_embed_task()(filtered))
+    # The data Assets too, so the Assets graph shows raw -> filtered -> embeddings -> models; the
+    # per-phase DAGs they schedule skip events of this DAG (imagen_common.skip_full_run_events).
+    filtered = filter_task(outlet=FILTERED)(download_task(outlet=RAW)())
+    embedded = embed_task(outlet=EMBEDDINGS).expand(shards=plan_embed_task()(filtered))
     trained = [train.override(task_id=f"train_{s}")(s, embedded) for s in STAGES]
     evaluated = evaluate(trained)
     decisions = []

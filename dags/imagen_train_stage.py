@@ -18,7 +18,7 @@ current champion on the validation split (``pipeline.release.promotion``; the ``
 
 from __future__ import annotations
 
-from airflow.sdk import dag, task
+from airflow.sdk import dag
 from imagen_common import (
     DEFAULT_ARGS,
     EMBEDDINGS,
@@ -26,9 +26,12 @@ from imagen_common import (
     MODELS,
     STAGE_MODEL,
     gate_stage,
+    imagen_task,
     register_stage,
     run_layout,
+    skip_full_run_events,
     stage_params,
+    text_or_none,
     train_stage,
     upstream,
 )
@@ -37,32 +40,42 @@ from imagen_common import (
 @dag(dag_id="imagen_train_stage", schedule=[EMBEDDINGS], catchup=False, params=stage_params(),
      default_args=DEFAULT_ARGS, tags=["imagen"], doc_md=__doc__)
 def imagen_train_stage():
-    @task(pool=GPU_POOL)
+    @imagen_task(pool=GPU_POOL)
     def train(params=None, triggering_asset_events=None) -> dict:
+        """Trains the `stage` (at `preset`) on the data the imagen_embeddings event points at, or
+        the `root` Param's, in the `gpu` pool; a finished run with the same settings is reused.
+        Skipped when imagen_full's event triggered the run (imagen_full trains it itself)."""
         from pipeline.data.embed import resolve_embeddings_dir
 
+        skip_full_run_events(triggering_asset_events, EMBEDDINGS)
         layout = run_layout(params, triggering_asset_events, EMBEDDINGS)
         # the embeddings folder is the event's (its encoder's), else the Param, else the only one
-        embeddings = (upstream(triggering_asset_events, EMBEDDINGS).get("path") or params["embeddings"]
-                      or resolve_embeddings_dir(layout.embeddings_root))
+        embeddings = (upstream(triggering_asset_events, EMBEDDINGS).get("path")
+                      or text_or_none(params["embeddings"]) or resolve_embeddings_dir(layout.embeddings_root))
         return train_stage(params, layout, params["stage"], embeddings)
 
-    @task
+    @imagen_task()
     def evaluate(trained: dict, params=None) -> dict:
         """The stage on its held-out validation split, into its training run (as in imagen_full)."""
         from pipeline.release.evaluate import evaluate_run
 
-        return evaluate_run(trained, params["attributes"])
+        return evaluate_run(trained, text_or_none(params["attributes"]))
 
-    @task(trigger_rule="none_failed", outlets=[STAGE_MODEL])
-    def register(trained: dict, params=None, outlet_events=None) -> dict:
+    @imagen_task(trigger_rule="none_failed", outlets=[STAGE_MODEL])
+    def register(trained: dict | None, params=None, outlet_events=None) -> dict:
+        """Registers the stage's final checkpoint as a new version of MODEL_PREFIX-<stage>
+        (@challenger), or finds the one already registered; emits imagen_model_<stage>."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        if not trained:
+            raise AirflowSkipException("nothing was trained in this run")
         result = register_stage(params, trained)
         outlet_events[STAGE_MODEL].add(MODELS[trained["stage"]],
                                        extra={"uri": result["uri"], "version": result["version"]})
         return result
 
-    @task(trigger_rule="none_failed")
-    def promote(trained: dict, registered: dict | None, params=None) -> dict:
+    @imagen_task(trigger_rule="none_failed")
+    def promote(trained: dict | None, registered: dict | None, params=None) -> dict:
         """The new version becomes @champion only if it beats the champion (both scored here)."""
         return gate_stage(params, trained, registered)
 

@@ -1,4 +1,4 @@
-"""Start and stop the local services on 127.0.0.1: Airflow (dag-processor, scheduler,
+"""Start and stop the local services on 127.0.0.1: Airflow (dag-processor, scheduler, triggerer,
 api-server; LocalExecutor, SQLite, this repo's dags/, a `gpu` pool) and a lean MLflow server.
 
     python infra/services.py airflow            # foreground, Ctrl-C stops it   (make airflow)
@@ -12,12 +12,17 @@ When MLflow runs, Airflow's tasks log to it (``MLFLOW_TRACKING_URI``). To use th
 on the same deployment: ``export AIRFLOW_HOME=$PWD/.airflow``. The tasks' fetch guard lets through
 ``IMAGEN_ALLOW_HOSTS`` (default ``127.0.0.1:8799``, the tiny dataset's server) and, with
 ``IMAGEN_ALLOW_PRIVATE_NETWORKS=1``, every private address: set them before starting the services.
+
+The `gpu` pool's slots are the trainings that may run at once (``--gpu-slots``, else
+``IMAGEN_GPU_POOL_SLOTS``, else one per GPU ``nvidia-smi -L`` lists, else, on CPU, one per cascade
+stage, so imagen_full's stages train side by side as its docs say).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +35,34 @@ sys.path.insert(0, REPO)
 from pipeline.dev.services import PRIVATE_UMASK, airflow_services, mlflow_server, private_file  # noqa: E402
 
 TINY_DATA_HOST = "127.0.0.1:8799"  # where infra/trigger_tiny.py serves the tiny dataset
+GPU_SLOTS_ENV = "IMAGEN_GPU_POOL_SLOTS"
+
+
+def default_gpu_slots(environ: dict[str, str] | None = None) -> int:
+    """Slots of the `gpu` pool: ``IMAGEN_GPU_POOL_SLOTS``; else the GPUs here (one training each,
+    the local launcher's default of one process per node); else, on CPU, every cascade stage at once."""
+    env = os.environ if environ is None else environ
+    if env.get(GPU_SLOTS_ENV, "").strip():
+        slots = int(env[GPU_SLOTS_ENV])
+        if slots < 1:
+            sys.exit(f"{GPU_SLOTS_ENV}={slots}: set it to 1 or more (the trainings that may run at once)")
+        return slots
+    gpus = _gpu_count()
+    if gpus:
+        return gpus
+    from imagen.config import STAGES
+
+    return len(STAGES)
+
+
+def _gpu_count() -> int:
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
 
 
 def _serve(args: argparse.Namespace, airflow: bool, mlflow: bool) -> None:
@@ -50,6 +83,7 @@ def _serve(args: argparse.Namespace, airflow: bool, mlflow: bool) -> None:
                                                       parallelism=args.parallelism, env=env))
             print(f"Airflow : {af.url}  (user admin, password in {args.airflow_home}/"
                   "simple_auth_manager_passwords.json.generated)\n"
+                  f"gpu pool: {args.gpu_slots} slot(s): trainings at once\n"
                   f"CLI     : export AIRFLOW_HOME={args.airflow_home}", flush=True)
         print("running; Ctrl-C stops everything", flush=True)
         try:
@@ -140,10 +174,14 @@ def main() -> None:
     p.add_argument("--airflow-port", type=int, default=8080)
     p.add_argument("--mlflow-home", default=os.environ.get("MLFLOW_HOME", os.path.join(REPO, ".mlflow")))
     p.add_argument("--mlflow-port", type=int, default=5000)
-    p.add_argument("--gpu-slots", type=int, default=1, help="trainings at once (the gpu pool's slots)")
+    p.add_argument("--gpu-slots", type=int, default=None, help=(
+        f"trainings at once (the gpu pool's slots); default: {GPU_SLOTS_ENV}, else one per GPU, else (CPU) "
+        "one per cascade stage"))
     p.add_argument("--parallelism", type=int, default=4, help="Airflow tasks at once")
     args = p.parse_args()
     args.airflow_home, args.mlflow_home = map(os.path.abspath, (args.airflow_home, args.mlflow_home))
+    if args.gpu_slots is None and args.command in ("airflow", "both", "up"):
+        args.gpu_slots = default_gpu_slots()
     commands = {
         "airflow": lambda a: _serve(a, airflow=True, mlflow=False),
         "mlflow": lambda a: _serve(a, airflow=False, mlflow=True),

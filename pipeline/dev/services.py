@@ -3,12 +3,12 @@
 
     with mlflow_server(workdir) as uri:     # real `mlflow server`, SQLite backend, local artifacts
         ...                                 # uri == "http://127.0.0.1:<port>"
-    with airflow_services(home) as af:      # migrate, `gpu` pool, dag-processor, scheduler, api-server
+    with airflow_services(home) as af:      # migrate, `gpu` pool, dag-processor, scheduler, triggerer, api-server
         af.cli("dags", "trigger", "imagen_full", "--conf", "{...}")
         af.rest("POST", "/api/v2/dags/imagen_full/dagRuns", {...})
         af.kill("scheduler"); af.start("scheduler")   # crash and restart one service
 
-Airflow runs as three separate processes (not `airflow standalone`) so one can be killed
+Airflow runs as four separate processes (not `airflow standalone`) so one can be killed
 and restarted, with LocalExecutor, low parallelism, SQLite and the project's dags/ folder.
 Every process started here is stopped on exit (terminate, then kill).
 
@@ -38,9 +38,10 @@ from typing import Any
 
 BIN = os.path.dirname(sys.executable)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # pipeline/dev/ -> repo
-AIRFLOW_SERVICES = ("dag-processor", "scheduler", "api-server")
+# The triggerer runs deferred tasks and sensors; without it the UI's health badge is red.
+AIRFLOW_SERVICES = ("dag-processor", "scheduler", "triggerer", "api-server")
 # Extra arguments per service: Airflow 3.3's log server binds every interface (no host setting).
-SERVICE_ARGS = {"scheduler": ("--skip-serve-logs",)}
+SERVICE_ARGS = {"scheduler": ("--skip-serve-logs",), "triggerer": ("--skip-serve-logs",)}
 PRIVATE_UMASK = 0o077  # for every service process: its logs, databases and password files are 0600
 NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"
@@ -284,8 +285,8 @@ def _http_json(method: str, url: str, body: dict[str, Any] | None = None,
 def airflow_services(home: str, port: int | None = None, dags_folder: str | None = None,
                      gpu_slots: int = 1, parallelism: int = 4, env: dict[str, str] | None = None,
                      timeout: float = 180.0) -> Iterator[AirflowServices]:
-    """Migrate the metadata DB, create the ``gpu`` pool, start dag-processor, scheduler and
-    api-server on 127.0.0.1; yield them; stop them all on exit. ``env`` adds variables
+    """Migrate the metadata DB, create the ``gpu`` pool, start dag-processor, scheduler, triggerer
+    and api-server on 127.0.0.1; yield them; stop them all on exit. ``env`` adds variables
     (``MLFLOW_TRACKING_URI``, Airflow settings) to every process."""
     os.makedirs(home, mode=0o700, exist_ok=True)
     port = port or free_port()

@@ -4,6 +4,7 @@ LocalExecutor on 127.0.0.1) and a real MLflow server, on the tiny dataset:
 - triggered with `airflow dags trigger`; the scheduler (with its workers and the running
   training) is SIGKILLed mid-run and restarted; the interrupted task is retried and the run
   succeeds with every output written once;
+- the health badge is green: a triggerer runs beside the scheduler;
 - triggered again through the REST API (POST /auth/token, POST /api/v2/dags/{id}/dagRuns) with
   the same conf: it succeeds, reusing every shard, checkpoint and model version.
 """
@@ -83,6 +84,19 @@ def test_rest_trigger_with_the_same_conf_reuses_everything(services, first_run, 
         xcom = services.rest("GET", f"/api/v2/dags/imagen_full/dagRuns/rest_run/taskInstances/train_{s}"
                                     "/xcomEntries/return_value?deserialize=true")
         assert xcom["value"]["reused"] is True
+
+
+def test_health_badge_is_green_with_a_triggerer(services):
+    """Issue 28, item 9: the services start a triggerer, so every component the UI's health badge
+    shows (metadatabase, scheduler, triggerer, dag processor) is healthy."""
+    deadline = time.monotonic() + 120
+    while True:
+        health = services.rest("GET", "/api/v2/monitor/health")
+        states = {k: v.get("status") for k, v in health.items() if isinstance(v, dict)}
+        if set(states.values()) == {"healthy"} or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert states.get("triggerer") == "healthy" and set(states.values()) == {"healthy"}, health
 
 
 def _wait_for_running_train(af, run_id, timeout=600):

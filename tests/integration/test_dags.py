@@ -58,6 +58,9 @@ def test_imagen_full_shape(parsed):
     assert deps["evaluate"] == [f"train_{s}" for s in sorted(STAGES)]
     assert deps["register_cascade"] == ["evaluate"] + [f"train_{s}" for s in sorted(STAGES)]
     assert dag["pools"]["download"] == "default_pool"
+    # the data Assets too (issue 28): the Assets graph shows raw -> filtered -> embeddings -> models
+    assert {t: dag["outlets"][t] for t in ("download", "filter_shards", "embed")} == {
+        "download": ["imagen_raw_shards"], "filter_shards": ["imagen_filtered_shards"], "embed": ["imagen_embeddings"]}
 
 
 def test_phase_dags_chain_through_assets(parsed):

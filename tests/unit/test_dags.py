@@ -186,3 +186,164 @@ def test_weights_dtype_param_reaches_both_registrations(common, monkeypatch):
     common.register_stage(params, {"checkpoint": "/c/final", "stage": "base64"})
     common.register_chain(params, [{"checkpoint": "/b/final"}, None, {"checkpoint": "/s/final"}])
     assert seen == [("p", "bf16"), ("p-cascade", ["/b/final", "/s/final"], "bf16")]
+
+
+# --- issue 28: the trigger form, the conf, task docs, fail-fast errors -----------------------------
+
+
+@pytest.fixture(scope="module")
+def dags(common):
+    """The DAG objects, parsed in this process as the dag-processor parses them."""
+    from airflow.dag_processing.dagbag import BundleDagBag
+
+    bag = BundleDagBag(dag_folder=DAGS, bundle_path=DAGS)
+    assert bag.import_errors == {}
+    assert set(bag.dags) == {"imagen_full", "imagen_data", "imagen_embed", "imagen_train_stage"}
+    return bag.dags
+
+
+def ui_required(schema: dict) -> bool:
+    """Airflow 3.3's trigger form (ui/dist: the `isRequired` test of FlexibleForm): a field is
+    required when its schema has a type and that type does not allow null; an emptied field
+    sends null, and Trigger stays disabled while a required field is null or ""."""
+    types = schema.get("type")
+    return bool(types) and (not isinstance(types, list) or "null" not in types)
+
+
+def form_blockers(params) -> list[str]:
+    """Why the trigger form could not be submitted with these Params' defaults, as the UI sees
+    it: a default its own schema refuses, or an empty default on a required field."""
+    import jsonschema
+
+    out = []
+    for name, param in params.items():
+        try:
+            jsonschema.validate(param.value, param.schema)
+        except jsonschema.ValidationError as e:
+            out.append(f"{name}: default {param.value!r} invalid: {e.message}")
+        if param.value in (None, "") and ui_required(param.schema):
+            out.append(f"{name}: empty default {param.value!r} on a required field")
+    return out
+
+
+def test_trigger_form_submits_with_its_defaults(dags, common):
+    """Issue 28, item 1: every Param default of every DAG validates against its own schema, no
+    field with an empty default is required, and the conf the form then submits is accepted."""
+    from airflow.sdk import Param
+
+    # the mirror catches the bug the issue reports: an empty string default on a "string" Param
+    assert form_blockers({"url_list": Param("", type="string")}) == [
+        "url_list: empty default '' on a required field"]
+    for dag_id, dag in dags.items():
+        params = {k: dag.params.get_param(k) for k in dag.params}
+        assert form_blockers(params) == [], dag_id
+        submitted = {k: p.value for k, p in params.items()}  # what the form sends untouched
+        assert common.conf_problems(submitted, dag) == [], dag_id
+    full = common.full_params()
+    for name in ("url_list", "spark_master", "run_tag", "attributes"):
+        assert full[name].value is None and full[name].resolve("") == ""  # typed-then-cleared: accepted too
+        assert common.text_or_none(full[name].resolve("")) is None
+    assert common.text_or_none("  ") is None and common.text_or_none("x") == "x"
+    assert common.stage_params()["embeddings"].value is None
+
+
+def test_conf_keys_are_checked(dags, common):
+    """Issue 28, item 2: the conf's schema has additionalProperties false and every task's
+    pre_execute refuses an unknown key, naming the nearest Param, without retries."""
+    import jsonschema
+    from airflow.sdk.exceptions import AirflowFailException
+
+    dag = dags["imagen_full"]
+    schema = common.conf_schema(dag)
+    assert schema["additionalProperties"] is False and set(schema["properties"]) == set(dag.params)
+    jsonschema.validate({"max_steps": 5, "url_list": None}, schema)
+    with pytest.raises(jsonschema.ValidationError, match="max_stepz"):
+        jsonschema.validate({"max_stepz": 5}, schema)
+    assert common.conf_problems({"max_stepz": 5}, dag) == ["unknown conf key 'max_stepz': did you mean 'max_steps'?"]
+    assert "valid keys: " in common.conf_problems({"zzz": 1}, dag)[0]
+    assert common.conf_problems({"max_steps": 0}, dag) == ["max_steps: 0 is less than the minimum of 1"]
+
+    class Run:
+        conf = {"max_stepz": 5}
+
+    for task in dag.tasks:  # the hook is every task's (a mapped one's too), from DEFAULT_ARGS
+        hook = task.partial_kwargs["pre_execute"] if hasattr(task, "partial_kwargs") else task._pre_execute_hook
+        assert hook is common.check_conf, task.task_id
+    with pytest.raises(AirflowFailException, match="did you mean 'max_steps'"):
+        common.check_conf({"dag_run": Run(), "dag": dag})
+    Run.conf = {"max_steps": 5}
+    assert common.check_conf({"dag_run": Run(), "dag": dag}) is None
+
+
+def test_stages_is_a_multi_select(dags):
+    """Issue 28, item 3: Airflow 3's form renders an array Param as a multi-select when its
+    schema lists `examples` (its `isFieldMultiSelect`); the choices are the stages, each once."""
+    for dag_id in ("imagen_full", "imagen_data"):
+        schema = dags[dag_id].params.get_param("stages").schema
+        assert schema["type"] == "array" and schema["uniqueItems"] is True
+        assert schema["examples"] == schema["items"]["enum"] == STAGES
+
+
+def test_every_task_has_docs_and_every_param_a_title(dags):
+    """Issue 28, item 4: task docs in the UI (doc_md, mapped tasks too) and human Param labels."""
+    for dag_id, dag in dags.items():
+        undocumented = [t.task_id for t in dag.tasks if not (t.doc_md or "").strip()]
+        assert undocumented == [], dag_id
+        untitled = [k for k in dag.params if not dag.params.get_param(k).schema.get("title")]
+        assert untitled == [], dag_id
+
+
+def test_input_errors_fail_fast_and_others_retry(dags, common):
+    """Issue 28, item 6: every task body is wrapped by fail_fast; an input error becomes
+    AirflowFailException (no retry), any other error keeps the retry policy."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    for dag_id, dag in dags.items():
+        bare = [t.task_id for t in dag.tasks if not getattr(t.python_callable, "fails_fast", False)]
+        assert bare == [], dag_id
+
+    def missing(path):
+        raise FileNotFoundError(path)
+
+    with pytest.raises(AirflowFailException, match="/no/urls.parquet.*not retried"):
+        common.fail_fast(missing)("/no/urls.parquet")
+    with pytest.raises(AirflowFailException, match="url_list"):
+        common.fail_fast(lambda: (_ for _ in ()).throw(ValueError("url_list is empty")))()
+
+    def transient():
+        raise ConnectionError("mlflow server down")
+
+    with pytest.raises(ConnectionError):
+        common.fail_fast(transient)()
+
+
+def test_phase_dags_leave_imagen_full_events_alone(common):
+    """imagen_full emits the data Assets (item 5); the per-phase DAGs they schedule skip its events."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    class Event:
+        def __init__(self, dag_id):
+            self.source_dag_id, self.extra = dag_id, {"root": "/r"}
+
+    assert common.from_full_run({common.FILTERED: [Event("imagen_data"), Event("imagen_full")]}, common.FILTERED)
+    assert not common.from_full_run({common.FILTERED: [Event("imagen_data")]}, common.FILTERED)
+    assert not common.from_full_run(None, common.EMBEDDINGS)
+    with pytest.raises(AirflowSkipException, match="imagen_full"):
+        common.skip_full_run_events({common.EMBEDDINGS: [Event("imagen_full")]}, common.EMBEDDINGS)
+
+
+def test_gpu_pool_lets_the_stages_train_at_once(monkeypatch):
+    """Issue 28, item 7: the local services' `gpu` pool has a slot per cascade stage on CPU (the
+    stages imagen_full trains "in parallel" do), one per GPU where there are GPUs, or the knob."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("infra_services", os.path.join(REPO, "infra", "services.py"))
+    services = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(services)
+    monkeypatch.setattr(services, "_gpu_count", lambda: 0)
+    assert services.default_gpu_slots({}) == len(STAGES) == 3
+    assert services.default_gpu_slots({"IMAGEN_GPU_POOL_SLOTS": "5"}) == 5
+    monkeypatch.setattr(services, "_gpu_count", lambda: 8)
+    assert services.default_gpu_slots({}) == 8
+    with pytest.raises(SystemExit, match="IMAGEN_GPU_POOL_SLOTS"):
+        services.default_gpu_slots({"IMAGEN_GPU_POOL_SLOTS": "0"})

@@ -67,7 +67,8 @@ def test_services_write_private_logs_and_skip_the_log_server(fake_airflow):
         af.start(name).wait(timeout=30)
     af.cli("db", "migrate")
     argv = (home / "argv").read_text().splitlines()
-    assert argv == ["dag-processor", "scheduler --skip-serve-logs", "api-server", "db migrate"]
+    assert argv == ["dag-processor", "scheduler --skip-serve-logs", "triggerer --skip-serve-logs", "api-server",
+                    "db migrate"]
     for name in services.AIRFLOW_SERVICES:
         assert mode(home / f"{name}.log") == 0o600
         assert mode(home / f"created-{name}") == 0o600  # the services' own files (umask 077)

@@ -1,0 +1,216 @@
+"""Headless Chromium screenshots of the running UIs, for the docs and for review: the imagen_full
+trigger form with its defaults (and whether its Trigger button is enabled), the DAG's grid, the
+Assets graph (raw -> filtered -> embeddings -> models) and the MLflow runs compare view.
+
+    make services-up && make trigger-tiny      # services on 127.0.0.1, a tiny run for content
+    python infra/screenshots.py                # PNGs in .screenshots/, a summary line per PNG
+    python infra/screenshots.py --out /tmp/shots --airflow-url http://127.0.0.1:8080
+
+Chromium: ``apt-get install -y chromium`` (Debian/Ubuntu; or set ``CHROMIUM=/path/to/chrome``).
+It is driven through the DevTools protocol (``websocket-client``, installed with the project's
+kubernetes dependency): the trigger form is a dialog behind a button, with no URL of its own.
+Airflow login: a token from ``POST /auth/token`` with the admin password in
+``$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated`` is set as the UI's cookie; services
+run with ``AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=True`` need none. Not part of the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WINDOW = (1400, 1000)
+INSTALL = ("no Chromium found: install it with `apt-get install -y chromium` (Debian/Ubuntu), "
+           "`brew install --cask chromium` (macOS), or point CHROMIUM at a Chrome/Chromium binary")
+# Clicks the DAG page's "Trigger" button, then reads the dialog's own Trigger button.
+OPEN_FORM = """(() => {
+  const b = [...document.querySelectorAll('button')].find(b => b.innerText.trim() === 'Trigger');
+  if (!b) return 'no Trigger button on the page';
+  b.click(); return 'clicked';
+})()"""
+FORM_STATE = """(() => {
+  const d = document.querySelector('[role=dialog]');
+  if (!d) return null;
+  const b = [...d.querySelectorAll('button')].filter(b => b.innerText.trim() === 'Trigger').pop();
+  const errors = [...d.querySelectorAll('[aria-invalid=true]')].map(e => e.id || e.name);
+  return {submit: b ? (b.disabled ? 'disabled' : 'enabled') : 'missing', invalid_fields: errors};
+})()"""
+
+
+def chromium_binary() -> str:
+    for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    sys.exit(INSTALL)
+
+
+def http_json(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+class Browser:
+    """One headless Chromium tab over the DevTools protocol."""
+
+    def __init__(self, binary: str):
+        import websocket  # websocket-client
+
+        self.profile = tempfile.mkdtemp(prefix="imagen-shots-")
+        args = [binary, "--headless=new", "--remote-debugging-port=0", f"--user-data-dir={self.profile}",
+                f"--window-size={WINDOW[0]},{WINDOW[1]}", "--hide-scrollbars", "--no-first-run", "about:blank"]
+        if os.geteuid() == 0:
+            args.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port = self._devtools_port(binary)
+        tab = http_json("PUT", f"http://127.0.0.1:{port}/json/new?about:blank")
+        self.ws = websocket.create_connection(tab["webSocketDebuggerUrl"], timeout=60)
+        self.next_id = 0
+        self.send("Page.enable")
+        self.send("Emulation.setDeviceMetricsOverride", width=WINDOW[0], height=WINDOW[1],
+                  deviceScaleFactor=1, mobile=False)
+
+    def _devtools_port(self, binary: str) -> str:
+        """The port Chromium chose, from the DevToolsActivePort file it writes in its profile."""
+        path = os.path.join(self.profile, "DevToolsActivePort")
+        for _ in range(300):
+            if os.path.exists(path):
+                with open(path) as f:
+                    text = f.read().split()
+                if text:
+                    return text[0]
+            time.sleep(0.1)
+        self.close()
+        sys.exit(f"{binary} did not start its DevTools endpoint in 30 s")
+
+    def send(self, method: str, **params: Any) -> dict[str, Any]:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:  # events arrive in between: keep the answer to this call
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == self.next_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+
+    def js(self, expression: str) -> Any:
+        return self.send("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def open(self, url: str, settle: float = 6.0) -> None:
+        self.send("Page.navigate", url=url)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self.js("document.readyState") != "complete":
+            time.sleep(0.3)
+        time.sleep(settle)  # the single-page apps fetch their data after the load event
+
+    def shot(self, path: str) -> None:
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"]))
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+def airflow_login(browser: Browser, url: str, home: str) -> None:
+    """Set the UI's token cookie from the admin password (skipped when there is no password file:
+    services with every user admin need none)."""
+    path = os.path.join(home, "simple_auth_manager_passwords.json.generated")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        password = json.load(f)["admin"]
+    token = http_json("POST", f"{url}/auth/token", {"username": "admin", "password": password})["access_token"]
+    browser.send("Network.enable")
+    browser.send("Network.setCookie", name="_token", value=token, url=url + "/")
+
+
+def asset_id(url: str, home: str, name: str) -> int | None:
+    """The Assets page id of ``name`` through the REST API (None if the API answers nothing)."""
+    path = os.path.join(home, "simple_auth_manager_passwords.json.generated")
+    headers = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            password = json.load(f)["admin"]
+        token = http_json("POST", f"{url}/auth/token", {"username": "admin", "password": password})["access_token"]
+        headers = {"Authorization": f"Bearer {token}"}
+    found = http_json("GET", f"{url}/api/v2/assets?name_pattern={name}", headers=headers)["assets"]
+    return next((a["id"] for a in found if a["name"] == name), None)
+
+
+def compare_url(mlflow: str) -> tuple[str, int]:
+    """The runs compare view of the experiment with the most runs (up to 6 of its newest runs)."""
+    experiments = http_json("POST", f"{mlflow}/api/2.0/mlflow/experiments/search", {"max_results": 100})
+    best, runs = None, []
+    for exp in experiments.get("experiments", []):
+        found = http_json("POST", f"{mlflow}/api/2.0/mlflow/runs/search",
+                          {"experiment_ids": [exp["experiment_id"]], "max_results": 6}).get("runs", [])
+        if len(found) > len(runs):
+            best, runs = exp["experiment_id"], found
+    if not runs:
+        return f"{mlflow}/#/experiments", 0
+    ids = json.dumps([r["info"]["run_id"] for r in runs])
+    query = urllib.parse.urlencode({"runs": ids, "experiments": json.dumps([best])})
+    return f"{mlflow}/#/compare-runs?{query}", len(runs)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(REPO, ".screenshots"))
+    p.add_argument("--airflow-url", default="http://127.0.0.1:8080")
+    p.add_argument("--airflow-home", default=os.environ.get("AIRFLOW_HOME", os.path.join(REPO, ".airflow")))
+    p.add_argument("--mlflow-url", default="http://127.0.0.1:5000")
+    p.add_argument("--dag", default="imagen_full")
+    args = p.parse_args()
+    binary = chromium_binary()
+    for name, url in (("Airflow", f"{args.airflow_url}/api/v2/monitor/health"), ("MLflow", f"{args.mlflow_url}/health")):
+        try:
+            urllib.request.urlopen(url, timeout=10).close()
+        except OSError as e:
+            sys.exit(f"{name} does not answer at {url} ({e}): start the services with `make services-up`")
+    os.makedirs(args.out, exist_ok=True)
+    browser = Browser(binary)
+    summary = {}
+    try:
+        airflow_login(browser, args.airflow_url, args.airflow_home)
+        browser.open(f"{args.airflow_url}/dags/{args.dag}")
+        browser.shot(grid := os.path.join(args.out, "airflow_grid.png"))
+        summary[grid] = f"{args.dag}: the DAG page with its grid of runs"
+        clicked = browser.js(OPEN_FORM)
+        time.sleep(4)
+        state = browser.js(FORM_STATE)
+        browser.shot(form := os.path.join(args.out, "airflow_trigger_form.png"))
+        summary[form] = f"trigger form with its defaults ({clicked}): {state}"
+        emb = asset_id(args.airflow_url, args.airflow_home, "imagen_embeddings")
+        browser.open(f"{args.airflow_url}/assets/{emb}" if emb is not None else f"{args.airflow_url}/assets")
+        browser.shot(assets := os.path.join(args.out, "airflow_assets_graph.png"))
+        summary[assets] = f"the imagen_embeddings asset and its lineage (asset id {emb})"
+        url, n = compare_url(args.mlflow_url)
+        browser.open(url, settle=10)
+        browser.shot(compare := os.path.join(args.out, "mlflow_compare_runs.png"))
+        summary[compare] = f"MLflow runs compare view of {n} runs: {url}"
+    finally:
+        browser.close()
+    for path, what in summary.items():
+        print(f"{path}: {what}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
