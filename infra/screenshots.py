@@ -26,8 +26,9 @@ import sys
 import tempfile
 import time
 import urllib.parse
-import urllib.request
 from typing import Any
+
+from pipeline.dev.services import http_json, wait_http
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WINDOW = (1400, 1000)
@@ -53,13 +54,6 @@ def chromium_binary() -> str:
         if name and shutil.which(name):
             return shutil.which(name)
     sys.exit(INSTALL)
-
-
-def http_json(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
-    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read() or b"null")
 
 
 class Browser:
@@ -181,8 +175,8 @@ def main() -> int:
     binary = chromium_binary()
     for name, url in (("Airflow", f"{args.airflow_url}/api/v2/monitor/health"), ("MLflow", f"{args.mlflow_url}/health")):
         try:
-            urllib.request.urlopen(url, timeout=10).close()
-        except OSError as e:
+            wait_http(url, timeout=10)
+        except TimeoutError as e:
             sys.exit(f"{name} does not answer at {url} ({e}): start the services with `make services-up`")
     os.makedirs(args.out, exist_ok=True)
     browser = Browser(binary)

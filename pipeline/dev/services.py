@@ -224,9 +224,9 @@ class AirflowServices:
     def rest(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         """Call the public REST API with a token from ``POST /auth/token``."""
         if self._token is None:
-            self._token = _http_json("POST", f"{self.url}/auth/token",
+            self._token = http_json("POST", f"{self.url}/auth/token",
                                      {"username": "admin", "password": self.password()})["access_token"]
-        return _http_json(method, self.url + path, body, {"Authorization": f"Bearer {self._token}"})
+        return http_json(method, self.url + path, body, {"Authorization": f"Bearer {self._token}"})
 
 
     def wait_for_dag(self, dag_id: str, timeout: float = 180.0) -> None:
@@ -269,7 +269,7 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)  # the service and its workers and task processes
 
 
-def _http_json(method: str, url: str, body: dict[str, Any] | None = None,
+def http_json(method: str, url: str, body: dict[str, Any] | None = None,
                headers: dict[str, str] | None = None) -> Any:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method,
