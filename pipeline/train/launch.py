@@ -46,9 +46,10 @@ def data_fingerprint(filtered: str) -> str:
 
 
 # TrainJob fields that do not change what is trained (where it goes, how it is tracked, how the
-# data is read, how to resume): every other field is part of the settings (job_settings).
+# data is read, how often it is saved or printed, how to resume; resume is exact whatever the
+# checkpoint cadence): every other field is part of the settings (job_settings).
 NOT_SETTINGS = ("checkpoint_dir", "root", "resume", "allow_data_change", "tracking_uri", "experiment",
-                "run_name", "num_workers", "device")
+                "run_name", "num_workers", "device", "checkpoint_every", "keep_checkpoints", "log_every")
 AGAIN_DAG = "change a training setting or run_tag to train again"
 AGAIN_CLI = "pass --new-run to train again in a new folder"
 
@@ -105,7 +106,10 @@ def new_run_dir(checkpoint_dir: str) -> str:
 
 def _differences(recorded: dict[str, Any], now: dict[str, Any]) -> str:
     names = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
-    return ", ".join(f"{k} {recorded.get(k)!r} -> {now.get(k)!r}" for k in names)
+    def shown(value: Any) -> str:
+        return "default" if value is None else repr(value)
+
+    return ", ".join(f"{k} {shown(recorded.get(k))} -> {shown(now.get(k))}" for k in names)
 
 
 def train_stage(job: TrainJob, launcher: Launcher, nodes: int = 1, procs_per_node: int = 1,
