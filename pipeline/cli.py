@@ -5,7 +5,7 @@
     imagen-pipeline filter --input ROOT/raw --output ROOT/filtered
     imagen-pipeline embed --input ROOT/filtered --output ROOT/embeddings --encoder google/t5-v1_1-xxl
     imagen-pipeline train --stage base64 --preset tiny --data ROOT/filtered --embeddings DIR \\
-        --max-steps 60 --checkpoint-dir ROOT/checkpoints/base64/run1 [--resume latest] \\
+        --max-steps 60 --checkpoint-dir ROOT/checkpoints/base64/run1 [--resume latest] [--new-run] \\
         [--nproc-per-node 8 --nnodes 2 --node-rank 0 --master-addr HOST0 --master-port 29500]
     imagen-pipeline evaluate --checkpoint ROOT/checkpoints/base64/run1/final
     imagen-pipeline register --checkpoint ROOT/checkpoints/base64/run1/final --name imagen-base64
@@ -14,6 +14,8 @@
 
 Every verb takes ``--help``. Heavy libraries are imported inside each verb, so ``--help``
 answers at once. Each verb prints a JSON summary as its last line, for scripts.
+Ctrl-C or SIGTERM ends a verb with exit code 130 and one line, never a traceback; ``train``
+first checkpoints the step it reached and prints the command that resumes it.
 """
 
 from __future__ import annotations

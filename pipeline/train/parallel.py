@@ -4,6 +4,7 @@
     wrapped = parallelize(model, mode="ddp")        # or "fsdp" (FSDP2 fully_shard per U-Net level)
     value = agreed(fn, world, "what")               # per-rank I/O: an error on one rank raises on all
     value = on_rank0(fn, rank, world, "what")        # rank 0 decides, every rank gets its answer
+    stop = any_rank(flag, world, flag_group(world))  # one rank's decision (a signal) for every rank
 
 Under ``torchrun`` the usual variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...) are
 set; without them everything runs as one process and no process group is created.

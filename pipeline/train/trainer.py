@@ -17,6 +17,9 @@ of it spent waiting for data. Every ``eval_every`` steps and at the end, the EMA
 scored on the held-out validation split (validation.py): ``val/loss`` and one
 ``val/loss_t<level>`` per fixed noise level, the figure runs are compared and promoted on.
 The sample grid (``sample_every``) samples the first validation captions.
+
+SIGINT or SIGTERM stops the loop at the next step boundary (stopping.py): every rank agrees on
+the step, checkpoints it, the MLflow run is ended KILLED and ``TrainingStopped`` is raised.
 """
 
 from __future__ import annotations
