@@ -11,7 +11,8 @@ on one identity for "which text encoder produced these vectors"::
     emb.shape, mask.shape, enc.dim, enc.encoder_id  # [1, L, 4096], [1, L], 4096, "google/..."
 
 A local directory (e.g. from ``pipeline.dev.tinymodels.build_tiny_t5``) loads through the same
-``from_pretrained`` path as the hub name. :func:`open_encoder` is the one way to open an
+``from_pretrained`` path as the hub name; it is kept as its absolute path, and a string that
+can only be a path but names no folder is "encoder folder not found" (:func:`resolve_name_or_path`). :func:`open_encoder` is the one way to open an
 encoder from a string (through the ``TEXT_ENCODERS`` registry), and :func:`same_encoder` the
 one rule for whether two ``encoder_id`` values name the same weights. Plain single-device PyTorch: no pipeline, Airflow
 or MLflow imports, and transformers is imported only when the model is first needed.
@@ -155,7 +156,7 @@ class T5TextEncoder:
     ) -> None:
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
-        self.name_or_path = str(name_or_path)
+        self.name_or_path = resolve_name_or_path(str(name_or_path))  # a folder: its absolute path
         self.revision = revision
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = _resolve_dtype(dtype, self.device)
@@ -269,6 +270,31 @@ class T5TextEncoder:
 
 
 _COMMIT = re.compile(r"[0-9a-f]{7,40}")
+# A hub id is NAME or NAMESPACE/NAME of these characters (huggingface_hub's repo-id rule).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def looks_like_path(name: str) -> bool:
+    """``name`` can only be a folder, never a hub id: it starts with ``./``, ``../``, ``/`` or
+    ``~``, or holds a second ``/`` or a backslash (a hub id has at most one ``/``)."""
+    return name.startswith(("./", "../", "/", "~", ".\\", "..\\")) or name in (".", "..") or \
+        not _HUB_ID.fullmatch(name)
+
+
+def resolve_name_or_path(name: str) -> str:
+    """The one rule for an encoder given as a string: an existing folder becomes its absolute
+    path (so a relative ``--encoder`` means the same from any working directory, wherever it
+    is recorded); a string that can only be a path (:func:`looks_like_path`) and is no folder
+    is FileNotFoundError "encoder folder not found: PATH"; anything else is a hub id, as given."""
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        return os.path.abspath(expanded)
+    if looks_like_path(name):
+        where = os.path.abspath(expanded)
+        shown = name if where == name else f"{name} ({where})"
+        raise FileNotFoundError(f"encoder folder not found: {shown}: pass a folder save_pretrained wrote, "
+                                "or a hub name such as google/t5-v1_1-xxl")
+    return name
 
 
 def _pins_commit(ref: str) -> bool:
@@ -346,6 +372,7 @@ def open_encoder(spec: str, *, trained_on: str | None = None, revision: str | No
     kind, sep, name = spec.partition(":")
     if not (sep and kind in TEXT_ENCODERS):
         kind, name = "t5", spec
+    name = resolve_name_or_path(name)  # a folder's absolute path, or a hub id as given
     if revision is None and not os.path.isdir(name):
         revision = pinned_revision(name, trained_on)
     if revision is not None:

@@ -5,7 +5,7 @@
     imagen-pipeline filter --input ROOT/raw --output ROOT/filtered
     imagen-pipeline embed --input ROOT/filtered --output ROOT/embeddings --encoder google/t5-v1_1-xxl
     imagen-pipeline train --stage base64 --preset tiny --data ROOT/filtered --embeddings DIR \\
-        --max-steps 60 --checkpoint-dir ROOT/checkpoints/base64/run1 [--resume latest] \\
+        --max-steps 60 --checkpoint-dir ROOT/checkpoints/base64/run1 [--resume latest] [--new-run] \\
         [--nproc-per-node 8 --nnodes 2 --node-rank 0 --master-addr HOST0 --master-port 29500]
     imagen-pipeline evaluate --checkpoint ROOT/checkpoints/base64/run1/final
     imagen-pipeline register --checkpoint ROOT/checkpoints/base64/run1/final --name imagen-base64
@@ -14,11 +14,14 @@
 
 Every verb takes ``--help``. Heavy libraries are imported inside each verb, so ``--help``
 answers at once. Each verb prints a JSON summary as its last line, for scripts.
+Ctrl-C or SIGTERM ends a verb with exit code 130 and one line, never a traceback; ``train``
+first checkpoints the step it reached and prints the command that resumes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import logging
@@ -26,6 +29,9 @@ import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
+
+# no heavy imports: main() catches TrainingStopped
+from pipeline.train.stopping import EXIT_STOPPED, TrainingStopped
 
 VERBS: dict[str, Callable[[argparse.Namespace], Any]] = {}
 # verb -> (its one-line help, the function adding its flags to its sub-parser)
@@ -220,6 +226,9 @@ def _train_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--master-port", type=int, help="free TCP port on node 0 (default: 29500)")
     s.add_argument("--dry-run", action="store_true", help="print the resolved job as JSON (global batch, "
                    "micro-batch, accumulation, world size, steps, images) and train nothing")
+    s.add_argument("--new-run", action="store_true",
+                   help="train again even if --checkpoint-dir holds a finished run of these settings (which "
+                        "a rerun reuses by default): into CHECKPOINT_DIR-2 (-3, ... the first free name)")
 
 
 @verb("train", "train one cascade stage (torchrun for several processes)", _train_flags)
@@ -248,8 +257,21 @@ def _train(a: argparse.Namespace) -> Any:
     if a.node_rank or a.master_addr or a.master_port:
         raise ValueError("--node-rank, --master-addr and --master-port are for a job of several nodes: "
                          "add --nnodes N (the same on every node)")
-    # The DAG's launcher (pipeline.train.launchers); one process trains in this one, as always.
-    return make_launcher("local", in_process=True).launch(job, 1, a.nproc_per_node)
+    from pipeline.train.launch import AGAIN_CLI, new_run_dir, train_stage
+    from pipeline.train.stopping import resume_command
+    from pipeline.train.torchrun import check_local_processes
+
+    check_local_processes(1, a.nproc_per_node, job.device)  # before anything reads the data
+    if a.new_run:
+        job = dataclasses.replace(job, checkpoint_dir=new_run_dir(job.checkpoint_dir))
+        print(f"[train] --new-run: training in {job.checkpoint_dir}", flush=True)
+    try:
+        # The DAG's decision (reuse a finished run of the same settings) and launcher
+        # (pipeline.train.launchers); one process trains in this one, as always.
+        return train_stage(job, make_launcher("local", in_process=True), 1, a.nproc_per_node, again=AGAIN_CLI)
+    except TrainingStopped as e:  # main() prints its one line and exits 130
+        e.summary["resume"] = resume_command("imagen-pipeline", a.argv, job.checkpoint_dir)
+        raise TrainingStopped(e.summary) from None
 
 
 def _evaluate_flags(s: argparse.ArgumentParser) -> None:
@@ -446,14 +468,31 @@ def error_line(verb: str, e: BaseException) -> str:
     return f"imagen-pipeline {verb}: error: {text[:2000]}"
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM is Ctrl-C's twin (a scheduler or ``kill`` stopping the command): a verb stops the
+    same way, through KeyboardInterrupt or its own handler (train: pipeline/train/stopping.py)."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: train's resume command
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         result = VERBS[args.verb](args)
+    except KeyboardInterrupt:  # Ctrl-C before a verb could stop on its own: no traceback
+        print(f"imagen-pipeline {args.verb}: interrupted", file=sys.stderr)
+        return EXIT_STOPPED
     except Exception as e:  # every bad input is one line on stderr; -v adds the traceback
+        if isinstance(e, TrainingStopped):  # stopped on a signal, checkpointed: its summary and one line
+            print(json.dumps(e.summary, default=str))
+            print(f"imagen-pipeline {args.verb}: {e}", file=sys.stderr)
+            return EXIT_STOPPED
         if args.verbose:
             import traceback
 

@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from typing import NoReturn
 
 
@@ -64,31 +65,75 @@ def kill_process_tree(pid: int) -> None:
             os.killpg(group, signal.SIGKILL)
 
 
-def run_streaming(cmd: list[str], env: dict[str, str] | None = None, tail: int = 40) -> list[str]:
+def signal_workers(pid: int, signum: int) -> None:
+    """Send ``signum`` to the innermost process groups under ``pid``: its descendants' own
+    groups (torchrun's workers, each in a session of its own) when there are any, else the
+    group of ``pid`` itself (a single worker, with its DataLoader workers). An agent such as
+    torchrun would answer the signal by signalling its workers again and then raising."""
+    groups = process_groups(pid) - {pid, os.getpgrp()}
+    for group in sorted(groups or {pid}):
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # exited since
+            os.killpg(group, signum)
+
+
+@contextlib.contextmanager
+def forwarding_signals(pids: list[int], forwarded: list[int]):
+    """While active (main thread only): the first SIGINT/SIGTERM is passed on to the workers
+    of each child in ``pids`` (:func:`signal_workers`) and appended to ``forwarded``; a second
+    raises KeyboardInterrupt (the caller then kills the trees)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame) -> None:
+        if forwarded:
+            raise KeyboardInterrupt
+        forwarded.append(signum)
+        for pid in pids:
+            signal_workers(pid, signum)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_streaming(cmd: list[str], env: dict[str, str] | None = None, tail: int = 40,
+                  forward_signals: bool = False) -> list[str]:
     """Run ``cmd``, copy its stdout+stderr to ours line by line, return its last ``tail`` lines.
 
     Args:
         cmd: the command (no shell).
         env: variables set on top of this process's environment.
         tail: how many of the last lines to keep for the result and for the error.
+        forward_signals: a SIGINT/SIGTERM to us is passed on to the child's workers, which
+            stop on their own (the trainer checkpoints first); we wait for them, and an exit
+            with 130 then returns the lines like a success (the child's summary says it
+            stopped). A second signal kills the tree. Off: any exception here kills it.
 
     Raises:
         RuntimeError: the child exited non-zero; the message names it, its exit code and
             its last ``tail`` lines.
     """
     last: collections.deque[str] = collections.deque(maxlen=tail)
+    forwarded: list[int] = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                           text=True, errors="replace", bufsize=1, start_new_session=True) as proc:
         try:
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-                last.append(line.rstrip("\n"))
-            rc = proc.wait()
+            with forwarding_signals([proc.pid], forwarded) if forward_signals else contextlib.nullcontext():
+                for line in proc.stdout:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                    last.append(line.rstrip("\n"))
+                rc = proc.wait()
         except BaseException:
             # Killed or timed out while streaming: take the child's whole tree down with us.
             kill_process_tree(proc.pid)
             raise
+    if forwarded and rc == 130:  # stopped as asked (128 + SIGINT)
+        return list(last)
     if rc != 0:
         raise RuntimeError(f"{command_name(cmd)} exited with code {rc}; last output:\n" + "\n".join(last))
     return list(last)

@@ -197,8 +197,11 @@ def _torch_save(obj: Any, uri: str) -> None:
     storage.write_bytes(uri, buf.getvalue())
 
 
-def check_compatible(directory: str, cfg: StageConfig, metadata: dict[str, Any]) -> dict[str, Any]:
-    """Refuse a checkpoint of another stage, model config or text encoder."""
+def check_compatible(directory: str, cfg: StageConfig, metadata: dict[str, Any],
+                     allow_data_change: bool = False) -> dict[str, Any]:
+    """Refuse a checkpoint of another stage, model config or text encoder, and, unless
+    ``allow_data_change``, one trained on other data (another filtered manifest): exact resume
+    promises the same samples in the same order, which a refiltered folder no longer holds."""
     saved, meta = load_config(directory, storage)
     if saved.stage != cfg.stage:
         raise ValueError(f"checkpoint {directory} is for stage {saved.stage!r}, not {cfg.stage!r}: "
@@ -212,17 +215,24 @@ def check_compatible(directory: str, cfg: StageConfig, metadata: dict[str, Any])
     if want and meta.get("encoder_id") and not same_recorded_encoder(meta["encoder_id"], want):
         raise ValueError(f"checkpoint {directory} was trained on embeddings of encoder "
                          f"{meta['encoder_id']}, these are from {want}: use matching embeddings")
+    trained_on, now = meta.get("manifest_sha256"), metadata.get("manifest_sha256")
+    if trained_on and now and trained_on != now and not allow_data_change:
+        raise ValueError(f"checkpoint {directory} was trained on data whose manifest had sha256 {trained_on}, "
+                         f"but the data's manifest.json now has sha256 {now} (refiltered or replaced): resuming "
+                         "would go on with other samples. Pass --allow-data-change to resume on the new data "
+                         "anyway, or train a new run (--new-run, or another --checkpoint-dir)")
     return meta
 
 
 def load_checkpoint(directory: str, state: TrainState, rank: int, world: int,
-                    device: torch.device) -> dict[str, Any]:
+                    device: torch.device, allow_data_change: bool = False) -> dict[str, Any]:
     """Restore model, EMA, optimizer and this rank's RNGs from ``directory``; return metadata.
     Call on every rank: the files are read first, and a rank that cannot read them (another
-    node that does not see ``directory``) stops every rank (``agreed``)."""
+    node that does not see ``directory``) stops every rank (``agreed``). A checkpoint of other
+    data is refused unless ``allow_data_change`` (:func:`check_compatible`)."""
 
     def read() -> tuple[dict[str, Any], dict, Any, dict, Any]:
-        meta = check_compatible(directory, state.cfg, state.metadata)
+        meta = check_compatible(directory, state.cfg, state.metadata, allow_data_change)
         # A run of the same size wrote one rng-<global rank>.pt per rank: without this rank's,
         # the resume would not be exact, so a missing one is an error, not a skip.
         same_world = int(meta.get("world_size", world)) == world

@@ -82,6 +82,8 @@ class TrainJob:
                                              "at the end)")
     eval_samples: int | None = preset_override("validation samples scored at each validation (at most)")
     resume: str | None = option(None, "'latest' or a step-N directory")
+    allow_data_change: bool = option(False, "resume even though the data's manifest differs from the one the "
+                                            "checkpoint was trained on (refiltered data; exact resume is lost)")
     tracking_uri: str | None = option(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite "
                                             "under the data root)")
     experiment: str = option("imagen", "MLflow experiment name")

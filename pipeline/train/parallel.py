@@ -4,6 +4,7 @@
     wrapped = parallelize(model, mode="ddp")        # or "fsdp" (FSDP2 fully_shard per U-Net level)
     value = agreed(fn, world, "what")               # per-rank I/O: an error on one rank raises on all
     value = on_rank0(fn, rank, world, "what")        # rank 0 decides, every rank gets its answer
+    stop = any_rank(flag, world, flag_group(world))  # one rank's decision (a signal) for every rank
 
 Under ``torchrun`` the usual variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...) are
 set; without them everything runs as one process and no process group is created.
@@ -135,3 +136,22 @@ def all_equal(text: str, world: int) -> bool:
     got: list[str | None] = [None] * world
     dist.all_gather_object(got, text)
     return len(set(got)) == 1
+
+
+def flag_group(world: int) -> Any:
+    """The process group :func:`any_rank` uses: gloo on the host (a CPU flag crosses no device,
+    so checking it never waits on a GPU stream); the default group when that is gloo already.
+    Call on every rank, in the same order (creating a group is a collective)."""
+    if world == 1 or not dist.is_initialized():
+        return None
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def any_rank(flag: bool, world: int, group: Any = None) -> bool:
+    """True on every rank when ``flag`` is True on any (one small host collective): the ranks
+    agree on a decision one of them took alone, such as stopping on a signal."""
+    if world == 1 or not dist.is_initialized():
+        return flag
+    box = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=group)
+    return bool(box.numpy()[0])  # a CPU tensor: no device read

@@ -47,7 +47,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pipeline.proc import process_groups  # every process group under an agent (its workers')
+# process_groups: every process group under an agent (its workers')
+from pipeline.proc import forwarding_signals, process_groups
 
 LOCAL_PROGRAM = (sys.executable, "-m", "torch.distributed.run")  # this interpreter's torchrun
 CLUSTER_PROGRAM = ("torchrun",)  # the image's torchrun (infra/Dockerfile)
@@ -213,8 +214,9 @@ def run_agents(cmds: list[list[str]], envs: list[dict[str, str]] | None = None, 
     (``[node i]`` before each line when there are several); return each one's last ``tail``
     lines. When one exits non-zero, the others are killed at once, with every process group
     under them (:func:`process_groups`; they would wait on it in a collective until the
-    timeout), and RuntimeError names it with its last lines. On any exception here (the task
-    was stopped) every agent is killed the same way. ``popen``, ``killpg``, ``groups``: hooks
+    timeout), and RuntimeError names it with its last lines. A first SIGINT/SIGTERM is passed
+    on to the workers, which checkpoint and stop (pipeline/train/stopping.py); on any exception
+    here (a second signal) every agent is killed the same way. ``popen``, ``killpg``, ``groups``: hooks
     for tests."""
     envs = envs or [dict(os.environ) for _ in cmds]
     procs: list[Any] = []
@@ -229,23 +231,32 @@ def run_agents(cmds: list[list[str]], envs: list[dict[str, str]] | None = None, 
             prefix = f"[node {i}] " if len(cmds) > 1 else ""
             pumps.append(threading.Thread(target=_pump, args=(proc.stdout, prefix, lasts[-1]), daemon=True))
             pumps[-1].start()
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                i = failed[0]
-                _stop(procs, killpg, groups)
-                for t in pumps:
-                    t.join(timeout=10)
-                others = f"; the other {len(cmds) - 1} node(s) were stopped" if len(cmds) > 1 else ""
-                joined = "\n".join(lasts[i])
-                raise RuntimeError(f"torchrun node {i} of {len(cmds)} exited with {codes[i]}{others}; "
-                                   f"its last output:\n{joined}")
-            if all(c == 0 for c in codes):
-                break
-            time.sleep(poll_seconds)
+        forwarded: list[int] = []  # SIGINT/SIGTERM goes to the workers, which checkpoint and stop
+        with forwarding_signals([p.pid for p in procs], forwarded):
+            _wait_all(procs, pumps, lasts, killpg, groups, poll_seconds)
     finally:
         _stop(procs, killpg, groups)
     for t in pumps:
         t.join(timeout=10)
     return [list(last) for last in lasts]
+
+
+def _wait_all(procs: list[Any], pumps: list[threading.Thread], lasts: list[collections.deque],
+              killpg: Callable[[int, int], None], groups: Callable[[int], set[int]], poll_seconds: float) -> None:
+    """Until every agent exits 0; when one fails, stop the others and raise naming it."""
+    n = len(procs)
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            i = failed[0]
+            _stop(procs, killpg, groups)
+            for t in pumps:
+                t.join(timeout=10)
+            others = f"; the other {n - 1} node(s) were stopped" if n > 1 else ""
+            joined = "\n".join(lasts[i])
+            raise RuntimeError(f"torchrun node {i} of {n} exited with {codes[i]}{others}; "
+                               f"its last output:\n{joined}")
+        if all(c == 0 for c in codes):
+            return
+        time.sleep(poll_seconds)

@@ -17,6 +17,9 @@ of it spent waiting for data. Every ``eval_every`` steps and at the end, the EMA
 scored on the held-out validation split (validation.py): ``val/loss`` and one
 ``val/loss_t<level>`` per fixed noise level, the figure runs are compared and promoted on.
 The sample grid (``sample_every``) samples the first validation captions.
+
+SIGINT or SIGTERM stops the loop at the next step boundary (stopping.py): every rank agrees on
+the step, checkpoints it, the MLflow run is ended KILLED and ``TrainingStopped`` is raised.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ from pipeline.tracking import code_version
 from pipeline.train import checkpointing as ckpt
 from pipeline.train import perf
 from pipeline.train.job import TrainJob, batch_plan, job_plan, resolve_config
-from pipeline.train.parallel import all_equal, on_rank0
+from pipeline.train.parallel import all_equal, any_rank, flag_group, on_rank0
 from pipeline.train.step import StepOptions, TrainStep
+from pipeline.train.stopping import StopSignals, TrainingStopped
 
 log = logging.getLogger("pipeline.train")
 VAL_SAMPLES = 8  # fixed validation captions in the sample grid
@@ -78,13 +82,16 @@ class Trainer:
                                      fsdp=job.parallel == "fsdp" and world > 1)
         self.flops_per_image = perf.train_flops_per_image(cfg)
         self.peak_flops = perf.peak_flops(device)
-        self.step = 0
+        self.step = self.saved_step = 0
+        self.stop_group = flag_group(world)  # where the ranks agree to stop on a signal
         # rank 0 picks the step to resume and every rank loads that one: a node whose view of a
         # shared directory lags (NFS listing caches) must not resume another step or none
         resume_dir = on_rank0(lambda: ckpt.find_resume(job.checkpoint_dir, job.resume), rank, world,
                               "finding the checkpoint to resume")
         if resume_dir:
-            self.step = int(ckpt.load_checkpoint(resume_dir, self.state, rank, world, device)["step"])
+            self.step = int(ckpt.load_checkpoint(resume_dir, self.state, rank, world, device,
+                                                 allow_data_change=job.allow_data_change)["step"])
+            self.saved_step = self.step
             if rank == 0:
                 print(f"[train {cfg.stage}] resumed from {resume_dir} at step {self.step}", flush=True)
 
@@ -209,36 +216,67 @@ class Trainer:
         return wait
 
     def fit(self) -> dict[str, Any]:
+        """Train to ``max_steps``; on SIGINT/SIGTERM, stop at the next step boundary with a
+        checkpoint of that step and raise :class:`~pipeline.train.stopping.TrainingStopped`."""
         tc, loss = self.tc, float("nan")
-        t_last, wait, steps_since = time.perf_counter(), 0.0, 0
+        timing = {"last": time.perf_counter(), "wait": 0.0, "steps": 0}  # since the last log
         self.totals = {"steps": 0, "seconds": 0.0, "wait": 0.0}  # after the first log interval
         self.runner.wrapped.train()
-        while self.step < tc.max_steps:
-            wait, steps_since = wait + self.train_step(), steps_since + 1
-            log_now = self.step % tc.log_every == 0 or self.step == tc.max_steps
-            save_now = self.step % tc.checkpoint_every == 0 or self.step == tc.max_steps
-            if log_now or save_now:
-                # the only host sync of the loop; raises on every rank when a step went non-finite,
-                # so a checkpoint never holds weights after a bad step
-                metrics = self.runner.read_metrics()
-                loss = metrics["loss"]
-            if log_now:
-                dt = time.perf_counter() - t_last
-                self._log(metrics, steps_since, dt, wait)
-                if self.step > tc.log_every:  # the first interval holds start-up costs
-                    self.totals = {"steps": self.totals["steps"] + steps_since,
-                                   "seconds": self.totals["seconds"] + dt, "wait": self.totals["wait"] + wait}
-                t_last, wait, steps_since = time.perf_counter(), 0.0, 0
-            if save_now:
-                ckpt.save_checkpoint(self.job.checkpoint_dir, self.step, self.state, self.rank,
-                                     self.world, tc.keep_checkpoints)
-            last, t_eval = self.step == tc.max_steps, time.perf_counter()
-            if self.has_val and (last or (self.eval_every and self.step % self.eval_every == 0)):
-                self._validate()
-            if tc.sample_every and (self.step % tc.sample_every == 0 or last):
-                self._sample_grid()
-            t_last += time.perf_counter() - t_eval  # throughput figures are the training steps'
+        with StopSignals() as stop:  # Ctrl-C / SIGTERM: stop at the next step boundary (stopping.py)
+            while self.step < tc.max_steps:
+                loss = self._fit_step(loss, timing)
+                if self.step < tc.max_steps and any_rank(stop.signum is not None, self.world, self.stop_group):
+                    self._stop_here(stop.name or "a signal on another rank")
         return self._finish(loss)
+
+    def _fit_step(self, loss: float, timing: dict[str, float]) -> float:
+        """One optimizer step with what falls due after it: logs, checkpoint, validation, grid.
+        Returns the loss last read back (``loss`` when this step read none)."""
+        tc = self.tc
+        timing["wait"] += self.train_step()
+        timing["steps"] += 1
+        log_now = self.step % tc.log_every == 0 or self.step == tc.max_steps
+        save_now = self.step % tc.checkpoint_every == 0 or self.step == tc.max_steps
+        if log_now or save_now:
+            # the only host sync of the loop; raises on every rank when a step went non-finite,
+            # so a checkpoint never holds weights after a bad step
+            metrics = self.runner.read_metrics()
+            loss = metrics["loss"]
+        if log_now:
+            dt, steps, wait = time.perf_counter() - timing["last"], int(timing["steps"]), timing["wait"]
+            self._log(metrics, steps, dt, wait)
+            if self.step > tc.log_every:  # the first interval holds start-up costs
+                self.totals = {"steps": self.totals["steps"] + steps,
+                               "seconds": self.totals["seconds"] + dt, "wait": self.totals["wait"] + wait}
+            timing.update(last=time.perf_counter(), wait=0.0, steps=0)
+        if save_now:
+            self._save()
+        last, t_eval = self.step == tc.max_steps, time.perf_counter()
+        if self.has_val and (last or (self.eval_every and self.step % self.eval_every == 0)):
+            self._validate()
+        if tc.sample_every and (self.step % tc.sample_every == 0 or last):
+            self._sample_grid()
+        timing["last"] += time.perf_counter() - t_eval  # throughput figures are the training steps'
+        return loss
+
+    def _save(self) -> str:
+        self.saved_step = self.step
+        return ckpt.save_checkpoint(self.job.checkpoint_dir, self.step, self.state, self.rank, self.world,
+                                    self.tc.keep_checkpoints)
+
+    def _stop_here(self, signal_name: str) -> None:
+        """Every rank, at a step boundary, after a signal: checkpoint this step (unless it was
+        just saved), mark the MLflow run KILLED, raise TrainingStopped."""
+        if self.saved_step != self.step:
+            # the non-finite check of read_metrics: a stopped run never saves a bad step either
+            self.runner.read_metrics()
+            self._save()
+        if self.rank == 0:
+            self.tracker.set_tags({"stopped_at_step": str(self.step), "stopped_by": signal_name})
+            self.tracker.end("KILLED")
+        raise TrainingStopped({"signal": signal_name, "step": self.step, "stage": self.cfg.stage,
+                               "checkpoint": RunDir(self.job.checkpoint_dir).step(self.step),
+                               "checkpoint_dir": self.job.checkpoint_dir, "run_id": self.tracker.run_id})
 
     def _log(self, step_metrics: dict[str, float], steps: int, dt: float, wait: float) -> None:
         images_per_s = steps * self.plan.global_batch / dt

@@ -7,7 +7,8 @@
 job to the :class:`~pipeline.train.trainer.Trainer`; ``main`` parses the flags of
 :func:`pipeline.train.job.add_arguments` and prints the summary of each node's first process
 (local rank 0) as its last line, which is what the launchers (pipeline/train/launch.py) read
-back: node 0's is global rank 0's.
+back: node 0's is global rank 0's. Stopped by SIGINT/SIGTERM, it prints that summary with
+``"stopped": true`` (pipeline/train/stopping.py) and exits 130 (0 under torchrun).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import argparse
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 from pipeline.train import job as train_job
 from pipeline.train.job import TrainJob, add_arguments, job_from_args
+from pipeline.train.stopping import EXIT_STOPPED, TrainingStopped, resume_command
 
 
 def run(job: TrainJob) -> dict[str, Any]:
@@ -48,9 +51,23 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run(job_from_args(p.parse_args(argv)))
+    args = sys.argv[1:] if argv is None else argv
+    job = job_from_args(p.parse_args(args))
+    first_of_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    try:
+        result = run(job)
+    except TrainingStopped as e:  # a signal: checkpointed at a step boundary (stopping.py)
+        under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+        if first_of_node:
+            if not under_torchrun:  # under torchrun the launcher (or its user) says how to resume
+                e.summary["resume"] = resume_command(f"{sys.executable} -m pipeline.train", args)
+                print(e.line(), file=sys.stderr, flush=True)
+            print(json.dumps(e.summary), flush=True)
+        # torchrun reports a non-zero worker as a failure (a page of output): there the summary
+        # says "stopped", and the launcher reading it exits 130
+        sys.exit(0 if under_torchrun else EXIT_STOPPED)
     # the first process of each node prints its own summary (the others' would interleave):
     # node 0's is the job's (run_id), another node's reports its own weights' checksums
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+    if first_of_node:
         print(json.dumps(result))
 

@@ -125,3 +125,17 @@ def test_unreadable_weights_name_the_file(tmp_path):
         f.truncate(100)
     with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
         ckpt.load_checkpoint(path, make_state(), 0, 1, torch.device("cpu"))
+
+
+def test_a_checkpoint_of_other_data_is_refused_unless_allowed(tmp_path):
+    """Exact resume means the same samples: another manifest hash is an error naming both."""
+    trained = {"encoder_id": "enc-a", "manifest_sha256": "a" * 64}
+    path = ckpt.save_checkpoint(str(tmp_path), 1, make_state(metadata=trained), rank=0, world=1, keep=1)
+    refiltered = make_state(seed=1, metadata={"encoder_id": "enc-a", "manifest_sha256": "b" * 64})
+    with pytest.raises(ValueError, match=f"manifest had sha256 {'a' * 64}, but .* now has sha256 {'b' * 64}"
+                                         ".*--allow-data-change"):
+        ckpt.load_checkpoint(path, refiltered, 0, 1, torch.device("cpu"))
+    meta = ckpt.load_checkpoint(path, refiltered, 0, 1, torch.device("cpu"), allow_data_change=True)
+    assert meta["step"] == 1 and meta["manifest_sha256"] == "a" * 64
+    same = make_state(seed=2, metadata=trained)
+    assert ckpt.load_checkpoint(path, same, 0, 1, torch.device("cpu"))["step"] == 1

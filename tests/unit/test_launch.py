@@ -235,3 +235,37 @@ def test_run_stage_from_the_trigger_form_refuses_65536_local_processes(tmp_path,
         imagen_common.train_stage({**form, "presets": {"base64": "tiny"}}, RunLayout(str(tmp_path)), "base64",
                                   str(tmp_path / "emb"))
     assert not list(tmp_path.rglob("result.json"))
+
+
+def test_settings_key_is_the_dags_folder_key_and_counts_every_changed_option(tmp_path):
+    """One owner for "the same settings": the DAG's folder key hashes job_settings, which adds
+    any option a CLI user changed; where or how often a run is saved, printed or tracked is
+    not a setting."""
+    import dataclasses
+
+    filtered = tmp_path / "filtered"
+    filtered.mkdir()
+    (filtered / "manifest.json").write_text('{"kept": 120}')
+    job = launch.stage_job(RunLayout(str(tmp_path)), "base64", "tiny", "/e/enc-a", 10, data=str(filtered))
+    legacy = launch.checkpoint_key({"stage": "base64", "preset": "tiny", "max_steps": 10,
+                                    "data": launch.data_fingerprint(str(filtered)), "embeddings": "enc-a",
+                                    "world_size": 1, "run_tag": ""})
+    assert job.checkpoint_dir.endswith(f"tiny-{legacy}")  # folders named before this change are still found
+    base = launch.job_settings(job, 1)
+    same = dataclasses.replace(job, checkpoint_dir="/elsewhere", log_every=1, checkpoint_every=1, num_workers=4,
+                               tracking_uri="off", resume=None)
+    assert launch.job_settings(same, 1) == base
+    changed = launch.job_settings(dataclasses.replace(job, lr=1e-3), 1)
+    assert changed == {**base, "lr": 1e-3}
+    assert launch._differences(base, changed) == "lr default -> 0.001"
+
+
+def test_new_run_dir_is_the_first_free_numbered_sibling(tmp_path):
+    run = tmp_path / "run1"
+    assert launch.new_run_dir(str(run)) == str(run)  # nothing there yet: the folder itself
+    run.mkdir()
+    assert launch.new_run_dir(str(run)) == str(run)  # empty
+    (run / "result.json").write_text("{}")
+    assert launch.new_run_dir(str(run)) == f"{run}-2"
+    (tmp_path / "run1-2").mkdir()
+    assert launch.new_run_dir(str(run)) == f"{run}-3"

@@ -236,3 +236,34 @@ def test_validation_loss_is_logged_on_its_cadence_and_at_the_end(data_with_val, 
 def test_without_a_validation_split_training_goes_on_and_says_so(data, tmp_path, capsys):
     out = fit(job(data, tmp_path / "nv", max_steps=2))
     assert out["val_loss"] is None and "has no validation split" in capsys.readouterr().out
+
+
+def test_a_signal_stops_at_the_step_boundary_with_a_checkpoint_that_resumes_exactly(data, tmp_path):
+    """SIGINT mid-step only sets a flag: the step finishes, its checkpoint is written (between
+    the cadence's), TrainingStopped says where, and resuming from it ends where a run that never
+    stopped ends."""
+    import signal
+
+    from pipeline.train.stopping import TrainingStopped
+
+    straight = fit(job(data, tmp_path / "straight", max_steps=5))
+    trainer = Trainer(job(data, tmp_path / "stopped", max_steps=5), rank=0, world=1, device=torch.device("cpu"))
+    real_step = trainer.train_step
+
+    def step_then_ctrl_c():
+        wait = real_step()
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # as a terminal's Ctrl-C, in the middle of the loop
+        return wait
+
+    trainer.train_step = step_then_ctrl_c
+    with pytest.raises(TrainingStopped) as stopped:
+        trainer.fit()
+    assert stopped.value.summary == {"stopped": True, "signal": "SIGINT", "step": 3, "stage": "base64",
+                                     "checkpoint": str(tmp_path / "stopped" / "step-00000003"),
+                                     "checkpoint_dir": str(tmp_path / "stopped"), "run_id": None}
+    assert str(stopped.value) == "stopped at step 3 (resume with --resume latest)"
+    assert sorted(os.listdir(tmp_path / "stopped")) == ["step-00000003"]  # step 3 is off the cadence of 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is gone again
+    resumed = fit(job(data, tmp_path / "stopped", max_steps=5, resume="latest"))
+    assert resumed["weights_sha256"] == straight["weights_sha256"]

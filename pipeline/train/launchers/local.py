@@ -14,6 +14,10 @@ the environment of the launching process, or ``LocalLauncher(max_processes=N)``,
 Options: none from a trigger form (``OPTION_SCHEMA`` is empty); ``in_process``, ``runner`` and
 ``max_processes`` are for Python callers (the CLI, tests). The helpers below are also the CLI's
 ``train --nnodes`` road (:func:`train_node`).
+
+SIGINT/SIGTERM while a trainer subprocess runs is passed on to its workers (torchrun's too), which
+checkpoint at a step boundary and stop; the launch then raises
+:class:`~pipeline.train.stopping.TrainingStopped` (pipeline/train/stopping.py).
 """
 
 from __future__ import annotations
@@ -32,11 +36,18 @@ if TYPE_CHECKING:
 
 
 def last_json(lines: list[str]) -> dict[str, Any]:
-    """The JSON summary a verb prints as its last line."""
+    """The JSON summary a trainer prints as its last line; TrainingStopped when it says the
+    trainer stopped on a signal (pipeline/train/stopping.py), so no caller takes it for a
+    finished run."""
+    from pipeline.train.stopping import TrainingStopped
+
     for line in reversed(lines):
         line = line.strip()
         if line.startswith("{"):
-            return json.loads(line)
+            summary = json.loads(line)
+            if summary.get("stopped"):
+                raise TrainingStopped(summary)
+            return summary
     raise RuntimeError("the child process printed no JSON summary; see its output above")
 
 
@@ -48,7 +59,7 @@ def torchrun_train(train_args: list[str], nproc_per_node: int = 1, max_processes
     check_local_processes(1, nproc_per_node, device_of(train_args), max_processes)
     cmd = torchrun_command(Torchrun(1, nproc_per_node, standalone=True), train_args)
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if nproc_per_node > 1 else {}
-    return last_json(run_streaming(cmd, env=env))
+    return last_json(run_streaming(cmd, env=env, forward_signals=True))
 
 
 def train_subprocess(train_args: list[str], nproc_per_node: int = 1, max_processes: int | None = None
@@ -56,7 +67,7 @@ def train_subprocess(train_args: list[str], nproc_per_node: int = 1, max_process
     """Single process without torchrun, or torchrun for several."""
     if nproc_per_node > 1:
         return torchrun_train(train_args, nproc_per_node, max_processes)
-    return last_json(run_streaming([sys.executable, "-m", "pipeline.train", *train_args]))
+    return last_json(run_streaming([sys.executable, "-m", "pipeline.train", *train_args], forward_signals=True))
 
 
 def train_node(train_args: list[str], spec: Torchrun, max_processes: int | None = None) -> dict[str, Any]:
