@@ -448,8 +448,9 @@ def error_line(verb: str, e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline import logs
+
+    logs.setup(args.verbose)  # information on stdout, warnings and errors on stderr
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
         result = VERBS[args.verb](args)
