@@ -30,9 +30,11 @@ Run img2dataset under the guard (``pipeline.data.download`` does this in a subpr
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import io
 import json
+import os
 import re
 import sys
 import threading
@@ -86,9 +88,17 @@ class ShardProgress:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._out: int | None = None  # our own copy of stdout's file descriptor (see start_shard)
         self.start_shard("", 0, 0.0)
 
     def start_shard(self, shard: str, total: int, every: float) -> None:
+        if shard and self._out is None:
+            # img2dataset's resizer points fds 1 and 2 at /dev/null while it decodes an image
+            # (SuppressStdoutStderr), which our fetch threads would write into: keep a duplicate
+            # of the real stdout, taken here, between shards, where no decode runs.
+            with contextlib.suppress(AttributeError, OSError, ValueError):  # no file behind it (a test's capture)
+                sys.stdout.flush()
+                self._out = os.dup(sys.stdout.fileno())
         with self._lock:
             self.shard, self.total, self.every = shard, total, every
             self.done, self.failed = 0, collections.Counter()
@@ -104,8 +114,11 @@ class ShardProgress:
             if not self.shard or self.done >= self.total or now - self.last < self.every:
                 return  # the shard's own "done" line follows at its end
             self.last = now
-            line = self.line(now)
-        print(line, flush=True)
+            line = self.line(now) + "\n"  # written under the lock: lines come in count order
+            if self._out is None:
+                print(line, end="", flush=True)
+            else:
+                os.write(self._out, line.encode())
 
     def line(self, now: float) -> str:
         rate = self.done / max(now - self.started, 1e-9)
