@@ -79,7 +79,6 @@ def reason_stage(reason: str) -> str:
     return "refused" if reason in REFUSAL_REASONS else "download"
 
 
-
 class ShardProgress:
     """Counts the finished fetches of the shard this process is downloading and prints a line
     every ``every`` seconds (never for a shard that ends sooner): img2dataset itself says nothing
