@@ -477,8 +477,9 @@ def _terminate(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: train's resume command
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline import logs
+
+    logs.setup(args.verbose)  # information on stdout, warnings and errors on stderr
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import signal
 

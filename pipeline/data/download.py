@@ -4,8 +4,10 @@ img2dataset runs as its own process (``python -m pipeline.data.fetch_guard``: it
 multiprocessing, and it is the same command a Kubernetes job would run) with its downloads
 routed through the network guard (:mod:`pipeline.netguard`): private, loopback and link-local
 addresses are refused on every request and redirect, bodies are size- and pixel-limited. Its output streams to
-our stdout (a line per finished shard) and a non-zero exit becomes a RuntimeError with its last
-lines. A re-run resumes: img2dataset's ``incremental_mode`` skips every shard that has its
+our stdout (a progress line every ``progress_every`` seconds while a shard is in flight, a line per
+finished shard) and a non-zero exit becomes a RuntimeError with its last lines. A download that got
+not one image is an error (:class:`NothingDownloaded`, naming ``IMAGEN_ALLOW_PRIVATE_NETWORKS`` when
+private addresses were refused), so the next step never runs on nothing. A re-run resumes: img2dataset's ``incremental_mode`` skips every shard that has its
 ``NNNNN_stats.json`` (written last), and redoes the others from scratch.
 
 ``distributor="pyspark"`` (CLI ``--distributor pyspark --spark-master URL``) runs the same download
@@ -41,9 +43,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import math
 import os
-import re
 import sys
 
 import pyarrow as pa
@@ -53,8 +55,13 @@ import pyarrow.parquet as pq
 from imagen.config import STAGES, StageSpec, stage_specs
 from pipeline import storage
 from pipeline.data import spark
+from pipeline.data.fetch_guard import (  # re-exported: the reject table's reasons
+    normalize_error,
+    reason_stage,
+)
 from pipeline.netguard import (
-    BODY_REASONS,
+    ENV_ALLOW_HOSTS,
+    ENV_ALLOW_PRIVATE,
     REFUSAL_REASONS,
     FetchPolicy,
     deployment_policy,
@@ -62,6 +69,8 @@ from pipeline.netguard import (
 )
 from pipeline.options import option
 from pipeline.proc import run_streaming
+
+log = logging.getLogger(__name__)
 
 INPUT_FORMATS = ("parquet", "csv", "tsv", "jsonl", "json", "txt")
 # "border" pads to a square with white bars, which teaches the model white bars: never used.
@@ -86,6 +95,12 @@ ENCODE_FORMATS = tuple(DEFAULT_QUALITY)  # png (lossless), jpg, webp: img2datase
 OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 SCREENED_LIST = "_urls.parquet"
 REFUSED_LIST = "refused.parquet"
+# Columns img2dataset writes itself into every shard's parquet and sample json
+# (img2dataset/downloader.py, Downloader.download_shard; "sha256" is our compute_hash): an extra
+# column of one of these names collides with them and fails every shard. url and caption are
+# the list's own columns, renamed, and always saved.
+RESERVED_COLUMNS = ("url", "caption", "key", "status", "error_message", "width", "height", "original_width",
+                    "original_height", "exif", "sha256", "md5", "sha512")
 
 
 @dataclasses.dataclass
@@ -124,6 +139,8 @@ class DownloadConfig:
     allow_hosts: tuple[str, ...] = ()  # exact "host:port" exempt from the address check (+ IMAGEN_ALLOW_HOSTS)
     max_bytes: int = option(32 * 1024 * 1024, "refuse responses larger than this (default %(default)s)")
     max_pixels: int = option(64_000_000, "refuse images declaring more pixels, before decoding "
+                                         "(default %(default)s)")
+    progress_every: float = option(10.0, "seconds between progress lines while a shard downloads "
                                          "(default %(default)s)")
     # "pyspark": img2dataset's Spark distributor, one task per shard (pipeline.data.spark); its
     # master: local[N] (default local[processes]), local-cluster[W,C,MB], spark://, k8s://https://
@@ -260,31 +277,6 @@ def _child_env() -> dict:
     return env
 
 
-def normalize_error(message: str | None) -> str:
-    """A short, stable reason for an img2dataset error message ("HTTP Error 404: ..." -> "http_404")."""
-    text = (message or "unknown").strip()
-    lower = text.lower()
-    head = lower.split(":", 1)[0].strip()
-    if head in REFUSAL_REASONS or head in BODY_REASONS or head == "dns_error":
-        return head  # our fetch guard's messages start with their reason
-    http = re.match(r"http error (\d{3})", lower)
-    if http:
-        return f"http_{http.group(1)}"
-    for needle, reason in (("timed out", "timeout"), ("connection refused", "connection_refused"),
-                           ("name or service not known", "dns_error"), ("name resolution", "dns_error"),
-                           ("x-robots-tag", "disallowed_by_x_robots_tag")):
-        if needle in lower:
-            return reason
-    # Drop "<urlopen error [Errno 104] ...>" wrappers and numbers that vary per request.
-    lower = re.sub(r"urlopen error|\[errno -?\d+\]|\d+", " ", lower)
-    return re.sub(r"[^a-z]+", "_", lower).strip("_")[:60] or "unknown"
-
-
-def reason_stage(reason: str) -> str:
-    """"refused" for a URL the guard never contacted, else "download"."""
-    return "refused" if reason in REFUSAL_REASONS else "download"
-
-
 def shard_failures(parquet_uri: str) -> tuple[int, collections.Counter]:
     """Rows of one img2dataset shard and its failures as ``{(stage, reason): n}``."""
     with storage.open(parquet_uri, "rb") as f:
@@ -370,6 +362,10 @@ def _resolve(config: DownloadConfig) -> DownloadConfig:
             config.spark_master or f"local[{max(config.processes, 1)}]"))
     if config.number_sample_per_shard < 1 or config.timeout <= 0:
         raise ValueError("number_sample_per_shard must be >= 1 and timeout > 0")
+    reserved = [c for c in config.save_additional_columns or [] if c in RESERVED_COLUMNS]
+    if reserved:
+        raise ValueError(f"--extra-columns {reserved[0]!r} is a column img2dataset writes itself (reserved: "
+                         f"{', '.join(RESERVED_COLUMNS)}); rename that column in the URL list, or leave it out")
     return config
 
 
@@ -401,7 +397,8 @@ def _img2dataset_spec(list_uri: str, output: str, config: DownloadConfig, policy
         # An empty list would make img2dataset fall back to its own default list.
         "disallowed_header_directives": list(config.disallowed_header_directives) or None,
     }
-    spec = {"download": kwargs, "policy": {**dataclasses.asdict(policy), "allow_hosts": list(policy.allow_hosts)}}
+    spec = {"download": kwargs, "policy": {**dataclasses.asdict(policy), "allow_hosts": list(policy.allow_hosts)},
+            "progress_every": config.progress_every}
     if config.distributor == "pyspark":
         spec["spark"] = {"master": config.spark_master,
                          "conf": spark.session_conf(config.spark_master, policy, config.spark_conf)}
@@ -442,4 +439,57 @@ def download(url_list: str, output: str, config: DownloadConfig | None = None, *
         cmd = [sys.executable, "-m", module, _img2dataset_spec(list_uri, output, config, policy)]
         run_streaming(cmd, env=_child_env(), tail=30)
         _check_finished(output, allowed.num_rows, config.number_sample_per_shard)
-    return summarize(output)
+    return check_downloaded(summarize(output), url_list)
+
+
+class NothingDownloaded(RuntimeError):
+    """Not one image came down: the next step must not run on nothing. ``summary`` is
+    :func:`summarize`'s (the counts by reason are all there)."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+class NothingAllowed(NothingDownloaded, ValueError):
+    """Nothing could come down: an empty URL list, or every URL refused by the fetch policy. An
+    input error (a ValueError: the DAG task fails without retries), where a download whose
+    every fetch failed may be a host that is down, which a retry can meet up again."""
+
+
+# Refusals the deployment's private-network setting lifts (the other refusals are the URL's fault).
+ADDRESS_REASONS = tuple(r for r in REFUSAL_REASONS if r.endswith("_address"))
+
+
+def check_downloaded(summary: dict, url_list: str) -> dict:
+    """``summary`` when at least one image came down; else :class:`NothingDownloaded`, saying why.
+
+    Refusals of private addresses name the setting that lifts them (the deployment forgot it, or
+    the CLI flag); a download that got some images but had private addresses refused warns.
+    """
+    address = {r: n for r, n in summary["rejected"].items() if r in ADDRESS_REASONS}
+    lift = (f"if these hosts are yours, set {ENV_ALLOW_PRIVATE}=1 (or {ENV_ALLOW_HOSTS}=HOST:PORT,...) where "
+            "the download runs, or pass --allow-private-networks / --allow-host HOST:PORT to the CLI")
+    if summary["successes"]:
+        if address:
+            log.warning("%d of %d URLs were refused as private, loopback or link-local addresses (%s); %s",
+                        sum(address.values()), summary["input_rows"], _counts(address), lift)
+        return summary
+    rows, output = summary["input_rows"], summary["output"]
+    if not rows:
+        message = f"the URL list {url_list} has no rows: nothing to download"
+    elif address:
+        message = (f"nothing downloaded: {sum(address.values())} of {rows} URLs were refused as private, loopback "
+                   f"or link-local addresses ({_counts(address)}); {lift}. Refused rows: "
+                   f"{storage.join(output, REFUSED_LIST)} and the shards' parquet files")
+    else:
+        reasons = {**summary["rejected"], **summary["errors"]}
+        message = (f"nothing downloaded: all {rows} URLs failed ({_counts(reasons)}); each row's error is in "
+                   f"{storage.join(output, 'NNNNN.parquet')} (error_message) and {REFUSED_LIST}")
+        raise NothingDownloaded(message, summary)
+    raise NothingAllowed(message, summary)
+
+
+def _counts(counts: dict[str, int], top: int = 5) -> str:
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return ", ".join(f"{r} {n}" for r, n in ranked[:top]) + (" ..." if len(ranked) > top else "")

@@ -395,8 +395,10 @@ def _clean_temps(out_dir: str, name: str) -> None:
 
 def _open_encoder(encoder, cfg: EmbedConfig):
     from imagen.text import open_encoder
+    from pipeline import logs
     from pipeline.netguard import refuse_model_url
 
+    logs.quiet_progress_bars()  # "Loading weights" on stderr: ERROR lines in an Airflow task log
     if isinstance(encoder, str):
         refuse_model_url(encoder)  # a URL never reaches transformers: hub names and local dirs only
         return open_encoder(encoder, max_length=cfg.max_length, device=cfg.device, dtype=cfg.dtype)

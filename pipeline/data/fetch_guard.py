@@ -14,26 +14,122 @@ owns the policy) and then
   other bodies its OpenCV decode mishandles are re-encoded first as 8-bit RGB PNG
   (:func:`pipeline.data.images.normalize_for_img2dataset`); everything else passes byte for byte.
 
-Every error message starts with a stable reason (``"loopback_address: ..."``); see
-:func:`pipeline.data.download.normalize_error`.
+Every error message starts with a stable reason (``"loopback_address: ..."``); :func:`normalize_error`
+turns any row's error message into one (the reject table's ``download`` and ``refused`` reasons).
+
+img2dataset reports a shard only when it is finished (its ``_stats.json``). While one is in flight,
+:class:`ShardProgress` counts the fetches here, in the download process, and prints a line every
+``progress_every`` seconds: done/total, rate, and the failures so far by reason.
 
 Run img2dataset under the guard (``pipeline.data.download`` does this in a subprocess):
 
-    python -m pipeline.data.fetch_guard '{"download": {img2dataset kwargs}, "policy": {FetchPolicy fields}}'
+    python -m pipeline.data.fetch_guard '{"download": {img2dataset kwargs}, "policy": {FetchPolicy fields},
+                                          "progress_every": 10}'
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import io
 import json
+import os
+import re
 import sys
+import threading
 import time
 import urllib.request
 
-from pipeline.netguard import FetchPolicy, FetchRejected, build_opener, literal_reason, read_limited
+from pipeline.netguard import (
+    BODY_REASONS,
+    REFUSAL_REASONS,
+    FetchPolicy,
+    FetchRejected,
+    build_opener,
+    literal_reason,
+    read_limited,
+)
 
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+
+
+def normalize_error(message: str | None) -> str:
+    """A short, stable reason for an img2dataset error message ("HTTP Error 404: ..." -> "http_404")."""
+    text = (message or "unknown").strip()
+    lower = text.lower()
+    head = lower.split(":", 1)[0].strip()
+    if head in REFUSAL_REASONS or head in BODY_REASONS or head == "dns_error":
+        return head  # our fetch guard's messages start with their reason
+    http = re.match(r"http error (\d{3})", lower)
+    if http:
+        return f"http_{http.group(1)}"
+    for needle, reason in (("timed out", "timeout"), ("connection refused", "connection_refused"),
+                           ("name or service not known", "dns_error"), ("name resolution", "dns_error"),
+                           ("x-robots-tag", "disallowed_by_x_robots_tag")):
+        if needle in lower:
+            return reason
+    # Drop "<urlopen error [Errno 104] ...>" wrappers and numbers that vary per request.
+    lower = re.sub(r"urlopen error|\[errno -?\d+\]|\d+", " ", lower)
+    return re.sub(r"[^a-z]+", "_", lower).strip("_")[:60] or "unknown"
+
+
+def reason_stage(reason: str) -> str:
+    """"refused" for a URL the guard never contacted, else "download"."""
+    return "refused" if reason in REFUSAL_REASONS else "download"
+
+
+class ShardProgress:
+    """Counts the finished fetches of the shard this process is downloading and prints a line
+    every ``every`` seconds (never for a shard that ends sooner): img2dataset itself says nothing
+    until the shard is done. One per process: img2dataset runs one shard at a time in each
+    download process, with ``thread_count`` threads calling :meth:`record`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._out: int | None = None  # our own copy of stdout's file descriptor (see start_shard)
+        self.start_shard("", 0, 0.0)
+
+    def start_shard(self, shard: str, total: int, every: float) -> None:
+        if shard and self._out is None:
+            # img2dataset's resizer points fds 1 and 2 at /dev/null while it decodes an image
+            # (SuppressStdoutStderr), which our fetch threads would write into: keep a duplicate
+            # of the real stdout, taken here, between shards, where no decode runs.
+            with contextlib.suppress(AttributeError, OSError, ValueError):  # no file behind it (a test's capture)
+                sys.stdout.flush()
+                self._out = os.dup(sys.stdout.fileno())
+        with self._lock:
+            self.shard, self.total, self.every = shard, total, every
+            self.done, self.failed = 0, collections.Counter()
+            self.started = self.last = time.monotonic()
+
+    def record(self, error: str | None) -> None:
+        """One URL of the shard finished (``error`` None: fetched); print a line when one is due."""
+        with self._lock:
+            self.done += 1
+            if error is not None:
+                self.failed[normalize_error(error)] += 1
+            now = time.monotonic()
+            if not self.shard or self.done >= self.total or now - self.last < self.every:
+                return  # the shard's own "done" line follows at its end
+            self.last = now
+            line = self.line(now) + "\n"  # written under the lock: lines come in count order
+            if self._out is None:
+                print(line, end="", flush=True)
+            else:
+                os.write(self._out, line.encode())
+
+    def line(self, now: float) -> str:
+        rate = self.done / max(now - self.started, 1e-9)
+        failed = sum(self.failed.values())
+        text = (f"shard {self.shard}: {self.done}/{self.total} fetched, {self.done - failed} ok, {failed} failed, "
+                f"{rate:.1f}/s")
+        if failed:
+            text += "; failed so far: " + ", ".join(f"{r} {n}" for r, n in self.failed.most_common(3))
+        return text
+
+
+PROGRESS = ShardProgress()
 
 
 def check_body(body: bytes, content_type: str | None, max_pixels: int) -> None:
@@ -98,27 +194,56 @@ def _opener_for(policy: FetchPolicy) -> urllib.request.OpenerDirector:
 
 
 def install(policy: FetchPolicy) -> None:
-    """Make img2dataset's download threads in this process fetch through the guard."""
+    """Make img2dataset's download threads in this process fetch through the guard, and count
+    each URL's final outcome (after img2dataset's retries) in :data:`PROGRESS`."""
     import img2dataset.downloader as i2d
 
     i2d.download_image = functools.partial(guarded_download_image, opener=_opener_for(policy), policy=policy)
+    plain = getattr(i2d.download_image_with_retry, "counted", i2d.download_image_with_retry)
+
+    def counted(*args, **kwargs):
+        key, stream, err = plain(*args, **kwargs)
+        PROGRESS.record(None if stream is not None else (err or "unknown"))
+        return key, stream, err
+
+    counted.counted = plain  # a second install wraps the original, not the wrapper
+    i2d.download_image_with_retry = counted
+
+
+def _shard_rows(shard_file: str) -> int:
+    """Rows of one of img2dataset's shard files (Arrow IPC, feather): read from its footer."""
+    import fsspec
+    import pyarrow as pa
+
+    with fsspec.open(shard_file, "rb") as f:
+        reader = pa.ipc.open_file(f)
+        return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
 
 
 class GuardedDownloader:
-    """Wraps img2dataset's ``Downloader``: installs the guard in each worker, prints a line per shard.
+    """Wraps img2dataset's ``Downloader``: installs the guard in each worker, prints progress
+    lines while a shard downloads (:class:`ShardProgress`, every ``progress_every`` seconds)
+    and a line per finished shard.
 
     Pickled into img2dataset's spawned worker processes (so it must live at module level and
     stay cheap to import); the guard is installed at call time, inside the worker.
     """
 
-    def __init__(self, inner, policy: FetchPolicy):
-        self.inner, self.policy = inner, policy
+    def __init__(self, inner, policy: FetchPolicy, progress_every: float = 10.0):
+        self.inner, self.policy, self.progress_every = inner, policy, progress_every
 
     def __call__(self, row):
         install(self.policy)
         started = time.monotonic()
-        ok, result = self.inner(row)
         shard = f"{row[0]:0{self.inner.oom_shard_count}d}"
+        try:
+            total = _shard_rows(row[1])
+        except (OSError, ValueError) as err:  # pyarrow's errors are ValueErrors too; img2dataset will say
+            total = 0
+            print(f"shard {shard}: row count unreadable ({err})", flush=True)
+        PROGRESS.start_shard(shard, total, self.progress_every)
+        ok, result = self.inner(row)
+        PROGRESS.start_shard("", 0, 0.0)  # lines of a finished shard would be stale
         if ok:
             stats_uri = f"{self.inner.output_folder}/{shard}_stats.json"
             try:
@@ -164,14 +289,15 @@ def _inline_distributor(processes_count, downloader, reader, subjob_size, max_sh
     retrier(run, run(reader), max_shard_retry)
 
 
-def run_img2dataset(kwargs: dict, policy: FetchPolicy) -> None:
-    """Call ``img2dataset.download(**kwargs)`` with every download going through the guard."""
+def run_img2dataset(kwargs: dict, policy: FetchPolicy, progress_every: float = 10.0) -> None:
+    """Call ``img2dataset.download(**kwargs)`` with every download going through the guard, and a
+    progress line every ``progress_every`` seconds while a shard is in flight."""
     import importlib
 
     # img2dataset/__init__.py rebinds the name "main" to the function: fetch the module itself.
     i2d_main = importlib.import_module("img2dataset.main")
     plain = i2d_main.Downloader
-    i2d_main.Downloader = lambda **kw: GuardedDownloader(plain(**kw), policy)
+    i2d_main.Downloader = lambda **kw: GuardedDownloader(plain(**kw), policy, progress_every)
     i2d_main.LoggerProcess = _NoLoggerProcess
     if kwargs.get("processes_count", 1) == 1 and kwargs.get("distributor", "multiprocessing") == "multiprocessing":
         i2d_main.multiprocessing_distributor = _inline_distributor
@@ -190,10 +316,11 @@ def read_spec(argv: list[str] | None, usage: str) -> dict | None:
 
 
 def run_spec(spec: dict) -> int:
-    """Run img2dataset on ``spec["download"]`` under the policy ``spec["policy"]``."""
+    """Run img2dataset on ``spec["download"]`` under the policy ``spec["policy"]``, with a
+    progress line every ``spec["progress_every"]`` seconds (default 10)."""
     policy = dict(spec.get("policy", {}))
     policy["allow_hosts"] = tuple(policy.get("allow_hosts", ()))  # JSON has lists; the policy is hashable
-    run_img2dataset(spec["download"], FetchPolicy(**policy))
+    run_img2dataset(spec["download"], FetchPolicy(**policy), float(spec.get("progress_every", 10.0)))
     return 0
 
 

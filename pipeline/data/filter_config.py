@@ -38,6 +38,9 @@ class FilterConfig:
     max_aspect: float = option(2.0, "reject images whose long side is more than this times the short one "
                                     "(default %(default)s)")
     max_pixels: int = option(64_000_000, "reject images with more pixels than this (default %(default)s)")
+    blank_tolerance: int = option(2, "reject as blank an image whose every RGB channel varies by at most this "
+                                     "(0..255; transparent pixels count as white); -1 keeps blank images "
+                                     "(default %(default)s)")
     dedup: bool = option(True, "keep exact duplicates (default: drop them, by the sha256 of the stored image)")
     near_dedup: bool = option(True, "keep perceptual near duplicates (default: drop them, by pHash)")
     near_dup_distance: int = option(6, "max Hamming distance between the 64-bit pHashes of near duplicates "

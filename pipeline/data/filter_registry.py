@@ -4,7 +4,8 @@ A filter is anything with a ``name`` and ``check(sample) -> reason | None`` (Non
 sample), registered by name with a factory that builds it from :class:`FilterConfig` (the
 single source of every threshold, defined in :mod:`pipeline.data.filter_config` and re-exported
 here). Registration order is run order, cheapest first: caption
-length, caption language, size and aspect from the image header, pixel count, full decode.
+length, caption language, size and aspect from the image header, pixel count, full decode, blank
+(one flat colour). Every reason a sample can get is in :data:`REASONS`, with its meaning.
 Dataset-wide duplicate removal is not a per-sample filter: see :mod:`pipeline.data.dedup`.
 
 Model-based scores (CLIP score, NSFW, watermark, ...) plug in through :data:`SCORERS`: a
@@ -33,6 +34,30 @@ from PIL import Image
 
 from pipeline.data.filter_config import FilterConfig  # defined apart (no imports) for the DAG files
 from pipeline.data.images import to_rgb
+
+# Every reason the filter step gives a URL-list row (the reject table's "filter" rows, the
+# ``reason`` column of ``_filter/NNNNN.parquet`` and ``_filter/plan.parquet``), with its meaning.
+# The README's "Reject table" section lists them (tests/unit/test_filters.py holds the two equal).
+# Scorers add NAME_score_too_low / NAME_score_too_high (ScoreGate); the download's reasons are
+# :func:`pipeline.data.fetch_guard.normalize_error`'s.
+REASONS = {
+    "caption_too_short": "caption shorter than min_caption_chars, after stripping (a missing caption is empty)",
+    "caption_too_long": "caption longer than max_caption_chars",
+    "caption_language": "caption confidently in a language outside languages (only with languages set)",
+    "image_too_small": "short side below min_side (the smallest stage's), stored or original",
+    "aspect_ratio_too_large": "long side more than max_aspect times the short one",
+    "image_too_large": "more pixels than max_pixels, read from the header before decoding",
+    "missing_image": "the sample has no image member",
+    "image_decode_error": "the image does not decode",
+    "blank": "one flat colour: fully transparent (shown on white) or a single colour, every channel within "
+             "blank_tolerance; kept out of dedup, where all blanks would be near duplicates of each other",
+    "duplicate_image": "the same image bytes (sha256) as an earlier sample, which is kept",
+    "near_duplicate_image": "pHash within near_dup_distance and thumbnail within near_dup_color_tolerance of an "
+                            "earlier sample, which is kept (duplicate_of in plan.parquet names it)",
+    "duplicate_key": "a second sample under a key already taken by an earlier raw shard",
+    "unsafe_member_name": "the download recorded a key that is no plain file name",
+    "unknown_member_extension": "the image is in the tar only under another spelling (KEY.PNG)",
+}
 
 
 class FilterUnavailable(Exception):
@@ -234,6 +259,26 @@ class DecodeFilter:
         except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
             return "image_decode_error"
         return None
+
+
+@register("blank")
+class BlankFilter:
+    """Rejects images of one flat colour. A fully transparent PNG decodes, on white, to a white
+    square; such images and single-colour fills carry nothing the caption describes, and the
+    pHash of every flat image is the same, so dedup would group them all as near duplicates of
+    the first one. Runs after decode: :func:`~pipeline.data.images.to_rgb` has composited alpha."""
+
+    def __init__(self, tolerance: int):
+        self.tolerance = tolerance
+
+    @classmethod
+    def from_config(cls, config: FilterConfig) -> BlankFilter | None:
+        return None if config.blank_tolerance < 0 else cls(config.blank_tolerance)
+
+    def check(self, sample: Sample) -> str | None:
+        # getextrema: per channel (min, max) in one C pass over the decoded pixels, no copy.
+        flat = all(hi - lo <= self.tolerance for lo, hi in sample.image.getextrema())
+        return "blank" if flat else None
 
 
 def build_filters(config: FilterConfig | None = None) -> tuple[list[Filter], dict[str, str]]:

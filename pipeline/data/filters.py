@@ -574,6 +574,8 @@ def format_reject_table(manifest: dict) -> str:
             lines.append(f"{stage:<10} {'validation samples':<32} {counts['val_samples']:>8}")
     for name, why in manifest.get("skipped_filters", {}).items():
         lines.append(f"skipped filter {name}: {why}")
+    if "output" in manifest:
+        lines.append(f"per-sample reasons: {storage.join(manifest['output'], WORK)}/ (README: Reject table)")
     return "\n".join(lines)
 
 

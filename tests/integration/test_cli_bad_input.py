@@ -210,3 +210,20 @@ def test_unexpected_errors_are_one_line_with_their_type(capsys, monkeypatch):
     assert capsys.readouterr().err.splitlines() == [
         "imagen-pipeline sample: error: argument --steps: invalid int value: 'many' "
         "(see imagen-pipeline sample --help)"]
+
+
+def test_reserved_extra_column_is_one_line_before_any_download(tmp_path):
+    """Issue 28 item 6: `--extra-columns width height` (columns img2dataset writes itself) is one
+    line naming the column, before img2dataset starts: no traceback, once or twice."""
+    urls = tmp_path / "urls.parquet"
+    pd.DataFrame({"url": ["http://127.0.0.1:9/x.png"], "caption": ["a red circle"], "width": [640],
+                  "height": [480]}).to_parquet(urls)
+    out = tmp_path / "raw"
+    proc = subprocess.run([BIN, "download", "--url-list", str(urls), "--output", str(out), "--allow-private-networks",
+                           "--extra-columns", "width", "height"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == [
+        "imagen-pipeline download: error: --extra-columns 'width' is a column img2dataset writes itself "
+        "(reserved: url, caption, key, status, error_message, width, height, original_width, original_height, "
+        "exif, sha256, md5, sha512); rename that column in the URL list, or leave it out"]
+    assert not out.exists() or not any(out.iterdir())  # nothing fetched, nothing written

@@ -13,10 +13,15 @@ from PIL import Image
 BIN = os.path.join(os.path.dirname(sys.executable), "imagen-pipeline")
 
 
+# verb -> the stdout and stderr of each successful run of it in this module
+OUTPUT: dict[str, list[tuple[str, str]]] = {}
+
+
 def cli(*args: str, env: dict | None = None) -> dict:
     proc = subprocess.run([BIN, *args], capture_output=True, text=True, timeout=600,
                           env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    OUTPUT.setdefault(args[0], []).append((proc.stdout, proc.stderr))
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -64,6 +69,18 @@ def embeddings(filtered, tiny_encoder, work):
     # two training shards of 64 and 56, and the held-out split's shard
     assert out["samples"] == 120 and out["shards"] == len([n for n in os.listdir(filtered) if n.endswith(".tar")])
     return out["output"]
+
+
+def test_data_verbs_say_nothing_on_stderr_when_all_is_well(tiny_encoder, raw, filtered, embeddings):
+    """Issue 28 item 10: a successful tiny-data, download, filter and embed write their progress and
+    counts on stdout and nothing on stderr (Airflow logs every stderr line as ERROR): no tqdm bar,
+    no INFO line, no library warning."""
+    for verb, info in (("tiny-data", '"encoder": '), ("download", "shard 00000 done"), ("filter", "kept"),
+                       ("embed", "[embed] shard 1/")):
+        assert OUTPUT[verb], verb
+        for stdout, stderr in OUTPUT[verb]:
+            assert stderr == "", (verb, stderr[-2000:])
+            assert info in stdout, (verb, stdout[-2000:])
 
 
 @pytest.fixture(scope="module")

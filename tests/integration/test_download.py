@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 import tarfile
 
 import pyarrow.parquet as pq
@@ -93,3 +97,46 @@ def test_other_settings_do_not_mix_into_finished_shards(tiny_dataset, raw_shards
     # Runtime knobs (threads, timeout) are not part of what a shard contains.
     again = download(tiny_dataset.urls, str(raw), **{**RAW_DOWNLOAD_KWARGS, "threads": 2, "timeout": 3})
     assert again["successes"] == tiny_dataset.info["n_rows"] - tiny_dataset.info["n_broken"]
+
+
+# --- issue 28, through the CLI as a user meets it ------------------------------------------------
+
+BIN = os.path.join(os.path.dirname(sys.executable), "imagen-pipeline")
+
+
+def test_all_urls_refused_is_an_error_naming_the_setting(tiny_dataset, tmp_path):
+    """Item 6: the private-network setting forgotten. Not exit 0 with 0 shards: exit 2, one line
+    naming IMAGEN_ALLOW_PRIVATE_NETWORKS and the count refused, no JSON for a next step to read."""
+    requests = len(tiny_dataset.server.request_log)
+    env = {k: v for k, v in os.environ.items() if k not in ("IMAGEN_ALLOW_PRIVATE_NETWORKS", "IMAGEN_ALLOW_HOSTS")}
+    proc = subprocess.run([BIN, "download", "--url-list", tiny_dataset.urls, "--output", str(tmp_path / "raw")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    n = tiny_dataset.info["n_rows"]
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imagen-pipeline download: error: nothing downloaded: "), lines
+    assert f"{n} of {n} URLs were refused as private, loopback or link-local addresses (loopback_address {n})" \
+        in lines[0]
+    assert "IMAGEN_ALLOW_PRIVATE_NETWORKS=1" in lines[0] and "--allow-private-networks" in lines[0]
+    assert not proc.stdout.strip().splitlines()[-1].startswith("{")  # no summary a script would take as done
+    assert len(tiny_dataset.server.request_log) == requests  # and nothing was fetched
+
+
+def test_progress_lines_while_each_shard_downloads(tiny_dataset, tmp_path):
+    """Item 10: a line while a shard is in flight (done/total, rate, failures so far), not only
+    when it is finished; --progress-every 0 prints one per finished fetch."""
+    proc = subprocess.run([BIN, "download", "--url-list", tiny_dataset.urls, "--output", str(tmp_path / "raw"),
+                           "--allow-private-networks", "--samples-per-shard", "50", "--progress-every", "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    n_rows = tiny_dataset.info["n_rows"]
+    for shard, total in (("00000", 50), ("00001", 50), ("00002", n_rows - 100)):
+        done_at = next(i for i, line in enumerate(lines) if line.startswith(f"shard {shard} done: "))
+        progress = [re.fullmatch(rf"shard {shard}: (\d+)/{total} fetched, (\d+) ok, (\d+) failed, [\d.]+/s"
+                                 r"(; failed so far: .+)?", line) for line in lines[:done_at]]
+        counts = [int(m.group(1)) for m in progress if m]
+        assert counts and counts == sorted(counts) and max(counts) < total, (shard, lines)
+    failed = [line for line in lines if "failed so far: " in line]
+    assert any("http_404" in line for line in failed)  # failures are counted by reason as they happen
+    assert json.loads(lines[-1])["successes"] == n_rows - tiny_dataset.info["n_broken"]

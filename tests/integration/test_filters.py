@@ -13,6 +13,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data import filter_registry, split
+from pipeline.data.download import NothingDownloaded
 from pipeline.data.filters import (
     FilterConfig,
     filter_shards,
@@ -128,7 +131,7 @@ def test_manifest_counts_add_up(tiny_dataset, filtered_shards):
                 "excluded": {f"too_small_for_{stage}": small(side, False)},
                 "val_samples": len(val) - small(side, True), "val_excluded": {f"too_small_for_{stage}": small(side, True)}}
         for stage, side in (("base64", 32), ("sr256", 64), ("sr1024", 128))}
-    assert manifest["filters"] == ["caption_length", "min_side", "max_aspect", "max_pixels", "decode"]
+    assert manifest["filters"] == ["caption_length", "min_side", "max_aspect", "max_pixels", "decode", "blank"]
     assert manifest["skipped_filters"] == {}
     assert sorted(os.listdir(filtered_shards)) == sorted([*tiny_shards(tiny_dataset, 50), "_filter", "manifest.json"])
     table = format_reject_table(manifest)
@@ -248,7 +251,8 @@ def test_everything_refused_still_adds_up(tmp_path):
     from pipeline.dev.tinydata import make_tiny_dataset
 
     info = make_tiny_dataset(str(tmp_path / "site"), n=5, port=9)  # nothing listens: nothing is fetched
-    download(info["urls"], str(tmp_path / "raw"))
+    with pytest.raises(NothingDownloaded):  # the pipeline stops here; the filter can still account for it
+        download(info["urls"], str(tmp_path / "raw"))
     manifest = filter_shards(str(tmp_path / "raw"), str(tmp_path / "out"))
     assert manifest["kept"] == 0 and manifest["shards"] == {}
     assert manifest["rejects"]["refused"] == {"loopback_address": info["n_rows"]}
@@ -296,3 +300,48 @@ def test_image_classifier_scorer_filters_by_threshold(raw_shards, filtered_shard
     assert manifest["rejects"]["filter"]["image_classifier_score_too_high"] >= 60
     with pytest.raises(ValueError, match="label 'porn' is not one of"):
         filter_registry.build_scorers(FilterConfig(scorers={"image_classifier": {"weights": weights, "label": "porn"}}))
+
+
+def test_blank_images_are_rejected_as_blank_not_grouped_as_duplicates(tmp_path):
+    """Issue 28 item 10, through the CLI: fully transparent, flat white and flat black PNGs served
+    next to real pictures are rejected as `blank` (in the reject table and the per-image file),
+    not kept as one image with the others "near duplicates" of it."""
+    import pyarrow as pa
+    from PIL import ImageDraw
+
+    from pipeline.dev.tinydata import serve
+
+    site = tmp_path / "site"
+    site.mkdir()
+    blanks = {"transparent.png": Image.new("RGBA", (96, 96), (0, 0, 0, 0)),
+              "white.png": Image.new("RGB", (96, 96), "white"), "black.png": Image.new("RGB", (96, 96), "black")}
+    pictures = {}
+    for i, (shape, color) in enumerate([("ellipse", "red"), ("rectangle", "blue"), ("ellipse", "green"),
+                                        ("rectangle", "orange")]):
+        img = Image.new("RGB", (96, 96), "white")
+        getattr(ImageDraw.Draw(img), shape)((10 + 5 * i, 12, 80, 70 + 4 * i), fill=color)
+        pictures[f"picture{i}.png"] = img
+    for name, img in {**blanks, **pictures}.items():
+        img.save(site / name)
+    server = serve(str(site), 0)
+    port = server.server_address[1]
+    rows = [{"url": f"http://127.0.0.1:{port}/{name}", "caption": f"an image called {name}"}
+            for name in [*pictures, *blanks]]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "urls.parquet")
+    bin_ = os.path.join(os.path.dirname(sys.executable), "imagen-pipeline")
+    try:
+        for argv in (["download", "--url-list", str(tmp_path / "urls.parquet"), "--output", str(tmp_path / "raw"),
+                      "--allow-private-networks", "--preset", "tiny"],
+                     ["filter", "--input", str(tmp_path / "raw"), "--output", str(tmp_path / "filtered"),
+                      "--preset", "tiny", "--val-fraction", "0"]):
+            proc = subprocess.run([bin_, *argv], capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finally:
+        server.shutdown()
+        server.server_close()
+    manifest = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert manifest["kept"] == len(pictures) and manifest["rejects"]["filter"] == {"blank": len(blanks)}
+    assert ["filter", "blank", str(len(blanks))] in [line.split() for line in proc.stdout.splitlines()]
+    per_image = pq.read_table(tmp_path / "filtered" / "_filter" / "00000.parquet", columns=["url", "reason"])
+    reasons = {r["url"].rsplit("/", 1)[1]: r["reason"] for r in per_image.to_pylist()}
+    assert reasons == {**dict.fromkeys(pictures), **dict.fromkeys(blanks, "blank")}

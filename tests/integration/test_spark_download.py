@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.data.download import download, summarize
+from pipeline.data.download import NothingDownloaded, download, summarize
 from pipeline.data.spark import require_spark
 from tests.tinychain import RAW_DOWNLOAD_KWARGS, TINY_ROWS_PER_SHARD
 
@@ -144,8 +144,10 @@ def test_default_settings_refuse_loopback_inside_the_executors(tmp_path, monkeyp
         rows = [{"url": f"http://localhost:{port}/img{i}.png", "caption": f"picture {i}"} for i in range(6)]
         rows.append({"url": f"http://127.0.0.1:{port}/img0.png", "caption": "literal"})  # pre-screened
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "urls.parquet")
-        summary = download(str(tmp_path / "urls.parquet"), str(tmp_path / "raw"), presets=RAW_DOWNLOAD_KWARGS["presets"],
-                           number_sample_per_shard=2, distributor="pyspark", spark_master=MASTER)
+        with pytest.raises(NothingDownloaded, match="IMAGEN_ALLOW_PRIVATE_NETWORKS") as err:  # issue 28
+            download(str(tmp_path / "urls.parquet"), str(tmp_path / "raw"), presets=RAW_DOWNLOAD_KWARGS["presets"],
+                     number_sample_per_shard=2, distributor="pyspark", spark_master=MASTER)
+        summary = err.value.summary
         assert server.request_log == []
     finally:
         server.shutdown()

@@ -27,6 +27,7 @@ DOWNLOAD = {
     "--processes": 1, "--threads": 8, "--timeout": 10, "--retries": 0,
     "--samples-per-shard": 10000,  # dest: number_sample_per_shard (was samples_per_shard)
     "--encode-format": "png", "--max-pixels": 64_000_000, "--max-bytes": 32 * 1024 * 1024,
+    "--progress-every": 10.0,  # issue 28: a line while a shard downloads
     "--distributor": "multiprocessing", "--spark-master": None, "--spark-conf": None,
     "--allow-private-networks": False, "--allow-host": None,
 }
@@ -35,6 +36,7 @@ FILTER = {
     "--languages": (),  # was None; both mean "no language filter"
     "--min-language-confidence": 0.5, "--stages": list(STAGES), "--preset": None, "--min-side": None,
     "--max-aspect": 2.0, "--max-pixels": 64_000_000,
+    "--blank-tolerance": 2,  # issue 28: the blank-image reject
     "--no-dedup": True, "--no-near-dedup": True,  # dest: dedup / near_dedup, turned off by the flag
     "--near-dup-distance": 6, "--scorer": None, "--val-fraction": 0.05, "--val-max": 10_000,
     "--samples-per-shard": 1000, "--workers": 1,

@@ -10,8 +10,11 @@ import pytest
 
 from imagen.config import stage_specs
 from pipeline.data.download import (
+    RESERVED_COLUMNS,
     DownloadConfig,
+    NothingDownloaded,
     _resolve,
+    check_downloaded,
     download,
     infer_input_format,
     normalize_error,
@@ -26,12 +29,22 @@ DOWNLOAD_ERRORS = {"http_404": "HTTP Error 404: File not found",
                    "truncated": "Image decoding error"}
 
 
+def refused_download(*args, **kwargs) -> dict:
+    """download() of a list with no fetchable URL: NothingDownloaded, whose summary is returned."""
+    with pytest.raises(NothingDownloaded) as err:
+        download(*args, **kwargs)
+    return err.value.summary
+
+
 def test_private_networks_are_refused_without_a_request(tmp_path):
     (tmp_path / "site").mkdir()
     server = serve(str(tmp_path / "site"), 0)
     try:
         info = make_tiny_dataset(str(tmp_path / "site"), n=10, port=server.server_address[1])
-        result = download(info["urls"], str(tmp_path / "raw"))
+        with pytest.raises(NothingDownloaded, match=rf"{info['n_rows']} of {info['n_rows']} URLs were refused "
+                                                    r".*IMAGEN_ALLOW_PRIVATE_NETWORKS=1") as err:
+            download(info["urls"], str(tmp_path / "raw"))
+        result = err.value.summary
         assert server.request_log == []
     finally:
         server.shutdown()
@@ -73,7 +86,7 @@ def test_screen_urls_reasons():
 def test_csv_list_with_other_column_names(tmp_path):
     csv = tmp_path / "list.csv"
     csv.write_text("link,text\nhttp://127.0.0.1:9/a.png,a red circle\nhttp://10.0.0.1/b.png,a blue square\n")
-    result = download(str(csv), str(tmp_path / "raw"), url_col="link", caption_col="text")
+    result = refused_download(str(csv), str(tmp_path / "raw"), url_col="link", caption_col="text")
     assert result["rejected"] == {"loopback_address": 1, "private_address": 1}
     refused = pq.read_table(tmp_path / "raw" / "refused.parquet")
     assert refused.column_names == ["url", "caption", "reason"]
@@ -141,7 +154,7 @@ def test_url_lists_in_every_format_from_any_fsspec_uri(tmp_path, name):
     assert table.column_names == ["url", "caption", "id"]
     assert table["url"].to_pylist() == [r["link"] for r in LIST_ROWS]
     assert table["caption"].to_pylist() == [r["text"] for r in LIST_ROWS]
-    result = download(uri, str(tmp_path / "raw"), url_col="link", caption_col="text")
+    result = refused_download(uri, str(tmp_path / "raw"), url_col="link", caption_col="text")
     assert result["rejected"] == {"loopback_address": 1, "unsupported_scheme": 1, "private_address": 1}
 
 
@@ -196,3 +209,72 @@ def test_normalize_error(message, reason):
     assert normalize_error(message) == reason
 
 
+
+
+# --- issue 28: reserved extra columns, nothing downloaded, progress mid-shard -----------------
+
+@pytest.mark.parametrize("column", ["width", "key", "status", "error_message", "original_height", "sha256", "url"])
+def test_reserved_extra_column_is_refused_before_anything_runs(tmp_path, column):
+    with pytest.raises(ValueError, match=rf"--extra-columns '{column}' is a column img2dataset writes itself"):
+        download(str(tmp_path / "no-such-list.parquet"), str(tmp_path / "raw"),
+                 save_additional_columns=["color", column])
+    assert not (tmp_path / "raw").exists()
+
+
+def test_reserved_columns_cover_what_img2dataset_writes():
+    """img2dataset's own columns, read from its source: a new one in an upgrade fails here."""
+    import inspect
+    import re
+
+    from img2dataset.downloader import Downloader
+
+    written = set(re.findall(r'pa\.field\("(\w+)"', inspect.getsource(Downloader.download_shard)))
+    assert written >= {"key", "status", "width"}  # the pattern still reads the source
+    assert written <= set(RESERVED_COLUMNS), written - set(RESERVED_COLUMNS)
+
+
+def summary(**counts) -> dict:
+    base = {"output": "/data/raw", "shards": 0, "total": 0, "successes": 0, "failed": 0, "refused": 0,
+            "input_rows": 0, "errors": {}, "rejected": {}}
+    return {**base, **counts}
+
+
+def test_nothing_downloaded_names_the_setting_and_the_count():
+    refused = summary(input_rows=12, refused=10, failed=2, rejected={"loopback_address": 9, "private_address": 1},
+                      errors={"http_404": 2})
+    with pytest.raises(NothingDownloaded, match=r"10 of 12 URLs were refused .*loopback_address 9, "
+                                                r"private_address 1.*IMAGEN_ALLOW_PRIVATE_NETWORKS=1") as err:
+        check_downloaded(refused, "urls.parquet")
+    assert err.value.summary is refused and "IMAGEN_ALLOW_HOSTS" in str(err.value)
+    assert isinstance(err.value, ValueError)  # an input error: the DAG task fails without retries
+    with pytest.raises(NothingDownloaded, match=r"all 3 URLs failed \(http_404 3\)") as err:
+        check_downloaded(summary(input_rows=3, failed=3, errors={"http_404": 3}), "urls.parquet")
+    assert "IMAGEN_ALLOW_PRIVATE_NETWORKS" not in str(err.value)  # not the setting's fault
+    assert not isinstance(err.value, ValueError)  # a host may be down: a retry may meet it up
+    with pytest.raises(NothingDownloaded, match="has no rows") as err:
+        check_downloaded(summary(), "urls.parquet")
+    assert isinstance(err.value, ValueError)
+
+
+def test_some_refused_is_a_warning_not_an_error(caplog):
+    ok = summary(input_rows=5, successes=4, refused=1, rejected={"private_address": 1})
+    assert check_downloaded(ok, "urls.parquet") is ok
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "1 of 5 URLs were refused" in caplog.text and "IMAGEN_ALLOW_PRIVATE_NETWORKS=1" in caplog.text
+    caplog.clear()
+    check_downloaded(summary(input_rows=5, successes=4, refused=1, rejected={"unsupported_scheme": 1}), "u")
+    assert caplog.records == []  # no setting lifts a bad scheme
+
+
+def test_shard_progress_lines(capsys, monkeypatch):
+    from pipeline.data import fetch_guard
+
+    clock = iter(range(100))
+    monkeypatch.setattr(fetch_guard.time, "monotonic", lambda: float(next(clock)))
+    progress = fetch_guard.ShardProgress()  # t=0
+    progress.start_shard("00003", 5, 2.0)  # t=1
+    for error in (None, "HTTP Error 404: Not Found", None, "loopback_address: 127.0.0.1", None):
+        progress.record(error)  # t=2, 3, 4, 5; the fifth finishes the shard: no line
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["shard 00003: 2/5 fetched, 1 ok, 1 failed, 1.0/s; failed so far: http_404 1",
+                     "shard 00003: 4/5 fetched, 2 ok, 2 failed, 1.0/s; failed so far: http_404 1, loopback_address 1"]

@@ -26,8 +26,11 @@ from pipeline.data.filters import (
 
 
 def png(w: int = 64, h: int = 64, color=(200, 10, 10)) -> bytes:
+    """A ``color`` picture with a white corner (not one flat colour: that is the blank filter's)."""
     buf = io.BytesIO()
-    Image.new("RGB", (w, h), color).save(buf, "PNG")
+    img = Image.new("RGB", (w, h), color)
+    img.paste((255, 255, 255), (0, 0, min(w, 8), min(h, 8)))
+    img.save(buf, "PNG")
     return buf.getvalue()
 
 
@@ -82,6 +85,59 @@ def test_decode():
     assert DecodeFilter().check(Sample(key="k", caption="a b c", image_bytes=None)) == "missing_image"
 
 
+def encoded(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def real_picture() -> bytes:
+    """A red disc on a white page: the kind of image the data is for."""
+    from PIL import ImageDraw
+
+    img = Image.new("RGB", (96, 96), "white")
+    ImageDraw.Draw(img).ellipse((20, 20, 76, 76), fill=(200, 20, 20))
+    return encoded(img)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (encoded(Image.new("RGBA", (96, 96), (0, 0, 0, 0))), "blank"),  # fully transparent: white on a page
+    (encoded(Image.new("RGBA", (96, 96), (255, 0, 0, 0))), "blank"),  # transparent red pixels: still white
+    (encoded(Image.new("RGB", (96, 96), "white")), "blank"),
+    (encoded(Image.new("RGB", (96, 96), "black")), "blank"),
+    (encoded(Image.new("L", (96, 96), 128)), "blank"),
+    (encoded(Image.new("RGB", (96, 96), (30, 90, 200)), "JPEG"), "blank"),  # flat, through a lossy codec
+    (real_picture(), None),
+    (encoded(Image.new("RGBA", (96, 96), (0, 0, 255, 255))), "blank"),  # opaque flat blue
+])
+def test_blank_images_are_rejected(data, reason):
+    assert filter_registry.BlankFilter(2).check(sample(data=data)) == reason
+
+
+def test_one_dot_is_not_blank_and_tolerance_minus_one_keeps_blanks():
+    img = Image.new("RGB", (96, 96), "white")
+    img.putpixel((50, 50), (0, 0, 0))
+    assert filter_registry.BlankFilter(2).check(sample(data=encoded(img))) is None
+    ramp = Image.linear_gradient("L").resize((96, 96))  # 0..255: far from flat
+    assert filter_registry.BlankFilter(2).check(sample(data=encoded(ramp))) is None
+    assert "blank" not in [f.name for f in build_filters(FilterConfig(blank_tolerance=-1))[0]]
+    flat = sample(data=encoded(Image.new("RGB", (96, 96), "white")))
+    assert apply_filters(build_filters(FilterConfig(blank_tolerance=-1))[0], flat) is None
+    assert apply_filters(build_filters()[0], flat) == "blank"
+
+
+def test_every_reason_is_documented_in_the_readme():
+    """The README's "Reject table" section lists exactly the reasons filter_registry.REASONS owns."""
+    import os
+    import re
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")) as f:
+        readme = f.read()
+    section = readme.split("## Reject table", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `([a-z_0-9]+)` \|", section, re.M))
+    assert listed == set(filter_registry.REASONS), listed ^ set(filter_registry.REASONS)
+
+
 def test_size_filters_leave_undecodable_bytes_to_decode():
     garbage = sample(data=b"<html>not an image</html>")
     assert [f.check(garbage) for f in (MinSideFilter(64), MaxAspectFilter(2), MaxPixelsFilter(10))] == [None] * 3
@@ -94,7 +150,8 @@ def test_pil_decompression_bomb_is_too_large_not_a_decode_error():
 
 
 def test_registry_order_and_config():
-    assert list(FILTERS) == ["caption_length", "caption_language", "min_side", "max_aspect", "max_pixels", "decode"]
+    assert list(FILTERS) == ["caption_length", "caption_language", "min_side", "max_aspect", "max_pixels", "decode",
+                             "blank"]
     names = [f.name for f in build_filters()[0]]
     assert names == [n for n in FILTERS if n != "caption_language"]  # no languages configured: off
     # Cheap checks first: an empty caption is reported before the (costly) decode failure.
