@@ -41,10 +41,9 @@ OPEN_FORM = """(() => {
   b.click(); return 'clicked';
 })()"""
 FORM_STATE = """(() => {
-  const d = document.querySelector('[role=dialog]');
-  if (!d) return null;
-  const b = [...d.querySelectorAll('button')].filter(b => b.innerText.trim() === 'Trigger').pop();
-  const errors = [...d.querySelectorAll('[aria-invalid=true]')].map(e => e.id || e.name);
+  // every dialog on the page: the first one in the document is not always the form's
+  const b = [...document.querySelectorAll('[role=dialog] button')].filter(b => b.innerText.trim() === 'Trigger').pop();
+  const errors = [...document.querySelectorAll('[role=dialog] [aria-invalid=true]')].map(e => e.id || e.name);
   return {submit: b ? (b.disabled ? 'disabled' : 'enabled') : 'missing', invalid_fields: errors};
 })()"""
 
@@ -70,7 +69,8 @@ class Browser:
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         port = self._devtools_port(binary)
         tab = http_json("PUT", f"http://127.0.0.1:{port}/json/new?about:blank")
-        self.ws = websocket.create_connection(tab["webSocketDebuggerUrl"], timeout=60)
+        # no Origin header: Chromium refuses DevTools websockets from origins it was not told of
+        self.ws = websocket.create_connection(tab["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
         self.next_id = 0
         self.send("Page.enable")
         self.send("Emulation.setDeviceMetricsOverride", width=WINDOW[0], height=WINDOW[1],
