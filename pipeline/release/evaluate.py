@@ -8,7 +8,9 @@ sample grids, sampling speed and metrics, logged to the stage's MLflow run.
     ... [--fid-weights inception-2015-12-05.pt] [--clip-model DIR]    # default: the deployment's
                                                                        # $IMAGEN_FID_WEIGHTS, $IMAGEN_CLIP_MODEL
 
-What is measured (metric keys are logged under ``eval/``, the same names in every run):
+What is measured (keys of the result's ``metrics``; a stage's run logs them as ``eval/<metric>``
+without the stage, the same names for every stage, and settings as ``eval.<name>`` tags,
+:func:`run_metrics`):
 
 - the prompt set (``--prompts-file``, else ``DEFAULT_PROMPTS``; on the tiny data one prompt
   per colour x shape) sampled from the first stage through the last given, with guidance (each
