@@ -329,6 +329,7 @@ def _register_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--tag", action="append", metavar="KEY=VALUE", help="extra version tag")
     s.add_argument("--run-id", help="log the model into this run (default: the training run)")
     s.add_argument("--tracking-uri")
+    s.add_argument("--root", help="without --checkpoint: the data root whose mlflow.db holds the model")
 
 
 @verb("register", "register a stage or the cascade in the MLflow Model Registry", _register_flags)
@@ -341,7 +342,7 @@ def _register(a: argparse.Namespace) -> Any:
             if not (a.name and a.promote):
                 raise ValueError("give --checkpoint to register, or --name NAME --promote to move "
                                  "champion to the current challenger")
-            return promote(a.name, version=a.version, tracking_uri=a.tracking_uri)
+            return promote(a.name, version=a.version, tracking_uri=a.tracking_uri, root=a.root)
         return register(a.checkpoint, a.name, alias=a.alias, tracking_uri=a.tracking_uri,
                         run_id=a.run_id, tags=tags, encoder=a.encoder, promote=a.promote,
                         promote_on=a.promote_on, new_version=a.new_version, weights_dtype=a.weights_dtype)
@@ -391,6 +392,7 @@ def _sample_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--image", action="append", help="low-res input per prompt, for an SR-stage model")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.add_argument("--tracking-uri")
+    s.add_argument("--root", help="the data root whose mlflow.db holds the model (as register used it)")
 
 
 @verb("sample", "generate images from a registered model", _sample_flags)
@@ -407,7 +409,8 @@ def _sample(a: argparse.Namespace) -> Any:
             params[per_stage] = flag
     with mlflow_errors_in_one_line():
         return sample_images(a.prompts, a.model, a.output, seeds=a.seed, tracking_uri=a.tracking_uri,
-                             images=a.image, progress=not a.no_progress, encoder=a.encoder, **params)
+                             images=a.image, progress=not a.no_progress, encoder=a.encoder, root=a.root,
+                             **params)
 
 
 def _plan_flags(s: argparse.ArgumentParser) -> None:

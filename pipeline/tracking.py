@@ -1,10 +1,26 @@
-"""MLflow tracking helpers shared by train, evaluate and register.
+"""MLflow tracking helpers shared by train, evaluate, register, promote and sample.
 
-- ``resolve_tracking_uri(uri, root)``: an explicit URI, else ``$MLFLOW_TRACKING_URI``, else a
-  SQLite store under the data root (MLflow 3.7+ would otherwise create ``./mlflow.db`` in
-  whatever directory the process happens to run in).
+The tracking store, one rule for every verb (``resolve_tracking_uri``)::
+
+    uri = resolve_tracking_uri(explicit, root)   # --tracking-uri, else $MLFLOW_TRACKING_URI,
+                                                 # else sqlite:///ROOT/mlflow.db of the run's root
+    check_store(uri, "sample --model models:/x@champion")   # a verb that only reads: the store must exist
+
+``root`` is the run's data root (``--root``; the ``metadata.root`` a checkpoint records; the
+folder holding ``--data``); a remote root's SQLite file lives on this machine (pipeline/layout.py
+``local_state``). With no explicit URI, no ``$MLFLOW_TRACKING_URI`` and no root there is no
+default: the error says how to point at one (MLflow 3.7+ would otherwise open ``./mlflow.db``
+in whatever directory the process runs in). Every verb prints the store it used
+(``tracking_uri`` in its JSON line).
+
 - ``RunLogger``: rank-0 logging that never kills training: a tracking server that is down
-  gives one warning, and the metrics of that moment are skipped.
+  gives one warning, and the metrics of that moment are skipped. A run made inside an Airflow
+  task is tagged with its DAG, DAG run, task and try (``airflow_tags``, read from the
+  ``AIRFLOW_CTX_*`` variables Airflow 3's task runner exports).
+- ``log_to_run(client, run_id, ...)``: metrics, tags and artifacts added to a run that may have
+  finished (evaluation into the training run) without reopening it: its status, start and end
+  time stay as training left them.
+- ``ensure_experiment``: the experiment, tagged to open in the MLflow UI's model-training view.
 - ``code_version()`` (and ``pipeline.layout.manifest_sha256(filtered)``): the lineage that training records in
   every checkpoint and registration tags on every model version (which code, which data).
 """
@@ -22,14 +38,84 @@ log = logging.getLogger(__name__)
 OFF = "off"  # --tracking-uri off: no tracking at all
 
 
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+STORE_FILE = "mlflow.db"  # the default SQLite store's file name, under the root's local state
+# Airflow 3's task runner exports these to the task process (and its subprocesses):
+# airflow/sdk/execution_time/context.py, AIRFLOW_VAR_NAME_FORMAT_MAPPING
+AIRFLOW_CONTEXT = {"airflow.dag_id": "AIRFLOW_CTX_DAG_ID", "airflow.dag_run_id": "AIRFLOW_CTX_DAG_RUN_ID",
+                   "airflow.task_id": "AIRFLOW_CTX_TASK_ID", "airflow.try_number": "AIRFLOW_CTX_TRY_NUMBER"}
+# The MLflow 3 UI opens an experiment in its model-training view only with this tag (without
+# it, it guesses the GenAI view)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# Params that name one fact twice: the config's text_encoder is the metadata's encoder_name
+# (register refuses a checkpoint where they differ); the run keeps the second name only.
+SAME_PARAM = {"text_encoder": "encoder_name"}
+
+
 def resolve_tracking_uri(uri: str | None, root: str | None = None) -> str:
+    """The tracking store: ``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///ROOT/mlflow.db``
+    (``root``: a local folder, made here so SQLite can create the file). ValueError without any."""
     if uri:
         return uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    base = os.path.abspath(root or ".")
+    if os.environ.get(TRACKING_ENV):
+        return os.environ[TRACKING_ENV]
+    if not root:
+        raise ValueError(f"no MLflow tracking store: pass --tracking-uri URI, set {TRACKING_ENV}, or give the "
+                         f"data root (--root ROOT: its {STORE_FILE}, where train and register log)")
+    base = os.path.abspath(root)
     os.makedirs(base, exist_ok=True)
-    return f"sqlite:///{os.path.join(base, 'mlflow.db')}"
+    return f"sqlite:///{os.path.join(base, STORE_FILE)}"
+
+
+def sqlite_path(uri: str) -> str | None:
+    """The file of a ``sqlite:///`` URI, None for any other store."""
+    return uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+
+
+def check_store(uri: str, what: str) -> str:
+    """``uri`` when it names a store that exists; a SQLite file that does not exist is an error
+    (opening it would create an empty store) saying where it looked and how to point at one."""
+    path = sqlite_path(uri)
+    if path is not None and not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: no MLflow store at {path} (looked there because of "
+                                f"{_why(uri)}): pass --tracking-uri URI or --root ROOT of the store "
+                                "the model was registered in, or set " + TRACKING_ENV)
+    return uri
+
+
+def _why(uri: str) -> str:
+    return f"${TRACKING_ENV}" if os.environ.get(TRACKING_ENV) == uri else "--tracking-uri / --root"
+
+
+def airflow_tags() -> dict[str, str]:
+    """``airflow.dag_id``, ``airflow.dag_run_id``, ``airflow.task_id``, ``airflow.try_number`` of
+    the Airflow task this process runs in (empty outside Airflow)."""
+    return {tag: os.environ[env] for tag, env in AIRFLOW_CONTEXT.items() if os.environ.get(env)}
+
+
+def run_params(params: dict[str, Any]) -> dict[str, str]:
+    """Params as MLflow stores them: no None (an unset option is no param, not the string
+    "None"), one name per fact (``SAME_PARAM``), each value cut to MLflow's 6000 characters."""
+    out = {k: str(v)[:6000] for k, v in params.items() if v is not None}
+    for dup, kept in SAME_PARAM.items():
+        if dup in out and out.get(kept) == out[dup]:
+            del out[dup]
+    return out
+
+
+def log_to_run(client, run_id: str, metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,
+               artifacts: dict[str, str] | None = None, step: int = 0) -> None:
+    """Add metrics, tags and artifacts (local path -> artifact folder) to run ``run_id`` through
+    ``client`` without reopening it: a finished run keeps its status, start and end time."""
+    import time as _time
+
+    from mlflow.entities import Metric, RunTag
+
+    now = int(_time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
+                     tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+    for path, folder in (artifacts or {}).items():
+        client.log_artifact(run_id, path, artifact_path=folder)
 
 
 def server_up(uri: str, timeout: float = 5.0) -> bool:
@@ -45,17 +131,19 @@ def server_up(uri: str, timeout: float = 5.0) -> bool:
 
 def ensure_experiment(name: str, artifact_root: str | None = None) -> str:
     """Return the experiment id, creating it (with local artifacts under ``artifact_root``
-    for a file/SQLite store) when missing."""
+    for a file/SQLite store) when missing; tagged to open in the UI's model-training view."""
     import mlflow
 
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before the tag, or by someone else
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     uri = mlflow.get_tracking_uri()
     if artifact_root and not uri.startswith(("http://", "https://")):
         location = "file://" + os.path.abspath(artifact_root)
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 class RunLogger:
@@ -66,6 +154,7 @@ class RunLogger:
                  run_id: str | None = None, tags: dict[str, str] | None = None,
                  system_metrics: bool = True):
         self.enabled = enabled
+        self.tracking_uri = tracking_uri  # the store, for the verb's JSON line
         self.run_id: str | None = None
         self._warned_at = float("-inf")
         if not enabled or tracking_uri == OFF:
@@ -82,7 +171,8 @@ class RunLogger:
             mlflow.set_tracking_uri(tracking_uri)
             exp_id = ensure_experiment(experiment, artifact_root)
             run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
-                                   run_name=run_name, tags=tags, log_system_metrics=system_metrics)
+                                   run_name=run_name, tags={**airflow_tags(), **(tags or {})},
+                                   log_system_metrics=system_metrics)
             self.run_id = run.info.run_id
         except Exception as e:  # noqa: BLE001 - tracking must never stop training
             self._warn(f"MLflow at {tracking_uri} unavailable ({e}); training goes on without it")
@@ -104,7 +194,7 @@ class RunLogger:
             self._warn(f"MLflow {fn_name} failed ({e}); skipped")
 
     def log_params(self, params: dict[str, Any]) -> None:
-        self._call("log_params", {k: str(v)[:6000] for k, v in params.items()})
+        self._call("log_params", run_params(params))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         # asynchronous: a slow or flaky server never stalls a training step

@@ -8,7 +8,9 @@ sample grids, sampling speed and metrics, logged to the stage's MLflow run.
     ... [--fid-weights inception-2015-12-05.pt] [--clip-model DIR]    # default: the deployment's
                                                                        # $IMAGEN_FID_WEIGHTS, $IMAGEN_CLIP_MODEL
 
-What is measured (metric keys are logged under ``eval/``, the same names in every run):
+What is measured (keys of the result's ``metrics``; a stage's run logs them as ``eval/<metric>``
+without the stage, the same names for every stage, and settings as ``eval.<name>`` tags,
+:func:`run_metrics`):
 
 - the prompt set (``--prompts-file``, else ``DEFAULT_PROMPTS``; on the tiny data one prompt
   per colour x shape) sampled from the first stage through the last given, with guidance (each
@@ -52,7 +54,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -68,8 +69,6 @@ from pipeline.options import option
 from pipeline.release import sweep
 from pipeline.release.eval_data import ValidationSplit, references
 
-log = logging.getLogger(__name__)
-
 # Prompts for a real-data model when no --prompts file is given: fixed, so runs compare.
 DEFAULT_PROMPTS = (
     "a photo of a cat sitting on a table", "a red car parked on a city street",
@@ -84,6 +83,8 @@ FID_WEIGHTS_ENV = "IMAGEN_FID_WEIGHTS"  # a TorchScript feature extractor file (
 CLIP_MODEL_ENV = "IMAGEN_CLIP_MODEL"  # a local transformers CLIP directory
 PROGRESS_SECONDS = 15.0  # at most this long between progress lines while sampling
 GRID_CAPTIONS = 8  # validation captions a base stage samples for its grid alone (the trainer's grid: 8)
+# Figures that are settings, not measurements: run tags ``eval.<name>`` (run_metrics)
+SETTINGS = ("guidance_scale", "lowres_aug", "chance_alignment", "chance_alignment_color")
 
 
 @dataclass
@@ -138,27 +139,34 @@ def eval_key(checkpoints: list[str]) -> str:
 
 
 class Progress:
-    """Progress lines of one part of an evaluation: when it starts (what, how many images), at
-    most every ``every`` seconds while it samples (the sampler's step), and when it ends."""
+    """Progress lines of one part of an evaluation, on stdout (an Airflow task log shows them):
+    when it starts (what, how many images), at most every ``every`` seconds while it samples
+    (stage, step n/N, sampler run k/K of the part, images, seconds), and when it ends."""
 
     def __init__(self, label: str, part: str, images: int, every: float = PROGRESS_SECONDS,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, runs: int = 1):
         self.label, self.part, self.images, self.every, self.clock = label, part, images, every, clock
+        self.runs, self.run = runs, 0  # sampler runs in this part (a sweep's settings, a cascade's stages)
         self.start = self.last = 0.0
+        self._at: tuple[str, int] | None = None
 
     def say(self, text: str) -> None:
         print(f"[evaluate {self.label}] {self.part}: {text}", flush=True)
 
     def begin(self) -> None:
         self.start = self.last = self.clock()
-        self.say(f"{self.images} images")
+        self.say(f"{self.images} images" + (f", {self.runs} sampler runs" if self.runs > 1 else ""))
 
     def step(self, stage: str, step: int, steps: int) -> None:
         """The sampler's ``progress(stage, step, steps)`` callback."""
+        if self._at is None or stage != self._at[0] or step < self._at[1]:
+            self.run += 1  # a new sampler run began (the next setting, the next stage)
+        self._at = (stage, step)
         now = self.clock()
         if now - self.last >= self.every:
             self.last = now
-            self.say(f"{stage} step {step}/{steps}, {self.images} images, {now - self.start:.0f} s")
+            self.say(f"sampling {stage}: step {step}/{steps}, run {min(self.run, self.runs)}/{self.runs}, "
+                     f"{self.images} images, {now - self.start:.0f} s")
 
     def end(self) -> float:
         seconds = self.clock() - self.start
@@ -230,6 +238,8 @@ class Evaluation:
         self.opts = opts
         opts.skipped = {}
         device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        print(f"[evaluate] loading {len(self.checkpoints)} stage(s) on {device}: "
+              + ", ".join(storage.normalize(c) for c in self.checkpoints), flush=True)
         loaded = [load_model(c, device=device, storage=storage) for c in self.checkpoints]
         self.stages = [(m, c) for m, c, _ in loaded]
         self.metas = [meta for _, _, meta in loaded]
@@ -247,8 +257,8 @@ class Evaluation:
         self.sweep_records: dict[str, dict[str, Any]] = {}  # SR stage -> what sampling.json records
         self.metrics: dict[str, float] = {}
 
-    def progress(self, part: str, images: int) -> Progress:
-        return Progress(self.label, part, images)
+    def progress(self, part: str, images: int, runs: int = 1) -> Progress:
+        return Progress(self.label, part, images, runs=runs)
 
     def parts(self) -> list[Part]:
         """The sampling jobs; their inputs (prompt embeddings, validation samples) are read here."""
@@ -269,7 +279,7 @@ class Evaluation:
 
         def sample(name: str, what: str, embeds, embeds_mask, guided: bool) -> Callable[[], None]:
             def run() -> None:
-                say = self.progress(what, len(embeds))
+                say = self.progress(what, len(embeds), runs=len(cascade.stages))
                 say.begin()
                 self.out[name] = cascade.run(text_embeds=embeds, text_mask=embeds_mask, seed=self.opts.seed,
                                              options=guided_options(cascade, self.opts, guided), progress=say.step)
@@ -325,7 +335,7 @@ class Evaluation:
         def run() -> None:
             say = self.progress(f"super-resolution of {source} images"
                                 + (f", {len(pairs)} sampling settings" if self.opts.sweep else ""),
-                                len(target) * len(pairs))
+                                len(target) * len(pairs), runs=len(pairs))
             say.begin()
             if self.opts.sweep:
                 found = sweep.sweep_sr(model, cfg, lowres, target, text, mask, self.opts.seed, self.opts.steps, say.step)
@@ -346,6 +356,8 @@ class Evaluation:
     def finish(self) -> dict[str, Any]:
         """Score the parts' images, write the grids and log them with the metrics."""
         images: dict[str, np.ndarray | None] = {}
+        measured = [k for k in ("fid_weights", "clip_model") if getattr(self.opts, k)]
+        self.progress("scoring", 0).say("alignment, PSNR/SSIM" + (f", {' and '.join(measured)}" if measured else ""))
         if self.base_first:
             images.update(self._score_prompt_set())
             images["validation"] = self._score_validation(images["guided"])
@@ -355,12 +367,33 @@ class Evaluation:
         self._keep_sweeps()
         opts = self.opts
         for name, reason in opts.skipped.items():
-            log.info("evaluate: %s skipped: %s", name, reason)
-        grids = write_grids(images, opts.output or RunDir.of(self.checkpoints[-1]).eval_dir)
-        run_id = log_to_mlflow(self.checkpoints, self.metas, opts, self.metrics, grids, self.prompts, self.val.used,
-                               self.sweep_records)
-        return {"metrics": self.metrics, "grids": grids, "run_id": run_id, "skipped": dict(opts.skipped),
+            self.progress("skipped", 0).say(f"{name}: {reason}")
+        grids = write_grids(images, opts.output or RunDir.of(self.checkpoints[-1]).eval_dir, self._grid_labels())
+        self.progress("MLflow", 0).say(f"logging {len(self.metrics)} figures and {len(grids)} grids")
+        run_id, store = log_to_mlflow(self.checkpoints, self.metas, opts, self.metrics, grids, self.prompts,
+                                      self.val.used, self.sweep_records, [c.stage for _, c in self.stages])
+        return {"metrics": self.metrics, "grids": grids, "run_id": run_id, "tracking_uri": store,
+                "skipped": dict(opts.skipped),
                 "sampling": {stage: r["chosen"] for stage, r in self.sweep_records.items()}}
+
+    def _grid_labels(self) -> dict[str, tuple[int | None, list[str] | None, list[str] | None]]:
+        """Each grid's layout and labels: the tiny data's prompt set as colours (rows) x shapes
+        (columns), other prompts and validation captions one per row, SR rows of bicubic | SR |
+        real under their captions."""
+        out: dict[str, tuple[int | None, list[str] | None, list[str] | None]] = {}
+        if self.specs is not None:
+            shapes = list(dict.fromkeys(s for _, s in self.specs))
+            layout = (len(shapes), shapes, list(dict.fromkeys(c for c, _ in self.specs)))
+        else:
+            layout = (1, None, list(self.prompts))
+        out["guided"] = out["unguided"] = layout
+        if self.captions is not None:
+            out["validation"] = (1, None, list(self.captions.captions or []) or None)
+        for _, cfg in self.stages:
+            if f"sr_{cfg.stage}" in self.out:
+                captions = self.out[f"sr_{cfg.stage}"][4]
+                out[f"sr_{cfg.stage}"] = (3, ["bicubic", cfg.stage, "real"], list(captions) if captions else None)
+        return out
 
     def _score_prompt_set(self) -> dict[str, np.ndarray]:
         """Speed per stage, alignment on tiny data."""
@@ -422,9 +455,10 @@ class Evaluation:
             record = found.record(source, n, self.opts.seed)
             self.sweep_records[cfg.stage] = {**record, "chosen": found.values}
             save_sampling(checkpoint, found.values, record, storage)
-            log.info("evaluate: %s samples with guidance %g at augmentation level %g from now on (best %s "
-                     "of %d settings on %d %s images)", cfg.stage, found.values["guidance_scale"],
-                     found.values["lowres_aug_sample"], sweep.METRIC, len(found.table), n, source)
+            self.progress("sweep", n).say(
+                f"{cfg.stage} samples with guidance {found.values['guidance_scale']:g} at augmentation level "
+                f"{found.values['lowres_aug_sample']:g} from now on (best {sweep.METRIC} of {len(found.table)} "
+                f"settings on {n} {source} images)")
 
     def _score_sr(self, cfg, sr: np.ndarray, seconds: float, target: np.ndarray, low: np.ndarray,
                   captions: list[str] | None) -> np.ndarray:
@@ -516,8 +550,11 @@ def quality_metrics(images: np.ndarray, real: np.ndarray | None, texts: list[str
         metrics[f"{prefix}clip_score"] = m.clip_score(images, texts, opts.clip_model)
 
 
-def write_grids(images: dict[str, np.ndarray | None], out_dir: str) -> dict[str, str]:
-    """One PNG per image set in ``out_dir`` (a folder or URI); returns {name: its URI}."""
+def write_grids(images: dict[str, np.ndarray | None], out_dir: str,
+                labels: dict[str, tuple[int | None, list[str] | None, list[str] | None]] | None = None
+                ) -> dict[str, str]:
+    """One PNG per image set in ``out_dir`` (a folder or URI); returns {name: its URI}.
+    ``labels``: name -> (columns, column labels, row labels) of its grid (pipeline/grids.py)."""
     import io
 
     from PIL import Image
@@ -529,9 +566,9 @@ def write_grids(images: dict[str, np.ndarray | None], out_dir: str) -> dict[str,
         if imgs is None:
             continue
         paths[name] = storage.join(out_dir, f"grid_{name}.png")
-        cols = 3 if name.startswith("sr_") else None  # SR grids: rows of input | output | reference
+        cols, col_labels, row_labels = (labels or {}).get(name, (None, None, None))
         png = io.BytesIO()
-        Image.fromarray(make_grid(imgs, cols=cols)).save(png, format="PNG")
+        Image.fromarray(make_grid(imgs, cols=cols, col_labels=col_labels, row_labels=row_labels)).save(png, format="PNG")
         storage.write_bytes(paths[name], png.getvalue())
     return paths
 
@@ -554,31 +591,69 @@ def find_stage_run(checkpoint: str, meta: dict) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def run_metrics(metrics: dict[str, float], stages: list[str]) -> tuple[dict[str, float], dict[str, str]]:
+    """(metrics, tags) as a run records them: ``eval/<metric>`` in every stage's own run, the
+    same names for every stage (``eval/psnr``, ``eval/seconds_per_image``, ``eval/fid`` ...), so
+    the MLflow compare view lines up; a cascade's run keeps the stage in the name
+    (``eval/sr256/psnr``). Settings (``SETTINGS``: guidance weight, augmentation level, chance
+    levels) are tags ``eval.<name>``, not metrics."""
+    alone = stages[0] if len(stages) == 1 else None
+    logged, tags = {}, {}
+    for key, value in metrics.items():
+        name = key
+        if alone:
+            name = name.removeprefix(f"{alone}/")
+            if name in (f"seconds_per_image/{alone}", "seconds_per_image_sr"):
+                name = "seconds_per_image"  # the stage's own sampling time, whichever part measured it
+        if name.rsplit("/", 1)[-1] in SETTINGS:
+            tags[f"eval.{name}"] = f"{value:g}"
+        else:
+            logged[f"eval/{name}"] = value
+    return logged, tags
+
+
 def log_to_mlflow(checkpoints, metas, opts: EvalOptions, metrics, grids, prompts, validation,
-                  sweeps: dict[str, dict] | None = None) -> str:
+                  sweeps: dict[str, dict] | None = None, stages: list[str] | None = None) -> tuple[str, str]:
+    """Log into the stage's training run (or ``opts.run_id``) without reopening it: the run keeps
+    its training start and end time. A cascade gets a new ``evaluate-cascade`` run. Returns
+    (run id, tracking store)."""
+    import contextlib
+    import tempfile
+
     import mlflow
 
     from pipeline.layout import checkpoint_tracking
-    from pipeline.tracking import ensure_experiment
+    from pipeline.tracking import airflow_tags, ensure_experiment, log_to_run
 
     tracking_uri, artifacts = checkpoint_tracking(metas[0], opts.tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient()
     run_id = opts.run_id or (find_stage_run(checkpoints[0], metas[0]) if len(checkpoints) == 1 else None)
-    exp_id = None if run_id else ensure_experiment("imagen", artifacts)
-    name = "evaluate-" + ("cascade" if len(checkpoints) > 1 else storage.basename(
-        storage.parent(storage.normalize(checkpoints[0]))))
-    with mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=None if run_id else name) as run:
-        mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
-        for uri in grids.values():
-            with storage.local_file(uri) as path:
-                mlflow.log_artifact(path, artifact_path="eval")
-        mlflow.log_dict({"checkpoints": [storage.normalize(c) for c in checkpoints], "prompts": prompts,
-                         "validation": {"data": opts.data, "samples": validation}, "seed": opts.seed,
-                         "steps": opts.steps, "metrics": metrics, "skipped": opts.skipped}, "eval/summary.json")
-        for stage, record in (sweeps or {}).items():
-            mlflow.log_dict(record, f"eval/sweep_{stage}.json")
-        mlflow.set_tag(EVAL_KEY_TAG, eval_key(checkpoints))
-    return run.info.run_id
+    made = run_id is None
+    if made:
+        name = "evaluate-" + ("cascade" if len(checkpoints) > 1 else storage.basename(
+            storage.parent(storage.normalize(checkpoints[0]))))
+        run_id = client.create_run(ensure_experiment("imagen", artifacts), run_name=name,
+                                   tags=airflow_tags()).info.run_id
+    logged, tags = run_metrics(metrics, stages or [str(m.get("stage", "")) for m in metas])
+    tags.update({EVAL_KEY_TAG: eval_key(checkpoints), "eval.seed": str(opts.seed),
+                 "eval.prompts": str(len(prompts)), "eval.validation_samples": str(max([len(v.get("keys", [])) for v in (validation or {}).values()], default=0))})
+    if opts.steps:
+        tags["eval.steps"] = str(opts.steps)
+    summary = {"checkpoints": [storage.normalize(c) for c in checkpoints], "prompts": prompts,
+               "validation": {"data": opts.data, "samples": validation}, "seed": opts.seed,
+               "steps": opts.steps, "metrics": metrics, "skipped": opts.skipped}
+    with tempfile.TemporaryDirectory(prefix="imagen-eval-") as tmp, contextlib.ExitStack() as files:
+        docs = {"summary.json": summary, **{f"sweep_{stage}.json": r for stage, r in (sweeps or {}).items()}}
+        for fname, doc in docs.items():
+            with open(os.path.join(tmp, fname), "w") as f:
+                json.dump(doc, f, indent=2, default=str)
+        local = {os.path.join(tmp, fname): "eval" for fname in docs}
+        local.update({files.enter_context(storage.local_file(uri)): "eval" for uri in grids.values()})
+        log_to_run(client, run_id, logged, tags, local)
+    if made:
+        client.set_terminated(run_id)
+    return run_id, tracking_uri
 
 
 def evaluate_runs(trained: list[dict[str, Any] | None], attributes: str | None = None, encoder: str | None = None,

@@ -270,7 +270,7 @@ def predict_images(cascade, model_input, params: dict[str, Any] | None = None):
 
     p = {**DEFAULT_PARAMS, **(params or {})}
     prompts = [str(x) for x in model_input["prompt"]]
-    n = int(p["stages"]) or len(cascade.stages)
+    n = int(p["stages"] or 0) or len(cascade.stages)
     first = cascade.stages[0][1]
     lowres = None
     if first.lowres_size is not None:
@@ -287,11 +287,24 @@ def predict_images(cascade, model_input, params: dict[str, Any] | None = None):
             bars.close()
 
 
-# Sampling params of predict(); negative / zero / empty = the stage config's default.
-DEFAULT_PARAMS: dict[str, Any] = {
-    "seed": 0, "steps": 0, "guidance_scale": -1.0, "stages": 0, "sampler": "",
-    "stage_guidance": [-1.0], "stage_steps": [0], "progress": False,
+# Sampling params of predict(), with their types for the model signature: None (or an empty
+# list) = each stage config's own value. In a per-stage list a negative weight or a step count
+# of 0 keeps that stage's own (so does -1.0 / 0 / "" from versions registered before None).
+PARAM_TYPES: dict[str, tuple[str, Any]] = {
+    "seed": ("long", 0), "steps": ("long", None), "guidance_scale": ("double", None), "stages": ("long", None),
+    "sampler": ("string", None), "stage_guidance": ("double", []), "stage_steps": ("long", []),
+    "progress": ("boolean", False),
 }
+DEFAULT_PARAMS: dict[str, Any] = {k: default for k, (_, default) in PARAM_TYPES.items()}
+
+
+def param_schema():
+    """The pyfunc signature's params (MLflow ``ParamSchema``): typed, optional ones None."""
+    from mlflow.types import DataType
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    return ParamSchema([ParamSpec(k, getattr(DataType, t), d, shape=(-1,) if isinstance(d, list) else None)
+                        for k, (t, d) in PARAM_TYPES.items()])
 
 
 class StageBars:
@@ -320,15 +333,26 @@ def stage_options(params: dict[str, Any], n: int) -> list:
     (>= 0 / > 0), else the scalar guidance_scale / steps when set, else the config's default."""
     from imagen.cascade import StageOptions
 
-    per_w = [float(x) for x in params["stage_guidance"]]
-    per_s = [int(x) for x in params["stage_steps"]]
+    per_w = [float(x) for x in params.get("stage_guidance") or []]
+    per_s = [int(x) for x in params.get("stage_steps") or []]
+    scalar_w = params.get("guidance_scale")
+    scalar_s = int(params.get("steps") or 0)
     out = []
     for i in range(n):
-        w = per_w[i] if i < len(per_w) and per_w[i] >= 0 else float(params["guidance_scale"])
-        steps = per_s[i] if i < len(per_s) and per_s[i] > 0 else int(params["steps"])
+        w = per_w[i] if i < len(per_w) and per_w[i] >= 0 else (-1.0 if scalar_w is None else float(scalar_w))
+        steps = per_s[i] if i < len(per_s) and per_s[i] > 0 else scalar_s
         out.append(StageOptions(steps=steps if steps > 0 else None, guidance_scale=w if w >= 0 else None,
-                                sampler=params["sampler"] or None))
+                                sampler=params.get("sampler") or None))
     return out
+
+
+def tracking_store(tracking_uri: str | None, root: str | None) -> str:
+    """The registry's store for a verb given an optional ``--root``: pipeline/tracking.py's rule
+    (``tracking_uri``, ``$MLFLOW_TRACKING_URI``, the root's ``mlflow.db``; an error without any)."""
+    from pipeline.layout import checkpoint_tracking
+    from pipeline.tracking import resolve_tracking_uri
+
+    return checkpoint_tracking({"root": root}, tracking_uri)[0] if root else resolve_tracking_uri(tracking_uri)
 
 
 def check_model_uri(model_uri: str) -> str:

@@ -212,12 +212,10 @@ def with_paragraph(description: str | None, paragraph: str) -> str:
 def _client(tracking_uri: str | None, root: str | None):
     import mlflow
 
-    if root:
-        from pipeline.layout import RunLayout
+    from pipeline.release.loading import tracking_store
+    from pipeline.tracking import check_store
 
-        tracking_uri = RunLayout(root).tracking_uri(tracking_uri)
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(check_store(tracking_store(tracking_uri, root), "gate"))
     return mlflow.MlflowClient()
 
 

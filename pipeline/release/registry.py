@@ -52,8 +52,16 @@ the orchestrators' one call per task (a stage's model; the cascade of the stages
 
 New versions get the alias ``challenger``. ``--promote`` moves ``champion`` to the new
 version; ``--promote-on METRIC[:max|min]`` does so only when its evaluation metric beats the
-current champion's. Version tags carry the lineage: dataset manifest hash, encoder id, stage
-configs, git commit, training runs and the evaluation metrics (``eval/...``).
+current champion's (read from the version's ``eval_run``). Version tags are the facts a user
+filters on (``stages``, ``encoder_id``, ``dataset_manifest_sha256``, ``git_commit``,
+``training_runs``, ``weights_dtype``, ``eval_run``); each stage's preset, checkpoint, step and
+code version are in the version's description (pipeline/release/lineage.py), and the
+registered model gets a description of its own.
+
+The pyfunc is a LoggedModel named after the registered model (``imagen-base64``), an output of
+the stage's training run, which is never reopened (it keeps its training start and end time);
+its signature has typed optional params (None = the stage's own value) and an input example.
+The result names the ``tracking_uri`` used (pipeline/tracking.py's one rule).
 """
 
 from __future__ import annotations
@@ -63,7 +71,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -80,13 +87,19 @@ from pipeline.release.blobs import (
     file_entry,
     upload_settings,
 )
+from pipeline.release.lineage import describe_model, describe_version, lineage
 from pipeline.release.loading import (
-    DEFAULT_PARAMS,
     ENCODER_ARTIFACT,
     check_model_uri,
+    param_schema,
     stage_artifact,
+    tracking_store,
 )
-from pipeline.tracking import code_version, ensure_experiment, resolve_tracking_uri
+from pipeline.tracking import (
+    airflow_tags,
+    check_store,
+    ensure_experiment,
+)
 
 STAGE_MODEL_NAMES = {"base64": "imagen-base64", "sr256": "imagen-sr256", "sr1024": "imagen-sr1024"}
 CASCADE_MODEL_NAME = "imagen-cascade"
@@ -118,77 +131,23 @@ class ImagenPyfunc(mlflow.pyfunc.PythonModel):
         return predict_images(self.cascade, model_input, params)
 
 
-def _signature(cfgs) -> Any:
-    from mlflow.models import infer_signature
+def _signature_and_example(cfgs) -> tuple[Any, pd.DataFrame]:
+    """The pyfunc's signature (prompts, and low-res PNGs for a model starting with an SR stage,
+    in; uint8 images out; typed optional params, None = the stage's own value) and an input
+    example a user can send as is."""
+    import io
 
-    example = {"prompt": ["a red circle"]}
+    from mlflow.models import ModelSignature, infer_signature
+    from PIL import Image
+
+    example = pd.DataFrame({"prompt": ["a red circle on a white background"]})
     if cfgs[0].lowres_size is not None:
-        example["image"] = [b"\x89PNG"]
+        png = io.BytesIO()
+        Image.new("RGB", (cfgs[0].lowres_size,) * 2, "white").save(png, format="PNG")
+        example["image"] = [png.getvalue()]
     out = np.zeros((1, cfgs[-1].image_size, cfgs[-1].image_size, 3), dtype=np.uint8)
-    return infer_signature(pd.DataFrame(example), out, params=DEFAULT_PARAMS)
-
-
-def manifest_sha256(checkpoint: str, meta: dict, run) -> str:
-    """Hash of the filtered dataset's manifest.json the stage trained on: from the checkpoint
-    metadata, else from the training run's ``data`` param, else the manifest of the root the
-    checkpoint records."""
-    from pipeline.layout import RunLayout
-    from pipeline.layout import manifest_sha256 as sha256_of
-
-    if meta.get("manifest_sha256"):
-        return str(meta["manifest_sha256"])
-    candidates = []
-    if run is not None and run.data.params.get("data"):
-        candidates.append(run.data.params["data"])
-    if meta.get("root"):
-        candidates.append(RunLayout(str(meta["root"])).filtered)
-    for filtered in candidates:
-        with contextlib.suppress(OSError, ValueError):
-            if digest := sha256_of(filtered):
-                return digest
-    return "unknown"
-
-
-def lineage_tags(checkpoints: list[str], cfgs, metas, runs, encoder_id, encoder_name) -> dict[str, str]:
-    """Version tags: where every stage came from, and the code registering it."""
-    tags = {"stages": ",".join(c.stage for c in cfgs), "encoder_id": str(encoder_id),
-            "encoder_name": str(encoder_name), "git_commit": code_version()}
-    for ckpt, cfg, meta, run in zip(checkpoints, cfgs, metas, runs, strict=True):
-        s = cfg.stage
-        tags[f"{s}.dataset_manifest_sha256"] = manifest_sha256(ckpt, meta, run)
-        # short facts only: the whole config.json of each stage is in the model's artifacts
-        tags[f"{s}.preset"] = f"{cfg.preset} ({cfg.image_size} px)"
-        tags[f"{s}.checkpoint"] = storage.normalize(ckpt)
-        tags[f"{s}.step"] = str(meta.get("step", "unknown"))
-        tags[f"{s}.training_run"] = run.info.run_id if run is not None else "unknown"
-        if meta.get("code_version"):
-            tags[f"{s}.code_version"] = str(meta["code_version"])
-    hashes = {v for k, v in tags.items() if k.endswith(".dataset_manifest_sha256")}
-    tags["dataset_manifest_sha256"] = hashes.pop() if len(hashes) == 1 else "mixed"
-    return tags
-
-
-def describe_version(cfgs, metas, encoder_name, tags: dict[str, str], eval_metrics: dict[str, float],
-                     eval_run) -> str:
-    """The version page's description (markdown): what the stages are, what they were trained
-    on, their evaluation, and where the sample grids and full configs are."""
-    lines = ["| stage | preset | size | step | training run |", "|---|---|---|---|---|"]
-    for cfg, meta in zip(cfgs, metas, strict=True):
-        size = f"{cfg.lowres_size} -> {cfg.image_size}" if cfg.lowres_size else str(cfg.image_size)
-        lines.append(f"| {cfg.stage} | {cfg.preset} | {size} px | {meta.get('step', '?')} | "
-                     f"`{tags.get(f'{cfg.stage}.training_run', '?')}` |")
-    lines += ["", f"Text encoder: `{encoder_name}` (`{tags.get('encoder_id')}`); data manifest sha256 "
-              f"`{tags.get('dataset_manifest_sha256', '?')[:16]}`."]
-    if eval_metrics:
-        shown = sorted(eval_metrics.items())[:12]
-        lines += ["", "Evaluation: " + ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in shown) + "."]
-    if eval_run is not None:
-        lines += ["", f"Sample grids: artifacts `eval/*.png` of run `{eval_run.info.run_id}`."]
-    lines += ["", f"Each stage's full `config.json` is in this model's artifacts (`stage_N/`); its "
-              f"{tags.get('weights_dtype', 'fp32')} weights and the encoder's files are stored once in the "
-              f"`{BLOB_EXPERIMENT}` run `{tags.get('blob_run', '?')}` and listed with their sha256 in "
-              "MLmodel (`files`). It loads with `imagen-pipeline sample --model models:/NAME/VERSION`."]
-    return "\n".join(lines)
+    inferred = infer_signature(example, out)
+    return ModelSignature(inferred.inputs, inferred.outputs, param_schema()), example
 
 
 def check_trained_encoder(checkpoint: str, cfg, meta: dict, run) -> None:
@@ -423,21 +382,20 @@ def register(
     store, artifact_root = checkpoint_tracking(metas[0], tracking_uri)
     mlflow.set_tracking_uri(store)
     client = mlflow.MlflowClient()
+    source = registration_key(checkpoints, encoder, tags, weights_dtype)
+    existing = None if new_version else _version_from(client, name, source)
+    if existing is not None:  # checked when it was made: nothing is read or hashed again
+        print(f"[register] {name} version {existing.version} was made from these checkpoints; reused "
+              "(--new-version registers another)", flush=True)
+        return {**_set_aliases(client, name, str(existing.version), alias, existing.run_id, {},
+                               promote, promote_on, reused=True), "tracking_uri": store}
     runs = [_get_run(client, find_stage_run(c, m)) for c, m in zip(checkpoints, metas, strict=True)]
     encoder_name, encoder_id = _encoder_source(checkpoints, cfgs, metas, runs, encoder)
     eval_metrics, eval_run = _eval_metrics(checkpoints)
-    source = registration_key(checkpoints, encoder, tags, weights_dtype)
-    existing = None if new_version else _version_from(client, name, source)
-    if existing is not None:
-        print(f"[register] {name} version {existing.version} was made from these checkpoints; reused "
-              "(--new-version registers another)", file=sys.stderr, flush=True)
-        return _set_aliases(client, name, str(existing.version), alias, existing.run_id, eval_metrics,
-                            promote, promote_on, reused=True)
-    model_tags = {**lineage_tags(checkpoints, cfgs, metas, runs, encoder_id, encoder_name),
-                  **{k: f"{v:.6g}" for k, v in eval_metrics.items()}, **(tags or {}), SOURCE_TAG: source,
-                  "weights_dtype": weights_dtype}
+    model_tags, rows = lineage(checkpoints, cfgs, metas, runs, encoder_id)
+    model_tags.update({**(tags or {}), SOURCE_TAG: source, "weights_dtype": weights_dtype})
     if eval_run is not None:
-        model_tags["eval_run"] = eval_run.info.run_id
+        model_tags["eval_run"] = eval_run.info.run_id  # its eval/ metrics: promotion reads them there
     target = run_id
     if target is None and len(runs) == 1 and runs[0] is not None:
         target = runs[0].info.run_id  # the stage's training run: its lineage in one place
@@ -445,42 +403,71 @@ def register(
         target = eval_run.info.run_id
     version, logged_in, blobs = _log_and_register(
         client, name, checkpoints, cfgs, encoder_name, model_tags, weights_dtype, target,
-        None if target else ensure_experiment(experiment, artifact_root), artifact_root)
+        ensure_experiment(experiment, artifact_root), artifact_root)
     client.update_model_version(name, version, description=describe_version(
-        cfgs, metas, encoder_name, model_tags, eval_metrics, eval_run))
+        rows, encoder_name, model_tags, eval_metrics, eval_run))
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=describe_model(name, cfgs))
     return {**_set_aliases(client, name, version, alias, logged_in, eval_metrics, promote, promote_on,
-                           reused=False), "blobs": blobs}
+                           reused=False), "blobs": blobs, "tracking_uri": store}
 
 
 def _log_and_register(client, name: str, checkpoints: list[str], cfgs: list, encoder_name: str,
-                      model_tags: dict[str, str], weights_dtype: str, target: str | None, exp_id: str | None,
+                      model_tags: dict[str, str], weights_dtype: str, target: str | None, exp_id: str,
                       artifact_root: str | None) -> tuple[str, str, dict[str, Any]]:
-    """Store the weights (and a local encoder) as blobs, log the pyfunc into run ``target`` (or a
-    new run of ``exp_id``) and register it with ``model_tags``: (version, run id, blob summary)."""
+    """Store the weights (and a local encoder) as blobs, log the pyfunc as a LoggedModel named
+    ``name`` whose source is run ``target`` (or a new ``register-NAME`` run of ``exp_id``) and
+    register it with ``model_tags``: (version, run id, blob summary). The run is never reopened:
+    a training run keeps its training start and end time."""
     local_encoder = os.path.isdir(encoder_name)
+    made = target is None
+    if made:
+        target = client.create_run(exp_id, run_name=f"register-{name}", tags=airflow_tags()).info.run_id
     with upload_settings(), tempfile.TemporaryDirectory(prefix="imagen-register-") as tmp:
         store = BlobStore.open(client, artifact_root)
         artifacts, files = store_model_files(checkpoints, encoder_name if local_encoder else None, store, tmp,
                                              weights_dtype)
-        with mlflow.start_run(run_id=target, experiment_id=exp_id,
-                              run_name=None if target else f"register-{name}") as run:
-            # models from code: MLflow stores PYFUNC_CODE, not a pickled ImagenPyfunc
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=PYFUNC_CODE, artifacts=artifacts,
-                model_config={"encoder_name": None if local_encoder else encoder_name,
-                              "weights_dtype": weights_dtype, FILES_KEY: files},
-                signature=_signature(cfgs),
-                pip_requirements=["torch==2.13.0", "safetensors", "transformers", "sentencepiece", "pandas"],
-            )
+        model_id = _log_pyfunc(client, name, target, artifacts, cfgs, os.path.join(tmp, "model"), {
+            "encoder_name": None if local_encoder else encoder_name, "weights_dtype": weights_dtype, FILES_KEY: files})
+    if made:
+        client.set_terminated(target)
     blobs = store.summary()
     model_tags["blob_run"] = blobs["blob_run"]
     print(f"[register] {name}: {blobs['uploaded_files']} files ({blobs['uploaded_bytes']} bytes) uploaded to "
           f"the {BLOB_EXPERIMENT} run {blobs['blob_run']}, {blobs['reused_files']} ({blobs['reused_bytes']} "
-          "bytes) already there", file=sys.stderr, flush=True)
+          "bytes) already there", flush=True)
     # The version is created with its tags in one call: a version without the source tag (a
     # crash between two calls) would be registered again by the next run.
-    version = str(mlflow.register_model(info.model_uri, name, tags=model_tags).version)
-    return version, run.info.run_id, blobs
+    version = str(mlflow.register_model(f"models:/{model_id}", name, tags=model_tags).version)
+    return version, target, blobs
+
+
+def _log_pyfunc(client, name: str, run_id: str, artifacts: dict[str, str], cfgs, path: str,
+                model_config: dict[str, Any]) -> str:
+    """Save the models-from-code pyfunc (MLflow stores PYFUNC_CODE, not a pickled ImagenPyfunc)
+    into ``path`` and upload it as a LoggedModel named ``name``, an output of run ``run_id``;
+    returns its model id. By hand rather than ``log_model``: that would reopen the run, and
+    it loads the model and samples the input example to check it."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
+                                        tags=airflow_tags() or None)
+    signature, example = _signature_and_example(cfgs)
+    try:
+        mlflow.pyfunc.save_model(
+            path, python_model=PYFUNC_CODE, artifacts=artifacts, model_config=model_config, signature=signature,
+            input_example=example, mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id,
+                                                      model_uuid=logged.model_id, model_id=logged.model_id),
+            pip_requirements=["torch==2.13.0", "safetensors", "transformers", "sentencepiece", "pandas"])
+        client.log_model_artifacts(logged.model_id, path)
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    return logged.model_id
 
 
 def register_trained(trained: dict[str, Any], prefix: str, weights_dtype: str = "fp32") -> dict[str, Any]:
@@ -541,14 +528,14 @@ def _beats_champion(client, name: str, version: str, rule: str) -> tuple[bool, s
     if mode not in ("max", "min"):
         raise ValueError(f"--promote-on {rule}: write METRIC, METRIC:max or METRIC:min")
     key = metric if metric.startswith("eval/") else f"eval/{metric}"
-    new = client.get_model_version(name, version).tags.get(key)
+    new = _version_metric(client, client.get_model_version(name, version), key)
     if new is None:
         return False, f"version {version} has no {key}: run `imagen-pipeline evaluate` on it first"
     try:
         champ = client.get_model_version_by_alias(name, "champion")
     except mlflow.exceptions.MlflowException:
         return True, f"no champion yet; {key} = {new}"
-    old = champ.tags.get(key)
+    old = _version_metric(client, champ, key)
     if old is None:
         return True, f"champion v{champ.version} has no {key}"
     better = float(new) > float(old) if mode == "max" else float(new) < float(old)
@@ -556,11 +543,24 @@ def _beats_champion(client, name: str, version: str, rule: str) -> tuple[bool, s
     return better, f"{key} {new} {verdict} champion v{champ.version}'s {old} ({mode})"
 
 
+def _version_metric(client, mv, key: str) -> str | None:
+    """A version's ``key``: its own tag (``--tag``, versions registered before), else the
+    metric of its evaluation run (tag ``eval_run``)."""
+    if key in mv.tags:
+        return mv.tags[key]
+    eval_run = mv.tags.get("eval_run")
+    if not eval_run:
+        return None
+    value = client.get_run(eval_run).data.metrics.get(key)
+    return None if value is None else f"{value:.6g}"
+
+
 def promote(name: str, version: str | None = None, from_alias: str = "challenger",
-            to_alias: str = "champion", tracking_uri: str | None = None) -> dict[str, Any]:
-    """Point ``to_alias`` at ``version`` (default: the version ``from_alias`` points at)."""
-    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+            to_alias: str = "champion", tracking_uri: str | None = None, root: str | None = None) -> dict[str, Any]:
+    """Point ``to_alias`` at ``version`` (default: the version ``from_alias`` points at), in the
+    store of ``tracking_uri`` / ``$MLFLOW_TRACKING_URI`` / ``root`` (pipeline/tracking.py)."""
+    store = tracking_store(tracking_uri, root)
+    mlflow.set_tracking_uri(check_store(store, f"promote {name}"))
     client = mlflow.MlflowClient()
     if version is None:
         check_model_uri(f"models:/{name}@{from_alias}")
@@ -568,7 +568,8 @@ def promote(name: str, version: str | None = None, from_alias: str = "challenger
     else:
         check_model_uri(f"models:/{name}/{version}")
     client.set_registered_model_alias(name, to_alias, str(version))
-    return {"name": name, "version": str(version), "alias": to_alias, "uri": f"models:/{name}@{to_alias}"}
+    return {"name": name, "version": str(version), "alias": to_alias, "uri": f"models:/{name}@{to_alias}",
+            "tracking_uri": store}
 
 
 @contextlib.contextmanager

@@ -24,12 +24,13 @@ import numpy as np
 import pandas as pd
 
 from pipeline import storage
-from pipeline.tracking import resolve_tracking_uri
+from pipeline.tracking import TRACKING_ENV, check_store
 
 
 def sample_images(prompts: Sequence[str], model_uri: str, output: str, seeds: Sequence[int] = (0,),
                   tracking_uri: str | None = None, images: Sequence[str] | None = None,
-                  progress: bool = True, encoder: str | None = None, **params: Any) -> dict[str, Any]:
+                  progress: bool = True, encoder: str | None = None, root: str | None = None,
+                  **params: Any) -> dict[str, Any]:
     """Build ``model_uri`` from its weights and write one PNG per (prompt, seed), plus a grid.
 
     ``model_uri``: models:/NAME@ALIAS, models:/NAME/VERSION, an MLflow model folder or a stage
@@ -41,12 +42,16 @@ def sample_images(prompts: Sequence[str], model_uri: str, output: str, seeds: Se
     through ``pipeline.storage``. One prompt, one seed and an ``output`` ending in .png writes that
     file (and its .json); otherwise ``output`` is a folder of NNN-seedS.png, grid.png (a row per
     seed) and prompts.json. ``images``: low-res input files, one per prompt, for a model starting
-    with an SR stage.
+    with an SR stage. The tracking store (a registered model's): ``tracking_uri``, else
+    ``$MLFLOW_TRACKING_URI``, else ``ROOT/mlflow.db`` of ``root`` (pipeline/tracking.py); it must
+    exist (no empty store is made), and a stage weights directory needs none.
     """
-    from pipeline.release.loading import build_cascade, model_files, predict_images
+    from pipeline.release.loading import build_cascade, model_files, predict_images, tracking_store
 
-    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    store = None
+    if tracking_uri or os.environ.get(TRACKING_ENV) or root or not os.path.isdir(model_uri):
+        store = tracking_store(tracking_uri, root)
+        mlflow.set_tracking_uri(check_store(store, f"sample --model {model_uri}"))
     frame = pd.DataFrame({"prompt": list(prompts)})
     if images:
         if len(images) != len(prompts):
@@ -72,10 +77,13 @@ def sample_images(prompts: Sequence[str], model_uri: str, output: str, seeds: Se
         from pipeline.grids import make_grid
 
         grid = storage.join(output, "grid.png")
-        _write_png(grid, make_grid(np.concatenate(list(batches.values())), cols=len(prompts)))
+        # a row per seed, a column per prompt, labelled so the grid reads without prompts.json
+        _write_png(grid, make_grid(np.concatenate(list(batches.values())), cols=len(prompts),
+                                   col_labels=list(prompts), row_labels=[f"seed {s}" for s in batches]))
         meta = storage.join(output, "prompts.json")
     storage.write_json(meta, {"model": model_uri, "prompts": list(prompts), "seeds": list(seeds), "params": p})
-    return {"images": paths, "grid": grid, "model": model_uri}
+    return {"images": paths, "grid": grid, "model": model_uri, "tracking_uri": store}
+
 
 
 def _write_png(uri: str, image: np.ndarray) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.grids import label_margins
 from pipeline.release import metrics
 from tests.unit.test_evaluate import SPECS, make_stage  # shared with the unit tier
 
@@ -24,9 +25,14 @@ def test_evaluate_stage_logs_to_its_training_run(setup, mlflow_uri, tmp_path):
     client = mlflow.MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name("eval-test") or client.get_experiment(client.create_experiment("eval-test"))
     train_run = client.create_run(exp.experiment_id, tags={"checkpoint": os.path.abspath(setup["base"])})
+    client.set_terminated(train_run.info.run_id)  # training ended; evaluation comes later
+    trained = client.get_run(train_run.info.run_id).info
     out = evaluate(setup["base"], attributes=setup["attributes"], steps=2, tracking_uri=mlflow_uri,
                    output=str(tmp_path / "eval"))
-    assert out["run_id"] == train_run.info.run_id
+    assert out["run_id"] == train_run.info.run_id and out["tracking_uri"] == mlflow_uri
+    # issue 28 item 8: the run keeps its training times, it is not reopened
+    after = client.get_run(train_run.info.run_id).info
+    assert (after.status, after.start_time, after.end_time) == ("FINISHED", trained.start_time, trained.end_time)
     m = out["metrics"]
     assert m["chance_alignment"] == 0.25 and m["chance_alignment_color"] == 0.5
     assert m["seconds_per_image/base64"] == pytest.approx(m["seconds_per_image_guided"])
@@ -37,12 +43,16 @@ def test_evaluate_stage_logs_to_its_training_run(setup, mlflow_uri, tmp_path):
     # the logged alignment is the checker's verdict on the images in the logged grid
     palette = {"red": (220, 30, 30), "blue": (40, 70, 220)}
     for label in ("guided", "unguided"):
-        tiles = grid_tiles(out["grids"][label], 4, 32, cols=2)
+        # rows: colours, columns: shapes, labelled
+        tiles = grid_tiles(out["grids"][label], 4, 32, cols=2,
+                           margins=label_margins(32, 2, ["circle", "square"], ["red", "blue"]))
         score = metrics.alignment(tiles, SPECS, palette)
         assert m[f"alignment_{label}"] == score["both"] and m[f"alignment_color_{label}"] == score["color"]
     run = client.get_run(train_run.info.run_id)
     assert run.data.metrics["eval/alignment_guided"] == m["alignment_guided"]
-    assert run.data.metrics["eval/guidance_scale"] == 3.0  # the tiny base preset's weight
+    # settings are tags, not metrics: the tiny base preset's weight
+    assert run.data.tags["eval.guidance_scale"] == "3" and "eval/guidance_scale" not in run.data.metrics
+    assert run.data.tags["eval.chance_alignment"] == "0.25" and run.data.tags["eval.prompts"] == "4"
     logged = {f.path for f in client.list_artifacts(run.info.run_id, "eval")}
     assert {"eval/grid_guided.png", "eval/grid_unguided.png", "eval/summary.json"} <= logged
 
@@ -74,8 +84,10 @@ def test_evaluate_cascade_scores_super_resolution(setup, mlflow_uri, tmp_path):
     assert m["fid"] >= 0 and "fid" not in out["skipped"]
     assert set(m) >= {"seconds_per_image/base64", "seconds_per_image/sr256", "alignment_guided"}
     sr_grid = np.asarray(Image.open(out["grids"]["sr_sr256"]))
-    assert sr_grid.shape == (4 * 66 + 2, 3 * 66 + 2, 3)  # rows of bicubic | SR | reference
-    np.testing.assert_array_equal(grid_tiles(out["grids"]["sr_sr256"], 12, 64, cols=3)[2::3], refs)
+    top, left = label_margins(64, 2, ["bicubic", "sr256", "real"], ["x"])  # captions label the rows
+    assert sr_grid.shape == (top + 4 * 66 + 2, left + 3 * 66 + 2, 3)  # rows of bicubic | SR | reference
+    np.testing.assert_array_equal(grid_tiles(out["grids"]["sr_sr256"], 12, 64, cols=3, margins=(top, left))[2::3],
+                                  refs)
     run = mlflow.MlflowClient(mlflow_uri).get_run(out["run_id"])
     assert run.info.run_name == "evaluate-cascade"
     assert run.data.tags[EVAL_KEY_TAG] == eval_key(ckpts)
@@ -97,8 +109,8 @@ def setup(tmp_path_factory):
             "base": make_stage(str(root), "base64", enc), "sr": make_stage(str(root), "sr256", enc, seed=1)}
 
 
-def grid_tiles(path: str, n: int, size: int, cols: int, pad: int = 2) -> np.ndarray:
-    grid = np.asarray(Image.open(path))
+def grid_tiles(path: str, n: int, size: int, cols: int, pad: int = 2, margins=(0, 0)) -> np.ndarray:
+    grid = np.asarray(Image.open(path))[margins[0]:, margins[1]:]
     tiles = []
     for i in range(n):
         r, c = divmod(i, cols)

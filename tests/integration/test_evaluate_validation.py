@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.grids import label_margins
 from tests.unit.test_metrics import tiny_clip  # noqa: F401 - a fixture: a tiny local CLIP directory
 
 STEPS = 2  # sampling steps: what is checked is where the figures come from, not how good they are
@@ -72,8 +73,8 @@ def real_validation(trained, stage: str):
     return cfg, batch
 
 
-def tiles(path: str, n: int, size: int, cols: int, pad: int = 2) -> np.ndarray:
-    grid = np.asarray(Image.open(path))
+def tiles(path: str, n: int, size: int, cols: int, pad: int = 2, margins=(0, 0)) -> np.ndarray:
+    grid = np.asarray(Image.open(path))[margins[0]:, margins[1]:]
     out = []
     for i in range(n):
         r, c = divmod(i, cols)
@@ -99,7 +100,8 @@ def test_sr_stage_is_scored_against_real_held_out_images_in_its_own_run(trained,
     n = len(batch["keys"])
     assert n >= 2
     # the grid's rows: bicubic | SR | real; the real column is the loader's whole validation image
-    got = tiles(sr["grids"]["sr_sr256"], 3 * n, 64, cols=3)
+    got = tiles(sr["grids"]["sr_sr256"], 3 * n, 64, cols=3,
+                margins=label_margins(64, 2, ["bicubic", "sr256", "real"], batch["captions"]))
     bicubic, out, real = got[0::3], got[1::3], got[2::3]
     np.testing.assert_array_equal(real, batch["image"].permute(0, 2, 3, 1).numpy())
     # ... which is the held-out image itself: its stored bytes, short side to 64, centre crop
@@ -120,9 +122,13 @@ def test_sr_stage_is_scored_against_real_held_out_images_in_its_own_run(trained,
     assert m["sr256/psnr_bicubic"] == pytest.approx(psnr(up, real), abs=1e-3)
     assert 0 < m["sr256/ssim"] <= 1 and 0 < m["sr256/ssim_bicubic"] <= 1
     logged = client.get_run(trained["sr256"]["run_id"]).data.metrics
-    for name in ("psnr", "ssim", "psnr_bicubic", "ssim_bicubic", "seconds_per_image_sr"):
-        assert logged[f"eval/sr256/{name}"] == pytest.approx(m[f"sr256/{name}"])
-    assert not any(k.startswith("eval/sr256/") for k in client.get_run(trained["base64"]["run_id"]).data.metrics)
+    # one naming scheme in every stage's run: eval/<metric>, the stage is the run's
+    for name in ("psnr", "ssim", "psnr_bicubic", "ssim_bicubic"):
+        assert logged[f"eval/{name}"] == pytest.approx(m[f"sr256/{name}"])
+    assert logged["eval/seconds_per_image"] == pytest.approx(m["sr256/seconds_per_image_sr"])
+    base_logged = client.get_run(trained["base64"]["run_id"]).data.metrics
+    assert "eval/seconds_per_image" in base_logged and "eval/psnr" not in base_logged
+    assert not any(k.startswith("eval/sr256/") for k in logged)
     # no evaluator weights in the environment: skipped, saying which setting to give
     assert "IMAGEN_FID_WEIGHTS" in sr["skipped"]["sr256/fid"]
     assert "IMAGEN_CLIP_MODEL" in sr["skipped"]["sr256/clip_score"]
@@ -143,8 +149,8 @@ def test_base_stage_samples_validation_captions_beside_the_prompt_set(trained, e
     cfg, batch = real_validation(trained, "base64")
     n = min(len(batch["keys"]), GRID_CAPTIONS)  # the grid alone samples at most GRID_CAPTIONS
     grid = np.asarray(Image.open(base["grids"]["validation"]))
-    cols = int(np.ceil(np.sqrt(n)))
-    assert grid.shape == (int(np.ceil(n / cols)) * 34 + 2, cols * 34 + 2, 3)  # n samples at 32 px
+    # one caption per row, its text to the left
+    assert grid.shape == (n * 34 + 2, label_margins(32, 2, None, ["x"])[1] + 34 + 2, 3)
     assert {"guided", "unguided", "validation"} <= set(base["grids"])
     client = mlflow.MlflowClient(mlflow_uri)
     logged = {a.path for a in client.list_artifacts(trained["base64"]["run_id"], "eval")}

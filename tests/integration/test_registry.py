@@ -16,6 +16,7 @@ from imagen.checkpoint import save_weights
 from imagen.config import preset
 from imagen.text import T5TextEncoder
 from imagen.unet import UNet
+from pipeline.grids import label_margins
 from pipeline.layout import RunLayout
 
 PROMPTS = ["a red circle on a white background", "a blue square on a white background"]
@@ -56,6 +57,7 @@ def reg(tmp_path_factory, mlflow_uri):
     client = mlflow.MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name("reg-test") or client.get_experiment(client.create_experiment("reg-test"))
     train_run = client.create_run(exp.experiment_id, tags={"checkpoint": os.path.abspath(base)})
+    client.set_terminated(train_run.info.run_id)  # training ended; evaluate and register come later
     ev = evaluate(base, attributes=str(attrs), steps=1, tracking_uri=mlflow_uri, output=str(root / "eval"))
     mlflow.set_tracking_uri(mlflow_uri)
     return {"root": root, "encoder": enc, "other": other, "base": base, "sr": sr, "uri": mlflow_uri,
@@ -66,26 +68,43 @@ def reg(tmp_path_factory, mlflow_uri):
 def test_stage_model_carries_lineage_and_eval_metrics(reg):
     from pipeline.release.registry import register
 
+    client = reg["client"]
+    trained = client.get_run(reg["train_run"]).info
     out = register([reg["base"]], tracking_uri=reg["uri"])
     assert out["name"] == "imagen-base64" and out["uri"] == "models:/imagen-base64@challenger"
-    assert out["run_id"] == reg["train_run"]  # logged into the run that trained the stage
-    client = reg["client"]
+    assert out["run_id"] == reg["train_run"] and out["tracking_uri"] == reg["uri"]  # into the training run
+    # ... which is not reopened: it keeps its training start and end time (issue 28 item 8)
+    after = client.get_run(reg["train_run"]).info
+    assert (after.status, after.start_time, after.end_time) == ("FINISHED", trained.start_time, trained.end_time)
     mv = client.get_model_version("imagen-base64", out["version"])
     assert client.get_model_version_by_alias("imagen-base64", "challenger").version == out["version"]
     tags = mv.tags
+    # a few tags a user filters on; the rest of the lineage is in the description
+    assert set(tags) == {"stages", "encoder_id", "dataset_manifest_sha256", "git_commit", "training_runs",
+                         "weights_dtype", "imagen.source", "eval_run", "blob_run"}
     assert tags["encoder_id"] == T5TextEncoder(reg["encoder"]).encoder_id
-    assert tags["dataset_manifest_sha256"] == reg["manifest_sha"] == tags["base64.dataset_manifest_sha256"]
-    assert tags["base64.preset"] == f"tiny ({preset('tiny', 'base64').image_size} px)"
-    assert all(len(v) < 200 for v in tags.values())  # short facts, not a pasted config
-    assert "| base64 | tiny |" in mv.description and "Sample grids" in mv.description
-    assert tags["base64.step"] == "7" and tags["base64.training_run"] == reg["train_run"]
+    assert tags["dataset_manifest_sha256"] == reg["manifest_sha"] and tags["training_runs"] == reg["train_run"]
+    assert f"| base64 | tiny | {preset('tiny', 'base64').image_size} px | 7 | `{reg['train_run']}` |" in mv.description
+    assert os.path.abspath(reg["base"]) in mv.description and "Sample grids" in mv.description
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                           cwd=os.path.dirname(__file__)).stdout.strip()
     assert tags["git_commit"].split("-")[0] == (head or "unknown")
     m = reg["eval"]["metrics"]
-    assert float(tags["eval/alignment_guided"]) == pytest.approx(m["alignment_guided"], abs=1e-5)
-    assert float(tags["eval/seconds_per_image/base64"]) == pytest.approx(m["seconds_per_image/base64"], rel=1e-5)
+    assert out["eval_metrics"]["eval/alignment_guided"] == pytest.approx(m["alignment_guided"], abs=1e-5)
+    assert out["eval_metrics"]["eval/seconds_per_image"] == pytest.approx(m["seconds_per_image/base64"], rel=1e-5)
     assert tags["eval_run"] == reg["train_run"]
+    # the registered model is described; the LoggedModel is named after it, not "model"
+    assert "base64" in client.get_registered_model("imagen-base64").description
+    logged = client.get_logged_model(mv.source.removeprefix("models:/"))
+    assert logged.name == "imagen-base64" and logged.source_run_id == reg["train_run"]
+    # the pyfunc: an input example, and optional params without sentinel values
+    import mlflow
+
+    info = mlflow.models.get_model_info(mv.source)
+    params = {p.name: p.default for p in info.signature.params.params}
+    assert params["guidance_scale"] is None and params["steps"] is None and params["sampler"] is None
+    assert params["stage_guidance"] == [] and params["seed"] == 0
+    assert info.saved_input_example_info is not None
 
 
 def test_cascade_sample_and_predict_give_identical_images(reg, tmp_path):
@@ -103,7 +122,10 @@ def test_cascade_sample_and_predict_give_identical_images(reg, tmp_path):
                                                             "000-seed6.png", "001-seed6.png"]
     written = np.stack([np.asarray(Image.open(p)) for p in res["images"]])
     assert written.shape == (4, 64, 64, 3)
-    assert np.asarray(Image.open(res["grid"])).shape == (2 * 66 + 2, 2 * 66 + 2, 3)
+    # a row per seed ("seed 5" to its left), a column per prompt (its text above)
+    top, left = label_margins(64, 2, PROMPTS, ["seed 5"])
+    assert top > 0 and np.asarray(Image.open(res["grid"])).shape == (top + 2 * 66 + 2, left + 2 * 66 + 2, 3)
+    assert res["tracking_uri"] == reg["uri"]
 
     model = mlflow.pyfunc.load_model("models:/imagen-cascade@challenger")
     frame = pd.DataFrame({"prompt": PROMPTS})
@@ -172,7 +194,8 @@ def one_error_line(capsys, argv) -> str:
     return lines[0]
 
 
-def test_user_errors_are_one_line(reg, capsys, tmp_path):
+def test_user_errors_are_one_line(reg, capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from pipeline.release.registry import register
 
     register([reg["base"]], "reg-test-errors", tracking_uri=reg["uri"])
@@ -188,6 +211,14 @@ def test_user_errors_are_one_line(reg, capsys, tmp_path):
     assert "write models:/NAME@ALIAS" in line
     line = one_error_line(capsys, ["register", "--name", "reg-test-missing", "--promote", *uri])
     assert "no registered model 'reg-test-missing'" in line
+    # issue 28 item 7: one store rule; sample never makes an empty store where it looks
+    empty = tmp_path / "no-store"
+    line = one_error_line(capsys, ["sample", "x", "--model", "models:/reg-test-errors@challenger", *out,
+                                   "--root", str(empty)])
+    assert f"no MLflow store at {empty}/mlflow.db" in line and "--tracking-uri" in line
+    assert not (empty / "mlflow.db").exists()
+    line = one_error_line(capsys, ["sample", "x", "--model", "models:/reg-test-errors@challenger", *out])
+    assert "no MLflow tracking store: pass --tracking-uri URI, set MLFLOW_TRACKING_URI, or give" in line
     # a checkpoint from another encoder: in a cascade, and against --encoder
     sr_other = make_stage(str(tmp_path), "sr256", reg["other"])
     line = one_error_line(capsys, ["register", "--checkpoint", reg["base"], "--checkpoint", sr_other, *uri])
@@ -228,6 +259,16 @@ def test_registering_the_same_checkpoints_again_reuses_the_version(reg, tmp_path
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert not out["reused"] and int(out["version"]) == int(rewritten["version"]) + 1
     assert len(client.search_model_versions(f"name='{name}'")) == 5
+
+    # a no-op rerun logs nothing: no LoggedModel, no version
+    def logged_models():
+        return len(client.search_logged_models([e.experiment_id for e in client.search_experiments()]))
+
+    before = logged_models()
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["reused"] and out["tracking_uri"] == reg["uri"]
+    assert logged_models() == before and len(client.search_model_versions(f"name='{name}'")) == 5
 
 
 def test_register_refuses_a_checkpoint_not_made_from_its_runs_embeddings(reg, tmp_path, capsys):

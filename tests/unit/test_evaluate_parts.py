@@ -22,12 +22,45 @@ def test_progress_says_what_and_how_many_and_no_more_often_than_asked(capsys):
         now[0] += 1.0  # one second per sampling step
         say.step("base64", step, 32)
     assert say.end() == pytest.approx(32.0)
-    lines = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert captured.err == ""  # progress is information: stdout, never the error stream
     assert lines[0] == "[evaluate base64] prompt set, guided: 24 images"
     # 32 steps of 1 s with a line at most every 15 s: at 15 s and 30 s
-    assert lines[1:3] == ["[evaluate base64] prompt set, guided: base64 step 15/32, 24 images, 15 s",
-                          "[evaluate base64] prompt set, guided: base64 step 30/32, 24 images, 30 s"]
+    assert lines[1:3] == ["[evaluate base64] prompt set, guided: sampling base64: step 15/32, run 1/1, 24 images, 15 s",
+                          "[evaluate base64] prompt set, guided: sampling base64: step 30/32, run 1/1, 24 images, 30 s"]
     assert lines[3] == "[evaluate base64] prompt set, guided: done in 32.0 s" and len(lines) == 4
+
+
+def test_progress_counts_the_sampler_runs_of_a_sweep(capsys):
+    now = [0.0]
+    say = ev.Progress("sr256", "super-resolution", 48, every=20.0, clock=lambda: now[0], runs=3)
+    say.begin()
+    for _ in range(3):  # three settings of 10 steps of 1 s: a line every 20 s of work, never a gap
+        for step in range(1, 11):
+            now[0] += 1.0
+            say.step("sr256", step, 10)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[evaluate sr256] super-resolution: 48 images, 3 sampler runs"
+    assert lines[1:] == ["[evaluate sr256] super-resolution: sampling sr256: step 10/10, run 2/3, 48 images, 20 s"]
+
+
+def test_one_metric_name_per_figure_in_every_stages_run_and_settings_as_tags():
+    base = {"alignment_guided": 0.5, "seconds_per_image/base64": 0.2, "seconds_per_image_guided": 0.2,
+            "fid": 3.0, "guidance_scale": 3.0, "chance_alignment": 0.25}
+    sr = {"sr256/psnr": 20.0, "sr256/psnr_bicubic": 19.0, "sr256/seconds_per_image_sr": 0.1, "sr256/fid": 4.0,
+          "sr256/guidance_scale": 1.0, "sr256/lowres_aug": 0.0, "sr256/sweep/psnr_aug0_w1.0": 20.0}
+    b_metrics, b_tags = ev.run_metrics(base, ["base64"])
+    s_metrics, s_tags = ev.run_metrics(sr, ["sr256"])
+    assert b_metrics == {"eval/alignment_guided": 0.5, "eval/seconds_per_image": 0.2,
+                         "eval/seconds_per_image_guided": 0.2, "eval/fid": 3.0}
+    assert s_metrics == {"eval/psnr": 20.0, "eval/psnr_bicubic": 19.0, "eval/seconds_per_image": 0.1,
+                         "eval/fid": 4.0, "eval/sweep/psnr_aug0_w1.0": 20.0}
+    assert {"eval/fid", "eval/seconds_per_image"} <= set(b_metrics) & set(s_metrics)  # the compare view lines up
+    assert b_tags == {"eval.guidance_scale": "3", "eval.chance_alignment": "0.25"}
+    assert s_tags == {"eval.guidance_scale": "1", "eval.lowres_aug": "0"}
+    # a cascade's own run keeps the stage in the name
+    assert "eval/sr256/psnr" in ev.run_metrics(sr, ["base64", "sr256"])[0]
 
 
 def test_parts_run_side_by_side_costliest_first_and_threads_are_given_back():

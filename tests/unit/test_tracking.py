@@ -14,12 +14,81 @@ from pipeline import tracking
 
 def test_tracking_uri_explicit_then_environment_then_sqlite_under_the_root(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
     root = tmp_path / "root"
     assert tracking.resolve_tracking_uri(None, str(root)) == f"sqlite:///{root}/mlflow.db"
     assert root.is_dir()  # made, so SQLite can create the file
+    # no root, no URI: no default in the working directory, an error saying how to point at one
+    with pytest.raises(ValueError, match=r"pass --tracking-uri URI, set MLFLOW_TRACKING_URI, or give the data root"):
+        tracking.resolve_tracking_uri(None)
+    assert os.listdir(tmp_path) == ["root"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.resolve_tracking_uri(None, str(root)) == "http://127.0.0.1:5000"
+    assert tracking.resolve_tracking_uri(None) == "http://127.0.0.1:5000"
     assert tracking.resolve_tracking_uri("sqlite:///x.db", str(root)) == "sqlite:///x.db"
+
+
+def test_a_missing_sqlite_store_is_an_error_naming_where_it_looked(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(FileNotFoundError, match=f"sample --model m: no MLflow store at {tmp_path}/mlflow.db"):
+        tracking.check_store(uri, "sample --model m")
+    assert not (tmp_path / "mlflow.db").exists()
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    assert tracking.check_store(uri, "x") == uri
+    assert tracking.check_store("http://127.0.0.1:5000", "x") == "http://127.0.0.1:5000"  # a server: it says
+
+
+AIRFLOW_ENV = {"AIRFLOW_CTX_DAG_ID": "imagen_full", "AIRFLOW_CTX_DAG_RUN_ID": "manual__2026-01-01",
+               "AIRFLOW_CTX_TASK_ID": "train_base64", "AIRFLOW_CTX_TRY_NUMBER": "2"}
+
+
+def test_airflow_tags_come_from_the_task_context_airflow_exports(monkeypatch):
+    for k in AIRFLOW_ENV:
+        monkeypatch.delenv(k, raising=False)
+    assert tracking.airflow_tags() == {}  # outside Airflow
+    for k, v in AIRFLOW_ENV.items():  # as airflow.sdk's task runner sets them (context_to_airflow_vars)
+        monkeypatch.setenv(k, v)
+    assert tracking.airflow_tags() == {"airflow.dag_id": "imagen_full", "airflow.dag_run_id": "manual__2026-01-01",
+                                       "airflow.task_id": "train_base64", "airflow.try_number": "2"}
+
+
+def test_a_run_made_in_an_airflow_task_carries_its_tags_and_opens_in_the_training_view(tmp_path, monkeypatch):
+    import mlflow
+
+    for k, v in AIRFLOW_ENV.items():
+        monkeypatch.setenv(k, v)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    logger = tracking.RunLogger(uri, "imagen", "base64-tiny", artifact_root=str(tmp_path / "art"),
+                                tags={"stage": "base64"}, system_metrics=False)
+    logger.log_params({"text_encoder": "/e", "encoder_name": "/e", "lr": 0.1, "resume": None})
+    logger.end()
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(logger.run_id)
+    assert logger.tracking_uri == uri
+    assert run.data.tags["airflow.dag_id"] == "imagen_full" and run.data.tags["airflow.try_number"] == "2"
+    assert run.data.tags["airflow.task_id"] == "train_base64" and run.data.tags["stage"] == "base64"
+    # one name per fact, and no "None"
+    assert run.data.params == {"encoder_name": "/e", "lr": "0.1"}
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_logging_to_a_finished_run_keeps_its_status_and_times(tmp_path):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("e", artifact_location=f"file://{tmp_path}/art")
+    run_id = client.create_run(exp).info.run_id
+    client.set_terminated(run_id)
+    before = client.get_run(run_id).info
+    (tmp_path / "grid.png").write_bytes(b"png")
+    tracking.log_to_run(client, run_id, {"eval/psnr": 21.5}, {"eval.guidance_scale": "3"},
+                        {str(tmp_path / "grid.png"): "eval"})
+    after = client.get_run(run_id)
+    assert (after.info.status, after.info.start_time, after.info.end_time) == (
+        "FINISHED", before.start_time, before.end_time)
+    assert after.data.metrics == {"eval/psnr": 21.5} and after.data.tags["eval.guidance_scale"] == "3"
+    assert [f.path for f in client.list_artifacts(run_id, "eval")] == ["eval/grid.png"]
 
 
 def test_flatten_nested_dicts():
