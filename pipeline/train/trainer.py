@@ -312,7 +312,8 @@ class Trainer:
         lowres = on["lowres"] if self.cfg.lowres_size else None
         x = run_stage(net, self.cfg, StageOptions(), on["text_embeds"], on["text_mask"], lowres,
                       torch.Generator(self.device).manual_seed(0))
-        self.tracker.log_image(make_grid(to_uint8(x)), key="samples", step=self.step)
+        labels = [str(c) for c in (b.get("captions") or b["keys"])]  # each sample beside its caption
+        self.tracker.log_image(make_grid(to_uint8(x), cols=1, row_labels=labels), key="samples", step=self.step)
         if self.step == self.tc.sample_every:
             captions = b.get("captions") or b["keys"]
             self.tracker.log_dict({"keys": b["keys"], "captions": captions}, "validation_prompts.json")
@@ -331,7 +332,7 @@ class Trainer:
         tot = self.totals
         images = tot["steps"] * self.plan.global_batch
         return {"checkpoint": final, "step": self.step, "loss": loss, "val_loss": self.val_loss,
-                "run_id": self.tracker.run_id,
+                "run_id": self.tracker.run_id, "tracking_uri": self.tracker.tracking_uri,
                 "stage": self.cfg.stage, "root": self.layout.root, "data": storage.normalize(self.job.data),
                 "embeddings": storage.normalize(self.job.embeddings), "weights_sha256": checksum, **self.data_counts,
                 "ema_sha256": ema_checksum,
