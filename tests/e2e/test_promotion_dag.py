@@ -95,6 +95,11 @@ def test_a_worse_run_stays_challenger_and_the_reverse_order_promotes(dag, monkey
     first = _client(root).get_model_version(MODEL, "1").tags
     assert first["promotion.decision"] == "first_version" and float(first["promotion.value"]) > 0
     good_loss = float(first["promotion.value"])
+    # the training run says which DAG run and task made it (Airflow's task context, set by the
+    # task runner and inherited by the torchrun workers)
+    trained = _client(root).get_run(_client(root).get_model_version(MODEL, "1").run_id).data.tags
+    assert trained["airflow.dag_id"] == "imagen_full" and trained["airflow.task_id"].startswith("train_"), trained
+    assert trained["airflow.dag_run_id"]
 
     dag["run"](max_steps=BAD_STEPS, run_tag="worse")
     assert _aliases(root, MODEL) == {"challenger": "2", "champion": "1"}
