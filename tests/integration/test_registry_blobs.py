@@ -235,7 +235,7 @@ def test_a_model_registered_by_older_code_still_loads(blobs, tmp_path):
 
     from imagen.checkpoint import load_config
     from pipeline.release.loading import model_files
-    from pipeline.release.registry import PYFUNC_CODE, _signature
+    from pipeline.release.registry import PYFUNC_CODE, _signature_and_example
     from pipeline.release.sample import sample_images
 
     ckpts = blobs["ckpts"][:2]
@@ -244,7 +244,7 @@ def test_a_model_registered_by_older_code_still_loads(blobs, tmp_path):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=PYFUNC_CODE, model_config={"encoder_name": None},
             artifacts={"stage_0": ckpts[0], "stage_1": ckpts[1], "text_encoder": blobs["encoder"]},
-            signature=_signature([load_config(c)[0] for c in ckpts]),
+            signature=_signature_and_example([load_config(c)[0] for c in ckpts])[0],
             pip_requirements=["torch==2.13.0", "safetensors", "transformers", "sentencepiece", "pandas"])
     mlflow.register_model(info.model_uri, "imagen-old-layout")
     expected = reference_images(ckpts, blobs["encoder"])
