@@ -292,6 +292,9 @@ def fail_fast(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
+        from pipeline import logs
+
+        logs.quiet_progress_bars()  # Hugging Face's bars on stderr are ERROR lines in a task log
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError) as e:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from typing import Any
@@ -50,7 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="pipeline.train", description=train_job.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline import logs
+
+    logs.setup()  # information on stdout, warnings and errors on stderr (an Airflow task's ERROR lines)
     args = sys.argv[1:] if argv is None else argv
     job = job_from_args(p.parse_args(args))
     first_of_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
