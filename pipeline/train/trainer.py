@@ -62,7 +62,7 @@ def lr_at(step: int, base: float, warmup: int, total: int, schedule: str = "cosi
 class Trainer:
     def __init__(self, job: TrainJob, rank: int, world: int, device: torch.device):
         from pipeline.data.embed import read_metadata
-        from pipeline.tracking import RunLogger, flatten
+        from pipeline.tracking import RunLogger
 
         self.job, self.rank, self.world, self.device = job, rank, world, device
         emb_meta = read_metadata(job.embeddings)
@@ -100,6 +100,17 @@ class Trainer:
                                  artifact_root=layout.artifacts, enabled=rank == 0,
                                  run_id=self._previous_run_id(resume_dir),
                                  tags={"stage": cfg.stage, "preset": job.preset})
+        try:
+            self._start_run(resume_dir, metadata)
+        except BaseException as e:  # Ctrl-C or an input error while starting: no run left RUNNING
+            self.tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+
+    def _start_run(self, resume_dir: str | None, metadata: dict[str, Any]) -> None:
+        """After the MLflow run is open: the data, the run's parameters, validation."""
+        from pipeline.tracking import flatten
+
+        cfg, job, rank, world = self.cfg, self.job, self.rank, self.world
         loader = self._loader(start_batch=self.step * self.plan.grad_accum)
         # what this stage trains on: the samples at least its size, and those left out (sec. 2.5)
         self.data_counts = dict(loader.data_counts)

@@ -267,3 +267,21 @@ def test_a_signal_stops_at_the_step_boundary_with_a_checkpoint_that_resumes_exac
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is gone again
     resumed = fit(job(data, tmp_path / "stopped", max_steps=5, resume="latest"))
     assert resumed["weights_sha256"] == straight["weights_sha256"]
+
+
+def test_ctrl_c_while_starting_ends_the_mlflow_run_killed(data, tmp_path, monkeypatch):
+    """A Ctrl-C after the MLflow run opened but before the loop (reading the data): the run is
+    ended KILLED, not left RUNNING, and the interrupt goes on to the CLI."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_loader", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(job(data, tmp_path / "ckpt", tracking_uri=uri, max_steps=2), rank=0, world=1,
+                device=torch.device("cpu"))
+    runs = mlflow.MlflowClient(uri).search_runs([e.experiment_id for e in mlflow.MlflowClient(uri).search_experiments()])
+    assert [r.info.status for r in runs] == ["KILLED"]
