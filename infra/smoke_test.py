@@ -139,7 +139,7 @@ def check_sr_evaluated(client) -> dict[str, float]:
     gains = {}
     experiments = [e.experiment_id for e in client.search_experiments()]
     for stage in STAGES[1:]:
-        psnr, bicubic = f"eval/{stage}/psnr", f"eval/{stage}/psnr_bicubic"  # as evaluate logs them
+        psnr, bicubic = "eval/psnr", "eval/psnr_bicubic"  # a stage run's names (evaluate.run_metrics)
         runs = [r for r in client.search_runs(experiments, filter_string=f"tags.stage = '{stage}'")
                 if psnr in r.data.metrics]
         if not runs or bicubic not in runs[0].data.metrics:

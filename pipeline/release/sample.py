@@ -49,6 +49,9 @@ def sample_images(prompts: Sequence[str], model_uri: str, output: str, seeds: Se
     from pipeline.release.loading import build_cascade, model_files, predict_images, tracking_store
 
     store = None
+    if ":" not in model_uri and not os.path.exists(model_uri):  # a local path, not models:/ or s3://
+        raise FileNotFoundError(f"sample --model {model_uri}: no such folder (a stage weights directory, an "
+                                "MLflow model folder, or models:/NAME@ALIAS)")
     if tracking_uri or os.environ.get(TRACKING_ENV) or root or not os.path.isdir(model_uri):
         store = tracking_store(tracking_uri, root)
         mlflow.set_tracking_uri(check_store(store, f"sample --model {model_uri}"))

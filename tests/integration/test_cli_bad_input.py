@@ -117,6 +117,7 @@ def inputs(tmp_path_factory, tiny_encoder_dir):
     write(str(t / "emb" / "000000.parquet"), b"PAR1 not parquet at all PAR1")
     d["bad_embeddings"] = str(t / "emb")
     os.makedirs(t / "filtered")
+    (t / "filtered" / "manifest.json").write_text("{}")  # train names its data by the manifest's hash
     d["filtered"] = str(t / "filtered")
     write(str(t / "urls.parquet"), b"url,caption\nhttp://127.0.0.1:9/x.png,a\n")
     d["urls_not_parquet"] = str(t / "urls.parquet")

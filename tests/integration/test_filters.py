@@ -112,7 +112,7 @@ def test_manifest_counts_add_up(tiny_dataset, filtered_shards):
     assert {n: len(read_tar(os.path.join(filtered_shards, n))) // 3 for n in manifest["shards"]} == manifest["shards"]
     assert manifest["config"] == {"min_caption_chars": 3, "max_caption_chars": 512, "languages": [], "min_language_confidence": 0.5,
                                   "min_side": 32,  # the tiny base stage's side
-                                  "max_aspect": 2.0, "max_pixels": 64_000_000, "dedup": True, "near_dedup": True,
+                                  "max_aspect": 2.0, "max_pixels": 64_000_000, "blank_tolerance": 2, "dedup": True, "near_dedup": True,
                                   "near_dup_distance": 6, "near_dup_color_tolerance": 32.0, "scorers": {},
                                   "stage_sides": {"base64": 32, "sr256": 64, "sr1024": 128},
                                   "val_fraction": 0.05, "val_max": 10_000}

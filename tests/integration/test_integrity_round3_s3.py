@@ -103,7 +103,7 @@ def _url_list(tmp_path) -> str:
 
 
 def test_an_identical_download_rerun_writes_nothing(root, tmp_path, writes):
-    from pipeline.data.download import download
+    from pipeline.data.download import NothingDownloaded, download
 
     raw = f"{root}/raw"
     # shard 00000 of the one allowed row is already finished, so img2dataset is not started
@@ -111,12 +111,15 @@ def test_an_identical_download_rerun_writes_nothing(root, tmp_path, writes):
     with storage.atomic_write(f"{raw}/00000.parquet") as f:
         pq.write_table(pa.table({"status": ["failed_to_download"], "error_message": ["HTTP Error 404"]}), f)
     urls = _url_list(tmp_path)
-    with writes() as first:
-        done = download(urls, raw, number_sample_per_shard=10)
+    # one URL refused, one 404: nothing came down, an error whose summary is the download's
+    with writes() as first, pytest.raises(NothingDownloaded) as err:
+        download(urls, raw, number_sample_per_shard=10)
+    done = err.value.summary
     assert (done["shards"], done["refused"], done["failed"]) == (1, 1, 1)
     assert {os.path.basename(k) for op, k in first if op == "copy_object"} == {"_urls.parquet", "refused.parquet"}
-    with writes() as second:
-        assert download(urls, raw, number_sample_per_shard=10) == done
+    with writes() as second, pytest.raises(NothingDownloaded) as err:
+        download(urls, raw, number_sample_per_shard=10)
+    assert err.value.summary == done
     assert second == []  # 6 write requests before (each file: put, copy, delete of its temporary)
     # a changed list is still written (and the finished shard refuses to mix with it)
     pq.write_table(pa.table({"url": ["http://images.example/c.png"], "caption": ["x"]}), urls)
@@ -168,6 +171,7 @@ def test_a_finished_stage_is_reused_without_a_write(root, writes):
     from pipeline.train.launch import train_stage
 
     run = f"{root}/checkpoints/base64/tiny-key"
+    storage.write_json(f"{root}/filtered/manifest.json", {"shards": []})  # the data the settings name
     storage.write_bytes(f"{run}/final/{CONFIG_NAME}", b"{}")
     storage.write_json(f"{run}/{RESULT}", {"checkpoint": f"{run}/final", "step": 3, "root": root})
 

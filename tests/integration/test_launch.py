@@ -13,8 +13,8 @@ from pipeline.train.job import TrainJob
 from pipeline.train.launchers import make_launcher
 
 
-def test_local_launcher_fails_with_the_trainers_error(tmp_path):
-    job = TrainJob(stage="base64", preset="tiny", data=str(tmp_path / "no-such-shards"),
+def test_local_launcher_fails_with_the_trainers_error(filtered_shards, tmp_path):
+    job = TrainJob(stage="base64", preset="tiny", data=filtered_shards,
                    embeddings=str(tmp_path / "no-such-embeddings"), checkpoint_dir=str(tmp_path / "ckpt"),
                    max_steps=2)
     with pytest.raises(RuntimeError, match=r"pipeline.train exited with code 1(.|\n)*no-such-embeddings"):

@@ -157,7 +157,7 @@ def main() -> None:
     try:
         weights = train(micro=4, rank=rank, world=world)
         if rank == 0:
-            save_file(weights, sys.argv[1])
+            save_file({k: v.contiguous() for k, v in weights.items()}, sys.argv[1])  # channels-last convs
     finally:
         shutdown()
 
