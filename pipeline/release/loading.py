@@ -167,6 +167,11 @@ def download_model_files(model_uri: str, dst: str) -> ModelFiles:
     return resolve_model_files(model_uri, local, config, os.path.join(dst, "resolved"))
 
 
+def names_a_folder(model: str) -> bool:
+    """Whether ``--model`` can only be a local folder: no URI scheme and no ``@ALIAS``."""
+    return "://" not in model and ":/" not in model and "@" not in model
+
+
 @contextlib.contextmanager
 def model_files(model: str, progress: bool = True) -> Iterator[ModelFiles]:
     """Local paths of ``model``'s weights (downloaded into a temporary folder for a URI, with
@@ -182,7 +187,7 @@ def model_files(model: str, progress: bool = True) -> Iterator[ModelFiles]:
             raise ValueError(f"{model} references weights stored in the tracking store it was registered in: "
                              "pass --tracking-uri (or set MLFLOW_TRACKING_URI) to that store")
         uri = os.path.abspath(model)  # its referenced files are downloaded like a model URI's
-    elif "://" not in model and ":/" not in model and "@" not in model:
+    elif names_a_folder(model):
         raise FileNotFoundError(f"--model {model}: no such directory; give models:/NAME@ALIAS, "
                                 "models:/NAME/VERSION, an MLflow model folder or a stage weights directory")
     else:

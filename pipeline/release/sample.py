@@ -46,10 +46,16 @@ def sample_images(prompts: Sequence[str], model_uri: str, output: str, seeds: Se
     ``$MLFLOW_TRACKING_URI``, else ``ROOT/mlflow.db`` of ``root`` (pipeline/tracking.py); it must
     exist (no empty store is made), and a stage weights directory needs none.
     """
-    from pipeline.release.loading import build_cascade, model_files, predict_images, tracking_store
+    from pipeline.release.loading import (
+        build_cascade,
+        model_files,
+        names_a_folder,
+        predict_images,
+        tracking_store,
+    )
 
     store = None
-    if ":" not in model_uri and not os.path.exists(model_uri):  # a local path, not models:/ or s3://
+    if names_a_folder(model_uri) and not os.path.exists(model_uri):  # before any store is looked for
         raise FileNotFoundError(f"sample --model {model_uri}: no such folder (a stage weights directory, an "
                                 "MLflow model folder, or models:/NAME@ALIAS)")
     if tracking_uri or os.environ.get(TRACKING_ENV) or root or not os.path.isdir(model_uri):
