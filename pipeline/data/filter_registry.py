@@ -275,10 +275,18 @@ class BlankFilter:
     def from_config(cls, config: FilterConfig) -> BlankFilter | None:
         return None if config.blank_tolerance < 0 else cls(config.blank_tolerance)
 
+    def varies(self, image: Image.Image) -> bool:
+        """Whether some channel spans more than the tolerance (per channel (min, max) in C)."""
+        return any(hi - lo > self.tolerance for lo, hi in image.getextrema())
+
     def check(self, sample: Sample) -> str | None:
-        # getextrema: per channel (min, max) in one C pass over the decoded pixels, no copy.
-        flat = all(hi - lo <= self.tolerance for lo, hi in sample.image.getextrema())
-        return "blank" if flat else None
+        # A 32 x 32 nearest-neighbour sample of the pixels first (~0.03 ms against ~0.7 ms for a
+        # full pass over a 1024 x 768 image, 10% of its decode): pixels that vary there vary in
+        # the image, so only the rare image flat at those points gets the full pass. Exact.
+        image = sample.image
+        if self.varies(image.resize((32, 32), Image.Resampling.NEAREST)):
+            return None
+        return None if self.varies(image) else "blank"
 
 
 def build_filters(config: FilterConfig | None = None) -> tuple[list[Filter], dict[str, str]]:

@@ -118,6 +118,10 @@ def test_one_dot_is_not_blank_and_tolerance_minus_one_keeps_blanks():
     img = Image.new("RGB", (96, 96), "white")
     img.putpixel((50, 50), (0, 0, 0))
     assert filter_registry.BlankFilter(2).check(sample(data=encoded(img))) is None
+    big = Image.new("RGB", (1000, 1000), "white")
+    big.putpixel((0, 0), (0, 0, 0))  # a dot the 32 x 32 pre-check misses: the full pass finds it
+    assert not filter_registry.BlankFilter(2).varies(big.resize((32, 32), Image.Resampling.NEAREST))
+    assert filter_registry.BlankFilter(2).check(sample(data=encoded(big))) is None
     ramp = Image.linear_gradient("L").resize((96, 96))  # 0..255: far from flat
     assert filter_registry.BlankFilter(2).check(sample(data=encoded(ramp))) is None
     assert "blank" not in [f.name for f in build_filters(FilterConfig(blank_tolerance=-1))[0]]
