@@ -103,8 +103,12 @@ def _download_flags(s: argparse.ArgumentParser) -> None:
     from pipeline.data.download import DownloadConfig
     from pipeline.options import add_options
 
-    s.add_argument("--url-list", required=True, help="parquet/csv/tsv/jsonl file or folder (any fsspec URI)")
+    s.add_argument("--url-list", help="parquet/csv/tsv/jsonl file or folder (any fsspec URI); required "
+                                      "unless --retry-failed")
     s.add_argument("--output", required=True, help="raw shards directory (ROOT/raw)")
+    s.add_argument("--retry-failed", action="store_true",
+                   help="only the retry pass on the finished download in --output: fetch its transient failures "
+                        "again, up to --retry-attempts times (the download's own settings)")
     _stage_arguments(s, "the stages the data is for: downloaded once at the largest one's size, "
                         "ratio kept, never upscaled")
     add_options(s, DownloadConfig)  # --image-size, --resize-mode, ... --distributor, --spark-master
@@ -120,6 +124,15 @@ def _download(a: argparse.Namespace) -> Any:
     from pipeline.options import options_from_args
 
     options = options_from_args(DownloadConfig, a)
+    if a.retry_failed:
+        from pipeline.data.download import summarize
+        from pipeline.data.retry import retry_failed
+
+        with hold(a.output, Holder("download")):  # the pass writes the download's folder
+            retry_failed(a.output, options["retry_attempts"], options["retry_base_delay"], options["retry_max_delay"])
+        return summarize(a.output)
+    if not a.url_list:
+        raise ValueError("download needs --url-list (or --retry-failed to retry a finished download's failures)")
     options["caption_col"] = options["caption_col"] or None  # --caption-col "": a list without captions
     with hold(a.output, Holder("download")):  # one run at a time writes this folder (pipeline/lock.py)
         return download(a.url_list, a.output, stages=tuple(a.stages), presets=_presets(a.preset),

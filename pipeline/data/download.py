@@ -28,6 +28,16 @@ Output folder (``output``, any fsspec URI):
     NNNNN.tar              successes: KEY.png|jpg|webp, KEY.txt (caption), KEY.json (metadata)
     NNNNN.parquet          every row of the shard with status and error_message
     NNNNN_stats.json       img2dataset's completion marker and per-shard counts
+    _retry/                the retry pass (:mod:`pipeline.data.retry`): download.json (the child spec
+                           the download ran), stats.json (failures per reason before and after),
+                           attempt-NNNNN/ (one attempt's list; its shards are NNNNN.tar onward)
+
+Transient failures (timeouts, resets, 429, 5xx: :func:`~pipeline.data.fetch_guard.is_transient`)
+are fetched again by a bounded retry pass after the download (``retry_attempts``, with exponential
+backoff and jitter; 0: none, the DAG's ``retry_failed`` task runs it). Recovered samples land in
+shards numbered after the download's, each row naming the key it retries (``retry_of``), and the
+failed row becomes ``status == "recovered"``: every URL-list row is counted once
+(:func:`superseded`), and no key is in two shards.
 
 Downloaded once for every cascade stage (``stages=``, ``presets=``; :func:`stage_policy`):
 originals at the largest stage's side, ratio kept, never upscaled, so each stage trains on
@@ -56,6 +66,7 @@ from imagen.config import STAGES, StageSpec, stage_specs
 from pipeline import storage
 from pipeline.data import spark
 from pipeline.data.fetch_guard import (  # re-exported: the reject table's reasons
+    is_transient,
     normalize_error,
     reason_stage,
 )
@@ -99,8 +110,13 @@ REFUSED_LIST = "refused.parquet"
 # (img2dataset/downloader.py, Downloader.download_shard; "sha256" is our compute_hash): an extra
 # column of one of these names collides with them and fails every shard. url and caption are
 # the list's own columns, renamed, and always saved.
+# retry_of and the retry pass's own columns (pipeline.data.retry) are ours.
+RETRY_OF = "retry_of"  # a retry shard's row: the key of the failed row it fetches again
+RECOVERED = "recovered"  # the status of a failed row that a retry shard holds the sample of
+RETRY_DIR = "_retry"  # not top-level *.json: img2dataset reads every OUTPUT/*.json as a shard's stats
 RESERVED_COLUMNS = ("url", "caption", "key", "status", "error_message", "width", "height", "original_width",
-                    "original_height", "exif", "sha256", "md5", "sha512")
+                    "original_height", "exif", "sha256", "md5", "sha512", RETRY_OF, "first_error",
+                    "retry_attempts", "retried_in", "recovered_as")
 
 
 @dataclasses.dataclass
@@ -150,6 +166,11 @@ class DownloadConfig:
     spark_master: str | None = option(None, "pyspark: local[N] (default local[PROCESSES]), local-cluster[W,C,MB], "
                                             "spark://HOST:PORT, k8s://https://HOST:PORT or yarn", metavar="URL")
     spark_conf: dict[str, str] = dataclasses.field(default_factory=dict)  # on top of pipeline.data.spark's
+    retry_attempts: int = option(2, "retry passes over the transient failures (timeouts, resets, 429, 5xx) "
+                                    "after the download; 0: none (default %(default)s)")
+    retry_base_delay: float = option(2.0, "seconds before the first retry pass, doubled for each next one, "
+                                          "with jitter (default %(default)s)")
+    retry_max_delay: float = option(60.0, "cap on the seconds between retry passes (default %(default)s)")
 
 
 def infer_input_format(url_list: str) -> str:
@@ -277,16 +298,34 @@ def _child_env() -> dict:
     return env
 
 
-def shard_failures(parquet_uri: str) -> tuple[int, collections.Counter]:
-    """Rows of one img2dataset shard and its failures as ``{(stage, reason): n}``."""
+def superseded(status: str | None, retry_of: str | None) -> bool:
+    """Whether a shard row is no URL-list row of its own: a failed row a retry recovered (its
+    sample is counted in the retry shard), or a retry's failure (the failed row it retries keeps
+    the latest error)."""
+    return status == RECOVERED or (retry_of is not None and status != "success")
+
+
+def read_shard_rows(parquet_uri: str, columns: list[str]) -> list[dict]:
+    """The rows of one shard's parquet that are URL-list rows (not :func:`superseded`), ``columns`` of each."""
     with storage.open(parquet_uri, "rb") as f:
-        table = pq.read_table(f, columns=["status", "error_message"])
+        file = pq.ParquetFile(f)
+        has_retry = RETRY_OF in file.schema_arrow.names
+        table = file.read(columns=list(dict.fromkeys([*columns, "status", *([RETRY_OF] if has_retry else [])])))
+    retry_of = table[RETRY_OF].to_pylist() if has_retry else [None] * table.num_rows
+    rows = table.select(columns).to_pylist()
+    return [r for r, s, o in zip(rows, table["status"].to_pylist(), retry_of, strict=True) if not superseded(s, o)]
+
+
+def shard_failures(parquet_uri: str) -> tuple[int, collections.Counter]:
+    """URL-list rows of one img2dataset shard and its failures as ``{(stage, reason): n}``
+    (rows :func:`superseded` by the retry pass are not counted)."""
+    rows = read_shard_rows(parquet_uri, ["status", "error_message"])
     failures: collections.Counter = collections.Counter()
-    for status, error in zip(table["status"].to_pylist(), table["error_message"].to_pylist(), strict=True):
+    for status, error in ((r["status"], r["error_message"]) for r in rows):
         if status != "success":
             reason = normalize_error(error)
             failures[(reason_stage(reason), reason)] += 1
-    return table.num_rows, failures
+    return len(rows), failures
 
 
 def read_refused(output: str) -> collections.Counter:
@@ -303,15 +342,18 @@ def summarize(output: str) -> dict:
 
     ``input_rows == successes + failed + refused``; ``rejected`` holds every refusal by reason,
     from the pre-screen (``refused.parquet``) and from inside the fetch (shard parquets).
+    ``errors`` are the failures left after the retry pass; ``transient`` how many of them a
+    later pass may still get; ``retry`` the pass's ``_retry/stats.json`` (counts before/after).
     """
     stats_files = storage.list_files(output, r"\d+_stats\.json")
     totals = {"output": output, "shards": len(stats_files), "total": 0, "successes": 0}
     failures: collections.Counter = collections.Counter()
     for uri in stats_files:
         stats = storage.read_json(uri)
-        totals["total"] += stats["count"]
         totals["successes"] += stats["successes"]
-        failures.update(shard_failures(uri[: -len("_stats.json")] + ".parquet")[1])
+        rows, shard = shard_failures(uri[: -len("_stats.json")] + ".parquet")
+        totals["total"] += rows  # a retry shard's rows re-fetch rows counted already
+        failures.update(shard)
     prescreened = read_refused(output)
     refused = collections.Counter(prescreened)
     refused.update({reason: n for (stage, reason), n in failures.items() if stage == "refused"})
@@ -320,7 +362,11 @@ def summarize(output: str) -> dict:
     totals["refused"] = sum(refused.values())
     totals["input_rows"] = totals["total"] + sum(prescreened.values())
     totals["errors"] = dict(errors.most_common())
+    totals["transient"] = sum(n for reason, n in errors.items() if is_transient(reason))
     totals["rejected"] = dict(sorted(refused.items()))
+    retry_stats = storage.join(output, RETRY_DIR, "stats.json")
+    if storage.exists(retry_stats):
+        totals["retry"] = storage.read_json(retry_stats)
     return totals
 
 
@@ -362,6 +408,8 @@ def _resolve(config: DownloadConfig) -> DownloadConfig:
             config.spark_master or f"local[{max(config.processes, 1)}]"))
     if config.number_sample_per_shard < 1 or config.timeout <= 0:
         raise ValueError("number_sample_per_shard must be >= 1 and timeout > 0")
+    if config.retry_attempts < 0 or config.retry_base_delay < 0 or config.retry_max_delay < config.retry_base_delay:
+        raise ValueError("retry_attempts and retry_base_delay must be >= 0, retry_max_delay >= retry_base_delay")
     reserved = [c for c in config.save_additional_columns or [] if c in RESERVED_COLUMNS]
     if reserved:
         raise ValueError(f"--extra-columns {reserved[0]!r} is a column img2dataset writes itself (reserved: "
@@ -382,7 +430,7 @@ def _layout(config: DownloadConfig, policy: FetchPolicy) -> dict:
     return layout
 
 
-def _img2dataset_spec(list_uri: str, output: str, config: DownloadConfig, policy: FetchPolicy) -> str:
+def _img2dataset_spec(list_uri: str, output: str, config: DownloadConfig, policy: FetchPolicy) -> dict:
     kwargs = {
         "url_list": list_uri, "output_folder": output, "input_format": "parquet", "url_col": "url",
         "caption_col": "caption" if config.caption_col else None, "output_format": "webdataset",
@@ -402,7 +450,19 @@ def _img2dataset_spec(list_uri: str, output: str, config: DownloadConfig, policy
     if config.distributor == "pyspark":
         spec["spark"] = {"master": config.spark_master,
                          "conf": spark.session_conf(config.spark_master, policy, config.spark_conf)}
-    return json.dumps(spec)
+    return spec
+
+
+def child_module(spec: dict) -> str:
+    """The module a download child runs: img2dataset under the guard, here or on Spark."""
+    return "pipeline.data.spark" if "spark" in spec else "pipeline.data.fetch_guard"
+
+
+def run_child(spec: dict) -> None:
+    """Run img2dataset under the guard in a child process on ``spec`` (:func:`_img2dataset_spec`'s)."""
+    if "spark" in spec:
+        spark.require_spark()
+    run_streaming([sys.executable, "-m", child_module(spec), json.dumps(spec)], env=_child_env(), tail=30)
 
 
 def download(url_list: str, output: str, config: DownloadConfig | None = None, **overrides) -> dict:
@@ -431,14 +491,16 @@ def download(url_list: str, output: str, config: DownloadConfig | None = None, *
     n_shards = math.ceil(allowed.num_rows / config.number_sample_per_shard)
     print(f"download: {n_shards - len(missing)} of {n_shards} shards already done, {len(missing)} to fetch",
           flush=True)
+    spec = _img2dataset_spec(list_uri, output, config, policy)
+    from pipeline.data import retry  # it runs this module's child: imported here, not at the top
+
+    retry.record_download(output, spec)  # what the retry pass re-runs, now or from the CLI / the DAG
     # Skip img2dataset's ~10 s start-up when every shard already has its completion marker.
     if missing:
-        if config.distributor == "pyspark":
-            spark.require_spark()
-        module = "pipeline.data.spark" if config.distributor == "pyspark" else "pipeline.data.fetch_guard"
-        cmd = [sys.executable, "-m", module, _img2dataset_spec(list_uri, output, config, policy)]
-        run_streaming(cmd, env=_child_env(), tail=30)
+        run_child(spec)
         _check_finished(output, allowed.num_rows, config.number_sample_per_shard)
+    if config.retry_attempts > 0:
+        retry.retry_failed(output, config.retry_attempts, config.retry_base_delay, config.retry_max_delay)
     return check_downloaded(summarize(output), url_list)
 
 

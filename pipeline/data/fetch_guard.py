@@ -24,7 +24,7 @@ img2dataset reports a shard only when it is finished (its ``_stats.json``). Whil
 Run img2dataset under the guard (``pipeline.data.download`` does this in a subprocess):
 
     python -m pipeline.data.fetch_guard '{"download": {img2dataset kwargs}, "policy": {FetchPolicy fields},
-                                          "progress_every": 10}'
+                                          "progress_every": 10, "start_shard_id": 0}'
 """
 
 from __future__ import annotations
@@ -54,24 +54,50 @@ from pipeline.netguard import (
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 
 
+# Network failures a later try can get past (the server or the path to it was busy, down or slow), by
+# reason; "host_backoff" is a fetch the politeness limiter put off because its host kept failing.
+# With http_429 and the 5xx codes but 501/505 (:func:`is_transient`) they are what the retry pass
+# (:mod:`pipeline.data.retry`) fetches again; every other reason is permanent: 404/403/410, bodies
+# no decoder takes, the guard's refusals, filter rejects.
+TRANSIENT_REASONS = ("timeout", "connection_reset", "connection_refused", "connection_closed", "incomplete_read",
+                     "network_unreachable", "dns_temporary_failure", "http_429", "host_backoff")
+# 5xx codes that say the request itself will never work on this server.
+PERMANENT_5XX = ("http_501", "http_505")
+# Substrings of the errors urllib, http.client and the socket layer raise, mapped to a reason (first match).
+_NEEDLES = (("temporary failure in name resolution", "dns_temporary_failure"),  # EAI_AGAIN: may resolve later
+            ("timed out", "timeout"), ("connection refused", "connection_refused"),
+            ("connection reset", "connection_reset"), ("connection aborted", "connection_reset"),
+            ("broken pipe", "connection_reset"),
+            ("remote end closed connection", "connection_closed"), ("incompleteread", "incomplete_read"),
+            ("network is unreachable", "network_unreachable"), ("no route to host", "network_unreachable"),
+            ("name or service not known", "dns_error"), ("name resolution", "dns_error"),
+            ("x-robots-tag", "disallowed_by_x_robots_tag"))
+
+
 def normalize_error(message: str | None) -> str:
     """A short, stable reason for an img2dataset error message ("HTTP Error 404: ..." -> "http_404")."""
     text = (message or "unknown").strip()
     lower = text.lower()
     head = lower.split(":", 1)[0].strip()
-    if head in REFUSAL_REASONS or head in BODY_REASONS or head == "dns_error":
+    if head in REFUSAL_REASONS or head in BODY_REASONS or head in TRANSIENT_REASONS:
         return head  # our fetch guard's messages start with their reason
     http = re.match(r"http error (\d{3})", lower)
     if http:
         return f"http_{http.group(1)}"
-    for needle, reason in (("timed out", "timeout"), ("connection refused", "connection_refused"),
-                           ("name or service not known", "dns_error"), ("name resolution", "dns_error"),
-                           ("x-robots-tag", "disallowed_by_x_robots_tag")):
+    for needle, reason in _NEEDLES:  # before the "dns_error" head: a temporary lookup failure says so after it
         if needle in lower:
             return reason
+    if head == "dns_error":
+        return head
     # Drop "<urlopen error [Errno 104] ...>" wrappers and numbers that vary per request.
     lower = re.sub(r"urlopen error|\[errno -?\d+\]|\d+", " ", lower)
     return re.sub(r"[^a-z]+", "_", lower).strip("_")[:60] or "unknown"
+
+
+def is_transient(reason: str) -> bool:
+    """Whether a failure of this reason (:func:`normalize_error`'s) may pass if fetched again later."""
+    return reason in TRANSIENT_REASONS or (re.fullmatch(r"http_5\d\d", reason) is not None
+                                           and reason not in PERMANENT_5XX)
 
 
 def reason_stage(reason: str) -> str:
@@ -289,15 +315,23 @@ def _inline_distributor(processes_count, downloader, reader, subjob_size, max_sh
     retrier(run, run(reader), max_shard_retry)
 
 
-def run_img2dataset(kwargs: dict, policy: FetchPolicy, progress_every: float = 10.0) -> None:
+def run_img2dataset(kwargs: dict, policy: FetchPolicy, progress_every: float = 10.0,
+                    start_shard_id: int = 0) -> None:
     """Call ``img2dataset.download(**kwargs)`` with every download going through the guard, and a
-    progress line every ``progress_every`` seconds while a shard is in flight."""
+    progress line every ``progress_every`` seconds while a shard is in flight. ``start_shard_id``:
+    the list's first shard gets this number (the retry pass appends shards after the download's;
+    img2dataset's own "extend" mode does that too, but cannot resume a pass cut short)."""
     import importlib
 
     # img2dataset/__init__.py rebinds the name "main" to the function: fetch the module itself.
     i2d_main = importlib.import_module("img2dataset.main")
     plain = i2d_main.Downloader
     i2d_main.Downloader = lambda **kw: GuardedDownloader(plain(**kw), policy, progress_every)
+    if start_shard_id:
+        reader = getattr(i2d_main.Reader, "plain", i2d_main.Reader)
+        # main.download passes start_shard_id (0 outside "extend" mode) as Reader's last argument.
+        i2d_main.Reader = lambda *args: reader(*args[:-1], start_shard_id)
+        i2d_main.Reader.plain = reader
     i2d_main.LoggerProcess = _NoLoggerProcess
     if kwargs.get("processes_count", 1) == 1 and kwargs.get("distributor", "multiprocessing") == "multiprocessing":
         i2d_main.multiprocessing_distributor = _inline_distributor
@@ -320,7 +354,8 @@ def run_spec(spec: dict) -> int:
     progress line every ``spec["progress_every"]`` seconds (default 10)."""
     policy = dict(spec.get("policy", {}))
     policy["allow_hosts"] = tuple(policy.get("allow_hosts", ()))  # JSON has lists; the policy is hashable
-    run_img2dataset(spec["download"], FetchPolicy(**policy), float(spec.get("progress_every", 10.0)))
+    run_img2dataset(spec["download"], FetchPolicy(**policy), float(spec.get("progress_every", 10.0)),
+                    int(spec.get("start_shard_id", 0)))
     return 0
 
 

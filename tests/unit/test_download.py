@@ -199,7 +199,7 @@ def test_stage_specs_pick_the_resize():
     ("<urlopen error [Errno 111] Connection refused>", "connection_refused"),
     ("<urlopen error [Errno -2] Name or service not known>", "dns_error"),
     ("dns_error: cannot resolve 'x.invalid'", "dns_error"),
-    ("<urlopen error [Errno 104] Connection reset by peer>", "connection_reset_by_peer"),
+    ("<urlopen error [Errno 104] Connection reset by peer>", "connection_reset"),
     ("Use of image disallowed by X-Robots-Tag directive", "disallowed_by_x_robots_tag"),
     ("loopback_address: localhost:80 resolves to 127.0.0.1", "loopback_address"),
     ("decompression_bomb: declared 100000x100000 pixels", "decompression_bomb"),
