@@ -4,7 +4,7 @@ plan and embed; training's Params -> ``run_stage`` glue). Not a DAG file (``.air
 lists it); the DAG files import it.
 
     from imagen_common import DEFAULT_ARGS, FILTERED, data_params, download_task
-    raw = download_task(outlet=RAW)()            # inside a @dag function: task "download"
+    raw = retry_task(outlet=RAW)(download_task()())   # inside a @dag function: "download" -> "retry_failed"
 
 The run's folders come from ``pipeline.layout.RunLayout(root)``, built inside each task from
 the ``root`` Param (or the upstream Asset event's root); no folder name is joined here. Step
@@ -22,7 +22,8 @@ Each task that writes a folder of the root (download, filter, embed) holds the r
 (``pipeline.lock``): a second run of that step on the same root fails at once, naming the holder.
 
 Only light imports at module level (Airflow's SDK, ``imagen.config``, ``pipeline.train.launchers``,
-``pipeline.data.embed_config``, ``pipeline.data.filter_config``): every DAG file imports this at parse time.
+``pipeline.data.embed_config``, ``pipeline.data.filter_config``, ``pipeline.data.retry_config``):
+every DAG file imports this at parse time.
 
 ``launcher_options`` is one JSON object Param whose schema is every launcher's keys together
 (a Param's schema cannot follow the ``launcher`` Param; see ``pipeline.train.launchers``); its
@@ -51,6 +52,7 @@ from airflow.sdk import Asset, AssetAlias, Param, task
 from imagen.config import PAPER_PRESETS, PRESETS, STAGES
 from pipeline.data.embed_config import EmbedConfig
 from pipeline.data.filter_config import FilterConfig
+from pipeline.data.retry_config import RetryConfig
 from pipeline.train.launchers import launcher_names, launcher_options_schema, option_keys
 
 DEFAULT_ROOT = os.environ.get("IMAGEN_DATA_ROOT", "/tmp/imagen-data")
@@ -133,6 +135,10 @@ def data_params() -> dict[str, Param]:
         "url_list": optional_text("URL list", "Parquet/CSV/TSV/JSONL file with url and caption columns "
                                   "(required to download; a run without one fails at once, saying so)"),
         **cascade_params(),
+        "retry_attempts": Param(RetryConfig.attempts, type="integer", minimum=0, maximum=10, title="Retry passes",
+                                description=("Passes of the retry_failed task over the URLs that failed for a "
+                                             "passing reason (timeouts, resets, HTTP 429 and 5xx), with "
+                                             "exponential backoff; 0: none")),
         "filtered_shard_size": Param(1000, type="integer", minimum=1, title="Samples per filtered shard",
                                      description="Samples per filtered shard (the unit of embed work)"),
         "val_fraction": Param(FilterConfig.val_fraction, type="number", minimum=0, exclusiveMaximum=1,
@@ -371,14 +377,15 @@ def task_holder(step: str, shared: bool = False) -> Any:
 
 
 def download_task(outlet: Asset | None = None):
-    """Task ``download``: the URL list -> ``layout.raw`` (img2dataset behind the fetch guard);
-    with ``outlet``, its event's ``extra`` says where."""
+    """Task ``download``: the URL list -> ``layout.raw`` (img2dataset behind the fetch guard), no
+    retry pass (``retry_task`` follows); with ``outlet``, its event's ``extra`` says where."""
 
     @imagen_task(task_id="download", outlets=[outlet] if outlet else [])
     def download(params=None, outlet_events=None) -> str:
         """Downloads the URL list (`url_list`) into ROOT/raw with img2dataset, at the largest chosen
-        stage's size, behind the fetch guard; finished shards are skipped on a rerun. Emits
-        `imagen_raw_shards` (extra: root, path)."""
+        stage's size, behind the fetch guard; finished shards are skipped on a rerun. Transient
+        failures are left to the retry_failed task (a download that got nothing but them too)."""
+        from pipeline.data.download import NothingAllowed, NothingDownloaded
         from pipeline.data.download import download as run_download
         from pipeline.layout import RunLayout
         from pipeline.lock import hold
@@ -390,8 +397,13 @@ def download_task(outlet: Asset | None = None):
         layout = RunLayout(params["root"])
         # Private networks: the workers' IMAGEN_ALLOW_PRIVATE_NETWORKS / IMAGEN_ALLOW_HOSTS, not a Param.
         with hold(layout.raw, task_holder("download")):  # another run writing raw/ fails this task at once
-            run_download(url_list, layout.raw, stages=tuple(params["stages"]),
-                         presets=params["presets"], **download_engine(params))
+            try:
+                run_download(url_list, layout.raw, stages=tuple(params["stages"]), presets=params["presets"],
+                             retry_attempts=0, **download_engine(params))
+            except NothingDownloaded as e:  # retry_failed checks again after its pass
+                if isinstance(e, NothingAllowed) or not e.summary["transient"]:
+                    raise
+                print(f"{e}; {e.summary['transient']} failed for a passing reason: retry_failed fetches them again")
         if outlet:
             outlet_events[outlet].extra = {"root": layout.root, "path": layout.raw}
         return layout.raw
@@ -399,11 +411,37 @@ def download_task(outlet: Asset | None = None):
     return download
 
 
+def retry_task(outlet: Asset | None = None):
+    """Task ``retry_failed``: the download's transient failures fetched again (``pipeline.data.retry``);
+    with ``outlet``, its event's ``extra`` says where the raw shards are."""
+
+    @imagen_task(task_id="retry_failed", outlets=[outlet] if outlet else [])
+    def retry_failed(raw: str, params=None, outlet_events=None) -> dict:  # raw: download's output (ordering)
+        """Fetches the URLs of ROOT/raw that failed for a passing reason (timeouts, resets, HTTP 429
+        and 5xx) again, `retry_attempts` times with exponential backoff, into new shards; prints the
+        failures per reason before and after. Emits `imagen_raw_shards` (extra: root, path)."""
+        from pipeline.data.download import RETRY_DIR
+        from pipeline.data.retry import retry_download
+        from pipeline.layout import RunLayout
+        from pipeline.lock import hold
+
+        layout = RunLayout(params["root"])
+        with hold(layout.raw, task_holder("retry")):
+            summary = retry_download(layout.raw, params["retry_attempts"], url_list=text_or_none(params["url_list"]))
+        if outlet:
+            outlet_events[outlet].extra = {"root": layout.root, "path": layout.raw}
+        retry = summary.get("retry", {})
+        return {"raw": layout.raw, "successes": summary["successes"], "failed": summary["failed"],
+                "before": retry.get("before", {}), "after": retry.get("after", {}), "stats": f"{layout.raw}/{RETRY_DIR}"}
+
+    return retry_failed
+
+
 def filter_task(outlet: Asset | None = None):
     """Task ``filter_shards``: raw shards -> ``layout.filtered`` + the reject table in the log."""
 
     @imagen_task(task_id="filter_shards", outlets=[outlet] if outlet else [])
-    def filter_shards(raw: str, params=None, outlet_events=None) -> str:  # raw: download's output (ordering)
+    def filter_shards(raw: Any, params=None, outlet_events=None) -> str:  # raw: retry_failed's (ordering)
         """Filters ROOT/raw into ROOT/filtered (size, caption, blank and near-duplicate checks, a
         held-out validation split) and prints the reject table; emits `imagen_filtered_shards`."""
         from pipeline.data.filters import filter_shards as run_filter

@@ -4,10 +4,10 @@
     IMAGEN_ALLOW_PRIVATE_NETWORKS=1 airflow dags test imagen_full -c '{"root": "/tmp/run",
         "url_list": "/tmp/tiny/urls.parquet", "encoder": "/tmp/tiny/t5-tiny", "max_steps": 20}'
 
-download -> filter_shards -> plan_embed -> embed (mapped over batches of shards) ->
+download -> retry_failed -> filter_shards -> plan_embed -> embed (mapped over batches of shards) ->
 train_base64 | train_sr256 | train_sr1024 (in parallel, `gpu` pool) -> evaluate ->
 register_<stage> -> promote_<stage> for each stage, register_cascade -> promote_cascade
-(after every promote_<stage>). download, filter_shards and embed emit the data Assets
+(after every promote_<stage>). retry_failed, filter_shards and embed emit the data Assets
 (``imagen_raw_shards``, ``imagen_filtered_shards``, ``imagen_embeddings``; ``extra``: the run's
 root and folder), register_* the model Assets: the Assets graph shows raw -> filtered ->
 embeddings -> models. The per-phase DAGs those Assets schedule skip this DAG's events.
@@ -57,6 +57,7 @@ from imagen_common import (
     plan_embed_task,
     register_chain,
     register_stage,
+    retry_task,
     run_layout,
     text_or_none,
     train_stage,
@@ -134,7 +135,7 @@ def imagen_full():
 
     # The data Assets too, so the Assets graph shows raw -> filtered -> embeddings -> models; the
     # per-phase DAGs they schedule skip events of this DAG (imagen_common.skip_full_run_events).
-    filtered = filter_task(outlet=FILTERED)(download_task(outlet=RAW)())
+    filtered = filter_task(outlet=FILTERED)(retry_task(outlet=RAW)(download_task()()))
     embedded = embed_task(outlet=EMBEDDINGS).expand(shards=plan_embed_task()(filtered))
     trained = [train.override(task_id=f"train_{s}")(s, embedded) for s in STAGES]
     evaluated = evaluate(trained)

@@ -125,12 +125,11 @@ def _download(a: argparse.Namespace) -> Any:
 
     options = options_from_args(DownloadConfig, a)
     if a.retry_failed:
-        from pipeline.data.download import summarize
-        from pipeline.data.retry import retry_failed
+        from pipeline.data.retry import retry_download
 
         with hold(a.output, Holder("download")):  # the pass writes the download's folder
-            retry_failed(a.output, options["retry_attempts"], options["retry_base_delay"], options["retry_max_delay"])
-        return summarize(a.output)
+            return retry_download(a.output, options["retry_attempts"], options["retry_base_delay"],
+                                  options["retry_max_delay"])
     if not a.url_list:
         raise ValueError("download needs --url-list (or --retry-failed to retry a finished download's failures)")
     options["caption_col"] = options["caption_col"] or None  # --caption-col "": a list without captions

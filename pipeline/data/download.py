@@ -70,6 +70,7 @@ from pipeline.data.fetch_guard import (  # re-exported: the reject table's reaso
     normalize_error,
     reason_stage,
 )
+from pipeline.data.retry_config import RetryConfig
 from pipeline.netguard import (
     ENV_ALLOW_HOSTS,
     ENV_ALLOW_PRIVATE,
@@ -166,11 +167,11 @@ class DownloadConfig:
     spark_master: str | None = option(None, "pyspark: local[N] (default local[PROCESSES]), local-cluster[W,C,MB], "
                                             "spark://HOST:PORT, k8s://https://HOST:PORT or yarn", metavar="URL")
     spark_conf: dict[str, str] = dataclasses.field(default_factory=dict)  # on top of pipeline.data.spark's
-    retry_attempts: int = option(2, "retry passes over the transient failures (timeouts, resets, 429, 5xx) "
+    retry_attempts: int = option(RetryConfig.attempts, "retry passes over the transient failures (timeouts, resets, 429, 5xx) "
                                     "after the download; 0: none (default %(default)s)")
-    retry_base_delay: float = option(2.0, "seconds before the first retry pass, doubled for each next one, "
+    retry_base_delay: float = option(RetryConfig.base_delay, "seconds before the first retry pass, doubled for each next one, "
                                           "with jitter (default %(default)s)")
-    retry_max_delay: float = option(60.0, "cap on the seconds between retry passes (default %(default)s)")
+    retry_max_delay: float = option(RetryConfig.max_delay, "cap on the seconds between retry passes (default %(default)s)")
 
 
 def infer_input_format(url_list: str) -> str:

@@ -50,7 +50,13 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.data import reshard, shards
 from pipeline.data import split as splits
-from pipeline.data.download import normalize_error, read_refused, reason_stage, shard_failures
+from pipeline.data.download import (
+    normalize_error,
+    read_refused,
+    read_shard_rows,
+    reason_stage,
+    shard_failures,
+)
 from pipeline.data.filter_registry import (
     FILTERS,
     CaptionLengthFilter,
@@ -595,8 +601,8 @@ def sample_fates(input: str, output: str) -> pa.Table:
         plan = {(r["raw"], r["key"]): r
                 for r in pq.read_table(f, columns=["raw", "key", "shard", "reason"]).to_pylist()}
     for tar_uri in _raw_shards(input):
-        with storage.open(tar_uri[: -len(".tar")] + ".parquet", "rb") as f:
-            rows = pq.read_table(f, columns=["url", "key", "status", "error_message"]).to_pylist()
+        # a row the retry pass superseded is no URL-list row: its recovered sample's row is
+        rows = read_shard_rows(tar_uri[: -len(".tar")] + ".parquet", ["url", "key", "status", "error_message"])
         with storage.open(_work_uri(storage.join(output, WORK), tar_uri), "rb") as f:
             filtered = {r["key"]: r["reason"] for r in pq.read_table(f, columns=["key", "reason"]).to_pylist()}
         raw_name = storage.basename(tar_uri)

@@ -45,10 +45,14 @@ from pipeline.data.download import (
     RECOVERED,
     RETRY_DIR,
     RETRY_OF,
+    SCREENED_LIST,
+    check_downloaded,
     read_shard_rows,
     run_child,
+    summarize,
 )
 from pipeline.data.fetch_guard import is_transient, normalize_error
+from pipeline.data.retry_config import RetryConfig
 
 DOWNLOAD_SPEC = "download.json"
 STATS = "stats.json"
@@ -243,14 +247,13 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{r} {n}" for r, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:5])
 
 
-def retry_failed(output: str, attempts: int = 2, base_delay: float = 2.0, max_delay: float = 60.0,
+def retry_failed(output: str, attempts: int = RetryConfig.attempts, base_delay: float = RetryConfig.base_delay,
+                 max_delay: float = RetryConfig.max_delay,
                  sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None) -> dict:
     """Up to ``attempts`` retries of the transient failures of the download in ``output``, the
     k-th after :func:`backoff_delay` (k, ``base_delay``, ``max_delay``) seconds; an attempt cut
     short before is finished first. Returns (and writes) ``_retry/stats.json``'s counts."""
-    spec = _download_spec(output)
-    if not original_shards(output):
-        raise FileNotFoundError(f"no finished shards in {output}: run the download first")
+    spec = _download_spec(output)  # no shards (every URL refused before fetching): nothing to retry
     columns = ["url", *(["caption"] if spec["download"].get("caption_col") else []),
                *(spec["download"].get("save_additional_columns") or [])]
     per_shard = spec["download"]["number_sample_per_shard"]
@@ -279,3 +282,12 @@ def retry_failed(output: str, attempts: int = 2, base_delay: float = 2.0, max_de
           f"{stats['transient_after']} (of {stats['transient_before']})", flush=True)
     return stats
 
+
+
+def retry_download(output: str, attempts: int = RetryConfig.attempts, base_delay: float = RetryConfig.base_delay,
+                   max_delay: float = RetryConfig.max_delay, url_list: str | None = None) -> dict:
+    """:func:`retry_failed`, then the download's summary (:func:`pipeline.data.download.summarize`,
+    with the pass's counts), checked: :class:`~pipeline.data.download.NothingDownloaded` when
+    still not one image came down (the DAG's ``retry_failed`` task, ``download --retry-failed``)."""
+    retry_failed(output, attempts, base_delay, max_delay)
+    return check_downloaded(summarize(output), url_list or storage.join(output, SCREENED_LIST))

@@ -45,7 +45,8 @@ def test_every_task_retries_with_backoff(parsed):
 def test_imagen_full_shape(parsed):
     dag = parsed["dags"]["imagen_full"]
     deps = dag["deps"]
-    assert deps["filter_shards"] == ["download"]
+    assert deps["retry_failed"] == ["download"]  # the transient failures fetched again on their own
+    assert deps["filter_shards"] == ["retry_failed"]
     assert deps["plan_embed"] == ["filter_shards"]
     # the folders come from the run's root (imagen_common.run_layout): XCom only orders the tasks,
     # so embed follows plan_embed, and each stage the embed tasks (hence the filter)
@@ -59,13 +60,16 @@ def test_imagen_full_shape(parsed):
     assert deps["register_cascade"] == ["evaluate"] + [f"train_{s}" for s in sorted(STAGES)]
     assert dag["pools"]["download"] == "default_pool"
     # the data Assets too (issue 28): the Assets graph shows raw -> filtered -> embeddings -> models
-    assert {t: dag["outlets"][t] for t in ("download", "filter_shards", "embed")} == {
-        "download": ["imagen_raw_shards"], "filter_shards": ["imagen_filtered_shards"], "embed": ["imagen_embeddings"]}
+    assert "download" not in dag["outlets"]  # retry_failed emits the raw shards, once they are complete
+    assert {t: dag["outlets"][t] for t in ("retry_failed", "filter_shards", "embed")} == {
+        "retry_failed": ["imagen_raw_shards"], "filter_shards": ["imagen_filtered_shards"],
+        "embed": ["imagen_embeddings"]}
 
 
 def test_phase_dags_chain_through_assets(parsed):
     dags = parsed["dags"]
-    assert dags["imagen_data"]["outlets"] == {"download": ["imagen_raw_shards"],
+    assert dags["imagen_data"]["deps"]["filter_shards"] == ["retry_failed"]
+    assert dags["imagen_data"]["outlets"] == {"retry_failed": ["imagen_raw_shards"],
                                               "filter_shards": ["imagen_filtered_shards"]}
     assert dags["imagen_embed"]["schedule"] == ["imagen_filtered_shards"]
     assert dags["imagen_embed"]["outlets"] == {"publish": ["imagen_embeddings"]}

@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data.download import download, summarize
-from pipeline.data.filters import filter_shards, stage_config
+from pipeline.data.filters import filter_shards, sample_fates, stage_config
 from pipeline.data.retry import retry_failed
 from tests.tinychain import TINY_PRESETS
 
@@ -183,6 +183,9 @@ def test_retry_pass_recovers_every_transient_failure(flaky, tmp_path):
     assert manifest["input_rows"] == len(rows) and manifest["kept"] == 18
     assert manifest["rejects"]["download"] == dict(sorted(after.items()))
     assert manifest["kept"] + manifest["rejected"] == len(rows)
+    fates = sample_fates(raw, filtered).to_pylist()
+    assert len(fates) == len(rows) and len({f["url"] for f in fates}) == len(rows)
+    assert collections.Counter(f["stage"] for f in fates) == {"kept": 18, "download": 4}
 
     # a rerun of the pass fetches nothing recovered: only the endless 500, twice more
     seen = collections.Counter(flaky.hits)

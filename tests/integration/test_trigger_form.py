@@ -85,8 +85,8 @@ def test_imagen_full_emits_the_data_assets(airflow, tiny_dataset, tiny_encoder_d
             "presets": {"base64": "tiny"}, "filtered_shard_size": 50, "embed_shards_per_task": 8}
     out = airflow["run"](conf, "--mark-success-pattern", AFTER_EMBED)
     tries = _tries(airflow["db"], root)
-    assert {t: tries[t][0] for t in ("download", "filter_shards", "plan_embed")} == dict.fromkeys(
-        ("download", "filter_shards", "plan_embed"), "success"), out[-3000:]
+    assert {t: tries[t][0] for t in ("download", "retry_failed", "filter_shards", "plan_embed")} == dict.fromkeys(
+        ("download", "retry_failed", "filter_shards", "plan_embed"), "success"), out[-3000:]
     with sqlite3.connect(airflow["db"]) as con:
         events = con.execute("SELECT a.name, e.source_task_id, CAST(e.extra AS TEXT) FROM asset_event e "
                              "JOIN asset a ON a.id = e.asset_id WHERE e.source_dag_id='imagen_full'").fetchall()
@@ -94,7 +94,7 @@ def test_imagen_full_emits_the_data_assets(airflow, tiny_dataset, tiny_encoder_d
     for name, task, extra in events:
         by_asset.setdefault(name, []).append((task, json.loads(extra)))
     assert sorted(by_asset) == ["imagen_embeddings", "imagen_filtered_shards", "imagen_raw_shards"], events
-    assert by_asset["imagen_raw_shards"] == [("download", {"root": root, "path": f"{root}/raw"})]
+    assert by_asset["imagen_raw_shards"] == [("retry_failed", {"root": root, "path": f"{root}/raw"})]
     assert by_asset["imagen_filtered_shards"] == [("filter_shards", {"root": root, "path": f"{root}/filtered"})]
     for task, extra in by_asset["imagen_embeddings"]:  # one event per mapped embed batch
         assert task == "embed" and extra["root"] == root and extra["path"].startswith(f"{root}/embeddings/")
