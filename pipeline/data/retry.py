@@ -188,7 +188,7 @@ def _mark(uri: str, outcomes: dict[str, dict], attempt: int) -> None:
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
 
 
-def _apply(output: str, attempt: int, shards: list[int], delay: float) -> dict:
+def _apply(output: str, attempt: int, shards: list[int]) -> dict:
     """Mark the originals with the attempt's outcomes, then ``applied.json`` (the attempt is done)."""
     with storage.open(_attempt_uri(output, attempt, LIST), "rb") as f:
         listed = pq.read_table(f, columns=[RETRY_OF, SOURCE])
@@ -201,8 +201,8 @@ def _apply(output: str, attempt: int, shards: list[int], delay: float) -> dict:
     for name, by_key in sorted(outcomes.items()):
         _mark(storage.join(output, name), by_key, attempt)
     recovered = sum(r["status"] == "success" for by_key in outcomes.values() for r in by_key.values())
-    result = {"attempt": attempt, "rows": len(source), "recovered": recovered,
-              "shards": [f"{i:05d}.tar" for i in shards], "delay_s": round(delay, 3)}
+    # No wall-clock figures: a rerun of the same outcomes gives the same stats (the delays are printed).
+    result = {"attempt": attempt, "rows": len(source), "recovered": recovered, "shards": [f"{i:05d}.tar" for i in shards]}
     storage.write_json(_attempt_uri(output, attempt, APPLIED), result)
     return result
 
@@ -260,7 +260,7 @@ def retry_failed(output: str, attempts: int = RetryConfig.attempts, base_delay: 
     for attempt in _attempts(output):  # listed by a pass that stopped before it was applied
         if not storage.exists(_attempt_uri(output, attempt, APPLIED)):
             print(f"retry: resuming attempt {attempt:05d}", flush=True)
-            _apply(output, attempt, _run_attempt(output, spec, attempt), 0.0)
+            _apply(output, attempt, _run_attempt(output, spec, attempt))
     for k in range(1, attempts + 1):
         rows = transient_rows(output, columns)
         if not rows.num_rows:
@@ -274,7 +274,7 @@ def retry_failed(output: str, attempts: int = RetryConfig.attempts, base_delay: 
         with storage.atomic_write(_attempt_uri(output, attempt, LIST)) as f:
             pq.write_table(rows, f)
         sleep(delay)
-        result = _apply(output, attempt, _run_attempt(output, spec, attempt), delay)
+        result = _apply(output, attempt, _run_attempt(output, spec, attempt))
         print(f"retry {k}: recovered {result['recovered']} of {result['rows']}", flush=True)
         _write_stats(output)
     stats = _write_stats(output)
