@@ -420,8 +420,7 @@ def retry_task(outlet: Asset | None = None):
         """Fetches the URLs of ROOT/raw that failed for a passing reason (timeouts, resets, HTTP 429
         and 5xx) again, `retry_attempts` times with exponential backoff, into new shards; prints the
         failures per reason before and after. Emits `imagen_raw_shards` (extra: root, path)."""
-        from pipeline.data.download import RETRY_DIR
-        from pipeline.data.retry import retry_download
+        from pipeline.data.download import RETRY_DIR, retry_download
         from pipeline.layout import RunLayout
         from pipeline.lock import hold
 

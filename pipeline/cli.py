@@ -125,7 +125,7 @@ def _download(a: argparse.Namespace) -> Any:
 
     options = options_from_args(DownloadConfig, a)
     if a.retry_failed:
-        from pipeline.data.retry import retry_download
+        from pipeline.data.download import retry_download
 
         with hold(a.output, Holder("download")):  # the pass writes the download's folder
             return retry_download(a.output, options["retry_attempts"], options["retry_base_delay"],

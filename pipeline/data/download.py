@@ -37,7 +37,7 @@ are fetched again by a bounded retry pass after the download (``retry_attempts``
 backoff and jitter; 0: none, the DAG's ``retry_failed`` task runs it). Recovered samples land in
 shards numbered after the download's, each row naming the key it retries (``retry_of``), and the
 failed row becomes ``status == "recovered"``: every URL-list row is counted once
-(:func:`superseded`), and no key is in two shards.
+(:func:`pipeline.data.raw_rows.superseded`), and no key is in two shards.
 
 Downloaded once for every cascade stage (``stages=``, ``presets=``; :func:`stage_policy`):
 originals at the largest stage's side, ratio kept, never upscaled, so each stage trains on
@@ -64,12 +64,13 @@ import pyarrow.parquet as pq
 
 from imagen.config import STAGES, StageSpec, stage_specs
 from pipeline import storage
-from pipeline.data import spark
+from pipeline.data import retry, spark
 from pipeline.data.fetch_guard import (  # re-exported: the reject table's reasons
     is_transient,
     normalize_error,
     reason_stage,
 )
+from pipeline.data.raw_rows import RETRY_DIR, RETRY_OF, read_shard_rows
 from pipeline.data.retry_config import RetryConfig
 from pipeline.netguard import (
     ENV_ALLOW_HOSTS,
@@ -112,9 +113,6 @@ REFUSED_LIST = "refused.parquet"
 # column of one of these names collides with them and fails every shard. url and caption are
 # the list's own columns, renamed, and always saved.
 # retry_of and the retry pass's own columns (pipeline.data.retry) are ours.
-RETRY_OF = "retry_of"  # a retry shard's row: the key of the failed row it fetches again
-RECOVERED = "recovered"  # the status of a failed row that a retry shard holds the sample of
-RETRY_DIR = "_retry"  # not top-level *.json: img2dataset reads every OUTPUT/*.json as a shard's stats
 RESERVED_COLUMNS = ("url", "caption", "key", "status", "error_message", "width", "height", "original_width",
                     "original_height", "exif", "sha256", "md5", "sha512", RETRY_OF, "first_error",
                     "retry_attempts", "retried_in", "recovered_as")
@@ -299,27 +297,9 @@ def _child_env() -> dict:
     return env
 
 
-def superseded(status: str | None, retry_of: str | None) -> bool:
-    """Whether a shard row is no URL-list row of its own: a failed row a retry recovered (its
-    sample is counted in the retry shard), or a retry's failure (the failed row it retries keeps
-    the latest error)."""
-    return status == RECOVERED or (retry_of is not None and status != "success")
-
-
-def read_shard_rows(parquet_uri: str, columns: list[str]) -> list[dict]:
-    """The rows of one shard's parquet that are URL-list rows (not :func:`superseded`), ``columns`` of each."""
-    with storage.open(parquet_uri, "rb") as f:
-        file = pq.ParquetFile(f)
-        has_retry = RETRY_OF in file.schema_arrow.names
-        table = file.read(columns=list(dict.fromkeys([*columns, "status", *([RETRY_OF] if has_retry else [])])))
-    retry_of = table[RETRY_OF].to_pylist() if has_retry else [None] * table.num_rows
-    rows = table.select(columns).to_pylist()
-    return [r for r, s, o in zip(rows, table["status"].to_pylist(), retry_of, strict=True) if not superseded(s, o)]
-
-
 def shard_failures(parquet_uri: str) -> tuple[int, collections.Counter]:
     """URL-list rows of one img2dataset shard and its failures as ``{(stage, reason): n}``
-    (rows :func:`superseded` by the retry pass are not counted)."""
+    (rows the retry pass superseded are not counted: :mod:`pipeline.data.raw_rows`)."""
     rows = read_shard_rows(parquet_uri, ["status", "error_message"])
     failures: collections.Counter = collections.Counter()
     for status, error in ((r["status"], r["error_message"]) for r in rows):
@@ -365,7 +345,7 @@ def summarize(output: str) -> dict:
     totals["errors"] = dict(errors.most_common())
     totals["transient"] = sum(n for reason, n in errors.items() if is_transient(reason))
     totals["rejected"] = dict(sorted(refused.items()))
-    retry_stats = storage.join(output, RETRY_DIR, "stats.json")
+    retry_stats = storage.join(output, RETRY_DIR, retry.STATS)
     if storage.exists(retry_stats):
         totals["retry"] = storage.read_json(retry_stats)
     return totals
@@ -493,15 +473,13 @@ def download(url_list: str, output: str, config: DownloadConfig | None = None, *
     print(f"download: {n_shards - len(missing)} of {n_shards} shards already done, {len(missing)} to fetch",
           flush=True)
     spec = _img2dataset_spec(list_uri, output, config, policy)
-    from pipeline.data import retry  # it runs this module's child: imported here, not at the top
-
     retry.record_download(output, spec)  # what the retry pass re-runs, now or from the CLI / the DAG
     # Skip img2dataset's ~10 s start-up when every shard already has its completion marker.
     if missing:
         run_child(spec)
         _check_finished(output, allowed.num_rows, config.number_sample_per_shard)
     if config.retry_attempts > 0:
-        retry.retry_failed(output, config.retry_attempts, config.retry_base_delay, config.retry_max_delay)
+        retry.retry_failed(output, config.retry_attempts, config.retry_base_delay, config.retry_max_delay, run=run_child)
     return check_downloaded(summarize(output), url_list)
 
 
@@ -557,3 +535,12 @@ def check_downloaded(summary: dict, url_list: str) -> dict:
 def _counts(counts: dict[str, int], top: int = 5) -> str:
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     return ", ".join(f"{r} {n}" for r, n in ranked[:top]) + (" ..." if len(ranked) > top else "")
+
+
+def retry_download(output: str, attempts: int = RetryConfig.attempts, base_delay: float = RetryConfig.base_delay,
+                   max_delay: float = RetryConfig.max_delay, url_list: str | None = None) -> dict:
+    """The retry pass (:func:`pipeline.data.retry.retry_failed`) on the finished download in
+    ``output``, then :func:`summarize` (with the pass's counts), checked: :class:`NothingDownloaded`
+    when still not one image came down (the DAG's ``retry_failed`` task, ``download --retry-failed``)."""
+    retry.retry_failed(output, attempts, base_delay, max_delay, run=run_child)
+    return check_downloaded(summarize(output), url_list or storage.join(output, SCREENED_LIST))

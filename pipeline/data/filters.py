@@ -50,13 +50,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.data import reshard, shards
 from pipeline.data import split as splits
-from pipeline.data.download import (
-    normalize_error,
-    read_refused,
-    read_shard_rows,
-    reason_stage,
-    shard_failures,
-)
+from pipeline.data.download import normalize_error, read_refused, reason_stage, shard_failures
 from pipeline.data.filter_registry import (
     FILTERS,
     CaptionLengthFilter,
@@ -72,6 +66,7 @@ from pipeline.data.filter_registry import (
     build_scorers,
 )
 from pipeline.data.images import IMAGE_EXTS
+from pipeline.data.raw_rows import read_shard_rows
 from pipeline.layout import manifest_of
 
 # Re-exported: callers import the whole filter step from here.

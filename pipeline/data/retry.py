@@ -9,21 +9,21 @@ fetched again. Each attempt
    (``OUTPUT/_retry/attempt-SSSSS/list.parquet``, written once; SSSSS is the attempt's first shard);
 2. waits (exponential backoff with jitter: :func:`backoff_delay`) and runs the very img2dataset
    child the download ran (its spec, ``OUTPUT/_retry/download.json``, recorded by
-   :func:`pipeline.data.download.download`) on that list, its shards numbered from SSSSS on, after
+   :func:`pipeline.data.download.download`; ``run``: its ``run_child``) on that list, its shards numbered from SSSSS on, after
    every shard of the folder; each row carries ``retry_of``, the key of the row it fetches again;
 3. marks each original row with its outcome: ``status == "recovered"`` and ``recovered_as`` (the
    new key) when it came down, else its ``error_message`` becomes the attempt's (``first_error``
    keeps the download's; ``retry_attempts`` counts the tries), then writes ``applied.json``.
 
-Every URL-list row is counted once (:func:`pipeline.data.download.superseded`) and a sample's key
+Every URL-list row is counted once (:func:`pipeline.data.raw_rows.superseded`) and a sample's key
 is in one shard only. A rerun fetches nothing already recovered; a pass cut short resumes: an
 attempt listed but not applied is finished first (img2dataset skips its finished shards).
 ``OUTPUT/_retry/stats.json`` holds the failures per reason before the first retry and after the
 last, the recoveries per reason and each attempt; :func:`pipeline.data.download.summarize` and so
 the CLI's JSON include it.
 
-    from pipeline.data.retry import retry_failed
-    retry_failed("ROOT/raw", attempts=2)
+    from pipeline.data.download import retry_download
+    retry_download("ROOT/raw", attempts=2)   # the pass, then the download's summary
     imagen-pipeline download --retry-failed --output ROOT/raw
 """
 
@@ -41,17 +41,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.data.download import (
-    RECOVERED,
-    RETRY_DIR,
-    RETRY_OF,
-    SCREENED_LIST,
-    check_downloaded,
-    read_shard_rows,
-    run_child,
-    summarize,
-)
 from pipeline.data.fetch_guard import is_transient, normalize_error
+from pipeline.data.raw_rows import RECOVERED, RETRY_DIR, RETRY_OF, read_shard_rows
 from pipeline.data.retry_config import RetryConfig
 
 DOWNLOAD_SPEC = "download.json"
@@ -145,7 +136,7 @@ def _next_shard(output: str, per_shard: int) -> int:
     return max(ids, default=-1) + 1
 
 
-def _run_attempt(output: str, spec: dict, attempt: int) -> list[int]:
+def _run_attempt(output: str, spec: dict, attempt: int, run: Callable[[dict], None]) -> list[int]:
     """img2dataset on the attempt's list, as the download ran it; its shards from ``attempt`` on."""
     spec = json.loads(json.dumps(spec))
     kwargs = spec["download"]
@@ -156,7 +147,7 @@ def _run_attempt(output: str, spec: dict, attempt: int) -> list[int]:
     spec["start_shard_id"] = attempt
     shards = _attempt_shards(output, attempt, per_shard)
     if any(not storage.exists(storage.join(output, f"{i:05d}_stats.json")) for i in shards):
-        run_child(spec)
+        run(spec)
     missing = [f"{i:05d}" for i in shards if not storage.exists(storage.join(output, f"{i:05d}_stats.json"))]
     if missing:
         raise RuntimeError(f"retry shard(s) {missing} in {output} have no _stats.json (see the errors above); "
@@ -248,11 +239,12 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 def retry_failed(output: str, attempts: int = RetryConfig.attempts, base_delay: float = RetryConfig.base_delay,
-                 max_delay: float = RetryConfig.max_delay,
+                 max_delay: float = RetryConfig.max_delay, *, run: Callable[[dict], None],
                  sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None) -> dict:
     """Up to ``attempts`` retries of the transient failures of the download in ``output``, the
     k-th after :func:`backoff_delay` (k, ``base_delay``, ``max_delay``) seconds; an attempt cut
-    short before is finished first. Returns (and writes) ``_retry/stats.json``'s counts."""
+    short before is finished first. ``run(spec)`` runs the download's img2dataset child on a spec
+    (:func:`pipeline.data.download.run_child`). Returns (and writes) ``_retry/stats.json``'s counts."""
     spec = _download_spec(output)  # no shards (every URL refused before fetching): nothing to retry
     columns = ["url", *(["caption"] if spec["download"].get("caption_col") else []),
                *(spec["download"].get("save_additional_columns") or [])]
@@ -260,7 +252,7 @@ def retry_failed(output: str, attempts: int = RetryConfig.attempts, base_delay: 
     for attempt in _attempts(output):  # listed by a pass that stopped before it was applied
         if not storage.exists(_attempt_uri(output, attempt, APPLIED)):
             print(f"retry: resuming attempt {attempt:05d}", flush=True)
-            _apply(output, attempt, _run_attempt(output, spec, attempt))
+            _apply(output, attempt, _run_attempt(output, spec, attempt, run))
     for k in range(1, attempts + 1):
         rows = transient_rows(output, columns)
         if not rows.num_rows:
@@ -274,7 +266,7 @@ def retry_failed(output: str, attempts: int = RetryConfig.attempts, base_delay: 
         with storage.atomic_write(_attempt_uri(output, attempt, LIST)) as f:
             pq.write_table(rows, f)
         sleep(delay)
-        result = _apply(output, attempt, _run_attempt(output, spec, attempt))
+        result = _apply(output, attempt, _run_attempt(output, spec, attempt, run))
         print(f"retry {k}: recovered {result['recovered']} of {result['rows']}", flush=True)
         _write_stats(output)
     stats = _write_stats(output)
@@ -283,11 +275,3 @@ def retry_failed(output: str, attempts: int = RetryConfig.attempts, base_delay: 
     return stats
 
 
-
-def retry_download(output: str, attempts: int = RetryConfig.attempts, base_delay: float = RetryConfig.base_delay,
-                   max_delay: float = RetryConfig.max_delay, url_list: str | None = None) -> dict:
-    """:func:`retry_failed`, then the download's summary (:func:`pipeline.data.download.summarize`,
-    with the pass's counts), checked: :class:`~pipeline.data.download.NothingDownloaded` when
-    still not one image came down (the DAG's ``retry_failed`` task, ``download --retry-failed``)."""
-    retry_failed(output, attempts, base_delay, max_delay)
-    return check_downloaded(summarize(output), url_list or storage.join(output, SCREENED_LIST))

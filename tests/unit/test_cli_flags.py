@@ -30,6 +30,8 @@ DOWNLOAD = {
     "--progress-every": 10.0,  # issue 28: a line while a shard downloads
     "--distributor": "multiprocessing", "--spark-master": None, "--spark-conf": None,
     "--allow-private-networks": False, "--allow-host": None,
+    # issue 27: the retry pass over the transient failures (pipeline.data.retry_config's defaults)
+    "--retry-failed": False, "--retry-attempts": 2, "--retry-base-delay": 2.0, "--retry-max-delay": 60.0,
 }
 FILTER = {
     "--input": None, "--output": None, "--min-caption-chars": 3, "--max-caption-chars": 512,

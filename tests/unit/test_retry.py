@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data import retry
-from pipeline.data.download import RECOVERED, RETRY_DIR, RETRY_OF, summarize, superseded
+from pipeline.data.download import run_child, summarize
 from pipeline.data.fetch_guard import TRANSIENT_REASONS, is_transient, normalize_error
+from pipeline.data.raw_rows import RECOVERED, RETRY_DIR, RETRY_OF, superseded
 
 
 @pytest.mark.parametrize("message, reason, transient", [
@@ -133,9 +134,7 @@ def fake_output(tmp_path, monkeypatch):
     retry.record_download(out, {"download": {"caption_col": "caption", "number_sample_per_shard": 4,
                                              "save_additional_columns": None, "output_folder": out},
                                 "policy": {}, "progress_every": 10})
-    child = FakeChild(out, script)
-    monkeypatch.setattr(retry, "run_child", child)
-    return out, child
+    return out, FakeChild(out, script)
 
 
 def _all_rows(out: str) -> list[dict]:
@@ -146,7 +145,8 @@ def _all_rows(out: str) -> list[dict]:
 def test_pass_recovers_and_counts_every_row_once(fake_output):
     out, child = fake_output
     waits: list[float] = []
-    stats = retry.retry_failed(out, attempts=2, base_delay=1.0, max_delay=10.0, sleep=waits.append,
+    stats = retry.retry_failed(out, attempts=2, base_delay=1.0, max_delay=10.0, run=child,
+                               sleep=waits.append,
                                rng=random.Random(0))
     assert [len(c) for c in child.calls] == [4, 2]  # 429, 503, reset, timeout; then 503, timeout
     assert 0.5 <= waits[0] <= 1.0 and 1.0 <= waits[1] <= 2.0
@@ -172,19 +172,19 @@ def test_pass_recovers_and_counts_every_row_once(fake_output):
 
 def test_rerun_fetches_nothing_recovered_and_resumes_a_pass_cut_short(fake_output, monkeypatch):
     out, child = fake_output
-    retry.retry_failed(out, attempts=1, base_delay=0, max_delay=0)
+    retry.retry_failed(out, attempts=1, base_delay=0, max_delay=0, run=child)
     assert len(child.calls) == 1 and len(child.calls[0]) == 4
     # the next pass dies after img2dataset finished, before the originals were marked
     mark = retry._mark
     monkeypatch.setattr(retry, "_mark", lambda *a: (_ for _ in ()).throw(OSError("disk gone")))
     with pytest.raises(OSError, match="disk gone"):
-        retry.retry_failed(out, attempts=1, base_delay=0, max_delay=0)
+        retry.retry_failed(out, attempts=1, base_delay=0, max_delay=0, run=child)
     assert len(child.calls) == 2 and not any("/429/" in u for u in child.calls[1])  # 429 recovered before
     monkeypatch.setattr(retry, "_mark", mark)
-    stats = retry.retry_failed(out, attempts=0, base_delay=0, max_delay=0)  # resumes: no fetch, marks
+    stats = retry.retry_failed(out, attempts=0, base_delay=0, max_delay=0, run=child)  # resumes: no fetch, marks
     assert len(child.calls) == 2
     assert stats["recovered"] == {"http_429": 1, "http_503": 1} and stats["after"] == {"http_404": 2, "timeout": 1}
-    again = retry.retry_failed(out, attempts=3, base_delay=0, max_delay=0)
+    again = retry.retry_failed(out, attempts=3, base_delay=0, max_delay=0, run=child)
     assert child.calls[2:] == [[u for u in child.calls[1] if "/timeout/" in u]] * 3
     assert again["recovered"] == stats["recovered"] and again["after"] == stats["after"]
     successes = [r["key"] for r in _all_rows(out) if r["status"] == "success"]
@@ -194,4 +194,4 @@ def test_rerun_fetches_nothing_recovered_and_resumes_a_pass_cut_short(fake_outpu
 
 def test_pass_without_a_recorded_download_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the download again"):
-        retry.retry_failed(str(tmp_path), attempts=1)
+        retry.retry_failed(str(tmp_path), attempts=1, run=run_child)
