@@ -4,7 +4,6 @@ choose the distributor. The Spark run itself is tests/integration/test_spark_dow
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -56,10 +55,10 @@ def test_session_conf_carries_the_policy_to_the_executors():
 def test_download_options_choose_the_distributor():
     cfg = _resolve(DownloadConfig(distributor="pyspark", processes=3))
     assert cfg.spark_master == "local[3]"
-    spec = json.loads(_img2dataset_spec("l.parquet", "out", cfg, FetchPolicy()))
+    spec = _img2dataset_spec("l.parquet", "out", cfg, FetchPolicy())
     assert spec["download"]["distributor"] == "pyspark" and spec["spark"]["master"] == "local[3]"
     assert spec["spark"]["conf"]["spark.executorEnv.IMAGEN_ALLOW_PRIVATE_NETWORKS"] == "0"
-    plain = json.loads(_img2dataset_spec("l.parquet", "out", _resolve(DownloadConfig()), FetchPolicy()))
+    plain = _img2dataset_spec("l.parquet", "out", _resolve(DownloadConfig()), FetchPolicy())
     assert plain["download"]["distributor"] == "multiprocessing" and "spark" not in plain
     with pytest.raises(ValueError, match="distributor"):
         _resolve(DownloadConfig(distributor="ray"))
