@@ -26,9 +26,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.data.download import download, summarize
+from pipeline.data.download import download, retry_download, summarize
 from pipeline.data.filters import filter_shards, sample_fates, stage_config
-from pipeline.data.retry import retry_failed
 from tests.tinychain import TINY_PRESETS
 
 TIMEOUT = 3.0  # the download's per-request timeout (generous: a loaded machine); "timeout" routes sleep past it
@@ -189,7 +188,7 @@ def test_retry_pass_recovers_every_transient_failure(flaky, tmp_path):
 
     # a rerun of the pass fetches nothing recovered: only the endless 500, twice more
     seen = collections.Counter(flaky.hits)
-    again = retry_failed(raw, attempts=2, base_delay=0.01, max_delay=0.02)
+    again = retry_download(raw, attempts=2, base_delay=0.01, max_delay=0.02)["retry"]
     assert again["after"] == stats["after"] and again["recovered"] == stats["recovered"]
     endless = [path for path, r in hits.items() if r["kind"] == "500"]
     assert flaky.hits - seen == collections.Counter({endless[0]: 2})
