@@ -200,27 +200,43 @@ class Politeness:
         c = self.config
         host, _ = host_key(url)
         h = self._host(host)
-        waited = self._wait_or_refuse(h, host)
-        if waited is not None:
-            return waited
-        slot = self._take_slot(h) if c.connections > 0 else None
-        if c.connections > 0 and slot is None:
-            return f"{HOST_BACKOFF}: {host}: no connection slot free in {c.max_wait:g} s"
-        # Another worker may have been told to wait while this one waited for its slot.
-        waited = self._wait_or_refuse(h, host)
-        if waited is not None:
+        refusal = self._wait_or_refuse(h, host)
+        if refusal is not None:
+            return refusal
+        slot = None
+        if c.connections > 0:
+            slot = self._take_slot(h)
+            if slot is None:
+                return f"{HOST_BACKOFF}: {host}: no connection slot free in {c.max_wait:g} s"
+        try:
+            # Another worker may have been told to wait while this one waited for its slot; and
+            # again after the token's wait, right before the request.
+            refusal = self._wait_or_refuse(h, host)
+            if refusal is None and c.rate > 0 and self._take_token(h):
+                refusal = self._wait_or_refuse(h, host)
+        except BaseException:
             if slot is not None:
                 h.release(slot)
-            return waited
-        if c.rate > 0:
-            with h.state() as box:
-                tokens, stamp, *rest = box[0]
-                now = self.clock()
-                tokens = min(float(c.burst), tokens + max(now - stamp, 0.0) * c.rate) - 1.0
-                box[0] = [tokens, now, *rest]
-            if tokens < 0:  # the token was reserved: it is due in -tokens/rate seconds
-                self.sleep(-tokens / c.rate)
+            raise
+        if refusal is not None:
+            if slot is not None:
+                h.release(slot)
+            return refusal
         return Ticket(h, slot)
+
+    def _take_token(self, h: _Host) -> bool:
+        """Take a token of ``h``'s bucket, or reserve the next and sleep until it is due;
+        whether it slept."""
+        c = self.config
+        with h.state() as box:
+            tokens, stamp, *rest = box[0]
+            now = self.clock()
+            tokens = min(float(c.burst), tokens + max(now - stamp, 0.0) * c.rate) - 1.0
+            box[0] = [tokens, now, *rest]
+        if tokens >= 0:
+            return False
+        self.sleep(-tokens / c.rate)  # the reserved token is due in -tokens/rate seconds
+        return True
 
     def _wait_or_refuse(self, h: _Host, host: str) -> str | None:
         wait = h.wait_for(self.clock())

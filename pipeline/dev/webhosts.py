@@ -20,7 +20,7 @@ multi-process case and tests/integration/test_polite_download.py::
 
     with WebHosts(4) as web:
         url = web.url(0, "flaky429", 2, "a")     # http://127.0.0.10:PORT/flaky429/2/a.png
-        ... web.hosts[0].peak, web.hosts[0].log ...
+        ... web.hosts[0].peak, web.hosts[0].log, web.hosts[0].violations ...
 """
 
 from __future__ import annotations
@@ -51,13 +51,15 @@ class Host:
     robots_status: int = 200
     inflight: int = 0
     peak: int = 0
-    quiet_until: float = 0.0  # end of the last Retry-After sent
+    quiet_from: float = 0.0  # when the last Retry-After was sent
+    quiet_until: float = 0.0  # and when it ends
     log: list[tuple[float, str, int]] = dataclasses.field(default_factory=list)  # (arrival, path, status)
-    violations: list[tuple[float, str]] = dataclasses.field(default_factory=list)  # arrivals before quiet_until
+    # (arrival, path, quiet_from) of requests that arrived inside a Retry-After
+    violations: list[tuple[float, str, float]] = dataclasses.field(default_factory=list)
     noai_bytes_sent: int = 0
     seen: set[str] = dataclasses.field(default_factory=set)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    server: ThreadingHTTPServer | None = None
+    server: _Server | None = None
 
     @property
     def port(self) -> int:
@@ -78,10 +80,11 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        h, now = self.host, time.time()
+        h = self.host
+        now = self.server.accepted.pop(id(self.request), time.time())
         with h.lock:
             if now < h.quiet_until:
-                h.violations.append((now, self.path))
+                h.violations.append((now, self.path, h.quiet_from))
             h.inflight += 1
             h.peak = max(h.peak, h.inflight)
             first = self.path not in h.seen
@@ -125,7 +128,8 @@ class _Handler(BaseHTTPRequestHandler):
             ra = int(arg)
             if ra:
                 with h.lock:
-                    h.quiet_until = max(h.quiet_until, time.time() + ra)
+                    h.quiet_from = time.time()
+                    h.quiet_until = max(h.quiet_until, h.quiet_from + ra)
             return self._send(int(kind[-3:]), b"busy", {"Retry-After": str(ra)} if ra else {})
         elif kind == "reset" and first:
             self._done()
@@ -158,6 +162,22 @@ class _Handler(BaseHTTPRequestHandler):
         return 200
 
 
+class _Server(ThreadingHTTPServer):
+    """Stamps each connection when it is accepted: a request's arrival is when it reached the
+    host, not when a thread of a busy test machine got round to reading it."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.accepted: dict[int, float] = {}
+
+    def process_request(self, request, client_address) -> None:
+        self.accepted[id(request)] = time.time()
+        super().process_request(request, client_address)
+
+
 class WebHosts:
     """``n`` loopback hosts, 127.0.0.10 + i, each on its own free port; a context manager."""
 
@@ -167,9 +187,7 @@ class WebHosts:
     def __enter__(self) -> WebHosts:
         for h in self.hosts:
             handler = type("Handler", (_Handler,), {"host": h})
-            h.server = ThreadingHTTPServer((h.address, 0), handler)
-            h.server.daemon_threads = True
-            h.server.request_queue_size = 128
+            h.server = _Server((h.address, 0), handler)
             threading.Thread(target=h.server.serve_forever, daemon=True).start()
         return self
 
