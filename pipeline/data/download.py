@@ -59,6 +59,7 @@ from pipeline.data.fetch_guard import (  # re-exported: the reject table's reaso
     normalize_error,
     reason_stage,
 )
+from pipeline.data.politeness import PolitenessConfig
 from pipeline.netguard import (
     ENV_ALLOW_HOSTS,
     ENV_ALLOW_PRIVATE,
@@ -141,9 +142,11 @@ class DownloadConfig:
     max_pixels: int = option(64_000_000, "refuse images declaring more pixels, before decoding "
                                          "(default %(default)s)")
     # Politeness per host and machine (pipeline.data.politeness); 0 turns a cap off.
-    per_host_connections: int = option(4, "requests in flight per host and machine; 0: no cap (default %(default)s)")
-    per_host_rate: float = option(5.0, "requests/s per host and machine; 0: no cap (default %(default)s)")
-    per_host_burst: int = option(10, "requests a rested host gets at once (default %(default)s)")
+    per_host_connections: int = option(PolitenessConfig.connections, "requests in flight per host and machine; "
+                                                                     "0: no cap (default %(default)s)")
+    per_host_rate: float = option(PolitenessConfig.rate, "requests/s per host and machine; 0: no cap "
+                                                         "(default %(default)s)")
+    per_host_burst: int = option(PolitenessConfig.burst, "requests a rested host gets at once (default %(default)s)")
     robots_txt: bool = option(True, "ignore robots.txt (only for hosts you own or have leave to crawl)")
     progress_every: float = option(10.0, "seconds between progress lines while a shard downloads "
                                          "(default %(default)s)")
