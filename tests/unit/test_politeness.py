@@ -370,3 +370,13 @@ def test_install_hands_the_politeness_to_img2dataset(tmp_path):
         assert i2d.download_image.keywords["polite"] is None
     finally:
         i2d.download_image, i2d.download_image_with_retry = saved
+
+
+def test_spark_executors_get_the_deployments_lock_dir(monkeypatch):
+    from pipeline.data import spark
+
+    monkeypatch.setenv("IMAGEN_POLITENESS_DIR", "/var/lib/imagen/politeness")
+    conf = spark.session_conf("k8s://https://k8s.example:443", FetchPolicy())
+    assert conf["spark.executorEnv.IMAGEN_POLITENESS_DIR"] == "/var/lib/imagen/politeness"
+    monkeypatch.delenv("IMAGEN_POLITENESS_DIR")
+    assert "spark.executorEnv.IMAGEN_POLITENESS_DIR" not in spark.session_conf("local[1]", FetchPolicy())
