@@ -38,6 +38,7 @@ and send ``rate x M`` requests/s to one host: divide the caps by M for a per-clu
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import email.utils
@@ -66,6 +67,10 @@ _STATE = struct.Struct("<ddddq")  # tokens, bucket stamp, retry_after_until, bac
 STATE = 1 << 16
 SLOTS = STATE + 1
 ROBOTS_MAX_BYTES = 512 * 1024  # RFC 9309 2.5: parse at least 500 KiB
+# A list may name millions of hosts: each process keeps at most this many host files open (idle
+# ones are closed past it) and this many origins' robots.txt in memory (the disk copy stays).
+MAX_OPEN_HOSTS = 256
+MAX_ROBOTS_CACHED = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +127,12 @@ class _Host:
         self.lock = threading.Lock()  # POSIX locks do not exclude this process's own threads
         self.freed = threading.Condition(self.lock)
         self.held: set[int] = set()
+        self.users = 0  # requests of this process between before() and done(); guarded by Politeness
+
+    def close(self) -> None:
+        """Unmap and close (only when no request uses it: closing drops this process's locks)."""
+        self.mm.close()
+        os.close(self.fd)
 
     @contextlib.contextmanager
     def state(self):
@@ -179,17 +190,27 @@ class Politeness:
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self._hosts: dict[str, _Host] = {}
         self._hosts_lock = threading.Lock()
-        self._robots: dict[str, tuple[float, object]] = {}  # origin -> (expires, rules or verdict)
+        # origin -> (expires, rules or verdict), oldest first
+        self._robots: collections.OrderedDict[str, tuple[float, object]] = collections.OrderedDict()
         self._robots_locks: dict[str, threading.Lock] = {}
 
-    def _host(self, host: str) -> _Host:
-        h = self._hosts.get(host)
-        if h is None:
-            with self._hosts_lock:
-                h = self._hosts.get(host)
-                if h is None:
-                    h = self._hosts[host] = _Host(self._path(host, ""))
-        return h
+    def _host(self, host: str, use: bool = False) -> _Host:
+        """``host``'s open file (opened if need be); ``use``: held by a request until
+        :meth:`_checkin`, so it is not closed meanwhile."""
+        with self._hosts_lock:
+            h = self._hosts.get(host)
+            if h is None:
+                if len(self._hosts) >= MAX_OPEN_HOSTS:
+                    for name, idle in [(k, v) for k, v in self._hosts.items() if v.users == 0]:
+                        idle.close()  # no request of ours holds its slots: no lock is lost
+                        del self._hosts[name]
+                h = self._hosts[host] = _Host(self._path(host, ""))
+            h.users += use
+            return h
+
+    def _checkin(self, h: _Host) -> None:
+        with self._hosts_lock:
+            h.users -= 1
 
     def _path(self, host: str, suffix: str) -> str:
         return os.path.join(self.dir, hashlib.sha1(host.encode()).hexdigest()[:24] + suffix)
@@ -197,9 +218,18 @@ class Politeness:
     def before(self, url: str) -> Ticket | str:
         """Wait until ``url``'s host may be sent a request and take a slot and a token; or the
         error message (``host_backoff: ...``) when that would take longer than ``max_wait``."""
-        c = self.config
         host, _ = host_key(url)
-        h = self._host(host)
+        h = self._host(host, use=True)
+        ticket = None
+        try:
+            ticket = self._admit(h, host)
+            return ticket
+        finally:
+            if not isinstance(ticket, Ticket):
+                self._checkin(h)
+
+    def _admit(self, h: _Host, host: str) -> Ticket | str:
+        c = self.config
         refusal = self._wait_or_refuse(h, host)
         if refusal is not None:
             return refusal
@@ -265,8 +295,15 @@ class Politeness:
              failed: bool = False) -> None:
         """The response (``status``, None when none came) or failure of a request ``ticket`` allowed."""
         h = ticket.host
-        if ticket.slot is not None:
-            h.release(ticket.slot)
+        try:
+            self._record(h, ticket.slot, status, retry_after, failed)
+        finally:
+            self._checkin(h)
+
+    def _record(self, h: _Host, slot: int | None, status: int | None, retry_after: str | None,
+                failed: bool) -> None:
+        if slot is not None:
+            h.release(slot)
         transient = failed or status == 429 or (status is not None and status >= 500)
         with h.state() as box:
             tokens, stamp, retry_until, backoff_until, failures = box[0]
@@ -309,6 +346,9 @@ class Politeness:
         entry = self._robots.get(origin)
         if entry is not None and entry[0] > self.clock():
             return entry[1]
+        if len(self._robots) >= MAX_ROBOTS_CACHED:
+            with self._hosts_lock, contextlib.suppress(KeyError):
+                self._robots.popitem(last=False)
         with self._hosts_lock:
             lock = self._robots_locks.setdefault(origin, threading.Lock())
         with lock:  # one fetch per origin and process; the others wait for its answer

@@ -380,3 +380,18 @@ def test_spark_executors_get_the_deployments_lock_dir(monkeypatch):
     assert conf["spark.executorEnv.IMAGEN_POLITENESS_DIR"] == "/var/lib/imagen/politeness"
     monkeypatch.delenv("IMAGEN_POLITENESS_DIR")
     assert "spark.executorEnv.IMAGEN_POLITENESS_DIR" not in spark.session_conf("local[1]", FetchPolicy())
+
+
+def test_idle_host_files_are_closed_past_the_limit(tmp_path, monkeypatch):
+    """A list naming many hosts must not run a process out of file descriptors; a host with a
+    request in flight keeps its file (closing it would drop that request's slot lock)."""
+    from pipeline.data import politeness
+
+    monkeypatch.setattr(politeness, "MAX_OPEN_HOSTS", 8)
+    p = polite(tmp_path, rate=0, connections=1)
+    busy = p.before("http://busy.example.com/x.png")
+    for i in range(40):
+        p.done(p.before(f"http://h{i}.example.com/x.png"), 200)
+    assert len(p._hosts) <= 8 and "busy.example.com:80" in p._hosts
+    p.done(busy, 200)
+    assert not p._hosts["busy.example.com:80"].held
