@@ -30,6 +30,9 @@ front of every guarded fetch (:func:`pipeline.data.fetch_guard.guarded_download_
   (connection refused, timeout) allows: the image request that follows meets the same host and
   fails on its own if it is down, and a site that cannot serve robots.txt has published no rule.
 
+The caps and robots.txt are those of the URL's own host: a redirect to another host is followed
+under the first host's slot (the guard still checks every hop's address).
+
 The caps hold per machine: each process on it opens the same lock dir. On Spark each executor
 machine has its own, so a cluster of M executor machines may open ``connections x M`` connections
 and send ``rate x M`` requests/s to one host: divide the caps by M for a per-cluster budget.
@@ -369,6 +372,8 @@ class Politeness:
         except (OSError, ValueError, KeyError, TypeError):
             pass  # no cache yet, or a torn one: fetch
         status, text = self._fetch_robots(origin, fetch)
+        if status == 0:  # not asked: the host is in backoff; ask again once it is over
+            return now, "unavailable"
         ttl = self.config.robots_retry if status is None or status == 429 or status >= 500 else self.config.robots_ttl
         expires = now + ttl
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}"
@@ -381,7 +386,7 @@ class Politeness:
     def _fetch_robots(self, origin: str, fetch) -> tuple[int | None, str]:
         ticket = self.before(origin + "/robots.txt")
         if isinstance(ticket, str):
-            return 503, ""  # the host is in backoff: ask again later, like a 5xx
+            return 0, ""
         status = None
         try:
             status, body = fetch(origin + "/robots.txt", self.config.robots_timeout)

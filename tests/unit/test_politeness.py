@@ -395,3 +395,15 @@ def test_idle_host_files_are_closed_past_the_limit(tmp_path, monkeypatch):
     assert len(p._hosts) <= 8 and "busy.example.com:80" in p._hosts
     p.done(busy, 200)
     assert not p._hosts["busy.example.com:80"].held
+
+
+def test_robots_of_a_host_in_backoff_is_asked_again_once_it_is_over(tmp_path):
+    clock = FakeClock()
+    p = polite(tmp_path, clock, rate=0, max_wait=10)
+    p.done(p.before(URL), 429, retry_after="100")
+    robots = Robots()
+    assert normalize_error(p.robots_verdict("http://img.example.com/nobots/x.png", robots)) == "host_backoff"
+    assert robots.calls == []  # nothing sent while the host asked for quiet
+    clock.now += 101
+    assert normalize_error(p.robots_verdict("http://img.example.com/nobots/x.png", robots)) == "robots_disallowed"
+    assert len(robots.calls) == 1
