@@ -338,7 +338,8 @@ class Politeness:
         if rules is None:
             return None
         if rules == "unavailable":
-            return f"{HOST_BACKOFF}: {origin}/robots.txt answers a server error; nothing fetched there for now"
+            return (f"{HOST_BACKOFF}: {origin}/robots.txt unavailable (a server error, or the host asked for "
+                    "quiet); nothing fetched there for now")
         parts = urllib.parse.urlsplit(url)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         if is_allowed(rules, path):
@@ -349,10 +350,11 @@ class Politeness:
         entry = self._robots.get(origin)
         if entry is not None and entry[0] > self.clock():
             return entry[1]
-        if len(self._robots) >= MAX_ROBOTS_CACHED:
-            with self._hosts_lock, contextlib.suppress(KeyError):
-                self._robots.popitem(last=False)
         with self._hosts_lock:
+            if len(self._robots) >= MAX_ROBOTS_CACHED:
+                self._robots.popitem(last=False)
+            if len(self._robots_locks) >= MAX_ROBOTS_CACHED:  # a holder keeps its own; at worst one more fetch
+                self._robots_locks.clear()
             lock = self._robots_locks.setdefault(origin, threading.Lock())
         with lock:  # one fetch per origin and process; the others wait for its answer
             entry = self._robots.get(origin)
