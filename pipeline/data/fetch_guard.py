@@ -47,7 +47,7 @@ import time
 import urllib.error
 import urllib.request
 
-from pipeline.data.politeness import Politeness, PolitenessConfig, politeness_for
+from pipeline.data.politeness import ROBOTS_MAX_BYTES, Politeness, PolitenessConfig, politeness_for
 from pipeline.netguard import (
     BODY_REASONS,
     HOST_BACKOFF,
@@ -172,15 +172,18 @@ def guarded_download_image(row, timeout, user_agent_token, disallowed_header_dir
     reason = literal_reason(url, policy)
     if reason is not None:
         return key, None, f"{reason}: {url}"
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": agent})
+    except ValueError as err:  # literal_reason let it through: say what urllib says
+        return key, None, str(err)
     ticket = None
-    if polite is not None:
-        refusal = polite.robots_verdict(url, functools.partial(_fetch_robots, opener, agent, policy))
+    if polite is not None:  # before the deadline starts: waiting for the host is not the request's time
+        refusal = polite.robots_verdict(url, functools.partial(_fetch_robots, opener, agent))
         ticket = refusal or polite.before(url)
         if isinstance(ticket, str):
             return key, None, ticket
     deadline = time.monotonic() + timeout
     try:
-        request = urllib.request.Request(url, headers={"User-Agent": agent})
         request.deadline = deadline  # connect, redirects, headers and body: one wall-clock budget
         body, content_type = _fetch(opener, request, timeout, deadline, policy, polite, ticket,
                                     user_agent_token, disallowed_header_directives)
@@ -222,11 +225,9 @@ def _fetch(opener, request, timeout, deadline, policy, polite, ticket, user_agen
             polite.done(ticket, status, retry_after, failed=failed)
 
 
-def _fetch_robots(opener, agent: str, policy: FetchPolicy, url: str, timeout: float) -> tuple[int, bytes]:
+def _fetch_robots(opener, agent: str, url: str, timeout: float) -> tuple[int, bytes]:
     """(status, body) of a robots.txt, through the guard: any HTTP status is an answer; OSError
     when none came (politeness decides what that means)."""
-    from pipeline.data.politeness import ROBOTS_MAX_BYTES
-
     request = urllib.request.Request(url, headers={"User-Agent": agent})
     request.deadline = time.monotonic() + timeout
     try:
