@@ -334,13 +334,15 @@ class Politeness:
         if not self.config.robots_txt:
             return None
         _, origin = host_key(url)
-        rules = self._rules(origin, fetch)
+        parts = urllib.parse.urlsplit(url)
+        # asked as the URL names its host (a Host header with ":80" can miss a virtual host)
+        robots_url = f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}/robots.txt"
+        rules = self._rules(origin, lambda: self._fetch_robots(robots_url, fetch))
         if rules is None:
             return None
         if rules == "unavailable":
             return (f"{HOST_BACKOFF}: {origin}/robots.txt unavailable (a server error, or the host asked for "
                     "quiet); nothing fetched there for now")
-        parts = urllib.parse.urlsplit(url)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         if is_allowed(rules, path):
             return None
@@ -373,7 +375,7 @@ class Politeness:
                 return cached["expires"], self._parse(cached["status"], cached["text"])
         except (OSError, ValueError, KeyError, TypeError):
             pass  # no cache yet, or a torn one: fetch
-        status, text = self._fetch_robots(origin, fetch)
+        status, text = fetch()
         if status == 0:  # not asked: the host is in backoff; ask again once it is over
             return now, "unavailable"
         ttl = self.config.robots_retry if status is None or status == 429 or status >= 500 else self.config.robots_ttl
@@ -385,13 +387,13 @@ class Politeness:
             os.replace(tmp, path)
         return expires, self._parse(status, text)
 
-    def _fetch_robots(self, origin: str, fetch) -> tuple[int | None, str]:
-        ticket = self.before(origin + "/robots.txt")
+    def _fetch_robots(self, robots_url: str, fetch) -> tuple[int | None, str]:
+        ticket = self.before(robots_url)
         if isinstance(ticket, str):
             return 0, ""
         status = None
         try:
-            status, body = fetch(origin + "/robots.txt", self.config.robots_timeout)
+            status, body = fetch(robots_url, self.config.robots_timeout)
             return status, body.decode("utf-8", "replace") if 200 <= status < 300 else ""
         except OSError:
             return None, ""  # unreachable: allowed (see the module docstring)

@@ -223,14 +223,14 @@ def test_robots_fetched_once_per_origin_and_cached_on_disk(tmp_path):
         t.start()
     for t in threads:
         t.join()
-    assert robots.calls == ["http://img.example.com:80/robots.txt"]
+    assert robots.calls == ["http://img.example.com/robots.txt"]
     assert len(verdicts) == 8 and all(v.startswith("robots_disallowed: http://img.example.com/nobots/") for v in verdicts)
     assert normalize_error(verdicts[0]) == "robots_disallowed" and reason_stage("robots_disallowed") == "refused"
     assert p.robots_verdict("http://img.example.com/ok.png", robots) is None
     again = Robots()  # another process on this machine: the lock dir's copy, no fetch
     assert polite(tmp_path, rate=0).robots_verdict("http://img.example.com/nobots/1.png", again)
     assert again.calls == []
-    assert robots.calls == ["http://img.example.com:80/robots.txt"]
+    assert robots.calls == ["http://img.example.com/robots.txt"]
 
 
 def test_robots_statuses(tmp_path):
@@ -293,13 +293,13 @@ def _fetch(opener, p, url, directives=("noai", "noimageai")):
 
 def test_guarded_fetch_asks_robots_first_and_never_requests_a_disallowed_url(tmp_path):
     p = polite(tmp_path, rate=0)
-    opener = FakeOpener({"http://img.example.com:80/robots.txt": FakeResponse(body=ROBOTS.encode()),
+    opener = FakeOpener({"http://img.example.com/robots.txt": FakeResponse(body=ROBOTS.encode()),
                          "http://img.example.com/ok.png": FakeResponse(body=_png())})
     key, stream, err = _fetch(opener, p, "http://img.example.com/nobots/x.png")
     assert stream is None and normalize_error(err) == "robots_disallowed"
     _, stream, err = _fetch(opener, p, "http://img.example.com/ok.png")
     assert err is None and stream.read().startswith(b"\x89PNG")
-    assert opener.opened == ["http://img.example.com:80/robots.txt", "http://img.example.com/ok.png"]
+    assert opener.opened == ["http://img.example.com/robots.txt", "http://img.example.com/ok.png"]
     assert not p._host("img.example.com:80").held
 
 
