@@ -33,6 +33,10 @@ front of every guarded fetch (:func:`pipeline.data.fetch_guard.guarded_download_
 The caps and robots.txt are those of the URL's own host: a redirect to another host is followed
 under the first host's slot (the guard still checks every hop's address).
 
+A thread waits for a busy host in place (img2dataset hands each thread the next URL of the list):
+a shard whose URLs crowd onto one host runs at that host's pace, so a list sorted by host is
+slower than a shuffled one.
+
 The caps hold per machine: each process on it opens the same lock dir. On Spark each executor
 machine has its own, so a cluster of M executor machines may open ``connections x M`` connections
 and send ``rate x M`` requests/s to one host: divide the caps by M for a per-cluster budget.
