@@ -312,6 +312,8 @@ class Politeness:
         if slot is not None:
             h.release(slot)
         transient = failed or status == 429 or (status is not None and status >= 500)
+        if not transient and not _STATE.unpack_from(h.mm)[4]:
+            return  # the common case, a success after a success: nothing to write, no lock taken
         with h.state() as box:
             tokens, stamp, retry_until, backoff_until, failures = box[0]
             now = self.clock()
