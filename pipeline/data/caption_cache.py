@@ -18,8 +18,11 @@ one GET by name, a miss is one 404, and nothing has to be merged, compacted or l
 would need a key -> (file, row) index of 1e9 entries (~32 GB of hashes) that every worker must
 consult and that concurrent writers must update: a database, not a folder. Entries are
 immutable and content-addressed, so concurrent writers (several embed processes, mapped Airflow
-tasks) never coordinate: two of them writing one key write equivalent bytes, each through a
-temporary name and a rename (:func:`pipeline.storage.write_bytes`), and the last rename wins.
+tasks) never coordinate: two of them writing one key write equivalent bytes and the last write
+wins. On local disk and HDFS an entry is written to a temporary name and renamed
+(:func:`pipeline.storage.write_bytes`); on an object store one PUT is already atomic (an entry,
+at most 128 x 4096 x 2 bytes = 1 MiB, is one request), so it is written in place: a temporary
+object and a server-side copy would triple the requests.
 The two hex levels (``ab/cd``) keep local folders small and spread S3's per-prefix request
 limits. Requests are latency bound, so lookups and writes run on a thread pool. The cost is one
 PUT per distinct caption (1e9 PUTs, ~$5k on S3, once) against recomputing T5-XXL for it.
@@ -51,7 +54,9 @@ _MAGIC = b"IMGCAPE1"
 _HEADER = struct.Struct("<8s32sII")  # magic, caption key, num_tokens, dim
 _DIGEST = 32  # trailing sha256 of header + vectors
 _IDENTITY_FIELDS = ("encoder_id", "max_length", "dtype", "storage_dtype")
-IO_THREADS = 16  # concurrent GETs/PUTs: object-store requests are latency bound
+IO_THREADS = 32  # concurrent GETs/PUTs: object-store requests are latency bound
+# Stores where one upload becomes visible whole or not at all (below their multipart threshold).
+_ATOMIC_PUT = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
 
 
 class CorruptEntry(ValueError):
@@ -139,6 +144,15 @@ def caption_dedup_saving(result: dict) -> float:
     return float(result.get("caption_dedup", {}).get("saving", 0.0))
 
 
+def write_entry(uri: str, data: bytes) -> None:
+    """Write one entry so that no reader sees part of it (see the module doc)."""
+    if storage.protocols(uri)[-1] in _ATOMIC_PUT:
+        with storage.open(uri, "wb") as fh:
+            fh.write(data)
+    else:
+        storage.write_bytes(uri, data)
+
+
 class CaptionCache:
     """The entries of one encoder identity under ``root`` (``OUTPUT/caption-cache``)."""
 
@@ -179,7 +193,7 @@ class CaptionCache:
         """Store each caption's vectors (atomic per entry; an existing entry is replaced)."""
         def put(item: tuple[str, np.ndarray]) -> None:
             key = caption_key(self.ident_key, item[0])
-            storage.write_bytes(self.uri(key), pack_entry(key, item[1]))
+            write_entry(self.uri(key), pack_entry(key, item[1]))
 
         with ThreadPoolExecutor(self.threads) as pool:
             list(pool.map(put, zip(captions, vectors, strict=True)))

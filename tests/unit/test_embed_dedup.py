@@ -246,3 +246,21 @@ def test_cache_folder_is_named_by_encoder_and_identity(tmp_path, t5_dir):
     name = caption_key(identity_key(identity), "image").hex()
     assert cache.uri(bytes.fromhex(name)) == str(tmp_path / CACHE_DIR / f"{encoder_slug(enc.encoder_id)}-"
                                                  f"{identity_key(identity)[:12]}" / name[:2] / name[2:4] / f"{name}.emb")
+
+
+def test_object_store_entries_are_written_in_place_and_checked(tmp_path):
+    """On an object store (memory:// here, like s3://) one PUT is atomic: no temporary object."""
+    from pipeline import storage
+
+    identity = {"encoder_id": "t@sha256:cd", "max_length": 8, "dtype": "float32", "storage_dtype": "float16"}
+    cache = CaptionCache("memory://capcache-unit/caption-cache", identity, "t", 4)
+    vectors = [np.full((2, 4), i, dtype=np.float16) for i in range(3)]
+    cache.put_many(["a", "b", "c"], vectors)
+    written = storage.find("memory://capcache-unit")
+    assert len(written) == 3 and all(u.endswith(".emb") for u in written)
+    key = caption_key(cache.ident_key, "b")
+    with storage.open(cache.uri(key), "wb") as fh:  # damaged in place
+        fh.write(pack_entry(key, vectors[1])[:-1])
+    found, corrupt = cache.get_many(["a", "b", "c", "d"])
+    assert corrupt == 1 and sorted(found) == [0, 2] and np.array_equal(found[2], vectors[2])
+    storage.rmtree("memory://capcache-unit")
