@@ -234,9 +234,22 @@ def test_concurrent_writers_of_one_key_leave_whole_entries(tmp_path):
     assert len(files) == len(vectors) and all(p.suffix == ".emb" for p in files)  # no temporaries left
 
 
-def test_an_unpinned_hub_id_gets_no_cache():
+class UnpinnedEncoder(CountingEncoder):
+    """The tiny T5 as a hub model whose commit was unknown (``NAME@main``: main may move)."""
+
+    @property
+    def encoder_id(self) -> str:
+        return "google/t5-v1_1-xxl@main"
+
+
+def test_an_unpinned_hub_id_gets_no_cache(tmp_path, t5_dir, data):
     assert pins_weights("tiny@sha256:106dc8184e2475bf") and pins_weights("google/t5-v1_1-xxl@" + "a" * 40)
     assert not pins_weights("google/t5-v1_1-xxl@main") and not pins_weights(None) and not pins_weights("t5")
+    src, _ = data
+    enc = UnpinnedEncoder(t5_dir, max_length=16, device="cpu")
+    out = embed_shards(str(src), str(tmp_path / "emb"), enc)
+    assert out["caption_dedup"]["cache"] is None and not (tmp_path / "emb" / CACHE_DIR).exists()
+    assert len(enc.forwarded) == out["caption_dedup"]["captions_encoded"] == sum(len(set(t)) for t in SHARDS)
 
 
 def test_cache_folder_is_named_by_encoder_and_identity(tmp_path, t5_dir):
