@@ -33,8 +33,8 @@ The result's ``caption_dedup`` reports the share of encoder work saved
 (:func:`~pipeline.data.caption_cache.caption_dedup_saving`); ``caption_cache=False``
 (``--no-caption-cache``) keeps the grouping within a shard and drops the cache.
 
-The options and their defaults (encoder, max_length, batch_size, max_batch_tokens, device,
-dtype) are the fields of :class:`~pipeline.data.embed_config.EmbedConfig`.
+The options and their defaults (encoder, max_length, batch_size, max_batch_tokens, device, dtype,
+caption_cache) are the fields of :class:`~pipeline.data.embed_config.EmbedConfig`.
 
 Several GPUs or machines split the shards: ``split_shards(INPUT, N)`` returns N disjoint,
 sample-balanced lists, and worker ``i`` runs ``embed_shards(..., shards=lists[i])`` (an
