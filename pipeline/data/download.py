@@ -70,6 +70,7 @@ from pipeline.data.fetch_guard import (  # re-exported: the reject table's reaso
     normalize_error,
     reason_stage,
 )
+from pipeline.data.politeness import PolitenessConfig
 from pipeline.data.raw_rows import RETRY_DIR, RETRY_OF, read_shard_rows
 from pipeline.data.retry_config import RetryConfig
 from pipeline.netguard import (
@@ -155,6 +156,13 @@ class DownloadConfig:
     max_bytes: int = option(32 * 1024 * 1024, "refuse responses larger than this (default %(default)s)")
     max_pixels: int = option(64_000_000, "refuse images declaring more pixels, before decoding "
                                          "(default %(default)s)")
+    # Politeness per host and machine (pipeline.data.politeness); 0 turns a cap off.
+    per_host_connections: int = option(PolitenessConfig.connections, "requests in flight per host and machine; "
+                                                                     "0: no cap (default %(default)s)")
+    per_host_rate: float = option(PolitenessConfig.rate, "requests/s per host and machine; 0: no cap "
+                                                         "(default %(default)s)")
+    per_host_burst: int = option(PolitenessConfig.burst, "requests a rested host gets at once (default %(default)s)")
+    robots_txt: bool = option(True, "ignore robots.txt (only for hosts you own or have leave to crawl)")
     progress_every: float = option(10.0, "seconds between progress lines while a shard downloads "
                                          "(default %(default)s)")
     # "pyspark": img2dataset's Spark distributor, one task per shard (pipeline.data.spark); its
@@ -391,6 +399,10 @@ def _resolve(config: DownloadConfig) -> DownloadConfig:
         raise ValueError("number_sample_per_shard must be >= 1 and timeout > 0")
     if config.retry_attempts < 0 or config.retry_base_delay < 0 or config.retry_max_delay < config.retry_base_delay:
         raise ValueError("retry_attempts and retry_base_delay must be >= 0, retry_max_delay >= retry_base_delay")
+    if config.per_host_connections < 0 or config.per_host_rate < 0 or config.per_host_burst < 1:
+        raise ValueError(f"--per-host-connections {config.per_host_connections} / --per-host-rate "
+                         f"{config.per_host_rate}: use 0 (no cap) or more; --per-host-burst "
+                         f"{config.per_host_burst}: use 1 or more")
     reserved = [c for c in config.save_additional_columns or [] if c in RESERVED_COLUMNS]
     if reserved:
         raise ValueError(f"--extra-columns {reserved[0]!r} is a column img2dataset writes itself (reserved: "
@@ -427,7 +439,7 @@ def _img2dataset_spec(list_uri: str, output: str, config: DownloadConfig, policy
         "disallowed_header_directives": list(config.disallowed_header_directives) or None,
     }
     spec = {"download": kwargs, "policy": {**dataclasses.asdict(policy), "allow_hosts": list(policy.allow_hosts)},
-            "progress_every": config.progress_every}
+            "politeness": politeness_spec(config), "progress_every": config.progress_every}
     if config.distributor == "pyspark":
         spec["spark"] = {"master": config.spark_master,
                          "conf": spark.session_conf(config.spark_master, policy, config.spark_conf)}
@@ -444,6 +456,14 @@ def run_child(spec: dict) -> None:
     if "spark" in spec:
         spark.require_spark()
     run_streaming([sys.executable, "-m", child_module(spec), json.dumps(spec)], env=_child_env(), tail=30)
+
+
+def politeness_spec(config: DownloadConfig) -> dict:
+    """The download's :class:`~pipeline.data.politeness.PolitenessConfig` fields, as the child's
+    spec carries them (the Spark path runs the same spec in every executor)."""
+    return {"connections": config.per_host_connections, "rate": config.per_host_rate,
+            "burst": config.per_host_burst, "robots_txt": config.robots_txt,
+            "user_agent_token": config.user_agent_token}
 
 
 def download(url_list: str, output: str, config: DownloadConfig | None = None, **overrides) -> dict:
