@@ -33,7 +33,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 
-from pipeline.netguard import ENV_ALLOW_HOSTS, ENV_ALLOW_PRIVATE, FetchPolicy
+from pipeline.netguard import ENV_ALLOW_HOSTS, ENV_ALLOW_PRIVATE, FetchPolicy, decoder_env
 
 DISTRIBUTORS = ("multiprocessing", "pyspark")
 ENV_MASTER = "IMAGEN_SPARK_MASTER"  # the deployment's cluster: the DAG's default master
@@ -93,6 +93,7 @@ def session_conf(master: str, policy: FetchPolicy, conf: dict[str, str] | None =
         "spark.executorEnv.NO_ALBUMENTATIONS_UPDATE": "1",
         "spark.executorEnv.WANDB_MODE": "disabled",
         "spark.executorEnv.PYTHONUNBUFFERED": "1",
+        **{f"spark.executorEnv.{k}": v for k, v in decoder_env(policy).items()},  # OpenCV's pixel cap
     }
     if is_local(master):  # this machine: the same interpreter, loopback only, no UI port
         out.update({"spark.pyspark.python": sys.executable, "spark.driver.host": "127.0.0.1",
