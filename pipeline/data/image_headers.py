@@ -23,6 +23,7 @@ the decoder cannot find a size there either and fails on it, with its own error.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import struct
 from typing import NamedTuple
@@ -147,6 +148,8 @@ def _tiff_ifd(data: bytes, tags: tuple[int, ...]) -> tuple[str, dict[int, int]]:
     found: dict[int, int] = {}
     for k in range(min(count, 4096)):  # a hostile count cannot make this loop long
         at = offset + head + k * entry
+        if at + entry > len(data):
+            break  # the IFD runs past the body: keep what it held
         tag, kind = struct.unpack_from(order + "HH", data, at)
         if tag in tags and kind in _TIFF_TYPES:
             fmt, size = _TIFF_TYPES[kind]
@@ -154,7 +157,8 @@ def _tiff_ifd(data: bytes, tags: tuple[int, ...]) -> tuple[str, dict[int, int]]:
             value = at + (12 if big else 8)
             if n * size > (8 if big else 4):  # the values live elsewhere (BitsPerSample of RGB)
                 value = struct.unpack_from(order + ("Q" if big else "I"), data, value)[0]
-            found[tag] = struct.unpack_from(order + fmt, data, value)[0]
+            with contextlib.suppress(struct.error):  # a value offset past the body: not read
+                found[tag] = struct.unpack_from(order + fmt, data, value)[0]
     return order, found
 
 
