@@ -8,11 +8,13 @@ connections, no proxies, one wall-clock budget per request: see :mod:`pipeline.n
 owns the policy) and then
 
 - enforces a maximum body size, and a maximum declared pixel count read from the image header
-  before any decoder allocates memory for it (decompression bombs);
+  before any decoder allocates memory for it (decompression bombs), in every format it passes
+  on (:mod:`pipeline.data.image_headers`; a format it cannot size is refused);
 - turns empty bodies and HTML/JSON served as images into specific errors;
 - hands img2dataset's decoder only images it decodes right: 16-bit, CMYK, float, EXIF-rotated and
   other bodies its OpenCV decode mishandles are re-encoded first as 8-bit RGB PNG
-  (:func:`pipeline.data.images.normalize_for_img2dataset`); everything else passes byte for byte.
+  (:func:`pipeline.data.images.normalize_for_img2dataset`), HDR and PFM tone-mapped to 8 bits;
+  everything else passes byte for byte, decided from the header alone in the common case.
 
 Every error message starts with a stable reason (``"loopback_address: ..."``); :func:`normalize_error`
 turns any row's error message into one (the reject table's ``download`` and ``refused`` reasons).

@@ -20,7 +20,9 @@ returned as it is, still lazy: JPEG draft mode set before the call keeps working
 writes float images black, fails on 32-bit integer ones and ignores EXIF orientation (sideways
 photos). Those bodies are decoded here with :func:`to_rgb` and re-encoded as lossless PNG before
 img2dataset sees them; everything it decodes right (8-bit RGB, grey, palette, alpha, GIF) passes
-through byte for byte.
+through byte for byte, told from the fetch guard's header read (:func:`passes_as_is`) without
+opening the body. Radiance HDR and PFM, linear-light float that OpenCV hands img2dataset as is
+(stored black), are tone-mapped (:func:`tone_map`) and stored as 8-bit PNG.
 
     from pipeline.data.images import open_rgb, to_rgb
     rgb = open_rgb(data)               # image bytes -> 8-bit RGB PIL image
