@@ -287,7 +287,7 @@ def _hdr_magic(head: bytes) -> bool:
 
 def _radiance(body: bytes) -> Header:
     # Header lines, an empty line, then the resolution line: "-Y 9000 +X 9000" (rows first).
-    end = body.find(b"\n\n", 0, 65536)
+    end = body.find(b"\n\n")  # however long the header: OpenCV's reader reads it all
     if end < 0:
         return Header("HDR", 0, 0, 32, 3)
     line = body[end + 2:end + 2 + 64].split(b"\n", 1)[0]
@@ -300,16 +300,34 @@ def _radiance(body: bytes) -> Header:
 
 
 def _pnm_fields(body: bytes, start: int, count: int) -> list[int]:
-    """The first ``count`` integers after ``start``, skipping whitespace and # comments."""
-    text = re.sub(rb"#[^\n]*", b" ", body[start:start + 1024])
-    return [int(t) for t in text.split()[:count] if t.isdigit()]
+    """The first ``count`` integers after ``start``, skipping whitespace and # comments of any
+    length (netpbm readers do: a long comment must not hide the size)."""
+    fields, i, n = [], start, len(body)
+    while len(fields) < count and i < n:
+        c = body[i]
+        if c == 0x23:  # "#": to the end of the line
+            j = body.find(b"\n", i)
+            i = n if j < 0 else j + 1
+        elif chr(c).isspace():
+            i += 1
+        else:
+            match = _DIGITS.match(body, i)
+            if match is None:
+                break
+            fields.append(int(match.group()))
+            i = match.end()
+    return fields
+
+
+_DIGITS = re.compile(rb"\d{1,12}")
 
 
 def _pnm(body: bytes) -> Header:
     kind = body[1:2]
     if kind == b"7":  # PAM: "WIDTH w" / "HEIGHT h" lines up to ENDHDR
-        head = body[:1024]
-        w, h = re.search(rb"\nWIDTH\s+(\d+)", head), re.search(rb"\nHEIGHT\s+(\d+)", head)
+        end = body.find(b"ENDHDR")
+        head = body[:end if end >= 0 else len(body)]
+        w, h = re.search(rb"(?m)^WIDTH\s+(\d+)", head), re.search(rb"(?m)^HEIGHT\s+(\d+)", head)
         return Header("PAM", int(w.group(1)) if w else 0, int(h.group(1)) if h and w else 0)
     fields = _pnm_fields(body, 2, 2)
     if len(fields) < 2:

@@ -209,6 +209,8 @@ def normalize_for_img2dataset(body: bytes, header: Header | None = None) -> byte
     if header is not None and passes_as_is(header):
         return body
     if header is not None and header.format in HDR_FORMATS:
+        if not header.pixels:  # no size the guard could check: not decoded here
+            raise HdrUnreadable(f"{header.format} header without a readable size")
         return _png_bytes(tone_map(_decode_float(body)))
     try:
         img = Image.open(io.BytesIO(body))

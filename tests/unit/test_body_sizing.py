@@ -161,7 +161,9 @@ def _bombs() -> dict[str, bytes]:
         "tiff": _tiff_bomb(False), "bigtiff": _tiff_bomb(True),
         "hdr": b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 9000 +X 9000\n" + bytes(5000),
         "hdr_columns_first": b"#?RGBE\n\n+X 9000 -Y 9000\n" + bytes(100),
+        "hdr_long_header": b"#?RADIANCE\n" + b"COMMENT=" + b"x" * 100_000 + b"\n\n-Y 9000 +X 9000\n",
         "pfm": b"PF\n9000 9000\n-1.0\n" + bytes(100), "pnm": b"P6\n# a comment\n9000 9000\n255\n" + bytes(100),
+        "pnm_long_comment": b"P5\n#" + b"c" * 5000 + b"\n# another\n 9000\n\t9000 255\n",
         "pam": b"P7\nWIDTH 9000\nHEIGHT 9000\nDEPTH 3\nMAXVAL 255\nTUPLTYPE RGB\nENDHDR\n",
         "j2k": _patch(j2k, 8, ">IIII", BOMB, BOMB, 0, 0), "avif": _patch(avif, ispe + 8, ">II", BOMB, BOMB),
         "ico_embedded_png": ico, "qoi": _patch(BODIES["qoi"][0], 4, ">II", BOMB, BOMB),
@@ -339,6 +341,17 @@ def test_an_undecodable_hdr_is_refused_with_its_reason():
     body = b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 4 +X 4\n"  # sized, but no pixel data
     with pytest.raises(ValueError, match="^hdr_unreadable: "):
         normalize_for_img2dataset(body, check_body(body, None, 64_000_000))
+
+
+def test_an_hdr_without_a_readable_size_is_never_decoded(monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(cv2, "imdecode", never)
+    for body in (b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n", b"#?RADIANCE\n\n-Y many +X more\n", b"PF\n12"):
+        header = check_body(body, None, 64_000_000)  # cut short: passes the size check with no size
+        with pytest.raises(ValueError, match="^hdr_unreadable: .*without a readable size"):
+            normalize_for_img2dataset(body, header)
 
 
 def test_tone_map_keeps_colour_ratios_and_a_flat_image_is_not_grey():
