@@ -65,6 +65,7 @@ from pipeline.netguard import (
     ENV_ALLOW_PRIVATE,
     REFUSAL_REASONS,
     FetchPolicy,
+    decoder_env,
     deployment_policy,
     literal_reason,
 )
@@ -278,10 +279,11 @@ def _write_refused(refused: pa.Table, output: str) -> str:
     return uri
 
 
-def _child_env() -> dict:
+def _child_env(policy: FetchPolicy) -> dict:
     env = dict(os.environ)
     env.update(NO_ALBUMENTATIONS_UPDATE="1",  # albumentations checks PyPI for updates at import
                WANDB_MODE="disabled", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    env.update(decoder_env(policy))  # OpenCV's pixel cap in img2dataset's decoder
     return env
 
 
@@ -457,7 +459,7 @@ def download(url_list: str, output: str, config: DownloadConfig | None = None, *
             spark.require_spark()
         module = "pipeline.data.spark" if config.distributor == "pyspark" else "pipeline.data.fetch_guard"
         cmd = [sys.executable, "-m", module, _img2dataset_spec(list_uri, output, config, policy)]
-        run_streaming(cmd, env=_child_env(), tail=30)
+        run_streaming(cmd, env=_child_env(policy), tail=30)
         _check_finished(output, allowed.num_rows, config.number_sample_per_shard)
     return check_downloaded(summarize(output), url_list)
 
