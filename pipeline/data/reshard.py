@@ -53,8 +53,8 @@ def _copy_facts(input: str | None, raw_name: str, keys: list[str],
 
 def plan(work: list[tuple[str, str]], config: FilterConfig, samples_per_shard: int,
          input: str | None = None) -> tuple[pa.Table, collections.Counter, collections.Counter]:
-    """The plan from pass 1's files ``work``, ``[(raw shard name, its pass-1 parquet)]`` in
-    dataset order: one row per sample that passed pass 1, in that order (raw shard, then key),
+    """The plan from pass 1's files ``work``, ``[(raw shard name, its pass-1 parquet)]``: one
+    row per sample that passed pass 1, in dataset order (raw shard name, then key),
     with its split and output shard (or its duplicate reason and original); also the rejects of
     pass 1 and 2 by reason, and the tar members pass 1 dropped, by reason. ``input``: the raw
     shards' folder, whose download records rank the copies of a duplicate group (without it,
@@ -65,7 +65,7 @@ def plan(work: list[tuple[str, str]], config: FilterConfig, samples_per_shard: i
     dropped: collections.Counter = collections.Counter()
     cols: dict[str, list] = {"raw": [], "key": [], "url": [], "sha256": [], "phash": [], "thumb": [],
                              "scores": [], "members": [], "side": [], "native_side": [], "source": []}
-    for raw_name, work_uri in work:
+    for raw_name, work_uri in sorted(work):  # by name: the order shards finished in never counts
         with storage.open(work_uri, "rb") as f:
             table = pq.read_table(f)
         dropped.update(json.loads((table.schema.metadata or {}).get(b"dropped_members", b"{}")))
