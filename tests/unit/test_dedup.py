@@ -272,7 +272,10 @@ def test_source_log_writes_the_shards_keys_and_formats(tmp_path):
     with log.shard(downloader, 8):  # the next shard starts empty
         log.record(3, bodies[0])
     assert copies.read_sources(str(tmp_path / "00008.tar")) == {"0000803": "png"}
-    assert copies.read_sources(str(tmp_path / "00009.tar")) is None
+    with log.shard(downloader, 9):  # every fetch of the shard failed
+        pass
+    assert copies.read_sources(str(tmp_path / "00009.tar")) == {}
+    assert copies.read_sources(str(tmp_path / "00010.tar")) is None  # no record at all
 
 
 def test_native_sides_read_from_the_parquet(tmp_path):
