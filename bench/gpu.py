@@ -115,12 +115,18 @@ def _last_json(text: str) -> dict:
     raise ValueError("no JSON line in the output")
 
 
+def _pythonpath() -> str:
+    """This checkout first, then whatever PYTHONPATH the caller set (wheels carried to a GPU
+    machine, say: a part's subprocess must see them too)."""
+    return os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+
+
 def _run(cmd: list[str], limit: int, env: dict | None = None) -> dict:
     """Run a part as a subprocess; its last JSON line, or what went wrong."""
     t0 = time.perf_counter()
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, cwd=REPO,
-                             env={**os.environ, "PYTHONPATH": REPO, **(env or {})})
+                             env={**os.environ, "PYTHONPATH": _pythonpath(), **(env or {})})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {limit} s: {' '.join(cmd)}"}
     tail = (out.stdout + out.stderr)[-1500:]

@@ -105,10 +105,17 @@ def measure(which: str, size: int, steps: int) -> dict:
     return {"images_per_s": BATCH / statistics.median(times), "peak_bytes": peak, "params": params}
 
 
+def _pythonpath() -> str:
+    """This checkout first, then the caller's PYTHONPATH (wheels carried to a GPU machine: the
+    peer's child must see diffusers there too)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+
+
 def run_child(which: str, size: int, steps: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", which, str(size), str(steps)],
                          capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+                         env={**os.environ, "PYTHONPATH": _pythonpath()})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
