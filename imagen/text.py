@@ -303,6 +303,14 @@ def _pins_commit(ref: str) -> bool:
     return bool(_COMMIT.fullmatch(ref))
 
 
+def pins_weights(encoder_id: str | None) -> bool:
+    """Whether ``encoder_id`` names exact weights: a local folder's content hash or a hub commit.
+    ``NAME@main`` (the hub cache was empty) does not: main may move to other weights, so nothing
+    keyed by that id (the embed step's caption cache) may be reused under it."""
+    ref = (encoder_id or "").rpartition("@")[2]
+    return bool(encoder_id) and "@" in encoder_id and (ref.startswith("sha256:") or _pins_commit(ref))
+
+
 def same_encoder(recorded: str | None, used: str | None) -> bool:
     """The one identity rule: may embeddings recorded as made by ``recorded`` meet the encoder
     ``used`` (both ``encoder_id`` values)? Embeddings were made by one exact encoder, so:

@@ -24,8 +24,17 @@ under a padded-token budget (``max_batch_tokens``, at most ``batch_size`` captio
 batch pads only to near its own length; on out-of-memory the budget halves and the batch is
 retried. Only the real tokens of each caption are stored, as float16.
 
-The options and their defaults (encoder, max_length, batch_size, max_batch_tokens, device,
-dtype) are the fields of :class:`~pipeline.data.embed_config.EmbedConfig`.
+Each distinct caption is encoded once (:func:`embed_distinct`): a shard's duplicates are grouped
+before tokenizing, and each distinct caption's vectors are kept in a content-addressed cache,
+``OUTPUT/caption-cache/`` (:mod:`pipeline.data.caption_cache`), keyed by the caption and the
+encoder identity (:func:`encoder_identity`), so other shards, other workers and reruns read them
+instead of encoding again. Rows still keep their own key and vectors: the parquet is the same.
+The result's ``caption_dedup`` reports the share of encoder work saved
+(:func:`~pipeline.data.caption_cache.caption_dedup_saving`); ``caption_cache=False``
+(``--no-caption-cache``) keeps the grouping within a shard and drops the cache.
+
+The options and their defaults (encoder, max_length, batch_size, max_batch_tokens, device, dtype,
+caption_cache) are the fields of :class:`~pipeline.data.embed_config.EmbedConfig`.
 
 Several GPUs or machines split the shards: ``split_shards(INPUT, N)`` returns N disjoint,
 sample-balanced lists, and worker ``i`` runs ``embed_shards(..., shards=lists[i])`` (an
@@ -49,6 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline import storage
+from pipeline.data.caption_cache import CACHE_DIR, CaptionCache, DedupStats
 from pipeline.data.embed_config import EmbedConfig
 from pipeline.data.embeddings import STORAGE_DTYPE, build_table, read_footer, write_table
 from pipeline.data.shards import KINDS, ShardDamaged, TarScan, file_sha256
@@ -67,6 +77,21 @@ _SHARD = shard_pattern(None)  # both splits: the validation loader needs embeddi
 # A batch takes captions down to this fraction of its longest one: <= 20% of it is padding,
 # and web captions (mostly 5-20 tokens) still fill large batches.
 BUCKET_RATIO = 0.8
+
+
+def encoder_identity(enc, name: str) -> dict:
+    """The one owner of "which encoder made these vectors": the weights (``encoder_id``: resolved hub
+    name and commit, or folder name and content hash), the resolved name or folder, the token limit
+    and the compute and storage dtypes. Recorded in every parquet's metadata and hashed into the
+    caption cache's keys (:mod:`pipeline.data.caption_cache`); ``name``: used when ``enc`` does
+    not say its own."""
+    return {
+        "encoder_id": enc.encoder_id,
+        "encoder_name": getattr(enc, "name_or_path", name),
+        "max_length": enc.max_length,
+        "dtype": str(getattr(enc, "dtype", "float32")).removeprefix("torch."),
+        "storage_dtype": STORAGE_DTYPE,
+    }
 
 
 def encoder_slug(encoder_id: str) -> str:
@@ -425,13 +450,16 @@ def embed_shards(
         shards: subset of shard names (``000003``, ``val-000003.tar`` or paths), e.g. one list
             of :func:`split_shards`; default every shard in ``input``.
         config: the options (:class:`EmbedConfig`: max_length, batch_size, max_batch_tokens
-            (halves on out-of-memory), device, dtype); ``options`` override its fields.
+            (halves on out-of-memory), device, dtype, caption_cache); ``options`` override its fields.
 
     Returns:
         ``{"output", "encoder_id", "shards", "samples", "skipped", "samples_per_s",
         "padding"}``: the embeddings directory, the encoder identity, shards and samples
         embedded now, shards skipped because an up-to-date parquet was there, throughput,
-        and the fraction of encoded positions that were padding.
+        and the fraction of encoded positions that were padding; ``caption_dedup``: captions and
+        tokens of the shards embedded now, how many were encoded, cache hits and corrupt
+        entries, the cache folder, and ``saving`` (share of tokens not encoded, see
+        :func:`~pipeline.data.caption_cache.caption_dedup_saving`).
     """
     cfg = dataclasses.replace(config or EmbedConfig(), **options)
     if cfg.batch_size < 1 or cfg.max_batch_tokens < 1:
@@ -443,16 +471,11 @@ def embed_shards(
     enc = _open_encoder(cfg.encoder if encoder is None else encoder, cfg)
     out_dir = storage.join(output, encoder_slug(enc.encoder_id))
     storage.makedirs(out_dir)
-    base_meta = {
-        "encoder_id": enc.encoder_id,
-        "encoder_name": getattr(enc, "name_or_path", str(encoder or cfg.encoder)),
-        "max_length": enc.max_length,
-        "dtype": str(getattr(enc, "dtype", "float32")).removeprefix("torch."),
-        "storage_dtype": STORAGE_DTYPE,
-        "code_version": CODE_VERSION,
-    }
+    identity = encoder_identity(enc, str(encoder or cfg.encoder))
+    base_meta = {**identity, "code_version": CODE_VERSION}
+    cache = _open_cache(output, identity, enc) if cfg.caption_cache else None
     opts = dataclasses.replace(cfg)  # a copy: its token budget shrinks on out-of-memory
-    total, start = EncodeStats(), time.perf_counter()
+    total, start, dedup = EncodeStats(), time.perf_counter(), DedupStats()
     done = skipped = samples = 0
     for n, uri in enumerate(shard_uris, 1):
         name = shard_stem(uri)
@@ -462,7 +485,8 @@ def embed_shards(
         if _is_done(out_uri, meta, uri):
             skipped += 1
             continue
-        count, stats = _embed_one(uri, out_uri, enc, opts, meta, f"{n}/{len(shard_uris)}")
+        count, stats, shard_dedup = _embed_one(uri, out_uri, enc, opts, meta, f"{n}/{len(shard_uris)}", cache)
+        dedup.add(shard_dedup)
         opts.max_batch_tokens = stats.token_budget  # an OOM-reduced budget carries over
         total.tokens += stats.tokens
         total.padded_tokens += stats.padded_tokens
@@ -470,8 +494,10 @@ def embed_shards(
         done += 1
     rate = samples / max(time.perf_counter() - start, 1e-9)
     padding = 1 - total.tokens / total.padded_tokens if total.padded_tokens else 0.0
+    saved = dedup.as_dict(cache.dir if cache else None)
     print(f"[embed] {done} shard(s) embedded, {skipped} skipped, {samples} samples "
-          f"({rate:.1f} samples/s) -> {out_dir}", flush=True)  # fmt: skip
+          f"({rate:.1f} samples/s) -> {out_dir}; {dedup.captions_encoded} of {dedup.captions} captions "
+          f"encoded ({saved['saving']:.1%} of tokens saved by caption dedup)", flush=True)  # fmt: skip
     return {
         "output": out_dir,
         "encoder_id": enc.encoder_id,
@@ -480,20 +506,32 @@ def embed_shards(
         "skipped": skipped,
         "samples_per_s": round(rate, 2),
         "padding": round(padding, 4),
+        "caption_dedup": saved,
     }
 
 
-def _embed_one(uri: str, out_uri: str, enc, opts: EmbedConfig, meta: dict, progress: str):
-    """Embed one shard and write its parquet; returns (samples, EncodeStats)."""
+def _open_cache(output: str, identity: dict, enc) -> CaptionCache | None:
+    """The caption cache of this encoder identity, or None when its id pins no exact weights."""
+    from imagen.text import pins_weights
+
+    if not pins_weights(identity["encoder_id"]):
+        log.warning("encoder id %s pins no exact weights (hub cache empty?): the caption cache is off for "
+                    "this run, duplicates are still encoded once per shard", identity["encoder_id"])
+        return None
+    return CaptionCache(storage.join(output, CACHE_DIR), identity, encoder_slug(identity["encoder_id"]), enc.dim)
+
+
+def _embed_one(uri: str, out_uri: str, enc, opts: EmbedConfig, meta: dict, progress: str,
+               cache: CaptionCache | None):  # fmt: skip
+    """Embed one shard and write its parquet; returns (samples, EncodeStats, DedupStats)."""
     start = time.perf_counter()
     index = scan_tar(uri)
     keys = index.keys
     if index.no_caption:
         log.warning("%s: %d sample(s) have no .txt caption and get no embedding", uri,
                     index.no_caption)  # fmt: skip
-    ids = enc.token_ids(index.captions) if keys else []
     try:
-        flat, lengths, stats = encode_captions(enc, ids, opts.batch_size, opts.max_batch_tokens)
+        flat, lengths, stats, dedup = embed_distinct(index.captions, enc, opts, cache)
     except NonFiniteEmbedding as err:
         raise ValueError(
             f"{uri}: embedding of key {keys[err.index]!r} is not finite in float16 (overflow). "
@@ -509,10 +547,51 @@ def _embed_one(uri: str, out_uri: str, enc, opts: EmbedConfig, meta: dict, progr
     padding = 1 - stats.tokens / stats.padded_tokens if stats.padded_tokens else 0.0
     print(
         f"[embed] shard {progress} {meta['source_shard']}: {len(keys)} samples, "
+        f"{dedup.captions_encoded} captions encoded ({dedup.distinct} distinct, {dedup.cache_hits} cached), "
         f"{stats.batches} batches, {padding:.0%} padding, in {seconds:.1f}s "
         f"({len(keys) / max(seconds, 1e-9):.1f} samples/s)",
         flush=True,
     )
-    return len(keys), stats
+    return len(keys), stats, dedup
+
+
+def embed_distinct(captions: list[str], enc, opts: EmbedConfig, cache: CaptionCache | None = None):
+    """:func:`encode_captions` for one shard's captions, each distinct caption encoded once.
+
+    Duplicates within the list are grouped first; distinct captions found whole in ``cache`` are
+    read, not encoded (nor tokenized); the rest are encoded and written to ``cache``. Returns
+    ``(flat float16 [sum T, D], lengths, EncodeStats, DedupStats)`` laid out exactly as
+    :func:`encode_captions` over every caption would (row ``i``: ``captions[i]``). A
+    :class:`NonFiniteEmbedding` names the first index in ``captions`` holding the bad caption.
+    """
+    first: dict[str, int] = {}  # distinct caption -> its first index in captions (dicts keep order)
+    for i, c in enumerate(captions):
+        first.setdefault(c, i)
+    distinct = list(first)
+    found, corrupt = cache.get_many(distinct) if cache else ({}, 0)
+    todo = [u for u in range(len(distinct)) if u not in found]
+    ids = enc.token_ids([distinct[u] for u in todo]) if todo else []
+    try:
+        new_flat, new_lengths, stats = encode_captions(enc, ids, opts.batch_size, opts.max_batch_tokens)
+    except NonFiniteEmbedding as err:
+        raise NonFiniteEmbedding(first[distinct[todo[err.index]]]) from None
+    new_offsets = np.concatenate([[0], np.cumsum(new_lengths)])
+    vectors = dict(found)
+    for j, u in enumerate(todo):
+        vectors[u] = new_flat[new_offsets[j] : new_offsets[j + 1]]
+    if cache and todo:  # before the parquet (the shard's completion marker) is written
+        cache.put_many([distinct[u] for u in todo], [vectors[u] for u in todo])
+    slot = {c: u for u, c in enumerate(distinct)}
+    per_row = [vectors[slot[c]] for c in captions]
+    lengths = np.array([len(v) for v in per_row], dtype=np.int64)
+    flat = np.empty((int(lengths.sum()), enc.dim), dtype=np.float16)
+    pos = 0
+    for v in per_row:
+        flat[pos : pos + len(v)] = v
+        pos += len(v)
+    dedup = DedupStats(captions=len(captions), distinct=len(distinct), cache_hits=len(found),
+                       captions_encoded=len(todo), tokens=int(lengths.sum()), tokens_encoded=stats.tokens,
+                       corrupt_entries=corrupt)  # fmt: skip
+    return flat, lengths, stats, dedup
 
 

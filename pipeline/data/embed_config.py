@@ -30,3 +30,7 @@ class EmbedConfig:
                                           "halves on out-of-memory")
     device: str | None = option(None, "cpu, cuda ... (default: GPU if any)")
     dtype: str | None = option(None, "float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    caption_cache: bool = option(True, "the caption cache (on by default): each distinct caption's embedding is "
+                                       "kept in OUTPUT/caption-cache and reused across shards and reruns; "
+                                       "--no-caption-cache turns it off (a shard's duplicates are still "
+                                       "encoded once)")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.data.caption_cache import CACHE_DIR
 from pipeline.data.embed import embed_shards
 from pipeline.data.embeddings import read_embeddings
 from pipeline.dev.tinymodels import build_tiny_t5
@@ -29,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 KILL_SCRIPT = """
 import sys, time
 import pyarrow.parquet as pq
+from pipeline.data.caption_cache import CACHE_DIR
 from pipeline.data.embed import embed_shards
 
 real_write = pq.write_table
@@ -65,7 +67,7 @@ def test_kill_mid_shard_leaves_no_partial_file(tmp_path, t5_dir, shards):
     try:
         lines = iter(proc.stdout.readline, "")
         assert any(line.strip() == "WRITING" for line in lines), "the embed subprocess died"
-        (out_dir,) = list(emb.iterdir())
+        (out_dir,) = [p for p in emb.iterdir() if p.name != CACHE_DIR]  # the encoder's folder
         (temp,) = list(out_dir.glob(".000001.parquet.tmp-*"))
         assert temp.stat().st_size >= 4100  # really killed halfway through writing shard 1
         proc.send_signal(signal.SIGKILL)
@@ -78,5 +80,7 @@ def test_kill_mid_shard_leaves_no_partial_file(tmp_path, t5_dir, shards):
     ]
     again = embed_shards(str(data), str(emb), t5_dir, max_length=16)
     assert (again["shards"], again["skipped"], again["samples"]) == (1, 1, 6)
+    # the killed run had cached shard 1's captions before writing its parquet: none is encoded again
+    assert again["caption_dedup"]["captions_encoded"] == 0 and again["caption_dedup"]["cache_hits"] > 0
     assert sorted(os.listdir(out_dir)) == ["000000.parquet", "000001.parquet"]  # temp gone
     assert len(read_embeddings(str(out_dir / "000001.parquet"))[0]) == 6

@@ -87,6 +87,7 @@ def test_embed_writes_one_parquet_per_shard(tmp_path, t5_dir, shards):
     out = embed_shards(str(data), str(tmp_path / "emb"), t5_dir, max_length=16, batch_size=4)
     enc = T5TextEncoder(t5_dir, max_length=16, device="cpu")
     timing = {k: out.pop(k) for k in ("samples_per_s", "padding")}
+    dedup = out.pop("caption_dedup")
     assert out == {
         "output": str(tmp_path / "emb" / encoder_slug(enc.encoder_id)),
         "encoder_id": enc.encoder_id,
@@ -94,6 +95,8 @@ def test_embed_writes_one_parquet_per_shard(tmp_path, t5_dir, shards):
         "samples": 12,
         "skipped": 0,
     }
+    distinct = len(set(captions.values()))  # the fixture repeats some captions across shards
+    assert dedup["captions"] == 12 and dedup["captions_encoded"] == distinct and dedup["cache_hits"] == 12 - distinct
     assert timing["samples_per_s"] > 0 and 0 <= timing["padding"] < 0.5
     files = sorted(os.listdir(out["output"]))
     assert files == ["000000.parquet", "000001.parquet"]  # no temp files left behind
