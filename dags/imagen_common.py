@@ -51,6 +51,7 @@ from airflow.sdk import Asset, AssetAlias, Param, task
 from imagen.config import PAPER_PRESETS, PRESETS, STAGES
 from pipeline.data.embed_config import EmbedConfig
 from pipeline.data.filter_config import FilterConfig
+from pipeline.data.politeness import PolitenessConfig
 from pipeline.train.launchers import launcher_names, launcher_options_schema, option_keys
 
 DEFAULT_ROOT = os.environ.get("IMAGEN_DATA_ROOT", "/tmp/imagen-data")
@@ -147,7 +148,34 @@ def data_params() -> dict[str, Param]:
         "spark_master": optional_text("Spark master", (
             "pyspark only. Empty: the deployment's IMAGEN_SPARK_MASTER (else local[1]); local[N], "
             "local-cluster[W,C,MB], or a cluster listed in IMAGEN_SPARK_MASTERS (infra/README.md)")),
+        **politeness_params(),
     }
+
+
+def politeness_params() -> dict[str, Param]:
+    """Per-host politeness of the download (pipeline.data.politeness): per machine; on Spark per
+    executor machine, so a cluster of M machines sends a host up to M times these."""
+    p = PolitenessConfig()
+    return {
+        "per_host_connections": Param(p.connections, type="integer", minimum=0, title="Connections per host",
+                                      description="Requests in flight to one host, per machine; 0: no cap"),
+        "per_host_rate": Param(p.rate, type="number", minimum=0, title="Requests/s per host",
+                               description="Request rate to one host, per machine; 0: no cap"),
+        "per_host_burst": Param(p.burst, type="integer", minimum=1, title="Burst per host",
+                                description="Requests a rested host gets at once"),
+        "robots_txt": Param(p.robots_txt, type="boolean", title="Obey robots.txt", description=(
+            "Ask each host's robots.txt (for img2dataset's user-agent token) and fetch nothing it disallows; "
+            "turn off only for hosts you own or have leave to crawl")),
+    }
+
+
+def download_politeness(params: dict[str, Any]) -> dict[str, Any]:
+    """The download's politeness options from the Params (a run of an older form: the defaults)."""
+    p = PolitenessConfig()
+    return {"per_host_connections": params.get("per_host_connections", p.connections),
+            "per_host_rate": params.get("per_host_rate", p.rate),
+            "per_host_burst": params.get("per_host_burst", p.burst),
+            "robots_txt": params.get("robots_txt", p.robots_txt)}
 
 
 def download_engine(params: dict[str, Any]) -> dict[str, Any]:
@@ -391,7 +419,7 @@ def download_task(outlet: Asset | None = None):
         # Private networks: the workers' IMAGEN_ALLOW_PRIVATE_NETWORKS / IMAGEN_ALLOW_HOSTS, not a Param.
         with hold(layout.raw, task_holder("download")):  # another run writing raw/ fails this task at once
             run_download(url_list, layout.raw, stages=tuple(params["stages"]),
-                         presets=params["presets"], **download_engine(params))
+                         presets=params["presets"], **download_engine(params), **download_politeness(params))
         if outlet:
             outlet_events[outlet].extra = {"root": layout.root, "path": layout.raw}
         return layout.raw

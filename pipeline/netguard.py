@@ -55,8 +55,12 @@ from collections.abc import Callable, Iterable, Iterator
 
 ALLOWED_SCHEMES = ("http", "https")
 # Reasons that mean "never contacted": the manifest counts them under "refused".
+# Politeness (pipeline.data.politeness): a URL robots.txt disallows is never requested (permanent);
+# one whose host asked for quiet (Retry-After, repeated failures) is put off (transient).
+ROBOTS_DISALLOWED = "robots_disallowed"
+HOST_BACKOFF = "host_backoff"
 REFUSAL_REASONS = ("invalid_url", "unsupported_scheme", "loopback_address", "private_address",
-                   "link_local_address", "multicast_address", "reserved_address")
+                   "link_local_address", "multicast_address", "reserved_address", ROBOTS_DISALLOWED)
 # Reasons for a fetched body we would not hand to a decoder.
 BODY_REASONS = ("timeout", "response_too_large", "empty_body", "not_an_image", "decompression_bomb")
 # The entries of IANA's IPv4 and IPv6 special-purpose address registries that are not globally

@@ -60,6 +60,7 @@ from pipeline.data.fetch_guard import (  # re-exported: the reject table's reaso
     normalize_error,
     reason_stage,
 )
+from pipeline.data.politeness import PolitenessConfig
 from pipeline.netguard import (
     ENV_ALLOW_HOSTS,
     ENV_ALLOW_PRIVATE,
@@ -141,6 +142,13 @@ class DownloadConfig:
     max_bytes: int = option(32 * 1024 * 1024, "refuse responses larger than this (default %(default)s)")
     max_pixels: int = option(64_000_000, "refuse images declaring more pixels, before decoding "
                                          "(default %(default)s)")
+    # Politeness per host and machine (pipeline.data.politeness); 0 turns a cap off.
+    per_host_connections: int = option(PolitenessConfig.connections, "requests in flight per host and machine; "
+                                                                     "0: no cap (default %(default)s)")
+    per_host_rate: float = option(PolitenessConfig.rate, "requests/s per host and machine; 0: no cap "
+                                                         "(default %(default)s)")
+    per_host_burst: int = option(PolitenessConfig.burst, "requests a rested host gets at once (default %(default)s)")
+    robots_txt: bool = option(True, "ignore robots.txt (only for hosts you own or have leave to crawl)")
     progress_every: float = option(10.0, "seconds between progress lines while a shard downloads "
                                          "(default %(default)s)")
     # "pyspark": img2dataset's Spark distributor, one task per shard (pipeline.data.spark); its
@@ -363,6 +371,10 @@ def _resolve(config: DownloadConfig) -> DownloadConfig:
             config.spark_master or f"local[{max(config.processes, 1)}]"))
     if config.number_sample_per_shard < 1 or config.timeout <= 0:
         raise ValueError("number_sample_per_shard must be >= 1 and timeout > 0")
+    if config.per_host_connections < 0 or config.per_host_rate < 0 or config.per_host_burst < 1:
+        raise ValueError(f"--per-host-connections {config.per_host_connections} / --per-host-rate "
+                         f"{config.per_host_rate}: use 0 (no cap) or more; --per-host-burst "
+                         f"{config.per_host_burst}: use 1 or more")
     reserved = [c for c in config.save_additional_columns or [] if c in RESERVED_COLUMNS]
     if reserved:
         raise ValueError(f"--extra-columns {reserved[0]!r} is a column img2dataset writes itself (reserved: "
@@ -399,11 +411,19 @@ def _img2dataset_spec(list_uri: str, output: str, config: DownloadConfig, policy
         "disallowed_header_directives": list(config.disallowed_header_directives) or None,
     }
     spec = {"download": kwargs, "policy": {**dataclasses.asdict(policy), "allow_hosts": list(policy.allow_hosts)},
-            "progress_every": config.progress_every}
+            "politeness": politeness_spec(config), "progress_every": config.progress_every}
     if config.distributor == "pyspark":
         spec["spark"] = {"master": config.spark_master,
                          "conf": spark.session_conf(config.spark_master, policy, config.spark_conf)}
     return json.dumps(spec)
+
+
+def politeness_spec(config: DownloadConfig) -> dict:
+    """The download's :class:`~pipeline.data.politeness.PolitenessConfig` fields, as the child's
+    spec carries them (the Spark path runs the same spec in every executor)."""
+    return {"connections": config.per_host_connections, "rate": config.per_host_rate,
+            "burst": config.per_host_burst, "robots_txt": config.robots_txt,
+            "user_agent_token": config.user_agent_token}
 
 
 def download(url_list: str, output: str, config: DownloadConfig | None = None, **overrides) -> dict:

@@ -14,6 +14,11 @@ owns the policy) and then
   other bodies its OpenCV decode mishandles are re-encoded first as 8-bit RGB PNG
   (:func:`pipeline.data.images.normalize_for_img2dataset`); everything else passes byte for byte.
 
+With a :class:`~pipeline.data.politeness.PolitenessConfig` (the spec's ``"politeness"``), each
+fetch first asks the origin's robots.txt (fetched through the same guarded opener) and takes a
+connection slot and a rate token of its host, machine-wide (:mod:`pipeline.data.politeness`);
+the slot is given back with the response's status and ``Retry-After`` as soon as the body is in.
+
 Every error message starts with a stable reason (``"loopback_address: ..."``); :func:`normalize_error`
 turns any row's error message into one (the reject table's ``download`` and ``refused`` reasons).
 
@@ -24,7 +29,7 @@ img2dataset reports a shard only when it is finished (its ``_stats.json``). Whil
 Run img2dataset under the guard (``pipeline.data.download`` does this in a subprocess):
 
     python -m pipeline.data.fetch_guard '{"download": {img2dataset kwargs}, "policy": {FetchPolicy fields},
-                                          "progress_every": 10}'
+                                          "politeness": {PolitenessConfig fields}, "progress_every": 10}'
 """
 
 from __future__ import annotations
@@ -39,10 +44,13 @@ import re
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
+from pipeline.data.politeness import ROBOTS_MAX_BYTES, Politeness, PolitenessConfig, politeness_for
 from pipeline.netguard import (
     BODY_REASONS,
+    HOST_BACKOFF,
     REFUSAL_REASONS,
     FetchPolicy,
     FetchRejected,
@@ -59,7 +67,7 @@ def normalize_error(message: str | None) -> str:
     text = (message or "unknown").strip()
     lower = text.lower()
     head = lower.split(":", 1)[0].strip()
-    if head in REFUSAL_REASONS or head in BODY_REASONS or head == "dns_error":
+    if head in REFUSAL_REASONS or head in BODY_REASONS or head in (HOST_BACKOFF, "dns_error"):
         return head  # our fetch guard's messages start with their reason
     http = re.match(r"http error (\d{3})", lower)
     if http:
@@ -153,24 +161,35 @@ def check_body(body: bytes, content_type: str | None, max_pixels: int) -> None:
 
 
 def guarded_download_image(row, timeout, user_agent_token, disallowed_header_directives, *,
-                           opener: urllib.request.OpenerDirector, policy: FetchPolicy):
-    """Drop-in for ``img2dataset.downloader.download_image``: returns (key, stream or None, error)."""
+                           opener: urllib.request.OpenerDirector, policy: FetchPolicy,
+                           polite: Politeness | None = None):
+    """Drop-in for ``img2dataset.downloader.download_image``: returns (key, stream or None, error).
+    With ``polite``, robots.txt is asked first and the host's slot and token taken (and given
+    back as soon as the body is in: the checks below run without holding the host)."""
     key, url = row
     agent = USER_AGENT + (f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
                           if user_agent_token else "")
     reason = literal_reason(url, policy)
     if reason is not None:
         return key, None, f"{reason}: {url}"
-    deadline = time.monotonic() + timeout
     try:
         request = urllib.request.Request(url, headers={"User-Agent": agent})
+    except ValueError as err:  # literal_reason let it through: say what urllib says
+        return key, None, str(err)
+    ticket = None
+    if polite is not None:  # before the deadline starts: waiting for the host is not the request's time
+        refusal = polite.robots_verdict(url, functools.partial(_fetch_robots, opener, agent))
+        ticket = refusal or polite.before(url)
+        if isinstance(ticket, str):
+            return key, None, ticket
+    deadline = time.monotonic() + timeout
+    try:
         request.deadline = deadline  # connect, redirects, headers and body: one wall-clock budget
-        with opener.open(request, timeout=timeout) as r:
-            if disallowed_header_directives and _is_disallowed(r.headers, user_agent_token,
-                                                               disallowed_header_directives):
-                return key, None, "Use of image disallowed by X-Robots-Tag directive"
-            body = read_limited(r, policy.max_bytes, deadline)
-            check_body(body, r.headers.get("Content-Type"), policy.max_pixels)
+        body, content_type = _fetch(opener, request, timeout, deadline, policy, polite, ticket,
+                                    user_agent_token, disallowed_header_directives)
+        if body is None:
+            return key, None, "Use of image disallowed by X-Robots-Tag directive"
+        check_body(body, content_type, policy.max_pixels)
         from pipeline.data.copies import SOURCES
         from pipeline.data.images import (
             normalize_for_img2dataset,  # deferred like PIL in check_body
@@ -180,6 +199,44 @@ def guarded_download_image(row, timeout, user_agent_token, disallowed_header_dir
         return key, io.BytesIO(normalize_for_img2dataset(body)), None
     except Exception as err:  # noqa: BLE001 - img2dataset records any failure as the row's error
         return key, None, str(err)
+
+
+def _fetch(opener, request, timeout, deadline, policy, polite, ticket, user_agent_token, directives):
+    """(body, Content-Type) of one guarded request, or (None, None) when an ``X-Robots-Tag``
+    opts the image out: decided on the headers, before a byte of the body is read. The host's
+    slot is given back, with the outcome, as soon as the response is read or has failed."""
+    status, retry_after, failed = None, None, True
+    try:
+        with opener.open(request, timeout=timeout) as r:
+            status, failed = r.status, False
+            if directives and _is_disallowed(r.headers, user_agent_token, directives):
+                return None, None
+            try:
+                return read_limited(r, policy.max_bytes, deadline), r.headers.get("Content-Type")
+            except OSError as err:  # a reset or a deadline mid-body is the host's; a size limit ours
+                failed = not isinstance(err, FetchRejected) or err.reason == "timeout"
+                raise
+    except urllib.error.HTTPError as err:
+        status, retry_after, failed = err.code, err.headers.get("Retry-After"), False
+        raise
+    except FetchRejected as err:
+        failed = failed and err.reason == "timeout"  # a refused address says nothing of the host
+        raise
+    finally:
+        if ticket is not None:
+            polite.done(ticket, status, retry_after, failed=failed)
+
+
+def _fetch_robots(opener, agent: str, url: str, timeout: float) -> tuple[int, bytes]:
+    """(status, body) of a robots.txt, through the guard: any HTTP status is an answer; OSError
+    when none came (politeness decides what that means)."""
+    request = urllib.request.Request(url, headers={"User-Agent": agent})
+    request.deadline = time.monotonic() + timeout
+    try:
+        with opener.open(request, timeout=timeout) as r:
+            return r.status, r.read(ROBOTS_MAX_BYTES)  # RFC 9309 2.5: the rest may be ignored
+    except urllib.error.HTTPError as err:
+        return err.code, b""
 
 
 def _is_disallowed(headers, user_agent_token, directives) -> bool:
@@ -195,12 +252,14 @@ def _opener_for(policy: FetchPolicy) -> urllib.request.OpenerDirector:
     return build_opener(policy)
 
 
-def install(policy: FetchPolicy) -> None:
-    """Make img2dataset's download threads in this process fetch through the guard, and count
-    each URL's final outcome (after img2dataset's retries) in :data:`PROGRESS`."""
+def install(policy: FetchPolicy, polite: PolitenessConfig | None = None) -> None:
+    """Make img2dataset's download threads in this process fetch through the guard (and, with
+    ``polite``, under its per-host caps and robots.txt), and count each URL's final outcome
+    (after img2dataset's retries) in :data:`PROGRESS`."""
     import img2dataset.downloader as i2d
 
-    i2d.download_image = functools.partial(guarded_download_image, opener=_opener_for(policy), policy=policy)
+    i2d.download_image = functools.partial(guarded_download_image, opener=_opener_for(policy), policy=policy,
+                                           polite=politeness_for(polite) if polite is not None else None)
     plain = getattr(i2d.download_image_with_retry, "counted", i2d.download_image_with_retry)
 
     def counted(*args, **kwargs):
@@ -231,11 +290,12 @@ class GuardedDownloader:
     stay cheap to import); the guard is installed at call time, inside the worker.
     """
 
-    def __init__(self, inner, policy: FetchPolicy, progress_every: float = 10.0):
-        self.inner, self.policy, self.progress_every = inner, policy, progress_every
+    def __init__(self, inner, policy: FetchPolicy, progress_every: float = 10.0,
+                 polite: PolitenessConfig | None = None):
+        self.inner, self.policy, self.progress_every, self.polite = inner, policy, progress_every, polite
 
     def __call__(self, row):
-        install(self.policy)
+        install(self.policy, self.polite)
         started = time.monotonic()
         shard = f"{row[0]:0{self.inner.oom_shard_count}d}"
         try:
@@ -294,19 +354,21 @@ def _inline_distributor(processes_count, downloader, reader, subjob_size, max_sh
     retrier(run, run(reader), max_shard_retry)
 
 
-def run_img2dataset(kwargs: dict, policy: FetchPolicy, progress_every: float = 10.0) -> None:
-    """Call ``img2dataset.download(**kwargs)`` with every download going through the guard, and a
-    progress line every ``progress_every`` seconds while a shard is in flight."""
+def run_img2dataset(kwargs: dict, policy: FetchPolicy, progress_every: float = 10.0,
+                    polite: PolitenessConfig | None = None) -> None:
+    """Call ``img2dataset.download(**kwargs)`` with every download going through the guard (under
+    ``polite``'s per-host caps), and a progress line every ``progress_every`` seconds while a shard
+    is in flight."""
     import importlib
 
     # img2dataset/__init__.py rebinds the name "main" to the function: fetch the module itself.
     i2d_main = importlib.import_module("img2dataset.main")
     plain = i2d_main.Downloader
-    i2d_main.Downloader = lambda **kw: GuardedDownloader(plain(**kw), policy, progress_every)
+    i2d_main.Downloader = lambda **kw: GuardedDownloader(plain(**kw), policy, progress_every, polite)
     i2d_main.LoggerProcess = _NoLoggerProcess
     if kwargs.get("processes_count", 1) == 1 and kwargs.get("distributor", "multiprocessing") == "multiprocessing":
         i2d_main.multiprocessing_distributor = _inline_distributor
-    install(policy)  # also in this process, for the inline distributor
+    install(policy, polite)  # also in this process, for the inline distributor
     i2d_main.download(**kwargs)
 
 
@@ -321,11 +383,13 @@ def read_spec(argv: list[str] | None, usage: str) -> dict | None:
 
 
 def run_spec(spec: dict) -> int:
-    """Run img2dataset on ``spec["download"]`` under the policy ``spec["policy"]``, with a
-    progress line every ``spec["progress_every"]`` seconds (default 10)."""
+    """Run img2dataset on ``spec["download"]`` under the policy ``spec["policy"]`` and the
+    per-host politeness ``spec["politeness"]`` (:class:`PolitenessConfig` fields; absent: none),
+    with a progress line every ``spec["progress_every"]`` seconds (default 10)."""
     policy = dict(spec.get("policy", {}))
     policy["allow_hosts"] = tuple(policy.get("allow_hosts", ()))  # JSON has lists; the policy is hashable
-    run_img2dataset(spec["download"], FetchPolicy(**policy), float(spec.get("progress_every", 10.0)))
+    polite = PolitenessConfig(**spec["politeness"]) if spec.get("politeness") is not None else None
+    run_img2dataset(spec["download"], FetchPolicy(**policy), float(spec.get("progress_every", 10.0)), polite)
     return 0
 
 

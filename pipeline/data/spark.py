@@ -14,6 +14,9 @@ worker that runs it, before the first request of every shard, whatever process t
 executor runs img2dataset's own ``download_image``. The deployment's guard settings also travel
 as ``spark.executorEnv.IMAGEN_ALLOW_PRIVATE_NETWORKS`` / ``IMAGEN_ALLOW_HOSTS`` (the resolved
 values), so anything in an executor that reads :func:`deployment_policy` agrees with the driver.
+The spec's per-host politeness (:mod:`pipeline.data.politeness`) travels the same way, inside the
+``GuardedDownloader``: its caps hold per executor machine (each has its own lock dir; a set
+``IMAGEN_POLITENESS_DIR`` is passed on), so M executor machines may send one host M times them.
 
 Masters: ``local[N]`` (default ``local[processes]``: one machine, N Python workers),
 ``local-cluster[W,C,MB]`` (W executor JVMs of C cores and MB MiB on this machine; what the tests
@@ -33,6 +36,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 
+from pipeline.data.politeness import ENV_DIR as ENV_POLITENESS_DIR
 from pipeline.netguard import ENV_ALLOW_HOSTS, ENV_ALLOW_PRIVATE, FetchPolicy
 
 DISTRIBUTORS = ("multiprocessing", "pyspark")
@@ -94,6 +98,8 @@ def session_conf(master: str, policy: FetchPolicy, conf: dict[str, str] | None =
         "spark.executorEnv.WANDB_MODE": "disabled",
         "spark.executorEnv.PYTHONUNBUFFERED": "1",
     }
+    if os.environ.get(ENV_POLITENESS_DIR):  # the deployment's lock dir, on every executor machine
+        out[f"spark.executorEnv.{ENV_POLITENESS_DIR}"] = os.environ[ENV_POLITENESS_DIR]
     if is_local(master):  # this machine: the same interpreter, loopback only, no UI port
         out.update({"spark.pyspark.python": sys.executable, "spark.driver.host": "127.0.0.1",
                     "spark.driver.bindAddress": "127.0.0.1", "spark.ui.enabled": "false",

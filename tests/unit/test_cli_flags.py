@@ -28,6 +28,8 @@ DOWNLOAD = {
     "--samples-per-shard": 10000,  # dest: number_sample_per_shard (was samples_per_shard)
     "--encode-format": "png", "--max-pixels": 64_000_000, "--max-bytes": 32 * 1024 * 1024,
     "--progress-every": 10.0,  # issue 28: a line while a shard downloads
+    "--per-host-connections": 4, "--per-host-rate": 5.0, "--per-host-burst": 10,  # issue 27: politeness
+    "--no-robots-txt": True,  # dest: robots_txt, turned off by the flag
     "--distributor": "multiprocessing", "--spark-master": None, "--spark-conf": None,
     "--allow-private-networks": False, "--allow-host": None,
 }
@@ -79,6 +81,11 @@ def test_generated_flags_parse_into_the_configs(monkeypatch, tmp_path):
                      "--samples-per-shard", "7", "--caption-col", "", "--timeout", "2.5"]) == 0
     assert (seen["save_additional_columns"], seen["number_sample_per_shard"]) == (["a", "b"], 7)
     assert seen["caption_col"] is None and seen["timeout"] == 2.5 and seen["stages"] == tuple(STAGES)
+    seen.clear()
+    assert cli.main(["download", "--url-list", "u.csv", "--output", str(tmp_path / "raw2"), "--per-host-connections",
+                     "0", "--per-host-rate", "0.5", "--per-host-burst", "2", "--no-robots-txt"]) == 0
+    assert (seen["per_host_connections"], seen["per_host_rate"], seen["per_host_burst"], seen["robots_txt"]) == (
+        0, 0.5, 2, False)
 
     captured = {}
 

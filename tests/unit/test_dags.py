@@ -347,3 +347,23 @@ def test_gpu_pool_lets_the_stages_train_at_once(monkeypatch):
     assert services.default_gpu_slots({}) == 8
     with pytest.raises(SystemExit, match="IMAGEN_GPU_POOL_SLOTS"):
         services.default_gpu_slots({"IMAGEN_GPU_POOL_SLOTS": "0"})
+
+
+def test_politeness_params_reach_the_download(common):
+    """Issue 27: the per-host caps and robots.txt are Params with the library's defaults, and a
+    run's values (or, for a run of an older form, the defaults) are what the download gets."""
+    from airflow.sdk.exceptions import ParamValidationError
+
+    from pipeline.data.download import DownloadConfig
+
+    params = common.data_params()
+    config = DownloadConfig()
+    assert {k: params[k].value for k in ("per_host_connections", "per_host_rate", "per_host_burst", "robots_txt")} == {
+        "per_host_connections": config.per_host_connections, "per_host_rate": config.per_host_rate,
+        "per_host_burst": config.per_host_burst, "robots_txt": True}
+    with pytest.raises(ParamValidationError):
+        params["per_host_rate"].resolve(-1)
+    assert params["per_host_connections"].resolve(0) == 0  # 0: no cap
+    chosen = {"per_host_connections": 2, "per_host_rate": 0.5, "per_host_burst": 3, "robots_txt": False}
+    assert common.download_politeness(chosen) == chosen
+    assert common.download_politeness({})["robots_txt"] is True
