@@ -28,6 +28,7 @@ Output folder (``output``, any fsspec URI):
     NNNNN.tar              successes: KEY.png|jpg|webp, KEY.txt (caption), KEY.json (metadata)
     NNNNN.parquet          every row of the shard with status and error_message
     NNNNN_stats.json       img2dataset's completion marker and per-shard counts
+    NNNNN_source.jsonl     each fetched body's format as served (dedup ranks copies by it: pipeline.data.copies)
 
 Downloaded once for every cascade stage (``stages=``, ``presets=``; :func:`stage_policy`):
 originals at the largest stage's side, ratio kept, never upscaled, so each stage trains on

@@ -196,10 +196,12 @@ def guarded_download_image(row, timeout, user_agent_token, disallowed_header_dir
         if body is None:
             return key, None, "Use of image disallowed by X-Robots-Tag directive"
         header = check_body(body, content_type, policy.max_pixels)
+        from pipeline.data.copies import SOURCES
         from pipeline.data.images import (
             normalize_for_img2dataset,  # deferred: numpy and PIL, for the download workers only
         )
 
+        SOURCES.record(key, body)  # the format as served, before any re-encode: dedup ranks copies by it
         return key, io.BytesIO(normalize_for_img2dataset(body, header)), None
     except Exception as err:  # noqa: BLE001 - img2dataset records any failure as the row's error
         return key, None, str(err)
@@ -308,7 +310,10 @@ class GuardedDownloader:
             total = 0
             print(f"shard {shard}: row count unreadable ({err})", flush=True)
         PROGRESS.start_shard(shard, total, self.progress_every)
-        ok, result = self.inner(row)
+        from pipeline.data.copies import SOURCES  # writes the shard's NNNNN_source.jsonl after it
+
+        with SOURCES.shard(self.inner, row[0]):
+            ok, result = self.inner(row)
         PROGRESS.start_shard("", 0, 0.0)  # lines of a finished shard would be stale
         if ok:
             stats_uri = f"{self.inner.output_folder}/{shard}_stats.json"
