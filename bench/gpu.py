@@ -165,7 +165,7 @@ def make_data(root: str, scale: str) -> tuple[str, str]:
     from pipeline.data.download import download
     from pipeline.data.embed import embed_shards
     from pipeline.data.filters import filter_shards, stage_config
-    from pipeline.dev.tinydata import make_tiny_dataset, serve
+    from pipeline.dev.tinydata import OWN_SERVER_POLITENESS, make_tiny_dataset, serve
     from pipeline.dev.tinymodels import build_tiny_t5
 
     presets = {"base64": "tiny", "sr256": "tiny", "sr1024": "tiny"}  # originals at 128 px
@@ -173,7 +173,7 @@ def make_data(root: str, scale: str) -> tuple[str, str]:
     try:
         info = make_tiny_dataset(os.path.join(root, "tiny"), n=240, seed=0, port=server.server_address[1])
         download(info["urls"], os.path.join(root, "raw"), presets=presets, allow_private_networks=True,
-                 number_sample_per_shard=60)
+                 number_sample_per_shard=60, **OWN_SERVER_POLITENESS)
     finally:
         server.shutdown()
         server.server_close()

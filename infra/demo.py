@@ -54,7 +54,7 @@ def prepare_data(work: str) -> dict:
     from pipeline.data.download import download
     from pipeline.data.embed import embed_shards
     from pipeline.data.filters import filter_shards, format_reject_table, stage_config
-    from pipeline.dev.tinydata import make_tiny_dataset, serve
+    from pipeline.dev.tinydata import OWN_SERVER_POLITENESS, make_tiny_dataset, serve
     from pipeline.dev.tinymodels import build_tiny_t5
     from pipeline.layout import RunLayout
 
@@ -68,7 +68,8 @@ def prepare_data(work: str) -> dict:
         encoder = build_tiny_t5(os.path.join(tiny, "t5-tiny"))
         log("download (img2dataset through the fetch guard)")
         download(info["urls"], layout.raw, stages=STAGES, presets=PRESETS,
-                 allow_hosts=(f"127.0.0.1:{port}",), processes=1, threads=8, number_sample_per_shard=100)
+                 allow_hosts=(f"127.0.0.1:{port}",), processes=1, threads=8, number_sample_per_shard=100,
+                 **OWN_SERVER_POLITENESS)
     finally:
         server.shutdown()
         server.server_close()

@@ -31,6 +31,7 @@ from contextlib import ExitStack
 from imagen.config import STAGES, preset
 from pipeline.data.split import TRAIN, split_of
 from pipeline.dev.services import background, free_port, mlflow_server, wait_http
+from pipeline.dev.tinydata import OWN_SERVER_POLITENESS
 from pipeline.layout import RunLayout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -236,7 +237,7 @@ def main() -> int:
                 "embed_shards_per_task": 2, "attributes": os.path.join(tiny, "attributes.json"),
                 # a tenth held out: the 128 px stage gets validation samples in every session
                 # (the tiny URLs carry the server's random port, so the split differs each time)
-                "val_fraction": 0.1}
+                "val_fraction": 0.1, **OWN_SERVER_POLITENESS}
         step("airflow dags test imagen_full")
         run([os.path.join(BIN, "airflow"), "dags", "test", "imagen_full", "-c", json.dumps(conf)], env)
 

@@ -61,8 +61,11 @@ ROBOTS_DISALLOWED = "robots_disallowed"
 HOST_BACKOFF = "host_backoff"
 REFUSAL_REASONS = ("invalid_url", "unsupported_scheme", "loopback_address", "private_address",
                    "link_local_address", "multicast_address", "reserved_address", ROBOTS_DISALLOWED)
-# Reasons for a fetched body we would not hand to a decoder.
-BODY_REASONS = ("timeout", "response_too_large", "empty_body", "not_an_image", "decompression_bomb")
+# Reasons for a fetched body we would not hand to a decoder. unsized_format: an image format
+# some decoder reads but the guard cannot size (so cannot bound); unsupported_format: one no
+# decoder of the chain reads; hdr_unreadable: HDR/float data that could not be tone-mapped.
+BODY_REASONS = ("timeout", "response_too_large", "empty_body", "not_an_image", "decompression_bomb",
+                "unsized_format", "unsupported_format", "hdr_unreadable")
 # The entries of IANA's IPv4 and IPv6 special-purpose address registries that are not globally
 # reachable (RFC 6890 and its updates), with the reason a fetch is refused under. First match wins.
 _V4_SPECIAL = tuple((ipaddress.IPv4Network(n), r) for n, r in (
@@ -112,6 +115,17 @@ class FetchPolicy:
     allow_hosts: tuple[str, ...] = ()  # exact "host:port" (or "host") pairs exempt from the address check
     max_bytes: int = 32 * 1024 * 1024  # larger bodies are refused: no web image worth training on is bigger
     max_pixels: int = 64_000_000  # declared width*height above this is a decompression bomb
+
+
+# OpenCV's own cap on the pixels one decode may declare (its default is 2**30): the download
+# workers get the policy's, a second wall behind the guard's header check. OpenCV reads it once,
+# when it loads, so it is set in the environment the workers start with.
+ENV_OPENCV_MAX_PIXELS = "OPENCV_IO_MAX_IMAGE_PIXELS"
+
+
+def decoder_env(policy: FetchPolicy) -> dict[str, str]:
+    """Environment variables for a process that decodes fetched images under ``policy``."""
+    return {ENV_OPENCV_MAX_PIXELS: str(policy.max_pixels)}
 
 
 class FetchRejected(OSError):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from http.server import ThreadingHTTPServer
 
+from pipeline.dev.tinydata import OWN_SERVER_POLITENESS
+
 TINY_N = 120  # good images; the dataset adds 11 rows that fail or get filtered
 TINY_ROWS_PER_SHARD = 50  # several shards, so multi-shard code paths run
 # How raw_shards calls download(); tests that re-run the download reuse it.
@@ -17,6 +19,7 @@ RAW_DOWNLOAD_KWARGS = {
     "allow_private_networks": True,
     "number_sample_per_shard": TINY_ROWS_PER_SHARD,
     "save_additional_columns": ["color", "shape", "background", "kind", "source_width", "source_height"],
+    **OWN_SERVER_POLITENESS,
 }
 
 

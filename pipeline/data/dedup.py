@@ -2,8 +2,9 @@
 
 Each sample gets, once, in the per-shard filter pass: the sha256 of its stored image bytes, a
 64-bit perceptual hash (imagehash's pHash: DCT of a 32x32 grayscale thumbnail) and an 8x8 RGB
-thumbnail. The global pass (:func:`find_duplicates`) then walks all samples in dataset order
-and keeps the first of each group:
+thumbnail. The global pass (:func:`find_duplicates`) then walks all samples in the order given
+and keeps the first of each group; the filter gives them best copy first (largest native side,
+lossless source, URL order: :mod:`pipeline.data.copies`), so the first met is the one to keep:
 
 - exact duplicate: same sha256 (``duplicate_image``);
 - near duplicate: pHash Hamming distance <= ``near_dup_distance`` AND no thumbnail cell
@@ -96,7 +97,8 @@ def find_duplicates(samples: Iterable[tuple[str, bytes, int, bytes]], exact: boo
                     max_distance: int = 6, color_tolerance: float = 32.0) -> Iterator[tuple[str, str, str]]:
     """Yield ``(key, reason, key_of_kept_original)`` for every duplicate, in input order.
 
-    ``samples`` are ``(key, sha256, phash, thumbnail)`` in dataset order: the first of a group wins.
+    ``samples`` are ``(key, sha256, phash, thumbnail)``, most wanted first: the first of a group
+    wins (:func:`pipeline.data.copies.best_first` gives that order).
     """
     seen: dict[bytes, str] = {}
     index = NearDuplicateIndex(max_distance, color_tolerance) if near else None

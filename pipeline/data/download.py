@@ -28,6 +28,7 @@ Output folder (``output``, any fsspec URI):
     NNNNN.tar              successes: KEY.png|jpg|webp, KEY.txt (caption), KEY.json (metadata)
     NNNNN.parquet          every row of the shard with status and error_message
     NNNNN_stats.json       img2dataset's completion marker and per-shard counts
+    NNNNN_source.jsonl     each fetched body's format as served (dedup ranks copies by it: pipeline.data.copies)
     _retry/                the retry pass (:mod:`pipeline.data.retry`): download.json (the child spec
                            the download ran), stats.json (failures per reason before and after),
                            attempt-NNNNN/ (one attempt's list; its shards are NNNNN.tar onward)
@@ -78,6 +79,7 @@ from pipeline.netguard import (
     ENV_ALLOW_PRIVATE,
     REFUSAL_REASONS,
     FetchPolicy,
+    decoder_env,
     deployment_policy,
     literal_reason,
 )
@@ -298,10 +300,11 @@ def _write_refused(refused: pa.Table, output: str) -> str:
     return uri
 
 
-def _child_env() -> dict:
+def _child_env(policy: FetchPolicy) -> dict:
     env = dict(os.environ)
     env.update(NO_ALBUMENTATIONS_UPDATE="1",  # albumentations checks PyPI for updates at import
                WANDB_MODE="disabled", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    env.update(decoder_env(policy))  # OpenCV's pixel cap in img2dataset's decoder
     return env
 
 
@@ -455,7 +458,8 @@ def run_child(spec: dict) -> None:
     """Run img2dataset under the guard in a child process on ``spec`` (:func:`_img2dataset_spec`'s)."""
     if "spark" in spec:
         spark.require_spark()
-    run_streaming([sys.executable, "-m", child_module(spec), json.dumps(spec)], env=_child_env(), tail=30)
+    policy = FetchPolicy(**{**spec["policy"], "allow_hosts": tuple(spec["policy"]["allow_hosts"])})
+    run_streaming([sys.executable, "-m", child_module(spec), json.dumps(spec)], env=_child_env(policy), tail=30)
 
 
 def politeness_spec(config: DownloadConfig) -> dict:

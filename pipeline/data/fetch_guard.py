@@ -8,11 +8,13 @@ connections, no proxies, one wall-clock budget per request: see :mod:`pipeline.n
 owns the policy) and then
 
 - enforces a maximum body size, and a maximum declared pixel count read from the image header
-  before any decoder allocates memory for it (decompression bombs);
+  before any decoder allocates memory for it (decompression bombs), in every format it passes
+  on (:mod:`pipeline.data.image_headers`; a format it cannot size is refused);
 - turns empty bodies and HTML/JSON served as images into specific errors;
 - hands img2dataset's decoder only images it decodes right: 16-bit, CMYK, float, EXIF-rotated and
   other bodies its OpenCV decode mishandles are re-encoded first as 8-bit RGB PNG
-  (:func:`pipeline.data.images.normalize_for_img2dataset`); everything else passes byte for byte.
+  (:func:`pipeline.data.images.normalize_for_img2dataset`), HDR and PFM tone-mapped to 8 bits;
+  everything else passes byte for byte, decided from the header alone in the common case.
 
 With a :class:`~pipeline.data.politeness.PolitenessConfig` (the spec's ``"politeness"``), each
 fetch first asks the origin's robots.txt (fetched through the same guarded opener) and takes a
@@ -48,6 +50,7 @@ import time
 import urllib.error
 import urllib.request
 
+from pipeline.data.image_headers import Header, Unsized, read_header
 from pipeline.data.politeness import ROBOTS_MAX_BYTES, Politeness, PolitenessConfig, politeness_for
 from pipeline.netguard import (
     BODY_REASONS,
@@ -167,24 +170,27 @@ class ShardProgress:
 PROGRESS = ShardProgress()
 
 
-def check_body(body: bytes, content_type: str | None, max_pixels: int) -> None:
-    """Reject bodies a decoder should never see; decoding errors proper are left to the decoder."""
+def check_body(body: bytes, content_type: str | None, max_pixels: int) -> Header:
+    """The header of a body a decoder may see; rejects every other body before any decode.
+
+    Every format is sized from its own header bytes (:mod:`pipeline.data.image_headers`, no
+    decoder): over ``max_pixels`` is a bomb; a format the guard cannot size is refused, since
+    its decoder would allocate whatever it declares. A recognised header cut short before its
+    size passes: the decoder finds no size there either and reports its decoding error.
+    """
     if not body:
         raise FetchRejected("empty_body", f"zero-byte response (Content-Type: {content_type})")
-    from PIL import Image  # deferred: the guard module is imported by light-weight callers too
-
     try:
-        # Only the header is parsed: the declared size costs nothing to read.
-        with Image.open(io.BytesIO(body)) as img:
-            width, height = img.size
-    except Image.DecompressionBombError as err:
-        raise FetchRejected("decompression_bomb", str(err)) from None
-    except Exception:  # noqa: BLE001 - not parseable by PIL: let the decoder have its say, unless it is markup
-        if body.lstrip()[:1] in (b"<", b"{", b"["):
+        header = read_header(body)
+    except Unsized as err:
+        if body[:64].lstrip(b" \t\r\n\xef\xbb\xbf")[:1] in (b"<", b"{", b"["):
             raise FetchRejected("not_an_image", f"body is markup/JSON, not an image (Content-Type: {content_type})") from None
-        return
-    if width * height > max_pixels:
-        raise FetchRejected("decompression_bomb", f"declared {width}x{height} pixels > max_pixels={max_pixels}")
+        raise FetchRejected("unsized_format" if err.known else "unsupported_format",
+                            f"{err} (Content-Type: {content_type})") from None
+    if header.pixels > max_pixels:
+        raise FetchRejected("decompression_bomb", f"declared {header.width}x{header.height} pixels > "
+                            f"max_pixels={max_pixels} ({header.format})")
+    return header
 
 
 def guarded_download_image(row, timeout, user_agent_token, disallowed_header_directives, *,
@@ -216,12 +222,14 @@ def guarded_download_image(row, timeout, user_agent_token, disallowed_header_dir
                                     user_agent_token, disallowed_header_directives)
         if body is None:
             return key, None, "Use of image disallowed by X-Robots-Tag directive"
-        check_body(body, content_type, policy.max_pixels)
+        header = check_body(body, content_type, policy.max_pixels)
+        from pipeline.data.copies import SOURCES
         from pipeline.data.images import (
-            normalize_for_img2dataset,  # deferred like PIL in check_body
+            normalize_for_img2dataset,  # deferred: numpy and PIL, for the download workers only
         )
 
-        return key, io.BytesIO(normalize_for_img2dataset(body)), None
+        SOURCES.record(key, body)  # the format as served, before any re-encode: dedup ranks copies by it
+        return key, io.BytesIO(normalize_for_img2dataset(body, header)), None
     except Exception as err:  # noqa: BLE001 - img2dataset records any failure as the row's error
         return key, None, str(err)
 
@@ -329,7 +337,10 @@ class GuardedDownloader:
             total = 0
             print(f"shard {shard}: row count unreadable ({err})", flush=True)
         PROGRESS.start_shard(shard, total, self.progress_every)
-        ok, result = self.inner(row)
+        from pipeline.data.copies import SOURCES  # writes the shard's NNNNN_source.jsonl after it
+
+        with SOURCES.shard(self.inner, row[0]):
+            ok, result = self.inner(row)
         PROGRESS.start_shard("", 0, 0.0)  # lines of a finished shard would be stale
         if ok:
             stats_uri = f"{self.inner.output_folder}/{shard}_stats.json"

@@ -9,8 +9,8 @@ and ends with the same bytes:
    reason, sha256, pHash, thumbnail, scores, and where each member lies with its sha256).
    Written atomically, it is the shard's completion marker; it is redone when the per-sample
    settings or the raw shard's bytes change (checked by the raw shard's sha256, not its size).
-2. global and cheap: exact and near duplicates across the whole dataset in URL-list order
-   (:mod:`pipeline.data.dedup`), then the held-out validation split by a hash of each kept
+2. global and cheap: exact and near duplicates across the whole dataset, each group keeping its
+   best copy (:mod:`pipeline.data.dedup`, :mod:`pipeline.data.copies`), then the held-out validation split by a hash of each kept
    sample's URL (:mod:`pipeline.data.split`), then the reshard plan -> ``_filter/plan.parquet``
    (:mod:`pipeline.data.reshard`).
 3. per output shard: ``000000.tar``, ``000001.tar``, ... (training) and ``val-000000.tar``, ...
@@ -77,8 +77,9 @@ __all__ = ["FILTERS", "CaptionLengthFilter", "DecodeFilter", "Filter", "FilterCo
 
 # v3: per-sample stored side, per-stage counts; v4: raw shards verified, dropped_members, duplicate_key;
 # v5: member names matched exactly, pass 1 reused by the raw shard's sha256, pass 3 checks members' sha256;
-# v6: the validation split (val-NNNNNN.tar, "split", per-stage val counts)
-MANIFEST_FORMAT = "imagen-pipeline/filtered-shards/v6"
+# v6: the validation split (val-NNNNNN.tar, "split", per-stage val counts); v7: a duplicate group keeps
+# its best copy (pipeline.data.copies), not its first: an older output is redone, never reused as is
+MANIFEST_FORMAT = "imagen-pipeline/filtered-shards/v7"
 # Pass 1's own results are unchanged since v5: an upgrade reuses them rather than re-decoding everything.
 PASS1_FORMAT = "imagen-pipeline/filtered-shards/v5"
 WORK = "_filter"
@@ -430,7 +431,7 @@ def _raw_shards(input: str) -> list[str]:
 
 
 def _fingerprint(input: str) -> dict[str, int]:
-    files = storage.list_files(input, r"(\d+(\.tar|\.parquet|_stats\.json))|refused\.parquet")
+    files = storage.list_files(input, r"(\d+(\.tar|\.parquet|_stats\.json|_source\.jsonl))|refused\.parquet")
     return {storage.basename(f): storage.size(f) for f in files}
 
 
@@ -439,7 +440,7 @@ def _up_to_date(output: str, settings: dict) -> dict | None:
     if not storage.exists(uri):
         return None
     manifest = storage.read_json(uri)
-    if any(manifest.get(k) != v for k, v in settings.items()):
+    if manifest.get("format") != MANIFEST_FORMAT or any(manifest.get(k) != v for k, v in settings.items()):
         return None
     if not all(storage.exists(storage.join(output, name)) for name in manifest.get("shards", {})):
         return None
@@ -473,7 +474,7 @@ def filter_shards(input: str, output: str, config: FilterConfig | None = None,
 
     Returns the manifest (also written to ``output/manifest.json``, last)::
 
-        {"format": "imagen-pipeline/filtered-shards/v6", "input": ..., "output": ...,
+        {"format": "imagen-pipeline/filtered-shards/v7", "input": ..., "output": ...,
          "input_fingerprint": {"00000.tar": size, ...}, "config": {FilterConfig fields},
          "samples_per_shard": 1000, "filters": [names run], "skipped_filters": {name: why},
          "shards": {"000000.tar": kept_in_shard, ..., "val-000000.tar": kept_in_shard, ...},
@@ -488,7 +489,9 @@ def filter_shards(input: str, output: str, config: FilterConfig | None = None,
          "stages": {"sr1024": {"min_side": 1024,                  # per config.stage_sides: what
                                "samples": s, "excluded": {"too_small_for_sr1024": k - v - s},
                                "val_samples": w,                 # each stage trains (validates) on
-                               "val_excluded": {"too_small_for_sr1024": v - w}}, ...}}
+                               "val_excluded": {"too_small_for_sr1024": v - w}}, ...},
+         "dedup": {"keep": ["native_short_side", "lossless_source", "url_order"],  # pipeline.data.copies
+                   "kept_a_later_copy": g, "no_source_record": n}}
 
     ``input_rows`` counts every row of the URL list, so ``kept + rejected == input_rows``. The
     validation split (``val-NNNNNN.tar``) is drawn after dedup by a hash of each kept sample's
@@ -520,7 +523,7 @@ def filter_shards(input: str, output: str, config: FilterConfig | None = None,
     work = storage.join(output, WORK)
     _run_pass1(raw, work, config, workers)
     plan, filter_rejects, dropped = reshard.plan([(storage.basename(r), _work_uri(work, r)) for r in raw],
-                                                 config, samples_per_shard)
+                                                 config, samples_per_shard, input=input)
     _write_outputs(input, output, plan)
     written = dict(sorted(collections.Counter(s for s in plan["shard"].to_pylist() if s).items()))
     rows, download_rejects, refused = _download_rejects(input, raw)
@@ -531,7 +534,7 @@ def filter_shards(input: str, output: str, config: FilterConfig | None = None,
                 "skipped_filters": skipped, "shards": written, "input_rows": rows, "kept": kept,
                 "rejected": sum(sum(r.values()) for r in rejects.values()), "rejects": rejects,
                 "dropped_members": dict(sorted(dropped.items())), "split": reshard.split_counts(plan, config),
-                "stages": reshard.stage_counts(plan, config.stage_sides)}
+                "stages": reshard.stage_counts(plan, config.stage_sides), "dedup": reshard.dedup_counts(plan)}
     if kept + manifest["rejected"] != rows:
         # A raw tar and its parquet disagree (e.g. a tar rewritten by hand): say so, keep going.
         print(f"warning: kept {kept} + rejected {manifest['rejected']} != {rows} rows listed in the "

@@ -20,7 +20,9 @@ returned as it is, still lazy: JPEG draft mode set before the call keeps working
 writes float images black, fails on 32-bit integer ones and ignores EXIF orientation (sideways
 photos). Those bodies are decoded here with :func:`to_rgb` and re-encoded as lossless PNG before
 img2dataset sees them; everything it decodes right (8-bit RGB, grey, palette, alpha, GIF) passes
-through byte for byte.
+through byte for byte, told from the fetch guard's header read (:func:`passes_as_is`) without
+opening the body. Radiance HDR and PFM, linear-light float that OpenCV hands img2dataset as is
+(stored black), are tone-mapped (:func:`tone_map`) and stored as 8-bit PNG.
 
     from pipeline.data.images import open_rgb, to_rgb
     rgb = open_rgb(data)               # image bytes -> 8-bit RGB PIL image
@@ -35,6 +37,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from pipeline.data.image_headers import Header
+
 # Image members a WebDataset sample may carry (img2dataset's encode formats, plus .jpeg); every
 # reader of shards and reference folders picks images by these.
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -48,6 +52,8 @@ _DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 # Formats and modes that img2dataset's OpenCV decode was measured to get right (8-bit only).
 _OPENCV_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
 _OPENCV_MODES = ("RGB", "L", "1", "P", "RGBA", "LA")
+# Float formats OpenCV decodes to linear light, which img2dataset stores black: tone-mapped here.
+HDR_FORMATS = ("HDR", "PFM")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -178,20 +184,96 @@ def opencv_mishandles(img: Image.Image, body: bytes) -> str | None:
     return None
 
 
-def normalize_for_img2dataset(body: bytes) -> bytes:
+def passes_as_is(header: Header) -> bool:
+    """True when img2dataset's OpenCV decode gets a body with this header right, so it can pass
+    byte for byte with no Pillow open: 8-bit JPEG (grey or colour), PNG up to 8 bits, GIF, WebP,
+    none with an EXIF orientation. The same answer :func:`opencv_mishandles` gives, from the
+    header alone (orientation 0, EXIF the header reader left unread, is not an answer)."""
+    if header.orientation != 1:
+        return False
+    if header.format == "JPEG":
+        return header.bits == 8 and header.channels in (1, 3)
+    if header.format == "PNG":
+        return header.bits <= 8
+    return header.format in ("GIF", "WEBP")
+
+
+def normalize_for_img2dataset(body: bytes, header: Header | None = None) -> bytes:
     """``body`` unchanged when img2dataset decodes it right, else its :func:`to_rgb` as lossless PNG.
 
-    A body PIL cannot open or decode is returned unchanged: img2dataset then reports its own
-    decoding error for the row, as without this step.
+    ``header`` (the fetch guard's :func:`pipeline.data.image_headers.read_header`) settles the
+    common case without opening the body. High-dynamic-range bodies (Radiance HDR, PFM), which
+    img2dataset would store black, are tone-mapped (:func:`tone_map`). A body PIL cannot open or
+    decode is returned unchanged: img2dataset then reports its own decoding error for the row.
     """
+    if header is not None and passes_as_is(header):
+        return body
+    if header is not None and header.format in HDR_FORMATS:
+        if not header.pixels:  # no size the guard could check: not decoded here
+            raise HdrUnreadable(f"{header.format} header without a readable size")
+        return _png_bytes(tone_map(_decode_float(body)))
     try:
         img = Image.open(io.BytesIO(body))
         if opencv_mishandles(img, body) is None:
             return body
-        out = io.BytesIO()
-        # compress_level 1: img2dataset decodes this once and re-encodes it; lossless is what counts.
-        # No EXIF is carried over: exifread (img2dataset's "exif" column) cannot read it from a PNG.
-        to_rgb(img).save(out, "PNG", compress_level=1)
-        return out.getvalue()
+        return _png_bytes(to_rgb(img))
     except Exception:  # noqa: BLE001 - corrupt or unsupported: img2dataset's decoder has its say
         return body
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    out = io.BytesIO()
+    # compress_level 1: img2dataset decodes this once and re-encodes it; lossless is what counts.
+    # No EXIF is carried over: exifread (img2dataset's "exif" column) cannot read it from a PNG.
+    img.save(out, "PNG", compress_level=1)
+    return out.getvalue()
+
+
+def _decode_float(body: bytes) -> np.ndarray:
+    """An HDR/PFM body -> float32 RGB (H, W, 3), linear light, by OpenCV (Pillow reads neither
+    Radiance HDR nor colour PFM). The caller has sized it; OPENCV_IO_MAX_IMAGE_PIXELS is the
+    second wall. Raises :class:`HdrUnreadable` when OpenCV cannot decode it."""
+    import cv2
+
+    flags = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+    try:
+        bgr = cv2.imdecode(np.frombuffer(body, np.uint8), flags)
+    except cv2.error as err:
+        raise HdrUnreadable(f"OpenCV cannot decode it: {str(err).strip()[:200]}") from None
+    if bgr is None:
+        raise HdrUnreadable("OpenCV cannot decode it")
+    bgr = bgr.astype(np.float32, copy=False)
+    return np.repeat(bgr[..., None], 3, axis=-1) if bgr.ndim == 2 else bgr[..., 2::-1]
+
+
+class HdrUnreadable(ValueError):
+    """An HDR/float body that cannot be decoded or holds no light; ``str()`` is the fetch
+    guard's ``"hdr_unreadable: ..."`` so the row's error counts under that reason."""
+
+    def __init__(self, detail: str):
+        super().__init__(f"hdr_unreadable: {detail}")
+
+
+def tone_map(rgb: np.ndarray, key: float = 0.18) -> Image.Image:
+    """Linear-light float RGB -> 8-bit sRGB, by Reinhard et al.'s photographic operator (2002).
+
+    Exposure comes from the image's log-average luminance (eq. 1), scaled to ``key`` (mid grey);
+    the extended operator (eq. 4) maps the 99.5th-percentile luminance to white, so the highlights
+    of a sunset stay bright and a flat image is not pushed to grey. Colour ratios are kept (each
+    channel scaled by the luminance's compression), then the sRGB transfer curve applies. A
+    body with no finite positive light raises :class:`HdrUnreadable` rather than storing black.
+    """
+    rgb = np.nan_to_num(rgb.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
+    np.maximum(rgb, 0.0, out=rgb)
+    lum = rgb @ np.float32([0.2126, 0.7152, 0.0722])  # Rec. 709 / sRGB luminance
+    lit = lum[lum > 0]
+    if lit.size == 0:
+        raise HdrUnreadable("no positive pixel values: it would be stored black")
+    log_avg = float(np.exp(np.mean(np.log(lit.astype(np.float64)))))
+    scaled = lum * np.float32(key / log_avg)
+    white = max(float(np.percentile(scaled[lum > 0], 99.5)), 1e-6)
+    mapped = scaled * (1.0 + scaled / np.float32(white * white)) / (1.0 + scaled)
+    ratio = np.divide(mapped, lum, out=np.zeros_like(lum), where=lum > 0)
+    linear = np.clip(rgb * ratio[..., None], 0.0, 1.0)
+    srgb = np.where(linear <= 0.0031308, linear * 12.92, 1.055 * np.power(linear, 1 / 2.4) - 0.055)
+    return Image.fromarray(np.rint(srgb * 255.0).astype(np.uint8), "RGB")

@@ -37,7 +37,7 @@ import sys
 from collections.abc import Iterator
 
 from pipeline.data.politeness import ENV_DIR as ENV_POLITENESS_DIR
-from pipeline.netguard import ENV_ALLOW_HOSTS, ENV_ALLOW_PRIVATE, FetchPolicy
+from pipeline.netguard import ENV_ALLOW_HOSTS, ENV_ALLOW_PRIVATE, FetchPolicy, decoder_env
 
 DISTRIBUTORS = ("multiprocessing", "pyspark")
 ENV_MASTER = "IMAGEN_SPARK_MASTER"  # the deployment's cluster: the DAG's default master
@@ -97,6 +97,7 @@ def session_conf(master: str, policy: FetchPolicy, conf: dict[str, str] | None =
         "spark.executorEnv.NO_ALBUMENTATIONS_UPDATE": "1",
         "spark.executorEnv.WANDB_MODE": "disabled",
         "spark.executorEnv.PYTHONUNBUFFERED": "1",
+        **{f"spark.executorEnv.{k}": v for k, v in decoder_env(policy).items()},  # OpenCV's pixel cap
     }
     if os.environ.get(ENV_POLITENESS_DIR):  # the deployment's lock dir, on every executor machine
         out[f"spark.executorEnv.{ENV_POLITENESS_DIR}"] = os.environ[ENV_POLITENESS_DIR]

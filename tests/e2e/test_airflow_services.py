@@ -16,6 +16,7 @@ import time
 import pytest
 
 from pipeline.dev.services import airflow_services
+from pipeline.dev.tinydata import OWN_SERVER_POLITENESS
 
 # One stage keeps this test near 3 minutes on 2 CPUs; the smoke test trains all three.
 STAGES = ("base64",)
@@ -46,7 +47,8 @@ def conf(tiny_dataset, tiny_encoder_dir, tmp_path_factory):
     return {"root": str(tmp_path_factory.mktemp("data")), "url_list": tiny_dataset.urls,
             "encoder": tiny_encoder_dir,
             "max_steps": 10, "filtered_shard_size": 50, "embed_shards_per_task": 2,
-            "model_prefix": "svc", "stages": list(STAGES), "presets": dict.fromkeys(STAGES, "tiny")}
+            "model_prefix": "svc", "stages": list(STAGES), "presets": dict.fromkeys(STAGES, "tiny"),
+            **OWN_SERVER_POLITENESS}
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import time
 
 import pytest
 
+from pipeline.dev.tinydata import OWN_SERVER_POLITENESS
 from pipeline.layout import RunLayout
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,7 +56,7 @@ def dag(tmp_path_factory, tiny_dataset, tiny_encoder_dir):
     root = str(work / "data")
     base = {"root": root, "url_list": tiny_dataset.urls, "encoder": tiny_encoder_dir, "stages": ["base64"],
             "presets": {"base64": "tiny"}, "model_prefix": PREFIX, "filtered_shard_size": 50, "embed_shards_per_task": 8,
-            "val_fraction": 0.1, "val_max": 4}  # a split of several samples whatever the URLs' port
+            "val_fraction": 0.1, "val_max": 4, **OWN_SERVER_POLITENESS}  # a split of several samples whatever the URLs' port
 
     def run(**conf) -> str:
         t0 = time.monotonic()

@@ -31,6 +31,7 @@ s3fs = pytest.importorskip("s3fs", reason="needs the dev extra: s3fs")
 
 from pipeline.data.caption_cache import CACHE_DIR  # noqa: E402
 from pipeline.dev.services import free_port  # noqa: E402
+from pipeline.dev.tinydata import OWN_SERVER_POLITENESS  # noqa: E402
 from pipeline.layout import RunLayout  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -94,7 +95,7 @@ def dag_run(s3, tiny_dataset, tiny_encoder_dir):
     _run([os.path.join(BIN, "airflow"), "pools", "set", "gpu", "3", "training tasks"], env, 120)
     conf = {"root": ROOT, "url_list": tiny_dataset.urls, "encoder": tiny_encoder_dir, "stages": ["base64"],
             "presets": {"base64": "tiny"}, "max_steps": 6, "model_prefix": PREFIX, "filtered_shard_size": 50, "embed_shards_per_task": 2,
-            "attributes": os.path.join(tiny_dataset.root, "attributes.json")}
+            "attributes": os.path.join(tiny_dataset.root, "attributes.json"), **OWN_SERVER_POLITENESS}
     t0 = time.monotonic()
     out = _run([os.path.join(BIN, "airflow"), "dags", "test", "imagen_full", "-c", json.dumps(conf)], env, 900)
     print(f"airflow dags test imagen_full on {ROOT}: {time.monotonic() - t0:.0f}s")

@@ -220,7 +220,7 @@ def eligible(chain, keys: list[str], stage: str) -> list[str]:
 
 def test_filter_writes_both_splits_and_counts_them_per_stage(chain):
     m = chain["manifest"]
-    assert m["format"] == "imagen-pipeline/filtered-shards/v6"
+    assert m["format"] == "imagen-pipeline/filtered-shards/v7"
     assert sorted(chain["train"] + chain["val"]) == sorted(chain["sides"])  # nothing rejected, nothing twice
     assert m["split"] == {"val_fraction": 0.3, "val_max": 10_000, "by": "url", "train": len(chain["train"]),
                           "val": len(chain["val"]), "keyed_without_url": 0}
