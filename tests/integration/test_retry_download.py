@@ -1,4 +1,4 @@
-"""The retry pass for real: img2dataset downloads from a loopback server whose URLs fail
+"""The retry pass for real: img2dataset downloads from loopback servers whose URLs fail
 transiently (429, 503, a reset connection, a timeout) the first N times and then answer, or fail
 for good (404, an undecodable body, a 500 that never ends); the pass recovers every URL that can
 be recovered, duplicates no key, counts every failure once before and after, fetches nothing
@@ -34,7 +34,7 @@ TIMEOUT = 3.0  # the download's per-request timeout (generous: a loaded machine)
 BIN = os.path.join(os.path.dirname(sys.executable), "imagen-pipeline")
 # (route kind, failures before it answers, how many URLs, the reason it fails for)
 PLAN = [("ok", 0, 8, None), ("429", 1, 3, "http_429"), ("503", 2, 3, "http_503"), ("reset", 1, 2, "connection_reset"),
-        ("timeout", 1, 2, "timeout"), ("404", 99, 2, "http_404"), ("garbage", 99, 1, "image_decoding_error"),
+        ("timeout", 1, 2, "timeout"), ("404", 99, 2, "http_404"), ("garbage", 99, 1, "unsupported_format"),
         ("500", 99, 1, "http_500")]
 
 
@@ -166,7 +166,7 @@ def test_retry_pass_recovers_every_transient_failure(flaky, tmp_path):
     recoverable, before, after = _expected(rows, 2)
     assert summary["input_rows"] == summary["total"] == len(rows)
     assert summary["successes"] == recoverable == 18
-    assert summary["errors"] == dict(after) == {"http_404": 2, "image_decoding_error": 1, "http_500": 1}
+    assert summary["errors"] == dict(after) == {"http_404": 2, "unsupported_format": 1, "http_500": 1}
     assert summary["transient"] == 1  # the 500 that never ends: a later pass may still get it
     stats = summary["retry"]
     assert stats["before"] == dict(before) and stats["after"] == dict(after)
@@ -204,7 +204,7 @@ def test_retry_pass_recovers_every_transient_failure(flaky, tmp_path):
     again = retry_download(raw, attempts=2, base_delay=0.01, max_delay=0.02)["retry"]
     assert again["recovered"] == stats["recovered"] and again["transient_after"] == 1
     assert {r: n for r, n in again["after"].items() if r not in ("http_500", "host_backoff")} == {
-        "http_404": 2, "image_decoding_error": 1}
+        "http_404": 2, "unsupported_format": 1}
     endless = [path for path, r in hits.items() if r["kind"] == "500"]
     assert set(flaky.hits - seen) <= set(endless) and (flaky.hits - seen)[endless[0]] <= 2
     assert summarize(raw)["successes"] == 18 and summarize(raw)["input_rows"] == len(rows)
