@@ -390,6 +390,19 @@ def write_json(uri: str, obj: Any) -> None:
         f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def write_json_if_changed(uri: str, obj: Any) -> bool:
+    """:func:`write_json` unless ``uri`` already holds ``obj``, so that a rerun writes nothing
+    (on S3 each write is three requests); whether it wrote."""
+    if exists(uri):
+        try:
+            if read_json(uri) == obj:
+                return False
+        except ValueError:  # damaged: rewrite it
+            pass
+    write_json(uri, obj)
+    return True
+
+
 def read_json(uri: str) -> Any:
     """A JSON file, read whole (:func:`read_bytes`: again if it was replaced while read)."""
     return json.loads(read_bytes(uri))

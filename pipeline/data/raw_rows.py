@@ -29,7 +29,12 @@ def read_shard_rows(parquet_uri: str, columns: list[str]) -> list[dict]:
     """The rows of one shard's parquet that are URL-list rows (not :func:`superseded`), ``columns`` of each."""
     with storage.open(parquet_uri, "rb") as f:
         file = pq.ParquetFile(f)
-        has_retry = RETRY_OF in file.schema_arrow.names
+        names = file.schema_arrow.names
+        has_retry = RETRY_OF in names
+        missing = [c for c in dict.fromkeys([*columns, "status"]) if c not in names]
+        if missing:
+            raise ValueError(f"{parquet_uri} has no column {', '.join(missing)}: it is not a shard img2dataset "
+                             "wrote; delete it and its _stats.json so that the download fetches that shard again")
         table = file.read(columns=list(dict.fromkeys([*columns, "status", *([RETRY_OF] if has_retry else [])])))
     retry_of = table[RETRY_OF].to_pylist() if has_retry else [None] * table.num_rows
     rows = table.select(columns).to_pylist()

@@ -70,11 +70,8 @@ def _dir(output: str, *parts: str) -> str:
 
 def record_download(output: str, spec: dict) -> None:
     """Keep the child spec a download runs (:func:`pipeline.data.download.run_child`), for the pass."""
-    uri = _dir(output, DOWNLOAD_SPEC)
-    if storage.exists(uri) and storage.read_json(uri) == spec:
-        return
     storage.makedirs(_dir(output))
-    storage.write_json(uri, spec)
+    storage.write_json_if_changed(_dir(output, DOWNLOAD_SPEC), spec)
 
 
 def _download_spec(output: str) -> dict:
@@ -230,7 +227,7 @@ def failure_counts(output: str) -> dict:
 def _write_stats(output: str) -> dict:
     applied = [_attempt_uri(output, a, APPLIED) for a in _attempts(output)]
     stats = {**failure_counts(output), "attempts": [storage.read_json(u) for u in applied if storage.exists(u)]}
-    storage.write_json(_dir(output, STATS), stats)
+    storage.write_json_if_changed(_dir(output, STATS), stats)
     return stats
 
 

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.data.download import RESERVED_COLUMNS
 from imagen.checkpoint import save_weights
 from imagen.config import preset
 from imagen.text import T5TextEncoder
@@ -225,6 +226,6 @@ def test_reserved_extra_column_is_one_line_before_any_download(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
     assert proc.stderr.splitlines() == [
         "imagen-pipeline download: error: --extra-columns 'width' is a column img2dataset writes itself "
-        "(reserved: url, caption, key, status, error_message, width, height, original_width, original_height, "
-        "exif, sha256, md5, sha512); rename that column in the URL list, or leave it out"]
+        f"(reserved: {', '.join(RESERVED_COLUMNS)}); rename that column in the URL list, or leave it out"]
+    assert {"width", "height", "url", "retry_of"} <= set(RESERVED_COLUMNS)
     assert not out.exists() or not any(out.iterdir())  # nothing fetched, nothing written

@@ -28,6 +28,7 @@ s3fs = pytest.importorskip("s3fs", reason="needs the dev extra: s3fs")
 
 from imagen.checkpoint import CONFIG_NAME, EMA_NAME, MODEL_NAME  # noqa: E402
 from pipeline import storage  # noqa: E402
+from pipeline.data.raw_rows import RETRY_DIR  # noqa: E402
 
 BUCKET = "round3"
 WRITES = ("put_object", "copy_object", "delete_object", "delete_objects", "create_multipart_upload",
@@ -109,18 +110,21 @@ def test_an_identical_download_rerun_writes_nothing(root, tmp_path, writes):
     # shard 00000 of the one allowed row is already finished, so img2dataset is not started
     storage.write_json(f"{raw}/00000_stats.json", {"count": 1, "successes": 0})
     with storage.atomic_write(f"{raw}/00000.parquet") as f:
-        pq.write_table(pa.table({"status": ["failed_to_download"], "error_message": ["HTTP Error 404"]}), f)
+        pq.write_table(pa.table({"url": ["http://images.example/b.png"], "caption": ["a red circle"], "key": ["000000000"],
+                                  "status": ["failed_to_download"], "error_message": ["HTTP Error 404"]}), f)
     urls = _url_list(tmp_path)
     # one URL refused, one 404: nothing came down, an error whose summary is the download's
     with writes() as first, pytest.raises(NothingDownloaded) as err:
         download(urls, raw, number_sample_per_shard=10)
     done = err.value.summary
     assert (done["shards"], done["refused"], done["failed"]) == (1, 1, 1)
-    assert {os.path.basename(k) for op, k in first if op == "copy_object"} == {"_urls.parquet", "refused.parquet"}
+    # the list, the refused rows, and the retry pass's spec and counts (pipeline.data.retry)
+    assert {os.path.relpath(k, raw.split("/", 3)[3]) for op, k in first if op == "copy_object"} == {
+        "_urls.parquet", "refused.parquet", f"{RETRY_DIR}/download.json", f"{RETRY_DIR}/stats.json"}
     with writes() as second, pytest.raises(NothingDownloaded) as err:
         download(urls, raw, number_sample_per_shard=10)
     assert err.value.summary == done
-    assert second == []  # 6 write requests before (each file: put, copy, delete of its temporary)
+    assert second == []  # 12 write requests before (each file: put, copy, delete of its temporary)
     # a changed list is still written (and the finished shard refuses to mix with it)
     pq.write_table(pa.table({"url": ["http://images.example/c.png"], "caption": ["x"]}), urls)
     with pytest.raises(RuntimeError, match="different URL list"):
