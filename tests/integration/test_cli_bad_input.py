@@ -16,11 +16,11 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.data.download import RESERVED_COLUMNS
 from imagen.checkpoint import save_weights
 from imagen.config import preset
 from imagen.text import T5TextEncoder
 from imagen.unet import UNet
+from pipeline.data.download import RESERVED_COLUMNS
 
 BIN = os.path.join(os.path.dirname(sys.executable), "imagen-pipeline")
 
