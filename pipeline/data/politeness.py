@@ -60,7 +60,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from pipeline.netguard import (  # reason names: netguard owns them all
     HOST_BACKOFF,
@@ -109,6 +109,28 @@ def host_key(url: str) -> tuple[str, str]:
     port = parts.port or (443 if parts.scheme == "https" else 80)
     host = f"{(parts.hostname or '').lower()}:{port}"
     return host, f"{parts.scheme}://{host}"
+
+
+def _state_path(lock_dir: str, host: str, suffix: str = "") -> str:
+    return os.path.join(lock_dir, hashlib.sha1(host.encode()).hexdigest()[:24] + suffix)
+
+
+def hosts_quiet_for(config: PolitenessConfig, urls: Iterable[str], now: float | None = None) -> float:
+    """Seconds until every host of ``urls`` is past its Retry-After and failure backoff on this
+    machine (0 when none holds one), read from the hosts' shared state without creating any: the
+    retry pass waits this long, so that its fetches are not refused as ``host_backoff`` again."""
+    now = time.time() if now is None else now
+    lock_dir, longest = config.lock_dir or default_lock_dir(), 0.0
+    for host in {host_key(u)[0] for u in urls}:
+        try:
+            with open(_state_path(lock_dir, host), "rb") as f:
+                data = f.read(_STATE.size)
+        except FileNotFoundError:
+            continue
+        if len(data) == _STATE.size:
+            _, _, retry_until, backoff_until, _ = _STATE.unpack(data)
+            longest = max(longest, retry_until - now, backoff_until - now)
+    return longest
 
 
 def retry_after_seconds(value: str | None, now: float) -> float | None:
@@ -220,7 +242,7 @@ class Politeness:
             h.users -= 1
 
     def _path(self, host: str, suffix: str) -> str:
-        return os.path.join(self.dir, hashlib.sha1(host.encode()).hexdigest()[:24] + suffix)
+        return _state_path(self.dir, host, suffix)
 
     def before(self, url: str) -> Ticket | str:
         """Wait until ``url``'s host may be sent a request and take a slot and a token; or the
@@ -276,11 +298,17 @@ class Politeness:
         return True
 
     def _wait_or_refuse(self, h: _Host, host: str) -> str | None:
-        wait = h.wait_for(self.clock())
-        if wait > self.config.max_wait:
-            return f"{HOST_BACKOFF}: {host} asked for {wait:.0f} s of quiet (Retry-After or repeated failures)"
-        if wait > 0:
+        """Sleep out the host's Retry-After and backoff; or refuse when longer than ``max_wait``.
+        Read again after each sleep: another worker may have been given a later Retry-After
+        meanwhile (a request in flight when the first 429 went out gets its own, a few ms later),
+        and sending at the first one's end would land inside the second's."""
+        waited = 0.0
+        while (wait := h.wait_for(self.clock())) > 0:
+            if waited + wait > self.config.max_wait:
+                return (f"{HOST_BACKOFF}: {host} asked for {waited + wait:.0f} s of quiet (Retry-After or "
+                        "repeated failures)")
             self.sleep(wait)
+            waited += wait
         return None
 
     def _take_slot(self, h: _Host) -> int | None:
@@ -309,8 +337,15 @@ class Politeness:
 
     def _record(self, h: _Host, slot: int | None, status: int | None, retry_after: str | None,
                 failed: bool) -> None:
-        if slot is not None:
-            h.release(slot)
+        try:
+            self._record_state(h, status, retry_after, failed)
+        finally:
+            # only now: a worker waiting for this slot must find this answer's Retry-After
+            # or backoff already recorded when it takes the slot
+            if slot is not None:
+                h.release(slot)
+
+    def _record_state(self, h: _Host, status: int | None, retry_after: str | None, failed: bool) -> None:
         transient = failed or status == 429 or (status is not None and status >= 500)
         if not transient and not _STATE.unpack_from(h.mm)[4]:
             return  # the common case, a success after a success: nothing to write, no lock taken

@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.data.fetch_guard import is_transient, normalize_error
+from pipeline.data.politeness import PolitenessConfig, hosts_quiet_for
 from pipeline.data.raw_rows import RECOVERED, RETRY_DIR, RETRY_OF, read_shard_rows
 from pipeline.data.retry_config import RetryConfig
 
@@ -62,6 +63,16 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | No
     busy host gets its breather, and spread, so that many workers do not come back at once."""
     d = min(cap, base * 2 ** (attempt - 1))
     return d / 2 + (rng or random).uniform(0, d / 2)
+
+
+def _hosts_quiet_for(spec: dict, rows: pa.Table) -> float:
+    """Seconds until the hosts of ``rows`` are past the Retry-After and failure backoff the
+    download's politeness recorded on this machine (at most its ``backoff_cap``): a retry sent
+    sooner would only be refused as ``host_backoff`` once more. 0 without politeness."""
+    if spec.get("politeness") is None:
+        return 0.0
+    config = PolitenessConfig(**spec["politeness"])
+    return min(max(hosts_quiet_for(config, rows["url"].to_pylist()), 0.0), config.backoff_cap)
 
 
 def _dir(output: str, *parts: str) -> str:
@@ -255,7 +266,7 @@ def retry_failed(output: str, attempts: int = RetryConfig.attempts, base_delay: 
         if not rows.num_rows:
             break
         reasons = collections.Counter(rows[REASON].to_pylist())
-        delay = backoff_delay(k, base_delay, max_delay, rng)
+        delay = max(backoff_delay(k, base_delay, max_delay, rng), _hosts_quiet_for(spec, rows))
         attempt = _next_shard(output, per_shard)
         print(f"retry {k} of {attempts}: {rows.num_rows} transient failures ({_counts(reasons)}) in {delay:.1f} s, "
               f"shards from {attempt:05d}", flush=True)

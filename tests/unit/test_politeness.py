@@ -7,6 +7,7 @@ real img2dataset runs are in tests/integration/test_polite_download.py."""
 from __future__ import annotations
 
 import email.message
+import os
 import email.utils
 import io
 import threading
@@ -21,6 +22,7 @@ from pipeline.data.fetch_guard import guarded_download_image, normalize_error, r
 from pipeline.data.politeness import (
     Politeness,
     PolitenessConfig,
+    hosts_quiet_for,
     is_allowed,
     parse_robots,
     retry_after_seconds,
@@ -407,3 +409,56 @@ def test_robots_of_a_host_in_backoff_is_asked_again_once_it_is_over(tmp_path):
     clock.now += 101
     assert normalize_error(p.robots_verdict("http://img.example.com/nobots/x.png", robots)) == "robots_disallowed"
     assert len(robots.calls) == 1
+
+
+def test_hosts_quiet_for_reads_the_longest_wait_of_the_listed_hosts(tmp_path):
+    """The retry pass's wait (pipeline.data.retry): Retry-After and failure backoff, per host, as
+    recorded by any process on the machine; hosts never seen count 0, and no file is created."""
+    clock = FakeClock()
+    p = polite(tmp_path, clock, rate=0, failures_before_backoff=2, backoff_base=30.0)
+    other = "http://cdn.example/a.png"
+    p.done(p.before(URL), 429, retry_after="7")
+    assert hosts_quiet_for(p.config, [URL, URL], now=clock.now) == pytest.approx(7.0)
+    for _ in range(2):  # two failures in a row: 30 s of backoff
+        p.done(p.before(other), None, failed=True)
+    assert hosts_quiet_for(p.config, [URL, other], now=clock.now) == pytest.approx(30.0)
+    assert hosts_quiet_for(p.config, [URL], now=clock.now + 8) <= 0
+    files = sorted(os.listdir(p.dir))
+    assert hosts_quiet_for(p.config, ["http://never.example/x.png"], now=clock.now) == 0.0
+    assert sorted(os.listdir(p.dir)) == files
+
+
+def test_a_later_retry_after_given_while_asleep_is_waited_out_too(tmp_path):
+    """A worker sleeping out one Retry-After reads the host's state again when it wakes: a
+    request that was in flight when the first 429 went out got its own 429 10 ms later, and
+    sending at the first window's end would land in the second (issue 27's fixture saw this)."""
+    clock = FakeClock()
+    p, other = polite(tmp_path, clock, rate=0), polite(tmp_path, clock, rate=0)
+    in_flight = other.before(URL)
+    p.done(p.before(URL), 429, retry_after="1")
+    t0 = clock.now
+    sleep = clock.sleep
+
+    def sleep_while_the_other_answer_comes(seconds: float) -> None:
+        if len(clock.slept) == 0:  # 10 ms into the first sleep, the in-flight request's 429
+            sleep(0.01)
+            other.done(in_flight, 429, retry_after="1")
+            seconds -= 0.01
+        sleep(seconds)
+
+    p.sleep = sleep_while_the_other_answer_comes
+    p.done(p.before(URL), 200)
+    assert clock.now - t0 == pytest.approx(1.01)
+
+
+def test_a_slot_is_freed_only_after_its_answer_is_recorded(tmp_path):
+    """The worker that takes a freed slot must see the Retry-After of the answer that freed it."""
+    clock = FakeClock()
+    p = polite(tmp_path, clock, rate=0, connections=1)
+    ticket = p.before(URL)
+    host = p._host("img.example.com:80")
+    seen = []
+    release = host.release
+    host.release = lambda slot: (seen.append(host.wait_for(clock.now)), release(slot))[1]
+    p.done(ticket, 429, retry_after="5")
+    assert seen == [pytest.approx(5.0)]

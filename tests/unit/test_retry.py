@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import dataclasses
 import random
 
 import pyarrow as pa
@@ -17,6 +18,7 @@ import pytest
 from pipeline.data import retry
 from pipeline.data.download import run_child, summarize
 from pipeline.data.fetch_guard import TRANSIENT_REASONS, is_transient, normalize_error
+from pipeline.data.politeness import Politeness, PolitenessConfig
 from pipeline.data.raw_rows import RECOVERED, RETRY_DIR, RETRY_OF, superseded
 
 
@@ -195,3 +197,21 @@ def test_rerun_fetches_nothing_recovered_and_resumes_a_pass_cut_short(fake_outpu
 def test_pass_without_a_recorded_download_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the download again"):
         retry.retry_failed(str(tmp_path), attempts=1, run=run_child)
+
+
+def test_pass_waits_out_the_hosts_retry_after_and_backoff(fake_output, tmp_path):
+    """A host that asked for 40 s (Retry-After, recorded by the download's politeness on this
+    machine) is not retried after the 1 s backoff, where every fetch would be put off as
+    host_backoff again, but once its 40 s are over; a wait is capped at the backoff cap."""
+    out, child = fake_output
+    spec = retry._download_spec(out)
+    config = PolitenessConfig(lock_dir=str(tmp_path / "locks"), rate=0, backoff_cap=120.0)
+    retry.record_download(out, {**spec, "politeness": dataclasses.asdict(config)})
+    p = Politeness(config)
+    p.done(p.before("http://cdn.example/429/1.png"), 429, retry_after="40")
+    waits: list[float] = []
+    retry.retry_failed(out, attempts=1, base_delay=1.0, max_delay=10.0, run=child, sleep=waits.append)
+    assert 38.0 <= waits[0] <= 40.0
+    p.done(p.before("http://cdn.example/other.png"), 503, retry_after="3600")
+    retry.retry_failed(out, attempts=1, base_delay=1.0, max_delay=10.0, run=child, sleep=waits.append)
+    assert waits[1] == 120.0
