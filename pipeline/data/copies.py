@@ -11,7 +11,7 @@ copy per group, the best by these rules, in order:
 2. a lossless source over a lossy one: the format of the body as downloaded (PNG, lossless
    WebP, BMP, TIFF, ...), not the format the shard stores (img2dataset re-encodes everything to
    ``encode_format``). It is recorded at download time, because only the fetch sees the body:
-   :data:`SOURCES` sniffs its magic bytes in the guarded fetch and writes one sidecar per shard,
+   :data:`SOURCES` records it (:func:`source_format`) in the guarded fetch and writes one sidecar per shard,
    ``NNNNN_source.jsonl`` (``{"key": ..., "source": "png"}`` per fetched sample), next to
    img2dataset's ``NNNNN.parquet``.
 3. URL-list order (the key): img2dataset's keys are URL-list positions.
@@ -37,6 +37,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from pipeline import storage
+from pipeline.data.image_headers import Header, Unsized, read_header
 
 SIDECAR_SUFFIX = "_source.jsonl"
 # Sources whose encoding keeps every pixel. GIF is not among them: its 256-colour palette
@@ -45,26 +46,26 @@ LOSSLESS = frozenset({"png", "webp_lossless", "bmp", "tiff", "pnm", "pfm", "hdr"
 # The order of the rules, for the manifest and the README.
 RULES = ("native_short_side", "lossless_source", "url_order")
 
-_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
-          (b"BM", "bmp"), (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"), (b"#?RADIANCE", "hdr"), (b"#?RGBE", "hdr"),
-          (b"PF\n", "pfm"), (b"Pf\n", "pfm"), (b"qoif", "qoi"), (b"\x76\x2f\x31\x01", "exr"),
-          (b"\x00\x00\x00\x0cjP  ", "jp2"), (b"\xff\x4f\xff\x51", "jp2"), (b"\xff\x0a", "jxl"),
-          (b"\x00\x00\x00\x0cJXL ", "jxl"), (b"\x00\x00\x01\x00", "ico"))
+# Header formats (pipeline.data.image_headers) whose source name here differs from the lower case.
+_SOURCE_NAMES = {"pam": "pnm", "jpeg2000": "jp2"}
+
+
+def source_format(header: Header, body: bytes) -> str:
+    """The name dedup ranks a body's format by: :mod:`pipeline.data.image_headers` tells the
+    format from its magic bytes (one owner of them; the fetch guard has read the header
+    already), lower-cased; WebP is told apart by its bitstream chunk: ``VP8L`` is lossless,
+    ``VP8 `` lossy (also behind a ``VP8X`` header and inside the first frame of an animation)."""
+    name = header.format.lower()
+    return _webp_kind(body) if name == "webp" else _SOURCE_NAMES.get(name, name)
 
 
 def sniff_format(body: bytes) -> str:
-    """The image format of ``body`` from its first bytes ("unknown" when none matches).
-
-    WebP is told apart by its bitstream chunk: ``VP8L`` is lossless, ``VP8 `` lossy (also
-    behind a ``VP8X`` header and inside the first frame of an animation)."""
-    if body[:4] == b"RIFF" and body[8:12] == b"WEBP":
-        return _webp_kind(body)
-    if body[4:8] == b"ftyp":
-        brand = body[8:12]
-        return "avif" if brand in (b"avif", b"avis") else "heic" if brand[:3] in (b"hei", b"hev", b"mif") else "unknown"
-    if body[:1] == b"P" and body[1:2] in b"1234567" and body[2:3] in (b" ", b"\t", b"\n", b"\r"):
-        return "pnm"
-    return next((name for magic, name in _MAGIC if body.startswith(magic)), "unknown")
+    """:func:`source_format` of a whole body ("unknown" for a body the fetch guard refuses as
+    unsized or unsupported: none of those reaches a shard)."""
+    try:
+        return source_format(read_header(body), body)
+    except Unsized:
+        return "unknown"
 
 
 def _webp_kind(body: bytes) -> str:
@@ -101,9 +102,9 @@ class SourceLog:
         self._lock = threading.Lock()
         self._sources: dict[int, str] = {}
 
-    def record(self, key: int, body: bytes) -> None:
-        """One fetched body of the current shard; ``key`` is its row in the shard (img2dataset's)."""
-        source = sniff_format(body)
+    def record(self, key: int, source: str) -> None:
+        """The :func:`source_format` of one fetched body of the current shard; ``key`` is its row
+        in the shard (img2dataset's)."""
         with self._lock:
             self._sources[key] = source
 

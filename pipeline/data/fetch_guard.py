@@ -223,12 +223,13 @@ def guarded_download_image(row, timeout, user_agent_token, disallowed_header_dir
         if body is None:
             return key, None, "Use of image disallowed by X-Robots-Tag directive"
         header = check_body(body, content_type, policy.max_pixels)
-        from pipeline.data.copies import SOURCES
+        from pipeline.data.copies import SOURCES, source_format
         from pipeline.data.images import (
             normalize_for_img2dataset,  # deferred: numpy and PIL, for the download workers only
         )
 
-        SOURCES.record(key, body)  # the format as served, before any re-encode: dedup ranks copies by it
+        # the format as served, before any re-encode: dedup ranks copies by it
+        SOURCES.record(key, source_format(header, body))
         return key, io.BytesIO(normalize_for_img2dataset(body, header)), None
     except Exception as err:  # noqa: BLE001 - img2dataset records any failure as the row's error
         return key, None, str(err)

@@ -7,9 +7,9 @@ real img2dataset runs are in tests/integration/test_polite_download.py."""
 from __future__ import annotations
 
 import email.message
-import os
 import email.utils
 import io
+import os
 import threading
 import time
 import urllib.error

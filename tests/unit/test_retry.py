@@ -6,9 +6,9 @@ fetches nothing recovered, a pass cut short resumes without fetching again."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
-import dataclasses
 import random
 
 import pyarrow as pa
