@@ -15,7 +15,15 @@ The chain mirrors the pipeline (tinydata -> img2dataset download -> filter) and 
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on a 2-core machine: one compute thread each, in
+    # this process and every subprocess it starts (torch reads OMP_NUM_THREADS when it loads),
+    # rather than four threads fighting over two cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from tests.tinychain import (
     RAW_DOWNLOAD_KWARGS,

@@ -124,3 +124,22 @@ def test_no_request_inside_a_retry_after(web_run):
         late = [(round(t - quiet_from, 3), path) for t, path, quiet_from in h.violations
                 if quiet_from + IN_FLIGHT_GRACE < t < quiet_from + 1.0 - END_SLACK]
         assert not late, (h.address, late[:5])
+
+
+def test_every_shard_has_its_source_record(web_run):
+    """Dedup ranks copies by the format served (pipeline/data/copies.py): the retry pass's shards
+    carry their NNNNN_source.jsonl like the download's, one line per stored sample."""
+    import glob
+    import os
+
+    from pipeline.data.copies import read_sources
+
+    tars = sorted(glob.glob(os.path.join(web_run["raw"], "*.tar")))
+    assert len(tars) >= 2  # the download's shard and at least one retry shard
+    stored = {r["key"] for r in _kept(web_run["raw"])}
+    recorded = {}
+    for tar in tars:
+        sources = read_sources(tar)
+        assert sources is not None, f"{tar}: no source record"
+        recorded.update(sources)
+    assert stored <= set(recorded) and set(recorded.values()) == {"png"}
