@@ -208,10 +208,11 @@ def test_pass_waits_out_the_hosts_retry_after_and_backoff(fake_output, tmp_path)
     config = PolitenessConfig(lock_dir=str(tmp_path / "locks"), rate=0, backoff_cap=120.0)
     retry.record_download(out, {**spec, "politeness": dataclasses.asdict(config)})
     p = Politeness(config)
-    p.done(p.before("http://cdn.example/429/1.png"), 429, retry_after="40")
+    first, second = p.before("http://cdn.example/429/1.png"), p.before("http://cdn.example/other.png")
+    p.done(first, 429, retry_after="40")
     waits: list[float] = []
     retry.retry_failed(out, attempts=1, base_delay=1.0, max_delay=10.0, run=child, sleep=waits.append)
     assert 38.0 <= waits[0] <= 40.0
-    p.done(p.before("http://cdn.example/other.png"), 503, retry_after="3600")
+    p.done(second, 503, retry_after="3600")  # in flight meanwhile (asking now would wait the 40 s)
     retry.retry_failed(out, attempts=1, base_delay=1.0, max_delay=10.0, run=child, sleep=waits.append)
     assert waits[1] == 120.0
