@@ -143,7 +143,14 @@ def ensure_experiment(name: str, artifact_root: str | None = None) -> str:
     uri = mlflow.get_tracking_uri()
     if artifact_root and not uri.startswith(("http://", "https://")):
         location = "file://" + os.path.abspath(artifact_root)
-    return mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    try:
+        return mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    except mlflow.exceptions.MlflowException as e:
+        # made meanwhile by another process: imagen_full's stages start training at the same moment
+        exp = mlflow.get_experiment_by_name(name) if e.error_code == "RESOURCE_ALREADY_EXISTS" else None
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 class RunLogger:

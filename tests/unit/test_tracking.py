@@ -73,6 +73,29 @@ def test_a_run_made_in_an_airflow_task_carries_its_tags_and_opens_in_the_trainin
     assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
 
 
+def test_stages_that_start_at_once_all_get_their_run_in_the_one_experiment(tmp_path, monkeypatch):
+    """imagen_full trains its stages side by side: each looks the experiment up, finds none, and
+    creates it; the ones that lose that race use the winner's experiment instead of training
+    without a run (seen on `make trigger-tiny`: base64 had no training run)."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    made = mlflow.create_experiment("imagen")  # by the stage that won
+    real = mlflow.get_experiment_by_name
+    lookups = []
+
+    def looked_up_before_the_winner_made_it(name):
+        lookups.append(name)
+        return None if len(lookups) == 1 else real(name)
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", looked_up_before_the_winner_made_it)
+    logger = tracking.RunLogger(uri, "imagen", "base64-tiny", system_metrics=False)
+    logger.end()
+    assert logger.enabled and logger.run_id and lookups == ["imagen", "imagen"]
+    assert mlflow.MlflowClient(uri).get_run(logger.run_id).info.experiment_id == made
+
+
 def test_logging_to_a_finished_run_keeps_its_status_and_times(tmp_path):
     import mlflow
 
