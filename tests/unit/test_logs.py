@@ -22,6 +22,7 @@ def root_logger():
 
 def test_info_goes_to_stdout_and_warnings_to_stderr(root_logger, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # leave the Hugging Face bars alone here
+    monkeypatch.setenv("MLFLOW_CONFIGURE_LOGGING", "true")  # and MLflow's loggers (the next test's subject)
     logs.setup(verbose=False)
     log = logging.getLogger("pipeline.test")
     log.debug("not shown")
