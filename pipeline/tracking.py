@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,14 @@ class RunLogger:
             from mlflow.data.dataset_source_registry import resolve_dataset_source
             from mlflow.data.meta_dataset import MetaDataset
 
-            dataset = MetaDataset(resolve_dataset_source(uri), name=name, digest=digest[:16])
+            with warnings.catch_warnings():
+                # MLflow 3.17 registers LocalArtifactDatasetSource twice, so every local path is
+                # "interpreted in multiple ways: LocalArtifactDatasetSource, LocalArtifactDatasetSource"
+                # (a UserWarning on stderr, an ERROR line in a task log, on every train)
+                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in "
+                                        "multiple ways", category=UserWarning)
+                source = resolve_dataset_source(uri)
+            dataset = MetaDataset(source, name=name, digest=digest[:16])
             mlflow.log_input(dataset, context=context)
         except Exception as e:  # noqa: BLE001
             self._warn(f"MLflow log_input failed ({e}); skipped")

@@ -212,3 +212,21 @@ def test_manifest_sha256_names_the_filtered_data(tmp_path):
     (tmp_path / "manifest.json").write_bytes(b"{}")
     assert manifest_sha256(str(tmp_path)) == \
         "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+
+
+def test_the_dataset_input_of_a_local_folder_warns_nothing(tmp_path):
+    """MLflow 3.17 calls every local path an ambiguous dataset source (a UserWarning on stderr on
+    every train, issue 28 item 10); the input is still logged."""
+    import warnings
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    logger = tracking.RunLogger(uri, "imagen", "base64-tiny", system_metrics=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        logger.log_dataset(str(tmp_path / "filtered"), "filtered", "ab" * 32)
+    logger.end()
+    assert [str(w.message) for w in seen if issubclass(w.category, UserWarning)] == []
+    inputs = mlflow.MlflowClient(uri).get_run(logger.run_id).inputs.dataset_inputs
+    assert [(d.dataset.name, d.dataset.digest) for d in inputs] == [("filtered", "ab" * 8)]
