@@ -2,7 +2,7 @@
 trigger form with its defaults (its top, and its foot with the Trigger button, enabled or not), the
 DAG's grid, its graph with the Assets its tasks emit (raw -> filtered -> embeddings -> models), the
 Assets page's graph of the imagen_embeddings Asset, and the MLflow runs compare view of the stages'
-training runs (their eval/<metric> rows side by side).
+training runs (one row per stage, their metrics side by side).
 
     make services-up && make trigger-tiny      # services on 127.0.0.1, a tiny run for content
     python infra/screenshots.py                # PNGs in .screenshots/, a summary line per PNG
@@ -59,24 +59,17 @@ SHOW_SUBMIT = """(() => {
 GRAPH_WITH_ASSETS = """localStorage.setItem('default_dag_view', JSON.stringify('graph'));
 localStorage.setItem('dependencies-%s', JSON.stringify('immediate'));"""
 GRID_VIEW = "localStorage.setItem('default_dag_view', JSON.stringify('grid'));"
-# MLflow: close the assistant panel and the charts, scroll the Metrics table (a box of its own)
-# to its first eval/ row; the Run details table above it names the columns.
-SHOW_METRICS = """(() => {
+# MLflow: close the assistant panel and fold the charts; the page back to Run details (the run
+# names above the tables).
+SHOW_TABLES = """(() => {
   const close = document.querySelector('button[aria-label=Close]');
   if (close) close.click();
   const header = name => [...document.querySelectorAll('[class*=collapse-header]')].find(e => e.innerText.trim() === name);
   const charts = header('Visualizations');
   if (charts) charts.click();
-  const row = [...document.querySelectorAll('a, td, th, span')].find(e => /^eval\\//.test((e.innerText || '').trim()));
-  if (!row) return 'no eval/ metric';
-  let box = row.parentElement;
-  while (box && !(box.scrollHeight > box.clientHeight + 4 && /auto|scroll/.test(getComputedStyle(box).overflowY))) {
-    box = box.parentElement;
-  }
-  if (box) box.scrollTop += row.getBoundingClientRect().top - box.getBoundingClientRect().top - 4;
   const top = header('Run details');
-  if (top) top.scrollIntoView({block: 'start'});  // the page itself back to the run names
-  return 'eval/ rows shown';
+  if (top) top.scrollIntoView({block: 'start'});
+  return top ? 'tables' : 'no run details';
 })()"""
 
 
@@ -249,14 +242,15 @@ def main() -> int:
         browser.shot(assets := os.path.join(args.out, "airflow_assets_graph.png"))
         summary[assets] = f"the imagen_embeddings asset and its lineage (asset id {emb})"
         url, n = compare_url(args.mlflow_url)
+        # tall: the run names above, the metrics below (a table below the fold is never drawn)
+        browser.size(WINDOW[0], 1600)
         browser.open(url, settle=10)
         browser.shot(compare := os.path.join(args.out, "mlflow_compare_runs.png"))
         summary[compare] = f"MLflow runs compare view of {n} runs: {url}"
-        browser.size(WINDOW[0], 1600)  # tall: the run names above, the metrics below
-        table = browser.js(SHOW_METRICS)
-        time.sleep(2)
+        table = browser.js(SHOW_TABLES)  # the metrics table from its top (its own scroll box: a
+        time.sleep(2)                      # virtualized grid of names beside one of values)
         browser.shot(metrics := os.path.join(args.out, "mlflow_compare_metrics.png"))
-        summary[metrics] = f"the same runs, charts folded, the metrics table at its eval/ rows ({table})"
+        summary[metrics] = f"the same runs, charts folded: run details, parameters, metrics ({table})"
     finally:
         browser.close()
     for path, what in summary.items():
