@@ -1,6 +1,8 @@
 """Headless Chromium screenshots of the running UIs, for the docs and for review: the imagen_full
-trigger form with its defaults (and whether its Trigger button is enabled), the DAG's grid, the
-Assets graph (raw -> filtered -> embeddings -> models) and the MLflow runs compare view.
+trigger form with its defaults (its top, and its foot with the Trigger button, enabled or not), the
+DAG's grid, its graph with the Assets its tasks emit (raw -> filtered -> embeddings -> models), the
+Assets page's graph of the imagen_embeddings Asset, and the MLflow runs compare view of the stages'
+training runs (one row per stage, their metrics side by side).
 
     make services-up && make trigger-tiny      # services on 127.0.0.1, a tiny run for content
     python infra/screenshots.py                # PNGs in .screenshots/, a summary line per PNG
@@ -45,6 +47,29 @@ FORM_STATE = """(() => {
   const b = [...document.querySelectorAll('[role=dialog] button')].filter(b => b.innerText.trim() === 'Trigger').pop();
   const errors = [...document.querySelectorAll('[role=dialog] [aria-invalid=true]')].map(e => e.id || e.name);
   return {submit: b ? (b.disabled ? 'disabled' : 'enabled') : 'missing', invalid_fields: errors};
+})()"""
+# Scrolls the form's own Trigger button into view (the dialog scrolls, not the page).
+SHOW_SUBMIT = """(() => {
+  const b = [...document.querySelectorAll('[role=dialog] button')].filter(b => b.innerText.trim() === 'Trigger').pop();
+  if (!b) return 'missing';
+  b.scrollIntoView({block: 'center'}); return 'shown';
+})()"""
+# The DAG page's graph instead of its grid, with the Assets its tasks emit and consume (the UI's
+# "Dependencies: External conditions", kept in localStorage like the rest of its view settings).
+GRAPH_WITH_ASSETS = """localStorage.setItem('default_dag_view', JSON.stringify('graph'));
+localStorage.setItem('dependencies-%s', JSON.stringify('immediate'));"""
+GRID_VIEW = "localStorage.setItem('default_dag_view', JSON.stringify('grid'));"
+# MLflow: close the assistant panel and fold the charts; the page back to Run details (the run
+# names above the tables).
+SHOW_TABLES = """(() => {
+  const close = document.querySelector('button[aria-label=Close]');
+  if (close) close.click();
+  const header = name => [...document.querySelectorAll('[class*=collapse-header]')].find(e => e.innerText.trim() === name);
+  const charts = header('Visualizations');
+  if (charts) charts.click();
+  const top = header('Run details');
+  if (top) top.scrollIntoView({block: 'start'});
+  return top ? 'tables' : 'no run details';
 })()"""
 
 
@@ -109,6 +134,9 @@ class Browser:
             time.sleep(0.3)
         time.sleep(settle)  # the single-page apps fetch their data after the load event
 
+    def size(self, width: int, height: int) -> None:
+        self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+
     def shot(self, path: str) -> None:
         with open(path, "wb") as f:
             f.write(base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"]))
@@ -149,14 +177,19 @@ def asset_id(url: str, home: str, name: str) -> int | None:
 
 
 def compare_url(mlflow: str) -> tuple[str, int]:
-    """The runs compare view of the experiment with the most runs (up to 6 of its newest runs)."""
+    """The runs compare view of the experiment with the most stage training runs (tag `stage`: one
+    row per stage, evaluation in it), up to 6 of the newest; without any, its newest runs."""
     experiments = http_json("POST", f"{mlflow}/api/2.0/mlflow/experiments/search", {"max_results": 100})
     best, runs = None, []
-    for exp in experiments.get("experiments", []):
-        found = http_json("POST", f"{mlflow}/api/2.0/mlflow/runs/search",
-                          {"experiment_ids": [exp["experiment_id"]], "max_results": 6}).get("runs", [])
-        if len(found) > len(runs):
-            best, runs = exp["experiment_id"], found
+    for query in ("tags.stage LIKE '%'", ""):
+        for exp in experiments.get("experiments", []):
+            found = http_json("POST", f"{mlflow}/api/2.0/mlflow/runs/search",
+                              {"experiment_ids": [exp["experiment_id"]], "filter": query,
+                               "max_results": 6}).get("runs", [])
+            if len(found) > len(runs):
+                best, runs = exp["experiment_id"], found
+        if runs:
+            break
     if not runs:
         return f"{mlflow}/#/experiments", 0
     ids = json.dumps([r["info"]["run_id"] for r in runs])
@@ -183,6 +216,8 @@ def main() -> int:
     summary = {}
     try:
         airflow_login(browser, args.airflow_url, args.airflow_home)
+        browser.open(f"{args.airflow_url}/dags", settle=2)  # localStorage is per origin
+        browser.js(GRID_VIEW)
         browser.open(f"{args.airflow_url}/dags/{args.dag}")
         browser.shot(grid := os.path.join(args.out, "airflow_grid.png"))
         summary[grid] = f"{args.dag}: the DAG page with its grid of runs"
@@ -191,14 +226,31 @@ def main() -> int:
         state = browser.js(FORM_STATE)
         browser.shot(form := os.path.join(args.out, "airflow_trigger_form.png"))
         summary[form] = f"trigger form with its defaults ({clicked}): {state}"
+        shown = browser.js(SHOW_SUBMIT)
+        time.sleep(1)
+        browser.shot(submit := os.path.join(args.out, "airflow_trigger_form_submit.png"))
+        summary[submit] = f"the form's foot, its Trigger button {shown}: {browser.js(FORM_STATE)['submit']}"
+        browser.js(GRAPH_WITH_ASSETS % args.dag)
+        browser.size(2000, 800)  # wide: the graph fits its width, and its labels stay legible
+        browser.open(f"{args.airflow_url}/dags/{args.dag}")
+        browser.shot(graph := os.path.join(args.out, "airflow_graph_assets.png"))
+        summary[graph] = f"{args.dag}'s graph with the Assets its tasks emit (raw -> filtered -> embeddings -> models)"
+        browser.js(GRID_VIEW)
+        browser.size(*WINDOW)
         emb = asset_id(args.airflow_url, args.airflow_home, "imagen_embeddings")
         browser.open(f"{args.airflow_url}/assets/{emb}" if emb is not None else f"{args.airflow_url}/assets")
         browser.shot(assets := os.path.join(args.out, "airflow_assets_graph.png"))
         summary[assets] = f"the imagen_embeddings asset and its lineage (asset id {emb})"
         url, n = compare_url(args.mlflow_url)
+        # tall: the run names above, the metrics below (a table below the fold is never drawn)
+        browser.size(WINDOW[0], 1600)
         browser.open(url, settle=10)
         browser.shot(compare := os.path.join(args.out, "mlflow_compare_runs.png"))
         summary[compare] = f"MLflow runs compare view of {n} runs: {url}"
+        table = browser.js(SHOW_TABLES)  # the metrics table from its top (its own scroll box: a
+        time.sleep(2)                      # virtualized grid of names beside one of values)
+        browser.shot(metrics := os.path.join(args.out, "mlflow_compare_metrics.png"))
+        summary[metrics] = f"the same runs, charts folded: run details, parameters, metrics ({table})"
     finally:
         browser.close()
     for path, what in summary.items():

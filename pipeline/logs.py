@@ -6,7 +6,8 @@ user reads stderr as "something went wrong". So a successful step writes its inf
 
     from pipeline import logs
     logs.setup(verbose=False)     # the CLI: INFO and DEBUG -> stdout, WARNING and above -> stderr
-    logs.quiet_progress_bars()    # Hugging Face's tqdm bars (weight loading, shard writing) off
+    logs.quiet_progress_bars()    # Hugging Face's tqdm bars (weight loading, shard writing) off,
+                                  # MLflow's lines through the root logger, its artifact bars off
 
 Both handlers look up ``sys.stdout`` / ``sys.stderr`` when a record is written, not when they
 are made, so a caller that swaps the streams (pytest's capture, Airflow's task runner) gets them.
@@ -66,11 +67,35 @@ def setup(verbose: bool = False) -> None:
     quiet_progress_bars()
 
 
+# MLflow's import gives these loggers a handler of its own on stderr (and stops them propagating);
+# the levels are the ones it sets
+MLFLOW_LOGGERS = {"mlflow": logging.NOTSET, "sqlalchemy.engine": logging.WARNING, "alembic": logging.WARNING,
+                  "huey": logging.WARNING}
+
+
+def route_mlflow_logs() -> None:
+    """MLflow's log lines ("Skip logging GPU metrics", "Validating input example") through the
+    root logger's handlers, so INFO is information (stdout; INFO in an Airflow task log), and its
+    "Downloading artifacts" bars off. For this process and the ones it starts; a user's
+    ``MLFLOW_CONFIGURE_LOGGING=true`` keeps MLflow's own handler."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # read when mlflow is imported
+    if os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    for name, level in MLFLOW_LOGGERS.items():
+        logger = logging.getLogger(name)
+        if level:
+            logger.setLevel(level)
+        if "mlflow" in sys.modules:  # imported already: take its handler away
+            logger.handlers, logger.propagate = [], True
+
+
 def quiet_progress_bars() -> None:
     """Turn off the tqdm bars of transformers and huggingface_hub ("Loading weights", "Writing
     model shards"): drawn on stderr, each is ERROR lines in an Airflow task log, and they add
     nothing to our own per-shard lines. For this process and the ones it starts; a user's
-    ``HF_HUB_DISABLE_PROGRESS_BARS=0`` keeps them."""
+    ``HF_HUB_DISABLE_PROGRESS_BARS=0`` keeps them. MLflow's too (:func:`route_mlflow_logs`)."""
+    route_mlflow_logs()
     # read when huggingface_hub is imported (transformers asks it)
     if os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1").strip().lower() in ("0", "false", "no", "off"):
         return

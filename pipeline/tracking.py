@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,14 @@ def ensure_experiment(name: str, artifact_root: str | None = None) -> str:
     uri = mlflow.get_tracking_uri()
     if artifact_root and not uri.startswith(("http://", "https://")):
         location = "file://" + os.path.abspath(artifact_root)
-    return mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    try:
+        return mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    except mlflow.exceptions.MlflowException as e:
+        # made meanwhile by another process: imagen_full's stages start training at the same moment
+        exp = mlflow.get_experiment_by_name(name) if e.error_code == "RESOURCE_ALREADY_EXISTS" else None
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 class RunLogger:
@@ -217,7 +225,14 @@ class RunLogger:
             from mlflow.data.dataset_source_registry import resolve_dataset_source
             from mlflow.data.meta_dataset import MetaDataset
 
-            dataset = MetaDataset(resolve_dataset_source(uri), name=name, digest=digest[:16])
+            with warnings.catch_warnings():
+                # MLflow 3.17 registers LocalArtifactDatasetSource twice, so every local path is
+                # "interpreted in multiple ways: LocalArtifactDatasetSource, LocalArtifactDatasetSource"
+                # (a UserWarning on stderr, an ERROR line in a task log, on every train)
+                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in "
+                                        "multiple ways", category=UserWarning)
+                source = resolve_dataset_source(uri)
+            dataset = MetaDataset(source, name=name, digest=digest[:16])
             mlflow.log_input(dataset, context=context)
         except Exception as e:  # noqa: BLE001
             self._warn(f"MLflow log_input failed ({e}); skipped")

@@ -71,6 +71,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -438,7 +439,8 @@ def _log_and_register(client, name: str, checkpoints: list[str], cfgs: list, enc
           "bytes) already there", flush=True)
     # The version is created with its tags in one call: a version without the source tag (a
     # crash between two calls) would be registered again by the next run.
-    version = str(mlflow.register_model(f"models:/{model_id}", name, tags=model_tags).version)
+    with contextlib.redirect_stderr(sys.stdout):  # its "Successfully registered model ..." lines are information
+        version = str(mlflow.register_model(f"models:/{model_id}", name, tags=model_tags).version)
     return version, target, blobs
 
 

@@ -83,12 +83,21 @@ def test_data_verbs_say_nothing_on_stderr_when_all_is_well(tiny_encoder, raw, fi
             assert info in stdout, (verb, stdout[-2000:])
 
 
+# what Airflow 3's task runner exports to a task's processes: runs made under it carry these as tags
+AIRFLOW_CTX = {"AIRFLOW_CTX_DAG_ID": "imagen_full", "AIRFLOW_CTX_DAG_RUN_ID": "manual__cli",
+               "AIRFLOW_CTX_TASK_ID": "train_base64", "AIRFLOW_CTX_TRY_NUMBER": "1"}
+
+
 @pytest.fixture(scope="module")
 def trained(filtered, embeddings, work, mlflow_uri):
     out = cli("train", "--stage", "base64", "--preset", "tiny", "--data", filtered, "--embeddings",
               embeddings, "--max-steps", "6", "--global-batch", "8", "--checkpoint-dir",
-              str(work / "checkpoints" / "base64" / "run1"), "--tracking-uri", mlflow_uri)
+              str(work / "checkpoints" / "base64" / "run1"), "--tracking-uri", mlflow_uri, env=AIRFLOW_CTX)
     assert out["step"] == 6 and np.isfinite(out["loss"])
+    assert out["tracking_uri"] == mlflow_uri
+    import mlflow
+
+    out["info"] = mlflow.MlflowClient(mlflow_uri).get_run(out["run_id"]).info  # as training left it
     return out
 
 
@@ -129,6 +138,39 @@ def test_register_then_sample_matches_pyfunc(trained, work, mlflow_uri):
     pred = model.predict(pd.DataFrame({"prompt": ["a red circle on a white background"]}),
                          params={"seed": 7, "steps": 4})
     np.testing.assert_array_equal(pred[0], via_cli)
+
+
+def test_the_mlflow_ui_shows_what_the_cli_did(trained, mlflow_uri):
+    """Issue 28 item 8, after the verbs above (train in an Airflow task's environment, evaluate and
+    register into its run, sample): the training run keeps its status and times, its metrics are
+    eval/<metric>, settings are tags, params are once and never "None", it carries the Airflow
+    tags, the experiment opens in the training view, the LoggedModel is named after the model,
+    the registered model is described and its version carries a few tags; and item 10: train,
+    evaluate and register wrote nothing to stderr (Airflow logs each stderr line as ERROR)."""
+    import mlflow
+
+    assert OUTPUT.get("evaluate") and OUTPUT.get("register") and OUTPUT.get("sample"), "run with the tests above"
+    client = mlflow.MlflowClient(mlflow_uri)
+    run = client.get_run(trained["run_id"])
+    before = trained["info"]
+    assert (run.info.status, run.info.start_time, run.info.end_time) == ("FINISHED", before.start_time,
+                                                                         before.end_time)
+    assert "eval/alignment_guided" in run.data.metrics and "eval/guidance_scale" not in run.data.metrics
+    assert not [k for k in run.data.metrics if k.startswith("eval") and not k.startswith("eval/")]
+    assert run.data.tags["eval.guidance_scale"]
+    assert not [k for k, v in run.data.params.items() if v == "None"]
+    assert "encoder_name" in run.data.params and "text_encoder" not in run.data.params
+    assert {k: run.data.tags.get(k) for k in ("airflow.dag_id", "airflow.dag_run_id", "airflow.task_id",
+                                              "airflow.try_number")} == {
+        "airflow.dag_id": "imagen_full", "airflow.dag_run_id": "manual__cli", "airflow.task_id": "train_base64",
+        "airflow.try_number": "1"}
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    version = client.get_model_version_by_alias("imagen-cli-test", "champion")
+    assert client.get_logged_model(version.source.removeprefix("models:/")).name == "imagen-cli-test"
+    assert client.get_registered_model("imagen-cli-test").description and version.description
+    assert len(version.tags) <= 10, version.tags
+    for verb in ("train", "evaluate", "register"):  # sample draws a progress bar there (--no-progress: none)
+        assert [err for _, err in OUTPUT[verb] if err] == [], verb
 
 
 def test_sample_unknown_alias_is_one_error_line(mlflow_uri, work):

@@ -44,8 +44,9 @@ def mlflow_status(tmp_path, run_id):
     return MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).info.status
 
 
-def interrupt_after(cmd, ckpt, step, timeout=300):
-    """Start ``cmd``, send SIGINT (as Ctrl-C does) once step-<step> exists; its exit code, stdout, stderr."""
+def interrupt_after(cmd, ckpt, step, sig=signal.SIGINT, timeout=300):
+    """Start ``cmd``, send ``sig`` (SIGINT as Ctrl-C does, SIGTERM as Airflow or Kubernetes do) once
+    step-<step> exists; its exit code, stdout, stderr."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     target = ckpt / f"step-{step:08d}"
     deadline = time.monotonic() + timeout
@@ -53,7 +54,7 @@ def interrupt_after(cmd, ckpt, step, timeout=300):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=180)
     return proc.returncode, out, err
 
@@ -91,12 +92,14 @@ def test_ctrl_c_checkpoints_says_how_to_resume_and_the_command_resumes(filtered_
     assert mlflow_status(tmp_path, done["run_id"]) == "FINISHED"
 
 
-def test_ctrl_c_reaches_torchrun_workers(filtered_shards, tiny_embeddings, tmp_path):
+def test_sigterm_reaches_torchrun_workers(filtered_shards, tiny_embeddings, tmp_path):
+    """SIGTERM (what Airflow sends a task it stops, and Kubernetes a pod) stops like Ctrl-C."""
     ckpt = tmp_path / "ddp"
     cmd = train_args(filtered_shards, tiny_embeddings, ckpt, 40, tmp_path, "--checkpoint-every", "2",
                      "--nproc-per-node", "2")
-    rc, out, err = interrupt_after(cmd, ckpt, 2)
-    step, resume, _ = assert_stopped_cleanly(rc, out, err, ckpt, tmp_path, 40)
+    rc, out, err = interrupt_after(cmd, ckpt, 2, signal.SIGTERM)
+    step, resume, summary = assert_stopped_cleanly(rc, out, err, ckpt, tmp_path, 40)
+    assert summary["signal"] == "SIGTERM"
     # every rank stopped at the same step and wrote its RNGs into that checkpoint
     assert {"rng-0.pt", "rng-1.pt"} <= set(os.listdir(ckpt / f"step-{step:08d}"))
     assert "--nproc-per-node" in resume

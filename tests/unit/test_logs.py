@@ -22,6 +22,7 @@ def root_logger():
 
 def test_info_goes_to_stdout_and_warnings_to_stderr(root_logger, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # leave the Hugging Face bars alone here
+    monkeypatch.setenv("MLFLOW_CONFIGURE_LOGGING", "true")  # and MLflow's loggers (the next test's subject)
     logs.setup(verbose=False)
     log = logging.getLogger("pipeline.test")
     log.debug("not shown")
@@ -54,3 +55,31 @@ def test_quiet_progress_bars_turns_off_transformers_bars(monkeypatch):
         assert hf_logging.is_progress_bar_enabled()
     finally:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def test_mlflow_lines_are_information_on_stdout():
+    """Issue 28 item 10: MLflow gives its loggers a stderr handler of its own when imported ("Skip
+    logging GPU metrics" on every train: ERROR lines in an Airflow task log). After setup(), in a
+    fresh interpreter, its INFO is on stdout, its warnings stay on stderr, and alembic's INFO is off;
+    so too when mlflow was imported first."""
+    import subprocess
+    import sys
+
+    code = """import logging, sys
+if sys.argv[1] == "before":
+    import mlflow
+from pipeline import logs
+logs.setup()
+import mlflow
+logging.getLogger("mlflow.system_metrics").info("Skip logging GPU metrics")
+logging.getLogger("mlflow.tracking").warning("a real warning")
+logging.getLogger("alembic.runtime.migration").info("Context impl SQLiteImpl.")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_CONFIGURE_LOGGING",)}
+    for when in ("after", "before"):
+        proc = subprocess.run([sys.executable, "-c", code, when], capture_output=True, text=True, env=env,
+                              timeout=120, check=True)
+        assert [line.split(" ", 2)[2] for line in proc.stdout.splitlines()] == [
+            "INFO mlflow.system_metrics: Skip logging GPU metrics"], when
+        assert [line.split(" ", 2)[2] for line in proc.stderr.splitlines()] == [
+            "WARNING mlflow.tracking: a real warning"], (when, proc.stderr)

@@ -73,6 +73,29 @@ def test_a_run_made_in_an_airflow_task_carries_its_tags_and_opens_in_the_trainin
     assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
 
 
+def test_stages_that_start_at_once_all_get_their_run_in_the_one_experiment(tmp_path, monkeypatch):
+    """imagen_full trains its stages side by side: each looks the experiment up, finds none, and
+    creates it; the ones that lose that race use the winner's experiment instead of training
+    without a run (seen on `make trigger-tiny`: base64 had no training run)."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    made = mlflow.create_experiment("imagen")  # by the stage that won
+    real = mlflow.get_experiment_by_name
+    lookups = []
+
+    def looked_up_before_the_winner_made_it(name):
+        lookups.append(name)
+        return None if len(lookups) == 1 else real(name)
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", looked_up_before_the_winner_made_it)
+    logger = tracking.RunLogger(uri, "imagen", "base64-tiny", system_metrics=False)
+    logger.end()
+    assert logger.enabled and logger.run_id and lookups == ["imagen", "imagen"]
+    assert mlflow.MlflowClient(uri).get_run(logger.run_id).info.experiment_id == made
+
+
 def test_logging_to_a_finished_run_keeps_its_status_and_times(tmp_path):
     import mlflow
 
@@ -189,3 +212,21 @@ def test_manifest_sha256_names_the_filtered_data(tmp_path):
     (tmp_path / "manifest.json").write_bytes(b"{}")
     assert manifest_sha256(str(tmp_path)) == \
         "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+
+
+def test_the_dataset_input_of_a_local_folder_warns_nothing(tmp_path):
+    """MLflow 3.17 calls every local path an ambiguous dataset source (a UserWarning on stderr on
+    every train, issue 28 item 10); the input is still logged."""
+    import warnings
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    logger = tracking.RunLogger(uri, "imagen", "base64-tiny", system_metrics=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        logger.log_dataset(str(tmp_path / "filtered"), "filtered", "ab" * 32)
+    logger.end()
+    assert [str(w.message) for w in seen if issubclass(w.category, UserWarning)] == []
+    inputs = mlflow.MlflowClient(uri).get_run(logger.run_id).inputs.dataset_inputs
+    assert [(d.dataset.name, d.dataset.digest) for d in inputs] == [("filtered", "ab" * 8)]
