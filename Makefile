@@ -25,7 +25,7 @@ $(BIN)/imagen-pipeline: pyproject.toml constraints.txt
 install: $(BIN)/imagen-pipeline  ## create .venv and install the project with pinned dependencies
 
 test: install  ## every tier: unit, integration, e2e (the README says how long each takes)
-	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscopereorder --durations=25 tests/e2e tests/integration tests/unit
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=25 tests/e2e tests/integration tests/unit
 
 test-fast: install  ## tests/unit: in-process, no subprocess, server or img2dataset run (under 3 min)
 	$(BIN)/python -m pytest tests/unit
