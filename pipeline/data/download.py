@@ -70,6 +70,7 @@ from pipeline.data.fetch_guard import (  # re-exported: the reject table's reaso
     is_transient,
     normalize_error,
     reason_stage,
+    spec_policy,
 )
 from pipeline.data.politeness import PolitenessConfig
 from pipeline.data.raw_rows import RETRY_DIR, RETRY_OF, read_shard_rows
@@ -458,8 +459,8 @@ def run_child(spec: dict) -> None:
     """Run img2dataset under the guard in a child process on ``spec`` (:func:`_img2dataset_spec`'s)."""
     if "spark" in spec:
         spark.require_spark()
-    policy = FetchPolicy(**{**spec["policy"], "allow_hosts": tuple(spec["policy"]["allow_hosts"])})
-    run_streaming([sys.executable, "-m", child_module(spec), json.dumps(spec)], env=_child_env(policy), tail=30)
+    env = _child_env(spec_policy(spec))
+    run_streaming([sys.executable, "-m", child_module(spec), json.dumps(spec)], env=env, tail=30)
 
 
 def politeness_spec(config: DownloadConfig) -> dict:

@@ -427,12 +427,21 @@ def run_spec(spec: dict) -> int:
     """Run img2dataset on ``spec["download"]`` under the policy ``spec["policy"]`` and the
     per-host politeness ``spec["politeness"]`` (:class:`PolitenessConfig` fields; absent: none),
     with a progress line every ``spec["progress_every"]`` seconds (default 10)."""
+    run_img2dataset(spec["download"], spec_policy(spec), float(spec.get("progress_every", 10.0)),
+                    spec_politeness(spec), int(spec.get("start_shard_id", 0)))
+    return 0
+
+
+def spec_policy(spec: dict) -> FetchPolicy:
+    """The :class:`FetchPolicy` of a child spec (``spec["policy"]``, its fields as JSON)."""
     policy = dict(spec.get("policy", {}))
     policy["allow_hosts"] = tuple(policy.get("allow_hosts", ()))  # JSON has lists; the policy is hashable
-    polite = PolitenessConfig(**spec["politeness"]) if spec.get("politeness") is not None else None
-    run_img2dataset(spec["download"], FetchPolicy(**policy), float(spec.get("progress_every", 10.0)), polite,
-                    int(spec.get("start_shard_id", 0)))
-    return 0
+    return FetchPolicy(**policy)
+
+
+def spec_politeness(spec: dict) -> PolitenessConfig | None:
+    """The :class:`PolitenessConfig` of a child spec (``spec["politeness"]``); None: no caps."""
+    return PolitenessConfig(**spec["politeness"]) if spec.get("politeness") is not None else None
 
 
 def main(argv: list[str] | None = None) -> int:

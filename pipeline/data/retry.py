@@ -41,8 +41,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.data.fetch_guard import is_transient, normalize_error
-from pipeline.data.politeness import PolitenessConfig, hosts_quiet_for
+from pipeline.data.fetch_guard import is_transient, normalize_error, spec_politeness
+from pipeline.data.politeness import hosts_quiet_for
 from pipeline.data.raw_rows import RECOVERED, RETRY_DIR, RETRY_OF, read_shard_rows
 from pipeline.data.retry_config import RetryConfig
 
@@ -69,9 +69,9 @@ def _hosts_quiet_for(spec: dict, rows: pa.Table) -> float:
     """Seconds until the hosts of ``rows`` are past the Retry-After and failure backoff the
     download's politeness recorded on this machine (at most its ``backoff_cap``): a retry sent
     sooner would only be refused as ``host_backoff`` once more. 0 without politeness."""
-    if spec.get("politeness") is None:
+    config = spec_politeness(spec)
+    if config is None:
         return 0.0
-    config = PolitenessConfig(**spec["politeness"])
     return min(max(hosts_quiet_for(config, rows["url"].to_pylist()), 0.0), config.backoff_cap)
 
 
