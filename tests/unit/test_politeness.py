@@ -462,3 +462,23 @@ def test_a_slot_is_freed_only_after_its_answer_is_recorded(tmp_path):
     host.release = lambda slot: (seen.append(host.wait_for(clock.now)), release(slot))[1]
     p.done(ticket, 429, retry_after="5")
     assert seen == [pytest.approx(5.0)]
+
+
+def test_waits_that_keep_growing_are_refused_once_their_total_passes_max_wait(tmp_path):
+    """Reading the state again after each sleep cannot wait forever: once the waits add up to
+    more than max_wait, the URL is put off as host_backoff (transient), as one long wait is."""
+    clock = FakeClock()
+    p, other = polite(tmp_path, clock, rate=0, max_wait=1.5), polite(tmp_path, clock, rate=0, max_wait=1.5)
+    in_flight = other.before(URL)
+    p.done(p.before(URL), 429, retry_after="1")
+    sleep = clock.sleep
+
+    def sleep_while_another_429_comes(seconds: float) -> None:
+        sleep(seconds)
+        if len(clock.slept) == 1:  # at the first window's end, the in-flight request's own 429
+            other.done(in_flight, 429, retry_after="1")
+
+    p.sleep = sleep_while_another_429_comes
+    message = p.before(URL)
+    assert isinstance(message, str) and message.startswith("host_backoff: img.example.com:80 asked for 2 s")
+    assert clock.slept == [pytest.approx(1.0)]
