@@ -45,12 +45,13 @@ LOGSNR_RANGE = (-10.0, 10.0)
 
 class DPMSolverPP2M(Sampler):
     name = "dpmpp_2m"
+    logsnr_range = LOGSNR_RANGE  # the grid's log-SNR span; the SDE form starts later (its file)
 
     def timesteps(self, steps: int, diffusion: GaussianDiffusion,
                   device: torch.device | str) -> Tensor:
         """t=1, then levels uniform in log-SNR over the schedule's range within
-        ``LOGSNR_RANGE``, then t=0 (where x0_hat is returned)."""
-        ends = diffusion.logsnr(torch.tensor([1.0, 0.0], device=device)).clamp(*LOGSNR_RANGE)
+        ``logsnr_range``, then t=0 (where x0_hat is returned)."""
+        ends = diffusion.logsnr(torch.tensor([1.0, 0.0], device=device)).clamp(*self.logsnr_range)
         levels = ends[0] + (ends[1] - ends[0]) * torch.linspace(0.0, 1.0, steps + 1, device=device)
         inner = _t_at_logsnr(diffusion, levels[1:-1])
         return torch.cat([torch.ones(1, device=device), inner, torch.zeros(1, device=device)])

@@ -69,8 +69,9 @@ def exact_law(name: str, d: GaussianDiffusion, steps: int) -> tuple[torch.Tensor
 # is unbiased for all three (exactly so for ddim and dpmpp_2m; |err| < 0.002 S for ddpm at 200k
 # samples), so its bound is 3.5 standard errors, 3.5 / sqrt(4096) S = 0.055 S. A sampler not
 # listed must do at 256 steps what ancestral sampling does.
-# dpmpp_2m_sde (stochastic, 4096 samples, seed 0) measured +0.005 +0.020 +0.066 +0.044 at 25
-# steps, -0.42 .. -0.48 at 6: its bias at 25 is within the 0.077 of sampling noise plus 0.03.
+# dpmpp_2m_sde (stochastic, 4096 samples, seed 0, its grid from log-SNR -6) measured -0.007 +0.017
+# +0.027 +0.013 at 25 steps, -0.27 .. -0.30 at 6 (from -10: +0.005 .. +0.066 at 25, -0.40 .. -0.48
+# at 6): its bias at 25 is within the 0.077 of sampling noise plus 0.03.
 ORACLE = {"ddpm": (256, 0.18), "ddim": (256, 0.12), "dpmpp_2m": (25, 0.095), "dpmpp_2m_sde": (25, 0.11)}
 
 
@@ -149,6 +150,9 @@ def test_dpmpp_2m_grid_is_uniform_in_log_snr():
     levels = linear.logsnr(sampler.timesteps(4, linear, "cpu")[1:-1])
     torch.testing.assert_close(levels, -10 + 19.21 * torch.tensor([0.25, 0.5, 0.75]), atol=2e-3, rtol=0)
     assert torch.equal(sampler.timesteps(1, cosine, "cpu"), torch.tensor([1.0, 0.0]))
+    sde = get_sampler("dpmpp_2m_sde")  # the same rule from log-SNR -6: no steps on near-pure noise
+    torch.testing.assert_close(cosine.logsnr(sde.timesteps(4, cosine, "cpu")[1:-1]), torch.tensor([-2.0, 2.0, 6.0]),
+                               atol=1e-4, rtol=0)
     for name in ("ddpm", "ddim"):  # unchanged: uniform in t
         assert torch.equal(get_sampler(name).timesteps(8, cosine, "cpu"), torch.linspace(1, 0, 9))
 
@@ -158,7 +162,8 @@ def test_dynamic_thresholding_acts_at_every_step(name):
     """Data N(0, 2^2) lies mostly outside [-1, 1]. Static clipping saturates the samples;
     dynamic thresholding (p = 0.995) rescales each x0_hat instead, so the samples stay finite
     and in range with few pixels at +-1. Measured share of pixels at +-1, dynamic / static:
-    dpmpp_2m 0.8% / 63%, ddim 0.8% / 55%, ddpm 0.8% / 29% (10 ancestral steps under-disperse)."""
+    dpmpp_2m 0.8% / 63%, ddim 0.8% / 55%, ddpm 0.8% / 29%, dpmpp_2m_sde 0.7% / 20% (10 stochastic
+    steps under-disperse)."""
     d = GaussianDiffusion(DiffusionConfig(schedule="cosine", prediction="v"))
     mu, s = 0.0, 2.0
 
@@ -176,7 +181,7 @@ def test_dynamic_thresholding_acts_at_every_step(name):
     saturated = (dynamic.abs() > 0.999).float().mean()
     print(name, "saturated: dynamic", saturated.item(), "static", (static.abs() > 0.999).float().mean().item())
     assert torch.isfinite(dynamic).all() and dynamic.abs().max() <= 1
-    assert saturated < 0.02 and (static.abs() > 0.999).float().mean() > 0.2
+    assert saturated < 0.02 and (static.abs() > 0.999).float().mean() > 0.15
     assert dynamic.std() > 0.3  # rescaled, not collapsed
 
 
