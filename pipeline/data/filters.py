@@ -9,6 +9,13 @@ and ends with the same bytes:
    reason, sha256, pHash, thumbnail, scores, and where each member lies with its sha256).
    Written atomically, it is the shard's completion marker; it is redone when the per-sample
    settings or the raw shard's bytes change (checked by the raw shard's sha256, not its size).
+   An image is decoded only when a filter or scorer needs pixels the download did not record:
+   the raw shard's ``NNNNN_facts.parquet`` (:mod:`pipeline.data.facts`) gives, for each stored
+   PNG, its size, pHash, thumbnail and extremes, computed from the very pixels img2dataset
+   encoded; a fact is used only for a member whose bytes hash to it and whose header gives its
+   size, so the results are the same bits as a decode's. Shards without facts (older downloads,
+   a lossy ``encode_format``, a sidecar lost or unreadable) and members rewritten since are
+   decoded: the output is byte-identical either way, only slower.
 2. global and cheap: exact and near duplicates across the whole dataset, each group keeping its
    best copy (:mod:`pipeline.data.dedup`, :mod:`pipeline.data.copies`), then the held-out validation split by a hash of each kept
    sample's URL (:mod:`pipeline.data.split`), then the reshard plan -> ``_filter/plan.parquet``
