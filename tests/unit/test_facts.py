@@ -298,3 +298,16 @@ def test_decode_and_blank_filters_take_the_facts():
     assert BlankFilter(0).check(Sample("k", "c", b"x", "png", facts=facts.ImageFacts(
         b"", 4, 4, 0, bytes(192), ((3, 3), (0, 9), (3, 3))))) is None
     assert DecodeFilter().check(Sample("k", "c", b"", "png", facts=fact)) == "missing_image"
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 7), (5, 1, 3), (33, 17, 3), (64, 48), (300, 200, 3)])
+def test_facts_of_random_arrays_equal_the_decode_of_their_png(shape):
+    rng = np.random.default_rng(sum(shape))
+    for pixels in (rng.integers(0, 256, shape, np.uint8), np.full(shape, 77, np.uint8),
+                   rng.integers(100, 104, shape, np.uint8)):
+        png = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 3])[1].tobytes()
+        fact = facts.facts_of_pixels(pixels, png)
+        size, (sha, phash, thumb), extrema = _decoded_facts(png)
+        assert ((fact.width, fact.height), fact.sha256, fact.phash, fact.thumb, fact.extrema) == \
+            (size, sha, phash, thumb, extrema)
+    assert facts.facts_of_pixels(np.zeros((0, 4, 3), np.uint8), b"") is None
