@@ -113,7 +113,7 @@ def _sample_from(key: str, members: dict[str, bytes], digests: dict[str, bytes] 
             meta = json.loads(members["json"])
     caption = members.get("txt", b"").decode("utf-8", errors="replace")
     sample = Sample(key=key, caption=caption, image_bytes=members.get(ext) if ext else None, ext=ext, meta=meta)
-    fact = facts.get(digests[ext]) if facts and ext else None
+    fact = facts.get(digests[ext]) if facts and digests and ext else None
     if fact is not None and (sample.width, sample.height) == (fact.width, fact.height):
         sample.facts = fact
     return sample
