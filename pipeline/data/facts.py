@@ -5,7 +5,7 @@ filter step used to decode each stored PNG again only to learn that it decodes, 
 8x8 thumbnail (dedup) and each channel's extremes (the blank filter): half its time. All of
 these are functions of the pixels, so the download process computes them from the very array
 img2dataset hands OpenCV's encoder, and writes them per shard, beside ``NNNNN.tar``, as
-``NNNNN_facts.parquet``, one row per stored image:
+``NNNNN_facts.arrow`` (an Arrow IPC file), one row per stored image:
 
     sha256          of the stored image bytes (the tar member's data): what a fact is looked up by
     width, height   of the stored image
@@ -49,7 +49,7 @@ import numpy as np
 
 from pipeline import storage
 
-SIDECAR_SUFFIX = "_facts.parquet"
+SIDECAR_SUFFIX = "_facts.arrow"  # not .parquet: readers of img2dataset output glob *.parquet
 COLUMNS = ("sha256", "width", "height", "phash", "thumb", "extrema")
 
 
@@ -150,7 +150,7 @@ def watch(downloader) -> None:
 
 
 def sidecar_of(tar_uri: str) -> str:
-    """``NNNNN_facts.parquet`` next to raw shard ``NNNNN.tar``."""
+    """``NNNNN_facts.arrow`` next to raw shard ``NNNNN.tar``."""
     return tar_uri[: -len(".tar")] + SIDECAR_SUFFIX
 
 
@@ -166,14 +166,17 @@ def _schema():
 def write_facts(tar_uri: str, facts: list[ImageFacts]) -> None:
     """Write ``facts`` as ``tar_uri``'s sidecar, atomically."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     columns = {"sha256": [f.sha256 for f in facts], "width": [f.width for f in facts],
                "height": [f.height for f in facts], "phash": [f.phash for f in facts],
                "thumb": [f.thumb for f in facts],
                "extrema": [bytes(v for pair in f.extrema for v in pair) for f in facts]}
+    table = pa.table(columns, schema=_schema())
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
     with storage.atomic_write(sidecar_of(tar_uri)) as fh:
-        pq.write_table(pa.table(columns, schema=_schema()), fh)
+        fh.write(sink.getvalue().to_pybytes())
 
 
 class FactsLog:
@@ -214,14 +217,13 @@ def read_facts(tar_uri: str) -> dict[bytes, ImageFacts]:
     """``{sha256 digest: facts}`` of a raw shard's sidecar; {} when it has none, or one that
     cannot be read (with a warning): the filter then decodes those images."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     uri = sidecar_of(tar_uri)
     if not storage.exists(uri):
         return {}
     try:
         with storage.open(uri, "rb") as fh:
-            table = pq.read_table(fh)
+            table = pa.ipc.open_file(pa.BufferReader(fh.read())).read_all()
         if not table.schema.equals(_schema()):
             raise ValueError(f"schema {table.schema.names} is not {list(COLUMNS)}")
         columns = [table[c].to_pylist() for c in COLUMNS]

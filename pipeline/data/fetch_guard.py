@@ -340,7 +340,7 @@ class GuardedDownloader:
             print(f"shard {shard}: row count unreadable ({err})", flush=True)
         PROGRESS.start_shard(shard, total, self.progress_every)
         from pipeline.data.copies import SOURCES  # writes the shard's NNNNN_source.jsonl after it
-        from pipeline.data.facts import FACTS, watch  # and its NNNNN_facts.parquet
+        from pipeline.data.facts import FACTS, watch  # and its NNNNN_facts.arrow
 
         watch(self.inner)
         with SOURCES.shard(self.inner, row[0]), FACTS.shard(self.inner, row[0]):

@@ -10,7 +10,7 @@ and ends with the same bytes:
    Written atomically, it is the shard's completion marker; it is redone when the per-sample
    settings or the raw shard's bytes change (checked by the raw shard's sha256, not its size).
    An image is decoded only when a filter or scorer needs pixels the download did not record:
-   the raw shard's ``NNNNN_facts.parquet`` (:mod:`pipeline.data.facts`) gives, for each stored
+   the raw shard's ``NNNNN_facts.arrow`` (:mod:`pipeline.data.facts`) gives, for each stored
    PNG, its size, pHash, thumbnail and extremes, computed from the very pixels img2dataset
    encoded; a fact is used only for a member whose bytes hash to it and whose header gives its
    size, so the results are the same bits as a decode's. Shards without facts (older downloads,

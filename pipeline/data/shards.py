@@ -445,20 +445,21 @@ class _TarOut:
     def __init__(self, f):
         self.f, self.offset = f, 0
 
-    def add(self, name: str, data: bytes) -> None:
-        plain = name.isascii() and len(name) <= 100 and len(data) < 8 ** 11 and _file_header_agrees()
-        header = _file_header(name, len(data)) if plain else _tarfile_header(name, len(data))
-        pad = -len(data) % BLOCK
-        self.f.write(header)
-        self.f.write(data)
-        if pad:
-            self.f.write(bytes(pad))
-        self.offset += len(header) + len(data) + pad
-
     def finish(self) -> None:
         # tarfile's close(): two zero blocks, then zeros up to a whole record (tar -b20)
         self.offset += 2 * BLOCK
         self.f.write(bytes(2 * BLOCK + -self.offset % tarfile.RECORDSIZE))
+
+
+def _add_member(tar: _TarOut, name: str, data: bytes) -> None:
+    plain = name.isascii() and len(name) <= 100 and len(data) < 8 ** 11 and _file_header_agrees()
+    header = _file_header(name, len(data)) if plain else _tarfile_header(name, len(data))
+    pad = -len(data) % BLOCK
+    tar.f.write(header)
+    tar.f.write(data)
+    if pad:
+        tar.f.write(bytes(pad))
+    tar.offset += len(header) + len(data) + pad
 
 
 @contextlib.contextmanager
@@ -487,9 +488,10 @@ class ShardWriter:
             self._name, self._stack = name, contextlib.ExitStack()
             f = self._stack.enter_context(storage.atomic_write(storage.join(self.output, name)))
             self._tar = self._stack.enter_context(_tar_out(f))
-        self._tar.add(member_name(sample.key, sample.ext), sample.image_bytes)
-        self._tar.add(member_name(sample.key, "txt"), sample.caption.strip().encode("utf-8"))
-        self._tar.add(member_name(sample.key, "json"), json.dumps(sample.meta, sort_keys=True).encode("utf-8"))
+        _add_member(self._tar, member_name(sample.key, sample.ext), sample.image_bytes)
+        _add_member(self._tar, member_name(sample.key, "txt"), sample.caption.strip().encode("utf-8"))
+        _add_member(self._tar, member_name(sample.key, "json"),
+                    json.dumps(sample.meta, sort_keys=True).encode("utf-8"))
 
     def close(self) -> None:
         """Finish the open shard: close the tar, then rename it into place."""

@@ -146,7 +146,7 @@ def test_every_shard_has_its_source_record(web_run):
 
 
 def test_every_shard_has_the_facts_of_its_images_and_the_filter_agrees_without_them(web_run, tmp_path):
-    """The retry pass's shards carry their NNNNN_facts.parquet like the download's, one fact per
+    """The retry pass's shards carry their NNNNN_facts.arrow like the download's, one fact per
     stored image (pipeline/data/facts.py); filtering with and without them gives the same bytes."""
     import glob
     import hashlib
@@ -154,7 +154,7 @@ def test_every_shard_has_the_facts_of_its_images_and_the_filter_agrees_without_t
     import tarfile
 
     from pipeline.data.facts import SIDECAR_SUFFIX, read_facts
-    from pipeline.data.filters import filter_shards
+    from pipeline.data.filters import FilterConfig, filter_shards
 
     tars = sorted(glob.glob(os.path.join(web_run["raw"], "*.tar")))
     assert len(tars) >= 2  # the download's shard and at least one retry shard
@@ -169,7 +169,8 @@ def test_every_shard_has_the_facts_of_its_images_and_the_filter_agrees_without_t
         p.unlink()
     outputs = {}
     for name, raw in (("with", web_run["raw"]), ("without", str(bare))):
-        manifest = filter_shards(raw, str(tmp_path / name), samples_per_shard=500)
+        # min_side 1: every image reaches the decode and dedup the facts stand in for
+        manifest = filter_shards(raw, str(tmp_path / name), FilterConfig(min_side=1), samples_per_shard=500)
         files = {p.name: p.read_bytes() for p in (tmp_path / name).glob("*.tar")}
         outputs[name] = ({k: v for k, v in manifest.items() if k not in ("input", "output")}, files)
     assert outputs["with"] == outputs["without"] and outputs["with"][0]["kept"] and outputs["with"][1]
