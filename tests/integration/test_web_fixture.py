@@ -169,8 +169,10 @@ def test_every_shard_has_the_facts_of_its_images_and_the_filter_agrees_without_t
         p.unlink()
     outputs = {}
     for name, raw in (("with", web_run["raw"]), ("without", str(bare))):
-        # min_side 1: every image reaches the decode and dedup the facts stand in for
-        manifest = filter_shards(raw, str(tmp_path / name), FilterConfig(min_side=1), samples_per_shard=500)
+        # The fixture's pictures are small flat colours: kept (min_side 1, no blank filter), every
+        # one reaches the decode and the dedup the facts stand in for.
+        config = FilterConfig(min_side=1, blank_tolerance=-1)
+        manifest = filter_shards(raw, str(tmp_path / name), config, samples_per_shard=500)
         files = {p.name: p.read_bytes() for p in (tmp_path / name).glob("*.tar")}
         outputs[name] = ({k: v for k, v in manifest.items() if k not in ("input", "output")}, files)
     assert outputs["with"] == outputs["without"] and outputs["with"][0]["kept"] and outputs["with"][1]
