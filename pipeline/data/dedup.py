@@ -42,12 +42,18 @@ THUMB_BYTES = THUMB * THUMB * 3
 
 def image_signature(image_bytes: bytes, image: Image.Image) -> tuple[bytes, int, bytes]:
     """(sha256 of the bytes, 64-bit pHash as an int, 8x8 RGB thumbnail as 192 bytes)."""
-    import imagehash  # deferred: only the filter pass needs it
+    return hashlib.sha256(image_bytes).digest(), *perceptual_hashes(to_rgb(image))
 
-    rgb = to_rgb(image)  # both from the RGB pixels: a 16-bit or transparent image hashes as it looks
+
+def perceptual_hashes(rgb: Image.Image) -> tuple[int, bytes]:
+    """(64-bit pHash as an int, 8x8 thumbnail as 192 bytes) of an 8-bit RGB image: both from the
+    RGB pixels, so a 16-bit or transparent image hashes as it looks. The one computation of both:
+    the filter (:func:`image_signature`) and the download child (:mod:`pipeline.data.facts`) call
+    it, so the same pixels give the same bits on either side."""
+    import imagehash  # deferred: only the filter pass and the download workers need it
+
     phash = int.from_bytes(np.packbits(imagehash.phash(rgb).hash.flatten()).tobytes(), "big")
-    thumb = rgb.resize((THUMB, THUMB), Image.Resampling.BOX)
-    return hashlib.sha256(image_bytes).digest(), phash, thumb.tobytes()
+    return phash, rgb.resize((THUMB, THUMB), Image.Resampling.BOX).tobytes()
 
 
 class NearDuplicateIndex:

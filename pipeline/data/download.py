@@ -29,6 +29,8 @@ Output folder (``output``, any fsspec URI):
     NNNNN.parquet          every row of the shard with status and error_message
     NNNNN_stats.json       img2dataset's completion marker and per-shard counts
     NNNNN_source.jsonl     each fetched body's format as served (dedup ranks copies by it: pipeline.data.copies)
+    NNNNN_facts.arrow      each stored PNG's size, pHash, thumbnail and extremes, from the pixels img2dataset
+                           encoded: the filter skips decoding it (pipeline.data.facts)
     _retry/                the retry pass (:mod:`pipeline.data.retry`): download.json (the child spec
                            the download ran), stats.json (failures per reason before and after),
                            attempt-NNNNN/ (one attempt's list; its shards are NNNNN.tar onward)

@@ -318,7 +318,8 @@ def _shard_rows(shard_file: str) -> int:
 class GuardedDownloader:
     """Wraps img2dataset's ``Downloader``: installs the guard in each worker, prints progress
     lines while a shard downloads (:class:`ShardProgress`, every ``progress_every`` seconds)
-    and a line per finished shard.
+    and a line per finished shard, and writes the shard's sidecars: the source format of each
+    body (:mod:`pipeline.data.copies`) and the facts of each stored image (:mod:`pipeline.data.facts`).
 
     Pickled into img2dataset's spawned worker processes (so it must live at module level and
     stay cheap to import); the guard is installed at call time, inside the worker.
@@ -339,8 +340,10 @@ class GuardedDownloader:
             print(f"shard {shard}: row count unreadable ({err})", flush=True)
         PROGRESS.start_shard(shard, total, self.progress_every)
         from pipeline.data.copies import SOURCES  # writes the shard's NNNNN_source.jsonl after it
+        from pipeline.data.facts import FACTS, watch  # and its NNNNN_facts.arrow
 
-        with SOURCES.shard(self.inner, row[0]):
+        watch(self.inner)
+        with SOURCES.shard(self.inner, row[0]), FACTS.shard(self.inner, row[0]):
             ok, result = self.inner(row)
         PROGRESS.start_shard("", 0, 0.0)  # lines of a finished shard would be stale
         if ok:

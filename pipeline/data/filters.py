@@ -9,6 +9,13 @@ and ends with the same bytes:
    reason, sha256, pHash, thumbnail, scores, and where each member lies with its sha256).
    Written atomically, it is the shard's completion marker; it is redone when the per-sample
    settings or the raw shard's bytes change (checked by the raw shard's sha256, not its size).
+   An image is decoded only when a filter or scorer needs pixels the download did not record:
+   the raw shard's ``NNNNN_facts.arrow`` (:mod:`pipeline.data.facts`) gives, for each stored
+   PNG, its size, pHash, thumbnail and extremes, computed from the very pixels img2dataset
+   encoded; a fact is used only for a member whose bytes hash to it and whose header gives its
+   size, so the results are the same bits as a decode's. Shards without facts (older downloads,
+   a lossy ``encode_format``, a sidecar lost or unreadable) and members rewritten since are
+   decoded: the output is byte-identical either way, only slower.
 2. global and cheap: exact and near duplicates across the whole dataset, each group keeping its
    best copy (:mod:`pipeline.data.dedup`, :mod:`pipeline.data.copies`), then the held-out validation split by a hash of each kept
    sample's URL (:mod:`pipeline.data.split`), then the reshard plan -> ``_filter/plan.parquet``
@@ -51,6 +58,7 @@ from pipeline import storage
 from pipeline.data import reshard, shards
 from pipeline.data import split as splits
 from pipeline.data.download import normalize_error, read_refused, reason_stage, shard_failures
+from pipeline.data.facts import ImageFacts, read_facts
 from pipeline.data.filter_registry import (
     FILTERS,
     CaptionLengthFilter,
@@ -93,14 +101,22 @@ WORK_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("reason", 
                          ("side", pa.int32())])  # the stored image's short side: which stages can use it
 
 
-def _sample_from(key: str, members: dict[str, bytes]) -> Sample:
+def _sample_from(key: str, members: dict[str, bytes], digests: dict[str, bytes] | None = None,
+                 facts: dict[bytes, ImageFacts] | None = None) -> Sample:
+    """The sample of ``members``; with ``facts`` (:func:`pipeline.data.facts.read_facts`) and the
+    members' sha256 ``digests``, the image's facts when its bytes hash to one and its header
+    gives that fact's size (anything else is decoded, as without facts)."""
     ext = next((e for e in IMAGE_EXTS if e in members), None)
     meta = {}
     if "json" in members:
         with contextlib.suppress(ValueError):
             meta = json.loads(members["json"])
     caption = members.get("txt", b"").decode("utf-8", errors="replace")
-    return Sample(key=key, caption=caption, image_bytes=members.get(ext) if ext else None, ext=ext, meta=meta)
+    sample = Sample(key=key, caption=caption, image_bytes=members.get(ext) if ext else None, ext=ext, meta=meta)
+    fact = facts.get(digests[ext]) if facts and digests and ext else None
+    if fact is not None and (sample.width, sample.height) == (fact.width, fact.height):
+        sample.facts = fact
+    return sample
 
 
 @dataclasses.dataclass
@@ -199,7 +215,7 @@ def index_raw_shard(uri: str) -> RawShard:
 
 
 def read_shard(uri: str, keys: set[str] | None = None, locations: dict[str, dict[str, list]] | None = None,
-               shard: RawShard | None = None) -> Iterator[Sample]:
+               shard: RawShard | None = None, facts: dict[bytes, ImageFacts] | None = None) -> Iterator[Sample]:
     """Samples of one raw shard in key order (only ``keys``, when given), verified by
     :func:`index_raw_shard` (or taken from ``shard``, its result).
 
@@ -208,7 +224,8 @@ def read_shard(uri: str, keys: set[str] | None = None, locations: dict[str, dict
     download timing. The index streams the tar once up front (headers and hash); member data
     is then read, and held, one sample at a time.
     ``locations`` (if given) receives ``{key: {ext: [offset, size, sha256 hex]}}`` of the bytes
-    read, for :func:`read_located`.
+    read, for :func:`read_located`. ``facts`` (the shard's :func:`pipeline.data.facts.read_facts`)
+    are attached to the samples whose image bytes they describe (:func:`_sample_from`).
     """
     groups = (shard or index_raw_shard(uri)).groups
     with storage.open(uri, "rb") as f:
@@ -217,10 +234,10 @@ def read_shard(uri: str, keys: set[str] | None = None, locations: dict[str, dict
             for ext, m in groups[key].items():
                 f.seek(m.offset)  # just indexed: the data is read as is, hashed below
                 members[ext] = f.read(m.size)
+            digests = {ext: hashlib.sha256(data).digest() for ext, data in members.items()}
             if locations is not None:
-                locations[key] = {ext: [m.offset, m.size, hashlib.sha256(members[ext]).hexdigest()]
-                                  for ext, m in groups[key].items()}
-            yield _sample_from(key, members)
+                locations[key] = {ext: [m.offset, m.size, digests[ext].hex()] for ext, m in groups[key].items()}
+            yield _sample_from(key, members, digests, facts)
 
 
 def read_located(uri: str, located: list[tuple[str, dict[str, list]]]) -> Iterator[Sample]:
@@ -280,7 +297,8 @@ def filter_raw_shard(raw_uri: str, work_uri: str, config: FilterConfig) -> dict:
         gates, _ = build_scorers(config)
     rows, kept_samples, reasons, scores, locations = [], [], {}, {}, {}
     shard = index_raw_shard(raw_uri)
-    for sample in read_shard(raw_uri, locations=locations, shard=shard):
+    facts = read_facts(raw_uri)
+    for sample in read_shard(raw_uri, locations=locations, shard=shard, facts=facts):
         reasons[sample.key] = apply_filters(filters, sample)
         scores[sample.key] = {}
         rows.append(sample)
@@ -291,7 +309,9 @@ def filter_raw_shard(raw_uri: str, work_uri: str, config: FilterConfig) -> dict:
     columns: dict[str, list] = {name: [] for name in WORK_SCHEMA.names}
     for sample in rows:
         sig = (None, None, None)
-        if reasons[sample.key] is None:
+        if reasons[sample.key] is None and sample.facts is not None:
+            sig = (sample.facts.sha256, sample.facts.phash, sample.facts.thumb)  # the bytes hash to it
+        elif reasons[sample.key] is None:
             sig = image_signature(sample.image_bytes, sample.image)
         kept = reasons[sample.key] is None
         values = (sample.key, sample.meta.get("url"), reasons[sample.key], *sig,

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data.download import download
+from pipeline.data.facts import read_facts
 from pipeline.data.images import open_rgb
 from pipeline.dev.tinydata import serve
 from tests.unit.test_images import close, exif_jpeg, px, web_images
@@ -56,13 +57,14 @@ def stored(tmp_path_factory) -> dict[str, dict]:
     result = {}
     for name in sorted(os.listdir(out)):
         if name.endswith(".tar"):
+            recorded = read_facts(str(out / name))
             with tarfile.open(out / name) as tar:
                 for member in tar.getmembers():
                     key, ext = member.name.split(".", 1)
                     if ext == "png":
-                        row = rows[key]
-                        result[row["case"]] = {"image": tar.extractfile(member).read(), "row": row,
-                                               "served": served[row["case"]][1]}
+                        row, image = rows[key], tar.extractfile(member).read()
+                        result[row["case"]] = {"image": image, "row": row, "served": served[row["case"]][1],
+                                               "facts": recorded.get(hashlib.sha256(image).digest())}
     return result
 
 
@@ -90,3 +92,19 @@ def test_exif_rotated_photo_is_stored_upright(stored):
     img = open_rgb(sample["image"])  # left half red as stored; shown rotated 90 clockwise: red on top
     assert close(px(img, (32, 8)), (255, 0, 0), 6) and close(px(img, (32, 56)), (0, 0, 255), 6)
     assert json.loads(sample["row"]["exif"] or "{}").get("Image Orientation") is None
+
+
+def test_every_stored_mode_has_the_facts_the_filters_decode_gives(stored):
+    """The download records each stored image's size, pHash, thumbnail and extremes from the
+    pixels it encoded (pipeline/data/facts.py): for every mode, the guard's re-encodes and the
+    resize included, they are what the filter would get by decoding the stored PNG."""
+    from pipeline.data.dedup import image_signature
+    from pipeline.data.filter_registry import Sample
+
+    for name, s in stored.items():
+        fact = s["facts"]
+        assert fact is not None, name
+        image = Sample(name, "", s["image"]).image
+        assert (fact.width, fact.height) == image.size, name
+        assert (fact.sha256, fact.phash, fact.thumb) == image_signature(s["image"], image), name
+        assert fact.extrema == image.getextrema(), name

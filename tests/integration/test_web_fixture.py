@@ -143,3 +143,36 @@ def test_every_shard_has_its_source_record(web_run):
         assert sources is not None, f"{tar}: no source record"
         recorded.update(sources)
     assert stored <= set(recorded) and set(recorded.values()) == {"png"}
+
+
+def test_every_shard_has_the_facts_of_its_images_and_the_filter_agrees_without_them(web_run, tmp_path):
+    """The retry pass's shards carry their NNNNN_facts.arrow like the download's, one fact per
+    stored image (pipeline/data/facts.py); filtering with and without them gives the same bytes."""
+    import glob
+    import hashlib
+    import shutil
+    import tarfile
+
+    from pipeline.data.facts import SIDECAR_SUFFIX, read_facts
+    from pipeline.data.filters import FilterConfig, filter_shards
+
+    tars = sorted(glob.glob(os.path.join(web_run["raw"], "*.tar")))
+    assert len(tars) >= 2  # the download's shard and at least one retry shard
+    for tar in tars:
+        recorded = read_facts(tar)
+        with tarfile.open(tar) as t:
+            images = [t.extractfile(m).read() for m in t.getmembers() if m.name.endswith(".png")]
+        assert images and all(hashlib.sha256(i).digest() in recorded for i in images), tar
+    bare = tmp_path / "bare"
+    shutil.copytree(web_run["raw"], bare)
+    for p in bare.glob(f"*{SIDECAR_SUFFIX}"):
+        p.unlink()
+    outputs = {}
+    for name, raw in (("with", web_run["raw"]), ("without", str(bare))):
+        # The fixture's pictures are small flat colours: kept (min_side 1, no blank filter), every
+        # one reaches the decode and the dedup the facts stand in for.
+        config = FilterConfig(min_side=1, blank_tolerance=-1)
+        manifest = filter_shards(raw, str(tmp_path / name), config, samples_per_shard=500)
+        files = {p.name: p.read_bytes() for p in (tmp_path / name).glob("*.tar")}
+        outputs[name] = ({k: v for k, v in manifest.items() if k not in ("input", "output")}, files)
+    assert outputs["with"] == outputs["without"] and outputs["with"][0]["kept"] and outputs["with"][1]
