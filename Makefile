@@ -39,7 +39,7 @@ test-e2e: install  ## tests/e2e: the DAG on running services, the smoke test, th
 smoke-test: install  ## the whole pipeline on tiny data through `airflow dags test imagen_full`
 	$(BIN)/python infra/smoke_test.py
 
-demo: install  ## train a tiny cascade that follows its prompts (~17 min on 2 cores): demo/grid.png
+demo: install  ## train a tiny cascade that follows its prompts (11-18 min on 2 cores): demo/grid.png
 	$(BIN)/python infra/demo.py
 
 lint: install  ## ruff
