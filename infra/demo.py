@@ -272,6 +272,17 @@ def draw_grid(prompts: list[str], images: dict, path: str) -> None:
     canvas.save(path)
 
 
+def write_scores(data: dict, out: str, images: dict, records: list[dict]) -> tuple[str, str]:
+    """``out/grid.png`` and ``out/samples.json`` of what :func:`score` drew; returns both paths."""
+    from pipeline.release.evaluate import EvalOptions, prompt_set
+
+    grid, samples = os.path.join(out, "grid.png"), os.path.join(out, "samples.json")
+    draw_grid(prompt_set(EvalOptions(attributes=data["attributes"]))[0], images, grid)
+    with open(samples, "w") as f:
+        json.dump(records, f, indent=1)
+    return grid, samples
+
+
 def trained_checkpoints(work: str) -> list[str]:
     """The final checkpoint of each stage an earlier run trained under ``work``."""
     import glob
@@ -295,11 +306,7 @@ def score_only(work: str, seeds: int, t0: float) -> int:
     shutil.rmtree(out, ignore_errors=True)
     log(f"score {', '.join(checkpoints)} with {seeds} seeds per prompt -> {out}")
     metrics, records, images = score(data, checkpoints, out, seeds)
-    from pipeline.release.evaluate import EvalOptions, prompt_set
-
-    draw_grid(prompt_set(EvalOptions(attributes=data["attributes"]))[0], images, os.path.join(out, "grid.png"))
-    with open(os.path.join(out, "samples.json"), "w") as f:
-        json.dump(records, f, indent=1)
+    write_scores(data, out, images, records)
     summary = {**{k: round(v, 4) for k, v in metrics.items()}, "seeds": seeds,
                "minutes": round((time.monotonic() - t0) / 60, 2), "scores": out}
     print(json.dumps(summary))
@@ -340,16 +347,9 @@ def main() -> int:
     registered = register(checkpoints, "demo-cascade")
     print(f"registered {registered['uri']} (version {registered['version']})")
 
-    log("sample 3 x 192 images (guided, unguided, guided with the fast solver) and score them")
-    from pipeline.release.evaluate import EvalOptions, prompt_set
-
+    log(f"sample {args.seeds} seeds per prompt, guided, unguided and guided with the fast solver, and score them")
     metrics, records, images = score(data, checkpoints, work, args.seeds)
-    prompts = prompt_set(EvalOptions(attributes=data["attributes"]))[0]
-    grid = os.path.join(work, "grid.png")
-    draw_grid(prompts, images, grid)
-    samples = os.path.join(work, "samples.json")
-    with open(samples, "w") as f:
-        json.dump(records, f, indent=1)
+    grid, samples = write_scores(data, work, images, records)
 
     import mlflow
 
